@@ -1,0 +1,38 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DATA := data/synthetic_fasteners
+DEMO_MODEL := saved_models/patchcore_synthetic_fasteners.pkl
+
+.PHONY: setup test demo browser clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $(STAMP)
+
+# Headless Chromium renders the HTML report in a test; without root or a registry the test skips.
+browser:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+		|| echo "chromium could not be installed: the browser test will be skipped"
+
+test: setup browser
+	$(PY) -m pytest
+
+demo: setup
+	@test -d $(DEMO_DATA) || $(PY) scripts/download_datasets.py --synthetic --out $(DEMO_DATA)
+	$(PY) train.py --data-dir $(DEMO_DATA) --backbone efficientnet_lite0 --output $(DEMO_MODEL)
+	$(PY) inference.py --model $(DEMO_MODEL) --dir $(DEMO_DATA)/test --visualize --json --quiet \
+		> outputs/demo_predictions.json
+	@echo "heatmaps:    outputs/patchcore_synthetic_fasteners/heatmaps/"
+	@echo "predictions: outputs/demo_predictions.json"
+	@echo "report:      outputs/patchcore_synthetic_fasteners/report.html"
+
+clean:
+	rm -rf outputs/* saved_models/*.pkl
+	git checkout -- outputs/.gitkeep saved_models/.gitkeep

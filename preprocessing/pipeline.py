@@ -1,0 +1,189 @@
+"""Turns an original photo into the model input, and maps anomaly maps back onto the photo.
+
+The eight steps, each switchable in the config:
+  1-3 lighting (preprocessing.lighting): gray-world white balance, specular inpainting, CLAHE;
+  4   object mask (preprocessing.segmentation): Otsu with automatic polarity, morphology;
+  5-7 geometry (preprocessing.registration): crop, canonical rotation, scale, as one matrix;
+  8   background zeroing with the dilated object mask.
+
+The pipeline always returns the geometric transform it applied (original pixels -> model-input
+pixels, one 3x3 matrix), so every heatmap a user sees can be warped back into the coordinates of
+their own photo. A step that cannot do its job falls back to a safe default and adds a warning;
+preprocessing never fails on a decodable photo.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from config import Config
+from preprocessing.lighting import StepResult, clahe_lab, gray_world, inpaint_specular
+from preprocessing.registration import (
+    canonical_rotation,
+    crop_transform,
+    image_outline,
+    object_outline,
+    warp_image,
+    warp_mask,
+)
+from preprocessing.segmentation import segment_object
+
+# (config flag, preview label, step) in the order they run; each maps RGB uint8 -> StepResult.
+LIGHTING_STEPS: list[tuple[str, str, Callable[[np.ndarray, Config], StepResult]]] = [
+    ("white_balance", "1 white balance", lambda image, config: gray_world(image)),
+    (
+        "inpaint_specular",
+        "2 specular inpainting",
+        lambda image, config: inpaint_specular(image, config.specular_threshold),
+    ),
+    (
+        "clahe",
+        "3 CLAHE",
+        lambda image, config: clahe_lab(image, config.clahe_clip_limit, config.clahe_tile_grid),
+    ),
+]
+
+
+@dataclass
+class Preprocessed:
+    """A model input and what is needed to map results back onto the original photo."""
+
+    image: np.ndarray  # (S, S, 3) uint8 RGB model input
+    transform: np.ndarray  # (3, 3) float64, original pixel (x, y, 1) -> model-input pixel
+    mask: np.ndarray  # (S, S) bool object mask (dilated by mask_dilation) in model-input coordinates
+    original_size: tuple[int, int]  # (height, width) of the photo
+    warnings: list[str] = field(default_factory=list)
+
+
+def resize_transform(original_size: tuple[int, int], size: int) -> np.ndarray:
+    """The 3x3 matrix of a plain resize (pixel centres kept aligned, as cv2.resize does)."""
+    height, width = original_size
+    sx, sy = size / width, size / height
+    return np.array([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5], [0, 0, 1]], dtype=np.float64)
+
+
+def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Grow a mask by ``radius`` pixels so that defects on the object's edge stay visible."""
+    if radius <= 0:
+        return mask
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    return cv2.dilate(mask.astype(np.uint8), kernel) > 0
+
+
+def _run(image: np.ndarray, config: Config, record: Callable[[str, np.ndarray], None]) -> Preprocessed:
+    """The pipeline proper; ``record`` receives every intermediate image (a no-op unless previewing)."""
+    size = config.image_size
+    height, width = image.shape[:2]
+    record("0 original", image)
+    if not config.preprocess:
+        resized = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+        record("plain resize", resized)
+        full = np.ones((size, size), dtype=bool)
+        return Preprocessed(resized, resize_transform((height, width), size), full, (height, width))
+
+    warnings: list[str] = []
+    lit = image
+    for flag, label, step in LIGHTING_STEPS:
+        if getattr(config, flag):
+            result = step(lit, config)
+            lit = result.image
+            warnings.extend(result.warnings)
+            record(label, lit)
+
+    object_mask = None
+    if config.segment:
+        segmentation = segment_object(lit)
+        object_mask = segmentation.mask
+        warnings.extend(segmentation.warnings)
+        record("4 object mask", _overlay(lit, object_mask))
+
+    use_object = config.crop and object_mask is not None
+    angle = 0.0
+    if config.align_rotation and object_mask is not None:
+        angle = canonical_rotation(object_mask, config.min_elongation)
+    matrix = crop_transform(
+        object_outline(object_mask) if use_object else image_outline(height, width),
+        angle,
+        size,
+        config.crop_padding if use_object else 0.0,
+        keep_aspect=config.normalize_scale,
+    )
+    record("5-7 crop, rotation, scale (frame)", _draw_frame(lit, matrix, size))
+    model_image = warp_image(lit, matrix, size)
+    record("5-7 model input", model_image)
+
+    if object_mask is None:
+        model_mask = np.ones((size, size), dtype=bool)
+    else:
+        model_mask = dilate(warp_mask(object_mask, matrix, size), config.mask_dilation)
+        if config.zero_background:
+            model_image = np.where(model_mask[..., None], model_image, 0).astype(np.uint8)
+            record("8 background zeroed", model_image)
+    return Preprocessed(model_image, matrix, model_mask, (height, width), warnings)
+
+
+def preprocess(image: np.ndarray, config: Config) -> Preprocessed:
+    """Run the configured steps on one 8-bit RGB photo."""
+    return _run(image, config, lambda label, step_image: None)
+
+
+def preview_steps(image: np.ndarray, config: Config) -> list[tuple[str, np.ndarray]]:
+    """Every intermediate image (labelled, RGB uint8) of one photo, to check the settings by eye."""
+    steps: list[tuple[str, np.ndarray]] = []
+    _run(image, config, lambda label, step_image: steps.append((label, step_image)))
+    return steps
+
+
+def save_preview_sheet(steps: list[tuple[str, np.ndarray]], path: str | Path, tile: int = 256) -> Path:
+    """One PNG with the steps side by side, each scaled to ``tile`` pixels high and labelled."""
+    tiles = []
+    for label, step_image in steps:
+        height, width = step_image.shape[:2]
+        scaled = cv2.resize(step_image, (max(1, round(width * tile / height)), tile), interpolation=cv2.INTER_AREA)
+        scaled = np.ascontiguousarray(scaled)
+        cv2.putText(scaled, label, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 3, cv2.LINE_AA)
+        cv2.putText(scaled, label, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 0), 1, cv2.LINE_AA)
+        tiles.append(scaled)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), cv2.cvtColor(np.hstack(tiles), cv2.COLOR_RGB2BGR))
+    return path
+
+
+def _overlay(image: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """The photo with the object mask tinted red (unchanged when there is no mask)."""
+    if mask is None:
+        return image
+    tinted = image.copy()
+    tinted[mask] = (0.5 * tinted[mask] + [127, 0, 0]).astype(np.uint8)
+    return tinted
+
+
+def _draw_frame(image: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
+    """The photo with the model input's square drawn where it lies, top edge marked."""
+    corners = np.array([[-0.5, -0.5], [size - 0.5, -0.5], [size - 0.5, size - 0.5], [-0.5, size - 0.5]])
+    inverse = np.linalg.inv(matrix)
+    placed = cv2.perspectiveTransform(corners[None], inverse)[0].round().astype(np.int32)
+    framed = image.copy()
+    thickness = max(1, max(image.shape[:2]) // 200)
+    cv2.polylines(framed, [placed], True, (0, 255, 0), thickness)
+    cv2.line(framed, tuple(placed[0]), tuple(placed[1]), (255, 0, 0), 2 * thickness)
+    return framed
+
+
+def to_original(anomaly_map: np.ndarray, result: Preprocessed) -> np.ndarray:
+    """Warp a model-input anomaly map back to the photo's size; outside the input it is the minimum."""
+    height, width = result.original_size
+    return cv2.warpPerspective(
+        anomaly_map.astype(np.float32),
+        result.transform,
+        (width, height),
+        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=float(anomaly_map.min()),
+    )

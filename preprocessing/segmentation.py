@@ -1,0 +1,91 @@
+"""Object mask (step 4 of the pipeline): Otsu threshold, automatic polarity, morphological clean-up.
+
+Segmentation runs on a copy shrunk to ``WORKING_SIDE`` pixels: Otsu and the morphology do not need
+full resolution, and the mask is only used for geometry and for zeroing a dilated background.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+WORKING_SIDE = 512  # long side of the copy that is thresholded
+MIN_CONTRAST = 10  # grey levels; below this spread the frame is blank
+MIN_OBJECT_FRACTION = 0.001  # smaller components are dust, not the part
+MAX_OBJECT_FRACTION = 0.95  # larger ones are the background (or a part filling the frame)
+
+
+@dataclass
+class Segmentation:
+    """The object mask at the photo's size, or None when no trustworthy object was found."""
+
+    mask: np.ndarray | None
+    warnings: list[str] = field(default_factory=list)
+
+
+def flatten_illumination(gray: np.ndarray) -> np.ndarray:
+    """Divide out the slow light fall-off (vignetting, dark corners) so Otsu separates part from table.
+
+    Without it a dark corner or a soft shadow lands on the object's side of the threshold and joins
+    the object to the frame border. The background estimate is a blur far wider than fine detail.
+    """
+    sigma = max(gray.shape) / 8
+    background = cv2.GaussianBlur(gray.astype(np.float32), (0, 0), sigma) + 1.0
+    flat = gray.astype(np.float32) / background
+    return cv2.normalize(flat, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+
+
+def threshold_object(gray: np.ndarray) -> np.ndarray:
+    """Otsu foreground, with the polarity chosen so that the object is the side touching the border less.
+
+    Parts may be darker (screw on a light table) or lighter (nut on dark felt) than the background;
+    the background is whatever fills most of the frame's edge.
+    """
+    _, bright = cv2.threshold(gray, 0, 1, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    border = np.concatenate([bright[0], bright[-1], bright[:, 0], bright[:, -1]])
+    return (bright == 0) if border.mean() > 0.5 else (bright == 1)
+
+
+def clean_mask(mask: np.ndarray) -> np.ndarray:
+    """Remove specks, then close gaps (e.g. between thread teeth); kernel sizes scale with the image."""
+    side = max(mask.shape)
+    open_kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * max(1, side // 256) + 1,) * 2)
+    close_kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * max(1, side // 128) + 1,) * 2)
+    binary = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, open_kernel)
+    return cv2.morphologyEx(binary, cv2.MORPH_CLOSE, close_kernel) > 0
+
+
+def largest_object(mask: np.ndarray) -> np.ndarray | None:
+    """The biggest outer contour, filled (holes such as a nut's bore or glare inside are closed)."""
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    if not contours:
+        return None
+    filled = np.zeros(mask.shape, np.uint8)
+    cv2.drawContours(filled, [max(contours, key=cv2.contourArea)], -1, 1, thickness=cv2.FILLED)
+    return filled > 0
+
+
+def touches_border(mask: np.ndarray) -> bool:
+    return bool(mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any())
+
+
+def segment_object(image: np.ndarray) -> Segmentation:
+    """Mask of the single part in an 8-bit RGB photo, or None plus a warning saying why not."""
+    height, width = image.shape[:2]
+    scale = min(1.0, WORKING_SIDE / max(height, width))
+    small = cv2.resize(image, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA)
+    gray = cv2.GaussianBlur(cv2.cvtColor(small, cv2.COLOR_RGB2GRAY), (5, 5), 0)
+    if int(gray.max()) - int(gray.min()) < MIN_CONTRAST:
+        return Segmentation(None, ["no object found: the photo has no contrast (blank frame?); using the whole image"])
+    found = largest_object(clean_mask(threshold_object(flatten_illumination(gray))))
+    fraction = float(found.mean()) if found is not None else 0.0
+    if found is None or fraction < MIN_OBJECT_FRACTION:
+        return Segmentation(None, ["no object found by thresholding; using the whole image"])
+    if fraction > MAX_OBJECT_FRACTION:
+        return Segmentation(None, [f"object mask covers {fraction:.0%} of the photo (background?); using the whole image"])
+    if touches_border(found):
+        return Segmentation(None, ["object touches the image border (may be cut off); using the whole image"])
+    mask = cv2.resize(found.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0
+    return Segmentation(mask)

@@ -1,0 +1,67 @@
+"""Each lighting step does what its name says, and leaves input it cannot help alone."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from preprocessing.lighting import clahe_lab, gray_world, inpaint_specular
+
+
+def tinted_image() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    base = rng.integers(60, 180, size=(64, 64, 1)).astype(np.float32)
+    return np.clip(base * np.array([1.2, 1.0, 0.7]), 0, 255).astype(np.uint8)
+
+
+def test_gray_world_equalises_channel_means() -> None:
+    image = tinted_image()
+    means = gray_world(image).image.reshape(-1, 3).mean(axis=0)
+    assert means.max() - means.min() < 1.0
+    assert np.ptp(image.reshape(-1, 3).mean(axis=0)) > 20  # there was a cast to remove
+
+
+def test_gray_world_leaves_grey_input_bit_exact() -> None:
+    grey = np.repeat(np.arange(256, dtype=np.uint8).reshape(16, 16, 1), 3, axis=2)
+    result = gray_world(grey)
+    assert np.array_equal(result.image, grey) and not result.warnings
+
+
+def test_gray_world_warns_on_missing_channel() -> None:
+    red = np.zeros((8, 8, 3), np.uint8)
+    red[..., 0] = 200
+    result = gray_world(red)
+    assert np.array_equal(result.image, red) and result.warnings
+
+
+def test_inpainting_removes_saturated_spot() -> None:
+    image = np.full((64, 64, 3), 120, np.uint8)
+    image[:, :, 1] = np.linspace(100, 140, 64).astype(np.uint8)  # texture to inpaint from
+    cv2.circle(image, (32, 32), 4, (255, 255, 255), -1)
+    result = inpaint_specular(image, threshold=250).image
+    assert result.max() < 250
+    assert np.abs(result[32, 32].astype(int) - [120, 120, 120]).max() < 15
+
+
+def test_inpainting_skips_overexposed_photo() -> None:
+    white = np.full((32, 32, 3), 255, np.uint8)
+    result = inpaint_specular(white, threshold=250)
+    assert np.array_equal(result.image, white) and result.warnings
+
+
+def test_clahe_raises_local_contrast() -> None:
+    rng = np.random.default_rng(1)
+    flat = (120 + rng.integers(-4, 5, size=(128, 128))).astype(np.uint8)
+    image = np.repeat(flat[..., None], 3, axis=2)
+    enhanced = clahe_lab(image, clip_limit=4.0, tile_grid=4).image
+    assert enhanced[..., 0].std() > 2 * image[..., 0].std()
+
+
+def test_clahe_keeps_colour_and_skips_tiny_images() -> None:
+    image = tinted_image()
+    enhanced = clahe_lab(image, clip_limit=2.0, tile_grid=4).image
+    hue = lambda rgb: cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB)[..., 1:].mean(axis=(0, 1))  # noqa: E731
+    assert np.abs(hue(enhanced) - hue(image)).max() < 3
+    tiny = np.full((5, 5, 3), 9, np.uint8)
+    result = clahe_lab(tiny, clip_limit=2.0, tile_grid=8)
+    assert np.array_equal(result.image, tiny) and result.warnings

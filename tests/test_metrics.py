@@ -1,0 +1,152 @@
+"""Metric checks against values worked out by hand (see the comments for the arithmetic)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from evaluation.metrics import (
+    area_under_pro,
+    aupro,
+    downsample_for_eval,
+    eval_shape,
+    image_metrics,
+    is_flagged,
+    per_defect_auroc,
+    pixel_roc,
+    pro_curve,
+    region_labels,
+)
+
+
+def _two_region_case() -> tuple[np.ndarray, np.ndarray]:
+    """One 1×8 image: region A = pixels 0-1, region B = pixel 6, five healthy pixels."""
+    scores = np.array([[0.9, 0.5, 0.8, 0.1, 0.2, 0.3, 0.7, 0.4]], dtype=np.float32)
+    mask = np.array([[1, 1, 0, 0, 0, 0, 1, 0]], dtype=bool)
+    return scores, mask
+
+
+def test_image_metrics_hand_computed() -> None:
+    labels = [False, False, False, True, True]
+    scores = [0.1, 0.2, 0.6, 0.5, 0.9]
+    result = image_metrics(labels, scores, threshold=0.4)
+    # Pairs (defect > good): 0.5 beats 2 of 3, 0.9 beats 3 of 3 -> 5/6.
+    assert result["image_auroc"] == pytest.approx(5 / 6)
+    # Ranked: 0.9 (TP, P=1, R=.5), 0.6 (FP), 0.5 (TP, P=2/3, R=1) -> AP = .5*1 + .5*2/3.
+    assert result["image_ap"] == pytest.approx(0.5 + 0.5 * 2 / 3)
+    # Flagged above 0.4: 0.6 (FP), 0.5, 0.9 (TP) -> F1 = 2*2 / (2*2 + 1) = 0.8.
+    assert result["image_f1_at_threshold"] == pytest.approx(0.8)
+    # Best threshold is 0.5 (P=2/3, R=1 -> 0.8) which beats 0.9 (P=1, R=.5 -> 2/3).
+    assert result["image_f1_max"] == pytest.approx(0.8)
+    assert result["image_f1_max_threshold"] == pytest.approx(0.5)
+
+
+def test_image_metrics_one_class_gives_none() -> None:
+    result = image_metrics([False, False], [0.1, 0.9], threshold=0.5)
+    assert all(value is None for value in result.values())
+    only_defects = image_metrics([True, True], [0.1, 0.9], threshold=0.5)
+    assert only_defects["image_auroc"] is None
+    assert only_defects["image_f1_at_threshold"] == pytest.approx(2 / 3)  # 1 of 2 found
+
+
+def test_is_flagged_is_strictly_above() -> None:
+    assert is_flagged([0.4, 0.5, 0.6], 0.5).tolist() == [False, False, True]
+
+
+def test_per_defect_auroc() -> None:
+    kinds = ["good", "good", "scratch", "hole"]
+    scores = [0.1, 0.3, 0.9, 0.2]
+    # scratch beats both healthy scores; hole beats one of two.
+    assert per_defect_auroc(kinds, scores) == {"hole": pytest.approx(0.5), "scratch": pytest.approx(1.0)}
+    assert per_defect_auroc(["scratch"], [0.5]) == {"scratch": None}
+
+
+def test_aupro_perfect_inverted_constant() -> None:
+    scores, mask = _two_region_case()
+    perfect = mask.astype(np.float32)
+    assert aupro([perfect], [mask]) == pytest.approx(1.0)
+    assert aupro([1.0 - perfect], [mask]) == pytest.approx(0.0)
+    # Constant map: one threshold, the curve jumps from (0,0) to (1,1); the straight line is
+    # interpolated to PRO 0.3 at FPR 0.3, area 0.3*0.3/2 = 0.045, divided by 0.3 -> 0.15.
+    assert aupro([np.full_like(scores, 7.0)], [mask]) == pytest.approx(0.15)
+
+
+def test_aupro_hand_computed() -> None:
+    scores, mask = _two_region_case()
+    # Descending thresholds: .9 -> A half (PRO .25, FPR 0); .8 -> healthy (FPR .2);
+    # .7 -> B (PRO .75); .5 -> A whole (PRO 1); .4 -> FPR .4.
+    # Area to 0.3: 0.2 * 0.25 + 0.1 * 1.0 = 0.15; / 0.3 = 0.5.
+    assert aupro([scores], [mask]) == pytest.approx(0.5)
+    fpr, pro = pro_curve([scores], [mask])
+    assert fpr[0] == pro[0] == 0.0 and fpr[-1] == pytest.approx(1.0) and pro[-1] == pytest.approx(1.0)
+
+
+def test_aupro_pools_images_and_numbers_regions_globally() -> None:
+    scores, mask = _two_region_case()
+    # The same pixels split over two images: FPR over all healthy pixels, regions of both images.
+    split = aupro([scores[:, :4], scores[:, 4:]], [mask[:, :4], mask[:, 4:]])
+    assert split == pytest.approx(0.5)
+
+
+def test_aupro_matches_brute_force() -> None:
+    rng = np.random.default_rng(0)
+    maps = [rng.random((12, 12)).round(2).astype(np.float32) for _ in range(3)]  # rounding -> ties
+    masks = [np.zeros((12, 12), bool), np.zeros((12, 12), bool), np.zeros((12, 12), bool)]
+    masks[0][2:5, 2:6] = True
+    masks[0][9:11, 9:10] = True
+    masks[2][5:9, 1:3] = True
+    maps[2][5:9, 1:3] += 0.3
+    labels = [region_labels(mask) for mask in masks]
+    healthy = np.concatenate([m[~k] for m, k in zip(maps, masks)])
+    regions = [m[lab == r] for m, lab in zip(maps, labels) for r in range(1, lab.max() + 1)]
+    points = [(0.0, 0.0)]
+    for t in np.unique(np.concatenate([m.ravel() for m in maps]))[::-1]:
+        points.append(((healthy >= t).mean(), np.mean([(region >= t).mean() for region in regions])))
+    fpr, pro = np.array(points).T
+    assert aupro(maps, masks) == pytest.approx(area_under_pro(fpr, pro))
+    computed_fpr, computed_pro = pro_curve(maps, masks)
+    np.testing.assert_allclose(computed_fpr, fpr)
+    np.testing.assert_allclose(computed_pro, pro)
+
+
+def test_area_under_pro_interpolates_at_limit() -> None:
+    # PRO at FPR .3 on the segment (.2, .5) -> (.5, 1): .5 + .5/3. Area .05 + .1*(.5 + .6667)/2.
+    expected = (0.05 + 0.1 * (0.5 + (0.5 + 0.5 / 3)) / 2) / 0.3
+    assert area_under_pro(np.array([0, 0.2, 0.5, 1]), np.array([0, 0.5, 1, 1])) == pytest.approx(expected)
+
+
+def test_aupro_none_without_defects() -> None:
+    assert aupro([np.ones((4, 4))], [np.zeros((4, 4), bool)]) is None
+
+
+def test_pixel_roc() -> None:
+    scores, mask = _two_region_case()
+    value, fpr, tpr = pixel_roc([scores], [mask])
+    # Defect pixels .9, .5, .7 vs healthy .8, .1, .2, .3, .4: 5 + 4 + 4 wins of 15 pairs.
+    assert value == pytest.approx(13 / 15)
+    assert fpr[-1] == tpr[-1] == 1.0
+    assert pixel_roc([scores], [np.zeros_like(mask)]) is None
+
+
+def test_region_labels_are_eight_connected() -> None:
+    mask = np.eye(4, dtype=bool)
+    mask[0, 3] = True
+    labels = region_labels(mask)
+    assert labels.max() == 2 and len(np.unique(labels[np.eye(4, dtype=bool)])) == 1
+
+
+def test_downsample_keeps_thin_and_tiny_regions() -> None:
+    mask = np.zeros((64, 96), bool)
+    mask[10:50, 31] = True  # 1-pixel-wide scratch, thinner than a 4×4 evaluation cell
+    mask[60, 90] = True  # single-pixel defect
+    anomaly_map = np.arange(64 * 96, dtype=np.float32).reshape(64, 96)
+    small_map, labels = downsample_for_eval(anomaly_map, mask, eval_size=24)
+    assert eval_shape(mask.shape, 24) == (16, 24) == small_map.shape == labels.shape
+    assert sorted(np.unique(labels).tolist()) == [0, 1, 2]  # both regions survive, each still one region
+    assert small_map.mean() == pytest.approx(anomaly_map.mean(), rel=1e-5)  # area averaging
+
+
+def test_downsample_healthy_and_enlarging() -> None:
+    small_map, labels = downsample_for_eval(np.ones((8, 8), np.float32), None, eval_size=16)
+    assert small_map.shape == labels.shape == (16, 16)
+    assert not labels.any()

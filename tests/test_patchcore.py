@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import small_config
+from models.patchcore import FORMAT_VERSION, ModelFileError, PatchCore, confidence_from_sigma
+from preprocessing.io import load_test_split, read_image, train_images
+
+
+def test_predictions_are_on_the_original_photo(fitted_model, small_screw_dir):
+    sample = load_test_split(small_screw_dir)[0]
+    photo = read_image(sample.path)
+    (prediction,) = fitted_model.predict([photo])
+    assert prediction.anomaly_map.shape == photo.shape[:2]
+    assert prediction.anomaly_map.dtype == np.float32
+    assert np.isfinite(prediction.score) and prediction.score > 0
+    assert 0.0 <= prediction.confidence <= 1.0
+    assert prediction.is_anomalous == (prediction.score > fitted_model.threshold)
+
+
+def test_calibration_sets_threshold_from_held_out_healthy_images(fitted_model):
+    # 12 training images, 10% held out -> 1 image calibrates, 11 build the bank.
+    assert fitted_model.n_train == 11
+    assert fitted_model.calibration_scores.shape == (1,)
+    assert fitted_model.threshold == pytest.approx(float(fitted_model.calibration_scores[0]))
+
+
+@pytest.mark.parametrize("sigma, expected", [(-2.0, 0.0), (0.0, 0.0), (1.0, 0.6827), (2.0, 0.9545), (3.0, 0.9973)])
+def test_confidence_follows_the_sigma_rule(sigma, expected):
+    assert confidence_from_sigma(sigma) == pytest.approx(expected, abs=1e-4)
+
+
+def test_sigma_is_measured_against_healthy_calibration(fitted_model, small_screw_dir):
+    (prediction,) = fitted_model.predict([load_test_split(small_screw_dir)[-1].path])
+    expected = (prediction.score - fitted_model.calibration_mean) / fitted_model.calibration_std
+    assert prediction.sigma == pytest.approx(expected)
+    assert prediction.confidence == pytest.approx(confidence_from_sigma(expected))
+
+
+def test_same_seed_gives_identical_bank_and_scores(small_screw_dir):
+    paths = train_images(small_screw_dir)
+    test_paths = [s.path for s in load_test_split(small_screw_dir)[:3]]
+    first, second = PatchCore(small_config(seed=3)), PatchCore(small_config(seed=3))
+    first.fit(paths, progress=False)
+    second.fit(paths, progress=False)
+    assert np.array_equal(first.memory_bank, second.memory_bank)
+    assert [p.score for p in first.predict(test_paths)] == [p.score for p in second.predict(test_paths)]
+
+
+def test_save_and_load_round_trip(fitted_model, small_screw_dir, tmp_path):
+    path = tmp_path / "model.pkl"
+    fitted_model.save(path)
+    loaded = PatchCore.load(path)
+    assert np.array_equal(loaded.memory_bank, fitted_model.memory_bank)
+    assert loaded.threshold == fitted_model.threshold
+    assert loaded.config == fitted_model.config and loaded.config.seed == fitted_model.config.seed
+    test_paths = [s.path for s in load_test_split(small_screw_dir)[:2]]
+    assert [p.score for p in loaded.predict(test_paths)] == [p.score for p in fitted_model.predict(test_paths)]
+    assert not list(tmp_path.glob(".model.pkl.*")), "no temporary file is left behind"
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_model_file_that_runs_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    payload = _RunsCode()
+    payload.marker = marker
+    evil = tmp_path / "evil.pkl"
+    evil.write_bytes(pickle.dumps({"format_version": FORMAT_VERSION, "config": payload}))
+    with pytest.raises(ModelFileError, match="plain data only"):
+        PatchCore.load(evil)
+    assert not marker.exists()
+
+
+def test_wrong_format_version_and_truncated_files_are_clear_errors(fitted_model, tmp_path):
+    path = tmp_path / "model.pkl"
+    fitted_model.save(path)
+    truncated = tmp_path / "truncated.pkl"
+    truncated.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ModelFileError, match="truncated.pkl"):
+        PatchCore.load(truncated)
+    old = tmp_path / "old.pkl"
+    old.write_bytes(pickle.dumps({"format_version": 0}))
+    with pytest.raises(ModelFileError, match="version 0 is not supported"):
+        PatchCore.load(old)
+    with pytest.raises(ModelFileError, match="not found"):
+        PatchCore.load(tmp_path / "missing.pkl")

@@ -1,0 +1,162 @@
+"""End-to-end pipeline on synthetic photos with known answers: pose, coordinates, odd inputs."""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+import pytest
+
+from config import Config
+from preprocessing.io import to_rgb8
+from preprocessing.pipeline import preprocess, preview_steps, save_preview_sheet, to_original
+from preprocessing.registration import warp_image
+
+SIZE = 128
+CONFIG = Config(image_size=SIZE)
+DEFECT = (70.0, 0.0)  # on the shaft, towards the tip, in screw coordinates (head at -x)
+
+
+def screw_photo(
+    angle_deg: float, side: int = 360, defect: bool = True
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """A dark 'screw' (shaft, wide head at one end, pointed tip) on a light table, turned by angle.
+
+    Returns the RGB photo and where the small bright defect ``DEFECT`` lies (or would lie) in it.
+    """
+    shaft = [(-110, -12), (100, -12), (125, 0), (100, 12), (-110, 12)]
+    head = [(-130, -30), (-105, -30), (-105, 30), (-130, 30)]
+    cos, sin = math.cos(math.radians(angle_deg)), math.sin(math.radians(angle_deg))
+    zoom = side / 360
+
+    def place(x: float, y: float) -> tuple[float, float]:
+        return side / 2 + zoom * (x * cos - y * sin), side / 2 + zoom * (x * sin + y * cos)
+
+    canvas = np.full((side, side), 200, np.uint8)
+    for polygon in (shaft, head):
+        points = np.array([place(x, y) for x, y in polygon]) * 16
+        cv2.fillPoly(canvas, [points.round().astype(np.int32)], 60, cv2.LINE_AA, shift=4)
+    spot = place(*DEFECT)
+    if defect:
+        cv2.circle(canvas, (round(spot[0]), round(spot[1])), 2, 235, -1)
+    return cv2.cvtColor(canvas, cv2.COLOR_GRAY2RGB), spot
+
+
+def map_point(matrix: np.ndarray, point: tuple[float, float]) -> np.ndarray:
+    return cv2.perspectiveTransform(np.array([[point]], dtype=np.float64), matrix)[0, 0]
+
+
+ANGLES = list(range(-360, 361, 10))
+
+
+@pytest.mark.parametrize("angle", ANGLES)
+def test_screw_reaches_canonical_pose_from_any_rotation(angle: int) -> None:
+    photo, _ = screw_photo(angle)
+    result = preprocess(photo, CONFIG)
+    dark = result.image[..., 0] < 120
+    dark &= result.mask  # zeroed background is black too
+    columns = dark.sum(axis=0)
+    rows = np.nonzero(dark.any(axis=1))[0]
+    assert rows.max() - rows.min() < 0.45 * SIZE  # lies horizontal: short in y
+    assert np.ptp(np.nonzero(columns)[0]) > 0.7 * SIZE  # ... and fills the square along x
+    assert np.argmax(columns) < SIZE / 3  # the wide head is on the left
+    assert not result.warnings
+
+
+def test_defect_lands_on_same_model_pixel_for_every_rotation() -> None:
+    # lighting off: the footprint is found by subtracting the defect-free photo warped the same way
+    geometry_only = CONFIG.replace(white_balance=False, inpaint_specular=False, clahe=False, zero_background=False)
+    landed = []
+    for angle in ANGLES:
+        photo, defect = screw_photo(angle)
+        result = preprocess(photo, geometry_only)
+        healthy = warp_image(screw_photo(angle, defect=False)[0], result.transform, SIZE)
+        expected = map_point(result.transform, defect)
+        change = result.image[..., 0].astype(int) - healthy[..., 0]
+        found = np.unravel_index(np.argmax(change), change.shape)
+        assert np.hypot(found[1] - expected[0], found[0] - expected[1]) <= 2.0
+        landed.append(expected)
+    landed = np.array(landed)
+    assert landed.std(axis=0).max() < 1.0  # one canonical spot, whatever the photo's rotation
+    assert landed[:, 0].mean() > SIZE / 2 and abs(landed[:, 1].mean() - (SIZE - 1) / 2) < 2
+
+
+@pytest.mark.parametrize("angle", [0, 37, 90, 200, 313])
+def test_anomaly_peak_maps_back_onto_the_defect(angle: int) -> None:
+    photo, defect = screw_photo(angle)
+    result = preprocess(photo, CONFIG)
+    x, y = map_point(result.transform, defect)
+    anomaly = np.zeros((SIZE, SIZE), np.float32)
+    anomaly[round(y), round(x)] = 1.0
+    anomaly = cv2.GaussianBlur(anomaly, (0, 0), 2.0)
+    back = to_original(anomaly, result)
+    assert back.shape == photo.shape[:2]
+    peak = np.unravel_index(np.argmax(back), back.shape)
+    assert np.hypot(peak[1] - defect[0], peak[0] - defect[1]) <= 3.0
+
+
+def hexagon_photo(angle_deg: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    canvas = np.full((300, 300), 60, np.uint8)  # light nut on dark felt
+    corners = [(150 + 90 * math.cos(math.radians(angle_deg + 60 * k)), 150 + 90 * math.sin(math.radians(angle_deg + 60 * k))) for k in range(6)]
+    cv2.fillPoly(canvas, [np.array(corners).round().astype(np.int32)], 190)
+    cv2.circle(canvas, (150, 150), 40, 60, -1)
+    noisy = np.clip(canvas + rng.normal(0, 6, canvas.shape), 0, 255).astype(np.uint8)
+    return cv2.cvtColor(noisy, cv2.COLOR_GRAY2RGB)
+
+
+@pytest.mark.parametrize("angle,seed", [(0, 0), (7, 1), (23, 2), (41, 3)])
+def test_hex_nut_is_not_spun_by_noise(angle: float, seed: int) -> None:
+    result = preprocess(hexagon_photo(angle, seed), CONFIG)
+    linear = result.transform[:2, :2]
+    assert abs(linear[0, 1]) < 1e-9 and abs(linear[1, 0]) < 1e-9 and linear[0, 0] > 0
+    assert not result.warnings
+
+
+def rgb_screw() -> np.ndarray:
+    return screw_photo(30, side=200)[0]
+
+
+ODD_INPUTS = {
+    "blank": (np.full((100, 120, 3), 128, np.uint8), True),
+    "1x1": (np.full((1, 1, 3), 77, np.uint8), True),
+    "5x5": (np.random.default_rng(0).integers(0, 256, (5, 5, 3), dtype=np.uint8), True),
+    "all white": (np.full((64, 64, 3), 255, np.uint8), True),
+    "all black": (np.zeros((64, 64, 3), np.uint8), True),
+    "RGBA": (to_rgb8(np.dstack([rgb_screw()[..., ::-1], np.full((200, 200), 255, np.uint8)])), False),
+    "16-bit": (to_rgb8(rgb_screw()[..., ::-1].astype(np.uint16) * 257), False),
+    "grey": (to_rgb8(rgb_screw()[..., 0]), False),
+}
+
+
+@pytest.mark.parametrize("name", ODD_INPUTS)
+def test_odd_inputs_are_processed_with_warnings_not_errors(name: str) -> None:
+    image, expect_warning = ODD_INPUTS[name]
+    result = preprocess(image, CONFIG)
+    assert result.image.shape == (SIZE, SIZE, 3) and result.image.dtype == np.uint8
+    assert result.mask.shape == (SIZE, SIZE) and result.mask.dtype == bool
+    assert np.isfinite(result.transform).all() and abs(np.linalg.det(result.transform)) > 0
+    assert bool(result.warnings) == expect_warning, result.warnings
+    assert to_original(np.zeros((SIZE, SIZE), np.float32), result).shape == image.shape[:2]
+
+
+def test_every_step_can_be_switched_off() -> None:
+    photo, defect = screw_photo(45)
+    plain = preprocess(photo, CONFIG.replace(preprocess=False))
+    assert plain.mask.all() and np.allclose(map_point(plain.transform, (0, 0)), (SIZE / 360 * 0.5 - 0.5,) * 2)
+    flags = ["white_balance", "inpaint_specular", "clahe", "segment", "crop", "align_rotation", "normalize_scale", "zero_background"]
+    for flag in flags:
+        result = preprocess(photo, CONFIG.replace(**{flag: False}))
+        assert result.image.shape == (SIZE, SIZE, 3) and not result.warnings, flag
+    unzeroed = preprocess(photo, CONFIG.replace(zero_background=False))
+    assert (unzeroed.image[~unzeroed.mask] > 150).all()  # the table is still there
+
+
+def test_preview_lists_every_step_and_renders_a_sheet(tmp_path) -> None:
+    steps = preview_steps(screw_photo(120)[0], CONFIG)
+    labels = [label for label, _ in steps]
+    assert labels[0] == "0 original" and labels[-1] == "8 background zeroed"
+    assert len(labels) == 8
+    sheet = cv2.imread(str(save_preview_sheet(steps, tmp_path / "sheet.png", tile=64)))
+    assert sheet.shape[0] == 64 and sheet.shape[1] > 64 * 6

@@ -1,0 +1,192 @@
+"""The evaluate-and-report glue, run against a stand-in model on a tiny synthetic MVTec-layout folder."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from config import Config
+from evaluation.metrics import image_metrics
+from evaluation.report import evaluate, format_summary
+
+SIZE = 96
+REQUIRED_KEYS = {
+    "image_auroc", "image_ap", "image_f1_at_threshold", "image_f1_max", "image_f1_max_threshold",
+    "pixel_auroc", "aupro", "per_defect_auroc", "threshold", "n_train", "n_test", "fit_seconds",
+    "backbone", "seed", "eval_size",
+}
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@dataclass
+class FakePrediction:
+    score: float
+    anomaly_map: np.ndarray
+    is_anomalous: bool
+    sigma: float = 0.0
+    confidence: float = 0.5
+    warnings: list[str] = field(default_factory=list)
+
+
+class FakeModel:
+    """Stand-in for PatchCore: the anomaly map is how much redder than grey each pixel is."""
+
+    def __init__(self) -> None:
+        self.config = Config(batch_size=4, num_workers=1)
+        self.threshold = 0.3
+        self.calibration_scores = np.array([0.12, 0.15, 0.18, 0.2, 0.22, 0.25], dtype=np.float32)
+        self.n_train = 20
+        self.fit_seconds = 1.5
+        self.batch_sizes: list[int] = []
+
+    def predict(self, images: list[np.ndarray], progress: bool = False) -> list[FakePrediction]:
+        self.batch_sizes.append(len(images))
+        predictions = []
+        for image in images:
+            redness = (image[..., 0].astype(np.float32) - image[..., 1]) / 255.0
+            anomaly_map = cv2.GaussianBlur(redness, (0, 0), 2.0) + 0.1
+            score = float(anomaly_map.max())
+            warnings = ["object touches the border"] if score > 0.9 else []
+            predictions.append(FakePrediction(score, anomaly_map, score > self.threshold, warnings=warnings))
+        return predictions
+
+
+def _photo(rng: np.random.Generator, spot: tuple[int, int, int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A grey disc on a dark background, optionally with a red spot (x, y, radius, strength)."""
+    image = np.full((SIZE, SIZE, 3), 30, np.uint8)
+    cv2.circle(image, (SIZE // 2, SIZE // 2), 35, (150, 150, 150), -1)
+    image = np.clip(image + rng.integers(0, 6, (SIZE, SIZE, 1)), 0, 255).astype(np.uint8)
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    if spot:
+        x, y, radius, strength = spot
+        cv2.circle(image, (x, y), radius, (min(255, 150 + strength), 150 - strength // 2, 150 - strength // 2), -1)
+        cv2.circle(mask, (x, y), radius, 255, -1)
+    return image, mask
+
+
+def _write(path: Path, image_rgb: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR) if image_rgb.ndim == 3 else image_rgb)
+
+
+def make_dataset(root: Path, with_masks: bool = True) -> Path:
+    """test/good (one a false alarm), test/scratch and test/hole (one missed), plus a corrupt file."""
+    rng = np.random.default_rng(0)
+    spots = {
+        "good": [None] * 5 + [(40, 40, 3, 60)],  # the last is a faint red speck: a false positive
+        "scratch": [(30, 50, 6, 150), (60, 40, 5, 120), (50, 60, 8, 200)],
+        "hole": [(45, 45, 4, 140), (55, 35, 2, 20)],  # the last is too faint: a false negative
+    }
+    for kind, kind_spots in spots.items():
+        for index, spot in enumerate(kind_spots):
+            image, mask = _photo(rng, spot)
+            _write(root / "test" / kind / f"{index:03d}.png", image)
+            if kind != "good" and with_masks:
+                _write(root / "ground_truth" / kind / f"{index:03d}_mask.png", mask)
+    (root / "test" / "hole" / "999.png").write_bytes(b"not a png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, FakeModel]:
+    root = tmp_path_factory.mktemp("report")
+    model = FakeModel()
+    metrics = evaluate(model, make_dataset(root / "data"), root / "out", quiet=True, eval_size=64)
+    return metrics, root / "out", model
+
+
+def test_metrics_json(report: tuple[dict, Path, FakeModel]) -> None:
+    metrics, out_dir, _ = report
+    written = json.loads((out_dir / "metrics.json").read_text())
+    assert REQUIRED_KEYS <= written.keys()
+    assert written == json.loads(json.dumps(metrics))
+    assert written["n_test"] == 11 and written["n_test_good"] == 6 and written["n_test_defective"] == 5
+    assert written["n_skipped"] == 1 and written["skipped"][0]["path"].endswith("999.png")
+    assert written["eval_size"] == 64 and written["backbone"] == "wide_resnet50_2" and written["fit_seconds"] == 1.5
+    assert set(written["per_defect_auroc"]) == {"hole", "scratch"}
+    assert 0.0 <= written["aupro"] <= 1.0 and 0.5 < written["pixel_auroc"] <= 1.0
+    assert not list(out_dir.glob(".*tmp")), "temporary files must be renamed away"
+
+
+def test_metrics_match_direct_computation(report: tuple[dict, Path, FakeModel]) -> None:
+    metrics, _, model = report
+    data_dir = Path(report[1]).parent / "data"
+    paths = sorted((data_dir / "test").glob("*/[0-8]*.png"))
+    images = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in paths]
+    scores = [p.score for p in FakeModel().predict(images)]
+    expected = image_metrics([p.parent.name != "good" for p in paths], scores, model.threshold)
+    for key, value in expected.items():
+        assert metrics[key] == pytest.approx(value)
+
+
+def test_predicts_in_batches(report: tuple[dict, Path, FakeModel]) -> None:
+    _, _, model = report
+    assert sum(model.batch_sizes) == 11 and max(model.batch_sizes) <= model.config.batch_size
+
+
+def test_html_is_self_contained(report: tuple[dict, Path, FakeModel]) -> None:
+    page = (report[1] / "report.html").read_text()
+    sources = re.findall(r'<img [^>]*src="([^"]*)"', page)
+    assert sources and all(src.startswith("data:image/") for src in sources)
+    assert page.count('class="card ') == 11
+    for outcome in ("TP", "TN", "FP", "FN"):
+        assert f'data-outcome="{outcome}"' in page
+    assert "999.png" in page  # the unreadable file is reported
+    assert "oracle" in page
+    cards = re.findall(r'<figure class="card[^>]*>.*?<b>([\d.]+)</b>', page)
+    assert [float(s) for s in cards] == sorted((float(s) for s in cards), reverse=True)
+
+
+def test_warning_names_unreadable_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    evaluate(FakeModel(), make_dataset(tmp_path / "data", with_masks=False), tmp_path / "out", quiet=False)
+    err = capsys.readouterr().err
+    assert re.search(r"warning: .*999\.png", err)
+    assert "evaluating" in err  # the progress bar
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["aupro"] is None and metrics["pixel_auroc"] is None
+    assert metrics["image_auroc"] is not None
+
+
+def test_no_test_images(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no test images"):
+        evaluate(FakeModel(), tmp_path, tmp_path / "out", quiet=True)
+
+
+def test_format_summary(report: tuple[dict, Path, FakeModel]) -> None:
+    summary = format_summary(report[0])
+    assert "image AUROC" in summary and "oracle" in summary and "AUPRO" in summary
+    assert "AUROC scratch" in summary and "1 skipped" in summary
+    assert "n/a" in format_summary({**report[0], "aupro": None, "fit_seconds": None})
+
+
+def _chromium(*args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    flags = [
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+    ]
+    return subprocess.run([CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=120, check=False)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
+def test_report_renders_in_chromium(report: tuple[dict, Path, FakeModel], tmp_path: Path) -> None:
+    page = (report[1] / "report.html").resolve()
+    result = _chromium("--virtual-time-budget=10000", "--dump-dom", page.as_uri(), tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    root = re.search(r"<html[^>]*>", result.stdout)
+    assert root, result.stdout[:500]
+    attributes = dict(re.findall(r'data-([\w-]+)="([^"]*)"', root.group(0)))
+    assert attributes.get("errors") == "0", result.stderr[-2000:]
+    assert int(attributes["images-total"]) >= 11 + 4  # cards + plots
+    assert attributes["images-loaded"] == attributes["images-total"]
+    screenshot = tmp_path / "report.png"
+    result = _chromium(f"--screenshot={screenshot}", "--window-size=1280,2400", page.as_uri(), tmp_path=tmp_path)
+    assert result.returncode == 0 and screenshot.stat().st_size > 10_000

@@ -1,0 +1,59 @@
+"""Otsu mask with automatic polarity, and honest refusal when there is no clear single object."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from preprocessing.segmentation import segment_object
+
+
+def disc_photo(object_value: int, background_value: int, size: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    image = np.full((size, size, 3), background_value, np.uint8)
+    truth = np.zeros((size, size), np.uint8)
+    cv2.ellipse(truth, (size // 2, size // 2), (60, 25), 30, 0, 360, 1, -1)
+    image[truth > 0] = object_value
+    return image, truth > 0
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / (a | b).sum())
+
+
+def test_dark_object_on_light_background() -> None:
+    image, truth = disc_photo(60, 200)
+    assert iou(segment_object(image).mask, truth) > 0.9
+
+
+def test_light_object_on_dark_background() -> None:
+    image, truth = disc_photo(210, 40)
+    assert iou(segment_object(image).mask, truth) > 0.9
+
+
+def test_holes_filled_and_specks_removed() -> None:
+    image, truth = disc_photo(60, 200)
+    cv2.circle(image, (100, 100), 6, (200, 200, 200), -1)  # a bore or glare inside the part
+    image[10:12, 10:12] = 60  # dust
+    mask = segment_object(image).mask
+    assert mask[100, 100] and not mask[10, 10]
+
+
+def test_dark_corner_does_not_join_the_object() -> None:
+    image, truth = disc_photo(60, 200, size=300)
+    yy, xx = np.mgrid[:300, :300]
+    vignette = 1 - 0.7 * np.exp(-np.hypot(yy - 300, xx) / 150)  # dark bottom-left corner, as in MVTec
+    image = (image * vignette[..., None]).astype(np.uint8)
+    result = segment_object(image)
+    assert result.mask is not None and iou(result.mask, truth) > 0.85
+
+
+def test_blank_frame_gives_warning_not_mask() -> None:
+    result = segment_object(np.full((50, 50, 3), 128, np.uint8))
+    assert result.mask is None and "no contrast" in result.warnings[0]
+
+
+def test_object_touching_border_falls_back() -> None:
+    image = np.full((100, 100, 3), 200, np.uint8)
+    image[30:70, 0:50] = 50
+    result = segment_object(image)
+    assert result.mask is None and "border" in result.warnings[0]

@@ -1,0 +1,91 @@
+"""Overlays and plots: colour scale, contours, files written, no pyplot state left behind."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from evaluation.visualize import (
+    GROUND_TRUTH_RGB,
+    THRESHOLD_RGB,
+    Tile,
+    colour_bar_figure,
+    colour_range,
+    figure_png,
+    overlay_rgb,
+    pro_figure,
+    roc_figure,
+    save_overlay,
+    score_histogram_figure,
+    tiles_figure,
+)
+
+PNG_MAGIC = b"\x89PNG"
+
+
+def _photo_and_map(height: int = 60, width: int = 80) -> tuple[np.ndarray, np.ndarray]:
+    image = np.full((height, width, 3), 128, np.uint8)
+    anomaly_map = np.zeros((height, width), np.float32)
+    anomaly_map[20:40, 30:50] = 5.0  # a hot square, above a threshold of 2
+    return image, anomaly_map
+
+
+def _has_colour(image: np.ndarray, rgb: tuple[int, int, int]) -> bool:
+    return bool(np.all(np.abs(image.astype(int) - rgb) <= 10, axis=-1).any())
+
+
+def test_colour_range_is_fixed_by_threshold() -> None:
+    anomaly_map = np.array([[0.5, 9.0]])
+    assert colour_range(2.0, anomaly_map) == (0.0, 4.0)
+    assert colour_range(2.0, anomaly_map, vmin=1.0) == (1.0, 4.0)
+    assert colour_range(None, anomaly_map) == (0.5, 9.0)  # without a threshold: the map's own range
+
+
+def test_healthy_map_leaves_photo_untouched() -> None:
+    image, _ = _photo_and_map()
+    calm = overlay_rgb(image, np.full(image.shape[:2], 1.0, np.float32), threshold=2.0, vmin=1.0)
+    np.testing.assert_array_equal(calm, image)
+
+
+def test_overlay_draws_threshold_and_ground_truth_contours() -> None:
+    image, anomaly_map = _photo_and_map()
+    gt = np.zeros((30, 40), bool)  # a smaller mask is resized to the photo
+    gt[5:10, 5:10] = True
+    result = overlay_rgb(image, anomaly_map, threshold=2.0, gt_mask=gt)
+    assert result.shape == image.shape and result.dtype == np.uint8
+    assert _has_colour(result, THRESHOLD_RGB) and _has_colour(result, GROUND_TRUTH_RGB)
+    small_map = cv2.resize(anomaly_map, (40, 30), interpolation=cv2.INTER_AREA)  # maps too
+    assert overlay_rgb(image, small_map, threshold=2.0).shape == image.shape
+
+
+def test_save_overlay_writes_png_without_pyplot(tmp_path: Path) -> None:
+    image, anomaly_map = _photo_and_map()
+    out = save_overlay(image, anomaly_map, tmp_path / "sub" / "overlay.png", threshold=2.0, score=5.0,
+                       verdict="ANOMALOUS", gt_mask=anomaly_map > 0)
+    written = cv2.imread(str(out))
+    assert written is not None and written.shape[1] > written.shape[0] > 100
+    if "matplotlib.pyplot" in sys.modules:  # other tests may use pyplot; ours must not leave figures
+        assert not sys.modules["matplotlib.pyplot"].get_fignums()
+    assert save_overlay(image, anomaly_map, tmp_path / "plain.png", threshold=None).is_file()
+
+
+def test_plots_render() -> None:
+    fpr = np.linspace(0, 1, 50_000)  # long pixel-level curves are resampled, not drawn point by point
+    assert figure_png(roc_figure({"image": (fpr, np.sqrt(fpr), 0.67), "pixel": (fpr, fpr, 0.5)})).startswith(PNG_MAGIC)
+    assert figure_png(pro_figure(fpr, fpr ** 0.3, 0.5, 0.3)).startswith(PNG_MAGIC)
+    histogram = score_histogram_figure([1.0, 1.2, 1.1], [2.5, 3.0], 1.6, [1.0, 1.1, 1.05])
+    assert figure_png(histogram).startswith(PNG_MAGIC)
+    assert figure_png(score_histogram_figure([1.0], [2.0], 1.5, [])).startswith(PNG_MAGIC)
+    assert figure_png(colour_bar_figure(2.0, vmin=1.0)).startswith(PNG_MAGIC)
+
+
+@pytest.mark.parametrize("false_negatives", [0, 3])
+def test_tiles_figure(false_negatives: int) -> None:
+    image, anomaly_map = _photo_and_map()
+    tile = Tile(image, anomaly_map, "FP 5.00\ngood/000.png")
+    rows = {"false positives": [tile, tile], "false negatives": [tile] * false_negatives}
+    assert figure_png(tiles_figure(rows, threshold=2.0, columns=4)).startswith(PNG_MAGIC)
