@@ -285,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     action.add_argument("--verify", action="store_true", help="check counts, decoding and masks of a dataset")
     action.add_argument("--setup-custom", action="store_true", help="create the folders for your own photos")
     action.add_argument("--synthetic", action="store_true", help="render a license-free synthetic dataset")
-    parser.add_argument("--category", choices=[*OFFICIAL_COUNTS, "all"], help="--verify: MVTec category (default all)")
+    parser.add_argument("--category", choices=[*OFFICIAL_COUNTS, "all"],
+                        help="--verify: MVTec category (default all)")
     parser.add_argument("--root", default="data/mvtec_ad", help="--verify: folder holding the MVTec categories")
     parser.add_argument("--data-dir", help="--verify: any dataset folder (no official counts checked)")
     parser.add_argument("--out", help="--setup-custom / --synthetic: output folder "
@@ -316,9 +317,9 @@ def main(argv: list[str] | None = None) -> int:
         return run_setup_custom(Path(args.out or "data/custom_fasteners"))
     if args.synthetic:
         try:
-            settings = SyntheticSettings(part=args.part, n_train=args.n_train, n_test_per_kind=args.n_test_per_kind,
-                                         size=args.size, seed=args.seed, defect_scale=args.defect_scale,
-                                         max_rotation=args.max_rotation)
+            settings = SyntheticSettings(
+                part=args.part, n_train=args.n_train, n_test_per_kind=args.n_test_per_kind, size=args.size,
+                seed=args.seed, defect_scale=args.defect_scale, max_rotation=args.max_rotation)
         except ValueError as error:  # e.g. --size 10
             parser.error(str(error))
         return run_synthetic(settings, Path(args.out or "data/synthetic_fasteners"))

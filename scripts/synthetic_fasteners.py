@@ -323,7 +323,8 @@ def add_corrosion(rng: np.random.Generator, image: np.ndarray, part: Part, scale
 
 
 def add_scratch(rng: np.random.Generator, image: np.ndarray, part: Part, scale: float) -> np.ndarray:
-    """A thin curved stroke, bright (burnished) or dark (a groove), turned so that it stays on the part."""
+    """A thin curved stroke, turned so that it stays on the part: a dark groove on bright metal, a
+    burnished bright line on dark metal (a scratch that matches its surroundings would be invisible)."""
     middle = np.array(pick_point_on_part(rng, part.coverage))
     length, bow = scale * rng.uniform(14, 26), rng.uniform(-1.0, 1.0)
     t = np.linspace(-0.5, 0.5, 24)[:, None]
@@ -342,16 +343,20 @@ def add_scratch(rng: np.random.Generator, image: np.ndarray, part: Part, scale: 
     stroke = np.zeros(image.shape[:2], np.float32)
     thickness = max(1, round(scale * rng.uniform(0.8, 1.4)))
     cv2.polylines(stroke, [np.round(curve * 16).astype(np.int32)], False, 1.0, thickness, cv2.LINE_AA, shift=4)
-    tone = rng.choice([0.95, 0.08])
+    tone = 0.08 if image[round(middle[1]), round(middle[0])].mean() > 0.4 else 0.95
     return blend(image, np.full(3, tone, np.float32), stroke * part.coverage * rng.uniform(0.75, 0.95))
 
 
 SURFACE_DEFECTS = {"rust": add_rust, "corrosion": add_corrosion, "scratch": add_scratch}
 
 
-def render_sample(settings: SyntheticSettings, key: tuple[int, ...], defect: str | None) -> tuple[np.ndarray, np.ndarray]:
+def render_sample(
+    settings: SyntheticSettings, key: tuple[int, ...], defect: str | None
+) -> tuple[np.ndarray, np.ndarray]:
     """One RGB photo and its uint8 mask (255 = defect). The same key without a defect gives the
     identical photo minus the defect, because scene and defect draw from separate seeds."""
+    if defect not in (None, *DEFECT_KINDS):
+        raise ValueError(f"unknown defect kind {defect!r}; expected one of {', '.join(DEFECT_KINDS)}")
     scene = draw_scene(np.random.default_rng([settings.seed, *key, 0]), settings)
     defect_rng = np.random.default_rng([settings.seed, *key, 1])
     size, scale = settings.size, scene.unit * settings.defect_scale
@@ -375,8 +380,6 @@ def render_sample(settings: SyntheticSettings, key: tuple[int, ...], defect: str
     image = scene.background * (1 - 0.6 * shadow)[..., None] * (1 - coverage) + part.colour * coverage
     if defect in SURFACE_DEFECTS:
         mask = SURFACE_DEFECTS[defect](defect_rng, image, part, scale)
-    elif defect not in (None, "deformation"):
-        raise ValueError(f"unknown defect kind {defect!r}; expected one of {', '.join(DEFECT_KINDS)}")
 
     image = image * scene.illumination[..., None] + scene.noise
     image = cv2.GaussianBlur(image, (0, 0), scene.blur_sigma)
@@ -406,8 +409,11 @@ def clear_previous_set(out: Path) -> None:
             raise FileExistsError(f"{out}: folder is not empty and was not made by --synthetic; "
                                   "choose another --out")
         return
+    inside = out.resolve()
     for relative in json.loads(marker.read_text(encoding="utf-8"))["files"]:
-        (out / relative).unlink(missing_ok=True)
+        target = (out / relative).resolve()
+        if inside in target.parents:  # a hand-edited marker must not reach outside the folder
+            target.unlink(missing_ok=True)
 
 
 def generate(settings: SyntheticSettings, out: str | Path) -> list[Path]:

@@ -1,0 +1,131 @@
+"""The dataset tool: guide text, --verify (on the real MVTec screw set and on broken copies of it),
+--setup-custom and the synthetic generator (determinism and masks that cover the defects)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from scripts.download_datasets import main
+from scripts.synthetic_fasteners import DEFECT_KINDS, SyntheticSettings, generate, render_sample
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+SHARED_MVTEC = PROJECT_ROOT.parent / "shared" / "data" / "mvtec_ad"
+needs_mvtec_screw = pytest.mark.skipif(
+    not (SHARED_MVTEC / "screw").is_dir(), reason=f"MVTec AD screw not found at {SHARED_MVTEC / 'screw'}")
+SMALL = SyntheticSettings(n_train=3, n_test_per_kind=2, size=128)
+
+
+def all_files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_guide_explains_every_way_to_get_data(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 0
+    guide = capsys.readouterr().out
+    for expected in ("https://www.mvtec.com/company/research/datasets/mvtec-ad", "cannot download",
+                     "CC BY-NC-SA 4.0", "kaggle datasets download -d ipythonx/mvtec-ad", "--setup-custom",
+                     "--synthetic", "ground_truth/<kind>/NNN_mask.png"):
+        assert expected in guide
+
+
+@needs_mvtec_screw
+def test_verify_passes_on_mvtec_screw(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--verify", "--category", "screw", "--root", str(SHARED_MVTEC)]) == 0
+    output = capsys.readouterr().out
+    assert "✗" not in output and "train/good: 320 images" in output
+
+
+@needs_mvtec_screw
+def test_verify_names_each_broken_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source, root = SHARED_MVTEC / "screw", tmp_path / "screw"
+    for path in source.rglob("*"):  # a linked copy: the data itself is never copied
+        if path.is_file():
+            (root / path.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
+            (root / path.relative_to(source)).symlink_to(path)
+    (root / "train/good/007.png").unlink()
+    corrupt = root / "test/scratch_head/003.png"
+    corrupt.unlink()
+    corrupt.write_bytes(b"not a png at all")
+    (root / "ground_truth/thread_top/005_mask.png").unlink()
+    small_mask = root / "ground_truth/scratch_neck/002_mask.png"
+    small_mask.unlink()
+    cv2.imwrite(str(small_mask), np.zeros((10, 10), np.uint8))
+
+    assert main(["--verify", "--category", "screw", "--root", str(tmp_path)]) == 1
+    output = capsys.readouterr().out
+    assert f"✗ {root / 'train/good'}: 319 images, expected 320" in output
+    assert f"✗ {corrupt}: not a readable image" in output
+    assert f"✗ {root / 'ground_truth/thread_top/005_mask.png'}: mask missing" in output
+    assert f"✗ {small_mask}: size 10x10 differs" in output
+
+
+def test_setup_custom_is_idempotent_and_keeps_user_files(tmp_path: Path) -> None:
+    out = tmp_path / "custom"
+    assert main(["--setup-custom", "--out", str(out)]) == 0
+    for folder in ("train/good", "test/good", "test/rust", "test/deformed", "test/corroded",
+                   "ground_truth/rust", "ground_truth/deformed", "ground_truth/corroded"):
+        assert (out / folder).is_dir()
+    assert "train/good" in (out / "README.md").read_text(encoding="utf-8")
+    photo, readme = out / "train/good/mine.jpg", out / "README.md"
+    photo.write_bytes(b"user photo")
+    readme.write_text("my own notes", encoding="utf-8")
+
+    assert main(["--setup-custom", "--out", str(out)]) == 0
+    assert photo.read_bytes() == b"user photo"
+    assert readme.read_text(encoding="utf-8") == "my own notes"
+
+
+def test_synthetic_is_deterministic_by_seed(tmp_path: Path) -> None:
+    args = ["--synthetic", "--n-train", "3", "--n-test-per-kind", "2", "--size", "128"]
+    assert main([*args, "--seed", "5", "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--seed", "5", "--out", str(tmp_path / "b")]) == 0
+    assert main([*args, "--seed", "6", "--out", str(tmp_path / "c")]) == 0
+    first, same, other = (all_files(tmp_path / name) for name in "abc")
+    assert first == same
+    assert first.keys() == other.keys()
+    assert first["train/good/000.png"] != other["train/good/000.png"]
+
+
+def test_synthetic_layout_passes_verify_and_only_defects_have_masks(tmp_path: Path) -> None:
+    out = tmp_path / "synthetic"
+    generate(SMALL, out)
+    assert main(["--verify", "--data-dir", str(out)]) == 0
+    assert sorted(p.name for p in (out / "test").iterdir()) == sorted([*DEFECT_KINDS, "good"])
+    assert sorted(p.name for p in (out / "ground_truth").iterdir()) == sorted(DEFECT_KINDS)
+    for kind in DEFECT_KINDS:
+        assert len(list((out / "ground_truth" / kind).glob("*_mask.png"))) == SMALL.n_test_per_kind
+
+    generate(SMALL, out)  # a rerun replaces its own files
+    (out / "ground_truth/rust/001_mask.png").unlink()
+    assert main(["--verify", "--data-dir", str(out)]) == 1
+
+
+def test_synthetic_refuses_a_folder_it_did_not_make(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("keep me", encoding="utf-8")
+    assert main(["--synthetic", "--out", str(tmp_path), "--n-train", "1", "--n-test-per-kind", "1"]) == 1
+    assert (tmp_path / "notes.txt").read_text(encoding="utf-8") == "keep me"
+
+
+@pytest.mark.parametrize("part", ["screw", "nut"])
+@pytest.mark.parametrize("kind", DEFECT_KINDS)
+def test_masks_cover_exactly_what_the_defect_changed(part: str, kind: str) -> None:
+    settings = SyntheticSettings(part=part)
+    kind_index = DEFECT_KINDS.index(kind) + 1
+    for index in range(3):
+        key = (1, kind_index, index)
+        defective, mask = render_sample(settings, key, kind)
+        clean, no_mask = render_sample(settings, key, None)
+        assert not no_mask.any()
+        assert mask.any(), f"{part}/{kind}/{index}: empty mask"
+        change = np.abs(defective.astype(int) - clean.astype(int)).max(axis=2)
+        assert change[mask > 0].max() > 25, f"{part}/{kind}/{index}: defect not visible"
+        # The camera blur spreads every change by up to 3 px, and a moved part moves its soft shadow
+        # by a few grey levels; any larger change must lie under the (slightly dilated) mask.
+        near_mask = cv2.dilate(mask, np.ones((11, 11), np.uint8)) > 0
+        assert change[~near_mask].max(initial=0) <= 12, f"{part}/{kind}/{index}: change outside the mask"
+
