@@ -294,7 +294,8 @@ def _metric_rows(metrics: dict[str, Any]) -> str:
           metrics["per_defect_auroc"].items()),
         ("Threshold", _number(metrics["threshold"]),
          f"{metrics['threshold_percentile']:g}th percentile of held-out healthy training scores"),
-        ("Healthy calibration μ ± σ", f"{_number(metrics['calibration_mean'], 3)} ± {_number(metrics['calibration_std'], 3)}",
+        ("Healthy calibration μ ± σ",
+         f"{_number(metrics['calibration_mean'], 3)} ± {_number(metrics['calibration_std'], 3)}",
          "held-out healthy training photos"),
         ("Test photos", f"{metrics['n_test']}", f"{metrics['n_test_good']} healthy, {metrics['n_test_defective']} "
          f"defective, {metrics['n_skipped']} unreadable"),
@@ -407,14 +408,17 @@ def _html(
   .plots {{ display: flex; flex-wrap: wrap; gap: 16px; align-items: flex-start; }}
   .plot {{ max-width: 100%; background: white; border: 1px solid #ddd; }}
   .gallery {{ display: flex; flex-wrap: wrap; gap: 10px; }}
-  .card {{ margin: 0; width: {THUMB_SIZE}px; background: white; border: 3px solid; border-radius: 6px; overflow: hidden; }}
+  .card {{ margin: 0; width: {THUMB_SIZE}px; background: white; border: 3px solid; border-radius: 6px;
+           overflow: hidden; }}
   .card.TN {{ border-width: 1px; }} .card.FN, .card.FP {{ border-width: 5px; }}
   .card img {{ display: block; width: 100%; height: auto; }}
   figcaption {{ padding: 4px 6px; font-size: 13px; }}
   .name {{ color: #616161; font-size: 12px; word-break: break-all; }}
   .warn {{ color: #e65100; font-size: 12px; }}
-  .badge {{ display: inline-block; color: white; border-radius: 4px; padding: 1px 6px; font-size: 12px; font-weight: 600; }}
-  button {{ margin: 0 6px 10px 0; padding: 4px 10px; border: 1px solid #999; border-radius: 4px; cursor: pointer; font-size: 13px; }}
+  .badge {{ display: inline-block; color: white; border-radius: 4px; padding: 1px 6px; font-size: 12px;
+            font-weight: 600; }}
+  button {{ margin: 0 6px 10px 0; padding: 4px 10px; border: 1px solid #999; border-radius: 4px; cursor: pointer;
+           font-size: 13px; }}
   img.broken {{ outline: 4px dashed red; min-height: 40px; }}
   .skipped {{ color: #b71c1c; }}
   {badge_css}

@@ -210,7 +210,9 @@ def pro_figure(fpr: np.ndarray, pro: np.ndarray, aupro: float, max_fpr: float) -
     curve = np.interp(grid, fpr, pro)
     ax.plot(grid, curve, lw=2, color="tab:purple")
     inside = grid <= max_fpr
-    ax.fill_between(grid[inside], curve[inside], color="tab:purple", alpha=0.2, label=f"AUPRO@{max_fpr:g} = {aupro:.3f}")
+    ax.fill_between(
+        grid[inside], curve[inside], color="tab:purple", alpha=0.2, label=f"AUPRO@{max_fpr:g} = {aupro:.3f}"
+    )
     ax.axvline(max_fpr, color="0.4", ls="--", lw=1)
     ax.set(xlabel="false-positive rate (healthy pixels)", ylabel="per-region overlap", title="PRO curve",
            xlim=(0, 1), ylim=(0, 1.01))
@@ -226,7 +228,9 @@ def score_histogram_figure(
     calibration_scores: Sequence[float],
 ) -> Figure:
     """Test scores of healthy and defective photos, the threshold, and the healthy calibration spread."""
-    good, defect, calibration = (np.asarray(v, dtype=np.float64) for v in (good_scores, defect_scores, calibration_scores))
+    good, defect, calibration = (
+        np.asarray(values, dtype=np.float64) for values in (good_scores, defect_scores, calibration_scores)
+    )
     everything = np.concatenate([good, defect, calibration, [threshold]])
     bins = np.linspace(everything.min(), everything.max(), 41)
     fig = Figure(figsize=(8, 4.5), layout="constrained")
@@ -269,7 +273,9 @@ def tiles_figure(
         if not tiles:
             axes[0].text(0.0, 0.5, "none", fontsize=10, transform=axes[0].transAxes)
         for ax, tile in zip(axes, tiles):
-            ax.imshow(overlay_rgb(tile.image_rgb, tile.anomaly_map, threshold, gt_mask=tile.gt_mask, vmin=vmin, vmax=vmax))
+            ax.imshow(
+                overlay_rgb(tile.image_rgb, tile.anomaly_map, threshold, gt_mask=tile.gt_mask, vmin=vmin, vmax=vmax)
+            )
             ax.set_title(tile.caption, fontsize=8)
     return fig
 
