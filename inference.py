@@ -78,6 +78,7 @@ def write_overlay(model: Any, path: Path, image: Any, prediction: Any, heatmap_d
         prediction.anomaly_map,
         out_path,
         threshold=model.threshold,
+        vmin=model.calibration_mean,  # same colour scale as the report: a healthy part looks calm
         score=prediction.score,
         verdict="ANOMALOUS" if prediction.is_anomalous else "OK",
     )

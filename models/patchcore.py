@@ -154,7 +154,7 @@ class PatchCore:
         _, neighbourhood = self.index.search(nearest_healthy, k)
         to_neighbours = np.linalg.norm(self.memory_bank[neighbourhood[0]] - patches[worst], axis=1)
         weight = 1.0 - softmax(to_neighbours)[0]
-        return weight * score
+        return float(weight * score)
 
     def _prediction(self, item: Preprocessed, grid: np.ndarray, score: float) -> Prediction:
         size = self.config.image_size
