@@ -33,7 +33,7 @@ class Config:
     image_size: int = 256  # side of the model input in pixels
     coreset_sampling_ratio: float = 0.1
     coreset_projection_dim: int = 128
-    coreset_chunk_size: int = 16384  # patches per greedy chunk; bounds fit memory and time
+    coreset_chunk_size: int = 4096  # patches per greedy chunk; bounds fit memory and time
     num_neighbors: int = 9  # neighbourhood size b of the paper's score re-weighting (Eq. 7)
     score_reweighting: bool = True
     heatmap_sigma: float = 4.0  # Gaussian blur of the anomaly map, in model-input pixels
