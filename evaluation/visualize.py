@@ -1,7 +1,7 @@
 """Heatmap overlays and evaluation plots, drawn on Figure objects (no pyplot global state).
 
 Colour scale of every heatmap: fixed relative to the calibrated threshold, from ``vmin`` (the
-healthy calibration mean when the caller knows it, else 0) to ``vmax`` = 2 × threshold. Heatmaps of
+healthy calibration mean when the caller knows it, else 0) to ``vmax`` = threshold + 2 × (threshold − vmin). Heatmaps of
 different photos are therefore directly comparable, and the colour's opacity grows with the value,
 so a healthy photo (map well below threshold) shows almost no colour. The white contour is where
 the map exceeds the image threshold (the map is Gaussian-smoothed, so its values sit a little below
@@ -43,13 +43,18 @@ class Tile:
 def colour_range(
     threshold: float | None, anomaly_map: np.ndarray, vmin: float | None = None, vmax: float | None = None
 ) -> tuple[float, float]:
-    """(low, high) of the colour scale: fixed by the threshold, or the map's own range without one."""
+    """(low, high) of the colour scale: fixed by the threshold, or the map's own range without one.
+
+    With a threshold the scale runs from ``vmin`` (the healthy mean) to as far above the threshold
+    as the threshold is above ``vmin`` twice over, so the threshold sits a third of the way up and a
+    clear defect reaches the warm colours; every photo of a model shares the same scale.
+    """
     if threshold is None or not np.isfinite(threshold):
         low = float(anomaly_map.min()) if vmin is None else vmin
         high = float(anomaly_map.max()) if vmax is None else vmax
     else:
         low = 0.0 if vmin is None else vmin
-        high = 2.0 * threshold if vmax is None else vmax
+        high = threshold + 2.0 * (threshold - low) if vmax is None else vmax
     return low, max(high, low + 1e-6)
 
 

@@ -40,8 +40,9 @@ def _has_colour(image: np.ndarray, rgb: tuple[int, int, int]) -> bool:
 
 def test_colour_range_is_fixed_by_threshold() -> None:
     anomaly_map = np.array([[0.5, 9.0]])
-    assert colour_range(2.0, anomaly_map) == (0.0, 4.0)
-    assert colour_range(2.0, anomaly_map, vmin=1.0) == (1.0, 4.0)
+    assert colour_range(2.0, anomaly_map) == (0.0, 6.0)
+    assert colour_range(2.0, anomaly_map, vmin=1.0) == (1.0, 4.0)  # threshold a third of the way up
+    assert colour_range(21.0, anomaly_map, vmin=18.0) == (18.0, 27.0)
     assert colour_range(None, anomaly_map) == (0.5, 9.0)  # without a threshold: the map's own range
 
 
