@@ -1,0 +1,837 @@
+"""Measure where PatchCore spends time and memory: fit stages, latency, throughput, peak RSS, AUROC.
+
+Usage:
+    .venv/bin/python scripts/benchmark.py --backbone efficientnet_lite0
+    .venv/bin/python scripts/benchmark.py --backbone wide_resnet50_2 --random-weights --limit-train 40
+    .venv/bin/python scripts/benchmark.py --backbone efficientnet_lite0 --limit-train 40 --profile
+
+The fit and the inference phases each run in a child process of their own, so each peak resident
+memory figure (VmHWM, read inside the child) belongs to that phase alone. The fit is split into
+stages by timing wrappers installed on the model's own functions in the child (the feature
+extractor's ``__call__``, ``StreamingCoreset.add/_reduce/result``, ``PatchCore._batches``, the
+lazy ``PatchCore.index`` and the calibration ``predict``); nothing of the model's logic is copied.
+Stages are exclusive: a stage nested in another is subtracted from it, so the rows add up to the
+fit's wall time. Inference is timed end to end from decoded RGB arrays (preprocess, features, kNN,
+map back onto the photo), after warm-up. Image AUROC on the test split is reported next to the
+speed figures so that a speed change can be checked against accuracy.
+
+``--random-weights`` builds wide_resnet50_2 (or lite0) with random weights when the ImageNet weights
+are not available offline: the timings are real, the AUROC is meaningless (timing only).
+
+The table is printed and the figures written to outputs/benchmark_<backbone>.json (atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import io
+import json
+import math
+import os
+import platform
+import pstats
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from config import CATEGORY_DEFAULTS, Config, add_config_arguments, config_from_args, fail, run_cli  # noqa: E402
+from preprocessing.io import LabelledImage, load_test_split, read_image, train_images  # noqa: E402
+
+DEFAULT_DATA_DIR = ROOT.parent / "shared" / "data" / "mvtec_ad" / "screw"
+PHASES = ("fit", "infer", "profile")
+PROFILE_TOP = 25
+PROFILE_POOL_TOP = 15
+LATENCY_POOL = 8  # distinct decoded photos cycled through by the batch-1 latency runs
+
+# Stage names used by the instrumentation.
+LOAD = "load+preprocess"
+FEATURES = "features"
+CORESET = "coreset"
+GREEDY = "coreset greedy"
+INDEX = "index build"
+CALIBRATION = "calibration"
+PREDICT = "predict"
+
+
+# ============================================================================ instrumentation
+class StageTimer:
+    """Wall time per stage, exclusive of nested stages, keyed by the path of enclosing stages.
+
+    ``stage(name)`` re-entered directly inside a stage of the same name counts once (e.g.
+    ``StreamingCoreset.result`` calling ``_reduce`` under a wrapper of the same name).
+    """
+
+    def __init__(self, sync: Callable[[], None] | None = None) -> None:
+        self.totals: dict[tuple[str, ...], float] = defaultdict(float)
+        self.counts: dict[tuple[str, ...], int] = defaultdict(int)
+        self._stack: list[list[Any]] = []  # [name, start, seconds spent in nested stages]
+        self._sync = sync or (lambda: None)
+
+    def reset(self) -> None:
+        self.totals.clear()
+        self.counts.clear()
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        if self._stack and self._stack[-1][0] == name:
+            yield
+            return
+        self._sync()
+        frame = [name, time.perf_counter(), 0.0]
+        self._stack.append(frame)
+        try:
+            yield
+        finally:
+            self._sync()
+            elapsed = time.perf_counter() - frame[1]
+            self._stack.pop()
+            path = tuple(item[0] for item in self._stack) + (name,)
+            self.totals[path] += elapsed - frame[2]
+            self.counts[path] += 1
+            if self._stack:
+                self._stack[-1][2] += elapsed
+
+    def leaf(self, name: str, under: str | None = None, exclude: str | None = None) -> float:
+        """Seconds of every path ending in ``name``, optionally only below / not below a stage."""
+        return sum(
+            seconds
+            for path, seconds in self.totals.items()
+            if path[-1] == name and (under is None or under in path[:-1]) and (exclude is None or exclude not in path)
+        )
+
+
+class ThreadSums:
+    """Seconds summed over threads (work done on the preprocessing pool; may exceed wall time)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+        self._lock = threading.Lock()
+
+    def wrap(self, name: str, function: Callable) -> Callable:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                with self._lock:
+                    self.seconds[name] += time.perf_counter() - start
+                    self.calls[name] += 1
+
+        return timed
+
+    def reset(self) -> None:
+        with self._lock:
+            self.seconds.clear()
+            self.calls.clear()
+
+
+@contextlib.contextmanager
+def instrument(timer: StageTimer, threads: ThreadSums, predict_stage: str) -> Iterator[None]:
+    """Install timing wrappers on the model's functions (this process only); restore them on exit."""
+    import models.patchcore as patchcore
+    from models.coreset import StreamingCoreset
+    from models.feature_extractor import FeatureExtractor
+    from models.patchcore import PatchCore
+
+    saved: list[tuple[Any, str, Any]] = []
+
+    def replace(owner: Any, name: str, make: Callable[[Any], Any]) -> None:
+        original = owner.__dict__.get(name) if isinstance(owner, type) else getattr(owner, name, None)
+        if original is None:
+            raise RuntimeError(
+                f"benchmark instrumentation: {getattr(owner, '__name__', owner)}.{name} no longer exists; "
+                "update scripts/benchmark.py to the model's new structure"
+            )
+        saved.append((owner, name, original))
+        setattr(owner, name, make(original))
+
+    def staged(name: str) -> Callable[[Callable], Callable]:
+        def make(function: Callable) -> Callable:
+            def timed(*args: Any, **kwargs: Any) -> Any:
+                with timer.stage(name):
+                    return function(*args, **kwargs)
+
+            timed.__wrapped__ = function
+            return timed
+
+        return make
+
+    def batches(function: Callable) -> Callable:
+        def timed(self: Any, *args: Any, **kwargs: Any) -> Iterator[Any]:
+            generator = function(self, *args, **kwargs)
+            while True:
+                with timer.stage(LOAD):
+                    try:
+                        batch = next(generator)
+                    except StopIteration:
+                        return
+                yield batch
+
+        return timed
+
+    def index(prop: property) -> property:
+        def timed(self: Any) -> Any:
+            if self._index is None:
+                with timer.stage(INDEX):
+                    return prop.fget(self)
+            return prop.fget(self)
+
+        return property(timed)
+
+    try:
+        replace(FeatureExtractor, "__call__", staged(FEATURES))
+        replace(StreamingCoreset, "add", staged(CORESET))
+        replace(StreamingCoreset, "result", staged(CORESET))
+        replace(StreamingCoreset, "_reduce", staged(GREEDY))
+        replace(PatchCore, "_batches", batches)
+        replace(PatchCore, "index", index)
+        replace(PatchCore, "predict", staged(predict_stage))
+        replace(patchcore, "read_image", lambda function: threads.wrap("decode", function))
+        replace(patchcore, "preprocess", lambda function: threads.wrap("preprocess", function))
+        yield
+    finally:
+        for owner, name, original in reversed(saved):
+            setattr(owner, name, original)
+
+
+def fit_stages(timer: StageTimer, total: float) -> dict[str, float]:
+    """The fit's wall time split into exclusive stages that add up to ``total``."""
+    stages = {
+        "load_preprocess_s": timer.leaf(LOAD, exclude=CALIBRATION),
+        "feature_extraction_s": timer.leaf(FEATURES, exclude=CALIBRATION),
+        "coreset_s": timer.leaf(CORESET) + timer.leaf(GREEDY),
+        "index_build_s": timer.leaf(INDEX),
+        "calibration_s": sum(
+            seconds for path, seconds in timer.totals.items() if path[0] == CALIBRATION and path[-1] != INDEX
+        ),
+    }
+    stages["other_s"] = max(0.0, total - sum(stages.values()))
+    stages["coreset_greedy_s"] = timer.leaf(GREEDY)
+    stages["coreset_chunks"] = sum(count for path, count in timer.counts.items() if path[-1] == GREEDY)
+    stages["calibration_load_preprocess_s"] = timer.leaf(LOAD, under=CALIBRATION)
+    stages["calibration_features_s"] = timer.leaf(FEATURES, under=CALIBRATION)
+    stages["calibration_knn_score_map_s"] = timer.totals.get((CALIBRATION,), 0.0)
+    return stages
+
+
+# ============================================================================ machine and memory
+def memory_status_mib() -> dict[str, float]:
+    """This process's resident memory now and its peak (VmRSS / VmHWM), in MiB."""
+    values: dict[str, float] = {}
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                key, _, rest = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    values[key] = int(rest.split()[0]) / 1024
+    except OSError:
+        pass
+    if "VmHWM" not in values:  # not Linux: ru_maxrss is KiB on Linux, bytes on macOS
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        values["VmHWM"] = peak / (1024 * 1024 if sys.platform == "darwin" else 1024)
+    return values
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False when the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    import cv2
+    import faiss
+    import torch
+
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "cpu_model": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "cpu_cores_usable": usable,
+        "torch_threads": torch.get_num_threads(),
+        "gpu": gpu,
+        "faiss_gpus": faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": str(torch.__version__),
+        "faiss": faiss.__version__,
+        "numpy": np.__version__,
+        "opencv": cv2.__version__,
+        "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+# ============================================================================ shared helpers
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="MVTec-layout folder (train/good, optionally test/)"
+    )
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="backbone with random weights (no download needed): timings are real, AUROC is meaningless",
+    )
+    parser.add_argument("--limit-train", type=int, metavar="N", help="fit on the first N healthy photos only")
+    parser.add_argument("--limit-test", type=int, metavar="N", help="AUROC on N test photos spread over the split")
+    parser.add_argument("--no-auroc", action="store_true", help="skip the test-split evaluation")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 16, 32], metavar="B")
+    parser.add_argument("--throughput-images", type=int, default=64, metavar="N", help="images timed per batch size")
+    parser.add_argument("--latency-runs", type=int, default=50, metavar="N", help="timed batch-1 predictions")
+    parser.add_argument("--warmup", type=int, default=5, metavar="N", help="untimed predictions before timing")
+    parser.add_argument("--profile", action="store_true", help=f"also cProfile a fit; print the top {PROFILE_TOP}")
+    parser.add_argument("--json-out", type=Path, help="default outputs/benchmark_<backbone>.json")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars, only the table")
+    parser.add_argument("--_phase", choices=PHASES, help=argparse.SUPPRESS)
+    parser.add_argument("--_workdir", type=Path, help=argparse.SUPPRESS)
+    add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    for name in ("limit_train", "limit_test", "throughput_images", "latency_runs"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.warmup < 0 or any(size < 1 for size in args.batch_sizes):
+        parser.error("--warmup must be >= 0 and every batch size >= 1")
+    return args
+
+
+def settings(args: argparse.Namespace) -> Config:
+    name = args.data_dir.resolve().name
+    return config_from_args(args, name if name in CATEGORY_DEFAULTS else "custom")
+
+
+def fit_paths(args: argparse.Namespace) -> list[Path]:
+    paths = train_images(args.data_dir)
+    return paths[: args.limit_train] if args.limit_train else paths
+
+
+def spread(items: Sequence[Any], n: int | None) -> list[Any]:
+    """``n`` items evenly spread over the list (all of them when n is None or large enough)."""
+    if n is None or n >= len(items):
+        return list(items)
+    return [items[i] for i in np.linspace(0, len(items) - 1, n).round().astype(int)]
+
+
+def make_extractor(config: Config, random_weights: bool):
+    from models.feature_extractor import FeatureExtractor
+
+    return FeatureExtractor(config, pretrained=not random_weights)
+
+
+def attach_extractor(model: Any, extractor: Any) -> None:
+    """Give the model a ready extractor (so its build is timed apart from the fit)."""
+    model._extractor = extractor
+    model.weights_identity = extractor.weights_identity
+
+
+def cuda_sync(device: Any) -> Callable[[], None]:
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def gpu_peak_mib(device: Any) -> float | None:
+    import torch
+
+    if getattr(device, "type", str(device)) != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile(
+        "w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False, encoding="utf-8"
+    )
+    try:
+        with handle:
+            json.dump(data, handle, indent=2, default=str)
+            handle.write("\n")
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+
+
+# ============================================================================ child phases
+def phase_fit(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """Fit once, split into stages; save the model for the inference phase and measure its file."""
+    config = settings(args)
+    paths = fit_paths(args)
+    from models.patchcore import PatchCore
+
+    baseline = memory_status_mib()  # interpreter + torch, faiss, OpenCV imported
+
+    start = time.perf_counter()
+    extractor = make_extractor(config, args.random_weights)
+    backbone_seconds = time.perf_counter() - start
+    model = PatchCore(config)
+    attach_extractor(model, extractor)
+
+    timer, threads = StageTimer(cuda_sync(extractor.device)), ThreadSums()
+    with instrument(timer, threads, CALIBRATION):
+        start = time.perf_counter()
+        model.fit(paths, progress=not args.quiet)
+        fit_seconds = time.perf_counter() - start
+    peak = memory_status_mib()["VmHWM"]
+
+    model_path = workdir / "model.pkl"
+    start = time.perf_counter()
+    model.save(model_path)
+    save_seconds = time.perf_counter() - start
+    bank = model.memory_bank
+    return {
+        "device": str(extractor.device),
+        "knn_index": f"faiss {type(model.index).__name__}",
+        "weights_identity": model.weights_identity,
+        "n_train_images": len(paths),
+        "n_bank_images": model.n_train,
+        "n_calibration_images": int(model.calibration_scores.size),
+        "backbone_load_s": backbone_seconds,
+        "fit_total_s": fit_seconds,
+        "stages": fit_stages(timer, fit_seconds),
+        "thread_summed_s": dict(threads.seconds),
+        "memory_bank_patches": int(bank.shape[0]),
+        "memory_bank_dims": int(bank.shape[1]),
+        "memory_bank_mib": bank.nbytes / 2**20,
+        "model_file_mib": model_path.stat().st_size / 2**20,
+        "model_save_s": save_seconds,
+        "threshold": model.threshold,
+        "rss_baseline_mib": baseline.get("VmRSS"),
+        "rss_peak_mib": peak,
+        "gpu_peak_mib": gpu_peak_mib(extractor.device),
+    }
+
+
+def phase_profile(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """A second fit under cProfile (kept apart so that the timed figures carry no profiler overhead)."""
+    config = settings(args)
+    paths = fit_paths(args)
+    from models.patchcore import PatchCore
+
+    import models.patchcore as patchcore
+
+    model = PatchCore(config)
+    attach_extractor(model, make_extractor(config, args.random_weights))
+    # cProfile sees one thread only: the photos decoded and preprocessed on the pool get a
+    # profiler per worker thread, merged and listed apart from the main thread's.
+    workers: list[cProfile.Profile] = []
+    local, lock = threading.local(), threading.Lock()
+
+    def profiled(function: Callable) -> Callable:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            if threading.current_thread() is threading.main_thread():
+                return function(*args, **kwargs)
+            if not hasattr(local, "profiler"):
+                local.profiler = cProfile.Profile()
+                with lock:
+                    workers.append(local.profiler)
+            local.profiler.enable()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                local.profiler.disable()
+
+        return run
+
+    saved = patchcore.read_image, patchcore.preprocess
+    patchcore.read_image, patchcore.preprocess = profiled(saved[0]), profiled(saved[1])
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    try:
+        profiler.enable()
+        model.fit(paths, progress=not args.quiet)
+        profiler.disable()
+    finally:
+        patchcore.read_image, patchcore.preprocess = saved
+    seconds = time.perf_counter() - start
+    profiler.dump_stats(str(workdir / "fit.prof"))
+    figures = {"fit_under_profiler_s": seconds, "top_cumulative": top_functions(profiler, PROFILE_TOP)}
+    if workers:
+        pool_stats = pstats.Stats(workers[0])
+        for extra in workers[1:]:
+            pool_stats.add(extra)
+        figures["pool_threads"] = len(workers)
+        figures["pool_top_cumulative"] = top_functions(pool_stats, PROFILE_POOL_TOP)
+    return figures
+
+
+def top_functions(source: cProfile.Profile | pstats.Stats, count: int) -> str:
+    text = io.StringIO()
+    stats = pstats.Stats(source, stream=text) if isinstance(source, cProfile.Profile) else source
+    stats.stream = text
+    stats.strip_dirs().sort_stats("cumulative").print_stats(count)
+    body = text.getvalue()
+    return body[body.find("   ncalls") :] if "   ncalls" in body else body  # drop the file-list preamble
+
+
+def evaluation_split(args: argparse.Namespace) -> tuple[list[LabelledImage], str | None]:
+    """The labelled test photos to evaluate, or none with the reason."""
+    if args.no_auroc:
+        return [], "skipped (--no-auroc)"
+    samples = load_test_split(args.data_dir)
+    if not samples:
+        return [], f"skipped: {args.data_dir} has no test split (expected {args.data_dir / 'test'}/<kind>/ images)"
+    samples = spread(samples, args.limit_test)
+    kinds = {sample.is_defective for sample in samples}
+    if len(kinds) < 2:
+        which = "defective" if True in kinds else "healthy"
+        return [], f"skipped: the test photos evaluated are all {which}; AUROC needs both"
+    return samples, None
+
+
+def latency_breakdown(timer: StageTimer) -> dict[str, float]:
+    return {
+        "preprocess": timer.leaf(LOAD),
+        "features": timer.leaf(FEATURES),
+        "knn_score_map": timer.totals.get((PREDICT,), 0.0),
+    }
+
+
+def phase_infer(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """Load the fitted model; batch-1 latency, throughput per batch size, peaks; then AUROC."""
+    from models.patchcore import PatchCore
+
+    result: dict[str, Any] = {}
+    start = time.perf_counter()
+    model = PatchCore.load(workdir / "model.pkl")
+    result["model_load_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    attach_extractor(model, make_extractor(model.config, args.random_weights))
+    result["backbone_load_s"] = time.perf_counter() - start
+    device = model._extractor.device
+    base_config = model.config
+
+    samples, auroc_note = evaluation_split(args)
+    source = [sample.path for sample in load_test_split(args.data_dir)] or fit_paths(args)
+    largest = max(args.batch_sizes)
+    chosen = spread(source, max(LATENCY_POOL, largest))
+    result["inference_photo_size"] = None
+
+    def decode(paths: Sequence[Path]) -> list[np.ndarray]:
+        return [read_image(path) for path in paths]
+
+    timer, threads = StageTimer(cuda_sync(device)), ThreadSums()
+    with instrument(timer, threads, PREDICT):
+        # ---- batch-1 latency, from decoded arrays
+        pool = decode(spread(chosen, LATENCY_POOL))
+        result["inference_photo_size"] = list(pool[0].shape)
+        result["rss_peak_reset"] = reset_peak_rss()  # from here on, peaks of inference alone
+        for i in range(args.warmup):
+            model.predict([pool[i % len(pool)]])
+        timer.reset()
+        latencies, parts = [], defaultdict(list)
+        for i in tqdm(range(args.latency_runs), desc="latency, batch 1", unit="run", disable=args.quiet, leave=False):
+            timer.reset()
+            begin = time.perf_counter()
+            model.predict([pool[i % len(pool)]])
+            latencies.append(time.perf_counter() - begin)
+            for name, seconds in latency_breakdown(timer).items():
+                parts[name].append(seconds)
+        result["rss_peak_batch1_mib"] = memory_status_mib()["VmHWM"]
+        result["latency_ms"] = {
+            "runs": len(latencies),
+            "warmup": args.warmup,
+            "median": 1000 * float(np.median(latencies)),
+            "p95": 1000 * float(np.percentile(latencies, 95)),
+            "min": 1000 * float(np.min(latencies)),
+            "mean": 1000 * float(np.mean(latencies)),
+            "median_parts": {name: 1000 * float(np.median(values)) for name, values in parts.items()},
+        }
+
+        # ---- throughput per batch size (each predict call is one batch; results dropped at once)
+        arrays = decode(chosen)
+        throughput = {}
+        sizes = sorted(set(args.batch_sizes))
+        for size in tqdm(sizes, desc="throughput", unit="batch size", disable=args.quiet, leave=False):
+            model.config = base_config.replace(batch_size=size)
+            n_batches = max(1, math.ceil(args.throughput_images / size))
+            batches = [[arrays[(b * size + j) % len(arrays)] for j in range(size)] for b in range(n_batches + 1)]
+            model.predict(batches[0])  # warm-up at this shape
+            batch_seconds = []
+            for batch in batches[1:]:
+                begin = time.perf_counter()
+                model.predict(batch)
+                batch_seconds.append(time.perf_counter() - begin)
+            seconds = float(np.sum(batch_seconds))
+            throughput[str(size)] = {
+                "images": n_batches * size,
+                "seconds": seconds,
+                "images_per_s": n_batches * size / seconds,
+                "ms_per_batch": 1000 * seconds / n_batches,
+                # robust to other load on the machine: from the median batch time
+                "images_per_s_median_batch": size / float(np.median(batch_seconds)),
+            }
+        model.config = base_config
+        del arrays
+        best = max(throughput, key=lambda key: throughput[key]["images_per_s"])
+        result["throughput"] = throughput
+        result["best_batch_size"] = int(best)
+        result["rss_peak_mib"] = memory_status_mib()["VmHWM"]
+        result["gpu_peak_mib"] = gpu_peak_mib(device)
+
+    # ---- accuracy (after the memory figures; photos decoded batch by batch, only scores kept)
+    result["auroc_note"] = auroc_note
+    result["image_auroc"] = None
+    if samples:
+        from sklearn.metrics import roc_auc_score
+
+        start = time.perf_counter()
+        scores: list[float] = []
+        size = base_config.batch_size
+        for offset in tqdm(
+            range(0, len(samples), size), desc="test split", unit="batch", disable=args.quiet, leave=False
+        ):
+            chunk = [sample.path for sample in samples[offset : offset + size]]
+            scores.extend(prediction.score for prediction in model.predict(chunk))
+        labels = [sample.is_defective for sample in samples]
+        result["image_auroc"] = float(roc_auc_score(labels, scores))
+        result["n_test_images"] = len(samples)
+        result["n_test_defective"] = int(sum(labels))
+        result["eval_s"] = time.perf_counter() - start
+    return result
+
+
+PHASE_FUNCTIONS = {"fit": phase_fit, "infer": phase_infer, "profile": phase_profile}
+
+
+def run_phase(args: argparse.Namespace) -> int:
+    """Child process entry: run one phase, write its figures to <workdir>/<phase>.json."""
+    figures = PHASE_FUNCTIONS[args._phase](args, args._workdir)
+    write_json_atomic(args._workdir / f"{args._phase}.json", figures)
+    return 0
+
+
+def spawn(phase: str, argv: list[str], workdir: Path) -> dict[str, Any]:
+    """Run one phase in a fresh interpreter (its peak memory is its own) and read its figures."""
+    command = [sys.executable, str(Path(__file__).resolve()), *argv, "--_phase", phase, "--_workdir", str(workdir)]
+    completed = subprocess.run(command, stdin=subprocess.DEVNULL)
+    if completed.returncode != 0:
+        hint = ""
+        if "--random-weights" not in argv:
+            hint = " (backbone weights not available offline? --random-weights gives timing-only figures)"
+        fail(f"the {phase} phase failed (exit code {completed.returncode}); its error is printed above{hint}")
+    with open(workdir / f"{phase}.json", encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+# ============================================================================ report
+def seconds_text(seconds: float, total: float | None = None) -> str:
+    text = f"{seconds:.3f} s" if seconds < 10 else f"{seconds:.1f} s"
+    if total:
+        text += f"  ({100 * seconds / total:.0f}%)"
+    return text
+
+
+def format_table(rows: Sequence[tuple[str, str]], title: str = "stage / figure") -> str:
+    """Two aligned columns; a row whose value is None-like ('') with a name ending ':' is a heading."""
+    width = max([len(title), *(len(name) for name, _ in rows)])
+    lines = [f"{title:<{width}} | value", f"{'-' * width}-+-{'-' * 30}"]
+    for name, value in rows:
+        lines.append(f"{name:<{width}} | {value}" if value != "" else f"{name}")
+    return "\n".join(lines)
+
+
+def table_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
+    fit, infer, machine = report["fit"], report["inference"], report["machine"]
+    stages, total = fit["stages"], fit["fit_total_s"]
+    threads = fit["thread_summed_s"]
+    weights = " [RANDOM WEIGHTS: timing only]" if report["random_weights"] else ""
+    config = report["config"]
+    load = machine.get("load_average_start")
+    load_text = f"{load[0]:.2f} / {machine['load_average_end'][0]:.2f}" if load else "n/a"
+    rows: list[tuple[str, str]] = [
+        ("backbone", f"{report['config']['backbone']}{weights}"),
+        ("device", f"{fit['device']}; kNN {fit['knn_index']}"),
+        (
+            "machine",
+            f"{machine['cpu_model']}, {machine['cpu_cores_usable']} cores, torch {machine['torch']} "
+            f"({machine['torch_threads']} threads), faiss {machine['faiss']}, GPU {machine['gpu'] or 'none'}",
+        ),
+        ("load average (1 min) start / end", load_text),
+        ("image size / coreset ratio", f"{config['image_size']} px / {config['coreset_sampling_ratio']}"),
+        ("FIT:", ""),
+        (
+            "  photos",
+            f"{fit['n_train_images']} ({fit['n_bank_images']} memory bank + {fit['n_calibration_images']} calibration)",
+        ),
+        ("  backbone build (not in fit total)", seconds_text(fit["backbone_load_s"])),
+        ("  image loading + preprocessing", seconds_text(stages["load_preprocess_s"], total)),
+        (
+            "    thread-summed decode / preprocess",
+            f"{threads.get('decode', 0):.2f} s / {threads.get('preprocess', 0):.2f} s (all photos, incl. calibration)",
+        ),
+        ("  feature extraction", seconds_text(stages["feature_extraction_s"], total)),
+        ("  coreset", seconds_text(stages["coreset_s"], total)),
+        ("    of which greedy k-center", f"{stages['coreset_greedy_s']:.3f} s in {stages['coreset_chunks']} chunk(s)"),
+        ("  index build", seconds_text(stages["index_build_s"], total)),
+        ("  calibration (held-out photos)", seconds_text(stages["calibration_s"], total)),
+        (
+            "    load+prep / features / kNN+score+map",
+            f"{stages['calibration_load_preprocess_s']:.3f} / {stages['calibration_features_s']:.3f} / "
+            f"{stages['calibration_knn_score_map_s']:.3f} s",
+        ),
+        ("  other (fit bookkeeping)", seconds_text(stages["other_s"], total)),
+        ("  fit total", seconds_text(total)),
+        (
+            "  memory bank",
+            f"{fit['memory_bank_patches']} patches x {fit['memory_bank_dims']} dims ({fit['memory_bank_mib']:.1f} MiB)",
+        ),
+        ("  model file", f"{fit['model_file_mib']:.1f} MiB (saved in {1000 * fit['model_save_s']:.0f} ms)"),
+        ("  peak RSS (fit process)", f"{fit['rss_peak_mib']:.0f} MiB (imports {fit['rss_baseline_mib']:.0f} MiB)"),
+    ]
+    if fit.get("gpu_peak_mib") is not None:
+        rows.append(("  peak GPU memory (fit)", f"{fit['gpu_peak_mib']:.0f} MiB"))
+    latency = infer["latency_ms"]
+    parts = latency["median_parts"]
+    rows += [
+        ("INFERENCE (from decoded RGB arrays):", ""),
+        ("  photo size", "x".join(str(v) for v in infer["inference_photo_size"])),
+        ("  model load / backbone build", f"{infer['model_load_s']:.3f} s / {infer['backbone_load_s']:.3f} s"),
+        (
+            "  latency, batch 1, median / p95",
+            f"{latency['median']:.1f} ms / {latency['p95']:.1f} ms  "
+            f"({latency['runs']} runs after {latency['warmup']} warm-up)",
+        ),
+        (
+            "    median preprocess / features / kNN+score+map",
+            f"{parts['preprocess']:.1f} / {parts['features']:.1f} / {parts['knn_score_map']:.1f} ms",
+        ),
+    ]
+    for size, figures in infer["throughput"].items():
+        value = (
+            f"{figures['images_per_s']:.2f} images/s ({figures['ms_per_batch']:.0f} ms/batch; "
+            f"median batch: {figures['images_per_s_median_batch']:.2f} images/s)"
+        )
+        rows.append((f"  throughput, batch {size}", value))
+    best = infer["best_batch_size"]
+    rows += [
+        ("  best throughput", f"{infer['throughput'][str(best)]['images_per_s']:.2f} images/s at batch {best}"),
+        ("  peak RSS, batch-1 latency", f"{infer['rss_peak_batch1_mib']:.0f} MiB"),
+        (f"  peak RSS, batch sweep (<= {max(map(int, infer['throughput']))})", f"{infer['rss_peak_mib']:.0f} MiB"),
+    ]
+    if infer.get("gpu_peak_mib") is not None:
+        rows.append(("  peak GPU memory (inference)", f"{infer['gpu_peak_mib']:.0f} MiB"))
+    rows.append(("ACCURACY:", ""))
+    if infer["image_auroc"] is not None:
+        caveat = "  [random weights: meaningless]" if report["random_weights"] else ""
+        rows.append(
+            (
+                "  image AUROC (test split)",
+                f"{infer['image_auroc']:.4f} on {infer['n_test_images']} photos "
+                f"({infer['n_test_defective']} defective; {infer['eval_s']:.1f} s){caveat}",
+            )
+        )
+    else:
+        rows.append(("  image AUROC (test split)", infer["auroc_note"]))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args._phase:
+        return run_phase(args)
+
+    config = settings(args)  # validate settings and data before starting children
+    paths = fit_paths(args)
+    if len(paths) < 2:
+        fail(f"{args.data_dir}: fitting needs at least 2 healthy photos, found {len(paths)}")
+    json_out = args.json_out or ROOT / "outputs" / f"benchmark_{config.backbone}.json"
+    _, note = evaluation_split(args)
+    if note and not args.quiet:
+        print(f"note: image AUROC {note}", file=sys.stderr)
+    if args.random_weights and not args.quiet:
+        print("note: --random-weights: timings are real, accuracy figures are meaningless", file=sys.stderr)
+
+    machine = machine_info()
+    if config.device == "cuda" and not machine["gpu"]:
+        fail("--device cuda was asked for but PyTorch sees no CUDA GPU")
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    with tempfile.TemporaryDirectory(prefix="patchcore_benchmark_") as workdir:
+        fit = spawn("fit", argv, Path(workdir))
+        inference = spawn("infer", argv, Path(workdir))
+        profile = spawn("profile", argv, Path(workdir)) if args.profile else None
+        if profile:
+            prof_path = json_out.with_suffix(".prof")
+            prof_path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(Path(workdir) / "fit.prof"), str(prof_path))
+            profile["stats_file"] = str(prof_path)
+    machine["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+    report = {
+        "started": started,
+        "data_dir": str(args.data_dir.resolve()),
+        "random_weights": args.random_weights,
+        "timing_only": args.random_weights,
+        "config": config.to_dict(),
+        "limit_train": args.limit_train,
+        "machine": machine,
+        "device": fit["device"],
+        "fit": fit,
+        "inference": inference,
+        "profile": profile,
+    }
+    write_json_atomic(json_out, report)
+
+    print(f"PatchCore benchmark: {args.data_dir}")
+    print(format_table(table_rows(report)))
+    load = machine.get("load_average_start")
+    if load and max(load[0], machine["load_average_end"][0]) > machine["cpu_cores_usable"]:
+        cores = machine["cpu_cores_usable"]
+        print(f"warning: the machine was busy (load average above {cores} cores): timings are noisy")
+    if profile:
+        print(
+            f"\ncProfile of a separate fit ({profile['fit_under_profiler_s']:.1f} s under the profiler), main thread "
+            f"(the pool's decode/preprocess work shows here as waiting), top {PROFILE_TOP} by cumulative time:"
+        )
+        print(profile["top_cumulative"].rstrip())
+        if profile.get("pool_top_cumulative"):
+            print(f"\npreprocessing pool ({profile['pool_threads']} worker threads, seconds summed over threads), "
+                  f"top {PROFILE_POOL_TOP} by cumulative time:")
+            print(profile["pool_top_cumulative"].rstrip())
+        print(f"profile data: {profile['stats_file']}")
+    print(f"figures: {json_out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
