@@ -69,3 +69,18 @@ def test_missing_model_file_is_a_one_line_error(tmp_path):
     from config import run_cli
 
     assert run_cli(lambda: inference.main(["--model", str(tmp_path / "none.pkl"), "--image", "x.png"])) == 2
+
+
+def test_evaluating_a_saved_model_repeats_the_fit_time_numbers(fitted_model, model_file, small_screw_dir, tmp_path, capsys):
+    from evaluation.report import evaluate
+
+    at_fit = evaluate(fitted_model, small_screw_dir, tmp_path / "fit", quiet=True)
+    code, out, _ = run(
+        ["--model", str(model_file), "--dir", str(small_screw_dir), "--evaluate", "--json", "--quiet",
+         "--output-dir", str(tmp_path / "saved")], capsys
+    )
+    assert code == 0
+    from_file = json.loads(out)
+    for key in ("image_auroc", "image_ap", "pixel_auroc", "aupro", "per_defect_auroc", "threshold", "n_test"):
+        assert from_file[key] == at_fit[key], key
+    assert (tmp_path / "saved" / "report.html").is_file()
