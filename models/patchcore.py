@@ -12,8 +12,9 @@ import pickle
 import platform
 import tempfile
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -197,17 +198,32 @@ class PatchCore:
     def _batches(
         self, images: Sequence[str | Path | np.ndarray], progress: bool, description: str
     ) -> Iterator[list[Preprocessed]]:
-        """Preprocessed images in batches; decoding and OpenCV steps run on a thread pool."""
+        """Preprocessed images in batches; decoding and OpenCV steps run on a thread pool.
+
+        The next batch is prepared while the caller runs the backbone on the current one, and no
+        more than two batches are ever in flight, so memory does not grow with the image count.
+        """
 
         def prepare(image: str | Path | np.ndarray) -> Preprocessed:
             return preprocess(read_image(image) if isinstance(image, (str, Path)) else image, self.config)
 
         size = self.config.batch_size
+        starts = iter(range(0, len(images), size))
         with ThreadPoolExecutor(max_workers=max(1, self.config.num_workers)) as pool, tqdm(
             total=len(images), desc=description, unit="img", disable=not progress, leave=False
         ) as bar:
-            for start in range(0, len(images), size):
-                batch = list(pool.map(prepare, images[start : start + size]))
+
+            def submit_next() -> None:
+                start = next(starts, None)
+                if start is not None:
+                    in_flight.append([pool.submit(prepare, image) for image in images[start : start + size]])
+
+            in_flight: deque[list[Future[Preprocessed]]] = deque()
+            submit_next()
+            while in_flight:
+                futures = in_flight.popleft()
+                submit_next()
+                batch = [future.result() for future in futures]
                 yield batch
                 bar.update(len(batch))
 
