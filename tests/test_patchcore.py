@@ -93,3 +93,13 @@ def test_wrong_format_version_and_truncated_files_are_clear_errors(fitted_model,
         PatchCore.load(old)
     with pytest.raises(ModelFileError, match="not found"):
         PatchCore.load(tmp_path / "missing.pkl")
+
+
+def test_ivf_index_finds_nearly_the_same_neighbours(fitted_model):
+    approximate = PatchCore(fitted_model.config.replace(knn_index="ivf", ivf_nprobe=16))
+    approximate.memory_bank = fitted_model.memory_bank
+    queries = fitted_model.memory_bank[::7] + 0.01
+    _, exact_ids = fitted_model.index.search(queries, 1)
+    _, ivf_ids = approximate.index.search(queries, 1)
+    assert approximate.index.ntotal == len(fitted_model.memory_bank)
+    assert np.mean(exact_ids == ivf_ids) > 0.9
