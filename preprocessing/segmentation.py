@@ -75,16 +75,18 @@ def segment_object(image: np.ndarray) -> Segmentation:
     """Mask of the single part in an 8-bit RGB photo, or None plus a warning saying why not."""
     height, width = image.shape[:2]
     scale = min(1.0, WORKING_SIDE / max(height, width))
-    small = cv2.resize(image, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA)
+    working_size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    small = cv2.resize(image, working_size, interpolation=cv2.INTER_AREA)
     gray = cv2.GaussianBlur(cv2.cvtColor(small, cv2.COLOR_RGB2GRAY), (5, 5), 0)
     if int(gray.max()) - int(gray.min()) < MIN_CONTRAST:
-        return Segmentation(None, ["no object found: the photo has no contrast (blank frame?); using the whole image"])
+        return Segmentation(None, ["no object found: the photo has no contrast (blank frame?); using whole image"])
     found = largest_object(clean_mask(threshold_object(flatten_illumination(gray))))
     fraction = float(found.mean()) if found is not None else 0.0
     if found is None or fraction < MIN_OBJECT_FRACTION:
         return Segmentation(None, ["no object found by thresholding; using the whole image"])
     if fraction > MAX_OBJECT_FRACTION:
-        return Segmentation(None, [f"object mask covers {fraction:.0%} of the photo (background?); using the whole image"])
+        warning = f"object mask covers {fraction:.0%} of the photo (background?); using the whole image"
+        return Segmentation(None, [warning])
     if touches_border(found):
         return Segmentation(None, ["object touches the image border (may be cut off); using the whole image"])
     mask = cv2.resize(found.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0

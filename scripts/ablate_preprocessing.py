@@ -13,6 +13,7 @@ to 256x256 to bound memory. The table is printed and written to outputs/ablation
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from config import CATEGORY_DEFAULTS, Config  # noqa: E402
 from models.patchcore import PatchCore  # noqa: E402
-from preprocessing.io import LabelledImage, read_image, read_mask, load_test_split, train_images  # noqa: E402
+from preprocessing.io import LabelledImage, load_test_split, read_image, read_mask, train_images  # noqa: E402
 
 EVAL_SIDE = 256  # maps and masks are compared at this size
 STEP_FLAGS = (
@@ -46,12 +47,15 @@ def variants(category: str) -> dict[str, dict[str, Any]]:
     """Name -> config overrides of every row of the table."""
     rows: dict[str, dict[str, Any]] = {"pipeline off": {"preprocess": False}, "all steps on": {}}
     rows.update({f"without {flag}": {flag: False} for flag in STEP_FLAGS})
-    if CATEGORY_DEFAULTS.get(category):
+    if CATEGORY_DEFAULTS.get(category):  # and the same model without the pipeline, for a fair baseline
         rows[f"{category} defaults"] = dict(CATEGORY_DEFAULTS[category])
+        rows[f"{category} defaults, pipeline off"] = {**CATEGORY_DEFAULTS[category], "preprocess": False}
     return rows
 
 
-def evaluate(config: Config, train: list[Path], samples: list[LabelledImage], chunk: int = 16) -> dict[str, float]:
+def evaluate(
+    config: Config, train: list[Path], samples: list[LabelledImage], chunk: int = 16
+) -> dict[str, float]:
     """Fit on the healthy photos, score the test set; image AUROC, pixel AUROC, seconds."""
     start = time.perf_counter()
     model = PatchCore(config)
@@ -66,9 +70,10 @@ def evaluate(config: Config, train: list[Path], samples: list[LabelledImage], ch
             shrunk = cv2.resize(truth.astype(np.float32), (EVAL_SIDE, EVAL_SIDE), interpolation=cv2.INTER_AREA)
             masks.append(shrunk >= 0.5)
     labels = [s.is_defective for s in samples]
+    pixel_labels, pixel_scores = np.concatenate([m.ravel() for m in masks]), np.concatenate([m.ravel() for m in maps])
     return {
         "image_auroc": float(roc_auc_score(labels, scores)),
-        "pixel_auroc": float(roc_auc_score(np.concatenate([m.ravel() for m in masks]), np.concatenate([m.ravel() for m in maps]))),
+        "pixel_auroc": float(roc_auc_score(pixel_labels, pixel_scores)),
         "seconds": time.perf_counter() - start,
     }
 
@@ -96,6 +101,9 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", help="run only these rows (names as printed)")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="extra config for every row")
     parser.add_argument("--output-dir", default=str(Path(__file__).resolve().parents[1] / "outputs"))
+    parser.add_argument(
+        "--update", action="store_true", help="keep the other rows of an earlier run with the same settings"
+    )
     args = parser.parse_args()
 
     category = args.category or Path(args.data_dir).resolve().name
@@ -109,22 +117,28 @@ def main() -> None:
         rows = {name: rows[name] for name in args.variants}
 
     train, samples = train_images(args.data_dir), load_test_split(args.data_dir)
-    results: dict[str, dict[str, float]] = {}
-    for name, overrides in rows.items():
-        results[name] = evaluate(base.replace(**overrides), train, samples)
-        print(f"{name}: {results[name]}", flush=True)
-
     settings = (
         f"Category `{category}`, backbone `{args.backbone}`, coreset sampling ratio {args.coreset_sampling_ratio}, "
         f"image size {base.image_size}, {len(train)} healthy training photos, {len(samples)} test photos"
         + (f", extra settings {common}" if common else "")
         + "."
     )
+    output = Path(args.output_dir) / f"ablation_{category}.md"
+    record = output.with_suffix(".json")  # the rows as data, so that --update can re-run a few
+    results: dict[str, dict[str, float]] = {}
+    if args.update and record.is_file():
+        earlier = json.loads(record.read_text(encoding="utf-8"))
+        if earlier["settings"] == settings:
+            results = earlier["results"]
+    for name, overrides in rows.items():
+        results[name] = evaluate(base.replace(**overrides), train, samples)
+        print(f"{name}: {results[name]}", flush=True)
+
     table = markdown_table(results, settings)
     print(table)
-    output = Path(args.output_dir) / f"ablation_{category}.md"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(table, encoding="utf-8")
+    record.write_text(json.dumps({"settings": settings, "results": results}, indent=1), encoding="utf-8")
     print(f"written to {output}")
 
 

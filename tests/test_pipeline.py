@@ -14,6 +14,16 @@ from preprocessing.pipeline import preprocess, preview_steps, save_preview_sheet
 from preprocessing.registration import warp_image
 
 SIZE = 128
+STEP_FLAGS = (
+    "white_balance",
+    "inpaint_specular",
+    "clahe",
+    "segment",
+    "crop",
+    "align_rotation",
+    "normalize_scale",
+    "zero_background",
+)
 CONFIG = Config(image_size=SIZE)
 DEFECT = (70.0, 0.0)  # on the shaft, towards the tip, in screw coordinates (head at -x)
 
@@ -99,8 +109,9 @@ def test_anomaly_peak_maps_back_onto_the_defect(angle: int) -> None:
 def hexagon_photo(angle_deg: float, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     canvas = np.full((300, 300), 60, np.uint8)  # light nut on dark felt
-    corners = [(150 + 90 * math.cos(math.radians(angle_deg + 60 * k)), 150 + 90 * math.sin(math.radians(angle_deg + 60 * k))) for k in range(6)]
-    cv2.fillPoly(canvas, [np.array(corners).round().astype(np.int32)], 190)
+    turns = np.radians(angle_deg + 60 * np.arange(6))
+    corners = np.stack([150 + 90 * np.cos(turns), 150 + 90 * np.sin(turns)], axis=1)
+    cv2.fillPoly(canvas, [corners.round().astype(np.int32)], 190)
     cv2.circle(canvas, (150, 150), 40, 60, -1)
     noisy = np.clip(canvas + rng.normal(0, 6, canvas.shape), 0, 255).astype(np.uint8)
     return cv2.cvtColor(noisy, cv2.COLOR_GRAY2RGB)
@@ -145,8 +156,7 @@ def test_every_step_can_be_switched_off() -> None:
     photo, defect = screw_photo(45)
     plain = preprocess(photo, CONFIG.replace(preprocess=False))
     assert plain.mask.all() and np.allclose(map_point(plain.transform, (0, 0)), (SIZE / 360 * 0.5 - 0.5,) * 2)
-    flags = ["white_balance", "inpaint_specular", "clahe", "segment", "crop", "align_rotation", "normalize_scale", "zero_background"]
-    for flag in flags:
+    for flag in STEP_FLAGS:
         result = preprocess(photo, CONFIG.replace(**{flag: False}))
         assert result.image.shape == (SIZE, SIZE, 3) and not result.warnings, flag
     unzeroed = preprocess(photo, CONFIG.replace(zero_background=False))
