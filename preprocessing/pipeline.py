@@ -75,14 +75,14 @@ def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
     return cv2.dilate(mask.astype(np.uint8), kernel) > 0
 
 
-def _run(image: np.ndarray, config: Config, record: Callable[[str, np.ndarray], None]) -> Preprocessed:
-    """The pipeline proper; ``record`` receives every intermediate image (a no-op unless previewing)."""
+def _run(image: np.ndarray, config: Config, record: Callable[[str, Callable[[], np.ndarray]], None]) -> Preprocessed:
+    """The pipeline proper; ``record`` receives a maker of every intermediate image, called only for previews."""
     size = config.image_size
     height, width = image.shape[:2]
-    record("0 original", image)
+    record("0 original", lambda: image)
     if not config.preprocess:
         resized = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
-        record("plain resize", resized)
+        record("plain resize", lambda: resized)
         full = np.ones((size, size), dtype=bool)
         return Preprocessed(resized, resize_transform((height, width), size), full, (height, width))
 
@@ -93,14 +93,14 @@ def _run(image: np.ndarray, config: Config, record: Callable[[str, np.ndarray], 
             result = step(lit, config)
             lit = result.image
             warnings.extend(result.warnings)
-            record(label, lit)
+            record(label, lambda: lit)
 
     object_mask = None
     if config.segment:
         segmentation = segment_object(lit)
         object_mask = segmentation.mask
         warnings.extend(segmentation.warnings)
-        record("4 object mask", _overlay(lit, object_mask))
+        record("4 object mask", lambda: _overlay(lit, object_mask))
 
     use_object = config.crop and object_mask is not None
     angle = 0.0
@@ -113,9 +113,9 @@ def _run(image: np.ndarray, config: Config, record: Callable[[str, np.ndarray], 
         config.crop_padding if use_object else 0.0,
         keep_aspect=config.normalize_scale,
     )
-    record("5-7 crop, rotation, scale (frame)", _draw_frame(lit, matrix, size))
+    record("5-7 crop, rotation, scale (frame)", lambda: _draw_frame(lit, matrix, size))
     model_image = warp_image(lit, matrix, size)
-    record("5-7 model input", model_image)
+    record("5-7 model input", lambda: model_image)
 
     if object_mask is None:
         model_mask = np.ones((size, size), dtype=bool)
@@ -123,19 +123,19 @@ def _run(image: np.ndarray, config: Config, record: Callable[[str, np.ndarray], 
         model_mask = dilate(warp_mask(object_mask, matrix, size), config.mask_dilation)
         if config.zero_background:
             model_image = np.where(model_mask[..., None], model_image, 0).astype(np.uint8)
-            record("8 background zeroed", model_image)
+            record("8 background zeroed", lambda: model_image)
     return Preprocessed(model_image, matrix, model_mask, (height, width), warnings)
 
 
 def preprocess(image: np.ndarray, config: Config) -> Preprocessed:
     """Run the configured steps on one 8-bit RGB photo."""
-    return _run(image, config, lambda label, step_image: None)
+    return _run(image, config, lambda label, make_image: None)
 
 
 def preview_steps(image: np.ndarray, config: Config) -> list[tuple[str, np.ndarray]]:
     """Every intermediate image (labelled, RGB uint8) of one photo, to check the settings by eye."""
     steps: list[tuple[str, np.ndarray]] = []
-    _run(image, config, lambda label, step_image: steps.append((label, step_image)))
+    _run(image, config, lambda label, make_image: steps.append((label, make_image())))
     return steps
 
 

@@ -120,10 +120,25 @@ def warp_image(image: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
     """
     shrink = 1.0 / min(np.linalg.svd(matrix[:2, :2], compute_uv=False))
     sigma = (shrink - 1) / 2
-    source = cv2.GaussianBlur(image, (0, 0), sigma) if sigma > 0.3 else image
+    if sigma > 0.3:
+        # Blur only the part of the photo the output square samples (plus the kernel's reach).
+        x0, y0, x1, y1 = _source_box(matrix, size, image.shape[:2], margin=int(np.ceil(3 * sigma)) + 2)
+        image = cv2.GaussianBlur(image[y0:y1, x0:x1], (0, 0), sigma)
+        matrix = matrix @ np.array([[1.0, 0, x0], [0, 1.0, y0], [0, 0, 1]])
     return cv2.warpAffine(
-        source, matrix[:2], (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101
+        image, matrix[:2], (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101
     )
+
+
+def _source_box(matrix: np.ndarray, size: int, shape: tuple[int, int], margin: int) -> tuple[int, int, int, int]:
+    """Bounding box (x0, y0, x1, y1) in the photo of the output square, grown by ``margin`` and clipped."""
+    corners = np.array([[[-0.5, -0.5], [size - 0.5, -0.5], [size - 0.5, size - 0.5], [-0.5, size - 0.5]]])
+    placed = cv2.perspectiveTransform(corners, np.linalg.inv(matrix))[0]
+    height, width = shape
+    x0, y0 = np.floor(placed.min(axis=0)).astype(int) - margin
+    x1, y1 = np.ceil(placed.max(axis=0)).astype(int) + margin + 1
+    x0, y0 = min(max(x0, 0), width - 1), min(max(y0, 0), height - 1)
+    return x0, y0, max(min(x1, width), x0 + 1), max(min(y1, height), y0 + 1)
 
 
 def warp_mask(mask: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:

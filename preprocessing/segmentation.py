@@ -31,8 +31,11 @@ def flatten_illumination(gray: np.ndarray) -> np.ndarray:
     Without it a dark corner or a soft shadow lands on the object's side of the threshold and joins
     the object to the frame border. The background estimate is a blur far wider than fine detail.
     """
-    sigma = max(gray.shape) / 8
-    background = cv2.GaussianBlur(gray.astype(np.float32), (0, 0), sigma) + 1.0
+    height, width = gray.shape
+    # So smooth a field is estimated as well, and 64x cheaper, on an 8x smaller copy.
+    small = cv2.resize(gray, (max(1, width // 8), max(1, height // 8)), interpolation=cv2.INTER_AREA)
+    blurred = cv2.GaussianBlur(small.astype(np.float32), (0, 0), max(small.shape) / 8)
+    background = cv2.resize(blurred, (width, height), interpolation=cv2.INTER_LINEAR) + 1.0
     flat = gray.astype(np.float32) / background
     return cv2.normalize(flat, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
 
