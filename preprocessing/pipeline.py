@@ -14,7 +14,7 @@ preprocessing never fails on a decodable photo.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 
 from config import Config
+from preprocessing.io import read_image
 from preprocessing.lighting import StepResult, clahe_lab, gray_world, inpaint_specular
 from preprocessing.registration import (
     canonical_rotation,
@@ -153,6 +154,15 @@ def save_preview_sheet(steps: list[tuple[str, np.ndarray]], path: str | Path, ti
     path.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(path), cv2.cvtColor(np.hstack(tiles), cv2.COLOR_RGB2BGR))
     return path
+
+
+def write_preview_sheets(paths: Sequence[Path], config: Config, out_dir: Path, count: int = 8) -> list[Path]:
+    """Preview sheets for an evenly spaced sample of ``count`` photos (the same ones every run)."""
+    step = max(1, len(paths) // count)
+    return [
+        save_preview_sheet(preview_steps(read_image(path), config), out_dir / f"{path.stem}_steps.png")
+        for path in list(paths)[::step][:count]
+    ]
 
 
 def _overlay(image: np.ndarray, mask: np.ndarray | None) -> np.ndarray:

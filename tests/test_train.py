@@ -82,3 +82,12 @@ def test_help_lists_the_settings(flag, tmp_path):
     result = run_train(flag, cwd=tmp_path)
     assert result.returncode == 0
     assert "--coreset-sampling-ratio" in result.stdout and "--weights" in result.stdout
+
+
+def test_preprocess_only_writes_preview_sheets_and_no_model(tmp_path, small_screw_dir):
+    result = run_train("--data-dir", str(small_screw_dir), "--preprocess-only", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    sheets = sorted((tmp_path / "outputs" / "preprocess_preview").glob("*_steps.png"))
+    assert len(sheets) == 8
+    assert "outputs/preprocess_preview" in result.stdout
+    assert not (tmp_path / "saved_models").exists()
