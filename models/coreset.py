@@ -1,20 +1,26 @@
 """Greedy k-center coreset selection (PatchCore, Sec. 3.2), made cheap enough for a 2-core CPU.
 
-The exact greedy loop costs O(N * k * d): for the ~330k patches of the screw set and a 10% coreset
-that is ~33k passes over the whole bank, minutes on a CPU. Distances are therefore computed on a
-fixed, seeded random projection (Johnson-Lindenstrauss keeps them close), and the bank is reduced
-chunk by chunk: each chunk of ``chunk_size`` patches gets its own greedy coreset of the same ratio,
-and the union of those is the memory bank. The cost drops to O(N * ratio * chunk_size * d), each
-chunk fits in the CPU cache, and features can stream through without ever being held all at once,
-so fit memory grows with the memory bank rather than with the training set. Greedy k-center
-solutions compose: each chunk's picks cover that chunk within the greedy guarantee, so the union
-covers the bank almost as well as one global greedy pass (tests/test_coreset.py measures it).
+The exact greedy loop costs O(N * k * d): for the ~300k patches of the screw set and a 10% coreset
+that is ~30k passes over the whole bank, over ten minutes on 2 cores (measured: 687 s). Instead:
+
+- distances are computed on a fixed, seeded random projection to at most 128 dimensions
+  (Johnson-Lindenstrauss keeps them close);
+- the bank is reduced chunk by chunk as features stream in: each chunk of ``chunk_size`` patches
+  gets ``ratio`` of its size in picks, so fit memory grows with the memory bank, not with the
+  training set, and each greedy pass runs over a chunk that fits in the CPU cache;
+- each chunk's greedy pass starts from every patch's distance to the picks already kept (one FAISS
+  search per chunk), so a pattern that earlier chunks cover is not picked again and the picks go
+  to what is new, as the global greedy pass would do.
+
+On screw this takes ~11 s instead of 687 s, and the image AUROC is within run-to-run noise of the
+exact pass (README, Performance); tests/test_coreset.py checks the coverage radius.
 """
 
 from __future__ import annotations
 
 import math
 
+import faiss
 import numpy as np
 import torch
 
@@ -27,18 +33,26 @@ def random_projection(in_dim: int, out_dim: int, seed: int) -> torch.Tensor | No
     return torch.randn(in_dim, out_dim, generator=generator) / math.sqrt(out_dim)
 
 
-def greedy_coreset(points: torch.Tensor, n_select: int, seed: int) -> torch.Tensor:
+def greedy_coreset(
+    points: torch.Tensor, n_select: int, seed: int, covered: torch.Tensor | None = None
+) -> torch.Tensor:
     """Indices of ``n_select`` points picked by exact greedy k-center (farthest point first).
 
-    Memory is O(N): one running vector of each point's distance to its nearest pick.
+    ``covered`` optionally gives each point's squared distance to centres picked earlier (in other
+    chunks): greedy then continues from them instead of starting afresh. Memory is O(N): one running
+    vector of each point's distance to its nearest pick.
     """
     n_points = points.shape[0]
     n_select = min(n_select, n_points)
     squared_norms = (points * points).sum(dim=1)
-    nearest = torch.full((n_points,), float("inf"), device=points.device)
     picks = torch.empty(n_select, dtype=torch.long, device=points.device)
-    generator = torch.Generator().manual_seed(seed)
-    current = torch.randint(n_points, (1,), generator=generator).to(points.device)
+    if covered is None:
+        nearest = torch.full((n_points,), float("inf"), device=points.device)
+        generator = torch.Generator().manual_seed(seed)
+        current = torch.randint(n_points, (1,), generator=generator).to(points.device)
+    else:
+        nearest = covered.clone()
+        current = torch.argmax(nearest).view(1)
     for step in range(n_select):
         picks[step] = current
         centre = points[current]  # (1, d); kept as a tensor so a GPU never waits on the host
@@ -70,6 +84,7 @@ class StreamingCoreset:
         self._pending_count = 0
         self._seen = 0
         self._kept: list[np.ndarray] = []
+        self._kept_index: faiss.IndexFlatL2 | None = None  # projected picks so far
 
     def add(self, features: torch.Tensor) -> None:
         """Take (n, d) features; reduce whenever a full chunk is buffered."""
@@ -96,8 +111,17 @@ class StreamingCoreset:
 
     def _reduce(self, chunk: torch.Tensor) -> None:
         projected = chunk @ self._projection if self._projection is not None else chunk
+        projected_cpu = np.ascontiguousarray(projected.cpu().numpy())
+        covered = None
+        if self._kept_index is None:
+            self._kept_index = faiss.IndexFlatL2(projected.shape[1])
+        else:  # patches like those already kept are not picked again
+            distances, _ = self._kept_index.search(projected_cpu, 1)
+            covered = torch.from_numpy(distances[:, 0]).to(projected.device)
         n_select = max(1, round(self.ratio * chunk.shape[0]))
-        picks = greedy_coreset(projected, n_select, seed=self.seed + self._seen)
+        picks = greedy_coreset(projected, n_select, seed=self.seed + self._seen, covered=covered)
+        picks_cpu = picks.cpu().numpy()
+        self._kept_index.add(projected_cpu[picks_cpu])
         self._kept.append(chunk[picks].cpu().numpy())
-        self.kept_indices.extend((picks + self._seen).tolist())
+        self.kept_indices.extend((picks_cpu + self._seen).tolist())
         self._seen += chunk.shape[0]
