@@ -34,6 +34,7 @@ class Config:
     coreset_sampling_ratio: float = 0.1
     coreset_projection_dim: int = 128
     coreset_chunk_size: int = 4096  # patches per greedy chunk; bounds fit memory and time
+    object_patches_only: bool = True  # with a zeroed background, store and search only patches near the part
     knn_index: str = "flat"  # flat (exact) | ivf (approximate, for very large memory banks)
     ivf_nprobe: int = 8  # cells an ivf index searches per query
     num_neighbors: int = 9  # neighbourhood size b of the paper's score re-weighting (Eq. 7)

@@ -98,7 +98,9 @@ class PatchCore:
         )
         for batch in self._batches(bank_images, progress, "memory bank"):
             features = extractor(np.stack([item.image for item in batch]))
-            coreset.add(features.reshape(-1, features.shape[-1]))
+            n, h, w, d = features.shape
+            keep = torch.from_numpy(self._object_patches(batch, h, w)).to(features.device)
+            coreset.add(features.reshape(n, h * w, d)[keep])
         self.memory_bank = coreset.result()
         self._index = None
         self.n_train = len(bank_images)
@@ -129,16 +131,35 @@ class PatchCore:
         for batch in self._batches(images, progress, description):
             features = extractor(np.stack([item.image for item in batch]))
             n, h, w, d = features.shape
-            patches = features.reshape(-1, d).cpu().numpy()
-            distances, neighbours = self.index.search(patches, 1)
-            patch_scores = np.sqrt(np.maximum(distances[:, 0], 0)).reshape(n, h, w)
-            nearest = neighbours[:, 0].reshape(n, h * w)
-            for item, grid, bank_ids, image_patches in zip(
-                batch, patch_scores, nearest, patches.reshape(n, h * w, d)
-            ):
-                score = self._image_score(grid.ravel(), bank_ids, image_patches)
-                predictions.append(self._prediction(item, grid, score))
+            patches = features.reshape(n, h * w, d).cpu().numpy()
+            keep = self._object_patches(batch, h, w)
+            distances, neighbours = self.index.search(patches[keep], 1)
+            patch_scores = np.zeros((n, h * w), dtype=np.float32)  # zeroed background: a perfect match
+            patch_scores[keep] = np.sqrt(np.maximum(distances[:, 0], 0))
+            nearest = np.full((n, h * w), -1, dtype=np.int64)
+            nearest[keep] = neighbours[:, 0]
+            for item, scores, bank_ids, image_patches in zip(batch, patch_scores, nearest, patches):
+                score = self._image_score(scores, bank_ids, image_patches)
+                predictions.append(self._prediction(item, scores.reshape(h, w), score))
         return predictions
+
+    def _object_patches(self, batch: list[Preprocessed], height: int, width: int) -> np.ndarray:
+        """(n, height*width) bool: the patches that see the part, one patch of margin included.
+
+        With the background zeroed, a patch that sees only black carries no information, yet it
+        would cost a share of every greedy pass and every k-NN search; on a screw that is over half
+        of the input. Without a zeroed background (or without a mask) every patch counts.
+        """
+        config = self.config
+        if not (config.object_patches_only and config.preprocess and config.segment and config.zero_background):
+            return np.ones((len(batch), height * width), dtype=bool)
+        kernel = np.ones((3, 3), np.uint8)
+        keep = []
+        for item in batch:
+            seen = cv2.resize(item.mask.astype(np.float32), (width, height), interpolation=cv2.INTER_AREA) > 0
+            seen = cv2.dilate(seen.astype(np.uint8), kernel) > 0
+            keep.append(seen.ravel() if seen.any() else np.ones(height * width, dtype=bool))
+        return np.stack(keep)
 
     def _image_score(self, patch_scores: np.ndarray, bank_ids: np.ndarray, patches: np.ndarray) -> float:
         """The worst patch's distance, optionally re-weighted by its neighbourhood (paper, Eq. 7).
@@ -148,7 +169,7 @@ class PatchCore:
         """
         worst = int(np.argmax(patch_scores))
         score = float(patch_scores[worst])
-        if not self.config.score_reweighting or len(self.memory_bank) < 2:
+        if not self.config.score_reweighting or len(self.memory_bank) < 2 or bank_ids[worst] < 0:
             return score
         nearest_healthy = self.memory_bank[bank_ids[worst]][None]
         k = min(self.config.num_neighbors, len(self.memory_bank))

@@ -103,3 +103,15 @@ def test_ivf_index_finds_nearly_the_same_neighbours(fitted_model):
     _, ivf_ids = approximate.index.search(queries, 1)
     assert approximate.index.ntotal == len(fitted_model.memory_bank)
     assert np.mean(exact_ids == ivf_ids) > 0.9
+
+
+def test_only_patches_near_the_part_are_stored_and_searched(fitted_model, small_screw_dir):
+    everything = PatchCore(fitted_model.config.replace(object_patches_only=False))
+    everything.fit(train_images(small_screw_dir), progress=False)
+    assert len(fitted_model.memory_bank) < 0.8 * len(everything.memory_bank)
+    sample = load_test_split(small_screw_dir)[0]
+    (prediction,) = fitted_model.predict([sample.path])
+    (full,) = everything.predict([sample.path])
+    corner = (slice(0, 50), slice(0, 50))  # the photo's corner is table, far from the screw
+    assert prediction.anomaly_map[corner].max() <= fitted_model.calibration_mean / 2
+    assert prediction.score == pytest.approx(full.score, rel=0.25)
