@@ -34,6 +34,18 @@ from preprocessing.registration import (
 )
 from preprocessing.segmentation import segment_object
 
+# The config switch of each of the eight steps, in the order they run.
+STEP_FLAGS = (
+    "white_balance",
+    "inpaint_specular",
+    "clahe",
+    "segment",
+    "crop",
+    "align_rotation",
+    "normalize_scale",
+    "zero_background",
+)
+
 # (config flag, preview label, step) in the order they run; each maps RGB uint8 -> StepResult.
 LIGHTING_STEPS: list[tuple[str, str, Callable[[np.ndarray, Config], StepResult]]] = [
     ("white_balance", "1 white balance", lambda image, config: gray_world(image)),

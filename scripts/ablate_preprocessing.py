@@ -29,18 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from config import CATEGORY_DEFAULTS, Config  # noqa: E402
 from models.patchcore import PatchCore  # noqa: E402
 from preprocessing.io import LabelledImage, load_test_split, read_image, read_mask, train_images  # noqa: E402
+from preprocessing.pipeline import STEP_FLAGS  # noqa: E402
 
 EVAL_SIDE = 256  # maps and masks are compared at this size
-STEP_FLAGS = (
-    "white_balance",
-    "inpaint_specular",
-    "clahe",
-    "segment",
-    "crop",
-    "align_rotation",
-    "normalize_scale",
-    "zero_background",
-)
 
 
 def variants(category: str) -> dict[str, dict[str, Any]]:
@@ -50,6 +41,9 @@ def variants(category: str) -> dict[str, dict[str, Any]]:
     if CATEGORY_DEFAULTS.get(category):  # and the same model without the pipeline, for a fair baseline
         rows[f"{category} defaults"] = dict(CATEGORY_DEFAULTS[category])
         rows[f"{category} defaults, pipeline off"] = {**CATEGORY_DEFAULTS[category], "preprocess": False}
+        # two engine choices that ride on the pipeline: the paper's Eq. 7 and background skipping
+        rows[f"{category} defaults, no score re-weighting"] = {**CATEGORY_DEFAULTS[category], "score_reweighting": False}
+        rows[f"{category} defaults, every patch"] = {**CATEGORY_DEFAULTS[category], "object_patches_only": False}
     return rows
 
 

@@ -10,20 +10,10 @@ import pytest
 
 from config import Config
 from preprocessing.io import to_rgb8
-from preprocessing.pipeline import preprocess, preview_steps, save_preview_sheet, to_original
+from preprocessing.pipeline import STEP_FLAGS, preprocess, preview_steps, save_preview_sheet, to_original
 from preprocessing.registration import warp_image
 
 SIZE = 128
-STEP_FLAGS = (
-    "white_balance",
-    "inpaint_specular",
-    "clahe",
-    "segment",
-    "crop",
-    "align_rotation",
-    "normalize_scale",
-    "zero_background",
-)
 CONFIG = Config(image_size=SIZE)
 DEFECT = (70.0, 0.0)  # on the shaft, towards the tip, in screw coordinates (head at -x)
 
