@@ -33,6 +33,6 @@ demo: setup
 	@echo "predictions: outputs/demo_predictions.json"
 	@echo "report:      outputs/patchcore_synthetic_fasteners/report.html"
 
+# Removes what runs produced (models, reports); data/ is left alone.
 clean:
-	rm -rf outputs/* saved_models/*.pkl
-	git checkout -- outputs/.gitkeep saved_models/.gitkeep
+	find outputs saved_models -mindepth 1 ! -name .gitkeep -exec rm -rf {} +
