@@ -91,3 +91,34 @@ def test_preprocess_only_writes_preview_sheets_and_no_model(tmp_path, small_scre
     assert len(sheets) == 8
     assert "outputs/preprocess_preview" in result.stdout
     assert not (tmp_path / "saved_models").exists()
+
+
+def test_calibration_never_reads_a_test_image(tmp_path, small_screw_dir, monkeypatch):
+    """Every photo decoded while fitting (memory bank and threshold) comes from train/good, even
+    though train.py goes on to evaluate the test split of the same folder."""
+    import train
+    from models import patchcore
+
+    monkeypatch.chdir(tmp_path)
+    fitting, read_while_fitting = [False], []
+    real_read, real_fit = patchcore.read_image, patchcore.PatchCore.fit
+
+    def recording_read(path):
+        if fitting[0]:
+            read_while_fitting.append(Path(path))
+        return real_read(path)
+
+    def flagged_fit(self, *args, **kwargs):
+        fitting[0] = True
+        try:
+            return real_fit(self, *args, **kwargs)
+        finally:
+            fitting[0] = False
+
+    monkeypatch.setattr(patchcore, "read_image", recording_read)
+    monkeypatch.setattr(patchcore.PatchCore, "fit", flagged_fit)
+    args = ["--data-dir", str(small_screw_dir), "--backbone", "efficientnet_lite0", "--image-size", "128", "--quiet"]
+    assert train.main(args) == 0
+    assert list((tmp_path / "outputs").glob("*/metrics.json")), "the test split was evaluated after the fit"
+    assert len(read_while_fitting) == 12
+    assert all(path.parent == small_screw_dir / "train" / "good" for path in read_while_fitting)
