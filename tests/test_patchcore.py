@@ -115,3 +115,34 @@ def test_only_patches_near_the_part_are_stored_and_searched(fitted_model, small_
     corner = (slice(0, 50), slice(0, 50))  # the photo's corner is table, far from the screw
     assert prediction.anomaly_map[corner].max() <= fitted_model.calibration_mean / 2
     assert prediction.score == pytest.approx(full.score, rel=0.25)
+
+
+def awkward_photos(screw: np.ndarray) -> dict[str, np.ndarray]:
+    """Inputs a line camera or a user can produce, each decoded the way read_image would."""
+    from preprocessing.io import to_rgb8
+
+    grey = screw[..., 0]
+    return {
+        "blank": np.full((480, 640, 3), 128, np.uint8),
+        "all white": np.full((300, 300, 3), 255, np.uint8),
+        "all black": np.zeros((300, 300, 3), np.uint8),
+        "1x1": np.full((1, 1, 3), 90, np.uint8),
+        "5x5": np.random.default_rng(0).integers(0, 255, (5, 5, 3), dtype=np.uint8),
+        "grey": to_rgb8(grey),
+        "16-bit": to_rgb8(grey.astype(np.uint16) * 257),
+        "RGBA": to_rgb8(np.dstack([grey, grey, grey, np.full_like(grey, 255)])),
+    }
+
+
+def test_awkward_inputs_are_scored_with_a_warning_where_a_step_gave_up(fitted_model, small_screw_dir):
+    screw = read_image(load_test_split(small_screw_dir)[0].path)
+    photos = awkward_photos(screw)
+    predictions = dict(zip(photos, fitted_model.predict(list(photos.values()))))
+    for name, prediction in predictions.items():
+        assert np.isfinite(prediction.score), name
+        assert prediction.anomaly_map.shape == photos[name].shape[:2], name
+    for name in ("blank", "all white", "all black", "1x1", "5x5"):
+        assert predictions[name].warnings, f"{name} should say which step fell back"
+    for name in ("grey", "16-bit", "RGBA"):  # a real screw in another encoding: nothing to warn about
+        assert predictions[name].warnings == [], name
+        assert predictions[name].score == pytest.approx(predictions["grey"].score, rel=1e-3)
