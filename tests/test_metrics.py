@@ -128,6 +128,18 @@ def test_pixel_roc() -> None:
     assert pixel_roc([scores], [np.zeros_like(mask)]) is None
 
 
+def test_pixel_auroc_equals_scikit_learn_on_the_same_pixels() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(7)
+    maps = [rng.random((12, 9)) for _ in range(4)]
+    masks = [rng.random((12, 9)) > 0.8 for _ in range(4)]
+    masks[1][:] = False  # a healthy image among them
+    value, _, _ = pixel_roc(maps, masks)
+    expected = roc_auc_score(np.concatenate([m.ravel() for m in masks]), np.concatenate([m.ravel() for m in maps]))
+    assert value == pytest.approx(expected, abs=1e-12)
+
+
 def test_region_labels_are_eight_connected() -> None:
     mask = np.eye(4, dtype=bool)
     mask[0, 3] = True
