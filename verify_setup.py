@@ -181,7 +181,7 @@ def check_faiss() -> Result:
     if not hasattr(faiss, "StandardGpuResources"):
         return Result(Status.MISSING, "FAISS",
                       f"{version}, CPU-only: nearest-neighbour search runs on the CPU "
-                      "(for the GPU: pip uninstall faiss-cpu && pip install faiss-gpu)")
+                      "(for the GPU: pip uninstall faiss-cpu && pip install faiss-gpu-cu12)")
     gpus = faiss.get_num_gpus()
     if gpus == 0:
         return Result(Status.MISSING, "FAISS", f"{version} with GPU support, but it sees no GPU: "
