@@ -11,7 +11,6 @@ import base64
 import html
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass
 from datetime import datetime
@@ -45,7 +44,7 @@ from evaluation.visualize import (
     score_histogram_figure,
     tiles_figure,
 )
-from preprocessing.io import ImageReadError, LabelledImage, load_test_split, read_images, read_mask
+from preprocessing.io import ImageReadError, LabelledImage, load_test_split, read_images, read_mask, write_atomically
 
 THUMB_SIZE = 224  # longer side of gallery thumbnails, in pixels
 WORST_CASES = 6  # false positives / negatives shown in the grid
@@ -114,8 +113,8 @@ def evaluate(
         raise ValueError(f"{data_dir}: none of the {len(samples)} test images could be read")
     metrics, curves = _metrics(model, scored, skipped, fit_seconds, eval_size)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2))
-    _write_atomic(out_dir / "report.html", _html(model, data_dir, scored, metrics, curves))
+    write_atomically(out_dir / "metrics.json", json.dumps(metrics, indent=2))
+    write_atomically(out_dir / "report.html", _html(model, data_dir, scored, metrics, curves))
     return metrics
 
 
@@ -221,16 +220,6 @@ def _metrics(
         notes={"image_f1_max": F1_MAX_NOTE},
     )
     return {key: _finite_or_none(value) for key, value in metrics.items()}, curves
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file beside ``path`` and rename it: readers never see half a file."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def _number(value: Any, digits: int = 4) -> str:

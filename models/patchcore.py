@@ -7,10 +7,8 @@ heatmaps on the original photos, ``save`` / ``load`` a model file that holds pla
 from __future__ import annotations
 
 import math
-import os
 import pickle
 import platform
-import tempfile
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -29,7 +27,7 @@ from tqdm import tqdm
 from config import Config, UserError
 from models.coreset import StreamingCoreset
 from models.feature_extractor import FeatureExtractor
-from preprocessing.io import read_image
+from preprocessing.io import read_image, write_atomically
 from preprocessing.pipeline import Preprocessed, preprocess, to_original
 
 FORMAT_VERSION = 1
@@ -283,16 +281,7 @@ class PatchCore:
                 "opencv": cv2.__version__,
             },
         }
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False)
-        try:
-            with handle:
-                pickle.dump(state, handle, protocol=pickle.HIGHEST_PROTOCOL)
-            os.replace(handle.name, path)
-        except BaseException:
-            Path(handle.name).unlink(missing_ok=True)
-            raise
+        write_atomically(path, pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
 
     @classmethod
     def load(cls, path: str | Path, device: str | None = None) -> PatchCore:

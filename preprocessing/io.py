@@ -1,7 +1,9 @@
-"""Reading photos and MVTec-layout folders, with errors a user can act on."""
+"""Reading photos and MVTec-layout folders with errors a user can act on; writing result files atomically."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -113,3 +115,20 @@ def load_test_split(data_dir: str | Path) -> list[LabelledImage]:
             mask = Path(data_dir) / "ground_truth" / kind_dir.name / f"{path.stem}_mask.png"
             samples.append(LabelledImage(path, kind_dir.name, mask if mask.is_file() else None))
     return samples
+
+
+def write_atomically(path: str | Path, data: bytes | str) -> None:
+    """Write to a temporary file beside ``path``, then rename it over ``path``.
+
+    A crash or a full disk leaves the previous file (or none), never half a model or report.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    try:
+        with handle:
+            handle.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise

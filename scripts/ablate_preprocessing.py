@@ -28,7 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from config import CATEGORY_DEFAULTS, Config  # noqa: E402
 from models.patchcore import PatchCore  # noqa: E402
-from preprocessing.io import LabelledImage, load_test_split, read_image, read_mask, train_images  # noqa: E402
+from preprocessing.io import (  # noqa: E402
+    LabelledImage,
+    load_test_split,
+    read_image,
+    read_mask,
+    train_images,
+    write_atomically,
+)
 from preprocessing.pipeline import STEP_FLAGS  # noqa: E402
 
 EVAL_SIDE = 256  # maps and masks are compared at this size
@@ -130,9 +137,8 @@ def main() -> None:
 
     table = markdown_table(results, settings)
     print(table)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(table, encoding="utf-8")
-    record.write_text(json.dumps({"settings": settings, "results": results}, indent=1), encoding="utf-8")
+    write_atomically(output, table)
+    write_atomically(record, json.dumps({"settings": settings, "results": results}, indent=1))
     print(f"written to {output}")
 
 

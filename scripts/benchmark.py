@@ -51,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from config import CATEGORY_DEFAULTS, Config, add_config_arguments, config_from_args, fail, run_cli  # noqa: E402
-from preprocessing.io import LabelledImage, load_test_split, read_image, train_images  # noqa: E402
+from preprocessing.io import LabelledImage, load_test_split, read_image, train_images, write_atomically  # noqa: E402
 
 DEFAULT_DATA_DIR = ROOT.parent / "shared" / "data" / "mvtec_ad" / "screw"
 PHASES = ("fit", "infer", "profile")
@@ -377,18 +377,7 @@ def gpu_peak_mib(device: Any) -> float | None:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(
-        "w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False, encoding="utf-8"
-    )
-    try:
-        with handle:
-            json.dump(data, handle, indent=2, default=str)
-            handle.write("\n")
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
+    write_atomically(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 # ============================================================================ child phases

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import os
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -146,3 +145,18 @@ def test_awkward_inputs_are_scored_with_a_warning_where_a_step_gave_up(fitted_mo
     for name in ("grey", "16-bit", "RGBA"):  # a real screw in another encoding: nothing to warn about
         assert predictions[name].warnings == [], name
         assert predictions[name].score == pytest.approx(predictions["grey"].score, rel=1e-3)
+
+
+def test_a_failed_save_leaves_the_previous_model_file_intact(fitted_model, tmp_path, monkeypatch):
+    path = tmp_path / "model.pkl"
+    fitted_model.save(path)
+    before = path.read_bytes()
+
+    def disk_full(*_args, **_kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("preprocessing.io.os.replace", disk_full)
+    with pytest.raises(OSError):
+        fitted_model.save(path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pkl"]
