@@ -21,6 +21,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from preprocessing.io import write_atomically
+
 PARTS = ("screw", "nut")
 DEFECT_KINDS = ("rust", "corrosion", "scratch", "deformation")
 REFERENCE_SIZE = 256
@@ -417,18 +419,23 @@ def clear_previous_set(out: Path) -> None:
 
 
 def generate(settings: SyntheticSettings, out: str | Path) -> list[Path]:
-    """Write the whole set in the MVTec AD layout and return the files written."""
+    """Write the whole set in the MVTec AD layout and return the files written.
+
+    The marker listing every file is written first, so an interrupted run can still be cleared and
+    redone by the next one.
+    """
     out = Path(out)
     clear_previous_set(out)
-    written = []
-    for relative, key, defect in planned_files(settings):
+    plan = [
+        (relative, key, defect, f"ground_truth/{defect}/{Path(relative).stem}_mask.png" if defect else None)
+        for relative, key, defect in planned_files(settings)
+    ]
+    written = [path for relative, _, _, mask in plan for path in (relative, mask) if path]
+    record = {"generator": "scripts/synthetic_fasteners.py", "settings": asdict(settings), "files": written}
+    write_atomically(out / MARKER_NAME, json.dumps(record, indent=1) + "\n")
+    for relative, key, defect, mask_relative in plan:
         image, mask = render_sample(settings, key, defect)
         write_png(out / relative, cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-        written.append(relative)
-        if defect is not None:
-            mask_relative = f"ground_truth/{defect}/{Path(relative).stem}_mask.png"
+        if mask_relative:
             write_png(out / mask_relative, mask)
-            written.append(mask_relative)
-    record = {"generator": "scripts/synthetic_fasteners.py", "settings": asdict(settings), "files": written}
-    (out / MARKER_NAME).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     return [out / relative for relative in written]

@@ -129,3 +129,23 @@ def test_masks_cover_exactly_what_the_defect_changed(part: str, kind: str) -> No
         near_mask = cv2.dilate(mask, np.ones((11, 11), np.uint8)) > 0
         assert change[~near_mask].max(initial=0) <= 12, f"{part}/{kind}/{index}: change outside the mask"
 
+
+
+def test_an_interrupted_synthetic_run_is_redone_by_the_next(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import scripts.synthetic_fasteners as synthetic
+
+    real_write, calls = synthetic.write_png, []
+
+    def crash_after_three(path, array):
+        calls.append(path)
+        if len(calls) > 3:
+            raise KeyboardInterrupt
+        return real_write(path, array)
+
+    monkeypatch.setattr(synthetic, "write_png", crash_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        generate(SMALL, tmp_path / "set")
+    monkeypatch.setattr(synthetic, "write_png", real_write)
+    redone = generate(SMALL, tmp_path / "set")
+    clean = generate(SMALL, tmp_path / "clean")
+    assert [p.read_bytes() for p in redone] == [p.read_bytes() for p in clean]
