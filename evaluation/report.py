@@ -37,7 +37,7 @@ from evaluation.metrics import (
 from evaluation.visualize import (
     Tile,
     colour_bar_figure,
-    figure_png,
+    figure_bytes,
     overlay_rgb,
     pro_figure,
     roc_figure,
@@ -63,6 +63,8 @@ class Model(Protocol):
 
     threshold: float
     calibration_scores: np.ndarray
+    calibration_mean: float
+    calibration_std: float
     n_train: int
     fit_seconds: float
     config: Any
@@ -112,7 +114,6 @@ def evaluate(
     if not scored:
         raise ValueError(f"{data_dir}: none of the {len(samples)} test images could be read")
     metrics, curves = _metrics(model, scored, skipped, fit_seconds, eval_size)
-    out_dir.mkdir(parents=True, exist_ok=True)
     write_atomically(out_dir / "metrics.json", json.dumps(metrics, indent=2))
     write_atomically(out_dir / "report.html", _html(model, data_dir, scored, metrics, curves))
     return metrics
@@ -161,11 +162,10 @@ def _score(
 
 
 def _calibration(model: Model) -> tuple[float | None, float | None]:
-    """Mean and spread of the healthy calibration scores, None when the model has none."""
-    scores = np.asarray(model.calibration_scores, dtype=np.float64)
-    if scores.size == 0:
+    """Mean and spread of the healthy calibration scores (the ones the model's sigma uses), None when it has none."""
+    if len(model.calibration_scores) == 0:
         return None, None
-    return float(scores.mean()), float(scores.std())
+    return model.calibration_mean, model.calibration_std
 
 
 def _finite_or_none(value: Any) -> Any:
@@ -265,7 +265,7 @@ def _jpeg_uri(image_rgb: np.ndarray) -> str:
 
 
 def _plot(fig: Any, alt: str) -> str:
-    return f'<img class="plot" src="{_data_uri(figure_png(fig), "image/png")}" alt="{html.escape(alt)}">'
+    return f'<img class="plot" src="{_data_uri(figure_bytes(fig), "image/png")}" alt="{html.escape(alt)}">'
 
 
 def _metric_rows(metrics: dict[str, Any]) -> str:

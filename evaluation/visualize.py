@@ -23,6 +23,8 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from preprocessing.io import write_atomically
+
 CMAP = "jet"
 MAX_ALPHA = 0.65  # opacity of the heatmap at the top of the colour scale
 THRESHOLD_RGB = (255, 255, 255)
@@ -172,17 +174,16 @@ def save_overlay(
 
 
 def save_figure(fig: Figure, out_path: str | Path, dpi: int = 100) -> Path:
-    """Write a figure, creating the folder; the format follows the suffix."""
+    """Write a figure atomically (creating the folder); the format follows the suffix."""
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=dpi)
+    write_atomically(out_path, figure_bytes(fig, out_path.suffix.lstrip(".") or "png", dpi))
     return out_path
 
 
-def figure_png(fig: Figure, dpi: int = 100) -> bytes:
-    """A figure as PNG bytes, for embedding in the HTML report."""
+def figure_bytes(fig: Figure, image_format: str = "png", dpi: int = 100) -> bytes:
+    """A figure encoded as an image file, for writing or for embedding in the HTML report."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
+    fig.savefig(buffer, format=image_format, dpi=dpi)
     return buffer.getvalue()
 
 

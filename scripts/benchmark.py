@@ -533,7 +533,6 @@ def phase_infer(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     source = [sample.path for sample in load_test_split(args.data_dir)] or fit_paths(args)
     largest = max(args.batch_sizes)
     chosen = spread(source, max(LATENCY_POOL, largest))
-    result["inference_photo_size"] = None
 
     def decode(paths: Sequence[Path]) -> list[np.ndarray]:
         return [read_image(path) for path in paths]
@@ -790,7 +789,6 @@ def main(argv: list[str] | None = None) -> int:
         "started": started,
         "data_dir": str(args.data_dir.resolve()),
         "random_weights": args.random_weights,
-        "timing_only": args.random_weights,
         "config": config.to_dict(),
         "limit_train": args.limit_train,
         "machine": machine,

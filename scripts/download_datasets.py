@@ -21,7 +21,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 if str(PROJECT_ROOT) not in sys.path:  # run as a script, sys.path holds scripts/ instead of the root
     sys.path.insert(0, str(PROJECT_ROOT))
 
-from preprocessing.io import IMAGE_SUFFIXES, ImageReadError, find_images, read_images  # noqa: E402
+from preprocessing.io import IMAGE_SUFFIXES, ImageReadError, find_images, read_images, write_atomically  # noqa: E402
 from scripts.synthetic_fasteners import PARTS, SyntheticSettings, generate  # noqa: E402
 
 # Image counts of the official MVTec AD archives (Bergmann et al., CVPR 2019).
@@ -256,7 +256,7 @@ def run_setup_custom(out: Path) -> int:
         print(f"  kept    {readme} (not overwritten)")
     else:
         suffixes = ", ".join(IMAGE_SUFFIXES)
-        readme.write_text(CUSTOM_README.format(suffixes=suffixes, folder=out), encoding="utf-8")
+        write_atomically(readme, CUSTOM_README.format(suffixes=suffixes, folder=out))
         print(f"  created {readme}")
     print(f"Put your photos into {out} as {readme} explains, then run:\n"
           f"  python scripts/download_datasets.py --verify --data-dir {out}")

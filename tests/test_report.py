@@ -46,6 +46,8 @@ class FakeModel:
         self.n_train = 20
         self.fit_seconds = 1.5
         self.batch_sizes: list[int] = []
+        self.calibration_mean = float(self.calibration_scores.mean())
+        self.calibration_std = float(self.calibration_scores.std())
 
     def predict(self, images: list[np.ndarray], progress: bool = False) -> list[FakePrediction]:
         self.batch_sizes.append(len(images))

@@ -15,7 +15,7 @@ from evaluation.visualize import (
     Tile,
     colour_bar_figure,
     colour_range,
-    figure_png,
+    figure_bytes,
     overlay_rgb,
     pro_figure,
     roc_figure,
@@ -76,12 +76,12 @@ def test_save_overlay_writes_png_without_pyplot(tmp_path: Path) -> None:
 
 def test_plots_render() -> None:
     fpr = np.linspace(0, 1, 50_000)  # long pixel-level curves are resampled, not drawn point by point
-    assert figure_png(roc_figure({"image": (fpr, np.sqrt(fpr), 0.67), "pixel": (fpr, fpr, 0.5)})).startswith(PNG_MAGIC)
-    assert figure_png(pro_figure(fpr, fpr ** 0.3, 0.5, 0.3)).startswith(PNG_MAGIC)
+    assert figure_bytes(roc_figure({"image": (fpr, np.sqrt(fpr), 0.67), "pixel": (fpr, fpr, 0.5)})).startswith(PNG_MAGIC)
+    assert figure_bytes(pro_figure(fpr, fpr ** 0.3, 0.5, 0.3)).startswith(PNG_MAGIC)
     histogram = score_histogram_figure([1.0, 1.2, 1.1], [2.5, 3.0], 1.6, [1.0, 1.1, 1.05])
-    assert figure_png(histogram).startswith(PNG_MAGIC)
-    assert figure_png(score_histogram_figure([1.0], [2.0], 1.5, [])).startswith(PNG_MAGIC)
-    assert figure_png(colour_bar_figure(2.0, vmin=1.0)).startswith(PNG_MAGIC)
+    assert figure_bytes(histogram).startswith(PNG_MAGIC)
+    assert figure_bytes(score_histogram_figure([1.0], [2.0], 1.5, [])).startswith(PNG_MAGIC)
+    assert figure_bytes(colour_bar_figure(2.0, vmin=1.0)).startswith(PNG_MAGIC)
 
 
 @pytest.mark.parametrize("false_negatives", [0, 3])
@@ -89,4 +89,4 @@ def test_tiles_figure(false_negatives: int) -> None:
     image, anomaly_map = _photo_and_map()
     tile = Tile(image, anomaly_map, "FP 5.00\ngood/000.png")
     rows = {"false positives": [tile, tile], "false negatives": [tile] * false_negatives}
-    assert figure_png(tiles_figure(rows, threshold=2.0, columns=4)).startswith(PNG_MAGIC)
+    assert figure_bytes(tiles_figure(rows, threshold=2.0, columns=4)).startswith(PNG_MAGIC)
