@@ -14,7 +14,6 @@ import importlib
 import importlib.metadata
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +26,6 @@ from typing import TextIO
 
 PROJECT_ROOT = Path(__file__).resolve().parent
 REQUIREMENTS = PROJECT_ROOT / "requirements.txt"
-DATASET_TOOL = PROJECT_ROOT / "scripts" / "download_datasets.py"
 MIN_PYTHON = (3, 10)
 
 # Distribution name (normalised) -> module to import, where they differ.
@@ -266,27 +264,20 @@ def check_data_folder(folder: DataFolder, data_root: Path) -> Result:
     else:
         full_check = f"--verify --data-dir {_shown(root)}"
     full_check = f"python scripts/download_datasets.py {full_check}"
-    try:
-        from preprocessing.io import find_images
-        from scripts.download_datasets import OFFICIAL_COUNTS, count_findings, mask_findings
-    except Exception:  # the data tool is broken or older: let it check the folder itself
-        return _verify_with_script(folder, root)
+    from preprocessing.io import find_images
+    from scripts.download_datasets import OFFICIAL_COUNTS, verify_dataset
+
     if not find_images(root):
         return Result(Status.MISSING, folder.name, f"{root} holds no photos yet: {folder.how_to_get}")
-    expected = OFFICIAL_COUNTS[folder.official] if folder.official else None
-    test_dir = root / "test"
-    kinds = sorted(p.name for p in test_dir.glob("*") if p.is_dir() and p.name != "good")
-    folders = list(expected) if expected else ["train/good", "test/good", *(f"test/{kind}" for kind in kinds)]
-    findings = count_findings(root, folders, expected)
-    for kind in kinds:
-        findings += mask_findings(root, kind, masks_required=expected is not None)
+    findings = verify_dataset(root, OFFICIAL_COUNTS[folder.official] if folder.official else None, decode=False)
     problems = [finding.text for finding in findings if not finding.ok]
     if problems:
         more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
         return Result(Status.FAILED, folder.name, f"{problems[0]}{more}; details: {full_check}")
-    n_train, n_test = len(find_images(root / "train" / "good")), len(find_images(test_dir))
-    return Result(Status.OK, folder.name, f"layout OK: {n_train} training, {n_test} test photos, "
-                                          f"{len(kinds)} defect kinds (full check: {full_check})")
+    n_train, test_photos = len(find_images(root / "train" / "good")), find_images(root / "test")
+    n_kinds = len({photo.parent.name for photo in test_photos} - {"good"})
+    return Result(Status.OK, folder.name, f"layout OK: {n_train} training, {len(test_photos)} test photos, "
+                                          f"{n_kinds} defect kinds (full check: {full_check})")
 
 
 def _shown(path: Path) -> Path:
@@ -297,53 +288,19 @@ def _shown(path: Path) -> Path:
         return path
 
 
-def _verify_with_script(folder: DataFolder, root: Path) -> Result:
-    """Fallback when the data tool's functions cannot be imported: run it (decodes every photo)."""
-    if folder.official:
-        arguments = ["--verify", "--root", str(root.parent), "--category", folder.official]
-    else:
-        arguments = ["--verify", "--data-dir", str(root)]
-    run = subprocess.run([sys.executable, str(DATASET_TOOL), *arguments], cwd=PROJECT_ROOT,
-                         capture_output=True, text=True, timeout=600)
-    lines = (run.stdout + run.stderr).strip().splitlines()
-    last = lines[-1].strip() if lines else f"exit status {run.returncode}"
-    return Result(Status.OK if run.returncode == 0 else Status.FAILED, folder.name, last)
-
-
 # ----------------------------------------------------------------------------- self-test
 SELFTEST_TRAIN = 6
 SELFTEST_SIZE = 128
 
 
-def _draw_fallback_set(folder: Path, n_train: int) -> tuple[list[Path], Path]:
-    """Simple bright bars on a dark table, for when the synthetic generator cannot be imported."""
-    import cv2
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    paths = []
-    for index in range(n_train + 1):
-        image = rng.normal(40, 4, (SELFTEST_SIZE, SELFTEST_SIZE, 3)).clip(0, 255).astype(np.uint8)
-        angle = rng.uniform(-20, 20)
-        box = cv2.boxPoints(((64, 64), (90, 18), angle)).astype(np.int32)
-        cv2.fillConvexPoly(image, box, (170, 170, 175))
-        if index == n_train:  # the one to score: a dark "rust" spot on the bar
-            cv2.circle(image, (64, 64), 6, (60, 40, 30), -1)
-        paths.append(folder / f"{index:03d}.png")
-        cv2.imwrite(str(paths[-1]), image)
-    return paths[:n_train], paths[n_train]
-
-
 def _selftest_images(folder: Path) -> tuple[list[Path], Path]:
     """A few healthy training photos and one defective photo, rendered into ``folder``."""
-    try:
-        from scripts.synthetic_fasteners import SyntheticSettings, generate
-    except Exception:
-        return _draw_fallback_set(folder, SELFTEST_TRAIN)
+    from preprocessing.io import find_images, train_images
+    from scripts.synthetic_fasteners import SyntheticSettings, generate
+
     settings = SyntheticSettings(n_train=SELFTEST_TRAIN, n_test_per_kind=1, size=SELFTEST_SIZE)
     generate(settings, folder / "set")
-    train = sorted((folder / "set" / "train" / "good").glob("*.png"))
-    return train, sorted((folder / "set" / "test" / "rust").glob("*.png"))[0]
+    return train_images(folder / "set"), find_images(folder / "set" / "test" / "rust")[0]
 
 
 def check_selftest() -> Result:

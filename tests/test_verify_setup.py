@@ -120,13 +120,20 @@ def test_data_folders_absent_valid_and_broken(tmp_path):
     assert broken.status is Status.FAILED and "mask" in broken.detail
 
 
-def test_data_tool_runs_as_a_script_when_its_functions_cannot_be_imported(monkeypatch, tmp_path):
-    from scripts.synthetic_fasteners import SyntheticSettings, generate
+def test_own_folder_with_only_training_photos_is_ready(tmp_path):
+    """Right after --setup-custom and adding healthy photos the folder can be trained on: green."""
+    import cv2
+    import numpy as np
 
-    generate(SyntheticSettings(n_train=2, n_test_per_kind=1, size=64), tmp_path / SYNTHETIC.relative)
-    monkeypatch.setitem(sys.modules, "scripts.download_datasets", None)
-    result = verify_setup.check_data_folder(SYNTHETIC, tmp_path)
-    assert result.status is Status.OK and "dataset OK" in result.detail, result.detail
+    from scripts.download_datasets import main as data_tool
+
+    custom = next(folder for folder in DATA_FOLDERS if folder.relative == "custom_fasteners")
+    assert data_tool(["--setup-custom", "--out", str(tmp_path / custom.relative)]) == 0
+    for index in range(3):
+        cv2.imwrite(str(tmp_path / custom.relative / "train" / "good" / f"{index}.png"), np.full((32, 32, 3), 90, np.uint8))
+    result = verify_setup.check_data_folder(custom, tmp_path)
+    assert result.status is Status.OK, result.detail
+    assert "3 training, 0 test photos" in result.detail
 
 
 def test_empty_data_folder_is_a_warning(tmp_path):
@@ -171,11 +178,6 @@ def test_marks_fall_back_to_ascii_where_the_output_cannot_show_them():
     stream = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
     assert verify_setup.mark(Status.OK, stream) == "OK"
     assert verify_setup.mark(Status.FAILED, stream) == "FAIL"
-
-
-def test_fallback_images_when_the_generator_is_unavailable(tmp_path):
-    train, defective = verify_setup._draw_fallback_set(tmp_path, 3)
-    assert len(train) == 3 and all(path.is_file() for path in [*train, defective])
 
 
 def test_selftest_fits_and_scores_for_real():
