@@ -104,6 +104,11 @@ def train_images(data_dir: str | Path) -> list[Path]:
     return paths
 
 
+def mask_path(data_dir: str | Path, image: Path) -> Path:
+    """Where MVTec AD keeps the ground truth of ``test/<kind>/NNN.png``: ``ground_truth/<kind>/NNN_mask.png``."""
+    return Path(data_dir) / "ground_truth" / image.parent.name / f"{image.stem}_mask.png"
+
+
 def load_test_split(data_dir: str | Path) -> list[LabelledImage]:
     """Every image under ``test/<kind>/`` with its ground-truth mask when one exists."""
     test_dir = Path(data_dir) / "test"
@@ -112,7 +117,7 @@ def load_test_split(data_dir: str | Path) -> list[LabelledImage]:
         return samples
     for kind_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
         for path in find_images(kind_dir):
-            mask = Path(data_dir) / "ground_truth" / kind_dir.name / f"{path.stem}_mask.png"
+            mask = mask_path(data_dir, path)
             samples.append(LabelledImage(path, kind_dir.name, mask if mask.is_file() else None))
     return samples
 

@@ -21,7 +21,14 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 if str(PROJECT_ROOT) not in sys.path:  # run as a script, sys.path holds scripts/ instead of the root
     sys.path.insert(0, str(PROJECT_ROOT))
 
-from preprocessing.io import IMAGE_SUFFIXES, ImageReadError, find_images, read_images, write_atomically  # noqa: E402
+from preprocessing.io import (  # noqa: E402
+    IMAGE_SUFFIXES,
+    ImageReadError,
+    find_images,
+    mask_path,
+    read_images,
+    write_atomically,
+)
 from scripts.synthetic_fasteners import PARTS, SyntheticSettings, generate  # noqa: E402
 
 # Image counts of the official MVTec AD archives (Bergmann et al., CVPR 2019).
@@ -138,10 +145,6 @@ def count_findings(root: Path, folders: list[str], expected: dict[str, int] | No
         else:
             findings.append(Finding(False, f"{path}: {count} images, expected {expected[folder]}"))
     return findings
-
-
-def mask_path(root: Path, image: Path) -> Path:
-    return root / "ground_truth" / image.parent.name / f"{image.stem}_mask.png"
 
 
 def mask_findings(root: Path, kind: str, masks_required: bool) -> list[Finding]:

@@ -21,7 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from preprocessing.io import write_atomically
+from preprocessing.io import mask_path, write_atomically
 
 PARTS = ("screw", "nut")
 DEFECT_KINDS = ("rust", "corrosion", "scratch", "deformation")
@@ -427,7 +427,7 @@ def generate(settings: SyntheticSettings, out: str | Path) -> list[Path]:
     out = Path(out)
     clear_previous_set(out)
     plan = [
-        (relative, key, defect, f"ground_truth/{defect}/{Path(relative).stem}_mask.png" if defect else None)
+        (relative, key, defect, mask_path("", Path(relative)).as_posix() if defect else None)
         for relative, key, defect in planned_files(settings)
     ]
     written = [path for relative, _, _, mask in plan for path in (relative, mask) if path]
