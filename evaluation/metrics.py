@@ -202,6 +202,10 @@ def area_under_pro(fpr: np.ndarray, pro: np.ndarray, max_fpr: float = DEFAULT_MA
 def aupro(
     maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], max_fpr: float = DEFAULT_MAX_FPR
 ) -> float | None:
-    """Normalised area under the PRO curve up to ``max_fpr``; None without defect regions."""
+    """Normalised area under the PRO curve up to ``max_fpr``; None without defect regions.
+
+    The one-call form for library users and tests; the report builds the curve once with
+    ``pro_curve`` because it also plots it.
+    """
     curve = pro_curve(maps, masks)
     return None if curve is None else area_under_pro(*curve, max_fpr)

@@ -1,7 +1,7 @@
 """Heatmap overlays and evaluation plots, drawn on Figure objects (no pyplot global state).
 
 Colour scale of every heatmap: fixed relative to the calibrated threshold, from ``vmin`` (the
-healthy calibration mean when the caller knows it, else 0) to ``vmax`` = threshold + 2 × (threshold − vmin). Heatmaps of
+healthy calibration mean when the caller knows it, else 0) to threshold + 2 × (threshold − vmin). Heatmaps of
 different photos are therefore directly comparable, and the colour's opacity grows with the value,
 so a healthy photo (map well below threshold) shows almost no colour. The white contour is where
 the map exceeds the image threshold (the map is Gaussian-smoothed, so its values sit a little below
@@ -43,7 +43,7 @@ class Tile:
 
 
 def colour_range(
-    threshold: float | None, anomaly_map: np.ndarray, vmin: float | None = None, vmax: float | None = None
+    threshold: float | None, anomaly_map: np.ndarray, vmin: float | None = None
 ) -> tuple[float, float]:
     """(low, high) of the colour scale: fixed by the threshold, or the map's own range without one.
 
@@ -53,10 +53,10 @@ def colour_range(
     """
     if threshold is None or not np.isfinite(threshold):
         low = float(anomaly_map.min()) if vmin is None else vmin
-        high = float(anomaly_map.max()) if vmax is None else vmax
+        high = float(anomaly_map.max())
     else:
         low = 0.0 if vmin is None else vmin
-        high = threshold + 2.0 * (threshold - low) if vmax is None else vmax
+        high = threshold + 2.0 * (threshold - low)
     return low, max(high, low + 1e-6)
 
 
@@ -67,7 +67,6 @@ def overlay_rgb(
     *,
     gt_mask: np.ndarray | None = None,
     vmin: float | None = None,
-    vmax: float | None = None,
 ) -> np.ndarray:
     """The photo with the heatmap blended in and the threshold / ground-truth contours drawn.
 
@@ -76,7 +75,7 @@ def overlay_rgb(
     """
     height, width = image_rgb.shape[:2]
     values = cv2.resize(np.asarray(anomaly_map, dtype=np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
-    low, high = colour_range(threshold, values, vmin, vmax)
+    low, high = colour_range(threshold, values, vmin)
     level = np.clip((values - low) / (high - low), 0.0, 1.0)
     colours = colormaps[CMAP](level)[..., :3].astype(np.float32) * 255.0
     alpha = (MAX_ALPHA * level)[..., None]
@@ -122,8 +121,6 @@ def overlay_figure(
     gt_mask: np.ndarray | None = None,
     *,
     vmin: float | None = None,
-    vmax: float | None = None,
-    title: str | None = None,
 ) -> Figure:
     """Photo and heatmap overlay side by side, with colour bar, contours and the verdict as title."""
     height, width = image_rgb.shape[:2]
@@ -132,16 +129,16 @@ def overlay_figure(
     photo_ax, map_ax = fig.subplots(1, 2)
     photo_ax.imshow(image_rgb)
     photo_ax.set_title("photo")
-    map_ax.imshow(overlay_rgb(image_rgb, anomaly_map, threshold, gt_mask=gt_mask, vmin=vmin, vmax=vmax))
+    map_ax.imshow(overlay_rgb(image_rgb, anomaly_map, threshold, gt_mask=gt_mask, vmin=vmin))
     map_ax.set_title("anomaly map")
     for ax in (photo_ax, map_ax):
         ax.set_axis_off()
-    low, high = colour_range(threshold, np.asarray(anomaly_map), vmin, vmax)
+    low, high = colour_range(threshold, np.asarray(anomaly_map), vmin)
     _add_colour_bar(fig, map_ax, low, high, threshold, shrink=0.9)
     handles = _contour_legend(threshold is not None, gt_mask is not None)
     if handles:
         map_ax.legend(handles=handles, loc="lower right", fontsize=8, facecolor="0.3", labelcolor="white")
-    parts = [title] if title else []
+    parts = []
     if verdict is not None:
         parts.append(verdict)
     if score is not None:
@@ -163,13 +160,12 @@ def save_overlay(
     gt_mask: np.ndarray | None = None,
     *,
     vmin: float | None = None,
-    vmax: float | None = None,
 ) -> Path:
     """Write ``overlay_figure`` as an image file (format from the suffix, e.g. .png); returns the path.
 
     Pass ``vmin=model.calibration_mean`` so that healthy photos look calm (see the module notes).
     """
-    fig = overlay_figure(image_rgb, anomaly_map, threshold, score, verdict, gt_mask, vmin=vmin, vmax=vmax)
+    fig = overlay_figure(image_rgb, anomaly_map, threshold, score, verdict, gt_mask, vmin=vmin)
     return save_figure(fig, out_path)
 
 
@@ -265,7 +261,6 @@ def tiles_figure(
     threshold: float | None,
     *,
     vmin: float | None = None,
-    vmax: float | None = None,
     columns: int = 6,
 ) -> Figure:
     """A grid of overlays, one titled row per group (e.g. worst false positives / false negatives)."""
@@ -280,15 +275,15 @@ def tiles_figure(
             axes[0].text(0.0, 0.5, "none", fontsize=10, transform=axes[0].transAxes)
         for ax, tile in zip(axes, tiles):
             ax.imshow(
-                overlay_rgb(tile.image_rgb, tile.anomaly_map, threshold, gt_mask=tile.gt_mask, vmin=vmin, vmax=vmax)
+                overlay_rgb(tile.image_rgb, tile.anomaly_map, threshold, gt_mask=tile.gt_mask, vmin=vmin)
             )
             ax.set_title(tile.caption, fontsize=8)
     return fig
 
 
-def colour_bar_figure(threshold: float, *, vmin: float | None = None, vmax: float | None = None) -> Figure:
+def colour_bar_figure(threshold: float, *, vmin: float | None = None) -> Figure:
     """The heatmap colour scale alone, with the threshold marked: the legend of the thumbnails."""
-    low, high = colour_range(threshold, np.zeros(1), vmin, vmax)
+    low, high = colour_range(threshold, np.zeros(1), vmin)
     fig = Figure(figsize=(6, 0.9), layout="constrained")
     ax = fig.subplots()
     _add_colour_bar(fig, None, low, high, threshold, cax=ax, orientation="horizontal")
