@@ -146,17 +146,19 @@ class PatchCore:
 
         With the background zeroed, a patch that sees only black carries no information, yet it
         would cost a share of every greedy pass and every k-NN search; on a screw that is over half
-        of the input. Without a zeroed background (or without a mask) every patch counts.
+        of the input. Where the pipeline did not zero the background (switched off, or no object
+        found in that photo) every patch counts.
         """
-        config = self.config
-        if not (config.object_patches_only and config.preprocess and config.segment and config.zero_background):
-            return np.ones((len(batch), height * width), dtype=bool)
+        every_patch = np.ones(height * width, dtype=bool)
         kernel = np.ones((3, 3), np.uint8)
         keep = []
         for item in batch:
+            if not (self.config.object_patches_only and item.background_zeroed):
+                keep.append(every_patch)
+                continue
             seen = cv2.resize(item.mask.astype(np.float32), (width, height), interpolation=cv2.INTER_AREA) > 0
             seen = cv2.dilate(seen.astype(np.uint8), kernel) > 0
-            keep.append(seen.ravel() if seen.any() else np.ones(height * width, dtype=bool))
+            keep.append(seen.ravel() if seen.any() else every_patch)
         return np.stack(keep)
 
     def _image_score(self, patch_scores: np.ndarray, bank_ids: np.ndarray, patches: np.ndarray) -> float:
@@ -243,13 +245,13 @@ class PatchCore:
         with ThreadPoolExecutor(max_workers=max(1, self.config.num_workers)) as pool, tqdm(
             total=len(images), desc=description, unit="img", disable=not progress, leave=False
         ) as bar:
+            in_flight: deque[list[Future[Preprocessed]]] = deque()
 
             def submit_next() -> None:
                 start = next(starts, None)
                 if start is not None:
                     in_flight.append([pool.submit(prepare, image) for image in images[start : start + size]])
 
-            in_flight: deque[list[Future[Preprocessed]]] = deque()
             submit_next()
             while in_flight:
                 futures = in_flight.popleft()

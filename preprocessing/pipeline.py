@@ -71,6 +71,7 @@ class Preprocessed:
     mask: np.ndarray  # (S, S) bool object mask (dilated by mask_dilation) in model-input coordinates
     original_size: tuple[int, int]  # (height, width) of the photo
     warnings: list[str] = field(default_factory=list)
+    background_zeroed: bool = False  # True when everything outside ``mask`` was set to black
 
 
 def resize_transform(original_size: tuple[int, int], size: int) -> np.ndarray:
@@ -137,7 +138,8 @@ def _run(image: np.ndarray, config: Config, record: Callable[[str, Callable[[], 
         if config.zero_background:
             model_image = np.where(model_mask[..., None], model_image, 0).astype(np.uint8)
             record("8 background zeroed", lambda: model_image)
-    return Preprocessed(model_image, matrix, model_mask, (height, width), warnings)
+    zeroed = object_mask is not None and config.zero_background
+    return Preprocessed(model_image, matrix, model_mask, (height, width), warnings, background_zeroed=zeroed)
 
 
 def preprocess(image: np.ndarray, config: Config) -> Preprocessed:
