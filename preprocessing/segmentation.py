@@ -82,7 +82,7 @@ def segment_object(image: np.ndarray) -> Segmentation:
     small = cv2.resize(image, working_size, interpolation=cv2.INTER_AREA)
     gray = cv2.GaussianBlur(cv2.cvtColor(small, cv2.COLOR_RGB2GRAY), (5, 5), 0)
     if int(gray.max()) - int(gray.min()) < MIN_CONTRAST:
-        return Segmentation(None, ["no object found: the photo has no contrast (blank frame?); using whole image"])
+        return Segmentation(None, ["no object found: the photo has no contrast (blank frame?); using the whole image"])
     found = largest_object(clean_mask(threshold_object(flatten_illumination(gray))))
     fraction = float(found.mean()) if found is not None else 0.0
     if found is None or fraction < MIN_OBJECT_FRACTION:
