@@ -99,15 +99,17 @@ def test_missing_chip_shows_the_table_texture_not_a_flat_fill() -> None:
     assert hole.std() > 0.5 * table.std()
 
 
-@pytest.mark.parametrize("kind", ("rust", "corrosion"))
-def test_deposit_shading_follows_the_photo_brightness(kind: str) -> None:
-    """The same deposit on a brighter part is brighter: the photo's luminance is its diffuse term."""
-    means = []
+def test_rust_shading_follows_the_photo_brightness() -> None:
+    """The same rust on a part twice as bright is brighter by more than the see-through share of the
+    metal would make it: the photo's luminance is the deposit's diffuse term."""
+    painted = []
     for level in (110.0, 220.0):
         image, part = photo_of_part((200, 200), (100, 100), (60, 35), 0, part_level=level)
-        painted, mask = paint_defect(image, part, kind, np.random.default_rng(2))
-        means.append(painted[mask].astype(float).mean())
-    assert means[1] > means[0] + 8
+        painted.append(paint_defect(image, part, "rust", np.random.default_rng(2)))
+    (dim, dim_mask), (bright, bright_mask) = painted
+    assert np.array_equal(dim_mask, bright_mask)  # same seed, same deposit
+    red_gain = (bright[bright_mask][:, 0].astype(float) - dim[dim_mask][:, 0]) / 110
+    assert np.median(red_gain) > 0.3  # ~0.45 when shaded, ~0.15 from the translucent edge alone
 
 
 def test_rust_is_orange() -> None:
