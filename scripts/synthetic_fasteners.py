@@ -39,7 +39,7 @@ PART_DEFECTS = {
     "bracket": ("rust", "corrosion", "scratch", "deformation"),
 }
 DEFECT_KINDS = ("rust", "corrosion", "scratch", "deformation", "missing")
-TABLES = {"dark": 0.22, "bright": 0.72}  # mean grey level of the table the part lies on
+TABLES = {"dark": 0.22, "bright": 0.62}  # mean grey level of the table the part lies on
 # Turns a part may lie at before the max_rotation jitter: a nut repeats every 60 degrees, a washer is round.
 BASE_TURNS = {"screw": 0.0, "nut": math.pi / 3, "plate": 0.0, "washer": 2 * math.pi, "bracket": 0.0}
 REFERENCE_SIZE = 256
@@ -154,7 +154,9 @@ def draw_scene(rng: np.random.Generator, settings: SyntheticSettings) -> Scene:
     grain = smooth_noise(rng, shape, 1.5 * unit)
     mottle = smooth_noise(rng, shape, 28 * unit)
     fibre = smooth_noise(rng, shape, 5 * unit)
-    tone = TABLES[settings.table] * rng.uniform(0.9, 1.1) * (1 + 0.07 * mottle + 0.04 * fibre + 0.05 * grain)
+    contrast = TABLES["dark"] / TABLES[settings.table]  # the same texture in grey levels on any table
+    tone = TABLES[settings.table] * rng.uniform(0.9, 1.1) * (
+        1 + 0.07 * contrast * mottle + 0.04 * contrast * fibre + 0.05 * contrast * grain)
     background = tone[..., None] * np.array([0.97, 1.0, 1.04], np.float32)
 
     xs, ys = pixel_grid(size, size)
@@ -181,7 +183,7 @@ def draw_scene(rng: np.random.Generator, settings: SyntheticSettings) -> Scene:
             rng.uniform(0, math.pi, count), settings.glare * rng.uniform(0.8, 1.2, count)])
     border = None
     if settings.border_touch > 0 and rng.random() < settings.border_touch:
-        border = (int(rng.integers(4)), float(rng.uniform(0.0, 0.3)))
+        border = (int(rng.integers(4)), float(rng.uniform(0.03, 0.3)))
     return Scene(centre, angle, unit, light, softboxes, background.astype(np.float32),
                  illumination.astype(np.float32), (noise * noise_level).astype(np.float32), blur_sigma,
                  elongation, streaks, glare_spots, border)
@@ -471,15 +473,17 @@ def part_coordinates(scene: Scene, settings: SyntheticSettings) -> tuple[np.ndar
 
 
 def push_over_border(scene: Scene, settings: SyntheticSettings) -> Scene:
-    """Shift the part so it touches, or reaches a little across, the chosen image border."""
+    """Shift the part so that 3-30 % of its width (or height), and at least 4 reference pixels, lie
+    across the chosen image border."""
     side, share = scene.border
-    ys, xs = np.nonzero(COVERAGES[settings.part](scene, *part_coordinates(scene, settings)) > 0)
+    ys, xs = np.nonzero(COVERAGES[settings.part](scene, *part_coordinates(scene, settings)) >= 0.5)
     last = settings.size - 1
+    least = 4 * scene.unit  # a thin part lying along the border must still reach over it
     if side in (0, 2):
-        overshoot = share * (xs.max() - xs.min())
+        overshoot = max(share * (xs.max() - xs.min()), least)
         shift = np.array([-xs.min() - overshoot if side == 0 else last - xs.max() + overshoot, 0.0])
     else:
-        overshoot = share * (ys.max() - ys.min())
+        overshoot = max(share * (ys.max() - ys.min()), least)
         shift = np.array([0.0, -ys.min() - overshoot if side == 1 else last - ys.max() + overshoot])
     return replace(scene, centre=scene.centre + shift, border=None)
 
