@@ -489,7 +489,8 @@ def push_over_border(scene: Scene, settings: SyntheticSettings) -> Scene:
 
 
 def glare(scene: Scene, clean: np.ndarray) -> np.ndarray:
-    """Specular highlights on the undamaged part (so a defect cannot move them), in image pixels."""
+    """Specular highlights centred on the undamaged part (so a defect cannot move them), in image
+    pixels; the caller keeps them on the metal."""
     ys, xs = np.nonzero(clean >= 0.999)
     layer = np.zeros(clean.shape, np.float32)
     if not len(xs):
@@ -501,7 +502,7 @@ def glare(scene: Scene, clean: np.ndarray) -> np.ndarray:
         along = (dx * math.cos(turn) + dy * math.sin(turn)) / (long * scene.unit)
         across = (-dx * math.sin(turn) + dy * math.cos(turn)) / (short * scene.unit)
         layer += gain * np.exp(-0.5 * (along**2 + across**2))
-    return layer * clean
+    return layer
 
 
 def render_sample(

@@ -209,25 +209,34 @@ def test_plate_elongation_straddles_the_pipelines_rotation_cut_off() -> None:
 
 @pytest.mark.parametrize("part", PARTS)
 def test_border_touch_puts_the_part_across_the_border_in_that_share_of_photos(part: str) -> None:
-    """Checked on the exact silhouette each photo is rendered from (photo-level detectors miss a
-    dark screw flank on a dark table)."""
-    from scripts.synthetic_fasteners import COVERAGES, draw_scene, part_coordinates, push_over_border
+    """The border option only moves the part (table, lamp and noise are drawn first), so the outermost
+    rows and columns of a photo change exactly when its part was moved onto them."""
+    still = healthy_photos(SyntheticSettings(part=part, size=128), 8)
 
     def crossing(share: float) -> list[bool]:
-        settings = SyntheticSettings(part=part, size=128, border_touch=share)
+        moved = healthy_photos(SyntheticSettings(part=part, size=128, border_touch=share), 8)
         result = []
-        for index in range(8):
-            scene = draw_scene(np.random.default_rng([settings.seed, 0, 0, index, 0]), settings)
-            if scene.border is not None:
-                scene = push_over_border(scene, settings)
-            solid = COVERAGES[part](scene, *part_coordinates(scene, settings)) >= 0.5
-            frame = np.concatenate([solid[:2].ravel(), solid[-2:].ravel(), solid[:, :2].ravel(), solid[:, -2:].ravel()])
-            result.append(bool(frame.any()))
+        for before, after in zip(still, moved):
+            change = np.abs(after.astype(int) - before.astype(int)).max(axis=2)
+            frame = np.concatenate([change[0], change[-1], change[:, 0], change[:, -1]])
+            result.append(bool((frame > 8).sum() >= 3))
         return result
 
-    assert not any(crossing(0.0))
     assert all(crossing(1.0))
     assert 0 < sum(crossing(0.5)) < 8
+
+
+def test_a_plate_chip_mask_is_exactly_the_coverage_it_removed() -> None:
+    from scripts.synthetic_fasteners import chip_plate, draw_scene, part_coordinates, render_plate
+
+    settings = SyntheticSettings(part="plate")
+    for index in range(6):
+        scene = draw_scene(np.random.default_rng([0, index]), settings)
+        part = render_plate(scene, *part_coordinates(scene, settings))
+        before = part.coverage.copy()
+        mask = chip_plate(np.random.default_rng(index), scene, part, scene.unit)
+        assert mask.any()
+        np.testing.assert_array_equal(mask, part.coverage != before)
 
 
 def test_table_option_sets_the_table_brightness() -> None:
