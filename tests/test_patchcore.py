@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from config import Config
+from config import Config, UserError
 from conftest import small_config
-from config import UserError
 from models.patchcore import FORMAT_VERSION, ModelFileError, PatchCore, confidence_from_sigma
 from preprocessing.io import load_test_split, read_image, train_images
 
@@ -110,7 +109,7 @@ class HandMadeFeatures:
 
 def hand_made_model(monkeypatch, **changes) -> PatchCore:
     monkeypatch.setattr("models.patchcore.FeatureExtractor", HandMadeFeatures)
-    config = Config(backbone="efficientnet_lite0", image_size=32, preprocess=False, device="cpu", **changes)
+    config = Config(backbone="efficientnet_lite0", image_size=32, preprocess="off", device="cpu", **changes)
     model = PatchCore(config)
     model.memory_bank = BANK.copy()
     return model

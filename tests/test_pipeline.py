@@ -203,7 +203,7 @@ def test_a_lighting_switch_skips_exactly_its_own_step(switched_off: str) -> None
     lighting_only = CONFIG.replace(segment=False)  # no mask: the frame is the whole photo, nothing zeroed
     result = preprocess(photo, lighting_only.replace(**{switched_off: False}))
     expected = photo
-    for flag, step in LIGHTING.items():  # the README's order: white balance, inpainting, CLAHE
+    for flag, step in LIGHTING.items():  # without a mask: white balance, inpainting (everywhere), CLAHE
         if flag != switched_off:
             expected = step(expected, lighting_only)
     assert np.array_equal(result.image, warp_image(expected, result.transform, SIZE))
