@@ -162,6 +162,7 @@ def test_a_saved_and_loaded_model_gives_the_same_predictions(fitted_model, small
     assert loaded.config == fitted_model.config and loaded.config.seed == fitted_model.config.seed
     assert loaded.threshold == fitted_model.threshold
     assert np.array_equal(loaded.calibration_scores, fitted_model.calibration_scores)
+    assert loaded.calibration == fitted_model.calibration  # method, spread floor, warnings
     test_paths = [s.path for s in load_test_split(small_screw_dir)[:2]]
     for before, after in zip(fitted_model.predict(test_paths), loaded.predict(test_paths), strict=True):
         assert after.score == before.score
