@@ -51,14 +51,18 @@ def _decode(path: Path, max_pixels: int) -> np.ndarray:
     try:
         with Image.open(BytesIO(data)) as header:  # reads only the header
             width, height = header.size
-            orientation = header.getexif().get(ORIENTATION_TAG, 1)
+            if width * height > max_pixels:
+                raise ImageReadError(
+                    f"{path}: {width}x{height} pixels is more than the limit of {max_pixels:_} "
+                    "(setting max_image_pixels); refused before decoding"
+                )
+            # A PNG's EXIF may follow the pixels, and Pillow would decode them all to find it.
+            has_exif_in_header = header.format != "PNG" or "exif" in header.info
+            orientation = header.getexif().get(ORIENTATION_TAG, 1) if has_exif_in_header else 1
+    except ImageReadError:
+        raise
     except (OSError, ValueError, SyntaxError) as error:  # Pillow's ways of saying "not an image I know"
         raise ImageReadError(f"{path}: not a readable image (corrupt or unsupported format)") from error
-    if width * height > max_pixels:
-        raise ImageReadError(
-            f"{path}: {width}x{height} pixels is more than the limit of {max_pixels:_} "
-            "(setting max_image_pixels); refused before decoding"
-        )
     truncated = _truncation(data)
     if truncated:
         raise ImageReadError(f"{path}: {truncated}; the file is incomplete, re-copy or re-take it")
@@ -240,17 +244,25 @@ def check_writable(path: str | Path) -> None:
     """Refuse, before any long work, an output file that is a folder, a device or FIFO, or cannot be created."""
     path = Path(path)
     _check_output_kind(path)
-    check_output_folder(path.parent)
+    _probe(path.parent, path)
 
 
 def check_output_folder(folder: str | Path) -> None:
-    """Create ``folder`` and probe it with a temporary file: finds read-only disks and missing permissions.
+    """Refuse, before any long work, an output folder that cannot be created or written to."""
+    _probe(Path(folder), Path(folder))
+
+
+def _probe(folder: Path, named: Path) -> None:
+    """Create ``folder`` and a temporary file in it: finds read-only disks and missing permissions.
 
     A disk that fills up later is still reported when it happens, with the previous file intact.
     """
-    probe, descriptor = _create_temporary(Path(folder) / "write-check")
-    os.close(descriptor)
-    probe.unlink()
+    try:
+        probe, descriptor = _create_temporary(folder / "write-check")
+        os.close(descriptor)
+        probe.unlink()
+    except OSError as error:
+        raise _output_error(named, error) from None
 
 
 def json_document(value: Any) -> str:
@@ -282,7 +294,10 @@ def write_atomically(path: str | Path, data: bytes | str) -> None:
         mode = stat.S_IMODE(os.stat(path).st_mode)
     except FileNotFoundError:
         mode = None
-    temporary, descriptor = _create_temporary(path)
+    try:
+        temporary, descriptor = _create_temporary(path)
+    except OSError as error:
+        raise _output_error(path, error) from None
     try:
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(data.encode("utf-8") if isinstance(data, str) else data)
@@ -295,7 +310,7 @@ def write_atomically(path: str | Path, data: bytes | str) -> None:
     except BaseException as error:
         temporary.unlink(missing_ok=True)
         if isinstance(error, OSError):
-            raise OutputError(f"{path}: cannot write ({error.strerror}); any previous file is unchanged") from None
+            raise _output_error(path, error) from None
         raise
 
 
@@ -320,16 +335,17 @@ def _temporary_pattern(path: Path) -> re.Pattern[str]:
 
 def _create_temporary(path: Path) -> tuple[Path, int]:
     """A new temporary file beside ``path``, created with mode 0666 so that the umask applies as to any new file."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            temporary = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-            try:
-                return temporary, os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-            except FileExistsError:
-                continue
-    except OSError as error:
-        raise OutputError(f"{path}: cannot be written ({error.strerror})") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        temporary = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        try:
+            return temporary, os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        except FileExistsError:
+            continue
+
+
+def _output_error(path: Path, error: OSError) -> OutputError:
+    return OutputError(f"{path}: cannot be written ({error.strerror}); any previous file is unchanged")
 
 
 def _remove_stale_temporaries(path: Path) -> None:

@@ -11,9 +11,11 @@ Geometry is written in pixels of a 256-px image ("reference pixels") and scaled 
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,7 +23,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from preprocessing.io import mask_path, write_atomically
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+if str(PROJECT_ROOT) not in sys.path:  # run as a script, sys.path holds scripts/ instead of the root
+    sys.path.insert(0, str(PROJECT_ROOT))
+
+from preprocessing.io import mask_path, write_atomically  # noqa: E402
 
 PARTS = ("screw", "nut")
 DEFECT_KINDS = ("rust", "corrosion", "scratch", "deformation")
@@ -439,3 +445,13 @@ def generate(settings: SyntheticSettings, out: str | Path) -> list[Path]:
         if mask_relative:
             write_png(out / mask_relative, mask)
     return [out / relative for relative in written]
+
+
+if __name__ == "__main__":  # a library of download_datasets.py; run on its own it says where its command is
+    parser = argparse.ArgumentParser(
+        description=__doc__,
+        epilog="Generate a set with: python scripts/download_datasets.py --synthetic [--part nut] [--out FOLDER]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.parse_args()
+    parser.print_help()
