@@ -360,11 +360,11 @@ def _read_state(path: Path) -> Any:
         raise ModelFileError(f"{path}: permission denied") from None
     except OSError as error:
         raise ModelFileError(f"{path}: cannot be read ({error.strerror})") from None
-    except pickle.UnpicklingError as error:
+    except _GlobalRefused as error:
         raise ModelFileError(f"{path}: refused, {error}") from None
     except (MemoryError, OverflowError):  # a length field claiming far more than the file holds
         raise ModelFileError(f"{path}: corrupt, it declares a value larger than the whole file") from None
-    except (EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError) as error:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError) as error:
         raise ModelFileError(f"{path}: not a model file or truncated ({error})") from None
 
 
@@ -409,8 +409,12 @@ def _unpack_array(packed: dict[str, Any], name: str) -> np.ndarray:
     return np.frombuffer(packed["data"], dtype=np.float32).reshape(shape).copy()
 
 
+class _GlobalRefused(pickle.UnpicklingError):
+    """The file names a Python object: loading it could run code."""
+
+
 class _PlainDataUnpickler(pickle.Unpickler):
     """Refuses every global: a model file holds dicts, lists, strings, numbers and bytes only."""
 
     def find_class(self, module: str, name: str) -> Any:
-        raise pickle.UnpicklingError(f"the file asks to load {module}.{name}; model files hold plain data only")
+        raise _GlobalRefused(f"the file asks to load {module}.{name}; model files hold plain data only")
