@@ -123,6 +123,8 @@ def _jpeg_reaches_its_end(data: bytes) -> bool:
         if marker == 0xFF or marker == 0x01 or 0xD0 <= marker <= 0xD8:  # fill byte or a marker with no length
             position += 1 if marker == 0xFF else 2
             continue
+        if marker == 0xD9:  # ends before any scan: not a layout this check understands either
+            return True
         length = int.from_bytes(data[position + 2 : position + 4], "big")
         if marker == 0xDA:  # start of scan
             return data.find(b"\xff\xd9", position + 2 + length) >= 0
@@ -289,7 +291,7 @@ def write_atomically(path: str | Path, data: bytes | str) -> None:
     """
     path = Path(path)
     _check_output_kind(path)
-    _remove_stale_temporaries(path)
+    _remove_stale_temporaries(path.parent)
     try:
         mode = stat.S_IMODE(os.stat(path).st_mode)
     except FileNotFoundError:
@@ -328,16 +330,16 @@ def _check_output_kind(path: Path) -> None:
         raise OutputError(f"{path}: is a device, FIFO or socket, not a file; give a file name")
 
 
-def _temporary_pattern(path: Path) -> re.Pattern[str]:
-    """Our temporaries of ``path``: ``.<name>.<pid>.<random>.tmp``, the pid telling whether the writer lives."""
-    return re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.[0-9a-f]+\.tmp")
+# Our temporaries: ``.<name>.<pid>.<8 hex digits>.tmp``; the pid tells whether the writer still lives.
+TEMPORARY_NAME = re.compile(r"\..+\.(\d+)\.[0-9a-f]{8}\.tmp")
+_folders_cleaned: set[Path] = set()  # each folder is swept once per process: listing it per write would cost O(n²)
 
 
 def _create_temporary(path: Path) -> tuple[Path, int]:
     """A new temporary file beside ``path``, created with mode 0666 so that the umask applies as to any new file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        temporary = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        temporary = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"  # see TEMPORARY_NAME
         try:
             return temporary, os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
         except FileExistsError:
@@ -348,17 +350,19 @@ def _output_error(path: Path, error: OSError) -> OutputError:
     return OutputError(f"{path}: cannot be written ({error.strerror}); any previous file is unchanged")
 
 
-def _remove_stale_temporaries(path: Path) -> None:
-    """Remove temporaries of ``path`` whose writer is gone (killed mid-write); a live writer's are kept."""
-    pattern = _temporary_pattern(path)
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Remove temporaries whose writer is gone (killed mid-write); a live writer's are kept."""
+    if folder in _folders_cleaned:
+        return
+    _folders_cleaned.add(folder)
     try:
-        names = os.listdir(path.parent)
+        names = os.listdir(folder)
     except OSError:
         return
     for name in names:
-        match = pattern.fullmatch(name)
+        match = TEMPORARY_NAME.fullmatch(name)
         if match and not _process_alive(int(match.group(1))):
-            (path.parent / name).unlink(missing_ok=True)
+            (folder / name).unlink(missing_ok=True)
 
 
 def _process_alive(pid: int) -> bool:

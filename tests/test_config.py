@@ -30,18 +30,20 @@ def test_weights_alias_and_boolean_flags():
     assert config.score_reweighting is False
 
 
-def test_unknown_yaml_key_is_an_error(tmp_path):
+def from_yaml(tmp_path, text: str) -> Config:
     settings = tmp_path / "settings.yaml"
-    settings.write_text("image_sise: 320\n")
+    settings.write_text(text)
+    return config_from_args(parse(["--config", str(settings)]))
+
+
+def test_unknown_yaml_key_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="unknown config key.*image_sise"):
-        config_from_args(parse(["--config", str(settings)]))
+        from_yaml(tmp_path, "image_sise: 320\n")
 
 
 def test_yaml_must_be_a_mapping(tmp_path):
-    settings = tmp_path / "settings.yaml"
-    settings.write_text("- 1\n- 2\n")
     with pytest.raises(ValueError, match="mapping"):
-        config_from_args(parse(["--config", str(settings)]))
+        from_yaml(tmp_path, "- 1\n- 2\n")
 
 
 @pytest.mark.parametrize(
@@ -147,18 +149,14 @@ def test_help_lists_every_setting_with_its_default_and_allowed_values():
 def test_bad_flag_values_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="threshold_percentile must be 0 to 100, got 150.0"):
         config_from_args(parse(["--threshold-percentile", "150"]))
-    settings = tmp_path / "settings.yaml"
-    settings.write_text('clahe: "no"\n')
     with pytest.raises(ConfigError, match="clahe must be true or false, got 'no'"):
-        config_from_args(parse(["--config", str(settings)]))
+        from_yaml(tmp_path, 'clahe: "no"\n')
 
 
 def test_yaml_python_tags_run_nothing(tmp_path):
-    settings = tmp_path / "settings.yaml"
     marker = tmp_path / "ran"
-    settings.write_text(f"seed: !!python/object/apply:os.system ['touch {marker}']\n")
     with pytest.raises(ValueError, match="not valid YAML"):
-        config_from_args(parse(["--config", str(settings)]))
+        from_yaml(tmp_path, f"seed: !!python/object/apply:os.system ['touch {marker}']\n")
     assert not marker.exists()
 
 

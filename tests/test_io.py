@@ -223,13 +223,12 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
 def test_stale_temporaries_of_a_dead_writer_are_removed_a_live_one_is_kept(tmp_path):
     finished = subprocess.Popen(["true"])
     finished.wait()
-    stale = tmp_path / f".report.html.{finished.pid}.0badc0de.tmp"
-    live = tmp_path / f".report.html.{os.getpid()}.c0ffee00.tmp"
-    unrelated = tmp_path / f".other.html.{finished.pid}.0badc0de.tmp"
-    for path in (stale, live, unrelated):
+    stale = [tmp_path / f".report.html.{finished.pid}.0badc0de.tmp", tmp_path / f".model.pkl.{finished.pid}.12345678.tmp"]
+    kept = [tmp_path / f".report.html.{os.getpid()}.c0ffee00.tmp", tmp_path / "notes.tmp", tmp_path / ".cache.tmp"]
+    for path in stale + kept:
         path.write_text("partial")
     write_atomically(tmp_path / "report.html", "<html></html>")
-    assert sorted(os.listdir(tmp_path)) == sorted(["report.html", live.name, unrelated.name])
+    assert sorted(os.listdir(tmp_path)) == sorted(["report.html", *(path.name for path in kept)])
 
 
 @pytest.mark.parametrize(

@@ -278,3 +278,19 @@ def test_an_unreadable_model_file_says_permission_denied(fitted_model, tmp_path)
     )
     result = subprocess.run(without_root_powers([sys.executable, "-c", code]), cwd=ROOT, capture_output=True, text=True)
     assert result.stdout.strip() == f"{path}: permission denied", result.stderr
+
+
+def test_a_phone_photo_is_scored_and_mapped_upright(fitted_model, small_screw_dir, tmp_path):
+    """EXIF orientation 6 (camera held sideways): the map covers the photo as a viewer shows it, and
+    the verdict is the one for the upright pixels."""
+    from PIL import Image
+
+    upright = read_image(load_test_split(small_screw_dir)[-1].path)[:, 112:-112]  # 1024 x 800, not square
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated 90° anticlockwise; viewers turn it back clockwise
+    path = tmp_path / "phone.png"
+    Image.fromarray(np.rot90(upright).copy()).save(path, exif=exif)
+    (from_file,) = fitted_model.predict([path])
+    (direct,) = fitted_model.predict([upright])
+    assert from_file.anomaly_map.shape == upright.shape[:2] == (1024, 800)
+    assert from_file.score == pytest.approx(direct.score, rel=1e-6)
