@@ -323,7 +323,7 @@ def _check_output_kind(path: Path) -> None:
     except FileNotFoundError:
         return
     except OSError as error:
-        raise OutputError(f"{path}: cannot be written ({error.strerror})") from None
+        raise _output_error(path, error) from None
     if stat.S_ISDIR(mode):
         raise OutputError(f"{path}: is a folder; give a file name")
     if not stat.S_ISREG(mode):
@@ -366,9 +366,10 @@ def _remove_stale_temporaries(folder: Path) -> None:
 
 
 def _process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (signal 0 only asks)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # gone, or a number no process can have
         return False
     except PermissionError:  # alive, owned by someone else
         return True
