@@ -19,6 +19,7 @@ from typing import Any, NoReturn, get_args, get_type_hints
 import yaml
 
 BACKBONES = ("wide_resnet50_2", "efficientnet_lite0")
+PREPROCESS_MODES = ("auto", "on", "off")
 FLAG_ALIASES = {"weights_path": ["--weights"]}  # short spellings the README uses
 
 
@@ -47,6 +48,7 @@ class Rule:
     below: float | None = None  # exclusive upper bound
     multiple_of: int | None = None
     lengths: tuple[int, ...] | None = None  # allowed list lengths
+    normalise: Callable[[Any], Any] | None = None  # older spellings rewritten before checking
 
     def describe(self) -> str:
         """The allowed values in words, e.g. '32 to 1024, a multiple of 16'."""
@@ -88,6 +90,12 @@ class Rule:
             or (self.multiple_of is not None and value % self.multiple_of)
         )
         return f"must be {self.describe()}" if out_of_range else None
+
+
+def _on_off(value: Any) -> Any:
+    """true/false (model files and YAML written before 'auto' existed, or --preprocess false) mean on/off."""
+    switch = str(value).lower()
+    return {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}.get(switch, switch)
 
 
 def setting(default: Any, help: str, **rule: Any) -> Any:
@@ -140,7 +148,7 @@ class Config:
     device: str = setting("auto", "where the backbone runs", choices=("auto", "cpu", "cuda"))
     num_workers: int = setting(2, "threads that decode and preprocess photos", minimum=1, maximum=64)
     seed: int = setting(
-        0, "seed of the hold-out split, coreset and projections (recorded in the model file)",
+        0, "seed of the calibration folds, coreset and projections (recorded in the model file)",
         minimum=0, maximum=2**32 - 1,
     )
     max_image_pixels: int = setting(
@@ -149,13 +157,17 @@ class Config:
     )
     # --- calibration ---------------------------------------------------------------------------
     threshold_percentile: float = setting(
-        99.0, "percentile of held-out healthy scores that becomes the threshold", minimum=0, maximum=100
+        99.0, "percentile of the healthy scores' robust normal fit that becomes the threshold", above=0, below=100
     )
-    validation_fraction: float = setting(
-        0.1, "share of train/good held out of the memory bank to calibrate", above=0, below=1
+    calibration_folds: int = setting(
+        5, "folds of the cross-fitted calibration: each photo is scored by a bank fitted without its fold",
+        minimum=2, maximum=100,
     )
     # --- preprocessing (the eight-step pipeline) -----------------------------------------------
-    preprocess: bool = setting(True, "master switch of the pipeline; off = a plain resize to image_size")
+    preprocess: str = setting(
+        "auto", "auto: steps decided from the training photos at fit time; on: the switches below; off: a plain resize",
+        choices=PREPROCESS_MODES, normalise=_on_off,
+    )
     white_balance: bool = setting(True, "gray-world white balance")
     inpaint_specular: bool = setting(True, "fill saturated glare from its surroundings")
     specular_threshold: int = setting(250, "brightness from which a pixel counts as glare", minimum=0, maximum=255)
@@ -169,10 +181,14 @@ class Config:
     )
     align_rotation: bool = setting(True, "rotate the part to a canonical orientation")
     min_elongation: float = setting(
-        1.5, "axis ratio below which the rotation is left alone (nuts)", minimum=1, maximum=100
+        1.5, "axis ratio below which the rotation is left alone (nuts); 0 = always align", minimum=0, maximum=100
     )
     normalize_scale: bool = setting(True, "scale the part's long side to fill the input")
     zero_background: bool = setting(True, "black out everything outside the dilated object mask")
+    mask_fill: str = setting(
+        "contour", "object mask: the part's outline filled (contour) or its convex hull (hull, keeps shiny edges)",
+        choices=("contour", "hull"),
+    )
     mask_dilation: int = setting(15, "dilation of the object mask, in model-input pixels", minimum=0, maximum=255)
 
     def __post_init__(self) -> None:
@@ -228,8 +244,11 @@ def validate(config: Config) -> None:
     problems = []
     hints = get_type_hints(Config)
     for item in fields(config):
+        value = getattr(config, item.name)
+        if rule_of(item).normalise is not None:
+            value = rule_of(item).normalise(value)
         try:
-            value = _coerce(item.name, hints[item.name], getattr(config, item.name))
+            value = _coerce(item.name, hints[item.name], value)
         except ConfigError as error:
             problems.append(str(error))
             continue
@@ -241,15 +260,14 @@ def validate(config: Config) -> None:
         raise ConfigError("invalid settings: " + "; ".join(problems))
 
 
-# Per-category preprocessing defaults, chosen from the ablation in README ("Preprocessing"):
-# screw (outputs/ablation_screw.md, coreset ratio 0.1): CLAHE amplifies the table's texture and costs
-# image AUROC (0.976 with it, 0.996 without); every other step earns its place. A 320-pixel input
-# gave the same image AUROC (0.995) for 1.5x the compute, so 256 stays.
-# metal_nut: no measurements; a nut has no dominant axis, so rotation alignment is off (min_elongation
-# would usually keep it still anyway, but a near-threshold nut must not flip between photos).
+# Per-category defaults, chosen from measurements (README, "Preprocessing"):
+# screw (ablation on MVTec screw, coreset ratio 0.1): every step earns its place except CLAHE, which
+# amplifies the table's texture (image AUROC 0.976 with it, 0.996 without); 320 px measured no better.
+# Every other folder (metal_nut included: no data here to measure it) gets 'auto': the steps are
+# decided from its own training photos at fit time (preprocessing/auto.py).
 CATEGORY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "screw": {"clahe": False},
-    "metal_nut": {"clahe": False, "align_rotation": False},
+    "screw": {"preprocess": "on", "clahe": False},
+    "metal_nut": {"clahe": False},
     "custom": {"clahe": False},
 }
 

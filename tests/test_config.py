@@ -72,9 +72,11 @@ def test_round_trip_through_dict():
         ("batch_size", -4, "batch_size must be 1 to 1024, got -4"),
         ("mask_dilation", -5, "mask_dilation must be 0 to 255, got -5"),
         ("num_neighbors", 0, "num_neighbors must be 1 to 1024, got 0"),
-        ("threshold_percentile", 150, "threshold_percentile must be 0 to 100, got 150.0"),
+        ("threshold_percentile", 150, "threshold_percentile must be between 0 and 100, both excluded, got 150.0"),
+        ("threshold_percentile", 100, "threshold_percentile must be between 0 and 100, both excluded, got 100.0"),
         ("heatmap_sigma", -0.5, "heatmap_sigma must be 0 to 64, got -0.5"),
-        ("validation_fraction", 1.0, "validation_fraction must be between 0 and 1, both excluded, got 1.0"),
+        ("calibration_folds", 1, "calibration_folds must be 2 to 100, got 1"),
+        ("preprocess", "maybe", "preprocess must be one of auto, on, off, got 'maybe'"),
         ("num_workers", 0, "num_workers must be 1 to 64, got 0"),
         ("ivf_nprobe", 0, "ivf_nprobe must be 1 to 65536, got 0"),
         ("coreset_sampling_ratio", float("nan"), "coreset_sampling_ratio must be a finite number, got nan"),
@@ -100,7 +102,7 @@ def test_all_bad_settings_are_named_in_one_message():
 
 
 def test_a_whole_number_for_a_decimal_setting_becomes_a_float():
-    config = Config.from_dict({"heatmap_sigma": 4, "threshold_percentile": 100})
+    config = Config.from_dict({"heatmap_sigma": 4, "threshold_percentile": 95})
     assert config.heatmap_sigma == 4.0 and isinstance(config.heatmap_sigma, float)
     assert Config.from_dict(config.to_dict()) == config
 
@@ -143,11 +145,12 @@ def test_help_lists_every_setting_with_its_default_and_allowed_values():
         assert " ".join(help_text(item).replace("%%", "%").split()) in text
     assert "(default 256; 32 to 1024, a multiple of 16)" in text
     assert "(default true, false for screw, metal_nut, custom)" in text  # clahe's category defaults
+    assert "(default auto, on for screw; one of auto, on, off)" in text
     assert "one of flat, ivf" in text
 
 
 def test_bad_flag_values_are_refused(tmp_path):
-    with pytest.raises(ConfigError, match="threshold_percentile must be 0 to 100, got 150.0"):
+    with pytest.raises(ConfigError, match="threshold_percentile must be between 0 and 100, both excluded, got 150.0"):
         config_from_args(parse(["--threshold-percentile", "150"]))
     with pytest.raises(ConfigError, match="clahe must be true or false, got 'no'"):
         from_yaml(tmp_path, 'clahe: "no"\n')

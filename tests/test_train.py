@@ -198,6 +198,6 @@ def test_settings_are_checked_before_any_work(tmp_path, small_screw_dir, monkeyp
     argv = ["--data-dir", str(small_screw_dir), "--config", "settings.yaml", "--target-dim", "0"]
     assert run_cli(lambda: train.main(argv)) == 2
     assert capsys.readouterr().err.splitlines() == [
-        "error: invalid settings: target_dim must be 1 to 8192, got 0; threshold_percentile must be 0 to 100, "
-        "got 150.0; clahe must be true or false, got 'no'"
+        "error: invalid settings: target_dim must be 1 to 8192, got 0; threshold_percentile must be between 0 "
+        "and 100, both excluded, got 150.0; clahe must be true or false, got 'no'"
     ]
