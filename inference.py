@@ -9,13 +9,12 @@ some photos of a ``--dir`` could not be read (the rest are scored and reported).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from config import fail, run_cli
-from preprocessing.io import ImageReadError, find_images, read_images
+from preprocessing.io import ImageReadError, check_output_folder, find_images, json_document, read_images
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -44,7 +43,8 @@ def score_files(model: Any, paths: list[Path], heatmap_dir: Path | None, quiet: 
     batch_size = model.config.batch_size
     with tqdm(total=len(paths), desc="scoring", unit="img", disable=quiet, leave=False) as bar:
         for start in range(0, len(paths), batch_size):
-            decoded = list(read_images(paths[start : start + batch_size], model.config.num_workers))
+            batch = paths[start : start + batch_size]
+            decoded = list(read_images(batch, model.config.num_workers, model.config.max_image_pixels))
             readable = [(path, image) for path, image in decoded if not isinstance(image, ImageReadError)]
             predictions = iter(model.predict([image for _, image in readable]) if readable else [])
             for path, image in decoded:
@@ -111,8 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.evaluate:
         from evaluation.report import evaluate, format_summary
 
+        check_output_folder(out_dir)
         metrics = evaluate(model, args.dir, out_dir, fit_seconds=model.fit_seconds, quiet=args.quiet)
-        print(json.dumps(metrics, indent=2) if args.json else format_summary(metrics))
+        print(json_document(metrics) if args.json else format_summary(metrics))
         print(f"metrics: {out_dir / 'metrics.json'}  report: {out_dir / 'report.html'}", file=sys.stderr)
         return 0
 
@@ -125,10 +126,12 @@ def main(argv: list[str] | None = None) -> int:
         if not paths:
             fail(f"{args.dir}: no images found (png, jpg, jpeg, bmp, tif, tiff)")
     heatmap_dir = out_dir / "heatmaps" if args.visualize else None
+    if heatmap_dir is not None:
+        check_output_folder(heatmap_dir)  # before scoring, not after the first photo
     records = score_files(model, paths, heatmap_dir, args.quiet or args.json)
 
     if args.json:
-        print(json.dumps({"model": str(args.model), "results": records}, indent=2))
+        print(json_document({"model": str(args.model), "results": records}))
     else:
         print_table(records)
         if heatmap_dir is not None:

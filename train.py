@@ -10,8 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from config import CATEGORY_DEFAULTS, add_config_arguments, config_from_args, fail, run_cli
-from preprocessing.io import load_test_split, train_images
+from config import CATEGORY_DEFAULTS, Config, add_config_arguments, config_from_args, fail, run_cli
+from preprocessing.io import ImageReadError, check_writable, load_test_split, read_images, train_images
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -66,6 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     from models.patchcore import PatchCore
 
     model_path = args.output or Path("saved_models") / f"patchcore_{name}.pkl"
+    report_dir = Path("outputs") / model_path.stem
+    check_writable(model_path)  # before the fit, not after it
+    has_test_split = bool(load_test_split(data_dir))
+    if has_test_split:
+        check_writable(report_dir / "metrics.json")
+    refuse_unusable_photos(paths, config)
     model = PatchCore(config)
     if not args.quiet:
         print(f"fitting {config.backbone} PatchCore on {len(paths)} healthy images from {data_dir}")
@@ -80,14 +86,25 @@ def main(argv: list[str] | None = None) -> int:
         f"model saved to {model_path} ({model.memory_bank.shape[0]} patches in the memory bank, "
         f"threshold {model.threshold:.3f}, fit {model.fit_seconds:.1f} s)"
     )
-    if load_test_split(data_dir):
+    if has_test_split:
         from evaluation.report import evaluate, format_summary
 
-        out_dir = Path("outputs") / model_path.stem
-        metrics = evaluate(model, data_dir, out_dir, fit_seconds=model.fit_seconds, quiet=args.quiet)
+        metrics = evaluate(model, data_dir, report_dir, fit_seconds=model.fit_seconds, quiet=args.quiet)
         print(format_summary(metrics))
-        print(f"metrics: {out_dir / 'metrics.json'}  report: {out_dir / 'report.html'}")
+        print(f"metrics: {report_dir / 'metrics.json'}  report: {report_dir / 'report.html'}")
     return 0
+
+
+def refuse_unusable_photos(paths: list[Path], config: Config) -> None:
+    """Decode every training photo first: a truncated or corrupt one must not enter the memory bank.
+
+    The fit is refused with the list of bad files rather than run without them, so a model never
+    silently learns from fewer photos than its folder holds.
+    """
+    bad = [str(image) for _, image in read_images(paths, config.num_workers, config.max_image_pixels)
+           if isinstance(image, ImageReadError)]
+    if bad:
+        fail(f"{len(bad)} of {len(paths)} training photos cannot be used; remove or replace them: {'; '.join(bad)}")
 
 
 if __name__ == "__main__":

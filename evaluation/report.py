@@ -134,16 +134,17 @@ def _score(
         for start in range(0, len(samples), batch_size):
             batch = samples[start : start + batch_size]
             readable: list[tuple[LabelledImage, np.ndarray, np.ndarray | None]] = []
-            for sample, (_, image) in zip(batch, read_images([s.path for s in batch], model.config.num_workers)):
+            limit = model.config.max_image_pixels
+            for sample, (_, image) in zip(batch, read_images([s.path for s in batch], model.config.num_workers, limit)):
                 try:
                     if isinstance(image, ImageReadError):
                         raise image
-                    mask = read_mask(sample.mask_path) if sample.mask_path else None
+                    mask = read_mask(sample.mask_path, limit) if sample.mask_path else None
                 except ImageReadError as error:
                     _warn(f"skipped: {error}")
                     skipped.append({"path": str(sample.path), "reason": str(error)})
                     continue
-                readable.append((sample, image, mask))
+                readable.append((sample, image, _mask_fitting(sample, image, mask)))
             predictions = model.predict([image for _, image, _ in readable], progress=False) if readable else []
             for (sample, image, mask), prediction in zip(readable, predictions):
                 eval_map, regions = downsample_for_eval(prediction.anomaly_map, mask, eval_size)
@@ -159,6 +160,18 @@ def _score(
                 ))
             bar.update(len(batch))
     return scored, skipped
+
+
+def _mask_fitting(sample: LabelledImage, image: np.ndarray, mask: np.ndarray | None) -> np.ndarray | None:
+    """The mask when it has its photo's size; otherwise a warning and None, so the photo stays out of
+    pixel metrics (stretching a mask of another size would score the wrong pixels)."""
+    if mask is None or mask.shape == image.shape[:2]:
+        return mask
+    _warn(
+        f"{sample.mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its photo {sample.path} is "
+        f"{image.shape[1]}x{image.shape[0]}; that photo is left out of the pixel metrics"
+    )
+    return None
 
 
 def _calibration(model: Model) -> tuple[float | None, float | None]:

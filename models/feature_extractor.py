@@ -29,6 +29,7 @@ class BackboneSpec:
     """What differs between backbones: their stride-8/16 stages and input normalisation."""
 
     layers: tuple[str, str]
+    channels: int  # of the two stages together, before any reduction to target_dim
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
@@ -36,10 +37,17 @@ class BackboneSpec:
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SPECS = {
-    "wide_resnet50_2": BackboneSpec(("layer2", "layer3"), IMAGENET_MEAN, IMAGENET_STD),
+    "wide_resnet50_2": BackboneSpec(("layer2", "layer3"), 512 + 1024, IMAGENET_MEAN, IMAGENET_STD),
     # The lite models were trained on inputs scaled to [-1, 1].
-    "efficientnet_lite0": BackboneSpec(("_blocks.4", "_blocks.10"), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "efficientnet_lite0": BackboneSpec(("_blocks.4", "_blocks.10"), 40 + 112, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
 }
+
+
+def feature_width(config: Config) -> int | None:
+    """Features per patch the extractor gives for ``config``, known without building it (None for custom layers)."""
+    if config.layers:
+        return None
+    return min(SPECS[config.backbone].channels, config.target_dim)
 
 
 def file_sha256(path: str | Path) -> str:

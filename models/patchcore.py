@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import pickle
 import platform
+import stat
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -27,7 +28,7 @@ from tqdm import tqdm
 
 from config import Config, UserError
 from models.coreset import StreamingCoreset
-from models.feature_extractor import FeatureExtractor
+from models.feature_extractor import FeatureExtractor, feature_width
 from preprocessing.io import read_image, write_atomically
 from preprocessing.pipeline import Preprocessed, preprocess, to_original
 
@@ -312,7 +313,8 @@ class PatchCore:
         """
 
         def prepare(image: str | Path | np.ndarray) -> Preprocessed:
-            return preprocess(read_image(image) if isinstance(image, (str, Path)) else image, self.config)
+            photo = read_image(image, self.config.max_image_pixels) if isinstance(image, (str, Path)) else image
+            return preprocess(photo, self.config)
 
         size = self.config.batch_size
         starts = iter(range(0, len(images), size))
@@ -363,37 +365,106 @@ class PatchCore:
 
     @classmethod
     def load(cls, path: str | Path, device: str | None = None) -> PatchCore:
-        """Read a model file. Only plain data is accepted: a file that names any Python object is refused."""
+        """Read and check a model file. Only plain data is accepted: a file that names any Python
+        object is refused, and so is every value a fitted model could not have written."""
         path = Path(path)
+        state = _read_state(path)
         try:
-            with open(path, "rb") as handle:
-                state = _PlainDataUnpickler(handle).load()
-        except FileNotFoundError:
-            raise ModelFileError(f"{path}: model file not found") from None
-        except pickle.UnpicklingError as error:
-            raise ModelFileError(f"{path}: refused, {error}") from None
-        except (EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError) as error:
-            raise ModelFileError(f"{path}: not a model file or truncated ({error})") from None
+            return cls._from_state(state, device)
+        except (ValueError, TypeError, KeyError) as error:
+            raise ModelFileError(f"{path}: {error}") from None
+
+    @classmethod
+    def _from_state(cls, state: Any, device: str | None) -> PatchCore:
+        """A model from an unpickled state, refusing anything missing, mistyped or not finite."""
         if not isinstance(state, dict) or "format_version" not in state:
-            raise ModelFileError(f"{path}: not a fastener-anomaly-detection model file")
-        if state["format_version"] != FORMAT_VERSION:
-            raise ModelFileError(
-                f"{path}: model format version {state['format_version']} is not supported by this "
-                f"version (expects {FORMAT_VERSION}); refit the model with train.py"
+            raise ValueError("not a fastener-anomaly-detection model file")
+        version = state["format_version"]
+        if type(version) is not int or version != FORMAT_VERSION:
+            raise ValueError(
+                f"model format version {version!r} is not supported by this version "
+                f"(expects {FORMAT_VERSION}); refit the model with train.py"
             )
+        missing = sorted(set(_STATE_TYPES) - set(state))
+        if missing:
+            raise ValueError(f"incomplete model file, missing {', '.join(missing)}")
+        for key, types in _STATE_TYPES.items():
+            if not isinstance(state[key], types) or isinstance(state[key], bool):
+                raise ValueError(f"{key} has the wrong type ({type(state[key]).__name__})")
         config_values = dict(state["config"])
         if device is not None:
             config_values["device"] = device
         model = cls(Config.from_dict(config_values))
-        model.memory_bank = _unpack_array(state["memory_bank"])
-        model.calibration_scores = _unpack_array(state["calibration_scores"])
+        model.memory_bank = _unpack_array(state["memory_bank"], "memory_bank")
+        model.calibration_scores = _unpack_array(state["calibration_scores"], "calibration_scores")
         model.calibration = dict(state.get("calibration", {"method": "held-out photos", "warnings": []}))
         model.preprocessing = dict(state.get("preprocessing", {}))
         model.threshold = float(state["threshold"])
-        model.n_train = int(state["n_train"])
+        model.n_train = state["n_train"]
         model.fit_seconds = float(state["fit_seconds"])
-        model.weights_identity = str(state["weights_identity"])
+        model.weights_identity = state["weights_identity"]
+        _check_fitted_values(model)
         return model
+
+
+_STATE_TYPES: dict[str, type | tuple[type, ...]] = {
+    "config": dict,
+    "memory_bank": dict,
+    "calibration_scores": dict,
+    "threshold": (int, float),
+    "n_train": int,
+    "fit_seconds": (int, float),
+    "weights_identity": str,
+}
+
+
+def _read_state(path: Path) -> Any:
+    """Unpickle a model file's plain data, or ModelFileError naming the file and what is wrong with it."""
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        reason = "broken symbolic link" if path.is_symlink() else "model file not found"
+        raise ModelFileError(f"{path}: {reason}") from None
+    except OSError as error:  # a symlink loop, a folder on the way that cannot be entered
+        raise ModelFileError(f"{path}: cannot be opened ({error.strerror})") from None
+    if stat.S_ISDIR(status.st_mode):
+        raise ModelFileError(f"{path}: is a folder, not a model file")
+    if not stat.S_ISREG(status.st_mode):  # opening a FIFO would wait for a writer forever
+        raise ModelFileError(f"{path}: not a regular file (a device, FIFO or socket)")
+    try:
+        with open(path, "rb") as handle:
+            return _PlainDataUnpickler(handle).load()
+    except PermissionError:
+        raise ModelFileError(f"{path}: permission denied") from None
+    except OSError as error:
+        raise ModelFileError(f"{path}: cannot be read ({error.strerror})") from None
+    except _GlobalRefused as error:
+        raise ModelFileError(f"{path}: refused, {error}") from None
+    except (MemoryError, OverflowError):  # a length field claiming far more than the file holds
+        raise ModelFileError(f"{path}: corrupt, it declares a value larger than the whole file") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError) as error:
+        raise ModelFileError(f"{path}: not a model file or truncated ({error})") from None
+
+
+def _check_fitted_values(model: PatchCore) -> None:
+    """Refuse what no fit writes: a NaN threshold would pass every part, an empty bank scores nothing."""
+    bank, scores = model.memory_bank, model.calibration_scores
+    if not math.isfinite(model.threshold):
+        raise ValueError(f"threshold is {model.threshold}, not a finite number")
+    if bank.ndim != 2 or bank.shape[0] == 0 or bank.shape[1] == 0:
+        raise ValueError(f"memory_bank must be a non-empty (patches, features) array, got shape {bank.shape}")
+    if not np.isfinite(bank).all():
+        raise ValueError("memory_bank holds NaN or infinite values")
+    width = feature_width(model.config)
+    if width is not None and bank.shape[1] != width:
+        raise ValueError(
+            f"memory_bank has {bank.shape[1]} features per patch, but {model.config.backbone} with "
+            f"target_dim {model.config.target_dim} gives {width}"
+        )
+    if scores.ndim != 1 or scores.size == 0 or not np.isfinite(scores).all():
+        raise ValueError("calibration_scores must be a non-empty list of finite numbers")
+    if model.n_train < 1:
+        raise ValueError(f"n_train must be at least 1, got {model.n_train}")
 
 
 def _pack_array(array: np.ndarray) -> dict[str, Any]:
@@ -402,15 +473,26 @@ def _pack_array(array: np.ndarray) -> dict[str, Any]:
     return {"dtype": array.dtype.str, "shape": list(array.shape), "data": array.tobytes()}
 
 
-def _unpack_array(packed: dict[str, Any]) -> np.ndarray:
-    dtype = np.dtype(packed["dtype"])
-    if dtype.hasobject:
-        raise ValueError("object arrays are not allowed in a model file")
-    return np.frombuffer(packed["data"], dtype=dtype).reshape(packed["shape"]).copy()
+def _unpack_array(packed: dict[str, Any], name: str) -> np.ndarray:
+    """A float32 array from ``_pack_array``'s dict, checking that shape and data length agree."""
+    if set(packed) != {"dtype", "shape", "data"} or not isinstance(packed["data"], bytes):
+        raise ValueError(f"{name} is not a packed array")
+    if packed["dtype"] != np.dtype(np.float32).str:
+        raise ValueError(f"{name} must be float32, got dtype {packed['dtype']!r}")
+    shape = packed["shape"]
+    if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
+        raise ValueError(f"{name} has an invalid shape {shape!r}")
+    if math.prod(shape) * 4 != len(packed["data"]):
+        raise ValueError(f"{name}: shape {shape} does not match its {len(packed['data'])} bytes")
+    return np.frombuffer(packed["data"], dtype=np.float32).reshape(shape).copy()
+
+
+class _GlobalRefused(pickle.UnpicklingError):
+    """The file names a Python object: loading it could run code."""
 
 
 class _PlainDataUnpickler(pickle.Unpickler):
     """Refuses every global: a model file holds dicts, lists, strings, numbers and bytes only."""
 
     def find_class(self, module: str, name: str) -> Any:
-        raise pickle.UnpicklingError(f"the file asks to load {module}.{name}; model files hold plain data only")
+        raise _GlobalRefused(f"the file asks to load {module}.{name}; model files hold plain data only")

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,3 +86,110 @@ def test_evaluating_a_saved_model_repeats_the_fit_time_numbers(fitted_model, mod
     for key in ("image_auroc", "image_ap", "pixel_auroc", "aupro", "per_defect_auroc", "threshold", "n_test"):
         assert from_file[key] == at_fit[key], key
     assert (tmp_path / "saved" / "report.html").is_file()
+
+
+# ----------------------------------------------------------------------------- hardening
+def test_a_batch_with_every_kind_of_bad_file_scores_the_rest(model_file, small_screw_dir, tmp_path):
+    """Bomb, truncated JPEG, broken link, text named .png, unreadable file: each one error record, exit 3."""
+    import cv2
+    from test_io import ROOT, bomb_png, jpeg_bytes, without_root_powers
+
+    from preprocessing.io import read_image
+
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    good = [sample.path for sample in load_test_split(small_screw_dir)[:3]]
+    for index, path in enumerate(good):
+        (folder / f"good_{index}.png").symlink_to(path.resolve())
+    (folder / "bomb.png").write_bytes(bomb_png(30000))
+    data = jpeg_bytes(read_image(good[0]))
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (folder / "moved.png").symlink_to(tmp_path / "no_longer_here.png")
+    (folder / "notes.png").write_text("not a photo")
+    cv2.imwrite(str(folder / "locked.png"), cv2.imread(str(good[1])))
+    (folder / "locked.png").chmod(0)
+    command = [sys.executable, str(ROOT / "inference.py"), "--model", str(model_file), "--dir", str(folder), "--json"]
+    result = subprocess.run(without_root_powers(command), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 3, result.stderr
+    records = {Path(r["path"]).name: r for r in json.loads(result.stdout)["results"]}
+    assert sorted(name for name, r in records.items() if "score" in r) == ["good_0.png", "good_1.png", "good_2.png"]
+    reasons = {
+        "bomb.png": "30000x30000 pixels is more than the limit",
+        "truncated.jpg": "truncated JPEG",
+        "moved.png": "broken symbolic link",
+        "notes.png": "not a readable image",
+        "locked.png": "permission denied",
+    }
+    for name, reason in reasons.items():
+        assert reason in records[name]["error"], records[name]
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == len(reasons) and "Traceback" not in result.stderr
+
+
+def test_json_output_is_valid_json_even_when_a_number_is_not_finite(model_file, small_screw_dir, monkeypatch, capsys):
+    from models.patchcore import PatchCore
+
+    real_predict = PatchCore.predict
+
+    def nan_sigma(self, images, *args, **kwargs):
+        predictions = real_predict(self, images, *args, **kwargs)
+        for prediction in predictions:
+            prediction.sigma = float("nan")
+        return predictions
+
+    monkeypatch.setattr(PatchCore, "predict", nan_sigma)
+    image = load_test_split(small_screw_dir)[0].path
+    code, out, _ = run(["--model", str(model_file), "--image", str(image), "--json"], capsys)
+    assert code == 0
+    (record,) = json.loads(out, parse_constant=lambda name: pytest.fail(f"{name} in --json output"))["results"]
+    assert record["sigma"] is None
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda p: p.mkdir(), "is a folder, not a model file"),
+        (lambda p: p.write_bytes(b"\x80\x05\x8e" + (1 << 40).to_bytes(8, "little")), "corrupt, it declares a value larger"),
+        (lambda p: p.write_bytes(b"not a pickle"), "not a model file or truncated"),
+    ],
+    ids=["folder", "terabyte-length", "garbage"],
+)
+def test_a_bad_model_file_is_one_error_line_and_exit_2(tmp_path, capsys, make, reason):
+    from config import run_cli
+
+    model = tmp_path / "model.pkl"
+    make(model)
+    assert run_cli(lambda: inference.main(["--model", str(model), "--image", "x.png"])) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: {model}: ") and reason in line
+
+
+def test_an_unwritable_heatmap_folder_is_refused_before_scoring(model_file, small_screw_dir, tmp_path, monkeypatch, capsys):
+    from config import run_cli
+    from models.patchcore import PatchCore
+
+    monkeypatch.setattr(PatchCore, "predict", lambda *a, **k: pytest.fail("scored before checking the output"))
+    (tmp_path / "out").write_text("a file where the output folder should be")
+    image = load_test_split(small_screw_dir)[0].path
+    argv = ["--model", str(model_file), "--image", str(image), "--visualize", "--output-dir", str(tmp_path / "out")]
+    assert run_cli(lambda: inference.main(argv)) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: {tmp_path / 'out' / 'heatmaps'}: cannot be written (")
+
+
+def test_heatmaps_and_reports_honour_the_umask(model_file, small_screw_dir, tmp_path, capsys):
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        image = load_test_split(small_screw_dir)[-1].path
+        code, out, _ = run(
+            ["--model", str(model_file), "--image", str(image), "--json", "--visualize", "--output-dir", str(tmp_path)],
+            capsys,
+        )
+    finally:
+        os.umask(previous)
+    assert code == 0
+    heatmap = Path(json.loads(out)["results"][0]["heatmap"])
+    assert stat.S_IMODE(heatmap.stat().st_mode) == 0o644

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import os
 import pickle
 import subprocess
 import sys
@@ -328,3 +329,135 @@ def test_a_failed_save_leaves_the_previous_model_file_intact(fitted_model, tmp_p
         fitted_model.save(path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["model.pkl"]
+
+
+# ----------------------------------------------------------------------------- model files refused on load
+def saved_state(model: PatchCore, tmp_path) -> dict:
+    path = tmp_path / "good.pkl"
+    model.save(path)
+    return pickle.loads(path.read_bytes())  # our own file: trusted here
+
+
+def packed(array: np.ndarray) -> dict:
+    return {"dtype": array.dtype.str, "shape": list(array.shape), "data": array.tobytes()}
+
+
+def nan_in(array: np.ndarray) -> np.ndarray:
+    spoiled = array.copy()
+    spoiled.flat[len(spoiled.flat) // 2] = np.nan
+    return spoiled
+
+
+CORRUPTIONS = {
+    "NaN threshold": (lambda s: s.update(threshold=float("nan")), "threshold is nan, not a finite number"),
+    "infinite threshold": (lambda s: s.update(threshold=float("inf")), "threshold is inf"),
+    "negative infinite threshold": (lambda s: s.update(threshold=float("-inf")), "threshold is -inf"),
+    "empty bank": (lambda s: s.update(memory_bank=packed(np.empty((0, 152), np.float32))), "non-empty"),
+    "NaN in bank": (lambda s: s.update(memory_bank=packed(nan_in(np.ones((10, 152), np.float32)))), "NaN or infinite"),
+    "infinity in bank": (lambda s: s.update(memory_bank=packed(np.full((10, 152), np.inf, np.float32))), "NaN or infinite"),
+    "bank of another width": (
+        lambda s: s.update(memory_bank=packed(np.ones((10, 151), np.float32))),
+        "memory_bank has 151 features per patch, but efficientnet_lite0 with target_dim 1024 gives 152",
+    ),
+    "bank of another dtype": (lambda s: s.update(memory_bank=packed(np.ones((10, 152)))), "must be float32"),
+    "bank shape lies": (lambda s: s["memory_bank"].update(shape=[10**6, 152]), "does not match its"),
+    "NaN calibration": (lambda s: s.update(calibration_scores=packed(np.array([1.0, np.nan], np.float32))), "finite"),
+    "no calibration": (lambda s: s.update(calibration_scores=packed(np.empty(0, np.float32))), "non-empty"),
+    "missing threshold": (lambda s: s.pop("threshold"), "missing threshold"),
+    "missing memory bank": (lambda s: s.pop("memory_bank"), "missing memory_bank"),
+    "missing config": (lambda s: s.pop("config"), "missing config"),
+    "text format version": (lambda s: s.update(format_version="1"), "version '1' is not supported"),
+    "boolean format version": (lambda s: s.update(format_version=True), "version True is not supported"),
+    "text threshold": (lambda s: s.update(threshold="0.5"), "threshold has the wrong type"),
+    "bad setting inside": (lambda s: s["config"].update(target_dim=0), "invalid settings: target_dim must be"),
+    "unknown setting inside": (lambda s: s["config"].update(tuning=1), "unknown config key"),
+}
+
+
+@pytest.mark.parametrize("name", CORRUPTIONS)
+def test_a_model_file_no_fit_could_write_is_refused_on_load(fitted_model, tmp_path, name):
+    corrupt, reason = CORRUPTIONS[name]
+    state = saved_state(fitted_model, tmp_path)
+    corrupt(state)
+    path = tmp_path / "bad.pkl"
+    path.write_bytes(pickle.dumps(state))
+    with pytest.raises(ModelFileError) as raised:
+        PatchCore.load(path)
+    assert str(raised.value).startswith(f"{path}: ")
+    assert reason in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "opcode", [b"\x8e", b"\x95", b"\x8d", b"\x96"], ids=["BINBYTES8", "FRAME", "BINUNICODE8", "BYTEARRAY8"]
+)
+def test_a_length_claiming_a_terabyte_is_one_error_not_a_memory_error(tmp_path, opcode):
+    path = tmp_path / "huge.pkl"
+    path.write_bytes(b"\x80\x05" + opcode + (1 << 40).to_bytes(8, "little") + b"abc")
+    with pytest.raises(ModelFileError, match="huge.pkl: "):
+        PatchCore.load(path)
+
+
+def load_in_thread(path) -> str:
+    """The error message of loading ``path``; fails instead of hanging when loading would block."""
+    import threading
+
+    outcome: list[str] = []
+
+    def attempt() -> None:
+        try:
+            PatchCore.load(path)
+            outcome.append("loaded")
+        except ModelFileError as error:
+            outcome.append(str(error))
+
+    thread = threading.Thread(target=attempt, daemon=True)
+    thread.start()
+    thread.join(timeout=20)
+    assert outcome, f"loading {path} hung"
+    return outcome[0]
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda p: p.mkdir(), "is a folder, not a model file"),
+        (lambda p: os.mkfifo(p), "not a regular file (a device, FIFO or socket)"),
+        (lambda p: p.symlink_to(p), "cannot be opened (Too many levels of symbolic links)"),
+        (lambda p: p.symlink_to(p.parent / "gone.pkl"), "broken symbolic link"),
+    ],
+    ids=["folder", "fifo", "link-loop", "broken-link"],
+)
+def test_a_model_path_that_is_not_a_file_is_one_line(tmp_path, make, reason):
+    path = tmp_path / "model.pkl"
+    make(path)
+    assert load_in_thread(path) == f"{path}: {reason}"
+
+
+def test_an_unreadable_model_file_says_permission_denied(fitted_model, tmp_path):
+    from test_io import ROOT, without_root_powers
+
+    path = tmp_path / "model.pkl"
+    fitted_model.save(path)
+    path.chmod(0)
+    code = (
+        "from models.patchcore import PatchCore\n"
+        f"try:\n    PatchCore.load({str(path)!r})\nexcept Exception as e:\n    print(e)"
+    )
+    result = subprocess.run(without_root_powers([sys.executable, "-c", code]), cwd=ROOT, capture_output=True, text=True)
+    assert result.stdout.strip() == f"{path}: permission denied", result.stderr
+
+
+def test_a_phone_photo_is_scored_and_mapped_upright(fitted_model, small_screw_dir, tmp_path):
+    """EXIF orientation 6 (camera held sideways): the map covers the photo as a viewer shows it, and
+    the verdict is the one for the upright pixels."""
+    from PIL import Image
+
+    upright = read_image(load_test_split(small_screw_dir)[-1].path)[:, 112:-112]  # 1024 x 800, not square
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated 90° anticlockwise; viewers turn it back clockwise
+    path = tmp_path / "phone.png"
+    Image.fromarray(np.rot90(upright).copy()).save(path, exif=exif)
+    (from_file,) = fitted_model.predict([path])
+    (direct,) = fitted_model.predict([upright])
+    assert from_file.anomaly_map.shape == upright.shape[:2] == (1024, 800)
+    assert from_file.score == pytest.approx(direct.score, rel=1e-6)

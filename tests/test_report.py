@@ -157,6 +157,16 @@ def test_warning_names_unreadable_file(tmp_path: Path, capsys: pytest.CaptureFix
     assert metrics["image_auroc"] is not None
 
 
+def test_a_mask_of_another_size_is_left_out_of_pixel_metrics(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = make_dataset(tmp_path / "data")
+    wrong = data / "ground_truth" / "scratch" / "001_mask.png"
+    _write(wrong, cv2.resize(cv2.imread(str(wrong), cv2.IMREAD_GRAYSCALE), (SIZE // 2, SIZE)))
+    metrics = evaluate(FakeModel(), data, tmp_path / "out", quiet=True, eval_size=64)
+    assert re.search(r"warning: .*001_mask\.png: mask is 48x96 but its photo .*001\.png is 96x96", capsys.readouterr().err)
+    assert metrics["n_pixel_eval_images"] == 11 - 1  # all 11 readable photos but the one with the wrong mask
+    assert metrics["n_test"] == 11  # the photo still counts for the image metrics
+
+
 def test_no_test_images(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no test images"):
         evaluate(FakeModel(), tmp_path, tmp_path / "out", quiet=True)
