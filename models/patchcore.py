@@ -30,7 +30,7 @@ from models.feature_extractor import FeatureExtractor
 from preprocessing.io import read_image, write_atomically
 from preprocessing.pipeline import Preprocessed, preprocess, to_original
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the image score is read off the anomaly map, and the calibration method is recorded
 
 
 class ModelFileError(UserError, ValueError):
@@ -39,19 +39,30 @@ class ModelFileError(UserError, ValueError):
 
 @dataclass
 class Prediction:
-    """The verdict on one photo, with its heatmap in the photo's own pixel coordinates."""
+    """The verdict on one photo, with its heatmap in the photo's own pixel coordinates.
 
-    score: float
+    ``score`` is the maximum of ``anomaly_map``: the photo is flagged exactly when some pixel of
+    the map it is shown with lies above the threshold, so every flagged photo shows where.
+    """
+
+    score: float  # feature distance to the nearest healthy patch; its scale depends on the model
+    threshold: float  # the threshold the verdict was taken against
     anomaly_map: np.ndarray  # (H, W) float32, same units as score
-    is_anomalous: bool
+    is_anomalous: bool  # score > threshold
     sigma: float  # distance of the score from healthy, in calibration standard deviations
-    confidence: float  # 0..1 that the part is anomalous: 1σ -> 0.68, 2σ -> 0.95, 3σ -> 0.997
+    anomaly_confidence: float  # how unusual the score is for a healthy part: 1σ -> 0.68, 2σ -> 0.95, 3σ -> 0.997
     warnings: list[str] = field(default_factory=list)
 
+    @property
+    def normalized_score(self) -> float:
+        """The score in units of the threshold (1.0 = threshold), comparable across models."""
+        return self.score / self.threshold
 
-def confidence_from_sigma(sigma: float) -> float:
-    """Confidence that a part is anomalous: the share of healthy scores within ±sigma of their mean,
-    so 1σ -> 68%, 2σ -> 95%, 3σ -> 99.7%; at or below the healthy mean, 0."""
+
+def anomaly_confidence_from_sigma(sigma: float) -> float:
+    """The share of healthy scores within ±sigma of their mean: 1σ -> 68%, 2σ -> 95%, 3σ -> 99.7%;
+    0 at or below the healthy mean. It says how unusual a score is for a healthy part, not how
+    sure the verdict is (a part can be 'ok' with 94%: unusual, yet still under the threshold)."""
     return math.erf(max(sigma, 0.0) / math.sqrt(2))
 
 
@@ -63,6 +74,7 @@ class PatchCore:
         self.memory_bank: np.ndarray | None = None
         self.threshold = math.nan
         self.calibration_scores = np.empty(0, dtype=np.float32)
+        self.calibration_method = ""
         self.n_train = 0
         self.fit_seconds = math.nan
         self.weights_identity = ""
@@ -104,9 +116,32 @@ class PatchCore:
         self.n_train = len(bank_images)
 
         scores = [p.score for p in self.predict(holdout, progress=progress, description="calibration")]
-        self.calibration_scores = np.asarray(scores, dtype=np.float32)
-        self.threshold = float(np.percentile(self.calibration_scores, config.threshold_percentile))
+        self.set_calibration(np.asarray(scores), f"held-out {config.validation_fraction:.0%} of the training photos")
         self.fit_seconds = time.perf_counter() - start
+
+    def set_calibration(self, scores: np.ndarray, method: str) -> None:
+        """Take healthy scores as the reference: they set the threshold, sigma and anomaly confidence.
+
+        ``method`` says where the scores came from; it is stored in the model file with them.
+        """
+        scores = np.asarray(scores, dtype=np.float32)
+        if scores.ndim != 1 or scores.size == 0 or not np.isfinite(scores).all():
+            raise ValueError("calibration needs at least one finite healthy score")
+        self.calibration_scores = scores
+        self.threshold = float(np.percentile(scores, self.config.threshold_percentile))
+        self.calibration_method = method
+
+    def recalibrate(self, images: Sequence[str | Path], progress: bool = True, source: str = "") -> None:
+        """Move the threshold to new healthy photos (a new camera, new light) without touching the memory bank.
+
+        The photos are scored against the existing bank, exactly as production would score them,
+        and become the calibration set; the bank, and so every score, stays the same.
+        """
+        if not images:
+            raise ValueError("re-calibration needs at least one healthy photo")
+        scores = [p.score for p in self.predict(images, progress=progress, description="re-calibration")]
+        origin = f" from {source}" if source else ""
+        self.set_calibration(np.asarray(scores), f"re-calibrated on {len(scores)} healthy photos{origin}")
 
     @property
     def calibration_mean(self) -> float:
@@ -137,8 +172,8 @@ class PatchCore:
             nearest = np.full((n, h * w), -1, dtype=np.int64)
             nearest[keep] = neighbours[:, 0]
             for item, scores, bank_ids, image_patches in zip(batch, patch_scores, nearest, patches):
-                score = self._image_score(scores, bank_ids, image_patches)
-                predictions.append(self._prediction(item, scores.reshape(h, w), score))
+                weight = self._reweighting(scores, bank_ids, image_patches)
+                predictions.append(self._prediction(item, weight * scores.reshape(h, w)))
         return predictions
 
     def _object_patches(self, batch: list[Preprocessed], height: int, width: int) -> np.ndarray:
@@ -161,35 +196,41 @@ class PatchCore:
             keep.append(seen.ravel() if seen.any() else every_patch)
         return np.stack(keep)
 
-    def _image_score(self, patch_scores: np.ndarray, bank_ids: np.ndarray, patches: np.ndarray) -> float:
-        """The worst patch's distance, optionally re-weighted by its neighbourhood (paper, Eq. 7).
+    def _reweighting(self, patch_scores: np.ndarray, bank_ids: np.ndarray, patches: np.ndarray) -> float:
+        """The paper's Eq. 7 weight of a photo, taken at its worst patch (1.0 when switched off).
 
         A test patch whose nearest healthy patch sits in a sparse part of the bank is less
-        trustworthy evidence of normality, so its score is scaled up; in a dense part, down.
+        trustworthy evidence of normality, so the photo's map is scaled up; in a dense part, down.
         """
         worst = int(np.argmax(patch_scores))
-        score = float(patch_scores[worst])
         if not self.config.score_reweighting or len(self.memory_bank) < 2 or bank_ids[worst] < 0:
-            return score
+            return 1.0
         nearest_healthy = self.memory_bank[bank_ids[worst]][None]
         k = min(self.config.num_neighbors, len(self.memory_bank))
         _, neighbourhood = self.index.search(nearest_healthy, k)
         to_neighbours = np.linalg.norm(self.memory_bank[neighbourhood[0]] - patches[worst], axis=1)
-        weight = 1.0 - softmax(to_neighbours)[0]
-        return float(weight * score)
+        return float(1.0 - softmax(to_neighbours)[0])
 
-    def _prediction(self, item: Preprocessed, grid: np.ndarray, score: float) -> Prediction:
+    def _prediction(self, item: Preprocessed, grid: np.ndarray) -> Prediction:
+        """Upsample and smooth the patch grid, map it onto the photo, and read the score off that map.
+
+        The score is the map's maximum in the photo's own coordinates, the very map the overlay
+        draws, so "flagged" and "some pixel above the threshold" are one and the same statement.
+        """
         size = self.config.image_size
         anomaly_map = cv2.resize(grid.astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
         if self.config.heatmap_sigma > 0:
             anomaly_map = cv2.GaussianBlur(anomaly_map, (0, 0), self.config.heatmap_sigma)
+        anomaly_map = to_original(anomaly_map, item)
+        score = float(anomaly_map.max())
         sigma = (score - self.calibration_mean) / self.calibration_std if self.calibration_scores.size else 0.0
         return Prediction(
             score=score,
-            anomaly_map=to_original(anomaly_map, item),
+            threshold=self.threshold,
+            anomaly_map=anomaly_map,
             is_anomalous=bool(score > self.threshold),
             sigma=float(sigma),
-            confidence=confidence_from_sigma(sigma),
+            anomaly_confidence=anomaly_confidence_from_sigma(sigma),
             warnings=list(item.warnings),
         )
 
@@ -270,6 +311,7 @@ class PatchCore:
             "config": self.config.to_dict(),
             "memory_bank": _pack_array(self.memory_bank),
             "calibration_scores": _pack_array(self.calibration_scores),
+            "calibration_method": self.calibration_method,
             "threshold": self.threshold,
             "n_train": self.n_train,
             "fit_seconds": self.fit_seconds,
@@ -311,6 +353,7 @@ class PatchCore:
         model = cls(Config.from_dict(config_values))
         model.memory_bank = _unpack_array(state["memory_bank"])
         model.calibration_scores = _unpack_array(state["calibration_scores"])
+        model.calibration_method = str(state["calibration_method"])
         model.threshold = float(state["threshold"])
         model.n_train = int(state["n_train"])
         model.fit_seconds = float(state["fit_seconds"])

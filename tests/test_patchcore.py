@@ -2,12 +2,13 @@ from __future__ import annotations
 
 import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import small_config
-from models.patchcore import FORMAT_VERSION, ModelFileError, PatchCore, confidence_from_sigma
+from models.patchcore import FORMAT_VERSION, ModelFileError, PatchCore, anomaly_confidence_from_sigma
 from preprocessing.io import load_test_split, read_image, train_images
 
 
@@ -18,7 +19,7 @@ def test_predictions_are_on_the_original_photo(fitted_model, small_screw_dir):
     assert prediction.anomaly_map.shape == photo.shape[:2]
     assert prediction.anomaly_map.dtype == np.float32
     assert np.isfinite(prediction.score) and prediction.score > 0
-    assert 0.0 <= prediction.confidence <= 1.0
+    assert 0.0 <= prediction.anomaly_confidence <= 1.0
     assert prediction.is_anomalous == (prediction.score > fitted_model.threshold)
 
 
@@ -31,14 +32,14 @@ def test_calibration_sets_threshold_from_held_out_healthy_images(fitted_model):
 
 @pytest.mark.parametrize("sigma, expected", [(-2.0, 0.0), (0.0, 0.0), (1.0, 0.6827), (2.0, 0.9545), (3.0, 0.9973)])
 def test_confidence_follows_the_sigma_rule(sigma, expected):
-    assert confidence_from_sigma(sigma) == pytest.approx(expected, abs=1e-4)
+    assert anomaly_confidence_from_sigma(sigma) == pytest.approx(expected, abs=1e-4)
 
 
 def test_sigma_is_measured_against_healthy_calibration(fitted_model, small_screw_dir):
     (prediction,) = fitted_model.predict([load_test_split(small_screw_dir)[-1].path])
     expected = (prediction.score - fitted_model.calibration_mean) / fitted_model.calibration_std
     assert prediction.sigma == pytest.approx(expected)
-    assert prediction.confidence == pytest.approx(confidence_from_sigma(expected))
+    assert prediction.anomaly_confidence == pytest.approx(anomaly_confidence_from_sigma(expected))
 
 
 def test_same_seed_gives_identical_bank_and_scores(small_screw_dir):
@@ -160,3 +161,50 @@ def test_a_failed_save_leaves_the_previous_model_file_intact(fitted_model, tmp_p
         fitted_model.save(path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["model.pkl"]
+
+
+def test_the_score_is_read_off_the_map_the_overlay_draws(fitted_model, small_screw_dir):
+    """Flagged means some pixel of the shown map is above the threshold: the score is the map's maximum."""
+    predictions = fitted_model.predict([s.path for s in load_test_split(small_screw_dir)[:4]])
+    for prediction in predictions:
+        assert prediction.score == float(prediction.anomaly_map.max())
+        assert prediction.threshold == fitted_model.threshold
+        assert prediction.normalized_score == pytest.approx(prediction.score / fitted_model.threshold)
+        assert prediction.is_anomalous == bool((prediction.anomaly_map > prediction.threshold).any())
+
+
+def test_set_calibration_takes_the_percentile_and_records_the_method(fitted_model, tmp_path):
+    model = PatchCore.load(_saved(fitted_model, tmp_path))
+    scores = np.arange(1.0, 101.0)
+    model.set_calibration(scores, "a hundred healthy photos")
+    assert model.threshold == pytest.approx(np.percentile(scores, model.config.threshold_percentile))
+    assert model.calibration_mean == pytest.approx(50.5)
+    model.save(tmp_path / "again.pkl")
+    reloaded = PatchCore.load(tmp_path / "again.pkl")
+    assert reloaded.calibration_method == "a hundred healthy photos"
+    assert reloaded.calibration_scores.size == 100 and reloaded.threshold == model.threshold
+    with pytest.raises(ValueError, match="at least one finite"):
+        model.set_calibration(np.array([]), "nothing")
+
+
+def test_fit_records_its_calibration(fitted_model):
+    assert fitted_model.calibration_method == "held-out 10% of the training photos"
+
+
+def test_recalibration_moves_the_threshold_and_keeps_the_bank_bit_identical(fitted_model, small_screw_dir, tmp_path):
+    model = PatchCore.load(_saved(fitted_model, tmp_path))
+    bank_before = model.memory_bank.copy()
+    healthy = [s.path for s in load_test_split(small_screw_dir) if not s.is_defective]
+    model.recalibrate(healthy, progress=False, source="new camera")
+    assert model.memory_bank.tobytes() == bank_before.tobytes()
+    expected = [p.score for p in fitted_model.predict(healthy)]  # scored with the same, untouched bank
+    np.testing.assert_allclose(model.calibration_scores, expected, rtol=1e-6)
+    assert model.threshold == pytest.approx(np.percentile(expected, model.config.threshold_percentile))
+    assert model.threshold != fitted_model.threshold
+    assert model.calibration_method == f"re-calibrated on {len(healthy)} healthy photos from new camera"
+
+
+def _saved(model: PatchCore, folder: Path) -> Path:
+    path = folder / "copy.pkl"
+    model.save(path)
+    return path

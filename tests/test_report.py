@@ -6,7 +6,6 @@ import json
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -16,6 +15,7 @@ import pytest
 from config import Config
 from evaluation.metrics import image_metrics
 from evaluation.report import evaluate, format_summary
+from models.patchcore import Prediction
 
 SIZE = 96
 REQUIRED_KEYS = {
@@ -26,16 +26,6 @@ REQUIRED_KEYS = {
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@dataclass
-class FakePrediction:
-    score: float
-    anomaly_map: np.ndarray
-    is_anomalous: bool
-    sigma: float = 0.0
-    confidence: float = 0.5
-    warnings: list[str] = field(default_factory=list)
-
-
 class FakeModel:
     """Stand-in for PatchCore: the anomaly map is how much redder than grey each pixel is."""
 
@@ -43,13 +33,14 @@ class FakeModel:
         self.config = Config(batch_size=4, num_workers=1)
         self.threshold = 0.3
         self.calibration_scores = np.array([0.12, 0.15, 0.18, 0.2, 0.22, 0.25], dtype=np.float32)
+        self.calibration_method = "six healthy photos"
         self.n_train = 20
         self.fit_seconds = 1.5
         self.batch_sizes: list[int] = []
         self.calibration_mean = float(self.calibration_scores.mean())
         self.calibration_std = float(self.calibration_scores.std())
 
-    def predict(self, images: list[np.ndarray], progress: bool = False) -> list[FakePrediction]:
+    def predict(self, images: list[np.ndarray], progress: bool = False) -> list[Prediction]:
         self.batch_sizes.append(len(images))
         predictions = []
         for image in images:
@@ -57,7 +48,7 @@ class FakeModel:
             anomaly_map = cv2.GaussianBlur(redness, (0, 0), 2.0) + 0.1
             score = float(anomaly_map.max())
             warnings = ["object touches the border"] if score > 0.9 else []
-            predictions.append(FakePrediction(score, anomaly_map, score > self.threshold, warnings=warnings))
+            predictions.append(Prediction(score, self.threshold, anomaly_map, score > self.threshold, 0.0, 0.5, warnings))
         return predictions
 
 
@@ -178,7 +169,7 @@ def _chromium(*args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=120, check=False)
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed: `make browser` installs it (apt-get, needs root)")
 def test_report_renders_in_chromium(report: tuple[dict, Path, FakeModel], tmp_path: Path) -> None:
     page = (report[1] / "report.html").resolve()
     result = _chromium("--virtual-time-budget=10000", "--dump-dom", page.as_uri(), tmp_path=tmp_path)
