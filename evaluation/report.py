@@ -348,7 +348,7 @@ def _card(item: ScoredImage, vmin: float | None) -> str:
         f'<figure class="card {item.outcome}" data-outcome="{item.outcome}">'
         f'<img src="{_jpeg_uri(overlay)}" width="{width}" height="{height}" alt="{html.escape(item.name)}">'
         f'<figcaption><span class="badge {item.outcome}">{" · ".join(filter(None, (badge, meaning)))}</span>'
-        f'<div><b>{item.score:.3f}</b> ({item.normalized_score:.2f} × threshold) {verdict}</div>'
+        f'<div><b>{item.score:.3f}</b> ({item.normalized_score:.3f} × threshold) {verdict}</div>'
         f'<div class="name">{html.escape(item.name)}</div>{warnings}'
         "</figcaption></figure>"
     )
@@ -379,10 +379,12 @@ def _gallery(title: str, scored: list[ScoredImage], outcomes: tuple[str, ...], t
     buttons = [f'<button data-filter="all">all ({len(scored)})</button>'] + [
         f'<button data-filter="{o}" class="badge {o}">{o} · {OUTCOMES[o][0]} ({counts[o]})</button>' for o in outcomes
     ]
+    labelled = outcomes == LABELLED_OUTCOMES
+    truth = " Magenta contour: ground-truth defect. Thick borders mark mistakes." if labelled else ""
     return f"""<h2>{html.escape(title)}</h2>
-<p class="meta">Heatmap colour scale is the same for every photo (below). {CONTOUR_RULE}
-Magenta contour: ground-truth defect. Thick borders mark mistakes. Score: feature distance to the nearest
-healthy patch (its scale depends on the model); × threshold: the same score in units of the threshold.</p>
+<p class="meta">Heatmap colour scale is the same for every photo (below). {CONTOUR_RULE}{truth}
+Score: feature distance to the nearest healthy patch (its scale depends on the model); × threshold: the
+same score in units of the threshold.</p>
 {_plot(colour_bar_figure(threshold, vmin=vmin), "heatmap colour scale")}
 <div>{''.join(buttons)}</div>
 <div class="gallery">

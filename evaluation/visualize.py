@@ -181,7 +181,7 @@ def overlay_figure(
     if threshold is not None:
         parts.append(f"threshold {threshold:.3f}")
     if score is not None and threshold is not None and threshold > 0:
-        parts.append(f"{score / threshold:.2f} × threshold")
+        parts.append(f"{score / threshold:.3f} × threshold")
     if parts:
         fig.suptitle("  ·  ".join(parts))
     return fig

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from preprocessing.io import load_test_split
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 COMMAND = re.compile(r"(?:\.venv/bin/)?python ((?:scripts/)?\w+\.py)([^`\n#]*)")
@@ -66,7 +68,7 @@ def test_the_python_api_example_runs(fitted_model, small_screw_dir, tmp_path):
     example = python_api_example()
     model_path = re.search(r'PatchCore\.load\("([^"]+)"\)', example).group(1)
     fitted_model.save(tmp_path / model_path)
-    samples = {s.is_defective: s.path for s in __import__("preprocessing.io").io.load_test_split(small_screw_dir)}
+    samples = {s.is_defective: s.path for s in load_test_split(small_screw_dir)}
     for photo in re.findall(r'"([\w/]+\.png)"', example):
         (tmp_path / photo).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / photo).symlink_to(samples[True].resolve())

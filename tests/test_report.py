@@ -183,3 +183,40 @@ def test_report_renders_in_chromium(report: tuple[dict, Path, FakeModel], tmp_pa
     screenshot = tmp_path / "report.png"
     result = _chromium(f"--screenshot={screenshot}", "--window-size=1280,2400", page.as_uri(), tmp_path=tmp_path)
     assert result.returncode == 0 and screenshot.stat().st_size > 10_000
+
+
+@pytest.fixture(scope="module")
+def batch_page(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The page for photos without labels, over the same folder (its labels unused)."""
+    from evaluation.report import scored_image, write_batch_report
+    from preprocessing.io import find_images
+    from runtime.scoring import folder_photos, score_files
+
+    root = tmp_path_factory.mktemp("batch")
+    test_dir = make_dataset(root / "data") / "test"
+    model = FakeModel()
+    records, gallery = [], []
+    for batch in score_files(model, folder_photos(test_dir, find_images(test_dir))):
+        records += [scored.record for scored in batch]
+        gallery += [scored_image(s.photo.name, s.image, s.prediction) for s in batch if s.prediction is not None]
+    return write_batch_report(model, test_dir, gallery, records, root / "out" / "batch_report.html")
+
+
+def test_batch_page_shows_verdicts_without_metrics(batch_page: Path) -> None:
+    page = batch_page.read_text()
+    outcomes = re.findall(r'<figure class="card (\w+)"', page)
+    assert len(outcomes) == 11 and set(outcomes) == {"ANOMALOUS", "OK"}
+    assert "<th>Unreadable</th><td>1</td>" in page and "999.png" in page
+    assert "six healthy photos" in page  # where the threshold came from
+    assert "AUROC" not in page and "Magenta" not in page  # nothing that needs labels
+    sources = re.findall(r'<img [^>]*src="([^"]*)"', page)
+    assert sources and all(src.startswith("data:image/") for src in sources)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed: `make browser` installs it (apt-get, needs root)")
+def test_batch_page_renders_in_chromium(batch_page: Path, tmp_path: Path) -> None:
+    result = _chromium("--virtual-time-budget=10000", "--dump-dom", batch_page.resolve().as_uri(), tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    attributes = dict(re.findall(r'data-([\w-]+)="([^"]*)"', re.search(r"<html[^>]*>", result.stdout).group(0)))
+    assert attributes.get("errors") == "0" and attributes["images-loaded"] == attributes["images-total"]
+    assert int(attributes["images-total"]) == 11 + 1  # cards + colour bar
