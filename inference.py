@@ -63,6 +63,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--evaluate reports the model's calibrated threshold; to move it use train.py --recalibrate")
     if args.threshold is not None and not (math.isfinite(args.threshold) and args.threshold > 0):
         parser.error(f"--threshold must be a positive number, got {args.threshold}")
+    if args.csv and args.csv.is_dir():
+        parser.error(f"--csv {args.csv}: is a folder; name the CSV file to write")
     return args
 
 
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"metrics: {out_dir / 'metrics.json'}  report: {out_dir / 'report.html'}", file=sys.stderr)
         return 0
 
-    from runtime.scoring import Photo, folder_photos
+    from runtime.scoring import Photo, folder_photos, records_csv, summary
 
     if args.image:
         photos = [Photo(args.image.name, args.image)]
@@ -117,10 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.threshold is not None:
         model.threshold = args.threshold
     heatmap_dir = out_dir / "heatmaps" if args.visualize else None
-    report_path = out_dir / "batch_report.html" if args.report else None
-    records = score_and_report(model, photos, heatmap_dir, report_path, args)
+    records, gallery = score_all(model, photos, heatmap_dir, args.report, progress=not (args.quiet or args.json))
+    report_path = None
+    if args.report:
+        from evaluation.report import write_batch_report
 
-    from runtime.scoring import records_csv, summary
+        origin = "set with --threshold for this run" if args.threshold is not None else None
+        report_path = write_batch_report(model, args.image or args.dir, gallery, records,
+                                         out_dir / "batch_report.html", origin)
 
     counts = summary(records)
     if args.json:
@@ -141,30 +147,30 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if args.image else 3
 
 
-def score_and_report(
-    model: Any, photos: list[Any], heatmap_dir: Path | None, report_path: Path | None, args: argparse.Namespace
-) -> list[dict[str, Any]]:
-    """Score batch by batch with a progress bar; keep the records, and thumbnails when a report is asked for."""
+def score_all(
+    model: Any, photos: list[Any], heatmap_dir: Path | None, thumbnails: bool, progress: bool
+) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Score batch by batch, naming each unreadable photo on stderr as it comes.
+
+    Returns the records and, with ``thumbnails``, what the report keeps of each scored photo
+    (small arrays only: the full-size photo and map do not outlive their batch).
+    """
     from tqdm import tqdm
 
-    from evaluation.report import scored_image, write_batch_report
+    from evaluation.report import scored_image
     from runtime.scoring import score_files
 
     records, gallery = [], []
-    with tqdm(total=len(photos), desc="scoring", unit="img", disable=args.quiet or args.json, leave=False) as bar:
+    with tqdm(total=len(photos), desc="scoring", unit="img", disable=not progress, leave=False) as bar:
         for batch in score_files(model, photos, heatmap_dir):
             for scored in batch:
                 records.append(scored.record)
                 if scored.prediction is None:
                     tqdm.write(f"error: {scored.record['error']}", file=sys.stderr)
-                elif report_path is not None:
+                elif thumbnails:
                     gallery.append(scored_image(scored.photo.name, scored.image, scored.prediction))
             bar.update(len(batch))
-    if report_path is not None:
-        source = args.image or args.dir
-        threshold_origin = "set with --threshold for this run" if args.threshold is not None else None
-        write_batch_report(model, source, gallery, records, report_path, threshold_origin)
-    return records
+    return records, gallery
 
 
 if __name__ == "__main__":
