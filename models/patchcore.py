@@ -13,8 +13,9 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 import cv2
@@ -30,7 +31,11 @@ from models.feature_extractor import FeatureExtractor
 from preprocessing.io import read_image, write_atomically
 from preprocessing.pipeline import Preprocessed, preprocess, to_original
 
-FORMAT_VERSION = 2  # 2: the image score is read off the anomaly map, and the calibration method is recorded
+FORMAT_VERSION = 2  # 2: the image score is read off the anomaly map
+MIN_CALIBRATION_PHOTOS = 30  # below this the 99th percentile of healthy scores is little more than their maximum
+MAX_CALIBRATION_PHOTOS = 500  # more add little to a percentile and would hold all their patches in memory
+SPREAD_FLOOR = 0.01  # the healthy spread is never below this share of the bank's patch spacing
+_NO_PIXELS = np.empty((0, 0), dtype=np.uint8)  # calibration keeps a photo's transform, not its pixels
 
 
 class ModelFileError(UserError, ValueError):
@@ -60,9 +65,9 @@ class Prediction:
 
 
 def anomaly_confidence_from_sigma(sigma: float) -> float:
-    """The share of healthy scores within ±sigma of their mean: 1σ -> 68%, 2σ -> 95%, 3σ -> 99.7%;
-    0 at or below the healthy mean. It says how unusual a score is for a healthy part, not how
-    sure the verdict is (a part can be 'ok' with 94%: unusual, yet still under the threshold)."""
+    """The share of healthy scores within ±sigma of their centre: 1σ -> 68%, 2σ -> 95%, 3σ -> 99.7%;
+    0 at or below it. It says how unusual a score is for a healthy part, not how sure the verdict
+    is (a part can be 'ok' with 94%: unusual, yet still under the threshold)."""
     return math.erf(max(sigma, 0.0) / math.sqrt(2))
 
 
@@ -74,7 +79,8 @@ class PatchCore:
         self.memory_bank: np.ndarray | None = None
         self.threshold = math.nan
         self.calibration_scores = np.empty(0, dtype=np.float32)
-        self.calibration_method = ""
+        self.calibration: dict[str, Any] = {}  # method, photo count, spread floor, warnings
+        self.preprocessing: dict[str, Any] = {}  # what 'auto' decided and the numbers behind it
         self.n_train = 0
         self.fit_seconds = math.nan
         self.weights_identity = ""
@@ -83,53 +89,97 @@ class PatchCore:
 
     # ----------------------------------------------------------------------------- fitting
     def fit(self, images: Sequence[str | Path], progress: bool = True) -> None:
-        """Build the memory bank from healthy photos and calibrate the threshold on held-out ones.
+        """Build the memory bank from every healthy photo and calibrate on all of them by cross-fitting.
 
-        A seeded ``validation_fraction`` of the photos never enters the memory bank: their scores
-        are what a healthy part scores, which sets the threshold without touching test data.
+        With ``preprocess: auto`` the steps are first decided from these photos alone
+        (models.pipeline_selection). Calibration: the photos are split into seeded folds, each fold
+        gets its own coreset, and every photo is scored against the coresets of the other folds, so
+        each healthy score comes from a bank that never saw that photo, and all photos count.
         """
         start = time.perf_counter()
-        config = self.config
-        torch.manual_seed(config.seed)
         if len(images) < 2:
-            raise ValueError("fitting needs at least 2 healthy images (1 for the bank, 1 to calibrate)")
-        order = np.random.default_rng(config.seed).permutation(len(images))
-        n_holdout = min(len(images) - 1, max(1, round(config.validation_fraction * len(images))))
-        holdout = [images[i] for i in sorted(order[:n_holdout])]
-        bank_images = [images[i] for i in sorted(order[n_holdout:])]
+            raise UserError(
+                f"fitting needs at least 2 healthy photos (got {len(images)}): each one is scored "
+                "by a memory bank built from the others to set the threshold"
+            )
+        torch.manual_seed(self.config.seed)
+        if self.config.preprocess == "auto":
+            from models.pipeline_selection import choose_preprocessing
 
+            self.config, self.preprocessing = choose_preprocessing(images, self.config, progress)
+        config = self.config
+        n_folds = min(config.calibration_folds, len(images))
+        order = np.random.default_rng(config.seed).permutation(len(images))
+        folds = order % n_folds
+        scored = order < MAX_CALIBRATION_PHOTOS  # a seeded sample bounds the memory of very large sets
         extractor = self._feature_extractor()
-        coreset = StreamingCoreset(
-            config.coreset_sampling_ratio,
-            config.coreset_projection_dim,
-            config.coreset_chunk_size,
-            config.seed,
-            extractor.device,
-        )
-        for batch in self._batches(bank_images, progress, "memory bank"):
+
+        def new_coreset(ratio: float, seed: int) -> StreamingCoreset:
+            return StreamingCoreset(
+                ratio, config.coreset_projection_dim, config.coreset_chunk_size, seed, extractor.device
+            )
+
+        # Each photo is scored by the other folds' coresets together; picking a share n/(n-1) larger
+        # per fold gives that union as many patches as the final bank, so calibration scores are as
+        # low as a new healthy photo's against the final bank, not inflated by a sparser bank.
+        fold_ratio = min(1.0, config.coreset_sampling_ratio * n_folds / (n_folds - 1))
+        whole = new_coreset(config.coreset_sampling_ratio, config.seed)
+        by_fold = [new_coreset(fold_ratio, config.seed + 1 + fold) for fold in range(n_folds)]
+        patches_of: list[tuple[np.ndarray, np.ndarray, Preprocessed] | None] = []  # what a scored photo's map needs
+        for batch in self._batches(images, progress, "memory bank"):
             features = extractor(np.stack([item.image for item in batch]))
             n, h, w, d = features.shape
             keep = torch.from_numpy(self._object_patches(batch, h, w)).to(features.device)
-            coreset.add(features.reshape(n, h * w, d)[keep])
-        self.memory_bank = coreset.result()
+            kept = features.reshape(n, h * w, d)[keep]
+            whole.add(kept)
+            per_photo = torch.split(kept, keep.sum(dim=1).tolist())
+            for item, seen, photo_patches in zip(batch, keep.cpu().numpy(), per_photo):
+                photo = len(patches_of)
+                by_fold[folds[photo]].add(photo_patches)
+                where = replace(item, image=_NO_PIXELS, mask=_NO_PIXELS)  # the transform back to the photo
+                patches_of.append((photo_patches.cpu().numpy(), seen.reshape(h, w), where) if scored[photo] else None)
+        self.memory_bank = whole.result()
         self._index = None
-        self.n_train = len(bank_images)
+        self.n_train = len(images)
 
-        scores = [p.score for p in self.predict(holdout, progress=progress, description="calibration")]
-        self.set_calibration(np.asarray(scores), f"held-out {config.validation_fraction:.0%} of the training photos")
+        fold_banks = [coreset.result() for coreset in by_fold]
+        scores = np.empty(len(images), dtype=np.float32)
+        for fold in range(n_folds):
+            scorer = PatchCore(config)
+            scorer.memory_bank = np.concatenate([bank for other, bank in enumerate(fold_banks) if other != fold])
+            for photo in np.flatnonzero((folds == fold) & scored):
+                scores[photo] = scorer._anomaly_map(*patches_of[photo]).max()
+        self.set_calibration(
+            scores[scored], f"{n_folds}-fold cross-fitting, {int(scored.sum())} of {len(images)} training photos scored"
+        )
         self.fit_seconds = time.perf_counter() - start
 
     def set_calibration(self, scores: np.ndarray, method: str) -> None:
-        """Take healthy scores as the reference: they set the threshold, sigma and anomaly confidence.
+        """Threshold and healthy spread from healthy scores that their own photos did not help to make.
 
-        ``method`` says where the scores came from; it is stored in the model file with them.
+        Both are robust, so one odd healthy photo cannot move them: the centre is the median, the
+        spread 1.4826 x the median absolute deviation (the standard deviation, for normal scores),
+        never below a small share of the memory bank's own patch spacing so that nearly identical
+        photos cannot turn a healthy part into a 10^5-sigma outlier. The threshold is where the
+        ``threshold_percentile`` of healthy scores lies on that robust normal fit (99 -> median +
+        2.33 spreads); an empirical 99th percentile of a few dozen photos is just their maximum.
         """
         scores = np.asarray(scores, dtype=np.float32)
-        if scores.ndim != 1 or scores.size == 0 or not np.isfinite(scores).all():
-            raise ValueError("calibration needs at least one finite healthy score")
         self.calibration_scores = scores
-        self.threshold = float(np.percentile(scores, self.config.threshold_percentile))
-        self.calibration_method = method
+        warnings = []
+        if scores.size < MIN_CALIBRATION_PHOTOS:
+            warnings.append(
+                f"the threshold rests on only {scores.size} healthy photos and is uncertain; "
+                f"fit on at least {MIN_CALIBRATION_PHOTOS} (ideally 100+) for a threshold you can rely on"
+            )
+        self.calibration = {
+            "method": method,
+            "count": int(scores.size),
+            "spread_floor": SPREAD_FLOOR * self._patch_spacing(),
+            "warnings": warnings,
+        }
+        z = NormalDist().inv_cdf(self.config.threshold_percentile / 100)
+        self.threshold = self.calibration_median + z * self.calibration_std
 
     def recalibrate(self, images: Sequence[str | Path], progress: bool = True, source: str = "") -> None:
         """Move the threshold to new healthy photos (a new camera, new light) without touching the memory bank.
@@ -144,13 +194,33 @@ class PatchCore:
         self.set_calibration(np.asarray(scores), f"re-calibrated on {len(scores)} healthy photos{origin}")
 
     @property
+    def calibration_method(self) -> str:
+        """Where the healthy scores came from (fit-time cross-fitting, or a re-calibration)."""
+        return str(self.calibration.get("method", ""))
+
+    def _patch_spacing(self) -> float:
+        """Median distance from a memory-bank patch to its nearest other one: the bank's unit of length."""
+        bank = self.memory_bank
+        if bank is None or len(bank) < 2:
+            return 0.0
+        sample = bank[np.random.default_rng(self.config.seed).permutation(len(bank))[:1000]]
+        distances, _ = self.index.search(np.ascontiguousarray(sample), 2)
+        return float(np.median(np.sqrt(np.maximum(distances[:, 1], 0))))
+
+    @property
     def calibration_mean(self) -> float:
         return float(self.calibration_scores.mean())
 
     @property
+    def calibration_median(self) -> float:
+        return float(np.median(self.calibration_scores))
+
+    @property
     def calibration_std(self) -> float:
-        """Spread of healthy scores; floored so one held-out image cannot make sigma infinite."""
-        return max(float(self.calibration_scores.std()), 1e-6 * max(1.0, abs(self.calibration_mean)))
+        """Healthy spread, estimated robustly (1.4826 x MAD estimates the standard deviation), with a floor."""
+        scores = self.calibration_scores
+        mad = float(np.median(np.abs(scores - np.median(scores))))
+        return max(1.4826 * mad, float(self.calibration.get("spread_floor", 0.0)), 1e-12)
 
     # ----------------------------------------------------------------------------- scoring
     def predict(
@@ -166,14 +236,9 @@ class PatchCore:
             n, h, w, d = features.shape
             patches = features.reshape(n, h * w, d).cpu().numpy()
             keep = self._object_patches(batch, h, w)
-            distances, neighbours = self.index.search(patches[keep], 1)
-            patch_scores = np.zeros((n, h * w), dtype=np.float32)  # zeroed background: a perfect match
-            patch_scores[keep] = np.sqrt(np.maximum(distances[:, 0], 0))
-            nearest = np.full((n, h * w), -1, dtype=np.int64)
-            nearest[keep] = neighbours[:, 0]
-            for item, scores, bank_ids, image_patches in zip(batch, patch_scores, nearest, patches):
-                weight = self._reweighting(scores, bank_ids, image_patches)
-                predictions.append(self._prediction(item, weight * scores.reshape(h, w)))
+            for item, image_patches, seen in zip(batch, patches, keep):
+                anomaly_map = self._anomaly_map(image_patches[seen], seen.reshape(h, w), item)
+                predictions.append(self._prediction(item, anomaly_map))
         return predictions
 
     def _object_patches(self, batch: list[Preprocessed], height: int, width: int) -> np.ndarray:
@@ -196,34 +261,39 @@ class PatchCore:
             keep.append(seen.ravel() if seen.any() else every_patch)
         return np.stack(keep)
 
-    def _reweighting(self, patch_scores: np.ndarray, bank_ids: np.ndarray, patches: np.ndarray) -> float:
-        """The paper's Eq. 7 weight of a photo, taken at its worst patch (1.0 when switched off).
+    def _score_patches(self, patches: np.ndarray) -> tuple[np.ndarray, float]:
+        """Each patch's distance to its nearest healthy patch, and the photo's Eq. 7 weight (1.0 when off).
 
-        A test patch whose nearest healthy patch sits in a sparse part of the bank is less
-        trustworthy evidence of normality, so the photo's map is scaled up; in a dense part, down.
+        The weight is taken at the worst patch (paper, Eq. 7): a test patch whose nearest healthy
+        patch sits in a sparse part of the bank is less trustworthy evidence of normality, so the
+        photo's map is scaled up; in a dense part, down.
         """
+        distances, neighbours = self.index.search(np.ascontiguousarray(patches, dtype=np.float32), 1)
+        patch_scores = np.sqrt(np.maximum(distances[:, 0], 0)).astype(np.float32)
+        if not self.config.score_reweighting or len(self.memory_bank) < 2:
+            return patch_scores, 1.0
         worst = int(np.argmax(patch_scores))
-        if not self.config.score_reweighting or len(self.memory_bank) < 2 or bank_ids[worst] < 0:
-            return 1.0
-        nearest_healthy = self.memory_bank[bank_ids[worst]][None]
+        nearest_healthy = self.memory_bank[neighbours[worst, 0]][None]
         k = min(self.config.num_neighbors, len(self.memory_bank))
         _, neighbourhood = self.index.search(nearest_healthy, k)
         to_neighbours = np.linalg.norm(self.memory_bank[neighbourhood[0]] - patches[worst], axis=1)
-        return float(1.0 - softmax(to_neighbours)[0])
+        return patch_scores, float(1.0 - softmax(to_neighbours)[0])
 
-    def _prediction(self, item: Preprocessed, grid: np.ndarray) -> Prediction:
-        """Upsample and smooth the patch grid, map it onto the photo, and read the score off that map.
-
-        The score is the map's maximum in the photo's own coordinates, the very map the overlay
-        draws, so "flagged" and "some pixel above the threshold" are one and the same statement.
-        """
+    def _anomaly_map(self, patches: np.ndarray, seen: np.ndarray, item: Preprocessed) -> np.ndarray:
+        """The photo's heatmap: patch distances (0 where the part is not seen), Eq. 7-weighted,
+        upsampled, smoothed and mapped onto the original photo. Its maximum is the image score."""
+        grid = np.zeros(seen.shape, dtype=np.float32)  # zeroed background: a perfect match
+        grid[seen], weight = self._score_patches(patches)
         size = self.config.image_size
-        anomaly_map = cv2.resize(grid.astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
+        anomaly_map = cv2.resize(weight * grid, (size, size), interpolation=cv2.INTER_LINEAR)
         if self.config.heatmap_sigma > 0:
             anomaly_map = cv2.GaussianBlur(anomaly_map, (0, 0), self.config.heatmap_sigma)
-        anomaly_map = to_original(anomaly_map, item)
+        return to_original(anomaly_map, item)
+
+    def _prediction(self, item: Preprocessed, anomaly_map: np.ndarray) -> Prediction:
+        """The verdict read off the map the overlay draws: flagged exactly when some pixel is above the threshold."""
         score = float(anomaly_map.max())
-        sigma = (score - self.calibration_mean) / self.calibration_std if self.calibration_scores.size else 0.0
+        sigma = (score - self.calibration_median) / self.calibration_std if self.calibration_scores.size else 0.0
         return Prediction(
             score=score,
             threshold=self.threshold,
@@ -311,7 +381,8 @@ class PatchCore:
             "config": self.config.to_dict(),
             "memory_bank": _pack_array(self.memory_bank),
             "calibration_scores": _pack_array(self.calibration_scores),
-            "calibration_method": self.calibration_method,
+            "calibration": self.calibration,
+            "preprocessing": self.preprocessing,
             "threshold": self.threshold,
             "n_train": self.n_train,
             "fit_seconds": self.fit_seconds,
@@ -353,7 +424,8 @@ class PatchCore:
         model = cls(Config.from_dict(config_values))
         model.memory_bank = _unpack_array(state["memory_bank"])
         model.calibration_scores = _unpack_array(state["calibration_scores"])
-        model.calibration_method = str(state["calibration_method"])
+        model.calibration = dict(state.get("calibration", {"method": "held-out photos", "warnings": []}))
+        model.preprocessing = dict(state.get("preprocessing", {}))
         model.threshold = float(state["threshold"])
         model.n_train = int(state["n_train"])
         model.fit_seconds = float(state["fit_seconds"])
