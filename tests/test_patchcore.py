@@ -15,7 +15,7 @@ import torch
 
 from config import Config, UserError
 from conftest import small_config
-from models.patchcore import FORMAT_VERSION, ModelFileError, PatchCore, confidence_from_sigma
+from models.patchcore import FORMAT_VERSION, ModelFileError, PatchCore, anomaly_confidence_from_sigma
 from preprocessing.io import load_test_split, read_image, train_images
 
 
@@ -26,7 +26,7 @@ def test_predictions_are_on_the_original_photo(fitted_model, small_screw_dir):
     assert prediction.anomaly_map.shape == photo.shape[:2]
     assert prediction.anomaly_map.dtype == np.float32
     assert np.isfinite(prediction.score) and prediction.score > 0
-    assert 0.0 <= prediction.confidence <= 1.0
+    assert 0.0 <= prediction.anomaly_confidence <= 1.0
     assert prediction.is_anomalous == (prediction.score > fitted_model.threshold)
 
 
@@ -84,7 +84,7 @@ def test_fewer_than_two_photos_are_refused(small_screw_dir):
 
 @pytest.mark.parametrize("sigma, expected", [(-2.0, 0.0), (0.0, 0.0), (1.0, 0.6827), (2.0, 0.9545), (3.0, 0.9973)])
 def test_confidence_follows_the_sigma_rule(sigma, expected):
-    assert confidence_from_sigma(sigma) == pytest.approx(expected, abs=1e-4)
+    assert anomaly_confidence_from_sigma(sigma) == pytest.approx(expected, abs=1e-4)
 
 
 # A memory bank worked out on paper (2-d features). m0's nearest other patch is m1 (3 away; m2 is
@@ -110,7 +110,9 @@ class HandMadeFeatures:
 
 def hand_made_model(monkeypatch, **changes) -> PatchCore:
     monkeypatch.setattr("models.patchcore.FeatureExtractor", HandMadeFeatures)
-    config = Config(backbone="efficientnet_lite0", image_size=32, preprocess="off", device="cpu", **changes)
+    # no smoothing: the map (whose maximum is the image score) keeps the grid's values at its corners
+    config = Config(backbone="efficientnet_lite0", image_size=32, preprocess="off", device="cpu", heatmap_sigma=0.0,
+                    **changes)
     model = PatchCore(config)
     model.memory_bank = BANK.copy()
     return model
@@ -141,7 +143,7 @@ def test_sigma_is_measured_against_healthy_calibration(fitted_model, small_screw
     (prediction,) = fitted_model.predict([load_test_split(small_screw_dir)[-1].path])
     expected = (prediction.score - fitted_model.calibration_median) / fitted_model.calibration_std
     assert prediction.sigma == pytest.approx(expected)
-    assert prediction.confidence == pytest.approx(confidence_from_sigma(expected))
+    assert prediction.anomaly_confidence == pytest.approx(anomaly_confidence_from_sigma(expected))
 
 
 def test_same_seed_gives_identical_bank_and_scores(small_screw_dir):
@@ -169,7 +171,7 @@ def test_a_saved_and_loaded_model_gives_the_same_predictions(fitted_model, small
         assert after.score == before.score
         assert after.is_anomalous == before.is_anomalous
         assert after.sigma == before.sigma and after.sigma != 0.0  # 0 = the calibration was lost
-        assert after.confidence == before.confidence
+        assert after.anomaly_confidence == before.anomaly_confidence
         assert np.array_equal(after.anomaly_map, before.anomaly_map)
         assert after.warnings == before.warnings
     assert not list(tmp_path.glob(".model.pkl.*")), "no temporary file is left behind"
@@ -461,3 +463,45 @@ def test_a_phone_photo_is_scored_and_mapped_upright(fitted_model, small_screw_di
     (direct,) = fitted_model.predict([upright])
     assert from_file.anomaly_map.shape == upright.shape[:2] == (1024, 800)
     assert from_file.score == pytest.approx(direct.score, rel=1e-6)
+
+
+def test_the_score_is_read_off_the_map_the_overlay_draws(fitted_model, small_screw_dir):
+    """Flagged means some pixel of the shown map is above the threshold: the score is the map's maximum."""
+    predictions = fitted_model.predict([s.path for s in load_test_split(small_screw_dir)[:4]])
+    for prediction in predictions:
+        assert prediction.score == float(prediction.anomaly_map.max())
+        assert prediction.threshold == fitted_model.threshold
+        assert prediction.normalized_score == pytest.approx(prediction.score / fitted_model.threshold)
+        assert prediction.is_anomalous == bool((prediction.anomaly_map > prediction.threshold).any())
+
+
+def test_set_calibration_records_the_method_in_the_model_file(fitted_model, tmp_path):
+    model = PatchCore.load(_saved(fitted_model, tmp_path))
+    scores = np.arange(1.0, 101.0)
+    model.set_calibration(scores, "a hundred healthy photos")
+    assert model.calibration_median == pytest.approx(50.5)
+    model.save(tmp_path / "again.pkl")
+    reloaded = PatchCore.load(tmp_path / "again.pkl")
+    assert reloaded.calibration_method == "a hundred healthy photos"
+    assert reloaded.calibration_scores.size == 100 and reloaded.threshold == model.threshold
+
+
+def test_recalibration_moves_the_threshold_and_keeps_the_bank_bit_identical(fitted_model, small_screw_dir, tmp_path):
+    model = PatchCore.load(_saved(fitted_model, tmp_path))
+    bank_before = model.memory_bank.copy()
+    healthy = [s.path for s in load_test_split(small_screw_dir) if not s.is_defective]
+    model.recalibrate(healthy, progress=False, source="new camera")
+    assert model.memory_bank.tobytes() == bank_before.tobytes()
+    expected = [p.score for p in fitted_model.predict(healthy)]  # scored with the same, untouched bank
+    np.testing.assert_allclose(model.calibration_scores, expected, rtol=1e-6)
+    reference = PatchCore.load(_saved(fitted_model, tmp_path))
+    reference.set_calibration(np.asarray(expected), "reference")
+    assert model.threshold == pytest.approx(reference.threshold)
+    assert model.threshold != fitted_model.threshold
+    assert model.calibration_method == f"re-calibrated on {len(healthy)} healthy photos from new camera"
+
+
+def _saved(model: PatchCore, folder: Path) -> Path:
+    path = folder / "copy.pkl"
+    model.save(path)
+    return path
