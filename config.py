@@ -34,6 +34,7 @@ class Config:
     coreset_sampling_ratio: float = 0.1
     coreset_projection_dim: int = 128
     coreset_chunk_size: int = 4096  # patches per greedy chunk; bounds fit memory and time
+    coreset_oversampling: float = 8.0  # candidates per chunk, x its share of a small bank (models/coreset.py)
     object_patches_only: bool = True  # with a zeroed background, store and search only patches near the part
     knn_index: str = "flat"  # flat (exact) | ivf (approximate, for very large memory banks)
     ivf_nprobe: int = 8  # cells an ivf index searches per query
@@ -69,6 +70,8 @@ class Config:
             raise ValueError(f"backbone must be one of {', '.join(BACKBONES)}, got {self.backbone!r}")
         if not 0 < self.coreset_sampling_ratio <= 1:
             raise ValueError("coreset_sampling_ratio must be in (0, 1]")
+        if self.coreset_oversampling < 1:
+            raise ValueError("coreset_oversampling must be at least 1 (1 = no global pass over candidates)")
         if not 0 < self.validation_fraction < 1:
             raise ValueError("validation_fraction must be in (0, 1)")
         if self.knn_index not in ("flat", "ivf"):

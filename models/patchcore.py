@@ -65,6 +65,7 @@ class PatchCore:
         self.calibration_scores = np.empty(0, dtype=np.float32)
         self.n_train = 0
         self.fit_seconds = math.nan
+        self.coverage_radius = math.nan  # how far a training patch may be from the bank (same units as scores)
         self.weights_identity = ""
         self._extractor: FeatureExtractor | None = None
         self._index: faiss.Index | None = None
@@ -93,6 +94,7 @@ class PatchCore:
             config.coreset_chunk_size,
             config.seed,
             extractor.device,
+            config.coreset_oversampling,
         )
         for batch in self._batches(bank_images, progress, "memory bank"):
             features = extractor(np.stack([item.image for item in batch]))
@@ -100,6 +102,7 @@ class PatchCore:
             keep = torch.from_numpy(self._object_patches(batch, h, w)).to(features.device)
             coreset.add(features.reshape(n, h * w, d)[keep])
         self.memory_bank = coreset.result()
+        self.coverage_radius = coreset.covering_radius
         self._index = None
         self.n_train = len(bank_images)
 
@@ -273,6 +276,7 @@ class PatchCore:
             "threshold": self.threshold,
             "n_train": self.n_train,
             "fit_seconds": self.fit_seconds,
+            "coverage_radius": self.coverage_radius,
             "weights_identity": self.weights_identity,
             "seed": self.config.seed,
             "versions": {
@@ -314,6 +318,7 @@ class PatchCore:
         model.threshold = float(state["threshold"])
         model.n_train = int(state["n_train"])
         model.fit_seconds = float(state["fit_seconds"])
+        model.coverage_radius = float(state.get("coverage_radius", math.nan))  # absent from older files
         model.weights_identity = str(state["weights_identity"])
         return model
 
