@@ -114,6 +114,10 @@ class CandidateIndex:
     def nearest(self, points: np.ndarray) -> np.ndarray:
         return self._index.search(points, 1)[0][:, 0]
 
+    def points(self) -> np.ndarray:
+        """Every candidate, in the order added."""
+        return np.concatenate(self._points)
+
     def _rebuild(self) -> None:
         everything = np.concatenate(self._points)
         self._points = [everything]
@@ -160,7 +164,6 @@ class StreamingCoreset:
         self._pending_count = 0
         self._seen = 0
         self._candidates: list[np.ndarray] = []
-        self._projected: list[np.ndarray] = []
         self._positions: list[np.ndarray] = []
         self._index: CandidateIndex | None = None
         self._sample_rng = np.random.default_rng(seed)
@@ -192,7 +195,7 @@ class StreamingCoreset:
         positions = np.concatenate(self._positions)
         target = max(1, round(self.ratio * self._seen))
         if self.share > self.ratio and len(candidates) > target:  # the global pass over the candidates
-            projected = torch.from_numpy(np.concatenate(self._projected)).to(self.device)
+            projected = torch.from_numpy(self._index.points()).to(self.device)
             picks = greedy_coreset(projected, target, seed=self.seed).cpu().numpy()
             candidates, positions = candidates[picks], positions[picks]
         self.kept_indices = positions.tolist()
@@ -212,7 +215,6 @@ class StreamingCoreset:
         chunk_cpu = chunk.cpu().numpy()
         self._sample_patches(chunk_cpu)
         self._index.add(projected_cpu[picks])
-        self._projected.append(projected_cpu[picks])
         self._candidates.append(chunk_cpu[picks])
         self._positions.append(picks + self._seen)
         self._seen += chunk.shape[0]
