@@ -84,6 +84,7 @@ class PatchCore:
         self.preprocessing: dict[str, Any] = {}  # what 'auto' decided and the numbers behind it
         self.n_train = 0
         self.fit_seconds = math.nan
+        self.coverage_radius = math.nan  # how far a training patch may be from the bank (same units as scores)
         self.weights_identity = ""
         self._extractor: FeatureExtractor | None = None
         self._index: faiss.Index | None = None
@@ -117,7 +118,12 @@ class PatchCore:
 
         def new_coreset(ratio: float, seed: int) -> StreamingCoreset:
             return StreamingCoreset(
-                ratio, config.coreset_projection_dim, config.coreset_chunk_size, seed, extractor.device
+                ratio,
+                config.coreset_projection_dim,
+                config.coreset_chunk_size,
+                seed,
+                extractor.device,
+                config.coreset_oversampling,
             )
 
         # Each photo is scored by the other folds' coresets together; picking a share n/(n-1) larger
@@ -140,6 +146,7 @@ class PatchCore:
                 where = replace(item, image=_NO_PIXELS, mask=_NO_PIXELS)  # the transform back to the photo
                 patches_of.append((photo_patches.cpu().numpy(), seen.reshape(h, w), where) if scored[photo] else None)
         self.memory_bank = whole.result()
+        self.coverage_radius = whole.covering_radius
         self._index = None
         self.n_train = len(images)
 
@@ -388,6 +395,7 @@ class PatchCore:
             "threshold": self.threshold,
             "n_train": self.n_train,
             "fit_seconds": self.fit_seconds,
+            "coverage_radius": self.coverage_radius,
             "weights_identity": self.weights_identity,
             "seed": self.config.seed,
             "versions": {
@@ -439,6 +447,7 @@ class PatchCore:
         model.threshold = float(state["threshold"])
         model.n_train = state["n_train"]
         model.fit_seconds = float(state["fit_seconds"])
+        model.coverage_radius = float(state.get("coverage_radius", math.nan))  # absent from older files
         model.weights_identity = state["weights_identity"]
         _check_fitted_values(model)
         return model
