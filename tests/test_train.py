@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from preprocessing.io import train_images
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -95,13 +97,13 @@ def test_preprocess_only_writes_preview_sheets_and_no_model(tmp_path, small_scre
 
 
 def test_calibration_never_reads_a_test_image(tmp_path, small_screw_dir, monkeypatch):
-    """Every photo decoded while fitting (memory bank and threshold) comes from train/good, even
-    though train.py goes on to evaluate the test split of the same folder."""
+    """Every photo decoded while fitting (preprocessing choice, memory bank and threshold) comes from
+    train/good, even though train.py goes on to evaluate the test split of the same folder."""
     import train
-    from models import patchcore
+    from models import patchcore, pipeline_selection
 
     monkeypatch.chdir(tmp_path)
-    fitting, read_while_fitting = [False], []
+    fitting, read_while_fitting = [0], []  # a depth: choosing the preprocessing runs fits of its own
     real_read, real_fit = patchcore.read_image, patchcore.PatchCore.fit
 
     def recording_read(path, *args):
@@ -110,18 +112,19 @@ def test_calibration_never_reads_a_test_image(tmp_path, small_screw_dir, monkeyp
         return real_read(path, *args)
 
     def flagged_fit(self, *args, **kwargs):
-        fitting[0] = True
+        fitting[0] += 1
         try:
             return real_fit(self, *args, **kwargs)
         finally:
-            fitting[0] = False
+            fitting[0] -= 1
 
     monkeypatch.setattr(patchcore, "read_image", recording_read)
+    monkeypatch.setattr(pipeline_selection, "read_image", recording_read)
     monkeypatch.setattr(patchcore.PatchCore, "fit", flagged_fit)
     args = ["--data-dir", str(small_screw_dir), "--backbone", "efficientnet_lite0", "--image-size", "128", "--quiet"]
     assert train.main(args) == 0
     assert list((tmp_path / "outputs").glob("*/metrics.json")), "the test split was evaluated after the fit"
-    assert len(read_while_fitting) == 12
+    assert set(read_while_fitting) == set(train_images(small_screw_dir))  # every training photo, nothing else
     assert all(path.parent == small_screw_dir / "train" / "good" for path in read_while_fitting)
 
 
