@@ -127,6 +127,10 @@ class Config:
     coreset_chunk_size: int = setting(
         4096, "patches per greedy chunk; bounds fit memory and time", minimum=1, maximum=1_000_000
     )
+    coreset_oversampling: float = setting(
+        8.0, "candidates kept per chunk, x its share of a small bank, before one global greedy pass (1 = none)",
+        minimum=1, maximum=1000,
+    )
     object_patches_only: bool = setting(True, "with a zeroed background, store and search only patches near the part")
     knn_index: str = setting(
         "flat", "nearest-neighbour index: flat (exact) or ivf (approximate, for very large banks)",
@@ -174,7 +178,11 @@ class Config:
     clahe: bool = setting(True, "CLAHE contrast equalisation on the L channel")
     clahe_clip_limit: float = setting(2.0, "CLAHE clip limit", above=0, maximum=100)
     clahe_tile_grid: int = setting(8, "CLAHE tiles per side", minimum=1, maximum=64)
-    segment: bool = setting(True, "Otsu object mask")
+    segment: bool = setting(True, "object mask")
+    segmentation_method: str = setting(
+        "otsu", "how the mask is found: otsu (part darker or lighter than the table) or grabcut (colour models)",
+        choices=("otsu", "grabcut"),
+    )
     crop: bool = setting(True, "crop to the largest contour")
     crop_padding: float = setting(
         0.1, "fraction of the object's size added on each side of the crop", minimum=0, maximum=1

@@ -14,7 +14,7 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from statistics import NormalDist
 from typing import Any
@@ -32,10 +32,11 @@ from models.feature_extractor import FeatureExtractor, feature_width
 from preprocessing.io import read_image, write_atomically
 from preprocessing.pipeline import Preprocessed, preprocess, to_original
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the image score is read off the anomaly map
 MIN_CALIBRATION_PHOTOS = 30  # below this the 99th percentile of healthy scores is little more than their maximum
 MAX_CALIBRATION_PHOTOS = 500  # more add little to a percentile and would hold all their patches in memory
 SPREAD_FLOOR = 0.01  # the healthy spread is never below this share of the bank's patch spacing
+_NO_PIXELS = np.empty((0, 0), dtype=np.uint8)  # calibration keeps a photo's transform, not its pixels
 
 
 class ModelFileError(UserError, ValueError):
@@ -44,19 +45,30 @@ class ModelFileError(UserError, ValueError):
 
 @dataclass
 class Prediction:
-    """The verdict on one photo, with its heatmap in the photo's own pixel coordinates."""
+    """The verdict on one photo, with its heatmap in the photo's own pixel coordinates.
 
-    score: float
+    ``score`` is the maximum of ``anomaly_map``: the photo is flagged exactly when some pixel of
+    the map it is shown with lies above the threshold, so every flagged photo shows where.
+    """
+
+    score: float  # feature distance to the nearest healthy patch; its scale depends on the model
+    threshold: float  # the threshold the verdict was taken against
     anomaly_map: np.ndarray  # (H, W) float32, same units as score
-    is_anomalous: bool
+    is_anomalous: bool  # score > threshold
     sigma: float  # distance of the score from healthy, in calibration standard deviations
-    confidence: float  # 0..1 that the part is anomalous: 1σ -> 0.68, 2σ -> 0.95, 3σ -> 0.997
+    anomaly_confidence: float  # how unusual the score is for a healthy part: 1σ -> 0.68, 2σ -> 0.95, 3σ -> 0.997
     warnings: list[str] = field(default_factory=list)
 
+    @property
+    def normalized_score(self) -> float:
+        """The score in units of the threshold (1.0 = threshold), comparable across models."""
+        return self.score / self.threshold
 
-def confidence_from_sigma(sigma: float) -> float:
-    """Confidence that a part is anomalous: the share of healthy scores within ±sigma of their mean,
-    so 1σ -> 68%, 2σ -> 95%, 3σ -> 99.7%; at or below the healthy mean, 0."""
+
+def anomaly_confidence_from_sigma(sigma: float) -> float:
+    """The share of healthy scores within ±sigma of their centre: 1σ -> 68%, 2σ -> 95%, 3σ -> 99.7%;
+    0 at or below it. It says how unusual a score is for a healthy part, not how sure the verdict
+    is (a part can be 'ok' with 94%: unusual, yet still under the threshold)."""
     return math.erf(max(sigma, 0.0) / math.sqrt(2))
 
 
@@ -72,6 +84,7 @@ class PatchCore:
         self.preprocessing: dict[str, Any] = {}  # what 'auto' decided and the numbers behind it
         self.n_train = 0
         self.fit_seconds = math.nan
+        self.coverage_radius = math.nan  # how far a training patch may be from the bank (same units as scores)
         self.weights_identity = ""
         self._extractor: FeatureExtractor | None = None
         self._index: faiss.Index | None = None
@@ -105,7 +118,12 @@ class PatchCore:
 
         def new_coreset(ratio: float, seed: int) -> StreamingCoreset:
             return StreamingCoreset(
-                ratio, config.coreset_projection_dim, config.coreset_chunk_size, seed, extractor.device
+                ratio,
+                config.coreset_projection_dim,
+                config.coreset_chunk_size,
+                seed,
+                extractor.device,
+                config.coreset_oversampling,
             )
 
         # Each photo is scored by the other folds' coresets together; picking a share n/(n-1) larger
@@ -114,7 +132,7 @@ class PatchCore:
         fold_ratio = min(1.0, config.coreset_sampling_ratio * n_folds / (n_folds - 1))
         whole = new_coreset(config.coreset_sampling_ratio, config.seed)
         by_fold = [new_coreset(fold_ratio, config.seed + 1 + fold) for fold in range(n_folds)]
-        patches_of: list[np.ndarray | None] = []  # each scored photo's patches, kept until the fold banks exist
+        patches_of: list[tuple[np.ndarray, np.ndarray, Preprocessed] | None] = []  # what a scored photo's map needs
         for batch in self._batches(images, progress, "memory bank"):
             features = extractor(np.stack([item.image for item in batch]))
             n, h, w, d = features.shape
@@ -122,11 +140,13 @@ class PatchCore:
             kept = features.reshape(n, h * w, d)[keep]
             whole.add(kept)
             per_photo = torch.split(kept, keep.sum(dim=1).tolist())
-            for photo_patches in per_photo:
+            for item, seen, photo_patches in zip(batch, keep.cpu().numpy(), per_photo):
                 photo = len(patches_of)
                 by_fold[folds[photo]].add(photo_patches)
-                patches_of.append(photo_patches.cpu().numpy() if scored[photo] else None)
+                where = replace(item, image=_NO_PIXELS, mask=_NO_PIXELS)  # the transform back to the photo
+                patches_of.append((photo_patches.cpu().numpy(), seen.reshape(h, w), where) if scored[photo] else None)
         self.memory_bank = whole.result()
+        self.coverage_radius = whole.covering_radius
         self._index = None
         self.n_train = len(images)
 
@@ -136,7 +156,7 @@ class PatchCore:
             scorer = PatchCore(config)
             scorer.memory_bank = np.concatenate([bank for other, bank in enumerate(fold_banks) if other != fold])
             for photo in np.flatnonzero((folds == fold) & scored):
-                scores[photo] = scorer._score_patches(patches_of[photo])[1]
+                scores[photo] = scorer._anomaly_map(*patches_of[photo]).max()
         self.set_calibration(
             scores[scored], f"{n_folds}-fold cross-fitting, {int(scored.sum())} of {len(images)} training photos scored"
         )
@@ -168,6 +188,23 @@ class PatchCore:
         }
         z = NormalDist().inv_cdf(self.config.threshold_percentile / 100)
         self.threshold = self.calibration_median + z * self.calibration_std
+
+    def recalibrate(self, images: Sequence[str | Path], progress: bool = True, source: str = "") -> None:
+        """Move the threshold to new healthy photos (a new camera, new light) without touching the memory bank.
+
+        The photos are scored against the existing bank, exactly as production would score them,
+        and become the calibration set; the bank, and so every score, stays the same.
+        """
+        if not images:
+            raise ValueError("re-calibration needs at least one healthy photo")
+        scores = [p.score for p in self.predict(images, progress=progress, description="re-calibration")]
+        origin = f" from {source}" if source else ""
+        self.set_calibration(np.asarray(scores), f"re-calibrated on {len(scores)} healthy photos{origin}")
+
+    @property
+    def calibration_method(self) -> str:
+        """Where the healthy scores came from (fit-time cross-fitting, or a re-calibration)."""
+        return str(self.calibration.get("method", ""))
 
     def _patch_spacing(self) -> float:
         """Median distance from a memory-bank patch to its nearest other one: the bank's unit of length."""
@@ -208,9 +245,8 @@ class PatchCore:
             patches = features.reshape(n, h * w, d).cpu().numpy()
             keep = self._object_patches(batch, h, w)
             for item, image_patches, seen in zip(batch, patches, keep):
-                grid = np.zeros(h * w, dtype=np.float32)  # zeroed background: a perfect match
-                grid[seen], score = self._score_patches(image_patches[seen])
-                predictions.append(self._prediction(item, grid.reshape(h, w), score))
+                anomaly_map = self._anomaly_map(image_patches[seen], seen.reshape(h, w), item)
+                predictions.append(self._prediction(item, anomaly_map))
         return predictions
 
     def _object_patches(self, batch: list[Preprocessed], height: int, width: int) -> np.ndarray:
@@ -234,37 +270,45 @@ class PatchCore:
         return np.stack(keep)
 
     def _score_patches(self, patches: np.ndarray) -> tuple[np.ndarray, float]:
-        """Each patch's distance to its nearest healthy patch, and the image score.
+        """Each patch's distance to its nearest healthy patch, and the photo's Eq. 7 weight (1.0 when off).
 
-        The image score is the worst patch's distance, optionally re-weighted by its neighbourhood
-        (paper, Eq. 7): a test patch whose nearest healthy patch sits in a sparse part of the bank
-        is less trustworthy evidence of normality, so its score is scaled up; in a dense part, down.
+        The weight is taken at the worst patch (paper, Eq. 7): a test patch whose nearest healthy
+        patch sits in a sparse part of the bank is less trustworthy evidence of normality, so the
+        photo's map is scaled up; in a dense part, down.
         """
         distances, neighbours = self.index.search(np.ascontiguousarray(patches, dtype=np.float32), 1)
         patch_scores = np.sqrt(np.maximum(distances[:, 0], 0)).astype(np.float32)
-        worst = int(np.argmax(patch_scores))
-        score = float(patch_scores[worst])
         if not self.config.score_reweighting or len(self.memory_bank) < 2:
-            return patch_scores, score
+            return patch_scores, 1.0
+        worst = int(np.argmax(patch_scores))
         nearest_healthy = self.memory_bank[neighbours[worst, 0]][None]
         k = min(self.config.num_neighbors, len(self.memory_bank))
         _, neighbourhood = self.index.search(nearest_healthy, k)
         to_neighbours = np.linalg.norm(self.memory_bank[neighbourhood[0]] - patches[worst], axis=1)
-        weight = 1.0 - softmax(to_neighbours)[0]
-        return patch_scores, float(weight * score)
+        return patch_scores, float(1.0 - softmax(to_neighbours)[0])
 
-    def _prediction(self, item: Preprocessed, grid: np.ndarray, score: float) -> Prediction:
+    def _anomaly_map(self, patches: np.ndarray, seen: np.ndarray, item: Preprocessed) -> np.ndarray:
+        """The photo's heatmap: patch distances (0 where the part is not seen), Eq. 7-weighted,
+        upsampled, smoothed and mapped onto the original photo. Its maximum is the image score."""
+        grid = np.zeros(seen.shape, dtype=np.float32)  # zeroed background: a perfect match
+        grid[seen], weight = self._score_patches(patches)
         size = self.config.image_size
-        anomaly_map = cv2.resize(grid.astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
+        anomaly_map = cv2.resize(weight * grid, (size, size), interpolation=cv2.INTER_LINEAR)
         if self.config.heatmap_sigma > 0:
             anomaly_map = cv2.GaussianBlur(anomaly_map, (0, 0), self.config.heatmap_sigma)
+        return to_original(anomaly_map, item)
+
+    def _prediction(self, item: Preprocessed, anomaly_map: np.ndarray) -> Prediction:
+        """The verdict read off the map the overlay draws: flagged exactly when some pixel is above the threshold."""
+        score = float(anomaly_map.max())
         sigma = (score - self.calibration_median) / self.calibration_std if self.calibration_scores.size else 0.0
         return Prediction(
             score=score,
-            anomaly_map=to_original(anomaly_map, item),
+            threshold=self.threshold,
+            anomaly_map=anomaly_map,
             is_anomalous=bool(score > self.threshold),
             sigma=float(sigma),
-            confidence=confidence_from_sigma(sigma),
+            anomaly_confidence=anomaly_confidence_from_sigma(sigma),
             warnings=list(item.warnings),
         )
 
@@ -351,6 +395,7 @@ class PatchCore:
             "threshold": self.threshold,
             "n_train": self.n_train,
             "fit_seconds": self.fit_seconds,
+            "coverage_radius": self.coverage_radius,
             "weights_identity": self.weights_identity,
             "seed": self.config.seed,
             "versions": {
@@ -402,6 +447,7 @@ class PatchCore:
         model.threshold = float(state["threshold"])
         model.n_train = state["n_train"]
         model.fit_seconds = float(state["fit_seconds"])
+        model.coverage_radius = float(state.get("coverage_radius", math.nan))  # absent from older files
         model.weights_identity = state["weights_identity"]
         _check_fitted_values(model)
         return model

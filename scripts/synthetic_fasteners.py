@@ -44,7 +44,6 @@ PART_DEFECTS = {
     "washer": ("rust", "corrosion", "scratch", "deformation"),
     "bracket": ("rust", "corrosion", "scratch", "deformation"),
 }
-DEFECT_KINDS = ("rust", "corrosion", "scratch", "deformation", "missing")
 TABLES = {"dark": 0.22, "bright": 0.62}  # mean grey level of the table the part lies on
 # Turns a part may lie at before the max_rotation jitter: a nut repeats every 60 degrees, a washer is round.
 BASE_TURNS = {"screw": 0.0, "nut": math.pi / 3, "plate": 0.0, "washer": 2 * math.pi, "bracket": 0.0}

@@ -5,9 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from preprocessing.io import train_images
+from preprocessing.io import load_test_split, train_images
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,7 +104,7 @@ def test_calibration_never_reads_a_test_image(tmp_path, small_screw_dir, monkeyp
     from models import patchcore, pipeline_selection
 
     monkeypatch.chdir(tmp_path)
-    fitting, read_while_fitting = [0], []  # a depth: choosing the preprocessing runs fits of its own
+    fitting, read_while_fitting = [0], []  # depth: preprocess auto fits candidate models inside the fit
     real_read, real_fit = patchcore.read_image, patchcore.PatchCore.fit
 
     def recording_read(path, *args):
@@ -204,3 +205,32 @@ def test_settings_are_checked_before_any_work(tmp_path, small_screw_dir, monkeyp
         "error: invalid settings: target_dim must be 1 to 8192, got 0; threshold_percentile must be between 0 "
         "and 100, both excluded, got 150.0; clahe must be true or false, got 'no'"
     ]
+
+
+def test_recalibrate_moves_the_threshold_and_keeps_the_memory_bank(tmp_path, fitted_model, small_screw_dir):
+    from models.patchcore import PatchCore
+
+    model_path = tmp_path / "model.pkl"
+    fitted_model.save(model_path)
+    new_camera = tmp_path / "new camera"
+    new_camera.mkdir()
+    healthy = [s.path for s in load_test_split(small_screw_dir) if not s.is_defective]
+    for index, path in enumerate(healthy):
+        (new_camera / f"{index}.png").symlink_to(path.resolve())
+    result = run_train("--recalibrate", "--model", str(model_path), "--data-dir", str(new_camera), "--quiet",
+                       "--threshold-percentile", "50", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    recalibrated = PatchCore.load(model_path)
+    assert recalibrated.memory_bank.tobytes() == fitted_model.memory_bank.tobytes()
+    assert recalibrated.calibration_scores.size == len(healthy)
+    assert recalibrated.threshold == pytest.approx(float(np.median(recalibrated.calibration_scores)))
+    assert recalibrated.calibration_method == f"re-calibrated on {len(healthy)} healthy photos from {new_camera}"
+    assert f"threshold {fitted_model.threshold:.3f} -> {recalibrated.threshold:.3f}" in result.stdout
+
+
+@pytest.mark.parametrize("args", [["--recalibrate", "--data-dir", "x"], ["--recalibrate", "--model", "m.pkl"],
+                                  ["--recalibrate", "--model", "m.pkl", "--data-dir", "x", "--image-size", "128"],
+                                  ["--data-dir", "x", "--model", "m.pkl"]])
+def test_recalibrate_usage_errors(args, tmp_path):
+    result = run_train(*args, cwd=tmp_path)
+    assert result.returncode == 2 and "usage:" in result.stderr
