@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from config import fail, run_cli
-from preprocessing.io import check_output_folder, find_images, json_document, write_atomically
+from preprocessing.io import check_output_folder, check_writable, find_images, json_document, write_atomically
 
 ANOMALY_CONFIDENCE_NOTE = (
     "anomaly confidence: how unusual the score is for a healthy part (1σ 68 %, 2σ 95 %, 3σ 99.7 %), "
@@ -119,8 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.threshold is not None:
         model.threshold = args.threshold
     heatmap_dir = out_dir / "heatmaps" if args.visualize else None
-    if heatmap_dir is not None:
-        check_output_folder(heatmap_dir)  # before scoring, not after the first photo
+    if heatmap_dir is not None:  # every output is checked before scoring, not after the first photo
+        check_output_folder(heatmap_dir)
+    if args.report:
+        check_writable(out_dir / "batch_report.html")
+    if args.csv:
+        check_writable(args.csv)
     records, gallery = score_all(model, photos, heatmap_dir, args.report, progress=not (args.quiet or args.json))
     report_path = None
     if args.report:

@@ -72,9 +72,11 @@ def recalibrate(args: argparse.Namespace) -> int:
     if args.threshold_percentile is not None:
         model.config = model.config.replace(threshold_percentile=args.threshold_percentile)
     paths = healthy_photos(args.data_dir)
+    output = args.output or args.model
+    check_writable(output)  # before scoring, as for a fit
+    refuse_unusable_photos(paths, model.config)
     before = model.threshold
     model.recalibrate(paths, progress=not args.quiet, source=str(args.data_dir))
-    output = args.output or args.model
     model.save(output)
     print(f"re-calibrated on {len(paths)} healthy photos from {args.data_dir}: threshold {before:.3f} -> "
           f"{model.threshold:.3f}; saved to {output} (memory bank unchanged)")

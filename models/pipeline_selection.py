@@ -42,7 +42,7 @@ def choose_preprocessing(
     n_bank = min(len(images) // 2, MAX_BANK_PHOTOS)
     n_eval = min(len(images) - n_bank, MAX_EVAL_PHOTOS)
     chosen = sorted(order[: n_bank + n_eval]) if len(images) >= MIN_PHOTOS_TO_RANK else list(range(len(images)))
-    photos = {i: _as_array(images[i]) for i in chosen}
+    photos = {i: _as_array(images[i], config.max_image_pixels) for i in chosen}
 
     decision = decide(list(photos.values()), config)
     decided = config.replace(**decision.changes)
@@ -81,8 +81,8 @@ def _finish(record: dict[str, Any], config: Config, chosen: str) -> dict[str, An
     return record
 
 
-def _as_array(image: str | Path | np.ndarray) -> np.ndarray:
-    return read_image(image) if isinstance(image, (str, Path)) else image
+def _as_array(image: str | Path | np.ndarray, max_pixels: int) -> np.ndarray:
+    return read_image(image, max_pixels) if isinstance(image, (str, Path)) else image
 
 
 def _paint_defects(

@@ -171,17 +171,28 @@ def test_a_bad_model_file_is_one_error_line_and_exit_2(tmp_path, capsys, make, r
     assert line.startswith(f"error: {model}: ") and reason in line
 
 
-def test_an_unwritable_heatmap_folder_is_refused_before_scoring(model_file, small_screw_dir, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--visualize"], "out/heatmaps: cannot be written ("),
+        (["--report"], "out/batch_report.html: cannot be written ("),
+        (["--csv", "/dev/null"], "/dev/null: is a device, FIFO or socket"),
+    ],
+    ids=["heatmaps", "report", "csv"],
+)
+def test_an_unwritable_output_is_refused_before_scoring(
+    model_file, small_screw_dir, tmp_path, monkeypatch, capsys, flags, named
+):
     from config import run_cli
     from models.patchcore import PatchCore
 
     monkeypatch.setattr(PatchCore, "predict", lambda *a, **k: pytest.fail("scored before checking the output"))
     (tmp_path / "out").write_text("a file where the output folder should be")
     image = load_test_split(small_screw_dir)[0].path
-    argv = ["--model", str(model_file), "--image", str(image), "--visualize", "--output-dir", str(tmp_path / "out")]
+    argv = ["--model", str(model_file), "--image", str(image), "--output-dir", str(tmp_path / "out"), *flags]
     assert run_cli(lambda: inference.main(argv)) == 2
     (line,) = capsys.readouterr().err.splitlines()
-    assert line.startswith(f"error: {tmp_path / 'out' / 'heatmaps'}: cannot be written (")
+    assert line.startswith("error: ") and named in line
 
 
 def test_heatmaps_and_reports_honour_the_umask(model_file, small_screw_dir, tmp_path, capsys):

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import small_config
 from models.patchcore import PatchCore
-from preprocessing import io
+from preprocessing import io as photo_io
 from preprocessing.io import train_images
 from scripts.synthetic_fasteners import SyntheticSettings, generate
 
@@ -24,14 +24,14 @@ def nut_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def auto_fit(nut_dir: Path) -> tuple[PatchCore, list[str]]:
     """A model fitted with preprocess auto, and every file that fitting opened."""
     opened: list[str] = []
-    real_decode = io._decode  # every photo the toolkit reads goes through this one decoder
+    real_read = photo_io._read_photo_file  # where every photo and mask is read from disk
 
-    def recording_decode(path, *args):
+    def recording_read(path):
         opened.append(str(Path(path).resolve()))
-        return real_decode(path, *args)
+        return real_read(path)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(io, "_decode", recording_decode)
+        patch.setattr(photo_io, "_read_photo_file", recording_read)
         model = PatchCore(small_config(preprocess="auto", image_size=64))
         model.fit(train_images(nut_dir), progress=False)
     return model, opened

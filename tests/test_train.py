@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from preprocessing.io import load_test_split
+from preprocessing.io import load_test_split, train_images
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,10 +98,10 @@ def test_preprocess_only_writes_preview_sheets_and_no_model(tmp_path, small_scre
 
 
 def test_calibration_never_reads_a_test_image(tmp_path, small_screw_dir, monkeypatch):
-    """Every photo decoded while fitting (memory bank and threshold) comes from train/good, even
-    though train.py goes on to evaluate the test split of the same folder."""
+    """Every photo decoded while fitting (preprocessing choice, memory bank and threshold) comes from
+    train/good, even though train.py goes on to evaluate the test split of the same folder."""
     import train
-    from models import patchcore
+    from models import patchcore, pipeline_selection
 
     monkeypatch.chdir(tmp_path)
     fitting, read_while_fitting = [0], []  # depth: preprocess auto fits candidate models inside the fit
@@ -120,11 +120,12 @@ def test_calibration_never_reads_a_test_image(tmp_path, small_screw_dir, monkeyp
             fitting[0] -= 1
 
     monkeypatch.setattr(patchcore, "read_image", recording_read)
+    monkeypatch.setattr(pipeline_selection, "read_image", recording_read)
     monkeypatch.setattr(patchcore.PatchCore, "fit", flagged_fit)
     args = ["--data-dir", str(small_screw_dir), "--backbone", "efficientnet_lite0", "--image-size", "128", "--quiet"]
     assert train.main(args) == 0
     assert list((tmp_path / "outputs").glob("*/metrics.json")), "the test split was evaluated after the fit"
-    assert len(read_while_fitting) == 12
+    assert set(read_while_fitting) == set(train_images(small_screw_dir))  # every training photo, nothing else
     assert all(path.parent == small_screw_dir / "train" / "good" for path in read_while_fitting)
 
 
