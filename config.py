@@ -34,7 +34,7 @@ class Config:
     coreset_sampling_ratio: float = 0.1
     coreset_projection_dim: int = 128
     coreset_chunk_size: int = 4096  # patches per greedy chunk; bounds fit memory and time
-    coreset_oversampling: float = 8.0  # candidates per chunk, x its share of a small bank (models/coreset.py)
+    coreset_oversampling: float = 1.0  # >1: candidates per chunk, x its share of a small bank, then a global pass (README)
     object_patches_only: bool = True  # with a zeroed background, store and search only patches near the part
     knn_index: str = "flat"  # flat (exact) | ivf (approximate, for very large memory banks)
     ivf_nprobe: int = 8  # cells an ivf index searches per query
