@@ -9,11 +9,12 @@ patch in memory. Instead, as features stream in:
 - each chunk of ``chunk_size`` patches is reduced to *candidates* by greedy k-center that starts
   from every patch's distance to the candidates kept so far, so a pattern earlier chunks cover is
   not picked again: a chunk that repeats an earlier one adds no copy of a kept patch;
-- when the bank's share of a chunk is only a few dozen patches, greedy placed without seeing the
-  rest of the bank goes wrong (a 0.005 ratio gave 20 picks per chunk and lost 0.06 image AUROC to
-  exact greedy), so a chunk keeps ``oversampling`` times its share as candidates and one global
-  greedy pass over all candidates picks the bank at the end. From ``ENOUGH_PICKS_PER_CHUNK`` picks
-  per chunk on, chunk-wise greedy already matches exact greedy and the candidates are the bank;
+- optionally (``oversampling`` > 1), where the bank's share of a chunk is only a few dozen
+  patches, a chunk keeps ``oversampling`` times its share as candidates and one global greedy pass
+  over all candidates picks the bank at the end. It fixes streams whose variety arrives late
+  (tests), but on screw it did not close the gap to exact greedy at small ratios and costs 3-4x
+  the coreset time (README, Performance), so it is off by default. From
+  ``ENOUGH_PICKS_PER_CHUNK`` picks per chunk on, the candidates are the bank either way;
 - the "kept so far" search is exact while the candidates are few and becomes a FAISS IVF index,
   rebuilt whenever the candidates have quadrupled, once there are more than
   ``exact_search_limit``: each chunk then compares with ~√n of them, not all n, so a long fit does
@@ -147,7 +148,7 @@ class StreamingCoreset:
         chunk_size: int,
         seed: int,
         device: torch.device | str = "cpu",
-        oversampling: float = 8.0,
+        oversampling: float = 1.0,
         exact_search_limit: int = EXACT_SEARCH_LIMIT,
     ) -> None:
         self.ratio = ratio

@@ -58,9 +58,9 @@ def test_exact_greedy_picks_farthest_points_first():
     ],
 )
 @pytest.mark.parametrize("exact_search_limit", [16384, 50])  # 50: the IVF "kept so far" search, rebuilt 3 times
-def test_streamed_coreset_covers_within_1_3x_of_exact_greedy(name, points, ratio, exact_search_limit):
+def test_oversampled_coreset_covers_within_1_3x_of_exact_greedy(name, points, ratio, exact_search_limit):
     exact = bank(points, ratio, chunk_size=len(points), projection_dim=64)
-    chunked = bank(points, ratio, chunk_size=1000, projection_dim=64, exact_search_limit=exact_search_limit)
+    chunked = bank(points, ratio, 1000, 64, oversampling=8, exact_search_limit=exact_search_limit)
     assert len(chunked) == len(exact) == round(ratio * len(points))
     assert covering_radius(points, chunked) <= 1.3 * covering_radius(points, exact), name
 
@@ -95,15 +95,16 @@ def test_coreset_beats_random_subset():
 @pytest.mark.parametrize("exact_search_limit", [16384, 50])
 def test_same_seed_same_bank_and_other_seed_differs(exact_search_limit):
     points = clustered_points(8000)
-    same = [bank(points, 0.01, 1000, seed=3, exact_search_limit=exact_search_limit) for _ in range(2)]
+    options = {"oversampling": 8, "exact_search_limit": exact_search_limit}
+    same = [bank(points, 0.01, 1000, seed=3, **options) for _ in range(2)]
     assert np.array_equal(same[0], same[1])
-    assert not np.array_equal(same[0], bank(points, 0.01, 1000, seed=4, exact_search_limit=exact_search_limit))
+    assert not np.array_equal(same[0], bank(points, 0.01, 1000, seed=4, **options))
 
 
 @pytest.mark.parametrize("ratio", [0.1, 0.01])  # candidates are the bank / a global pass picks the bank
 def test_kept_indices_point_at_the_kept_rows(ratio):
     points = clustered_points(n=3000)
-    coreset = StreamingCoreset(ratio, 128, 500, seed=0)
+    coreset = StreamingCoreset(ratio, 128, 500, seed=0, oversampling=8)
     coreset.add(torch.from_numpy(points))
     kept = coreset.result()
     assert len(kept) == round(ratio * len(points))
