@@ -29,6 +29,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--evaluate", action="store_true", help="--dir is an MVTec-layout folder: write metrics")
     parser.add_argument("--output-dir", type=Path, help="where overlays and reports go (default outputs/<model>)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override the model's device")
+    parser.add_argument(
+        "--runtime",
+        choices=("auto", "torch", "onnx"),
+        default="auto",
+        help="feature extractor back end; auto = ONNX Runtime when scripts/export_onnx.py wrote <model>.onnx",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     if args.evaluate and not args.dir:
@@ -105,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from models.patchcore import PatchCore
 
-    model = PatchCore.load(args.model, device=args.device)
+    model = PatchCore.load(args.model, device=args.device, runtime=args.runtime)
     out_dir = args.output_dir or Path("outputs") / args.model.stem
 
     if args.evaluate:

@@ -2,6 +2,10 @@
 
 ``PatchCore`` is the whole model a user handles: ``fit`` on healthy photos, ``predict`` verdicts and
 heatmaps on the original photos, ``save`` / ``load`` a model file that holds plain data only.
+
+Scoring needs only NumPy, OpenCV, FAISS and a feature extractor back end (models/backend.py); torch
+is imported by fitting and by the torch back end alone, so a model scored through ONNX Runtime
+runs without it.
 """
 
 from __future__ import annotations
@@ -20,13 +24,10 @@ from typing import Any
 import cv2
 import faiss
 import numpy as np
-import torch
-from scipy.special import softmax
 from tqdm import tqdm
 
 from config import Config, UserError
-from models.coreset import StreamingCoreset
-from models.feature_extractor import FeatureExtractor
+from models.backend import PatchFeatureExtractor, onnx_path_for, open_extractor, resolve_runtime
 from preprocessing.io import read_image, write_atomically
 from preprocessing.pipeline import Preprocessed, preprocess, to_original
 
@@ -66,7 +67,12 @@ class PatchCore:
         self.n_train = 0
         self.fit_seconds = math.nan
         self.weights_identity = ""
-        self._extractor: FeatureExtractor | None = None
+        self.runtime = "torch"  # feature extractor back end: torch | onnx | auto (models/backend.py)
+        self.onnx_file: Path | None = None
+        # Seconds per stage, summed since the last fit started: fit's own stages, and predict_* for
+        # scoring (which includes the fit's calibration); scripts/benchmark.py reads them.
+        self.timings: dict[str, float] = {}
+        self._extractor: PatchFeatureExtractor | None = None
         self._index: faiss.Index | None = None
 
     # ----------------------------------------------------------------------------- fitting
@@ -76,7 +82,12 @@ class PatchCore:
         A seeded ``validation_fraction`` of the photos never enters the memory bank: their scores
         are what a healthy part scores, which sets the threshold without touching test data.
         """
+        import torch
+
+        from models.coreset import StreamingCoreset
+
         start = time.perf_counter()
+        self.timings = {}
         config = self.config
         torch.manual_seed(config.seed)
         if len(images) < 2:
@@ -94,19 +105,28 @@ class PatchCore:
             config.seed,
             extractor.device,
         )
-        for batch in self._batches(bank_images, progress, "memory bank"):
-            features = extractor(np.stack([item.image for item in batch]))
+        for batch in self._clocked(self._batches(bank_images, progress, "memory bank"), "load_preprocess"):
+            stage = time.perf_counter()
+            features = extractor.tensor(np.stack([item.image for item in batch]))
+            self._clock("features", stage)
+            stage = time.perf_counter()
             n, h, w, d = features.shape
             keep = torch.from_numpy(self._object_patches(batch, h, w)).to(features.device)
             coreset.add(features.reshape(n, h * w, d)[keep])
+            self._clock("coreset", stage)
+        stage = time.perf_counter()
         self.memory_bank = coreset.result()
+        self._clock("coreset", stage)
         self._index = None
         self.n_train = len(bank_images)
 
+        stage = time.perf_counter()
         scores = [p.score for p in self.predict(holdout, progress=progress, description="calibration")]
+        self._clock("calibration", stage)
         self.calibration_scores = np.asarray(scores, dtype=np.float32)
         self.threshold = float(np.percentile(self.calibration_scores, config.threshold_percentile))
         self.fit_seconds = time.perf_counter() - start
+        self.timings["fit"] = self.fit_seconds
 
     @property
     def calibration_mean(self) -> float:
@@ -126,10 +146,13 @@ class PatchCore:
             raise RuntimeError("the model is not fitted: call fit() or PatchCore.load() first")
         extractor = self._feature_extractor()
         predictions = []
-        for batch in self._batches(images, progress, description):
+        for batch in self._clocked(self._batches(images, progress, description), "predict_load_preprocess"):
+            stage = time.perf_counter()
             features = extractor(np.stack([item.image for item in batch]))
+            self._clock("predict_features", stage)
+            stage = time.perf_counter()
             n, h, w, d = features.shape
-            patches = features.reshape(n, h * w, d).cpu().numpy()
+            patches = features.reshape(n, h * w, d)
             keep = self._object_patches(batch, h, w)
             distances, neighbours = self.index.search(patches[keep], 1)
             patch_scores = np.zeros((n, h * w), dtype=np.float32)  # zeroed background: a perfect match
@@ -139,6 +162,7 @@ class PatchCore:
             for item, scores, bank_ids, image_patches in zip(batch, patch_scores, nearest, patches):
                 score = self._image_score(scores, bank_ids, image_patches)
                 predictions.append(self._prediction(item, scores.reshape(h, w), score))
+            self._clock("predict_knn_map", stage)
         return predictions
 
     def _object_patches(self, batch: list[Preprocessed], height: int, width: int) -> np.ndarray:
@@ -175,7 +199,8 @@ class PatchCore:
         k = min(self.config.num_neighbors, len(self.memory_bank))
         _, neighbourhood = self.index.search(nearest_healthy, k)
         to_neighbours = np.linalg.norm(self.memory_bank[neighbourhood[0]] - patches[worst], axis=1)
-        weight = 1.0 - softmax(to_neighbours)[0]
+        # softmax(to_neighbours)[0], written out: importing SciPy for it would cost a second of start-up
+        weight = 1.0 - 1.0 / np.exp(to_neighbours[0] - to_neighbours).sum()
         return float(weight * score)
 
     def _prediction(self, item: Preprocessed, grid: np.ndarray, score: float) -> Prediction:
@@ -194,9 +219,22 @@ class PatchCore:
         )
 
     # ----------------------------------------------------------------------------- plumbing
-    def _feature_extractor(self) -> FeatureExtractor:
+    def _clock(self, stage: str, since: float) -> None:
+        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - since
+
+    def _clocked(self, batches: Iterator[list[Preprocessed]], stage: str) -> Iterator[list[Preprocessed]]:
+        """The batches, with the time spent waiting for each (decoding, preprocessing) clocked as ``stage``."""
+        while True:
+            since = time.perf_counter()
+            batch = next(batches, None)
+            self._clock(stage, since)
+            if batch is None:
+                return
+            yield batch
+
+    def _feature_extractor(self) -> PatchFeatureExtractor:
         if self._extractor is None:
-            self._extractor = FeatureExtractor(self.config)
+            self._extractor = open_extractor(self.config, self.runtime, self.onnx_file)
             if self.weights_identity and self.weights_identity != self._extractor.weights_identity:
                 raise ModelFileError(
                     f"the backbone weights differ from those the model was fitted with "
@@ -265,6 +303,8 @@ class PatchCore:
         """Write the model atomically: a crash never leaves a half-written file under ``path``."""
         if self.memory_bank is None:
             raise RuntimeError("cannot save an unfitted model")
+        import torch  # a fitted model has it loaded already
+
         state = {
             "format_version": FORMAT_VERSION,
             "config": self.config.to_dict(),
@@ -286,8 +326,12 @@ class PatchCore:
         write_atomically(path, pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
 
     @classmethod
-    def load(cls, path: str | Path, device: str | None = None) -> PatchCore:
-        """Read a model file. Only plain data is accepted: a file that names any Python object is refused."""
+    def load(cls, path: str | Path, device: str | None = None, runtime: str = "auto") -> PatchCore:
+        """Read a model file. Only plain data is accepted: a file that names any Python object is refused.
+
+        ``runtime`` picks the feature extractor back end; ``auto`` scores through ONNX Runtime when
+        ``scripts/export_onnx.py`` has written ``<model>.onnx`` beside the file, through torch otherwise.
+        """
         path = Path(path)
         try:
             with open(path, "rb") as handle:
@@ -315,6 +359,13 @@ class PatchCore:
         model.n_train = int(state["n_train"])
         model.fit_seconds = float(state["fit_seconds"])
         model.weights_identity = str(state["weights_identity"])
+        model.runtime = runtime
+        model.onnx_file = onnx_path_for(path)
+        if resolve_runtime(runtime, model.onnx_file) == "onnx" and not model.onnx_file.is_file():
+            raise ModelFileError(
+                f"{model.onnx_file}: no ONNX export of this model; write it with "
+                f"scripts/export_onnx.py --model {path}"
+            )
         return model
 
 
