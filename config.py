@@ -18,6 +18,7 @@ from typing import Any, NoReturn, get_type_hints
 import yaml
 
 BACKBONES = ("wide_resnet50_2", "efficientnet_lite0")
+PREPROCESS_MODES = ("auto", "on", "off")
 FLAG_ALIASES = {"weights_path": ["--weights"]}  # short spellings the README uses
 
 
@@ -46,9 +47,10 @@ class Config:
     seed: int = 0
     # --- calibration ---------------------------------------------------------------------------
     threshold_percentile: float = 99.0
-    validation_fraction: float = 0.1  # of train/good, held out of the memory bank to calibrate
+    calibration_folds: int = 5  # every training photo is scored by a bank fitted without its fold
     # --- preprocessing (the eight-step pipeline) -----------------------------------------------
-    preprocess: bool = True  # master switch; off = a plain resize to image_size
+    # auto: decide the steps from the training photos at fit time; on: the switches below; off: a plain resize
+    preprocess: str = "auto"
     white_balance: bool = True
     inpaint_specular: bool = True
     specular_threshold: int = 250
@@ -59,9 +61,10 @@ class Config:
     crop: bool = True
     crop_padding: float = 0.1  # fraction of the object's size added on each side
     align_rotation: bool = True
-    min_elongation: float = 1.5  # below this axis ratio the rotation is left alone (nuts)
+    min_elongation: float = 1.5  # below this axis ratio the rotation is left alone (nuts); 0 = always align
     normalize_scale: bool = True
     zero_background: bool = True
+    mask_fill: str = "contour"  # contour: the part's outline, filled | hull: its convex hull (keeps shiny edges)
     mask_dilation: int = 15  # pixels, in model-input coordinates
 
     def __post_init__(self) -> None:
@@ -69,8 +72,17 @@ class Config:
             raise ValueError(f"backbone must be one of {', '.join(BACKBONES)}, got {self.backbone!r}")
         if not 0 < self.coreset_sampling_ratio <= 1:
             raise ValueError("coreset_sampling_ratio must be in (0, 1]")
-        if not 0 < self.validation_fraction < 1:
-            raise ValueError("validation_fraction must be in (0, 1)")
+        # true/false (model files and YAML written before 'auto' existed, or --preprocess false) mean on/off
+        switch = str(self.preprocess).lower()
+        self.preprocess = {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}.get(
+            switch, switch
+        )
+        if self.preprocess not in PREPROCESS_MODES:
+            raise ValueError(f"preprocess must be one of {', '.join(PREPROCESS_MODES)}, got {self.preprocess!r}")
+        if self.mask_fill not in ("contour", "hull"):
+            raise ValueError(f"mask_fill must be contour or hull, got {self.mask_fill!r}")
+        if self.calibration_folds < 2:
+            raise ValueError("calibration_folds must be at least 2")
         if self.knn_index not in ("flat", "ivf"):
             raise ValueError(f"knn_index must be flat or ivf, got {self.knn_index!r}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -94,15 +106,14 @@ class Config:
         return self.from_dict({**self.to_dict(), **changes})
 
 
-# Per-category preprocessing defaults, chosen from the ablation in README ("Preprocessing"):
-# screw (outputs/ablation_screw.md, coreset ratio 0.1): CLAHE amplifies the table's texture and costs
-# image AUROC (0.976 with it, 0.996 without); every other step earns its place. A 320-pixel input
-# gave the same image AUROC (0.995) for 1.5x the compute, so 256 stays.
-# metal_nut: no measurements; a nut has no dominant axis, so rotation alignment is off (min_elongation
-# would usually keep it still anyway, but a near-threshold nut must not flip between photos).
+# Per-category defaults, chosen from measurements (README, "Preprocessing"):
+# screw (ablation on MVTec screw, coreset ratio 0.1): every step earns its place except CLAHE, which
+# amplifies the table's texture (image AUROC 0.976 with it, 0.996 without); 320 px measured no better.
+# Every other folder (metal_nut included: no data here to measure it) gets 'auto': the steps are
+# decided from its own training photos at fit time (preprocessing/auto.py).
 CATEGORY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "screw": {"clahe": False},
-    "metal_nut": {"clahe": False, "align_rotation": False},
+    "screw": {"preprocess": "on", "clahe": False},
+    "metal_nut": {"clahe": False},
     "custom": {"clahe": False},
 }
 

@@ -50,6 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.preprocess_only:
         from preprocessing.pipeline import write_preview_sheets
 
+        if config.preprocess == "auto":  # preview what the measurements decide (the fit may still choose 'off')
+            from preprocessing.auto import decide_steps, measure_photos
+            from preprocessing.io import read_image
+
+            sample = paths[:: max(1, len(paths) // 60)]
+            decision = decide_steps(measure_photos([read_image(path) for path in sample], config), config)
+            config = config.replace(**decision.changes)
+            for reason in decision.reasons:
+                print(f"preprocessing: {reason}")
         out_dir = Path("outputs") / "preprocess_preview"
         written = write_preview_sheets(paths, config, out_dir)
         print(f"wrote {len(written)} preview sheets to {out_dir}/")
@@ -62,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet:
         print(f"fitting {config.backbone} PatchCore on {len(paths)} healthy images from {data_dir}")
     model.fit(paths, progress=not args.quiet)
+    for reason in model.preprocessing.get("reasons", []):
+        print(f"preprocessing: {reason}")
+    print(f"calibration: {model.calibration['method']}")
+    for warning in model.calibration["warnings"]:
+        print(f"warning: {warning}")
     model.save(model_path)
     print(
         f"model saved to {model_path} ({model.memory_bank.shape[0]} patches in the memory bank, "

@@ -32,6 +32,9 @@ from preprocessing.io import read_image, write_atomically
 from preprocessing.pipeline import Preprocessed, preprocess, to_original
 
 FORMAT_VERSION = 1
+MIN_CALIBRATION_PHOTOS = 30  # below this the 99th percentile of healthy scores is little more than their maximum
+MAX_CALIBRATION_PHOTOS = 500  # more add little to a percentile and would hold all their patches in memory
+SPREAD_FLOOR = 0.01  # the healthy spread is never below this share of the bank's patch spacing
 
 
 class ModelFileError(UserError, ValueError):
@@ -64,6 +67,8 @@ class PatchCore:
         self.memory_bank: np.ndarray | None = None
         self.threshold = math.nan
         self.calibration_scores = np.empty(0, dtype=np.float32)
+        self.calibration: dict[str, Any] = {}  # method, photo count, spread floor, warnings
+        self.preprocessing: dict[str, Any] = {}  # what 'auto' decided and the numbers behind it
         self.n_train = 0
         self.fit_seconds = math.nan
         self.weights_identity = ""
@@ -77,10 +82,12 @@ class PatchCore:
 
     # ----------------------------------------------------------------------------- fitting
     def fit(self, images: Sequence[str | Path], progress: bool = True) -> None:
-        """Build the memory bank from healthy photos and calibrate the threshold on held-out ones.
+        """Build the memory bank from every healthy photo and calibrate on all of them by cross-fitting.
 
-        A seeded ``validation_fraction`` of the photos never enters the memory bank: their scores
-        are what a healthy part scores, which sets the threshold without touching test data.
+        With ``preprocess: auto`` the steps are first decided from these photos alone
+        (models.pipeline_selection). Calibration: the photos are split into seeded folds, each fold
+        gets its own coreset, and every photo is scored against the coresets of the other folds, so
+        each healthy score comes from a bank that never saw that photo, and all photos count.
         """
         import torch
 
@@ -88,54 +95,117 @@ class PatchCore:
 
         start = time.perf_counter()
         self.timings = {}
-        config = self.config
-        torch.manual_seed(config.seed)
         if len(images) < 2:
-            raise ValueError("fitting needs at least 2 healthy images (1 for the bank, 1 to calibrate)")
-        order = np.random.default_rng(config.seed).permutation(len(images))
-        n_holdout = min(len(images) - 1, max(1, round(config.validation_fraction * len(images))))
-        holdout = [images[i] for i in sorted(order[:n_holdout])]
-        bank_images = [images[i] for i in sorted(order[n_holdout:])]
+            raise UserError(
+                f"fitting needs at least 2 healthy photos (got {len(images)}): each one is scored "
+                "by a memory bank built from the others to set the threshold"
+            )
+        torch.manual_seed(self.config.seed)
+        if self.config.preprocess == "auto":
+            from models.pipeline_selection import choose_preprocessing
 
+            stage = time.perf_counter()
+            self.config, self.preprocessing = choose_preprocessing(images, self.config, progress)
+            self._clock("preprocess_choice", stage)
+        config = self.config
+        n_folds = min(config.calibration_folds, len(images))
+        order = np.random.default_rng(config.seed).permutation(len(images))
+        folds = order % n_folds
+        scored = order < MAX_CALIBRATION_PHOTOS  # a seeded sample bounds the memory of very large sets
         extractor = self._feature_extractor()
-        coreset = StreamingCoreset(
-            config.coreset_sampling_ratio,
-            config.coreset_projection_dim,
-            config.coreset_chunk_size,
-            config.seed,
-            extractor.device,
-        )
-        for batch in self._clocked(self._batches(bank_images, progress, "memory bank"), "load_preprocess"):
+
+        def new_coreset(ratio: float, seed: int) -> StreamingCoreset:
+            return StreamingCoreset(
+                ratio, config.coreset_projection_dim, config.coreset_chunk_size, seed, extractor.device
+            )
+
+        # Each photo is scored by the other folds' coresets together; picking a share n/(n-1) larger
+        # per fold gives that union as many patches as the final bank, so calibration scores are as
+        # low as a new healthy photo's against the final bank, not inflated by a sparser bank.
+        fold_ratio = min(1.0, config.coreset_sampling_ratio * n_folds / (n_folds - 1))
+        whole = new_coreset(config.coreset_sampling_ratio, config.seed)
+        by_fold = [new_coreset(fold_ratio, config.seed + 1 + fold) for fold in range(n_folds)]
+        patches_of: list[np.ndarray | None] = []  # each scored photo's patches, kept until the fold banks exist
+        for batch in self._clocked(self._batches(images, progress, "memory bank"), "load_preprocess"):
             stage = time.perf_counter()
             features = extractor.tensor(np.stack([item.image for item in batch]))
             self._clock("features", stage)
             stage = time.perf_counter()
             n, h, w, d = features.shape
             keep = torch.from_numpy(self._object_patches(batch, h, w)).to(features.device)
-            coreset.add(features.reshape(n, h * w, d)[keep])
+            kept = features.reshape(n, h * w, d)[keep]
+            whole.add(kept)
+            per_photo = torch.split(kept, keep.sum(dim=1).tolist())
+            for photo_patches in per_photo:
+                photo = len(patches_of)
+                by_fold[folds[photo]].add(photo_patches)
+                patches_of.append(photo_patches.cpu().numpy() if scored[photo] else None)
             self._clock("coreset", stage)
         stage = time.perf_counter()
-        self.memory_bank = coreset.result()
+        self.memory_bank = whole.result()
         self._clock("coreset", stage)
         self._index = None
-        self.n_train = len(bank_images)
+        self.n_train = len(images)
 
         stage = time.perf_counter()
-        scores = [p.score for p in self.predict(holdout, progress=progress, description="calibration")]
+        fold_banks = [coreset.result() for coreset in by_fold]
+        scores = np.empty(len(images), dtype=np.float32)
+        for fold in range(n_folds):
+            scorer = PatchCore(config)
+            scorer.memory_bank = np.concatenate([bank for other, bank in enumerate(fold_banks) if other != fold])
+            for photo in np.flatnonzero((folds == fold) & scored):
+                scores[photo] = scorer._score_patches(patches_of[photo])[1]
+        self.set_calibration(
+            scores[scored], f"{n_folds}-fold cross-fitting, {int(scored.sum())} of {len(images)} training photos scored"
+        )
         self._clock("calibration", stage)
-        self.calibration_scores = np.asarray(scores, dtype=np.float32)
-        self.threshold = float(np.percentile(self.calibration_scores, config.threshold_percentile))
         self.fit_seconds = time.perf_counter() - start
         self.timings["fit"] = self.fit_seconds
+
+    def set_calibration(self, scores: np.ndarray, method: str) -> None:
+        """Threshold and healthy spread from healthy scores that their own photos did not help to make.
+
+        The threshold is the ``threshold_percentile`` of the scores. The spread behind ``sigma`` is
+        robust (1.4826 x the median absolute deviation, which one odd photo cannot inflate) and never
+        below a small share of the memory bank's own patch spacing, so a set of nearly identical
+        photos cannot turn a healthy part into a 10^5-sigma outlier.
+        """
+        scores = np.asarray(scores, dtype=np.float32)
+        self.calibration_scores = scores
+        floor = SPREAD_FLOOR * self._patch_spacing()
+        self.threshold = max(float(np.percentile(scores, self.config.threshold_percentile)),
+                             float(np.median(scores)) + 3 * floor)
+        warnings = []
+        if scores.size < MIN_CALIBRATION_PHOTOS:
+            warnings.append(
+                f"the threshold rests on only {scores.size} healthy photos and is uncertain; "
+                f"fit on at least {MIN_CALIBRATION_PHOTOS} (ideally 100+) for a threshold you can rely on"
+            )
+        self.calibration = {"method": method, "count": int(scores.size), "spread_floor": floor, "warnings": warnings}
+
+    def _patch_spacing(self) -> float:
+        """Median distance from a memory-bank patch to its nearest other one: the bank's unit of length."""
+        bank = self.memory_bank
+        if bank is None or len(bank) < 2:
+            return 0.0
+        sample = bank[np.random.default_rng(self.config.seed).permutation(len(bank))[:1000]]
+        distances, _ = self.index.search(np.ascontiguousarray(sample), 2)
+        return float(np.median(np.sqrt(np.maximum(distances[:, 1], 0))))
 
     @property
     def calibration_mean(self) -> float:
         return float(self.calibration_scores.mean())
 
     @property
+    def calibration_median(self) -> float:
+        return float(np.median(self.calibration_scores))
+
+    @property
     def calibration_std(self) -> float:
-        """Spread of healthy scores; floored so one held-out image cannot make sigma infinite."""
-        return max(float(self.calibration_scores.std()), 1e-6 * max(1.0, abs(self.calibration_mean)))
+        """Healthy spread, estimated robustly (1.4826 x MAD estimates the standard deviation), with a floor."""
+        scores = self.calibration_scores
+        mad = float(np.median(np.abs(scores - np.median(scores))))
+        return max(1.4826 * mad, float(self.calibration.get("spread_floor", 0.0)), 1e-12)
 
     # ----------------------------------------------------------------------------- scoring
     def predict(
@@ -154,14 +224,10 @@ class PatchCore:
             n, h, w, d = features.shape
             patches = features.reshape(n, h * w, d)
             keep = self._object_patches(batch, h, w)
-            distances, neighbours = self.index.search(patches[keep], 1)
-            patch_scores = np.zeros((n, h * w), dtype=np.float32)  # zeroed background: a perfect match
-            patch_scores[keep] = np.sqrt(np.maximum(distances[:, 0], 0))
-            nearest = np.full((n, h * w), -1, dtype=np.int64)
-            nearest[keep] = neighbours[:, 0]
-            for item, scores, bank_ids, image_patches in zip(batch, patch_scores, nearest, patches):
-                score = self._image_score(scores, bank_ids, image_patches)
-                predictions.append(self._prediction(item, scores.reshape(h, w), score))
+            for item, image_patches, seen in zip(batch, patches, keep):
+                grid = np.zeros(h * w, dtype=np.float32)  # zeroed background: a perfect match
+                grid[seen], score = self._score_patches(image_patches[seen])
+                predictions.append(self._prediction(item, grid.reshape(h, w), score))
             self._clock("predict_knn_map", stage)
         return predictions
 
@@ -185,30 +251,33 @@ class PatchCore:
             keep.append(seen.ravel() if seen.any() else every_patch)
         return np.stack(keep)
 
-    def _image_score(self, patch_scores: np.ndarray, bank_ids: np.ndarray, patches: np.ndarray) -> float:
-        """The worst patch's distance, optionally re-weighted by its neighbourhood (paper, Eq. 7).
+    def _score_patches(self, patches: np.ndarray) -> tuple[np.ndarray, float]:
+        """Each patch's distance to its nearest healthy patch, and the image score.
 
-        A test patch whose nearest healthy patch sits in a sparse part of the bank is less
-        trustworthy evidence of normality, so its score is scaled up; in a dense part, down.
+        The image score is the worst patch's distance, optionally re-weighted by its neighbourhood
+        (paper, Eq. 7): a test patch whose nearest healthy patch sits in a sparse part of the bank
+        is less trustworthy evidence of normality, so its score is scaled up; in a dense part, down.
         """
+        distances, neighbours = self.index.search(np.ascontiguousarray(patches, dtype=np.float32), 1)
+        patch_scores = np.sqrt(np.maximum(distances[:, 0], 0)).astype(np.float32)
         worst = int(np.argmax(patch_scores))
         score = float(patch_scores[worst])
-        if not self.config.score_reweighting or len(self.memory_bank) < 2 or bank_ids[worst] < 0:
-            return score
-        nearest_healthy = self.memory_bank[bank_ids[worst]][None]
+        if not self.config.score_reweighting or len(self.memory_bank) < 2:
+            return patch_scores, score
+        nearest_healthy = self.memory_bank[neighbours[worst, 0]][None]
         k = min(self.config.num_neighbors, len(self.memory_bank))
         _, neighbourhood = self.index.search(nearest_healthy, k)
         to_neighbours = np.linalg.norm(self.memory_bank[neighbourhood[0]] - patches[worst], axis=1)
         # softmax(to_neighbours)[0], written out: importing SciPy for it would cost a second of start-up
         weight = 1.0 - 1.0 / np.exp(to_neighbours[0] - to_neighbours).sum()
-        return float(weight * score)
+        return patch_scores, float(weight * score)
 
     def _prediction(self, item: Preprocessed, grid: np.ndarray, score: float) -> Prediction:
         size = self.config.image_size
         anomaly_map = cv2.resize(grid.astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
         if self.config.heatmap_sigma > 0:
             anomaly_map = cv2.GaussianBlur(anomaly_map, (0, 0), self.config.heatmap_sigma)
-        sigma = (score - self.calibration_mean) / self.calibration_std if self.calibration_scores.size else 0.0
+        sigma = (score - self.calibration_median) / self.calibration_std if self.calibration_scores.size else 0.0
         return Prediction(
             score=score,
             anomaly_map=to_original(anomaly_map, item),
@@ -310,6 +379,8 @@ class PatchCore:
             "config": self.config.to_dict(),
             "memory_bank": _pack_array(self.memory_bank),
             "calibration_scores": _pack_array(self.calibration_scores),
+            "calibration": self.calibration,
+            "preprocessing": self.preprocessing,
             "threshold": self.threshold,
             "n_train": self.n_train,
             "fit_seconds": self.fit_seconds,
@@ -355,6 +426,8 @@ class PatchCore:
         model = cls(Config.from_dict(config_values))
         model.memory_bank = _unpack_array(state["memory_bank"])
         model.calibration_scores = _unpack_array(state["calibration_scores"])
+        model.calibration = dict(state.get("calibration", {"method": "held-out photos", "warnings": []}))
+        model.preprocessing = dict(state.get("preprocessing", {}))
         model.threshold = float(state["threshold"])
         model.n_train = int(state["n_train"])
         model.fit_seconds = float(state["fit_seconds"])

@@ -53,9 +53,17 @@ def specular_mask(image: np.ndarray, threshold: int) -> np.ndarray:
     return cv2.dilate(saturated, np.ones((3, 3), np.uint8)) > 0
 
 
-def inpaint_specular(image: np.ndarray, threshold: int, radius: int = 3) -> StepResult:
-    """Fill saturated highlights from their surroundings: glare moves with the pose, defects do not."""
+def inpaint_specular(
+    image: np.ndarray, threshold: int, radius: int = 3, region: np.ndarray | None = None
+) -> StepResult:
+    """Fill saturated highlights from their surroundings: glare moves with the pose, defects do not.
+
+    ``region`` (bool, the part) limits the filling to the part: a bright table is not glare, and
+    inpainting it would smear the part's colour into the background.
+    """
     mask = specular_mask(image, threshold)
+    if region is not None:
+        mask &= region
     fraction = float(mask.mean()) if mask.size else 0.0
     if fraction == 0.0:
         return StepResult(image)

@@ -1,10 +1,14 @@
 """Turns an original photo into the model input, and maps anomaly maps back onto the photo.
 
 The eight steps, each switchable in the config:
-  1-3 lighting (preprocessing.lighting): gray-world white balance, specular inpainting, CLAHE;
-  4   object mask (preprocessing.segmentation): Otsu with automatic polarity, morphology;
+  1   gray-world white balance (preprocessing.lighting);
+  2   object mask (preprocessing.segmentation): Otsu with automatic polarity, morphology, taken
+      before the other lighting steps so that glare and amplified table texture cannot move it;
+  3-4 specular inpainting on the part only, CLAHE (preprocessing.lighting);
   5-7 geometry (preprocessing.registration): crop, canonical rotation, scale, as one matrix;
   8   background zeroing with the dilated object mask.
+Which steps run is the config's switches ('on'), none ('off', a plain resize), or what
+preprocessing.auto decided from the training photos ('auto' is resolved into switches at fit time).
 
 The pipeline always returns the geometric transform it applied (original pixels -> model-input
 pixels, one 3x3 matrix), so every heatmap a user sees can be warped back into the coordinates of
@@ -37,30 +41,14 @@ from preprocessing.segmentation import segment_object
 # The config switch of each of the eight steps, in the order they run.
 STEP_FLAGS = (
     "white_balance",
+    "segment",
     "inpaint_specular",
     "clahe",
-    "segment",
     "crop",
     "align_rotation",
     "normalize_scale",
     "zero_background",
 )
-
-# (config flag, preview label, step) in the order they run; each maps RGB uint8 -> StepResult.
-LIGHTING_STEPS: list[tuple[str, str, Callable[[np.ndarray, Config], StepResult]]] = [
-    ("white_balance", "1 white balance", lambda image, config: gray_world(image)),
-    (
-        "inpaint_specular",
-        "2 specular inpainting",
-        lambda image, config: inpaint_specular(image, config.specular_threshold),
-    ),
-    (
-        "clahe",
-        "3 CLAHE",
-        lambda image, config: clahe_lab(image, config.clahe_clip_limit, config.clahe_tile_grid),
-    ),
-]
-
 
 @dataclass
 class Preprocessed:
@@ -91,30 +79,36 @@ def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
 
 def _run(image: np.ndarray, config: Config, record: Callable[[str, Callable[[], np.ndarray]], None]) -> Preprocessed:
     """The pipeline proper; ``record`` receives a maker of every intermediate image, called only for previews."""
+    if config.preprocess == "auto":
+        raise ValueError("preprocess 'auto' is decided from training photos first (models.pipeline_selection)")
     size = config.image_size
     height, width = image.shape[:2]
     record("0 original", lambda: image)
-    if not config.preprocess:
+    if config.preprocess == "off":
         resized = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
         record("plain resize", lambda: resized)
         full = np.ones((size, size), dtype=bool)
         return Preprocessed(resized, resize_transform((height, width), size), full, (height, width))
 
     warnings: list[str] = []
-    lit = image
-    for flag, label, step in LIGHTING_STEPS:
-        if getattr(config, flag):
-            result = step(lit, config)
-            lit = result.image
-            warnings.extend(result.warnings)
-            record(label, lambda: lit)
 
+    def step(result: StepResult, label: str) -> np.ndarray:
+        warnings.extend(result.warnings)
+        record(label, lambda: result.image)
+        return result.image
+
+    lit = step(gray_world(image), "1 white balance") if config.white_balance else image
     object_mask = None
-    if config.segment:
-        segmentation = segment_object(lit)
+    if config.segment:  # before inpainting and CLAHE: glare and amplified table texture confuse Otsu
+        segmentation = segment_object(lit, config.mask_fill)
         object_mask = segmentation.mask
         warnings.extend(segmentation.warnings)
-        record("4 object mask", lambda: _overlay(lit, object_mask))
+        record("2 object mask", lambda: _overlay(lit, object_mask))
+    if config.inpaint_specular:  # on the part only: a bright table is not glare
+        region = None if object_mask is None else dilate(object_mask, 2)
+        lit = step(inpaint_specular(lit, config.specular_threshold, region=region), "3 specular inpainting")
+    if config.clahe:
+        lit = step(clahe_lab(lit, config.clahe_clip_limit, config.clahe_tile_grid), "4 CLAHE")
 
     use_object = config.crop and object_mask is not None
     angle = 0.0

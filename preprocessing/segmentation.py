@@ -17,12 +17,16 @@ MIN_OBJECT_FRACTION = 0.001  # smaller components are dust, not the part
 MAX_OBJECT_FRACTION = 0.95  # larger ones are the background (or a part filling the frame)
 
 
+MASK_FILLS = ("contour", "hull")
+
+
 @dataclass
 class Segmentation:
     """The object mask at the photo's size, or None when no trustworthy object was found."""
 
     mask: np.ndarray | None
     warnings: list[str] = field(default_factory=list)
+    touches_border: bool = False  # the part reaches the frame's edge (it may be cut off)
 
 
 def flatten_illumination(gray: np.ndarray) -> np.ndarray:
@@ -60,22 +64,39 @@ def clean_mask(mask: np.ndarray) -> np.ndarray:
     return cv2.morphologyEx(binary, cv2.MORPH_CLOSE, close_kernel) > 0
 
 
-def largest_object(mask: np.ndarray) -> np.ndarray | None:
-    """The biggest outer contour, filled (holes such as a nut's bore or glare inside are closed)."""
+def largest_object(mask: np.ndarray, fill: str = "contour") -> np.ndarray | None:
+    """The biggest outer contour, filled (holes such as a nut's bore or glare inside are closed).
+
+    ``fill="hull"`` fills its convex hull instead: on a convex part (plate, nut, washer) a shiny
+    stretch of edge that thresholding gave to the table is put back, so zeroing never blacks it out.
+    """
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     if not contours:
         return None
+    outline = max(contours, key=cv2.contourArea)
+    if fill == "hull":
+        outline = cv2.convexHull(outline)
     filled = np.zeros(mask.shape, np.uint8)
-    cv2.drawContours(filled, [max(contours, key=cv2.contourArea)], -1, 1, thickness=cv2.FILLED)
+    cv2.drawContours(filled, [outline], -1, 1, thickness=cv2.FILLED)
     return filled > 0
+
+
+def solidity(mask: np.ndarray) -> float:
+    """Area of a filled mask over the area of its convex hull: 1 for convex parts, low for an L or a screw."""
+    hull = largest_object(mask, "hull")
+    return float(mask.sum() / hull.sum()) if hull is not None and hull.any() else 0.0
 
 
 def touches_border(mask: np.ndarray) -> bool:
     return bool(mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any())
 
 
-def segment_object(image: np.ndarray) -> Segmentation:
-    """Mask of the single part in an 8-bit RGB photo, or None plus a warning saying why not."""
+def segment_object(image: np.ndarray, fill: str = "contour") -> Segmentation:
+    """Mask of the single part in an 8-bit RGB photo, or None plus a warning saying why not.
+
+    A part that reaches the frame's edge keeps its mask (with a warning): falling back to the whole
+    photo would show the model a background that no training photo had.
+    """
     height, width = image.shape[:2]
     scale = min(1.0, WORKING_SIDE / max(height, width))
     working_size = (max(1, round(width * scale)), max(1, round(height * scale)))
@@ -83,14 +104,14 @@ def segment_object(image: np.ndarray) -> Segmentation:
     gray = cv2.GaussianBlur(cv2.cvtColor(small, cv2.COLOR_RGB2GRAY), (5, 5), 0)
     if int(gray.max()) - int(gray.min()) < MIN_CONTRAST:
         return Segmentation(None, ["no object found: the photo has no contrast (blank frame?); using the whole image"])
-    found = largest_object(clean_mask(threshold_object(flatten_illumination(gray))))
+    found = largest_object(clean_mask(threshold_object(flatten_illumination(gray))), fill)
     fraction = float(found.mean()) if found is not None else 0.0
     if found is None or fraction < MIN_OBJECT_FRACTION:
         return Segmentation(None, ["no object found by thresholding; using the whole image"])
     if fraction > MAX_OBJECT_FRACTION:
         warning = f"object mask covers {fraction:.0%} of the photo (background?); using the whole image"
         return Segmentation(None, [warning])
-    if touches_border(found):
-        return Segmentation(None, ["object touches the image border (may be cut off); using the whole image"])
     mask = cv2.resize(found.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0
+    if touches_border(found):
+        return Segmentation(mask, ["object touches the image border (may be cut off)"], touches_border=True)
     return Segmentation(mask)

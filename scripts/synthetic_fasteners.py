@@ -11,7 +11,6 @@ Geometry is written in pixels of a 256-px image ("reference pixels") and scaled 
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 from collections.abc import Callable
@@ -22,6 +21,7 @@ import cv2
 import numpy as np
 
 from preprocessing.io import mask_path, write_atomically
+from synthetic.defects import SURFACE_DEFECTS, pixel_grid, smooth_noise
 
 PARTS = ("screw", "nut")
 DEFECT_KINDS = ("rust", "corrosion", "scratch", "deformation")
@@ -89,22 +89,6 @@ class Part:
 Deformation = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
-def smooth_noise(rng: np.random.Generator, shape: tuple[int, int], cell: float) -> np.ndarray:
-    """Unit-variance value noise with features about `cell` pixels wide."""
-    height, width = shape
-    coarse = rng.standard_normal((max(2, round(height / cell)) + 1, max(2, round(width / cell)) + 1))
-    field = cv2.resize(coarse.astype(np.float32), (width, height), interpolation=cv2.INTER_CUBIC)
-    return (field - field.mean()) / (field.std() + 1e-6)
-
-
-@functools.lru_cache(maxsize=4)
-def pixel_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
-    """x and y of every pixel (cached: every photo of a set needs them; read-only)."""
-    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
-    xs.flags.writeable = ys.flags.writeable = False
-    return xs, ys
-
-
 def draw_scene(rng: np.random.Generator, settings: SyntheticSettings) -> Scene:
     """Pose, lamp, background and sensor of one photo (always the same number of draws, in order)."""
     size = settings.size
@@ -128,7 +112,7 @@ def draw_scene(rng: np.random.Generator, settings: SyntheticSettings) -> Scene:
     tone = 0.22 * rng.uniform(0.9, 1.1) * (1 + 0.07 * mottle + 0.04 * fibre + 0.05 * grain)
     background = tone[..., None] * np.array([0.97, 1.0, 1.04], np.float32)
 
-    xs, ys = pixel_grid(size)
+    xs, ys = pixel_grid(size, size)
     direction = rng.uniform(0, 2 * math.pi)
     ramp = ((xs - size / 2) * math.cos(direction) + (ys - size / 2) * math.sin(direction)) / size
     vignette = ((xs - size / 2) ** 2 + (ys - size / 2) ** 2) / (size / 2) ** 2
@@ -143,7 +127,7 @@ def draw_scene(rng: np.random.Generator, settings: SyntheticSettings) -> Scene:
 
 def local_coordinates(scene: Scene, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Every pixel in the part's own frame, in reference pixels."""
-    xs, ys = pixel_grid(size)
+    xs, ys = pixel_grid(size, size)
     dx, dy = xs - scene.centre[0], ys - scene.centre[1]
     cos, sin = math.cos(scene.angle), math.sin(scene.angle)
     return (dx * cos + dy * sin) / scene.unit, (-dx * sin + dy * cos) / scene.unit
@@ -270,88 +254,6 @@ def dented_edge(rng: np.random.Generator, strength: float) -> Deformation:
 DEFORMATIONS = {"screw": bent_shank, "nut": dented_edge}
 
 
-def pick_point_on_part(rng: np.random.Generator, coverage: np.ndarray) -> tuple[float, float]:
-    ys, xs = np.nonzero(coverage >= 0.999)
-    index = rng.integers(len(xs))
-    return float(xs[index]), float(ys[index])
-
-
-def blob(rng: np.random.Generator, shape: tuple[int, int], centre: tuple[float, float], radius: float,
-         roughness: float) -> np.ndarray:
-    """An irregular elliptical patch with steep edges, 0 outside (so its mask is exact)."""
-    xs, ys = pixel_grid(shape[0])
-    angle, elongation = rng.uniform(0, math.pi), rng.uniform(1.0, 1.8)
-    dx, dy = xs - centre[0], ys - centre[1]
-    along = (dx * math.cos(angle) + dy * math.sin(angle)) / (radius * elongation)
-    across = (-dx * math.sin(angle) + dy * math.cos(angle)) / radius
-    field = 1 - np.hypot(along, across) + roughness * smooth_noise(rng, shape, max(2.0, radius / 2.5))
-    return np.clip(field * 4, 0, 1)
-
-
-def blend(image: np.ndarray, colour: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """Paint a layer over the image in place; returns the pixels it touched."""
-    image *= 1 - alpha[..., None]
-    image += colour * alpha[..., None]
-    return alpha > 0
-
-
-def add_rust(rng: np.random.Generator, image: np.ndarray, part: Part, scale: float) -> np.ndarray:
-    """Matte orange-brown deposit with a grainy, mottled texture."""
-    shape = image.shape[:2]
-    alpha = blob(rng, shape, pick_point_on_part(rng, part.coverage), scale * rng.uniform(5, 9), 0.45)
-    alpha *= part.coverage * rng.uniform(0.8, 0.95)
-    mix = np.clip(0.5 + 0.3 * smooth_noise(rng, shape, 2.0) + 0.2 * smooth_noise(rng, shape, 0.7), 0, 1)
-    dark, orange = np.array([0.22, 0.10, 0.04], np.float32), np.array([0.68, 0.33, 0.11], np.float32)
-    colour = dark + (orange - dark) * mix[..., None]
-    return blend(image, colour * (0.55 + 0.6 * part.diffuse)[..., None], alpha)
-
-
-def add_corrosion(rng: np.random.Generator, image: np.ndarray, part: Part, scale: float) -> np.ndarray:
-    """A dark, dull stain peppered with pits."""
-    shape = image.shape[:2]
-    centre = pick_point_on_part(rng, part.coverage)
-    radius = scale * rng.uniform(6, 10)
-    stain = blob(rng, shape, centre, radius, 0.5) * rng.uniform(0.45, 0.65)
-    stain_colour = np.array([0.16, 0.16, 0.13], np.float32) * (0.8 + 0.4 * part.diffuse)[..., None]
-    touched = blend(image, stain_colour, stain * part.coverage)
-    pits = np.zeros(shape, np.float32)
-    for _ in range(int(rng.integers(10, 22))):
-        offset = rng.normal(0, 0.6 * radius, 2)
-        centre_pit = (round((centre[0] + offset[0]) * 4), round((centre[1] + offset[1]) * 4))
-        pit_radius = max(2, round(4 * scale * rng.uniform(0.5, 1.2)))
-        cv2.circle(pits, centre_pit, pit_radius, 1.0, -1, cv2.LINE_AA, shift=2)
-    touched |= blend(image, np.array([0.03, 0.03, 0.03], np.float32), pits * part.coverage * 0.9)
-    return touched
-
-
-def add_scratch(rng: np.random.Generator, image: np.ndarray, part: Part, scale: float) -> np.ndarray:
-    """A thin curved stroke, turned so that it stays on the part: a dark groove on bright metal, a
-    burnished bright line on dark metal (a scratch that matches its surroundings would be invisible)."""
-    middle = np.array(pick_point_on_part(rng, part.coverage))
-    length, bow = scale * rng.uniform(14, 26), rng.uniform(-1.0, 1.0)
-    t = np.linspace(-0.5, 0.5, 24)[:, None]
-
-    def stroke_points(heading: float) -> np.ndarray:
-        direction = np.array([math.cos(heading), math.sin(heading)])
-        normal = np.array([-direction[1], direction[0]])
-        return middle + direction * length * t - normal * length * bow * t**2
-
-    def share_on_part(points: np.ndarray) -> float:
-        xs, ys = np.clip(np.round(points).astype(int), 0, image.shape[0] - 1).T
-        return float((part.coverage[ys, xs] >= 0.999).mean())
-
-    first = rng.uniform(0, math.pi)
-    curve = max((stroke_points(first + step * math.pi / 12) for step in range(12)), key=share_on_part)
-    stroke = np.zeros(image.shape[:2], np.float32)
-    thickness = max(1, round(scale * rng.uniform(0.8, 1.4)))
-    cv2.polylines(stroke, [np.round(curve * 16).astype(np.int32)], False, 1.0, thickness, cv2.LINE_AA, shift=4)
-    tone = 0.08 if image[round(middle[1]), round(middle[0])].mean() > 0.4 else 0.95
-    return blend(image, np.full(3, tone, np.float32), stroke * part.coverage * rng.uniform(0.75, 0.95))
-
-
-SURFACE_DEFECTS = {"rust": add_rust, "corrosion": add_corrosion, "scratch": add_scratch}
-
-
 def render_sample(
     settings: SyntheticSettings, key: tuple[int, ...], defect: str | None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -381,7 +283,7 @@ def render_sample(
     coverage = part.coverage[..., None]
     image = scene.background * (1 - 0.6 * shadow)[..., None] * (1 - coverage) + part.colour * coverage
     if defect in SURFACE_DEFECTS:
-        mask = SURFACE_DEFECTS[defect](defect_rng, image, part, scale)
+        mask = SURFACE_DEFECTS[defect](defect_rng, image, part.coverage, part.diffuse, scale)
 
     image = image * scene.illumination[..., None] + scene.noise
     image = cv2.GaussianBlur(image, (0, 0), scene.blur_sigma)

@@ -3,10 +3,12 @@ from __future__ import annotations
 import os
 import pickle
 
+import cv2
 import numpy as np
 import pytest
 
 from conftest import small_config
+from config import UserError
 from models.patchcore import FORMAT_VERSION, ModelFileError, PatchCore, confidence_from_sigma
 from preprocessing.io import load_test_split, read_image, train_images
 
@@ -22,11 +24,54 @@ def test_predictions_are_on_the_original_photo(fitted_model, small_screw_dir):
     assert prediction.is_anomalous == (prediction.score > fitted_model.threshold)
 
 
-def test_calibration_sets_threshold_from_held_out_healthy_images(fitted_model):
-    # 12 training images, 10% held out -> 1 image calibrates, 11 build the bank.
-    assert fitted_model.n_train == 11
-    assert fitted_model.calibration_scores.shape == (1,)
-    assert fitted_model.threshold == pytest.approx(float(fitted_model.calibration_scores[0]))
+def test_calibration_scores_every_training_photo(fitted_model):
+    # 12 training photos, 5 folds: every photo builds the bank and every photo is scored.
+    assert fitted_model.n_train == 12
+    assert fitted_model.calibration_scores.shape == (12,)
+    assert fitted_model.calibration["count"] == 12 and "5-fold" in fitted_model.calibration["method"]
+
+
+def test_threshold_is_the_99th_percentile_of_the_healthy_scores(fitted_model):
+    scores = np.sort(fitted_model.calibration_scores.astype(np.float64))
+    assert len(np.unique(scores)) == len(scores)  # distinct scores: any other percentile would differ
+    position = 0.99 * (len(scores) - 1)  # linear interpolation between the two nearest ranks
+    low = int(position)
+    expected = scores[low] + (position - low) * (scores[low + 1] - scores[low])
+    assert fitted_model.threshold == pytest.approx(expected, rel=1e-6)
+
+
+def test_sigma_spread_is_the_scaled_median_absolute_deviation(fitted_model):
+    scores = fitted_model.calibration_scores.astype(np.float64)
+    median = np.median(scores)
+    assert fitted_model.calibration_median == pytest.approx(median)
+    assert fitted_model.calibration_std == pytest.approx(1.4826 * np.median(np.abs(scores - median)), rel=1e-5)
+
+
+def test_calibration_scores_come_from_banks_that_never_saw_the_photo(small_screw_dir):
+    # One photo unlike all others (coarse colour noise): only a bank without it sees it as new.
+    paths = train_images(small_screw_dir)[:9]
+    photos = [read_image(path) for path in paths]
+    noise = np.random.default_rng(0).integers(0, 256, (32, 32, 3)).astype(np.uint8)
+    photos[4] = cv2.resize(noise, photos[4].shape[1::-1], interpolation=cv2.INTER_NEAREST)
+    model = PatchCore(small_config(preprocess="off"))
+    model.fit(photos, progress=False)
+    others = np.delete(model.calibration_scores, 4)
+    assert model.calibration_scores[4] > 1.4 * np.median(others)
+
+
+def test_nearly_identical_photos_give_a_finite_sigma(small_screw_dir):
+    photo = read_image(train_images(small_screw_dir)[0])
+    model = PatchCore(small_config(preprocess="off"))
+    model.fit([photo, photo.copy(), photo.copy()], progress=False)
+    assert model.calibration_std > 0 and model.threshold > 0
+    (same,) = model.predict([photo])
+    assert same.sigma < 3 and not same.is_anomalous  # not the 10^5 sigma of a spread of ~0
+    assert model.calibration["warnings"] and "at least 30" in model.calibration["warnings"][0]
+
+
+def test_fewer_than_two_photos_are_refused(small_screw_dir):
+    with pytest.raises(UserError, match="at least 2 healthy photos"):
+        PatchCore(small_config()).fit(train_images(small_screw_dir)[:1], progress=False)
 
 
 @pytest.mark.parametrize("sigma, expected", [(-2.0, 0.0), (0.0, 0.0), (1.0, 0.6827), (2.0, 0.9545), (3.0, 0.9973)])
@@ -36,7 +81,7 @@ def test_confidence_follows_the_sigma_rule(sigma, expected):
 
 def test_sigma_is_measured_against_healthy_calibration(fitted_model, small_screw_dir):
     (prediction,) = fitted_model.predict([load_test_split(small_screw_dir)[-1].path])
-    expected = (prediction.score - fitted_model.calibration_mean) / fitted_model.calibration_std
+    expected = (prediction.score - fitted_model.calibration_median) / fitted_model.calibration_std
     assert prediction.sigma == pytest.approx(expected)
     assert prediction.confidence == pytest.approx(confidence_from_sigma(expected))
 

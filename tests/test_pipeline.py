@@ -14,7 +14,7 @@ from preprocessing.pipeline import STEP_FLAGS, preprocess, preview_steps, save_p
 from preprocessing.registration import warp_image
 
 SIZE = 128
-CONFIG = Config(image_size=SIZE)
+CONFIG = Config(image_size=SIZE, preprocess="on")
 DEFECT = (70.0, 0.0)  # on the shaft, towards the tip, in screw coordinates (head at -x)
 
 

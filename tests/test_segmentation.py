@@ -52,8 +52,19 @@ def test_blank_frame_gives_warning_not_mask() -> None:
     assert result.mask is None and "no contrast" in result.warnings[0]
 
 
-def test_object_touching_border_falls_back() -> None:
+def test_object_touching_border_keeps_its_mask_with_a_warning() -> None:
     image = np.full((100, 100, 3), 200, np.uint8)
     image[30:70, 0:50] = 50
     result = segment_object(image)
-    assert result.mask is None and "border" in result.warnings[0]
+    assert result.touches_border and "border" in result.warnings[0]
+    truth = np.zeros((100, 100), bool)
+    truth[30:70, 0:50] = True
+    assert iou(result.mask, truth) > 0.9
+
+
+def test_hull_fill_puts_back_a_shiny_bite_out_of_the_edge() -> None:
+    image, truth = disc_photo(60, 200)
+    cv2.circle(image, (100 + 55, 100 + 30), 12, (200, 200, 200), -1)  # glare on the rim reads as table
+    outline, hull = segment_object(image).mask, segment_object(image, fill="hull").mask
+    assert iou(hull, truth) > iou(outline, truth) + 0.01
+    assert iou(hull, truth) > 0.95

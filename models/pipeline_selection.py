@@ -1,0 +1,128 @@
+"""``preprocess: auto``: choose the preprocessing of a data set by evidence from its training photos.
+
+First the measurements of preprocessing.auto decide each step for the whole set. Where that leaves
+a real choice (run the decided pipeline, or feed the photos to the network unprocessed), both
+candidates are fitted on part of the training photos and ranked by how well they separate the
+remaining healthy photos from copies of those photos with synthetic defects painted on the part
+(rust, corrosion, scratches, dents, missing material). Only training photos are ever read: the
+test split of a data set plays no part in any decision.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from sklearn.metrics import roc_auc_score
+from tqdm import tqdm
+
+from config import Config
+from preprocessing.auto import decide_steps, measure_photos
+from preprocessing.io import read_image
+from preprocessing.pipeline import STEP_FLAGS
+from preprocessing.segmentation import segment_object
+from synthetic.defects import DEFECT_KINDS, paint_defect
+
+MIN_PHOTOS_TO_RANK = 6  # fewer cannot be split into a bank and a meaningful evaluation
+MAX_BANK_PHOTOS = 30  # per candidate: keeps the whole choice within about two extra fits
+MAX_EVAL_PHOTOS = 15  # healthy photos scored per candidate; each also gets a defective copy
+PIXEL_EVAL_SIDE = 128  # maps and masks are compared at this long side
+
+
+def choose_preprocessing(
+    images: Sequence[str | Path | np.ndarray], config: Config, progress: bool = False
+) -> tuple[Config, dict[str, Any]]:
+    """The config with 'auto' resolved into switches, and what was decided and why (plain data)."""
+    rng = np.random.default_rng(config.seed)
+    order = rng.permutation(len(images))
+    n_bank = min(len(images) // 2, MAX_BANK_PHOTOS)
+    n_eval = min(len(images) - n_bank, MAX_EVAL_PHOTOS)
+    chosen = sorted(order[: n_bank + n_eval]) if len(images) >= MIN_PHOTOS_TO_RANK else list(range(len(images)))
+    photos = {i: _as_array(images[i]) for i in tqdm(chosen, desc="auto: reading", disable=not progress, leave=False)}
+
+    decision = decide_steps(measure_photos(list(photos.values()), config), config)
+    decided = config.replace(**decision.changes)
+    record: dict[str, Any] = {"mode": "auto", "reasons": list(decision.reasons), "numbers": decision.numbers}
+    if len(images) < MIN_PHOTOS_TO_RANK:
+        record["reasons"].append(f"pipeline: the measured steps ({len(images)} photos are too few to compare pipelines)")
+        return decided, _finish(record, decided, "decided")
+
+    bank = [photos[i] for i in order[:n_bank]]
+    healthy = [photos[i] for i in order[n_bank : n_bank + n_eval]]
+    defective, masks = _paint_defects(healthy, rng)
+    candidates = {"decided": decided, "off": config.replace(preprocess="off")}
+    results = {
+        name: _separation(candidate, bank, healthy, defective, masks)
+        for name, candidate in tqdm(candidates.items(), desc="auto: comparing pipelines", disable=not progress, leave=False)
+    }
+    record["candidates"] = results
+    winner = max(results, key=lambda name: (results[name]["rank_score"], name == "decided"))
+    record["reasons"].append(
+        f"pipeline: {'the measured steps' if winner == 'decided' else 'preprocessing off'} "
+        f"(synthetic defects on {n_eval} held-out training photos, bank of {n_bank}: "
+        + ", ".join(
+            f"{name} image AUROC {r['image_auroc']:.3f} / pixel AUROC {r['pixel_auroc']:.3f}" for name, r in results.items()
+        )
+        + ")"
+    )
+    return candidates[winner], _finish(record, candidates[winner], winner)
+
+
+def _finish(record: dict[str, Any], config: Config, chosen: str) -> dict[str, Any]:
+    record["chosen"] = chosen
+    record["switches"] = {
+        name: getattr(config, name) for name in ("preprocess", *STEP_FLAGS, "mask_fill", "min_elongation")
+    }
+    return record
+
+
+def _as_array(image: str | Path | np.ndarray) -> np.ndarray:
+    return read_image(image) if isinstance(image, (str, Path)) else image
+
+
+def _paint_defects(
+    photos: Sequence[np.ndarray], rng: np.random.Generator
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """A defective copy of each photo (kinds taken in turn), on the part where one is found."""
+    defective, masks = [], []
+    for number, photo in enumerate(photos):
+        part = segment_object(photo).mask
+        if part is None:  # no part found: paint within the central half of the frame
+            part = np.zeros(photo.shape[:2], bool)
+            height, width = part.shape
+            part[height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = True
+        image, mask = paint_defect(photo, part, DEFECT_KINDS[number % len(DEFECT_KINDS)], rng)
+        defective.append(image)
+        masks.append(mask)
+    return defective, masks
+
+
+def _separation(
+    config: Config,
+    bank: Sequence[np.ndarray],
+    healthy: Sequence[np.ndarray],
+    defective: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+) -> dict[str, float]:
+    """Fit a candidate on ``bank``; how well do its scores and maps tell healthy from painted defects?"""
+    from models.patchcore import PatchCore
+
+    model = PatchCore(config)
+    model.fit(list(bank), progress=False)
+    predictions = model.predict(list(healthy) + list(defective))
+    labels = [0] * len(healthy) + [1] * len(defective)
+    image_auroc = float(roc_auc_score(labels, [p.score for p in predictions]))
+    pixel_maps, pixel_truth = [], []
+    for prediction, mask in zip(predictions[len(healthy) :], masks):
+        scale = PIXEL_EVAL_SIDE / max(mask.shape)
+        size = (max(1, round(mask.shape[1] * scale)), max(1, round(mask.shape[0] * scale)))
+        pixel_maps.append(cv2.resize(prediction.anomaly_map, size, interpolation=cv2.INTER_AREA).ravel())
+        pixel_truth.append(cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_AREA).ravel() > 0)
+    truth = np.concatenate(pixel_truth)
+    pixel_auroc = float(roc_auc_score(truth, np.concatenate(pixel_maps))) if 0 < truth.mean() < 1 else math.nan
+    rank_score = (image_auroc + (pixel_auroc if not math.isnan(pixel_auroc) else image_auroc)) / 2
+    return {"image_auroc": image_auroc, "pixel_auroc": pixel_auroc, "rank_score": rank_score}

@@ -1,0 +1,113 @@
+"""preprocess auto, first half: one set of steps per data set, decided from measurements of its photos."""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+import pytest
+
+from config import Config
+from preprocessing.auto import angle_spread, decide_steps, measure_photos
+from preprocessing.pipeline import preprocess
+from preprocessing.registration import principal_axis
+
+CONFIG = Config(image_size=64, preprocess="on")
+
+
+def plate_photo(elongation: float, degrees: float, size: int = 200, table: int = 40, part: int = 170,
+                centre: tuple[int, int] = (100, 100)) -> np.ndarray:
+    """A flat rectangular part of a given axis ratio and angle on a plain table."""
+    image = np.full((size, size, 3), table, np.uint8)
+    short = 40
+    box = cv2.boxPoints((centre, (short * elongation, short), degrees)).astype(np.int32)
+    cv2.fillPoly(image, [box], (part, part, part))
+    return image
+
+
+def rotation_of(transform: np.ndarray) -> float:
+    """Angle (degrees) by which a preprocessing transform turns the photo."""
+    return math.degrees(math.atan2(transform[1, 0], transform[0, 0]))
+
+
+def test_elongation_spanning_the_cutoff_turns_rotation_off_for_every_photo() -> None:
+    photos = [plate_photo(e, a) for e, a in zip(np.linspace(1.15, 1.55, 12), np.linspace(0, 80, 12))]
+    decision = decide_steps(measure_photos(photos, CONFIG), CONFIG)
+    assert decision.changes["align_rotation"] is False
+    assert any("rotation off" in reason and "cut-off" in reason for reason in decision.reasons)
+    decided = CONFIG.replace(**decision.changes)
+    # A photo whose plate clears the old per-photo cut-off is still not turned: the set's decision holds.
+    elongated = plate_photo(1.7, 35)
+    assert principal_axis(cv2.cvtColor(elongated, cv2.COLOR_RGB2GRAY) > 100).elongation > CONFIG.min_elongation
+    assert rotation_of(preprocess(elongated, decided).transform) == pytest.approx(0, abs=1e-6)
+    assert abs(rotation_of(preprocess(elongated, CONFIG).transform)) > 10  # 'on' would have turned it
+
+
+def test_elongated_parts_at_any_angle_turn_rotation_on_for_every_photo() -> None:
+    photos = [plate_photo(3.0, a) for a in np.linspace(0, 170, 12)]
+    decision = decide_steps(measure_photos(photos, CONFIG), CONFIG)
+    assert decision.changes["align_rotation"] is True and decision.changes["min_elongation"] == 0
+    decided = CONFIG.replace(**decision.changes)
+    # A stubby photo, below the old cut-off, is turned like every other photo of the set.
+    stubby = plate_photo(1.3, 40)
+    assert abs(rotation_of(preprocess(stubby, decided).transform)) > 10
+    assert rotation_of(preprocess(stubby, CONFIG).transform) == pytest.approx(0, abs=1e-6)
+
+
+def test_parts_in_a_fixture_are_not_rotated() -> None:
+    photos = [plate_photo(3.0, a) for a in np.linspace(-2, 2, 8)]
+    decision = decide_steps(measure_photos(photos, CONFIG), CONFIG)
+    assert decision.changes["align_rotation"] is False
+    assert any("orientation spread" in reason for reason in decision.reasons)
+
+
+def test_parts_on_the_border_turn_the_mask_off() -> None:
+    photos = [plate_photo(1.5, 10 * i, centre=(12 if i % 2 else 100, 100)) for i in range(10)]
+    decision = decide_steps(measure_photos(photos, CONFIG), CONFIG)
+    assert decision.changes["zero_background"] is False and decision.changes["segment"] is False
+    assert decision.numbers["on_border"] == pytest.approx(0.5)
+
+
+def test_convex_parts_get_the_hull_mask_and_an_l_shape_its_outline() -> None:
+    plates = [plate_photo(1.5, 10 * i) for i in range(8)]
+    assert decide_steps(measure_photos(plates, CONFIG), CONFIG).changes["mask_fill"] == "hull"
+    brackets = []
+    for i in range(8):
+        image = np.full((200, 200, 3), 40, np.uint8)
+        cv2.rectangle(image, (50 + i, 50), (150 + i, 80), (170, 170, 170), -1)
+        cv2.rectangle(image, (50 + i, 50), (80 + i, 150), (170, 170, 170), -1)
+        brackets.append(image)
+    assert decide_steps(measure_photos(brackets, CONFIG), CONFIG).changes["mask_fill"] == "contour"
+
+
+def test_white_balance_only_where_the_cast_changes_between_photos() -> None:
+    grey = [plate_photo(2.0, 20 * i) for i in range(8)]
+    assert decide_steps(measure_photos(grey, CONFIG), CONFIG).changes["white_balance"] is False
+    tinted = [np.clip(photo * np.array([1.0, 1.0, 0.6 + 0.05 * i]), 0, 255).astype(np.uint8) for i, photo in enumerate(grey)]
+    assert decide_steps(measure_photos(tinted, CONFIG), CONFIG).changes["white_balance"] is True
+
+
+def test_glare_on_the_part_turns_inpainting_on() -> None:
+    plain = [plate_photo(2.0, 20 * i) for i in range(8)]
+    assert decide_steps(measure_photos(plain, CONFIG), CONFIG).changes["inpaint_specular"] is False
+    shiny = [photo.copy() for photo in plain]
+    for photo in shiny:
+        cv2.circle(photo, (100, 100), 6, (255, 255, 255), -1)
+    assert decide_steps(measure_photos(shiny, CONFIG), CONFIG).changes["inpaint_specular"] is True
+
+
+def test_inpainting_never_paints_the_table() -> None:
+    image = np.full((208, 208, 3), 252, np.uint8)  # a bright, saturated table
+    image[60:140, 60:140] = (90, 60, 40)  # a brown part
+    image[95:105, 95:105] = 255  # glare on the part
+    decided = CONFIG.replace(white_balance=False, clahe=False, crop=False, zero_background=False,
+                             align_rotation=False, normalize_scale=False, image_size=208)
+    result = preprocess(image, decided)
+    assert (result.image[:40, :40] == 252).all() and (result.image[-40:, -40:] == 252).all()
+    assert result.image[100, 100].max() < 200  # the glare on the part was filled
+
+
+def test_angle_spread_wraps_at_180_degrees() -> None:
+    assert angle_spread(np.array([179.0, 1.0, 0.5, 179.5])) < 2
+    assert angle_spread(np.linspace(0, 180, 36, endpoint=False)) > 40

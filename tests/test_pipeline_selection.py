@@ -1,0 +1,57 @@
+"""preprocess auto, second half: candidates ranked on synthetic defects painted on training photos only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import pytest
+
+from conftest import small_config
+from models.patchcore import PatchCore
+from preprocessing.io import train_images
+from scripts.synthetic_fasteners import SyntheticSettings, generate
+
+
+@pytest.fixture(scope="module")
+def nut_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("nuts")
+    generate(SyntheticSettings(part="nut", n_train=8, n_test_per_kind=2, size=128, seed=3), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def auto_fit(nut_dir: Path) -> tuple[PatchCore, list[str]]:
+    """A model fitted with preprocess auto, and every file that fitting opened."""
+    opened: list[str] = []
+    real_imread = cv2.imread
+
+    def recording_imread(path, *args):
+        opened.append(str(Path(path).resolve()))
+        return real_imread(path, *args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cv2, "imread", recording_imread)
+        model = PatchCore(small_config(preprocess="auto", image_size=64))
+        model.fit(train_images(nut_dir), progress=False)
+    return model, opened
+
+
+def test_auto_and_calibration_never_read_the_test_split(auto_fit, nut_dir):
+    model, opened = auto_fit
+    train_dir = str((nut_dir / "train").resolve())
+    assert opened and all(path.startswith(train_dir) for path in opened), sorted(set(opened))
+    assert set(model.preprocessing["candidates"]) == {"decided", "off"}  # the ranking really ran
+    assert model.calibration["count"] == 8
+
+
+def test_auto_resolves_into_switches_recorded_in_the_model_file(auto_fit, tmp_path):
+    model, _ = auto_fit
+    assert model.config.preprocess in ("on", "off")  # what inference repeats, photo by photo
+    record = model.preprocessing
+    assert record["chosen"] in ("decided", "off") and record["reasons"][-1].startswith("pipeline:")
+    assert record["switches"]["preprocess"] == model.config.preprocess
+    assert any(reason.startswith("rotation off") for reason in record["reasons"])  # a hex nut has no long axis
+    model.save(tmp_path / "nut.pkl")
+    loaded = PatchCore.load(tmp_path / "nut.pkl")
+    assert loaded.preprocessing == record and loaded.config == model.config
