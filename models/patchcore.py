@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 import cv2
@@ -165,23 +166,29 @@ class PatchCore:
     def set_calibration(self, scores: np.ndarray, method: str) -> None:
         """Threshold and healthy spread from healthy scores that their own photos did not help to make.
 
-        The threshold is the ``threshold_percentile`` of the scores. The spread behind ``sigma`` is
-        robust (1.4826 x the median absolute deviation, which one odd photo cannot inflate) and never
-        below a small share of the memory bank's own patch spacing, so a set of nearly identical
-        photos cannot turn a healthy part into a 10^5-sigma outlier.
+        Both are robust, so one odd healthy photo cannot move them: the centre is the median, the
+        spread 1.4826 x the median absolute deviation (the standard deviation, for normal scores),
+        never below a small share of the memory bank's own patch spacing so that nearly identical
+        photos cannot turn a healthy part into a 10^5-sigma outlier. The threshold is where the
+        ``threshold_percentile`` of healthy scores lies on that robust normal fit (99 -> median +
+        2.33 spreads); an empirical 99th percentile of a few dozen photos is just their maximum.
         """
         scores = np.asarray(scores, dtype=np.float32)
         self.calibration_scores = scores
-        floor = SPREAD_FLOOR * self._patch_spacing()
-        self.threshold = max(float(np.percentile(scores, self.config.threshold_percentile)),
-                             float(np.median(scores)) + 3 * floor)
         warnings = []
         if scores.size < MIN_CALIBRATION_PHOTOS:
             warnings.append(
                 f"the threshold rests on only {scores.size} healthy photos and is uncertain; "
                 f"fit on at least {MIN_CALIBRATION_PHOTOS} (ideally 100+) for a threshold you can rely on"
             )
-        self.calibration = {"method": method, "count": int(scores.size), "spread_floor": floor, "warnings": warnings}
+        self.calibration = {
+            "method": method,
+            "count": int(scores.size),
+            "spread_floor": SPREAD_FLOOR * self._patch_spacing(),
+            "warnings": warnings,
+        }
+        z = NormalDist().inv_cdf(self.config.threshold_percentile / 100)
+        self.threshold = self.calibration_median + z * self.calibration_std
 
     def _patch_spacing(self) -> float:
         """Median distance from a memory-bank patch to its nearest other one: the bank's unit of length."""

@@ -29,7 +29,7 @@ from preprocessing.io import (  # noqa: E402
     read_images,
     write_atomically,
 )
-from scripts.synthetic_fasteners import PARTS, SyntheticSettings, generate  # noqa: E402
+from scripts.synthetic_fasteners import PARTS, TABLES, SyntheticSettings, generate  # noqa: E402
 
 # Image counts of the official MVTec AD archives (Bergmann et al., CVPR 2019).
 OFFICIAL_COUNTS: dict[str, dict[str, int]] = {
@@ -76,8 +76,9 @@ How to get data for this toolkit
    creates {custom_root}/ with a README.md saying which photos go where.
 
 3. A synthetic, license-free set (rendered in a few seconds; no download)
-            python scripts/download_datasets.py --synthetic [--part screw|nut] [--seed 0]
-   writes {synthetic_root}/ with rust, corrosion, scratch and deformation defects and exact masks.
+            python scripts/download_datasets.py --synthetic [--part screw|nut|plate|washer|bracket] [--seed 0]
+   writes {synthetic_root}/ with rust, corrosion, scratch and deformation (a plate: missing chips)
+   defects and exact masks; --table bright, --glare 1 and --border-touch 0.3 make the photos harder.
 
 Expected folder layout (MVTec AD; any dataset for this toolkit):
     <dataset>/
@@ -315,6 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
                            help="multiplies defect sizes (smaller = harder to detect)")
     synthetic.add_argument("--max-rotation", type=float, default=defaults.max_rotation,
                            help="largest rotation of a part either way, in degrees")
+    synthetic.add_argument("--table", choices=TABLES, default=defaults.table, help="what the part lies on")
+    synthetic.add_argument("--glare", type=float, default=defaults.glare,
+                           help="strength of saturated highlights on the part (0 = none, 1 = clipped white)")
+    synthetic.add_argument("--border-touch", type=float, default=defaults.border_touch,
+                           help="share of photos (0-1) whose part touches or crosses the image border")
     return parser
 
 
@@ -331,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             settings = SyntheticSettings(
                 part=args.part, n_train=args.n_train, n_test_per_kind=args.n_test_per_kind, size=args.size,
-                seed=args.seed, defect_scale=args.defect_scale, max_rotation=args.max_rotation)
+                seed=args.seed, defect_scale=args.defect_scale, max_rotation=args.max_rotation, table=args.table,
+                glare=args.glare, border_touch=args.border_touch)
         except ValueError as error:  # e.g. --size 10
             parser.error(str(error))
         return run_synthetic(settings, Path(args.out or "data/synthetic_fasteners"))

@@ -1,4 +1,9 @@
-"""License-free synthetic photos of screws or hex nuts, healthy and defective, in the MVTec AD layout.
+"""License-free synthetic photos of metal parts, healthy and defective, in the MVTec AD layout.
+
+Parts: a screw and a hex nut (what the toolkit is for), and three parts unlike a screw to measure how
+it fails on other shapes: a flat brushed plate (its elongation straddles the pipeline's rotation
+cut-off), a washer and an L-shaped bent bracket. Scene options (a bright table, saturated glare, a
+part crossing the image border) make the photos harder in the ways real rigs do.
 
 MVTec AD needs a registration and forbids commercial use; this set lets anyone run the whole toolkit
 end to end in seconds. Every photo is rendered from a seeded scene (pose, lamp, background, sensor
@@ -11,20 +16,32 @@ Geometry is written in pixels of a 256-px image ("reference pixels") and scaled 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from preprocessing.io import mask_path, write_atomically
-from synthetic.defects import SURFACE_DEFECTS, pixel_grid, smooth_noise
+from synthetic.defects import SURFACE_DEFECTS, EdgeSite, chip, pick_edge_site, pixel_grid, smooth_noise
 
-PARTS = ("screw", "nut")
-DEFECT_KINDS = ("rust", "corrosion", "scratch", "deformation")
+PARTS = ("screw", "nut", "plate", "washer", "bracket")
+# Defect kinds per part, in folder order (the order also seeds the test photos: keep it).
+PART_DEFECTS = {
+    "screw": ("rust", "corrosion", "scratch", "deformation"),
+    "nut": ("rust", "corrosion", "scratch", "deformation"),
+    "plate": ("rust", "corrosion", "scratch", "missing"),
+    "washer": ("rust", "corrosion", "scratch", "deformation"),
+    "bracket": ("rust", "corrosion", "scratch", "deformation"),
+}
+DEFECT_KINDS = ("rust", "corrosion", "scratch", "deformation", "missing")
+TABLES = {"dark": 0.22, "bright": 0.62}  # mean grey level of the table the part lies on
+# Turns a part may lie at before the max_rotation jitter: a nut repeats every 60 degrees, a washer is round.
+BASE_TURNS = {"screw": 0.0, "nut": math.pi / 3, "plate": 0.0, "washer": 2 * math.pi, "bracket": 0.0}
 REFERENCE_SIZE = 256
 MARKER_NAME = "synthetic.json"  # written into the output folder; lets a rerun replace its own files only
 
@@ -35,6 +52,18 @@ MAJOR_RADIUS, CORE_RADIUS, PITCH, THREAD_SLANT = 10.0, 7.5, 7.0, 0.35
 SCREW_MIDDLE = (SHANK_END - HEAD_LENGTH) / 2  # the pose centre sits here on the axis
 # Hex nut seen from above; reference pixels.
 FLAT_RADIUS, TOP_FACE_RADIUS, HOLE_CHAMFER_RADIUS, THREAD_RADIUS, BORE_RADIUS = 66.0, 63.0, 36.0, 31.0, 27.0
+# Flat plate seen from above: half sides for elongation 1 (scaled by sqrt(elongation) either way),
+# rounded corners, a narrow bevel round the edge.
+PLATE_HALF_SIDE, PLATE_CORNER_RADIUS, PLATE_BEVEL = 66.0, 9.0, 2.5
+PLATE_ELONGATION = (1.1, 1.6)  # straddles Config.min_elongation (1.5), the pipeline's rotation cut-off
+# Flat washer seen from above.
+WASHER_OUTER_RADIUS, WASHER_INNER_RADIUS, WASHER_BEVEL = 62.0, 27.0, 2.5
+# Flat bar bent edgewise into an L, seen from above: the outer corner is at (0, 0), one arm runs along
+# +a, the other along +b, and the bend is a quarter ring round (BEND_CENTRE, BEND_CENTRE).
+BAR_WIDTH, BEND_INNER_RADIUS, ARM_A_END, ARM_B_END, BAR_HOLE_RADIUS = 32.0, 14.0, 142.0, 108.0, 5.5
+BEND_CENTRE = BAR_WIDTH + BEND_INNER_RADIUS
+BRACKET_CENTROID = (54.2, 36.1)  # the pose centre sits here (centroid of the L, measured)
+STREAK_REACH, STREAK_SAMPLES = 160.0, 641  # brushed streak profile: +-reach reference pixels, 0.5 px apart
 
 
 @dataclass(frozen=True)
@@ -48,6 +77,9 @@ class SyntheticSettings:
     seed: int = 0
     defect_scale: float = 1.0  # multiplies every defect's size
     max_rotation: float = 25.0  # degrees either way from the part's base orientation
+    table: str = "dark"  # what the part lies on: "dark" or "bright"
+    glare: float = 0.0  # strength of saturated specular highlights on the part; 0 = none, 1 = clipped
+    border_touch: float = 0.0  # share of photos whose part is shifted onto or across the image border
 
     def __post_init__(self) -> None:
         if self.part not in PARTS:
@@ -58,6 +90,12 @@ class SyntheticSettings:
             raise ValueError("size must be at least 64 pixels")
         if self.defect_scale <= 0:
             raise ValueError("defect_scale must be positive")
+        if self.table not in TABLES:
+            raise ValueError(f"table must be one of {', '.join(TABLES)}, got {self.table!r}")
+        if self.glare < 0:
+            raise ValueError("glare must be 0 or more")
+        if not 0 <= self.border_touch <= 1:
+            raise ValueError("border_touch must be between 0 and 1")
 
 
 @dataclass
@@ -73,6 +111,12 @@ class Scene:
     illumination: np.ndarray  # (H, W) uneven lighting factor
     noise: np.ndarray  # (H, W, 3) sensor noise
     blur_sigma: float
+    elongation: float = 1.0  # long side over short side, for parts whose proportions vary (plate)
+    streaks: np.ndarray = field(default_factory=lambda: np.zeros(2))  # brushed-metal profile, unit variance
+    # Highlights: (where on the part as a quantile of its pixels, long and short radius in reference
+    # pixels, turn, gain) per row.
+    glare_spots: np.ndarray = field(default_factory=lambda: np.zeros((0, 5)))
+    border: tuple[int, float] | None = None  # (side 0-3 = left/top/right/bottom, share pushed over it)
 
 
 @dataclass
@@ -94,7 +138,8 @@ def draw_scene(rng: np.random.Generator, settings: SyntheticSettings) -> Scene:
     size = settings.size
     unit = size / REFERENCE_SIZE * rng.uniform(0.93, 1.07)
     centre = size / 2 + rng.uniform(-0.06, 0.06, 2) * size
-    base_angle = 0.0 if settings.part == "screw" else rng.uniform(0, math.pi / 3)
+    turns = BASE_TURNS[settings.part]
+    base_angle = rng.uniform(0, turns) if turns else 0.0
     angle = base_angle + math.radians(rng.uniform(-settings.max_rotation, settings.max_rotation))
     azimuth = math.radians(225 + rng.uniform(-20, 20))  # lamp above-left, as on a fixed inspection rig
     elevation = math.radians(rng.uniform(40, 55))
@@ -109,7 +154,9 @@ def draw_scene(rng: np.random.Generator, settings: SyntheticSettings) -> Scene:
     grain = smooth_noise(rng, shape, 1.5 * unit)
     mottle = smooth_noise(rng, shape, 28 * unit)
     fibre = smooth_noise(rng, shape, 5 * unit)
-    tone = 0.22 * rng.uniform(0.9, 1.1) * (1 + 0.07 * mottle + 0.04 * fibre + 0.05 * grain)
+    contrast = TABLES["dark"] / TABLES[settings.table]  # the same texture in grey levels on any table
+    tone = TABLES[settings.table] * rng.uniform(0.9, 1.1) * (
+        1 + 0.07 * contrast * mottle + 0.04 * contrast * fibre + 0.05 * contrast * grain)
     background = tone[..., None] * np.array([0.97, 1.0, 1.04], np.float32)
 
     xs, ys = pixel_grid(size, size)
@@ -120,9 +167,26 @@ def draw_scene(rng: np.random.Generator, settings: SyntheticSettings) -> Scene:
     noise_level = rng.uniform(0.012, 0.022)
     noise = (rng.standard_normal((size, size, 1), np.float32) * 0.7
              + rng.standard_normal((size, size, 3), np.float32) * 0.5)
+    blur_sigma = rng.uniform(0.45, 0.8) * unit
+    # Draws for the newer parts and options come last and only when used, so the screw and nut sets
+    # of earlier versions stay byte-identical.
+    elongation = rng.uniform(*PLATE_ELONGATION) if settings.part == "plate" else 1.0
+    streaks = np.zeros(2)
+    if settings.part in ("plate", "bracket"):
+        streaks = cv2.GaussianBlur(rng.standard_normal((1, STREAK_SAMPLES)), (0, 0), 1.2).ravel()
+        streaks /= streaks.std()
+    glare_spots = np.zeros((0, 5))
+    if settings.glare > 0:
+        count = int(rng.integers(1, 4))
+        glare_spots = np.column_stack([
+            rng.random(count), rng.uniform(6, 16, count), rng.uniform(1.5, 4, count),
+            rng.uniform(0, math.pi, count), settings.glare * rng.uniform(0.8, 1.2, count)])
+    border = None
+    if settings.border_touch > 0 and rng.random() < settings.border_touch:
+        border = (int(rng.integers(4)), float(rng.uniform(0.03, 0.3)))
     return Scene(centre, angle, unit, light, softboxes, background.astype(np.float32),
-                 illumination.astype(np.float32), (noise * noise_level).astype(np.float32),
-                 rng.uniform(0.45, 0.8) * unit)
+                 illumination.astype(np.float32), (noise * noise_level).astype(np.float32), blur_sigma,
+                 elongation, streaks, glare_spots, border)
 
 
 def local_coordinates(scene: Scene, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -161,6 +225,32 @@ def triangle(phase: np.ndarray) -> np.ndarray:
     return 1 - np.abs(2 * (phase % 1.0) - 1)
 
 
+def turned_face(scene: Scene, rho: np.ndarray, angle: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A turned face's sheen: a bright streak through the centre along the lamp's direction, and
+    faint concentric tool marks."""
+    azimuth = math.atan2(scene.light[1], scene.light[0]) - scene.angle
+    streak = np.exp(-np.sin(angle - azimuth) ** 2 / 0.05)
+    turning = np.sin(rho * 2.3) * 0.03 + np.sin(rho * 0.71 + 1.0) * 0.03
+    return streak, turning
+
+
+def bevel_normals(scene: Scene, distance: np.ndarray, bevel: float, tilt: float) -> tuple[np.ndarray, np.ndarray]:
+    """Local-frame normals of a flat part whose edge is rounded off over `bevel` reference pixels:
+    within it the surface tilts outwards, down the slope of the signed distance."""
+    gy, gx = np.gradient(distance)  # per image pixel; turned into the part's frame below
+    cos, sin = math.cos(scene.angle), math.sin(scene.angle)
+    ga, gb = gx * cos + gy * sin, -gx * sin + gy * cos
+    length = np.maximum(np.hypot(ga, gb), 1e-6)
+    slope = tilt * np.clip(1 - distance / bevel, 0, 1)
+    return -slope * ga / length, -slope * gb / length
+
+
+def brushed(scene: Scene, across: np.ndarray) -> np.ndarray:
+    """Streaks of brushed metal: the photo's own random profile across the brushing direction."""
+    positions = np.linspace(-STREAK_REACH, STREAK_REACH, len(scene.streaks))
+    return np.interp(across, positions, scene.streaks).astype(np.float32)
+
+
 def screw_radius(a: np.ndarray, side: np.ndarray) -> np.ndarray:
     """Silhouette half-width of the screw at axial position a on the given side (+1/-1)."""
     dome = np.clip((a + HEAD_LENGTH) / (0.55 * HEAD_LENGTH), 0, 1)
@@ -173,10 +263,10 @@ def screw_radius(a: np.ndarray, side: np.ndarray) -> np.ndarray:
     return np.where(a < 0, head, thread * taper)
 
 
-def screw_coverage(a: np.ndarray, b: np.ndarray, unit: float) -> np.ndarray:
+def screw_coverage(scene: Scene, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     body = np.minimum(screw_radius(a, np.sign(b)) - np.abs(b), np.minimum(a + HEAD_LENGTH, SHANK_END - a))
     slot = np.maximum(np.abs(b) - SLOT_HALF_WIDTH, a + HEAD_LENGTH - SLOT_DEPTH)
-    return coverage_from_distance(np.minimum(body, slot), unit)
+    return coverage_from_distance(np.minimum(body, slot), scene.unit)
 
 
 def render_screw(scene: Scene, a: np.ndarray, b: np.ndarray) -> Part:
@@ -194,13 +284,13 @@ def render_screw(scene: Scene, a: np.ndarray, b: np.ndarray) -> Part:
     root_line = np.exp(-((np.minimum(phase, 1 - phase) / 0.08) ** 2)) * threaded
     neck_shadow = 1 - 0.35 * np.exp(-np.clip(a, 0, None) / 2.0) * (a >= 0)
     factor = (1 + 0.35 * crest_line - 0.45 * root_line) * neck_shadow
-    return Part(colour * factor[..., None], screw_coverage(a, b, scene.unit), diffuse)
+    return Part(colour * factor[..., None], screw_coverage(scene, a, b), diffuse)
 
 
-def nut_coverage(a: np.ndarray, b: np.ndarray, unit: float) -> np.ndarray:
+def nut_coverage(scene: Scene, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     rho = np.hypot(a, b)
     offset = (np.arctan2(b, a) + math.pi / 6) % (math.pi / 3) - math.pi / 6
-    return coverage_from_distance(np.minimum(FLAT_RADIUS - rho * np.cos(offset), rho - BORE_RADIUS), unit)
+    return coverage_from_distance(np.minimum(FLAT_RADIUS - rho * np.cos(offset), rho - BORE_RADIUS), scene.unit)
 
 
 def render_nut(scene: Scene, a: np.ndarray, b: np.ndarray) -> Part:
@@ -215,28 +305,114 @@ def render_nut(scene: Scene, a: np.ndarray, b: np.ndarray) -> Part:
     helix = triangle(rho / 2.0 + angle / (2 * math.pi))
     tilt = 0.57 * outer - 0.7 * (within_chamfer - thread) + 0.5 * (helix - 0.5) * thread
     colour, diffuse = shade_metal(scene, tilt * a / rho, tilt * b / rho, albedo=0.6)
-    # Turned faces show a bright streak through the centre along the lamp's direction.
-    azimuth = math.atan2(scene.light[1], scene.light[0]) - scene.angle
-    streak = np.exp(-np.sin(angle - azimuth) ** 2 / 0.05)
-    turning = np.sin(rho * 2.3) * 0.03 + np.sin(rho * 0.71 + 1.0) * 0.03
+    streak, turning = turned_face(scene, rho, angle)
     factor = (1 + face * (0.3 * streak + turning)) * (1 - thread * (0.45 - 0.3 * helix))
-    return Part(colour * factor[..., None], nut_coverage(a, b, scene.unit), diffuse)
+    return Part(colour * factor[..., None], nut_coverage(scene, a, b), diffuse)
 
 
-RENDERERS = {"screw": render_screw, "nut": render_nut}
-COVERAGES = {"screw": screw_coverage, "nut": nut_coverage}
+def plate_half_sides(scene: Scene) -> tuple[float, float]:
+    """Half length and half width: the same area at every elongation."""
+    stretch = math.sqrt(scene.elongation)
+    return PLATE_HALF_SIDE * stretch, PLATE_HALF_SIDE / stretch
 
 
-def bent_shank(rng: np.random.Generator, strength: float) -> Deformation:
-    """The shank bends smoothly from a random point, the tip moving sideways a few pixels."""
-    start = rng.uniform(0.35, 0.6) * SHANK_END
-    curvature = strength * rng.uniform(6.0, 11.0) * rng.choice([-1, 1]) / (SHANK_END - start) ** 2
-    return lambda a, b: (np.zeros_like(a), -curvature * np.clip(a - start, 0, None) ** 2)
+def plate_distance(scene: Scene, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Signed distance to the rounded rectangle's outline (positive inside), reference pixels."""
+    half_a, half_b = plate_half_sides(scene)
+    qa = np.abs(a) - (half_a - PLATE_CORNER_RADIUS)
+    qb = np.abs(b) - (half_b - PLATE_CORNER_RADIUS)
+    outside = np.hypot(np.maximum(qa, 0), np.maximum(qb, 0)) + np.minimum(np.maximum(qa, qb), 0)
+    return PLATE_CORNER_RADIUS - outside
 
 
-def dented_edge(rng: np.random.Generator, strength: float) -> Deformation:
-    """An edge of the nut pushed inwards, fading towards the bore; zero outside a compact sector so
-    that the mask (every pixel that moved) stays local."""
+def plate_coverage(scene: Scene, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return coverage_from_distance(plate_distance(scene, a, b), scene.unit)
+
+
+def render_plate(scene: Scene, a: np.ndarray, b: np.ndarray) -> Part:
+    """Top view of a flat, polished plate brushed along its length: the softboxes' reflection sweeps
+    across its very slightly domed face, the streaks catch the light, the edge is bevelled."""
+    distance = plate_distance(scene, a, b)
+    half_a, half_b = plate_half_sides(scene)
+    edge_a, edge_b = bevel_normals(scene, distance, PLATE_BEVEL, 0.6)
+    colour, diffuse = shade_metal(scene, 0.2 * a / half_a + edge_a, 0.2 * b / half_b + edge_b, albedo=0.68)
+    factor = 1 + 0.07 * brushed(scene, b)
+    return Part(colour * factor[..., None], coverage_from_distance(distance, scene.unit), diffuse)
+
+
+def washer_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    rho = np.hypot(a, b)
+    return np.minimum(WASHER_OUTER_RADIUS - rho, rho - WASHER_INNER_RADIUS)
+
+
+def washer_coverage(scene: Scene, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return coverage_from_distance(washer_distance(a, b), scene.unit)
+
+
+def render_washer(scene: Scene, a: np.ndarray, b: np.ndarray) -> Part:
+    """Top view of a flat washer: a turned ring with both edges rounded off."""
+    distance = washer_distance(a, b)
+    edge_a, edge_b = bevel_normals(scene, distance, WASHER_BEVEL, 0.6)
+    colour, diffuse = shade_metal(scene, edge_a, edge_b, albedo=0.6)
+    streak, turning = turned_face(scene, np.hypot(a, b), np.arctan2(b, a))
+    factor = 1 + 0.3 * streak + turning
+    return Part(colour * factor[..., None], coverage_from_distance(distance, scene.unit), diffuse)
+
+
+def bracket_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Signed distance to the bent bar's outline, with one mounting hole near each arm's end."""
+    bend_rho = np.hypot(a - BEND_CENTRE, b - BEND_CENTRE)
+    bend = np.minimum(bend_rho - BEND_INNER_RADIUS, BEND_CENTRE - bend_rho)
+    arm_a = np.minimum(np.minimum(b, BAR_WIDTH - b), ARM_A_END - a)
+    arm_b = np.minimum(np.minimum(a, BAR_WIDTH - a), ARM_B_END - b)
+    body = np.where((a < BEND_CENTRE) & (b < BEND_CENTRE), bend, np.where(a >= BEND_CENTRE, arm_a, arm_b))
+    hole_a = np.hypot(a - (ARM_A_END - 20), b - BAR_WIDTH / 2) - BAR_HOLE_RADIUS
+    hole_b = np.hypot(a - BAR_WIDTH / 2, b - (ARM_B_END - 20)) - BAR_HOLE_RADIUS
+    return np.minimum(body, np.minimum(hole_a, hole_b))
+
+
+def bracket_coverage(scene: Scene, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return coverage_from_distance(bracket_distance(a, b), scene.unit)
+
+
+def render_bracket(scene: Scene, a: np.ndarray, b: np.ndarray) -> Part:
+    """Top view of a flat bar bent edgewise into an L: brushed along the bar (the streaks follow the
+    bend), bevelled edges, the bend a little duller where the metal was stretched."""
+    distance = bracket_distance(a, b)
+    edge_a, edge_b = bevel_normals(scene, distance, PLATE_BEVEL, 0.6)
+    colour, diffuse = shade_metal(scene, edge_a, edge_b, albedo=0.64)
+    in_bend = (a < BEND_CENTRE) & (b < BEND_CENTRE)
+    across = np.where(in_bend, BEND_CENTRE - np.hypot(a - BEND_CENTRE, b - BEND_CENTRE),
+                      np.where(a >= BEND_CENTRE, b, a))
+    factor = (1 + 0.07 * brushed(scene, across)) * np.where(in_bend, 0.93, 1.0)
+    return Part(colour * factor[..., None], coverage_from_distance(distance, scene.unit), diffuse)
+
+
+RENDERERS = {"screw": render_screw, "nut": render_nut, "plate": render_plate, "washer": render_washer,
+             "bracket": render_bracket}
+COVERAGES = {"screw": screw_coverage, "nut": nut_coverage, "plate": plate_coverage, "washer": washer_coverage,
+             "bracket": bracket_coverage}
+# Where the pose centre sits in each part's own frame (the origin for parts not listed).
+PART_ORIGINS = {"screw": (SCREW_MIDDLE, 0.0), "bracket": BRACKET_CENTROID}
+
+
+def bend_beyond(rng: np.random.Generator, strength: float, end: float, start_share: tuple[float, float],
+                along_b: bool) -> Deformation:
+    """A straight piece bends smoothly from a random point, its end moving sideways a few pixels."""
+    start = rng.uniform(*start_share) * end
+    curvature = strength * rng.uniform(6.0, 11.0) * rng.choice([-1, 1]) / (end - start) ** 2
+
+    def displacement(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if along_b:
+            return -curvature * np.clip(b - start, 0, None) ** 2, np.zeros_like(b)
+        return np.zeros_like(a), -curvature * np.clip(a - start, 0, None) ** 2
+
+    return displacement
+
+
+def dented_edge(rng: np.random.Generator, strength: float, radius: float) -> Deformation:
+    """The rim of a round part (nut, washer) pushed inwards, fading towards the middle; zero outside
+    a compact sector so that the mask (every pixel that moved) stays local."""
     centre = rng.uniform(0, 2 * math.pi)
     width = rng.uniform(0.3, 0.5)
     depth = strength * rng.uniform(5.0, 8.0)
@@ -244,14 +420,89 @@ def dented_edge(rng: np.random.Generator, strength: float) -> Deformation:
     def displacement(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         rho = np.maximum(np.hypot(a, b), 1e-3)
         offset = (np.arctan2(b, a) - centre + math.pi) % (2 * math.pi) - math.pi
-        falloff = np.clip((rho - 0.75 * FLAT_RADIUS) / (0.25 * FLAT_RADIUS), 0, None) ** 2
+        falloff = np.clip((rho - 0.75 * radius) / (0.25 * radius), 0, None) ** 2
         push = depth * np.clip(1 - (offset / width) ** 2, 0, None) ** 2 * falloff
         return push * a / rho, push * b / rho
 
     return displacement
 
 
-DEFORMATIONS = {"screw": bent_shank, "nut": dented_edge}
+DEFORMATIONS: dict[str, Callable[[np.random.Generator, float], Deformation]] = {
+    "screw": functools.partial(bend_beyond, end=SHANK_END, start_share=(0.35, 0.6), along_b=False),
+    "nut": functools.partial(dented_edge, radius=FLAT_RADIUS),
+    "washer": functools.partial(dented_edge, radius=WASHER_OUTER_RADIUS),
+    # the arm along b bends beyond the bend and its first few pixels
+    "bracket": functools.partial(bend_beyond, end=ARM_B_END, start_share=(0.5, 0.65), along_b=True),
+}
+
+
+def plate_corner(scene: Scene, size: int, rng: np.random.Generator) -> EdgeSite | None:
+    """One of the plate's four corners (the middle of its rounded arc) if it lies in the photo."""
+    half_a, half_b = plate_half_sides(scene)
+    inset = PLATE_CORNER_RADIUS * (1 - 1 / math.sqrt(2))
+    signs = np.array([(1, 1), (1, -1), (-1, 1), (-1, -1)], np.float64)[rng.permutation(4)]
+    cos, sin = math.cos(scene.angle), math.sin(scene.angle)
+    for sign_a, sign_b in signs:
+        local = np.array([sign_a * (half_a - inset), sign_b * (half_b - inset)])
+        point = scene.centre + scene.unit * np.array([local[0] * cos - local[1] * sin, local[0] * sin + local[1] * cos])
+        if (point >= 0).all() and (point <= size - 1).all():
+            normal = np.array([sign_a * cos - sign_b * sin, sign_a * sin + sign_b * cos]) / math.sqrt(2)
+            return EdgeSite(point, normal)
+    return None
+
+
+def chip_plate(rng: np.random.Generator, scene: Scene, part: Part, scale: float) -> np.ndarray:
+    """Break a chip off a corner (half the time) or an edge of the plate; returns the pixels whose
+    coverage changed. The table shows through where the metal went."""
+    radius = scale * rng.uniform(6, 11)
+    site = plate_corner(scene, part.coverage.shape[0], rng) if rng.random() < 0.5 else None
+    if site is None:
+        site = pick_edge_site(rng, part.coverage >= 0.5, radius, 0)
+    if site is None:  # the plate lies entirely outside the photo's inner area: nothing to chip
+        return np.zeros(part.coverage.shape, bool)
+    removed = part.coverage * chip(rng, part.coverage.shape, site, radius)
+    part.coverage = part.coverage - removed
+    return removed > 0
+
+
+def part_coordinates(scene: Scene, settings: SyntheticSettings) -> tuple[np.ndarray, np.ndarray]:
+    """Every pixel in the part's own frame, shifted so the pose centre sits at the part's origin."""
+    a, b = local_coordinates(scene, settings.size)
+    origin_a, origin_b = PART_ORIGINS.get(settings.part, (0.0, 0.0))
+    return a + origin_a, b + origin_b
+
+
+def push_over_border(scene: Scene, settings: SyntheticSettings) -> Scene:
+    """Shift the part so that 3-30 % of its width (or height), and at least 4 reference pixels, lie
+    across the chosen image border."""
+    side, share = scene.border
+    ys, xs = np.nonzero(COVERAGES[settings.part](scene, *part_coordinates(scene, settings)) >= 0.5)
+    last = settings.size - 1
+    least = 4 * scene.unit  # a thin part lying along the border must still reach over it
+    if side in (0, 2):
+        overshoot = max(share * (xs.max() - xs.min()), least)
+        shift = np.array([-xs.min() - overshoot if side == 0 else last - xs.max() + overshoot, 0.0])
+    else:
+        overshoot = max(share * (ys.max() - ys.min()), least)
+        shift = np.array([0.0, -ys.min() - overshoot if side == 1 else last - ys.max() + overshoot])
+    return replace(scene, centre=scene.centre + shift, border=None)
+
+
+def glare(scene: Scene, clean: np.ndarray) -> np.ndarray:
+    """Specular highlights centred on the undamaged part (so a defect cannot move them), in image
+    pixels; the caller keeps them on the metal."""
+    ys, xs = np.nonzero(clean >= 0.999)
+    layer = np.zeros(clean.shape, np.float32)
+    if not len(xs):
+        return layer
+    grid_x, grid_y = pixel_grid(*clean.shape)
+    for quantile, long, short, turn, gain in scene.glare_spots:
+        index = min(int(quantile * len(xs)), len(xs) - 1)
+        dx, dy = grid_x - xs[index], grid_y - ys[index]
+        along = (dx * math.cos(turn) + dy * math.sin(turn)) / (long * scene.unit)
+        across = (-dx * math.sin(turn) + dy * math.cos(turn)) / (short * scene.unit)
+        layer += gain * np.exp(-0.5 * (along**2 + across**2))
+    return layer
 
 
 def render_sample(
@@ -259,22 +510,27 @@ def render_sample(
 ) -> tuple[np.ndarray, np.ndarray]:
     """One RGB photo and its uint8 mask (255 = defect). The same key without a defect gives the
     identical photo minus the defect, because scene and defect draw from separate seeds."""
-    if defect not in (None, *DEFECT_KINDS):
-        raise ValueError(f"unknown defect kind {defect!r}; expected one of {', '.join(DEFECT_KINDS)}")
+    kinds = PART_DEFECTS[settings.part]
+    if defect not in (None, *kinds):
+        raise ValueError(f"unknown defect kind {defect!r} for a {settings.part}; expected one of {', '.join(kinds)}")
     scene = draw_scene(np.random.default_rng([settings.seed, *key, 0]), settings)
+    if scene.border is not None:
+        scene = push_over_border(scene, settings)
     defect_rng = np.random.default_rng([settings.seed, *key, 1])
     size, scale = settings.size, scene.unit * settings.defect_scale
-    a, b = local_coordinates(scene, size)
-    a = a + (SCREW_MIDDLE if settings.part == "screw" else 0.0)
+    a, b = part_coordinates(scene, settings)
     mask = np.zeros((size, size), bool)
     if defect == "deformation":
         da, db = DEFORMATIONS[settings.part](defect_rng, settings.defect_scale)(a, b)
-        clean = COVERAGES[settings.part](a, b, scene.unit)
+        clean = COVERAGES[settings.part](scene, a, b)
         part = RENDERERS[settings.part](scene, a + da, b + db)
         moved = np.hypot(da, db) > 0  # any shift can flip a pixel at a sharp edge, so no threshold
         mask = moved & ((clean > 0) | (part.coverage > 0))
     else:
         part = RENDERERS[settings.part](scene, a, b)
+        clean = part.coverage
+    if defect == "missing":
+        mask = chip_plate(defect_rng, scene, part, scale)
 
     shadow_offset = -scene.light[:2] / scene.light[2] * 3 * scene.unit
     shifted = cv2.warpAffine(part.coverage, np.float32([[1, 0, shadow_offset[0]], [0, 1, shadow_offset[1]]]),
@@ -282,6 +538,8 @@ def render_sample(
     shadow = cv2.GaussianBlur(shifted, (0, 0), 3 * scene.unit)
     coverage = part.coverage[..., None]
     image = scene.background * (1 - 0.6 * shadow)[..., None] * (1 - coverage) + part.colour * coverage
+    if len(scene.glare_spots):
+        image += (glare(scene, clean) * part.coverage)[..., None]
     if defect in SURFACE_DEFECTS:
         mask = SURFACE_DEFECTS[defect](defect_rng, image, part.coverage, part.diffuse, scale)
 
@@ -294,7 +552,7 @@ def planned_files(settings: SyntheticSettings) -> list[tuple[str, tuple[int, ...
     """(relative image path, scene key, defect) for every photo of the set, in a fixed order."""
     plan = [(f"train/good/{i:03d}.png", (0, 0, i), None) for i in range(settings.n_train)]
     plan += [(f"test/good/{i:03d}.png", (1, 0, i), None) for i in range(settings.n_test_per_kind)]
-    for kind_index, kind in enumerate(DEFECT_KINDS, start=1):
+    for kind_index, kind in enumerate(PART_DEFECTS[settings.part], start=1):
         plan += [(f"test/{kind}/{i:03d}.png", (1, kind_index, i), kind) for i in range(settings.n_test_per_kind)]
     return plan
 

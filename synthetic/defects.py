@@ -268,9 +268,10 @@ def paint_defect(image: np.ndarray, object_mask: np.ndarray, kind: str, rng: np.
     if unit < MIN_UNIT:
         return result, changed
 
-    # Work on the part's surroundings only: big photos of small parts stay cheap.
+    # Work on the part's surroundings only, so big photos of small parts stay cheap; a chip needs
+    # room beside the part to copy the table from.
     ys, xs = np.nonzero(solid)
-    margin = math.ceil(70 * unit) + HALO + 4
+    margin = math.ceil((70 if kind == "missing" else 25) * unit) + HALO + 4
     top, left = max(0, ys.min() - margin), max(0, xs.min() - margin)
     bottom, right = min(solid.shape[0], ys.max() + margin + 1), min(solid.shape[1], xs.max() + margin + 1)
     window = (slice(top, bottom), slice(left, right))

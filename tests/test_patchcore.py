@@ -31,20 +31,22 @@ def test_calibration_scores_every_training_photo(fitted_model):
     assert fitted_model.calibration["count"] == 12 and "5-fold" in fitted_model.calibration["method"]
 
 
-def test_threshold_is_the_99th_percentile_of_the_healthy_scores(fitted_model):
-    scores = np.sort(fitted_model.calibration_scores.astype(np.float64))
-    assert len(np.unique(scores)) == len(scores)  # distinct scores: any other percentile would differ
-    position = 0.99 * (len(scores) - 1)  # linear interpolation between the two nearest ranks
-    low = int(position)
-    expected = scores[low] + (position - low) * (scores[low + 1] - scores[low])
-    assert fitted_model.threshold == pytest.approx(expected, rel=1e-6)
-
-
-def test_sigma_spread_is_the_scaled_median_absolute_deviation(fitted_model):
+def test_threshold_is_the_99th_percentile_of_a_robust_normal_fit(fitted_model):
     scores = fitted_model.calibration_scores.astype(np.float64)
     median = np.median(scores)
+    robust_std = 1.4826 * np.median(np.abs(scores - median))
     assert fitted_model.calibration_median == pytest.approx(median)
-    assert fitted_model.calibration_std == pytest.approx(1.4826 * np.median(np.abs(scores - median)), rel=1e-5)
+    assert fitted_model.calibration_std == pytest.approx(robust_std, rel=1e-5)
+    assert fitted_model.threshold == pytest.approx(median + 2.3263 * robust_std, rel=1e-4)
+
+
+def test_one_odd_healthy_photo_does_not_move_the_threshold(fitted_model):
+    odd = fitted_model.calibration_scores.copy()
+    odd[np.argmax(odd)] *= 3
+    model = PatchCore(fitted_model.config)
+    model.memory_bank = fitted_model.memory_bank
+    model.set_calibration(odd, "test")
+    assert model.threshold == pytest.approx(fitted_model.threshold)
 
 
 def test_calibration_scores_come_from_banks_that_never_saw_the_photo(small_screw_dir):
