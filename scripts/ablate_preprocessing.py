@@ -45,7 +45,7 @@ def variants(category: str) -> dict[str, dict[str, Any]]:
     """Name -> config overrides of every row of the table."""
     rows: dict[str, dict[str, Any]] = {"pipeline off": {"preprocess": "off"}, "all steps on": {"preprocess": "on"}}
     rows.update({f"without {flag}": {"preprocess": "on", flag: False} for flag in STEP_FLAGS})
-    rows["auto"] = {"preprocess": "auto"}
+    rows["auto"] = {**CATEGORY_DEFAULTS["custom"], "preprocess": "auto"}  # what train.py gives any new folder
     if CATEGORY_DEFAULTS.get(category):  # and the same model without the pipeline, for a fair baseline
         rows[f"{category} defaults"] = dict(CATEGORY_DEFAULTS[category])
         rows[f"{category} defaults, pipeline off"] = {**CATEGORY_DEFAULTS[category], "preprocess": "off"}

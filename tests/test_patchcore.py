@@ -1,14 +1,19 @@
 from __future__ import annotations
 
-import os
+import math
 import pickle
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+import torch
 
+from config import Config, UserError
 from conftest import small_config
-from config import UserError
 from models.patchcore import FORMAT_VERSION, ModelFileError, PatchCore, confidence_from_sigma
 from preprocessing.io import load_test_split, read_image, train_images
 
@@ -81,6 +86,56 @@ def test_confidence_follows_the_sigma_rule(sigma, expected):
     assert confidence_from_sigma(sigma) == pytest.approx(expected, abs=1e-4)
 
 
+# A memory bank worked out on paper (2-d features). m0's nearest other patch is m1 (3 away; m2 is
+# 8.5 away), but the test patch (0, 4) has m2 (4.5 away) closer than m1 (5 away): so Eq. 7 gives a
+# different answer when it takes the neighbourhood of the test patch instead of that of m*.
+BANK = np.array([[0.0, 0.0], [3.0, 0.0], [0.0, 8.5]], dtype=np.float32)  # m0, m1, m2
+PATCHES = np.array([[[0.0, 4.0], [3.0, 1.0]], [[1.0, 0.0], [0.0, 8.0]]], dtype=np.float32)  # 2x2 grid
+# Distances to the nearest healthy patch: 4 (m0), 1 (m1), 1 (m0), 0.5 (m2): the worst is 4, m* = m0.
+
+
+class HandMadeFeatures:
+    """Stands in for the backbone: every photo yields the patch grid ``PATCHES``."""
+
+    weights_identity = "hand-made"
+    device = torch.device("cpu")
+
+    def __init__(self, config: Config) -> None:
+        pass
+
+    def __call__(self, images: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.repeat(PATCHES[None], len(images), axis=0))
+
+
+def hand_made_model(monkeypatch, **changes) -> PatchCore:
+    monkeypatch.setattr("models.patchcore.FeatureExtractor", HandMadeFeatures)
+    config = Config(backbone="efficientnet_lite0", image_size=32, preprocess="off", device="cpu", **changes)
+    model = PatchCore(config)
+    model.memory_bank = BANK.copy()
+    return model
+
+
+def test_without_reweighting_the_image_score_is_the_largest_patch_distance(monkeypatch):
+    model = hand_made_model(monkeypatch, score_reweighting=False)
+    (prediction,) = model.predict([np.zeros((32, 32, 3), np.uint8)])
+    assert prediction.score == pytest.approx(4.0, abs=1e-6)  # a Euclidean distance, not its square
+
+
+@pytest.mark.parametrize(
+    "neighbours, weight",
+    [
+        # b = 2: N(m0) = {m0, m1}, at 4 and 5 from the test patch: 1 - e^4 / (e^4 + e^5) = e / (1 + e)
+        (2, math.e / (1 + math.e)),
+        # b = 3: N(m0) = {m0, m1, m2}, at 4, 5 and 4.5: 1 - e^4 / (e^4 + e^5 + e^4.5)
+        (3, 1 - 1 / (1 + math.e + math.exp(0.5))),
+    ],
+)
+def test_reweighting_follows_eq7_on_a_bank_worked_out_on_paper(monkeypatch, neighbours, weight):
+    model = hand_made_model(monkeypatch, score_reweighting=True, num_neighbors=neighbours)
+    (prediction,) = model.predict([np.zeros((32, 32, 3), np.uint8)])
+    assert prediction.score == pytest.approx(weight * 4.0, rel=1e-5)
+
+
 def test_sigma_is_measured_against_healthy_calibration(fitted_model, small_screw_dir):
     (prediction,) = fitted_model.predict([load_test_split(small_screw_dir)[-1].path])
     expected = (prediction.score - fitted_model.calibration_median) / fitted_model.calibration_std
@@ -98,32 +153,98 @@ def test_same_seed_gives_identical_bank_and_scores(small_screw_dir):
     assert [p.score for p in first.predict(test_paths)] == [p.score for p in second.predict(test_paths)]
 
 
-def test_save_and_load_round_trip(fitted_model, small_screw_dir, tmp_path):
+def test_a_saved_and_loaded_model_gives_the_same_predictions(fitted_model, small_screw_dir, tmp_path):
+    """Everything a user sees survives the model file: score, verdict, threshold, sigma, confidence, map."""
     path = tmp_path / "model.pkl"
     fitted_model.save(path)
     loaded = PatchCore.load(path)
     assert np.array_equal(loaded.memory_bank, fitted_model.memory_bank)
-    assert loaded.threshold == fitted_model.threshold
     assert loaded.config == fitted_model.config and loaded.config.seed == fitted_model.config.seed
+    assert loaded.threshold == fitted_model.threshold
+    assert np.array_equal(loaded.calibration_scores, fitted_model.calibration_scores)
+    assert loaded.calibration == fitted_model.calibration  # method, spread floor, warnings
     test_paths = [s.path for s in load_test_split(small_screw_dir)[:2]]
-    assert [p.score for p in loaded.predict(test_paths)] == [p.score for p in fitted_model.predict(test_paths)]
+    for before, after in zip(fitted_model.predict(test_paths), loaded.predict(test_paths), strict=True):
+        assert after.score == before.score
+        assert after.is_anomalous == before.is_anomalous
+        assert after.sigma == before.sigma and after.sigma != 0.0  # 0 = the calibration was lost
+        assert after.confidence == before.confidence
+        assert np.array_equal(after.anomaly_map, before.anomaly_map)
+        assert after.warnings == before.warnings
     assert not list(tmp_path.glob(".model.pkl.*")), "no temporary file is left behind"
 
 
-class _RunsCode:
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
+# Hand-written pickles (protocol 0 opcodes) that run code if the unpickler lets one global through.
+def _global(target: str) -> bytes:
+    module, name = target.rsplit(".", 1)
+    return f"c{module}\n{name}\n".encode()
 
 
-def test_a_model_file_that_runs_code_is_refused(tmp_path):
-    marker = tmp_path / "pwned"
-    payload = _RunsCode()
-    payload.marker = marker
+def _text(value: str | Path) -> bytes:
+    return b"V" + str(value).encode("raw-unicode-escape") + b"\n"
+
+
+def _call(function: bytes, *args: bytes) -> bytes:
+    return function + b"(" + b"".join(args) + b"tR"
+
+
+def _list(*items: bytes) -> bytes:
+    return b"(" + b"".join(items) + b"l"
+
+
+MARKER_MODULE = "fastener_test_marker_module"  # importing it touches the marker (see the test)
+
+
+def _payloads(marker: Path) -> dict[str, bytes]:
+    """For each global an attacker could ask for, a call through it that touches ``marker``."""
+    touch = _text(f"touch {marker}")
+    python = _text(f"open({str(marker)!r}, 'w').close()")
+    os_module = _call(_global("importlib.import_module"), _text("os"))
+    return {
+        "builtins.eval": _call(_global("builtins.eval"), python),
+        "builtins.exec": _call(_global("builtins.exec"), python),
+        "builtins.open": _call(_global("builtins.open"), _text(marker), _text("w")),
+        "builtins.getattr": _call(
+            _call(_global("builtins.getattr"), _call(_global("builtins.__import__"), _text("os")), _text("system")),
+            touch,
+        ),
+        "builtins.__import__": _call(_global("builtins.__import__"), _text(MARKER_MODULE)),
+        "os.system": _call(_global("os.system"), touch),
+        "posix.system": _call(_global("posix.system"), touch),
+        "subprocess.Popen": _call(_global("subprocess.Popen"), _list(_text("touch"), _text(marker))),
+        "subprocess.run": _call(_global("subprocess.run"), _list(_text("touch"), _text(marker))),
+        "importlib.import_module": _call(_global("importlib.import_module"), _text(MARKER_MODULE)),
+        "functools.partial": _call(_call(_global("functools.partial"), _global("os.system"), touch)),
+        "operator.methodcaller": _call(_call(_global("operator.methodcaller"), _text("system"), touch), os_module),
+    }
+
+
+GLOBALS = list(_payloads(Path("marker")))
+
+
+def _model_file_with(payload: bytes) -> bytes:
+    """A model file of the right format version whose config is the payload: only the unpickler stands guard."""
+    return b"}" + _text("format_version") + f"I{FORMAT_VERSION}\n".encode() + b"s" + _text("config") + payload + b"s."
+
+
+@pytest.mark.parametrize("target", GLOBALS)
+def test_a_model_file_that_asks_for_any_global_is_refused_and_runs_nothing(target, tmp_path, monkeypatch):
+    marker = tmp_path / "code-ran"
+    (tmp_path / f"{MARKER_MODULE}.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, MARKER_MODULE, raising=False)
     evil = tmp_path / "evil.pkl"
-    evil.write_bytes(pickle.dumps({"format_version": FORMAT_VERSION, "config": payload}))
+    evil.write_bytes(_model_file_with(_payloads(marker)[target]))
     with pytest.raises(ModelFileError, match="plain data only"):
         PatchCore.load(evil)
+    time.sleep(0.05)  # a child process started by the file would have touched the marker by now
     assert not marker.exists()
+
+    # The payload is live: the stock unpickler runs it, so it was the refusal above that stopped it.
+    result = pickle.loads(evil.read_bytes())["config"]
+    if isinstance(result, subprocess.Popen):
+        result.wait()
+    assert marker.exists()
 
 
 def test_wrong_format_version_and_truncated_files_are_clear_errors(fitted_model, tmp_path):

@@ -10,8 +10,16 @@ import pytest
 
 from config import Config
 from preprocessing.io import to_rgb8
-from preprocessing.pipeline import STEP_FLAGS, preprocess, preview_steps, save_preview_sheet, to_original
-from preprocessing.registration import warp_image
+from preprocessing.lighting import clahe_lab, gray_world, inpaint_specular
+from preprocessing.pipeline import (
+    STEP_FLAGS,
+    preprocess,
+    preview_steps,
+    resize_transform,
+    save_preview_sheet,
+    to_original,
+)
+from preprocessing.registration import image_outline, warp_image, warp_mask
 
 SIZE = 128
 CONFIG = Config(image_size=SIZE, preprocess="on")
@@ -151,6 +159,119 @@ def test_every_step_can_be_switched_off() -> None:
         assert result.image.shape == (SIZE, SIZE, 3) and not result.warnings, flag
     unzeroed = preprocess(photo, CONFIG.replace(zero_background=False))
     assert (unzeroed.image[~unzeroed.mask] > 150).all()  # the table is still there
+
+
+def part_in_model(photo: np.ndarray, result) -> np.ndarray:
+    """Where the synthetic part (grey 60 on a 200 table) lands in the model input."""
+    return warp_mask(photo[..., 0] < 130, result.transform, SIZE)
+
+
+def test_background_is_zeroed_and_the_part_is_left_intact() -> None:
+    photo, _ = screw_photo(30)
+    result = preprocess(photo, CONFIG.replace(clahe=False))  # white balance, inpainting: no-ops on grey
+    part = part_in_model(photo, result)
+    far = cv2.distanceTransform((~part).astype(np.uint8), cv2.DIST_L2, 5)
+    assert not result.warnings and part.sum() > 0.05 * SIZE * SIZE
+    # The part and a rim of table around it (mask_dilation pixels) are the photo, resampled, untouched.
+    assert result.mask[part].all() and result.mask[(far > 0) & (far < CONFIG.mask_dilation - 2)].all()
+    resampled = warp_image(photo, result.transform, SIZE)
+    assert np.array_equal(result.image[result.mask], resampled[result.mask])
+    assert result.image[part].mean() < 90  # dark part, not blacked out or replaced by table
+    # Everything else is black, and that is most of the table.
+    assert (result.image[~result.mask] == 0).all()
+    assert not result.mask[far > CONFIG.mask_dilation + 3].any() and (far > CONFIG.mask_dilation + 3).mean() > 0.25
+
+
+def lighting_photo() -> np.ndarray:
+    """A screw photo every lighting step changes: a warm colour cast and a saturated glare spot."""
+    photo = screw_photo(0)[0].astype(np.float32) * np.array([1.15, 1.0, 0.8])
+    photo = np.clip(photo, 0, 245).astype(np.uint8)
+    cv2.circle(photo, (200, 180), 4, (255, 255, 255), -1)
+    return photo
+
+
+LIGHTING = {
+    "white_balance": lambda image, config: gray_world(image).image,
+    "inpaint_specular": lambda image, config: inpaint_specular(image, config.specular_threshold).image,
+    "clahe": lambda image, config: clahe_lab(image, config.clahe_clip_limit, config.clahe_tile_grid).image,
+}
+
+
+@pytest.mark.parametrize("switched_off", list(LIGHTING))
+def test_a_lighting_switch_skips_exactly_its_own_step(switched_off: str) -> None:
+    photo = lighting_photo()
+    lighting_only = CONFIG.replace(segment=False)  # no mask: the frame is the whole photo, nothing zeroed
+    result = preprocess(photo, lighting_only.replace(**{switched_off: False}))
+    expected = photo
+    for flag, step in LIGHTING.items():  # without a mask: white balance, inpainting (everywhere), CLAHE
+        if flag != switched_off:
+            expected = step(expected, lighting_only)
+    assert np.array_equal(result.image, warp_image(expected, result.transform, SIZE))
+    assert not np.array_equal(result.image, preprocess(photo, lighting_only).image)  # the step did matter
+
+
+def is_rotation_free(matrix: np.ndarray) -> bool:
+    return abs(matrix[0, 1]) < 1e-9 and abs(matrix[1, 0]) < 1e-9
+
+
+def part_extent(part: np.ndarray) -> tuple[int, int]:
+    """(width, height) in pixels of the part's bounding box in the model input."""
+    rows, columns = np.nonzero(part.any(axis=1))[0], np.nonzero(part.any(axis=0))[0]
+    return int(np.ptp(columns)) + 1, int(np.ptp(rows)) + 1
+
+
+GEOMETRY_BASE = CONFIG.replace(clahe=False)
+FRAMED = SIZE / (1 + 2 * GEOMETRY_BASE.crop_padding)  # the padded box's long side fills the input
+
+
+def without_zeroing(photo, on, off) -> None:
+    assert np.array_equal(off.transform, on.transform) and np.array_equal(off.mask, on.mask)
+    assert np.array_equal(off.image, warp_image(photo, on.transform, SIZE))  # the table is back
+
+
+def without_rotation(photo, on, off) -> None:
+    assert not is_rotation_free(on.transform) and is_rotation_free(off.transform)
+    assert abs(max(part_extent(part_in_model(photo, off))) - FRAMED) < 3  # still cropped to the part
+
+
+def without_crop(photo, on, off) -> None:
+    turn = lambda matrix: matrix[:2, :2] / np.linalg.norm(matrix[0, :2])  # noqa: E731
+    assert np.allclose(turn(off.transform), turn(on.transform))  # the same rotation
+    corners = cv2.perspectiveTransform(image_outline(*photo.shape[:2])[None], off.transform)[0]
+    assert corners.min() > -0.5 - 1e-6 and corners.max() < SIZE - 0.5 + 1e-6  # the whole photo is in view
+    assert abs(part_extent(part_in_model(photo, on))[0] - FRAMED) < 3  # ... where the crop framed the part
+
+
+def without_scale(photo, on, off) -> None:
+    width, height = part_extent(part_in_model(photo, off))
+    assert abs(width - FRAMED) < 3 and abs(height - FRAMED) < 3  # the box is stretched to fill the square
+    singular = np.linalg.svd(on.transform[:2, :2], compute_uv=False)
+    assert singular[0] == pytest.approx(singular[1])  # ... whereas with it on, shapes stay true
+
+
+def without_mask(photo, on, off) -> None:
+    assert off.mask.all() and np.allclose(off.transform, resize_transform(photo.shape[:2], SIZE))
+
+
+GEOMETRY_CHECKS = {
+    "zero_background": without_zeroing,
+    "align_rotation": without_rotation,
+    "crop": without_crop,
+    "normalize_scale": without_scale,
+    "segment": without_mask,
+}
+
+
+@pytest.mark.parametrize("switched_off", list(GEOMETRY_CHECKS))
+def test_a_geometry_switch_changes_exactly_its_own_step(switched_off: str) -> None:
+    photo, _ = screw_photo(30)
+    on = preprocess(photo, GEOMETRY_BASE)
+    off = preprocess(photo, GEOMETRY_BASE.replace(**{switched_off: False}))
+    GEOMETRY_CHECKS[switched_off](photo, on, off)
+    # Whatever the frame, the pixels kept are the photo's, and the background is black where it should be.
+    assert np.array_equal(off.image[off.mask], warp_image(photo, off.transform, SIZE)[off.mask]) and not off.warnings
+    if switched_off not in ("zero_background", "segment"):
+        assert (off.image[~off.mask] == 0).all() and not off.mask.all()
 
 
 def test_preview_lists_every_step_and_renders_a_sheet(tmp_path) -> None:
