@@ -275,8 +275,10 @@ class PatchCore:
         k = min(self.config.num_neighbors, len(self.memory_bank))
         _, neighbourhood = self.index.search(nearest_healthy, k)
         to_neighbours = np.linalg.norm(self.memory_bank[neighbourhood[0]] - patches[worst], axis=1)
-        # softmax(to_neighbours)[0], written out: importing SciPy for it would cost a second of start-up
-        weight = 1.0 - 1.0 / np.exp(to_neighbours[0] - to_neighbours).sum()
+        # softmax(to_neighbours)[0] = 1 / sum(exp(d_i - d_0)), written out: importing SciPy for it
+        # would cost a second of start-up (an overflow to inf gives 0, softmax's own limit)
+        with np.errstate(over="ignore"):
+            weight = 1.0 - 1.0 / np.exp(to_neighbours.astype(np.float64) - to_neighbours[0]).sum()
         return patch_scores, float(weight * score)
 
     def _prediction(self, item: Preprocessed, grid: np.ndarray, score: float) -> Prediction:
