@@ -57,7 +57,8 @@ class Config:
     clahe: bool = True
     clahe_clip_limit: float = 2.0
     clahe_tile_grid: int = 8
-    segment: bool = True  # Otsu object mask
+    segment: bool = True  # object mask
+    segmentation_method: str = "otsu"  # otsu (part darker or lighter than the table) | grabcut (colour models)
     crop: bool = True
     crop_padding: float = 0.1  # fraction of the object's size added on each side
     align_rotation: bool = True
@@ -79,6 +80,8 @@ class Config:
         )
         if self.preprocess not in PREPROCESS_MODES:
             raise ValueError(f"preprocess must be one of {', '.join(PREPROCESS_MODES)}, got {self.preprocess!r}")
+        if self.segmentation_method not in ("otsu", "grabcut"):
+            raise ValueError(f"segmentation_method must be otsu or grabcut, got {self.segmentation_method!r}")
         if self.mask_fill not in ("contour", "hull"):
             raise ValueError(f"mask_fill must be contour or hull, got {self.mask_fill!r}")
         if self.calibration_folds < 2:

@@ -51,11 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         from preprocessing.pipeline import write_preview_sheets
 
         if config.preprocess == "auto":  # preview what the measurements decide (the fit may still choose 'off')
-            from preprocessing.auto import decide_steps, measure_photos
+            from preprocessing.auto import decide
             from preprocessing.io import read_image
 
-            sample = paths[:: max(1, len(paths) // 60)]
-            decision = decide_steps(measure_photos([read_image(path) for path in sample], config), config)
+            decision = decide([read_image(path) for path in paths[:: max(1, len(paths) // 60)]], config)
             config = config.replace(**decision.changes)
             for reason in decision.reasons:
                 print(f"preprocessing: {reason}")

@@ -21,7 +21,7 @@ from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
 from config import Config
-from preprocessing.auto import decide_steps, measure_photos
+from preprocessing.auto import decide
 from preprocessing.io import read_image
 from preprocessing.pipeline import STEP_FLAGS
 from preprocessing.segmentation import segment_object
@@ -42,9 +42,9 @@ def choose_preprocessing(
     n_bank = min(len(images) // 2, MAX_BANK_PHOTOS)
     n_eval = min(len(images) - n_bank, MAX_EVAL_PHOTOS)
     chosen = sorted(order[: n_bank + n_eval]) if len(images) >= MIN_PHOTOS_TO_RANK else list(range(len(images)))
-    photos = {i: _as_array(images[i]) for i in tqdm(chosen, desc="auto: reading", disable=not progress, leave=False)}
+    photos = {i: _as_array(images[i]) for i in chosen}
 
-    decision = decide_steps(measure_photos(list(photos.values()), config), config)
+    decision = decide(list(photos.values()), config)
     decided = config.replace(**decision.changes)
     record: dict[str, Any] = {"mode": "auto", "reasons": list(decision.reasons), "numbers": decision.numbers}
     if len(images) < MIN_PHOTOS_TO_RANK:
@@ -53,7 +53,7 @@ def choose_preprocessing(
 
     bank = [photos[i] for i in order[:n_bank]]
     healthy = [photos[i] for i in order[n_bank : n_bank + n_eval]]
-    defective, masks = _paint_defects(healthy, rng)
+    defective, masks = _paint_defects(healthy, decided.segmentation_method, rng)
     candidates = {"decided": decided, "off": config.replace(preprocess="off")}
     results = {
         name: _separation(candidate, bank, healthy, defective, masks)
@@ -75,7 +75,8 @@ def choose_preprocessing(
 def _finish(record: dict[str, Any], config: Config, chosen: str) -> dict[str, Any]:
     record["chosen"] = chosen
     record["switches"] = {
-        name: getattr(config, name) for name in ("preprocess", *STEP_FLAGS, "mask_fill", "min_elongation")
+        name: getattr(config, name)
+        for name in ("preprocess", *STEP_FLAGS, "segmentation_method", "mask_fill", "min_elongation")
     }
     return record
 
@@ -85,12 +86,12 @@ def _as_array(image: str | Path | np.ndarray) -> np.ndarray:
 
 
 def _paint_defects(
-    photos: Sequence[np.ndarray], rng: np.random.Generator
+    photos: Sequence[np.ndarray], method: str, rng: np.random.Generator
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """A defective copy of each photo (kinds taken in turn), on the part where one is found."""
     defective, masks = [], []
     for number, photo in enumerate(photos):
-        part = segment_object(photo).mask
+        part = segment_object(photo, method=method).mask
         if part is None:  # no part found: paint within the central half of the frame
             part = np.zeros(photo.shape[:2], bool)
             height, width = part.shape

@@ -23,7 +23,7 @@ from preprocessing.segmentation import segment_object, solidity
 
 MAX_MEASURED_PHOTOS = 60  # an even sample; the statistics below settle well before this
 MIN_FOUND_RATE = 0.95  # share of photos in which a part must be found for the mask to be trusted
-MAX_BORDER_RATE = 0.05  # share of photos whose part may touch the frame
+MAX_BORDER_RATE = 0.2  # share of photos whose part may touch the frame (such a part keeps its mask)
 MAX_AREA_VARIATION = 0.25  # coefficient of variation of the mask's area across photos
 MAX_AREA = 0.8  # a part filling more of the frame leaves no background worth zeroing
 MIN_HULL_SOLIDITY = 0.9  # a part this convex gets its convex hull as mask (shiny edges kept)
@@ -47,11 +47,11 @@ class PhotoMeasure:
     glare: float = 0.0  # share of the part's pixels that are saturated
 
 
-def measure_photo(image: np.ndarray, config: Config) -> PhotoMeasure:
-    """Segment one photo and measure what decides the steps."""
+def measure_photo(image: np.ndarray, config: Config, method: str = "otsu") -> PhotoMeasure:
+    """Segment one photo (with ``method``) and measure what decides the steps."""
     means = image.reshape(-1, 3).mean(axis=0)
     cast = float(means.max() / max(means.min(), 1.0) - 1)
-    found = segment_object(image)
+    found = segment_object(image, method=method)
     if found.mask is None:
         return PhotoMeasure(found=False, cast=cast)
     pose = principal_axis(found.mask)
@@ -68,11 +68,26 @@ def measure_photo(image: np.ndarray, config: Config) -> PhotoMeasure:
     )
 
 
-def measure_photos(images: Sequence[np.ndarray], config: Config) -> list[PhotoMeasure]:
+def measure_photos(images: Sequence[np.ndarray], config: Config, method: str = "otsu") -> list[PhotoMeasure]:
     """Measure an even sample of at most ``MAX_MEASURED_PHOTOS`` photos on the config's worker threads."""
     step = max(1, math.ceil(len(images) / MAX_MEASURED_PHOTOS))
     with ThreadPoolExecutor(max_workers=max(1, config.num_workers)) as pool:
-        return list(pool.map(lambda image: measure_photo(image, config), list(images)[::step]))
+        return list(pool.map(lambda image: measure_photo(image, config, method), list(images)[::step]))
+
+
+def decide(images: Sequence[np.ndarray], config: Config) -> Decision:
+    """Measure the photos and decide the steps; GrabCut replaces Otsu where only it finds the part reliably."""
+    measures = measure_photos(images, config)
+    decision = decide_steps(measures, config)
+    if decision.changes["zero_background"]:
+        return decision
+    with_grabcut = decide_steps(measure_photos(images, config, "grabcut"), config, "grabcut")
+    if not with_grabcut.changes["zero_background"]:
+        return decision
+    with_grabcut.reasons.insert(
+        0, f"part mask by GrabCut (Otsu's mask was unreliable: {decision.reasons[0].split('(', 1)[1].split(')')[0]})"
+    )
+    return with_grabcut
 
 
 def angle_spread(degrees: np.ndarray) -> float:
@@ -91,8 +106,18 @@ class Decision:
     numbers: dict[str, float]
 
 
-def decide_steps(measures: Sequence[PhotoMeasure], config: Config) -> Decision:
-    """Turn per-photo measurements into one set of switches for every photo of the data set."""
+def mask_reliability(found_rate: float, border_rate: float, area_variation: float, area_median: float) -> bool:
+    """Can background zeroing trust this mask on every photo of the set?"""
+    return (
+        found_rate >= MIN_FOUND_RATE
+        and border_rate <= MAX_BORDER_RATE
+        and area_variation <= MAX_AREA_VARIATION
+        and area_median <= MAX_AREA
+    )
+
+
+def decide_steps(measures: Sequence[PhotoMeasure], config: Config, method: str = "otsu") -> Decision:
+    """Turn per-photo measurements (masks made by ``method``) into one set of switches for every photo."""
     found = [m for m in measures if m.found]
     found_rate = len(found) / max(1, len(measures))
     border_rate = float(np.mean([m.border for m in found])) if found else 1.0
@@ -108,12 +133,7 @@ def decide_steps(measures: Sequence[PhotoMeasure], config: Config) -> Decision:
     changes: dict[str, object] = {"preprocess": "on"}
     reasons = []
 
-    mask_reliable = (
-        found_rate >= MIN_FOUND_RATE
-        and border_rate <= MAX_BORDER_RATE
-        and area_variation <= MAX_AREA_VARIATION
-        and numbers["area_median"] <= MAX_AREA
-    )
+    mask_reliable = mask_reliability(found_rate, border_rate, area_variation, numbers["area_median"])
     if not mask_reliable:
         changes.update(segment=False, crop=False, align_rotation=False, normalize_scale=False, zero_background=False)
         reasons.append(
@@ -124,7 +144,9 @@ def decide_steps(measures: Sequence[PhotoMeasure], config: Config) -> Decision:
         hull_solidity = float(np.median([m.solidity for m in found]))
         numbers["solidity_median"] = hull_solidity
         fill = "hull" if hull_solidity >= MIN_HULL_SOLIDITY else "contour"
-        changes.update(segment=True, crop=True, normalize_scale=True, zero_background=True, mask_fill=fill)
+        changes.update(
+            segment=True, segmentation_method=method, crop=True, normalize_scale=True, zero_background=True, mask_fill=fill
+        )
         reasons.append(
             f"background zeroing on (part found in {found_rate:.0%} of photos, {border_rate:.0%} on the border, "
             f"area varies {area_variation:.0%}), mask = {'convex hull' if fill == 'hull' else 'outline'} "

@@ -100,7 +100,7 @@ def _run(image: np.ndarray, config: Config, record: Callable[[str, Callable[[], 
     lit = step(gray_world(image), "1 white balance") if config.white_balance else image
     object_mask = None
     if config.segment:  # before inpainting and CLAHE: glare and amplified table texture confuse Otsu
-        segmentation = segment_object(lit, config.mask_fill)
+        segmentation = segment_object(lit, config.mask_fill, config.segmentation_method)
         object_mask = segmentation.mask
         warnings.extend(segmentation.warnings)
         record("2 object mask", lambda: _overlay(lit, object_mask))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from config import Config
-from preprocessing.auto import angle_spread, decide_steps, measure_photos
+from preprocessing.auto import angle_spread, decide, decide_steps, measure_photos
 from preprocessing.pipeline import preprocess
 from preprocessing.registration import principal_axis
 
@@ -111,3 +111,13 @@ def test_inpainting_never_paints_the_table() -> None:
 def test_angle_spread_wraps_at_180_degrees() -> None:
     assert angle_spread(np.array([179.0, 1.0, 0.5, 179.5])) < 2
     assert angle_spread(np.linspace(0, 180, 36, endpoint=False)) > 40
+
+
+def test_grabcut_takes_over_where_otsu_splits_a_shaded_part_on_a_light_table() -> None:
+    from scripts.synthetic_fasteners import SyntheticSettings, render_sample
+
+    settings = SyntheticSettings(part="plate", n_train=8, size=192, seed=5, table="bright", glare=0.0)
+    photos = [render_sample(settings, (0, index), None)[0] for index in range(8)]
+    decision = decide(photos, CONFIG)
+    assert decision.changes["zero_background"] is True and decision.changes["segmentation_method"] == "grabcut"
+    assert decision.reasons[0].startswith("part mask by GrabCut")

@@ -100,7 +100,7 @@ def test_calibration_never_reads_a_test_image(tmp_path, small_screw_dir, monkeyp
     from models import patchcore
 
     monkeypatch.chdir(tmp_path)
-    fitting, read_while_fitting = [False], []
+    fitting, read_while_fitting = [0], []  # depth: preprocess auto fits candidate models inside the fit
     real_read, real_fit = patchcore.read_image, patchcore.PatchCore.fit
 
     def recording_read(path):
@@ -109,11 +109,11 @@ def test_calibration_never_reads_a_test_image(tmp_path, small_screw_dir, monkeyp
         return real_read(path)
 
     def flagged_fit(self, *args, **kwargs):
-        fitting[0] = True
+        fitting[0] += 1
         try:
             return real_fit(self, *args, **kwargs)
         finally:
-            fitting[0] = False
+            fitting[0] -= 1
 
     monkeypatch.setattr(patchcore, "read_image", recording_read)
     monkeypatch.setattr(patchcore.PatchCore, "fit", flagged_fit)
