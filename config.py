@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, NoReturn, get_type_hints
+from typing import Any, NoReturn, get_args, get_type_hints
 
 import yaml
 
@@ -22,76 +23,180 @@ PREPROCESS_MODES = ("auto", "on", "off")
 FLAG_ALIASES = {"weights_path": ["--weights"]}  # short spellings the README uses
 
 
+class ConfigError(ValueError):
+    """One or more settings out of their allowed range or of the wrong type; the message names each."""
+
+
+def _number(value: float | None) -> str:
+    """A bound as a user would type it: 4096, 100_000_000, 0.5 (empty for no bound)."""
+    if value is None:
+        return ""
+    if float(value).is_integer():
+        return f"{int(value):_}" if abs(value) >= 100_000 else str(int(value))
+    return f"{value:g}"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a setting means and which values it takes: the one source of ``--help`` and of validation."""
+
+    help: str
+    choices: tuple[Any, ...] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    above: float | None = None  # exclusive lower bound
+    below: float | None = None  # exclusive upper bound
+    multiple_of: int | None = None
+    lengths: tuple[int, ...] | None = None  # allowed list lengths
+    normalise: Callable[[Any], Any] | None = None  # older spellings rewritten before checking
+
+    def describe(self) -> str:
+        """The allowed values in words, e.g. '32 to 1024, a multiple of 16'."""
+        parts = []
+        if self.choices is not None:
+            parts.append("one of " + ", ".join(map(str, self.choices)))
+        low, high = _number(self.minimum), _number(self.maximum)
+        if self.above is not None and self.below is not None:
+            parts.append(f"between {_number(self.above)} and {_number(self.below)}, both excluded")
+        elif self.above is not None:
+            parts.append(f"above {_number(self.above)}" + (f", at most {high}" if high else ""))
+        elif self.below is not None:
+            parts.append(f"below {_number(self.below)}" + (f", at least {low}" if low else ""))
+        elif low and high:
+            parts.append(f"{low} to {high}")
+        elif low:
+            parts.append(f"at least {low}")
+        elif high:
+            parts.append(f"at most {high}")
+        if self.multiple_of:
+            parts.append(f"a multiple of {self.multiple_of}")
+        if self.lengths is not None:
+            parts.append(" or ".join(map(str, self.lengths)) + " names")
+        return ", ".join(parts)
+
+    def violation(self, value: Any) -> str | None:
+        """Why ``value`` (already of the right type) is not allowed, or None."""
+        if self.choices is not None and value not in self.choices:
+            return f"must be one of {', '.join(map(str, self.choices))}"
+        if self.lengths is not None and len(value) not in self.lengths:
+            return f"must name {' or '.join(map(str, self.lengths))} items"
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return None
+        out_of_range = (
+            (self.minimum is not None and value < self.minimum)
+            or (self.maximum is not None and value > self.maximum)
+            or (self.above is not None and value <= self.above)
+            or (self.below is not None and value >= self.below)
+            or (self.multiple_of is not None and value % self.multiple_of)
+        )
+        return f"must be {self.describe()}" if out_of_range else None
+
+
+def _on_off(value: Any) -> Any:
+    """true/false (model files and YAML written before 'auto' existed, or --preprocess false) mean on/off."""
+    switch = str(value).lower()
+    return {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}.get(switch, switch)
+
+
+def setting(default: Any, help: str, **rule: Any) -> Any:
+    """A Config field whose help text and allowed values live beside its default (see ``Rule``)."""
+    metadata = {"rule": Rule(help, **rule)}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class Config:
     """All settings of fitting, scoring and preprocessing."""
 
     # --- model -----------------------------------------------------------------------------
-    backbone: str = "wide_resnet50_2"
-    weights_path: str | None = None  # local state-dict file; None = the backbone's normal source
-    layers: list[str] = field(default_factory=list)  # empty = the backbone's stride-8/16 pair
-    target_dim: int = 1024  # channels after reduction (kept as is when the backbone has fewer)
-    image_size: int = 256  # side of the model input in pixels
-    coreset_sampling_ratio: float = 0.1
-    coreset_projection_dim: int = 128
-    coreset_chunk_size: int = 4096  # patches per greedy chunk; bounds fit memory and time
-    object_patches_only: bool = True  # with a zeroed background, store and search only patches near the part
-    knn_index: str = "flat"  # flat (exact) | ivf (approximate, for very large memory banks)
-    ivf_nprobe: int = 8  # cells an ivf index searches per query
-    num_neighbors: int = 9  # neighbourhood size b of the paper's score re-weighting (Eq. 7)
-    score_reweighting: bool = True
-    heatmap_sigma: float = 4.0  # Gaussian blur of the anomaly map, in model-input pixels
-    batch_size: int = 8  # the CPU throughput optimum; larger batches only add memory
-    device: str = "auto"  # auto | cpu | cuda
-    num_workers: int = 2  # threads that decode and preprocess images
-    seed: int = 0
+    backbone: str = setting("wide_resnet50_2", "feature network, with ImageNet weights", choices=BACKBONES)
+    weights_path: str | None = setting(None, "local state-dict file; unset = the backbone's normal source")
+    layers: list[str] = setting(
+        [], "two backbone stages (stride 8 and 16); empty = the backbone's own pair", lengths=(0, 2)
+    )
+    target_dim: int = setting(
+        1024, "feature channels after reduction (kept as is when the backbone has fewer)", minimum=1, maximum=8192
+    )
+    image_size: int = setting(256, "side of the model input in pixels", minimum=32, maximum=1024, multiple_of=16)
+    coreset_sampling_ratio: float = setting(0.1, "share of healthy patches kept in the memory bank", above=0, maximum=1)
+    coreset_projection_dim: int = setting(
+        128, "random-projection width the greedy coreset measures distances in", minimum=1, maximum=4096
+    )
+    coreset_chunk_size: int = setting(
+        4096, "patches per greedy chunk; bounds fit memory and time", minimum=1, maximum=1_000_000
+    )
+    object_patches_only: bool = setting(True, "with a zeroed background, store and search only patches near the part")
+    knn_index: str = setting(
+        "flat", "nearest-neighbour index: flat (exact) or ivf (approximate, for very large banks)",
+        choices=("flat", "ivf"),
+    )
+    ivf_nprobe: int = setting(8, "cells an ivf index searches per query", minimum=1, maximum=65536)
+    num_neighbors: int = setting(
+        9, "neighbourhood size of the paper's score re-weighting (Eq. 7)", minimum=1, maximum=1024
+    )
+    score_reweighting: bool = setting(
+        True, "re-weight the image score by the nearest healthy patch's neighbourhood (Eq. 7)"
+    )
+    heatmap_sigma: float = setting(
+        4.0, "Gaussian blur of the anomaly map, in model-input pixels (0 = none)", minimum=0, maximum=64
+    )
+    batch_size: int = setting(
+        8, "photos per backbone pass; 8 is the CPU optimum, larger only adds memory", minimum=1, maximum=1024
+    )
+    device: str = setting("auto", "where the backbone runs", choices=("auto", "cpu", "cuda"))
+    num_workers: int = setting(2, "threads that decode and preprocess photos", minimum=1, maximum=64)
+    seed: int = setting(
+        0, "seed of the calibration folds, coreset and projections (recorded in the model file)",
+        minimum=0, maximum=2**32 - 1,
+    )
+    max_image_pixels: int = setting(
+        100_000_000, "largest photo (width x height) read; larger ones are refused before decoding",
+        minimum=1, maximum=2**30,
+    )
     # --- calibration ---------------------------------------------------------------------------
-    threshold_percentile: float = 99.0
-    calibration_folds: int = 5  # every training photo is scored by a bank fitted without its fold
+    threshold_percentile: float = setting(
+        99.0, "percentile of the healthy scores' robust normal fit that becomes the threshold", above=0, below=100
+    )
+    calibration_folds: int = setting(
+        5, "folds of the cross-fitted calibration: each photo is scored by a bank fitted without its fold",
+        minimum=2, maximum=100,
+    )
     # --- preprocessing (the eight-step pipeline) -----------------------------------------------
-    # auto: decide the steps from the training photos at fit time; on: the switches below; off: a plain resize
-    preprocess: str = "auto"
-    white_balance: bool = True
-    inpaint_specular: bool = True
-    specular_threshold: int = 250
-    clahe: bool = True
-    clahe_clip_limit: float = 2.0
-    clahe_tile_grid: int = 8
-    segment: bool = True  # object mask
-    segmentation_method: str = "otsu"  # otsu (part darker or lighter than the table) | grabcut (colour models)
-    crop: bool = True
-    crop_padding: float = 0.1  # fraction of the object's size added on each side
-    align_rotation: bool = True
-    min_elongation: float = 1.5  # below this axis ratio the rotation is left alone (nuts); 0 = always align
-    normalize_scale: bool = True
-    zero_background: bool = True
-    mask_fill: str = "contour"  # contour: the part's outline, filled | hull: its convex hull (keeps shiny edges)
-    mask_dilation: int = 15  # pixels, in model-input coordinates
+    preprocess: str = setting(
+        "auto", "auto: steps decided from the training photos at fit time; on: the switches below; off: a plain resize",
+        choices=PREPROCESS_MODES, normalise=_on_off,
+    )
+    white_balance: bool = setting(True, "gray-world white balance")
+    inpaint_specular: bool = setting(True, "fill saturated glare from its surroundings")
+    specular_threshold: int = setting(250, "brightness from which a pixel counts as glare", minimum=0, maximum=255)
+    clahe: bool = setting(True, "CLAHE contrast equalisation on the L channel")
+    clahe_clip_limit: float = setting(2.0, "CLAHE clip limit", above=0, maximum=100)
+    clahe_tile_grid: int = setting(8, "CLAHE tiles per side", minimum=1, maximum=64)
+    segment: bool = setting(True, "object mask")
+    segmentation_method: str = setting(
+        "otsu", "how the mask is found: otsu (part darker or lighter than the table) or grabcut (colour models)",
+        choices=("otsu", "grabcut"),
+    )
+    crop: bool = setting(True, "crop to the largest contour")
+    crop_padding: float = setting(
+        0.1, "fraction of the object's size added on each side of the crop", minimum=0, maximum=1
+    )
+    align_rotation: bool = setting(True, "rotate the part to a canonical orientation")
+    min_elongation: float = setting(
+        1.5, "axis ratio below which the rotation is left alone (nuts); 0 = always align", minimum=0, maximum=100
+    )
+    normalize_scale: bool = setting(True, "scale the part's long side to fill the input")
+    zero_background: bool = setting(True, "black out everything outside the dilated object mask")
+    mask_fill: str = setting(
+        "contour", "object mask: the part's outline filled (contour) or its convex hull (hull, keeps shiny edges)",
+        choices=("contour", "hull"),
+    )
+    mask_dilation: int = setting(15, "dilation of the object mask, in model-input pixels", minimum=0, maximum=255)
 
     def __post_init__(self) -> None:
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"backbone must be one of {', '.join(BACKBONES)}, got {self.backbone!r}")
-        if not 0 < self.coreset_sampling_ratio <= 1:
-            raise ValueError("coreset_sampling_ratio must be in (0, 1]")
-        # true/false (model files and YAML written before 'auto' existed, or --preprocess false) mean on/off
-        switch = str(self.preprocess).lower()
-        self.preprocess = {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}.get(
-            switch, switch
-        )
-        if self.preprocess not in PREPROCESS_MODES:
-            raise ValueError(f"preprocess must be one of {', '.join(PREPROCESS_MODES)}, got {self.preprocess!r}")
-        if self.segmentation_method not in ("otsu", "grabcut"):
-            raise ValueError(f"segmentation_method must be otsu or grabcut, got {self.segmentation_method!r}")
-        if self.mask_fill not in ("contour", "hull"):
-            raise ValueError(f"mask_fill must be contour or hull, got {self.mask_fill!r}")
-        if self.calibration_folds < 2:
-            raise ValueError("calibration_folds must be at least 2")
-        if self.knn_index not in ("flat", "ivf"):
-            raise ValueError(f"knn_index must be flat or ivf, got {self.knn_index!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
-        if self.image_size < 32 or self.image_size % 16:
-            raise ValueError("image_size must be a multiple of 16 and at least 32")
+        validate(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -102,11 +207,61 @@ class Config:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown config key(s): {', '.join(unknown)}")
+            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
         return cls(**values)
 
     def replace(self, **changes: Any) -> Config:
         return self.from_dict({**self.to_dict(), **changes})
+
+
+def rule_of(item: dataclasses.Field) -> Rule:
+    return item.metadata["rule"]
+
+
+def _coerce(name: str, hint: Any, value: Any) -> Any:
+    """``value`` as the setting's type, or ConfigError: no string, float or None slips in as a number or switch."""
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name} must be a whole number, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    if hint == list[str]:
+        if isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value):
+            return list(value)
+        raise ConfigError(f"{name} must be a list of names, got {value!r}")
+    if value is None and type(None) in get_args(hint):
+        return None
+    if isinstance(value, str):
+        return value
+    raise ConfigError(f"{name} must be text, got {value!r}")
+
+
+def validate(config: Config) -> None:
+    """Check every setting's type and range against its Rule; one ConfigError naming all the bad ones."""
+    problems = []
+    hints = get_type_hints(Config)
+    for item in fields(config):
+        value = getattr(config, item.name)
+        if rule_of(item).normalise is not None:
+            value = rule_of(item).normalise(value)
+        try:
+            value = _coerce(item.name, hints[item.name], value)
+        except ConfigError as error:
+            problems.append(str(error))
+            continue
+        setattr(config, item.name, value)
+        violation = None if value is None else rule_of(item).violation(value)
+        if violation:
+            problems.append(f"{item.name} {violation}, got {value!r}")
+    if problems:
+        raise ConfigError("invalid settings: " + "; ".join(problems))
 
 
 # Per-category defaults, chosen from measurements (README, "Preprocessing"):
@@ -144,6 +299,32 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+def _shown(value: Any) -> str:
+    """A default as a user types it on the command line."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "unset"
+    if isinstance(value, list):
+        return " ".join(value) or "empty"
+    return _number(value) if isinstance(value, int) else str(value)
+
+
+def help_text(item: dataclasses.Field) -> str:
+    """'what it does (default X, per-category defaults; allowed values)', from the field's Rule."""
+    rule = rule_of(item)
+    default = item.default_factory() if item.default is dataclasses.MISSING else item.default
+    by_category: dict[str, list[str]] = {}
+    for category, overrides in CATEGORY_DEFAULTS.items():
+        if item.name in overrides:
+            by_category.setdefault(_shown(overrides[item.name]), []).append(category)
+    text = f"{rule.help} (default {_shown(default)}"
+    text += "".join(f", {value} for {', '.join(names)}" for value, names in by_category.items())
+    allowed = rule.describe()
+    text += f"; {allowed})" if allowed else ")"
+    return text.replace("%", "%%")  # argparse formats help with %
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """Expose every Config field as ``--field-name`` (default: not given), plus ``--config``."""
     parser.add_argument("--config", help="YAML file of settings (see README, 'Configuration')")
@@ -151,15 +332,17 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     hints = get_type_hints(Config)
     for item in fields(Config):
         flags = ["--" + item.name.replace("_", "-"), *FLAG_ALIASES.get(item.name, [])]
-        hint = hints[item.name]
+        hint, help = hints[item.name], help_text(item)
         if hint is bool:
-            group.add_argument(*flags, dest=item.name, type=_parse_bool, metavar="BOOL", default=None)
+            group.add_argument(*flags, dest=item.name, type=_parse_bool, metavar="BOOL", default=None, help=help)
         elif hint == list[str]:
-            group.add_argument(*flags, dest=item.name, nargs="+", metavar="NAME", default=None)
+            group.add_argument(*flags, dest=item.name, nargs="+", metavar="NAME", default=None, help=help)
         elif hint in (int, float):
-            group.add_argument(*flags, dest=item.name, type=hint, default=None)
-        else:  # str and optional str
-            group.add_argument(*flags, dest=item.name, type=str, default=None)
+            metavar = "N" if hint is int else "X"
+            group.add_argument(*flags, dest=item.name, type=hint, metavar=metavar, default=None, help=help)
+        else:  # text: the choices, when there are some, are in the help
+            metavar = "NAME" if rule_of(item).choices else "TEXT"
+            group.add_argument(*flags, dest=item.name, type=str, metavar=metavar, default=None, help=help)
 
 
 def config_from_args(args: argparse.Namespace, category: str | None = None) -> Config:
@@ -183,11 +366,19 @@ def fail(message: str) -> NoReturn:
 
 
 def run_cli(main: Callable[[], int]) -> int:
-    """Run a script's main, turning user-fixable problems into one 'error:' line and exit code 2."""
+    """Run a script's main, turning expected failures into one 'error:' line and exit code 2.
+
+    Expected: what the user can fix (settings, files, data, weights) and what the system refuses
+    (permissions, a full or read-only disk). Anything else is a bug and keeps its traceback.
+    """
     try:
         return main()
-    except (UserError, FileNotFoundError, ValueError) as error:
+    except (UserError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"error: {where}{error.strerror or error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

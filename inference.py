@@ -1,21 +1,37 @@
 """Score photos with a fitted model: ``python inference.py --model M --image P`` (or ``--dir D``).
 
-Prints a table (or one JSON document with ``--json``); ``--visualize`` writes a heatmap overlay of
-each photo; ``--evaluate`` treats ``--dir`` as an MVTec-layout folder and writes a metrics report.
+Prints a table (or one JSON document with ``--json``) and, after it, a summary line: photos scored,
+flagged anomalous, unreadable. ``--visualize`` writes a heatmap overlay per photo, ``--csv FILE``
+the same records as CSV, ``--report`` an HTML page of every photo sorted by score; ``--evaluate``
+treats ``--dir`` as an MVTec-layout folder and writes a metrics report.
+
+Per photo: score (feature distance of the worst spot to the nearest healthy patch; its scale
+depends on the model), normalized_score (score / threshold: 1.0 is the threshold on every model),
+threshold, verdict (ANOMALOUS when score > threshold), sigma (score above the healthy mean in
+healthy standard deviations) and anomaly_confidence (how unusual the score is for a healthy part,
+erf(sigma/√2): 1σ 68 %, 2σ 95 %, 3σ 99.7 %, 0 at or below the healthy mean; not how sure the
+verdict is).
+
 Exit status: 0 when every photo was scored, 1 when the single ``--image`` could not be read, 3 when
-some photos of a ``--dir`` could not be read (the rest are scored and reported).
+some photos of a ``--dir`` could not be read (the rest are scored and reported), 2 for a usage
+problem.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
 
 from config import fail, run_cli
-from preprocessing.io import ImageReadError, find_images, read_images
+from preprocessing.io import check_output_folder, find_images, json_document, write_atomically
+
+ANOMALY_CONFIDENCE_NOTE = (
+    "anomaly confidence: how unusual the score is for a healthy part (1σ 68 %, 2σ 95 %, 3σ 99.7 %), "
+    "not how sure the verdict is; score/thr: score in units of the threshold"
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -24,8 +40,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--image", type=Path, help="one photo")
     target.add_argument("--dir", type=Path, help="a folder of photos (searched recursively)")
-    parser.add_argument("--visualize", action="store_true", help="write a heatmap overlay per photo")
+    parser.add_argument("--threshold", type=float, metavar="T",
+                        help="judge against T instead of the model's calibrated threshold, for this run only "
+                             "(to move it for good: train.py --recalibrate)")
+    parser.add_argument("--visualize", action="store_true",
+                        help="write a heatmap overlay per photo, at its path relative to --dir under "
+                             "<output-dir>/heatmaps/")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
+    parser.add_argument("--csv", type=Path, metavar="FILE", help="also write the records to FILE as CSV")
+    parser.add_argument("--report", action="store_true",
+                        help="also write <output-dir>/batch_report.html: every photo as a heatmap thumbnail, "
+                             "highest score first, with threshold and verdicts")
     parser.add_argument("--evaluate", action="store_true", help="--dir is an MVTec-layout folder: write metrics")
     parser.add_argument("--output-dir", type=Path, help="where overlays and reports go (default outputs/<model>)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override the model's device")
@@ -39,72 +64,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.evaluate and not args.dir:
         parser.error("--evaluate needs --dir (an MVTec-layout folder with test/)")
+    if args.evaluate and args.threshold is not None:
+        parser.error("--evaluate reports the model's calibrated threshold; to move it use train.py --recalibrate")
+    if args.threshold is not None and not (math.isfinite(args.threshold) and args.threshold > 0):
+        parser.error(f"--threshold must be a positive number, got {args.threshold}")
+    if args.csv and args.csv.is_dir():
+        parser.error(f"--csv {args.csv}: is a folder; name the CSV file to write")
     return args
-
-
-def score_files(model: Any, paths: list[Path], heatmap_dir: Path | None, quiet: bool) -> list[dict[str, Any]]:
-    """Score photos batch by batch; an unreadable file becomes an error record, not a crash."""
-    from tqdm import tqdm
-
-    records = []
-    batch_size = model.config.batch_size
-    with tqdm(total=len(paths), desc="scoring", unit="img", disable=quiet, leave=False) as bar:
-        for start in range(0, len(paths), batch_size):
-            decoded = list(read_images(paths[start : start + batch_size], model.config.num_workers))
-            readable = [(path, image) for path, image in decoded if not isinstance(image, ImageReadError)]
-            predictions = iter(model.predict([image for _, image in readable]) if readable else [])
-            for path, image in decoded:
-                if isinstance(image, ImageReadError):
-                    print(f"error: {image}", file=sys.stderr)
-                    records.append({"path": str(path), "error": str(image)})
-                    continue
-                prediction = next(predictions)
-                record = {
-                    "path": str(path),
-                    "score": round(prediction.score, 4),
-                    "threshold": round(model.threshold, 4),
-                    "is_anomalous": prediction.is_anomalous,
-                    "sigma": round(prediction.sigma, 2),
-                    "confidence": round(prediction.confidence, 4),
-                    "warnings": prediction.warnings,
-                }
-                if heatmap_dir is not None:
-                    record["heatmap"] = str(write_overlay(model, path, image, prediction, heatmap_dir))
-                records.append(record)
-            bar.update(len(decoded))
-    return records
-
-
-def write_overlay(model: Any, path: Path, image: Any, prediction: Any, heatmap_dir: Path) -> Path:
-    from evaluation.visualize import save_overlay
-
-    out_path = heatmap_dir / f"{path.parent.name}_{path.stem}_heatmap.png"
-    save_overlay(
-        image,
-        prediction.anomaly_map,
-        out_path,
-        threshold=model.threshold,
-        vmin=model.calibration_mean,  # same colour scale as the report: a healthy part looks calm
-        score=prediction.score,
-        verdict="ANOMALOUS" if prediction.is_anomalous else "OK",
-    )
-    return out_path
 
 
 def print_table(records: list[dict[str, Any]]) -> None:
     width = max(len(r["path"]) for r in records)
-    print(f"{'image':<{width}}  {'score':>8}  {'threshold':>9}  {'verdict':<9}  {'sigma':>6}  confidence")
+    print(f"{'image':<{width}}  {'score':>8}  {'score/thr':>9}  {'threshold':>9}  {'verdict':<9}  {'sigma':>6}  "
+          "anomaly confidence")
     for record in records:
         if "error" in record:
             print(f"{record['path']:<{width}}  error: {record['error']}")
             continue
         verdict = "ANOMALOUS" if record["is_anomalous"] else "ok"
         print(
-            f"{record['path']:<{width}}  {record['score']:>8.3f}  {record['threshold']:>9.3f}  "
-            f"{verdict:<9}  {record['sigma']:>6.1f}  {record['confidence']:>9.1%}"
+            f"{record['path']:<{width}}  {record['score']:>8.3f}  {record['normalized_score']:>9.3f}  "
+            f"{record['threshold']:>9.3f}  {verdict:<9}  {record['sigma']:>6.1f}  {record['anomaly_confidence']:>18.1%}"
         )
         for warning in record["warnings"]:
             print(f"{'':<{width}}  warning: {warning}")
+    print(f"({ANOMALY_CONFIDENCE_NOTE})")
+
+
+def summary_line(counts: dict[str, int]) -> str:
+    return f"{counts['scored']} scored, {counts['anomalous']} anomalous, {counts['unreadable']} unreadable"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,32 +105,80 @@ def main(argv: list[str] | None = None) -> int:
     if args.evaluate:
         from evaluation.report import evaluate, format_summary
 
+        check_output_folder(out_dir)
         metrics = evaluate(model, args.dir, out_dir, fit_seconds=model.fit_seconds, quiet=args.quiet)
-        print(json.dumps(metrics, indent=2) if args.json else format_summary(metrics))
+        print(json_document(metrics) if args.json else format_summary(metrics))
         print(f"metrics: {out_dir / 'metrics.json'}  report: {out_dir / 'report.html'}", file=sys.stderr)
         return 0
 
+    from runtime.scoring import Photo, folder_photos, records_csv, summary
+
     if args.image:
-        paths = [args.image]
+        photos = [Photo(args.image.name, args.image)]
     else:
         if not args.dir.is_dir():
             fail(f"{args.dir}: no such folder")
         paths = find_images(args.dir)
         if not paths:
             fail(f"{args.dir}: no images found (png, jpg, jpeg, bmp, tif, tiff)")
+        photos = folder_photos(args.dir, paths)
+    if args.threshold is not None:
+        model.threshold = args.threshold
     heatmap_dir = out_dir / "heatmaps" if args.visualize else None
-    records = score_files(model, paths, heatmap_dir, args.quiet or args.json)
+    if heatmap_dir is not None:
+        check_output_folder(heatmap_dir)  # before scoring, not after the first photo
+    records, gallery = score_all(model, photos, heatmap_dir, args.report, progress=not (args.quiet or args.json))
+    report_path = None
+    if args.report:
+        from evaluation.report import write_batch_report
 
+        origin = "set with --threshold for this run" if args.threshold is not None else None
+        report_path = write_batch_report(model, args.image or args.dir, gallery, records,
+                                         out_dir / "batch_report.html", origin)
+
+    counts = summary(records)
     if args.json:
-        print(json.dumps({"model": str(args.model), "results": records}, indent=2))
+        print(json_document({"model": str(args.model), "threshold": model.threshold, "summary": counts,
+                             "results": records}))
     else:
         print_table(records)
-        if heatmap_dir is not None:
-            print(f"heatmaps: {heatmap_dir}/")
-    failed = sum("error" in record for record in records)
-    if failed == 0:
+    written = [("heatmaps", f"{heatmap_dir}/" if heatmap_dir else None), ("report", report_path)]
+    if args.csv:
+        write_atomically(args.csv, records_csv(records))
+        written.append(("csv", args.csv))
+    print(summary_line(counts), file=sys.stderr if args.json else sys.stdout)
+    for name, path in written:
+        if path is not None:
+            print(f"{name}: {path}", file=sys.stderr if args.json else sys.stdout)
+    if counts["unreadable"] == 0:
         return 0
     return 1 if args.image else 3
+
+
+def score_all(
+    model: Any, photos: list[Any], heatmap_dir: Path | None, thumbnails: bool, progress: bool
+) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Score batch by batch, naming each unreadable photo on stderr as it comes.
+
+    Returns the records and, with ``thumbnails``, what the report keeps of each scored photo
+    (small arrays only: the full-size photo and map do not outlive their batch).
+    """
+    from tqdm import tqdm
+
+    from evaluation.report import scored_image
+    from runtime.scoring import score_files
+
+    records, gallery = [], []
+    with tqdm(total=len(photos), desc="scoring", unit="img", disable=not progress, leave=False) as bar:
+        for batch in score_files(model, photos, heatmap_dir):
+            for scored in batch:
+                records.append(scored.record)
+                if scored.prediction is None:
+                    tqdm.write(f"error: {scored.record['error']}", file=sys.stderr)
+                elif thumbnails:
+                    gallery.append(scored_image(scored.photo.name, scored.image, scored.prediction))
+            bar.update(len(batch))
+    return records, gallery
 
 
 if __name__ == "__main__":

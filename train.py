@@ -2,16 +2,22 @@
 
 Reads ``data/mvtec_ad/<category>`` or any folder with ``train/good`` (``--data-dir``), writes the
 model file, and, when the folder has a ``test`` split, evaluates it and writes a report.
+
+``--recalibrate --model M --data-dir D`` moves a saved model's threshold to the healthy photos of
+D (``D/train/good`` when it exists, else every photo under D) without refitting its memory bank.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import fields
 from pathlib import Path
 
-from config import CATEGORY_DEFAULTS, add_config_arguments, config_from_args, fail, run_cli
-from preprocessing.io import load_test_split, train_images
+from config import CATEGORY_DEFAULTS, Config, add_config_arguments, config_from_args, fail, run_cli
+from preprocessing.io import ImageReadError, check_writable, find_images, load_test_split, read_images, train_images
+
+CONFIG_FIELDS = {item.name for item in fields(Config)}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -21,17 +27,64 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     source.add_argument("--data-dir", type=Path, help="any folder with train/good (and optionally test/, ground_truth/)")
     parser.add_argument("--output", type=Path, help="model file (default saved_models/patchcore_<name>.pkl)")
     parser.add_argument(
+        "--recalibrate",
+        action="store_true",
+        help="fit nothing: score the healthy photos of --data-dir with the saved --model and make them its "
+        "calibration set (threshold, sigma); the memory bank is kept as it is. Written to --output, "
+        "default: --model itself",
+    )
+    parser.add_argument("--model", type=Path, help="with --recalibrate: the model file to re-calibrate")
+    parser.add_argument(
         "--preprocess-only",
         action="store_true",
         help="fit nothing: write a preview sheet of every preprocessing step for a sample of images",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars, only the result lines")
     add_config_arguments(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.recalibrate and not (args.model and args.data_dir):
+        parser.error("--recalibrate needs --model (the saved model) and --data-dir (a folder of healthy photos)")
+    if args.model and not args.recalibrate:
+        parser.error("--model is only for --recalibrate; train.py fits a new model from --data-dir or --category")
+    given = [name for name in vars(args) if name in CONFIG_FIELDS and getattr(args, name) is not None]
+    if args.recalibrate and (args.config or set(given) - {"threshold_percentile"}):
+        parser.error("--recalibrate keeps the model's settings; of the settings only --threshold-percentile applies")
+    return args
+
+
+def healthy_photos(data_dir: Path) -> list[Path]:
+    """``train/good`` of an MVTec-layout folder, otherwise every photo under the folder."""
+    if (data_dir / "train" / "good").is_dir():
+        return train_images(data_dir)
+    if not data_dir.is_dir():
+        fail(f"{data_dir}: no such folder")
+    paths = find_images(data_dir)
+    if not paths:
+        fail(f"{data_dir}: no images found (png, jpg, jpeg, bmp, tif, tiff)")
+    return paths
+
+
+def recalibrate(args: argparse.Namespace) -> int:
+    """Score new healthy photos with the saved bank and make them the model's calibration set."""
+    from models.patchcore import PatchCore
+
+    model = PatchCore.load(args.model)
+    if args.threshold_percentile is not None:
+        model.config = model.config.replace(threshold_percentile=args.threshold_percentile)
+    paths = healthy_photos(args.data_dir)
+    before = model.threshold
+    model.recalibrate(paths, progress=not args.quiet, source=str(args.data_dir))
+    output = args.output or args.model
+    model.save(output)
+    print(f"re-calibrated on {len(paths)} healthy photos from {args.data_dir}: threshold {before:.3f} -> "
+          f"{model.threshold:.3f}; saved to {output} (memory bank unchanged)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.recalibrate:
+        return recalibrate(args)
     if args.category:
         data_dir = Path("data") / "mvtec_ad" / args.category
         name, category = f"mvtec_{args.category}", args.category
@@ -66,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     from models.patchcore import PatchCore
 
     model_path = args.output or Path("saved_models") / f"patchcore_{name}.pkl"
+    report_dir = Path("outputs") / model_path.stem
+    check_writable(model_path)  # before the fit, not after it
+    has_test_split = bool(load_test_split(data_dir))
+    if has_test_split:
+        check_writable(report_dir / "metrics.json")
+    refuse_unusable_photos(paths, config)
     model = PatchCore(config)
     if not args.quiet:
         print(f"fitting {config.backbone} PatchCore on {len(paths)} healthy images from {data_dir}")
@@ -80,14 +139,25 @@ def main(argv: list[str] | None = None) -> int:
         f"model saved to {model_path} ({model.memory_bank.shape[0]} patches in the memory bank, "
         f"threshold {model.threshold:.3f}, fit {model.fit_seconds:.1f} s)"
     )
-    if load_test_split(data_dir):
+    if has_test_split:
         from evaluation.report import evaluate, format_summary
 
-        out_dir = Path("outputs") / model_path.stem
-        metrics = evaluate(model, data_dir, out_dir, fit_seconds=model.fit_seconds, quiet=args.quiet)
+        metrics = evaluate(model, data_dir, report_dir, fit_seconds=model.fit_seconds, quiet=args.quiet)
         print(format_summary(metrics))
-        print(f"metrics: {out_dir / 'metrics.json'}  report: {out_dir / 'report.html'}")
+        print(f"metrics: {report_dir / 'metrics.json'}  report: {report_dir / 'report.html'}")
     return 0
+
+
+def refuse_unusable_photos(paths: list[Path], config: Config) -> None:
+    """Decode every training photo first: a truncated or corrupt one must not enter the memory bank.
+
+    The fit is refused with the list of bad files rather than run without them, so a model never
+    silently learns from fewer photos than its folder holds.
+    """
+    bad = [str(image) for _, image in read_images(paths, config.num_workers, config.max_image_pixels)
+           if isinstance(image, ImageReadError)]
+    if bad:
+        fail(f"{len(bad)} of {len(paths)} training photos cannot be used; remove or replace them: {'; '.join(bad)}")
 
 
 if __name__ == "__main__":

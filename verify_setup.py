@@ -259,7 +259,8 @@ def check_data_folder(folder: DataFolder, data_root: Path) -> Result:
     """Absent: optional. Present: its layout (counts, masks) checked in seconds, without decoding."""
     root = data_root / folder.relative
     if not root.is_dir():
-        return Result(Status.MISSING, folder.name, f"absent: {folder.how_to_get}")
+        return Result(Status.MISSING, folder.name, f"absent from {_shown(data_root)}: {folder.how_to_get} "
+                                                   "(kept elsewhere? pass --data-root FOLDER)")
     if folder.official:
         full_check = f"--verify --root {_shown(root.parent)} --category {folder.official}"
     else:

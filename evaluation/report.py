@@ -1,5 +1,8 @@
 """Score a test set, compute every metric, and write metrics.json plus one self-contained report.html.
 
+The same page code also shows a batch of photos without labels (``write_batch_report``, behind
+``inference.py --report``): thumbnails highest score first, threshold and verdicts.
+
 Memory stays bounded on large test sets (160 photos of 1024²): photos are read and scored in
 batches, and right after prediction each full-size map is reduced to the evaluation size and each
 photo to a small thumbnail; nothing full-size outlives its batch.
@@ -29,7 +32,6 @@ from evaluation.metrics import (
     downsample_for_eval,
     eval_shape,
     image_metrics,
-    is_flagged,
     per_defect_auroc,
     pixel_roc,
     pro_curve,
@@ -38,13 +40,16 @@ from evaluation.visualize import (
     Tile,
     colour_bar_figure,
     figure_bytes,
+    highlighted_region,
     overlay_rgb,
     pro_figure,
+    region_at,
     roc_figure,
     score_histogram_figure,
     tiles_figure,
 )
-from preprocessing.io import ImageReadError, LabelledImage, load_test_split, read_images, read_mask, write_atomically
+from preprocessing.io import ImageReadError, LabelledImage, load_test_split, read_mask, write_atomically
+from runtime.scoring import Photo, score_batch
 
 THUMB_SIZE = 224  # longer side of gallery thumbnails, in pixels
 WORST_CASES = 6  # false positives / negatives shown in the grid
@@ -55,7 +60,15 @@ OUTCOMES = {  # badge, meaning, colour
     "FP": ("false alarm", "#ef6c00"),
     "TP": ("defect found", "#2e7d32"),
     "TN": ("healthy, passed", "#546e7a"),
+    "ANOMALOUS": ("flagged", "#c62828"),  # photos without labels: the verdict only
+    "OK": ("passed", "#546e7a"),
 }
+LABELLED_OUTCOMES = ("FN", "FP", "TP", "TN")
+VERDICTS = ("ANOMALOUS", "OK")
+CONTOUR_RULE = (
+    "White contour: where the anomaly map is above the threshold (small regions are ringed); the image score "
+    "is the map's maximum, so every ANOMALOUS photo has one and no OK photo does."
+)
 
 
 class Model(Protocol):
@@ -63,6 +76,7 @@ class Model(Protocol):
 
     threshold: float
     calibration_scores: np.ndarray
+    calibration_method: str
     calibration_mean: float
     calibration_std: float
     n_train: int
@@ -74,20 +88,55 @@ class Model(Protocol):
 
 @dataclass
 class ScoredImage:
-    """What is kept of one scored test photo: small arrays only."""
+    """What is kept of one scored photo: small arrays only."""
 
-    sample: LabelledImage
+    name: str
     score: float
+    threshold: float
     flagged: bool
     warnings: list[str]
     thumbnail: np.ndarray  # RGB uint8, longer side THUMB_SIZE
     eval_map: np.ndarray  # anomaly map at the evaluation size
-    eval_regions: np.ndarray | None  # defect-region labels at the evaluation size; None = no ground truth
+    highlight: np.ndarray  # the full-resolution region above the threshold, shrunk to the evaluation size
+    sample: LabelledImage | None = None  # None: a photo without a label
+    eval_regions: np.ndarray | None = None  # defect-region labels at the evaluation size; None = no ground truth
 
     @property
     def outcome(self) -> str:
-        """TP / FP / TN / FN of this photo at the calibrated threshold."""
+        """TP / FP / TN / FN at the threshold for a labelled photo; ANOMALOUS / OK without a label."""
+        if self.sample is None:
+            return VERDICTS[0] if self.flagged else VERDICTS[1]
         return ("T" if self.flagged == self.sample.is_defective else "F") + ("P" if self.flagged else "N")
+
+    @property
+    def normalized_score(self) -> float:
+        return self.score / self.threshold
+
+
+def scored_image(
+    name: str,
+    image: np.ndarray,
+    prediction: Any,
+    *,
+    sample: LabelledImage | None = None,
+    mask: np.ndarray | None = None,
+    eval_size: int = DEFAULT_EVAL_SIZE,
+) -> ScoredImage:
+    """Reduce a prediction to what a report keeps: an evaluation-size map, its highlighted region, a thumbnail."""
+    eval_map, regions = downsample_for_eval(prediction.anomaly_map, mask, eval_size)
+    height, width = eval_shape(image.shape, THUMB_SIZE)
+    return ScoredImage(
+        name=name,
+        score=float(prediction.score),
+        threshold=float(prediction.threshold),
+        flagged=bool(prediction.is_anomalous),
+        warnings=list(prediction.warnings),
+        thumbnail=cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA),
+        eval_map=eval_map,
+        highlight=region_at(highlighted_region(prediction.anomaly_map, prediction.threshold), eval_map.shape),
+        sample=sample,
+        eval_regions=None if sample is None or (sample.is_defective and mask is None) else regions,
+    )
 
 
 def evaluate(
@@ -126,39 +175,42 @@ def _warn(message: str) -> None:
 def _score(
     model: Model, samples: list[LabelledImage], eval_size: int, quiet: bool
 ) -> tuple[list[ScoredImage], list[dict[str, str]]]:
-    """Predict in batches, keeping only evaluation-size maps and thumbnails of each photo."""
+    """Score in batches through the one scoring path, keeping only evaluation-size maps and thumbnails."""
     scored: list[ScoredImage] = []
     skipped: list[dict[str, str]] = []
     batch_size = max(1, int(model.config.batch_size))
     with tqdm(total=len(samples), desc="evaluating", unit="img", disable=quiet) as bar:
         for start in range(0, len(samples), batch_size):
             batch = samples[start : start + batch_size]
-            readable: list[tuple[LabelledImage, np.ndarray, np.ndarray | None]] = []
-            for sample, (_, image) in zip(batch, read_images([s.path for s in batch], model.config.num_workers)):
+            photos = [Photo(f"{sample.kind}/{sample.path.name}", sample.path) for sample in batch]
+            for sample, result in zip(batch, score_batch(model, photos)):
+                reason = result.record.get("error")
                 try:
-                    if isinstance(image, ImageReadError):
-                        raise image
-                    mask = read_mask(sample.mask_path) if sample.mask_path else None
+                    limit = model.config.max_image_pixels
+                    mask = read_mask(sample.mask_path, limit) if reason is None and sample.mask_path else None
                 except ImageReadError as error:
-                    _warn(f"skipped: {error}")
-                    skipped.append({"path": str(sample.path), "reason": str(error)})
+                    reason = str(error)
+                if reason is not None:
+                    _warn(f"skipped: {reason}")
+                    skipped.append({"path": str(sample.path), "reason": reason})
                     continue
-                readable.append((sample, image, mask))
-            predictions = model.predict([image for _, image, _ in readable], progress=False) if readable else []
-            for (sample, image, mask), prediction in zip(readable, predictions):
-                eval_map, regions = downsample_for_eval(prediction.anomaly_map, mask, eval_size)
-                height, width = eval_shape(image.shape, THUMB_SIZE)
-                scored.append(ScoredImage(
-                    sample=sample,
-                    score=float(prediction.score),
-                    flagged=bool(is_flagged(prediction.score, model.threshold)),
-                    warnings=list(prediction.warnings),
-                    thumbnail=cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA),
-                    eval_map=eval_map,
-                    eval_regions=None if sample.is_defective and mask is None else regions,
-                ))
+                mask = _mask_fitting(sample, result.image, mask)
+                scored.append(scored_image(result.photo.name, result.image, result.prediction,
+                                           sample=sample, mask=mask, eval_size=eval_size))
             bar.update(len(batch))
     return scored, skipped
+
+
+def _mask_fitting(sample: LabelledImage, image: np.ndarray, mask: np.ndarray | None) -> np.ndarray | None:
+    """The mask when it has its photo's size; otherwise a warning and None, so the photo stays out of
+    pixel metrics (stretching a mask of another size would score the wrong pixels)."""
+    if mask is None or mask.shape == image.shape[:2]:
+        return mask
+    _warn(
+        f"{sample.mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its photo {sample.path} is "
+        f"{image.shape[1]}x{image.shape[0]}; that photo is left out of the pixel metrics"
+    )
+    return None
 
 
 def _calibration(model: Model) -> tuple[float | None, float | None]:
@@ -206,6 +258,7 @@ def _metrics(
         threshold_percentile=model.config.threshold_percentile,
         calibration_mean=mean,
         calibration_std=std,
+        calibration_method=model.calibration_method,
         n_train=int(model.n_train),
         n_test=len(scored),
         n_test_good=int((~labels).sum()),
@@ -282,10 +335,10 @@ def _metric_rows(metrics: dict[str, Any]) -> str:
         *((f"AUROC healthy vs {html.escape(kind)}", _number(value), "") for kind, value in
           metrics["per_defect_auroc"].items()),
         ("Threshold", _number(metrics["threshold"]),
-         f"{metrics['threshold_percentile']:g}th percentile of held-out healthy training scores"),
+         f"{metrics['threshold_percentile']:g}th percentile of the healthy calibration scores"),
         ("Healthy calibration μ ± σ",
          f"{_number(metrics['calibration_mean'], 3)} ± {_number(metrics['calibration_std'], 3)}",
-         "held-out healthy training photos"),
+         html.escape(metrics["calibration_method"])),
         ("Test photos", f"{metrics['n_test']}", f"{metrics['n_test_good']} healthy, {metrics['n_test_defective']} "
          f"defective, {metrics['n_skipped']} unreadable"),
         ("Training photos", f"{metrics['n_train']}", "used to build the memory bank"),
@@ -297,19 +350,20 @@ def _metric_rows(metrics: dict[str, Any]) -> str:
     return "\n".join(f"<tr><th>{name}</th><td>{value}</td><td>{meaning}</td></tr>" for name, value, meaning in rows)
 
 
-def _card(item: ScoredImage, threshold: float, vmin: float | None) -> str:
+def _card(item: ScoredImage, vmin: float | None) -> str:
     meaning, _ = OUTCOMES[item.outcome]
-    overlay = overlay_rgb(item.thumbnail, item.eval_map, threshold, vmin=vmin,
+    overlay = overlay_rgb(item.thumbnail, item.eval_map, item.threshold, vmin=vmin, highlight=item.highlight,
                           gt_mask=None if item.eval_regions is None else item.eval_regions > 0)
-    name = f"{item.sample.kind}/{item.sample.path.name}"
     verdict = "ANOMALOUS" if item.flagged else "OK"
+    badge = item.outcome if item.sample is not None else ""
     warnings = "".join(f'<div class="warn">⚠ {html.escape(w)}</div>' for w in item.warnings)
     height, width = item.thumbnail.shape[:2]
     return (
         f'<figure class="card {item.outcome}" data-outcome="{item.outcome}">'
-        f'<img src="{_jpeg_uri(overlay)}" width="{width}" height="{height}" alt="{html.escape(name)}">'
-        f'<figcaption><span class="badge {item.outcome}">{item.outcome} · {meaning}</span>'
-        f'<div><b>{item.score:.3f}</b> {verdict}</div><div class="name">{html.escape(name)}</div>{warnings}'
+        f'<img src="{_jpeg_uri(overlay)}" width="{width}" height="{height}" alt="{html.escape(item.name)}">'
+        f'<figcaption><span class="badge {item.outcome}">{" · ".join(filter(None, (badge, meaning)))}</span>'
+        f'<div><b>{item.score:.3f}</b> ({item.normalized_score:.3f} × threshold) {verdict}</div>'
+        f'<div class="name">{html.escape(item.name)}</div>{warnings}'
         "</figcaption></figure>"
     )
 
@@ -319,8 +373,8 @@ def _worst_cases(scored: list[ScoredImage], threshold: float, vmin: float | None
     false_negatives = sorted((s for s in scored if s.outcome == "FN"), key=lambda s: s.score)
 
     def tiles(items: list[ScoredImage]) -> list[Tile]:
-        return [Tile(s.thumbnail, s.eval_map, f"{s.outcome} {s.score:.3f}\n{s.sample.kind}/{s.sample.path.name}",
-                     None if s.eval_regions is None else s.eval_regions > 0) for s in items[:WORST_CASES]]
+        return [Tile(s.thumbnail, s.eval_map, f"{s.outcome} {s.score:.3f}\n{s.name}",
+                     None if s.eval_regions is None else s.eval_regions > 0, s.highlight) for s in items[:WORST_CASES]]
 
     fig = tiles_figure({
         f"Worst false positives: healthy photos flagged, highest score first ({len(false_positives)} in all)":
@@ -329,6 +383,27 @@ def _worst_cases(scored: list[ScoredImage], threshold: float, vmin: float | None
             tiles(false_negatives),
     }, threshold, vmin=vmin, columns=WORST_CASES)
     return _plot(fig, "worst false positives and false negatives")
+
+
+def _gallery(title: str, scored: list[ScoredImage], outcomes: tuple[str, ...], threshold: float,
+             vmin: float | None) -> str:
+    """Every photo as a heatmap thumbnail, highest score first, with filter buttons per outcome."""
+    ordered = sorted(scored, key=lambda s: -s.score)
+    counts = {outcome: sum(s.outcome == outcome for s in scored) for outcome in outcomes}
+    buttons = [f'<button data-filter="all">all ({len(scored)})</button>'] + [
+        f'<button data-filter="{o}" class="badge {o}">{o} · {OUTCOMES[o][0]} ({counts[o]})</button>' for o in outcomes
+    ]
+    labelled = outcomes == LABELLED_OUTCOMES
+    truth = " Magenta contour: ground-truth defect. Thick borders mark mistakes." if labelled else ""
+    return f"""<h2>{html.escape(title)}</h2>
+<p class="meta">Heatmap colour scale is the same for every photo (below). {CONTOUR_RULE}{truth}
+Score: feature distance to the nearest healthy patch (its scale depends on the model); × threshold: the
+same score in units of the threshold.</p>
+{_plot(colour_bar_figure(threshold, vmin=vmin), "heatmap colour scale")}
+<div>{''.join(buttons)}</div>
+<div class="gallery">
+{''.join(_card(s, vmin) for s in ordered)}
+</div>"""
 
 
 def _html(
@@ -353,18 +428,62 @@ def _html(
     plots.append(_plot(score_histogram_figure(
         [s.score for s in scored if not s.sample.is_defective], [s.score for s in scored if s.sample.is_defective],
         threshold, model.calibration_scores), "score histogram"))
-    ordered = sorted(scored, key=lambda s: -s.score)
-    counts = {outcome: sum(s.outcome == outcome for s in scored) for outcome in OUTCOMES}
-    buttons = [f'<button data-filter="all">all ({len(scored)})</button>'] + [
-        f'<button data-filter="{o}" class="badge {o}">{o} · {meaning} ({counts[o]})</button>'
-        for o, (meaning, _) in OUTCOMES.items()
-    ]
     skipped = "".join(f"<li>{html.escape(s['reason'])}</li>" for s in metrics["skipped"])
+    body = f"""<h2>Metrics</h2>
+<table>
+{_metric_rows(metrics)}
+</table>
+{f'<h2>Unreadable files</h2><ul class="skipped">{skipped}</ul>' if skipped else ''}
+<h2>Plots</h2>
+<div class="plots">
+{''.join(plots)}
+</div>
+<h2>Worst cases</h2>
+{_worst_cases(scored, threshold, vmin)}
+{_gallery("All test photos, highest score first", scored, LABELLED_OUTCOMES, threshold, vmin)}"""
+    meta = (f"{html.escape(str(data_dir))} · generated {datetime.now():%Y-%m-%d %H:%M} · "
+            f"backbone {html.escape(str(metrics['backbone']))} · threshold {_number(threshold)}")
+    return _page(f"Anomaly detection report: {data_dir.name}", meta, body)
+
+
+def write_batch_report(
+    model: Model,
+    source: Path,
+    scored: list[ScoredImage],
+    records: list[dict[str, Any]],
+    out_path: Path,
+    threshold_origin: str | None = None,
+) -> Path:
+    """The page for photos without labels: counts, threshold, unreadable files, every photo by score.
+
+    ``records`` are the scoring records of the whole batch (for the counts and the unreadable
+    files); ``threshold_origin`` says where a threshold other than the calibrated one came from.
+    """
+    flagged = sum(s.flagged for s in scored)
+    errors = [record for record in records if "error" in record]
+    origin = threshold_origin or (f"{model.config.threshold_percentile:g}th percentile of the healthy calibration "
+                                  f"scores ({model.calibration_method})")
+    unreadable = "".join(f"<li>{html.escape(record['error'])}</li>" for record in errors)
+    body = f"""<table>
+<tr><th>Photos scored</th><td>{len(scored)}</td><td></td></tr>
+<tr><th>Flagged ANOMALOUS</th><td>{flagged}</td><td>score above the threshold</td></tr>
+<tr><th>Unreadable</th><td>{len(errors)}</td><td>not scored; listed below</td></tr>
+<tr><th>Threshold</th><td>{_number(model.threshold)}</td><td>{html.escape(origin)}</td></tr>
+</table>
+{f'<h2>Unreadable files</h2><ul class="skipped">{unreadable}</ul>' if unreadable else ''}
+{_gallery("Scored photos, highest score first", scored, VERDICTS, model.threshold, _calibration(model)[0])}"""
+    meta = (f"{html.escape(str(source))} · generated {datetime.now():%Y-%m-%d %H:%M} · "
+            f"backbone {html.escape(str(model.config.backbone))} · threshold {_number(model.threshold)}")
+    write_atomically(out_path, _page(f"Scored photos: {source.name}", meta, body))
+    return out_path
+
+
+def _page(title: str, meta: str, body: str) -> str:
+    """One self-contained HTML page: styles, the broken-image check and the gallery filter built in."""
     badge_css = "\n".join(
         f".badge.{o} {{ background: {colour}; }} .card.{o} {{ border-color: {colour}; }}"
         for o, (_, colour) in OUTCOMES.items()
     )
-    title = f"Anomaly detection report: {data_dir.name}"
     return f"""<!doctype html>
 <html lang="en">
 <head>
@@ -399,7 +518,7 @@ def _html(
   .gallery {{ display: flex; flex-wrap: wrap; gap: 10px; }}
   .card {{ margin: 0; width: {THUMB_SIZE}px; background: white; border: 3px solid; border-radius: 6px;
            overflow: hidden; }}
-  .card.TN {{ border-width: 1px; }} .card.FN, .card.FP {{ border-width: 5px; }}
+  .card.TN, .card.OK {{ border-width: 1px; }} .card.FN, .card.FP {{ border-width: 5px; }}
   .card img {{ display: block; width: 100%; height: auto; }}
   figcaption {{ padding: 4px 6px; font-size: 13px; }}
   .name {{ color: #616161; font-size: 12px; word-break: break-all; }}
@@ -415,27 +534,8 @@ def _html(
 </head>
 <body>
 <h1>{html.escape(title)}</h1>
-<p class="meta">{html.escape(str(data_dir))} · generated {datetime.now():%Y-%m-%d %H:%M} ·
-backbone {html.escape(str(metrics['backbone']))} · threshold {_number(threshold)}</p>
-<h2>Metrics</h2>
-<table>
-{_metric_rows(metrics)}
-</table>
-{f'<h2>Unreadable files</h2><ul class="skipped">{skipped}</ul>' if skipped else ''}
-<h2>Plots</h2>
-<div class="plots">
-{''.join(plots)}
-</div>
-<h2>Worst cases</h2>
-{_worst_cases(scored, threshold, vmin)}
-<h2>All test photos, highest score first</h2>
-<p class="meta">Heatmap colour scale is the same for every photo (below). White contour: map above the threshold.
-Magenta contour: ground-truth defect. Thick borders mark mistakes.</p>
-{_plot(colour_bar_figure(threshold, vmin=vmin), "heatmap colour scale")}
-<div>{''.join(buttons)}</div>
-<div class="gallery">
-{''.join(_card(s, threshold, vmin) for s in ordered)}
-</div>
+<p class="meta">{meta}</p>
+{body}
 <script>
   document.querySelectorAll("button[data-filter]").forEach(function (button) {{
     button.addEventListener("click", function () {{

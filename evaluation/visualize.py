@@ -3,9 +3,13 @@
 Colour scale of every heatmap: fixed relative to the calibrated threshold, from ``vmin`` (the
 healthy calibration mean when the caller knows it, else 0) to threshold + 2 × (threshold − vmin). Heatmaps of
 different photos are therefore directly comparable, and the colour's opacity grows with the value,
-so a healthy photo (map well below threshold) shows almost no colour. The white contour is where
-the map exceeds the image threshold (the map is Gaussian-smoothed, so its values sit a little below
-the image score: a flagged photo may show only a small contour or none); magenta is the ground truth.
+so a healthy photo (map well below threshold) shows almost no colour.
+
+The contour rule, the same on every photo: white outlines where the anomaly map is above the
+threshold (``highlighted_region``). The image score is the map's maximum, so a photo is flagged
+exactly when that region is not empty; a region too small to see is ringed by a white circle.
+On thumbnails the region is computed at full resolution and shrunk, so it never vanishes.
+Magenta outlines the ground truth.
 """
 
 from __future__ import annotations
@@ -40,6 +44,23 @@ class Tile:
     anomaly_map: np.ndarray
     caption: str
     gt_mask: np.ndarray | None = None
+    highlight: np.ndarray | None = None  # the full-resolution highlighted region, shrunk (see region_at)
+
+
+def highlighted_region(anomaly_map: np.ndarray, threshold: float) -> np.ndarray:
+    """Where the map is above the threshold: what the white contour outlines on every overlay."""
+    return np.asarray(anomaly_map) > threshold
+
+
+def region_at(region: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A boolean region at another (height, width); when shrinking, a cell is set if any pixel it covers was."""
+    height, width = shape[:2]
+    if region.shape[:2] == (height, width):
+        return region.astype(bool)
+    shrinking = height * width < region.shape[0] * region.shape[1]
+    resized = cv2.resize(region.astype(np.float32), (width, height),
+                         interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_NEAREST)
+    return resized > 0
 
 
 def colour_range(
@@ -67,11 +88,14 @@ def overlay_rgb(
     *,
     gt_mask: np.ndarray | None = None,
     vmin: float | None = None,
+    highlight: np.ndarray | None = None,
 ) -> np.ndarray:
     """The photo with the heatmap blended in and the threshold / ground-truth contours drawn.
 
-    Map and mask may have any size; they are resized to the photo, so small evaluation-size maps
-    can be drawn on thumbnails. Returns 8-bit RGB at the photo's size.
+    Map and masks may have any size; they are resized to the photo, so small evaluation-size maps
+    can be drawn on thumbnails. ``highlight`` is the region above the threshold computed at full
+    resolution (a shrunk map loses its peak); without it, the region is taken from this map.
+    Returns 8-bit RGB at the photo's size.
     """
     height, width = image_rgb.shape[:2]
     values = cv2.resize(np.asarray(anomaly_map, dtype=np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
@@ -82,22 +106,33 @@ def overlay_rgb(
     blended = (image_rgb.astype(np.float32) * (1.0 - alpha) + colours * alpha).round().astype(np.uint8)
     thickness = max(1, round(min(height, width) / 200))
     if threshold is not None and np.isfinite(threshold):
-        _draw_contour(blended, values > threshold, THRESHOLD_RGB, thickness)
+        region = highlighted_region(values, threshold) if highlight is None else region_at(highlight, (height, width))
+        _draw_contour(blended, region, THRESHOLD_RGB, thickness, ring_small=True)
     if gt_mask is not None:
         mask = cv2.resize(np.asarray(gt_mask).astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST)
         _draw_contour(blended, mask > 0, GROUND_TRUTH_RGB, thickness)
     return blended
 
 
-def _draw_contour(image: np.ndarray, region: np.ndarray, colour: tuple[int, int, int], thickness: int) -> None:
+def _draw_contour(
+    image: np.ndarray, region: np.ndarray, colour: tuple[int, int, int], thickness: int, ring_small: bool = False
+) -> None:
+    """Outline a region; with ``ring_small``, also circle every piece smaller than 4 % of the image side."""
     contours, _ = cv2.findContours(region.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     cv2.drawContours(image, contours, -1, colour, thickness)
+    if not ring_small:
+        return
+    ring = max(6, round(0.04 * min(image.shape[:2])))
+    for contour in contours:
+        x, y, w, h = cv2.boundingRect(contour)
+        if max(w, h) < ring:
+            cv2.circle(image, (x + w // 2, y + h // 2), ring, colour, thickness)
 
 
 def _contour_legend(threshold: bool, ground_truth: bool) -> list[Line2D]:
     handles = []
     if threshold:
-        handles.append(Line2D([], [], color=np.array(THRESHOLD_RGB) / 255, lw=2, label="map > threshold"))
+        handles.append(Line2D([], [], color=np.array(THRESHOLD_RGB) / 255, lw=2, label="map above threshold"))
     if ground_truth:
         handles.append(Line2D([], [], color=np.array(GROUND_TRUTH_RGB) / 255, lw=2, label="ground truth"))
     return handles
@@ -145,6 +180,8 @@ def overlay_figure(
         parts.append(f"score {score:.3f}")
     if threshold is not None:
         parts.append(f"threshold {threshold:.3f}")
+    if score is not None and threshold is not None and threshold > 0:
+        parts.append(f"{score / threshold:.3f} × threshold")
     if parts:
         fig.suptitle("  ·  ".join(parts))
     return fig
@@ -274,9 +311,8 @@ def tiles_figure(
         if not tiles:
             axes[0].text(0.0, 0.5, "none", fontsize=10, transform=axes[0].transAxes)
         for ax, tile in zip(axes, tiles):
-            ax.imshow(
-                overlay_rgb(tile.image_rgb, tile.anomaly_map, threshold, gt_mask=tile.gt_mask, vmin=vmin)
-            )
+            ax.imshow(overlay_rgb(tile.image_rgb, tile.anomaly_map, threshold, gt_mask=tile.gt_mask, vmin=vmin,
+                                  highlight=tile.highlight))
             ax.set_title(tile.caption, fontsize=8)
     return fig
 

@@ -1,4 +1,5 @@
-"""Which feature extractor scores: the one place that chooses between the torch and ONNX back ends.
+"""Which feature extractor scores: the one place that chooses between the torch and ONNX back ends,
+and what every back end shares (the backbones' stages, widths and input normalisation).
 
 Both take (B, H, W, 3) uint8 photos and return (B, H/8, W/8, D) float32 NumPy patch features, and
 carry ``device`` and ``weights_identity``. This module imports neither torch nor onnxruntime: the
@@ -7,6 +8,7 @@ chosen back end is imported when it is opened, so scoring through ONNX never loa
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -15,6 +17,32 @@ import numpy as np
 from config import Config, UserError
 
 RUNTIMES = ("auto", "torch", "onnx")
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What differs between backbones: their stride-8/16 stages and input normalisation."""
+
+    layers: tuple[str, str]
+    channels: int  # of the two stages together, before any reduction to target_dim
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SPECS = {
+    "wide_resnet50_2": BackboneSpec(("layer2", "layer3"), 512 + 1024, IMAGENET_MEAN, IMAGENET_STD),
+    # The lite models were trained on inputs scaled to [-1, 1].
+    "efficientnet_lite0": BackboneSpec(("_blocks.4", "_blocks.10"), 40 + 112, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+
+
+def feature_width(config: Config) -> int | None:
+    """Features per patch the extractor gives for ``config``, known without building it (None for custom layers)."""
+    if config.layers:
+        return None
+    return min(SPECS[config.backbone].channels, config.target_dim)
 
 
 class PatchFeatureExtractor(Protocol):

@@ -9,7 +9,6 @@ along channels down to it.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,28 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from config import Config, UserError
+from models.backend import SPECS, BackboneSpec, feature_width  # noqa: F401 (feature_width: re-exported)
 
 
 class BackboneWeightsError(UserError, RuntimeError):
     """Pretrained weights cannot be had; the message says how to get them."""
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """What differs between backbones: their stride-8/16 stages and input normalisation."""
-
-    layers: tuple[str, str]
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-SPECS = {
-    "wide_resnet50_2": BackboneSpec(("layer2", "layer3"), IMAGENET_MEAN, IMAGENET_STD),
-    # The lite models were trained on inputs scaled to [-1, 1].
-    "efficientnet_lite0": BackboneSpec(("_blocks.4", "_blocks.10"), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-}
 
 
 def file_sha256(path: str | Path) -> str:

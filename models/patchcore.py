@@ -13,11 +13,12 @@ from __future__ import annotations
 import math
 import pickle
 import platform
+import stat
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from statistics import NormalDist
 from typing import Any
@@ -28,14 +29,15 @@ import numpy as np
 from tqdm import tqdm
 
 from config import Config, UserError
-from models.backend import PatchFeatureExtractor, onnx_path_for, open_extractor, resolve_runtime
+from models.backend import PatchFeatureExtractor, feature_width, onnx_path_for, open_extractor, resolve_runtime
 from preprocessing.io import read_image, write_atomically
 from preprocessing.pipeline import Preprocessed, preprocess, to_original
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the image score is read off the anomaly map
 MIN_CALIBRATION_PHOTOS = 30  # below this the 99th percentile of healthy scores is little more than their maximum
 MAX_CALIBRATION_PHOTOS = 500  # more add little to a percentile and would hold all their patches in memory
 SPREAD_FLOOR = 0.01  # the healthy spread is never below this share of the bank's patch spacing
+_NO_PIXELS = np.empty((0, 0), dtype=np.uint8)  # calibration keeps a photo's transform, not its pixels
 
 
 class ModelFileError(UserError, ValueError):
@@ -44,19 +46,30 @@ class ModelFileError(UserError, ValueError):
 
 @dataclass
 class Prediction:
-    """The verdict on one photo, with its heatmap in the photo's own pixel coordinates."""
+    """The verdict on one photo, with its heatmap in the photo's own pixel coordinates.
 
-    score: float
+    ``score`` is the maximum of ``anomaly_map``: the photo is flagged exactly when some pixel of
+    the map it is shown with lies above the threshold, so every flagged photo shows where.
+    """
+
+    score: float  # feature distance to the nearest healthy patch; its scale depends on the model
+    threshold: float  # the threshold the verdict was taken against
     anomaly_map: np.ndarray  # (H, W) float32, same units as score
-    is_anomalous: bool
+    is_anomalous: bool  # score > threshold
     sigma: float  # distance of the score from healthy, in calibration standard deviations
-    confidence: float  # 0..1 that the part is anomalous: 1σ -> 0.68, 2σ -> 0.95, 3σ -> 0.997
+    anomaly_confidence: float  # how unusual the score is for a healthy part: 1σ -> 0.68, 2σ -> 0.95, 3σ -> 0.997
     warnings: list[str] = field(default_factory=list)
 
+    @property
+    def normalized_score(self) -> float:
+        """The score in units of the threshold (1.0 = threshold), comparable across models."""
+        return self.score / self.threshold
 
-def confidence_from_sigma(sigma: float) -> float:
-    """Confidence that a part is anomalous: the share of healthy scores within ±sigma of their mean,
-    so 1σ -> 68%, 2σ -> 95%, 3σ -> 99.7%; at or below the healthy mean, 0."""
+
+def anomaly_confidence_from_sigma(sigma: float) -> float:
+    """The share of healthy scores within ±sigma of their centre: 1σ -> 68%, 2σ -> 95%, 3σ -> 99.7%;
+    0 at or below it. It says how unusual a score is for a healthy part, not how sure the verdict
+    is (a part can be 'ok' with 94%: unusual, yet still under the threshold)."""
     return math.erf(max(sigma, 0.0) / math.sqrt(2))
 
 
@@ -126,7 +139,7 @@ class PatchCore:
         fold_ratio = min(1.0, config.coreset_sampling_ratio * n_folds / (n_folds - 1))
         whole = new_coreset(config.coreset_sampling_ratio, config.seed)
         by_fold = [new_coreset(fold_ratio, config.seed + 1 + fold) for fold in range(n_folds)]
-        patches_of: list[np.ndarray | None] = []  # each scored photo's patches, kept until the fold banks exist
+        patches_of: list[tuple[np.ndarray, np.ndarray, Preprocessed] | None] = []  # what a scored photo's map needs
         for batch in self._clocked(self._batches(images, progress, "memory bank"), "load_preprocess"):
             stage = time.perf_counter()
             features = extractor.tensor(np.stack([item.image for item in batch]))
@@ -137,10 +150,11 @@ class PatchCore:
             kept = features.reshape(n, h * w, d)[keep]
             whole.add(kept)
             per_photo = torch.split(kept, keep.sum(dim=1).tolist())
-            for photo_patches in per_photo:
+            for item, seen, photo_patches in zip(batch, keep.cpu().numpy(), per_photo):
                 photo = len(patches_of)
                 by_fold[folds[photo]].add(photo_patches)
-                patches_of.append(photo_patches.cpu().numpy() if scored[photo] else None)
+                where = replace(item, image=_NO_PIXELS, mask=_NO_PIXELS)  # the transform back to the photo
+                patches_of.append((photo_patches.cpu().numpy(), seen.reshape(h, w), where) if scored[photo] else None)
             self._clock("coreset", stage)
         stage = time.perf_counter()
         self.memory_bank = whole.result()
@@ -155,7 +169,7 @@ class PatchCore:
             scorer = PatchCore(config)
             scorer.memory_bank = np.concatenate([bank for other, bank in enumerate(fold_banks) if other != fold])
             for photo in np.flatnonzero((folds == fold) & scored):
-                scores[photo] = scorer._score_patches(patches_of[photo])[1]
+                scores[photo] = scorer._anomaly_map(*patches_of[photo]).max()
         self.set_calibration(
             scores[scored], f"{n_folds}-fold cross-fitting, {int(scored.sum())} of {len(images)} training photos scored"
         )
@@ -189,6 +203,23 @@ class PatchCore:
         }
         z = NormalDist().inv_cdf(self.config.threshold_percentile / 100)
         self.threshold = self.calibration_median + z * self.calibration_std
+
+    def recalibrate(self, images: Sequence[str | Path], progress: bool = True, source: str = "") -> None:
+        """Move the threshold to new healthy photos (a new camera, new light) without touching the memory bank.
+
+        The photos are scored against the existing bank, exactly as production would score them,
+        and become the calibration set; the bank, and so every score, stays the same.
+        """
+        if not images:
+            raise ValueError("re-calibration needs at least one healthy photo")
+        scores = [p.score for p in self.predict(images, progress=progress, description="re-calibration")]
+        origin = f" from {source}" if source else ""
+        self.set_calibration(np.asarray(scores), f"re-calibrated on {len(scores)} healthy photos{origin}")
+
+    @property
+    def calibration_method(self) -> str:
+        """Where the healthy scores came from (fit-time cross-fitting, or a re-calibration)."""
+        return str(self.calibration.get("method", ""))
 
     def _patch_spacing(self) -> float:
         """Median distance from a memory-bank patch to its nearest other one: the bank's unit of length."""
@@ -232,9 +263,8 @@ class PatchCore:
             patches = features.reshape(n, h * w, d)
             keep = self._object_patches(batch, h, w)
             for item, image_patches, seen in zip(batch, patches, keep):
-                grid = np.zeros(h * w, dtype=np.float32)  # zeroed background: a perfect match
-                grid[seen], score = self._score_patches(image_patches[seen])
-                predictions.append(self._prediction(item, grid.reshape(h, w), score))
+                anomaly_map = self._anomaly_map(image_patches[seen], seen.reshape(h, w), item)
+                predictions.append(self._prediction(item, anomaly_map))
             self._clock("predict_knn_map", stage)
         return predictions
 
@@ -259,18 +289,17 @@ class PatchCore:
         return np.stack(keep)
 
     def _score_patches(self, patches: np.ndarray) -> tuple[np.ndarray, float]:
-        """Each patch's distance to its nearest healthy patch, and the image score.
+        """Each patch's distance to its nearest healthy patch, and the photo's Eq. 7 weight (1.0 when off).
 
-        The image score is the worst patch's distance, optionally re-weighted by its neighbourhood
-        (paper, Eq. 7): a test patch whose nearest healthy patch sits in a sparse part of the bank
-        is less trustworthy evidence of normality, so its score is scaled up; in a dense part, down.
+        The weight is taken at the worst patch (paper, Eq. 7): a test patch whose nearest healthy
+        patch sits in a sparse part of the bank is less trustworthy evidence of normality, so the
+        photo's map is scaled up; in a dense part, down.
         """
         distances, neighbours = self.index.search(np.ascontiguousarray(patches, dtype=np.float32), 1)
         patch_scores = np.sqrt(np.maximum(distances[:, 0], 0)).astype(np.float32)
-        worst = int(np.argmax(patch_scores))
-        score = float(patch_scores[worst])
         if not self.config.score_reweighting or len(self.memory_bank) < 2:
-            return patch_scores, score
+            return patch_scores, 1.0
+        worst = int(np.argmax(patch_scores))
         nearest_healthy = self.memory_bank[neighbours[worst, 0]][None]
         k = min(self.config.num_neighbors, len(self.memory_bank))
         _, neighbourhood = self.index.search(nearest_healthy, k)
@@ -279,20 +308,30 @@ class PatchCore:
         # would cost a second of start-up (an overflow to inf gives 0, softmax's own limit)
         with np.errstate(over="ignore"):
             weight = 1.0 - 1.0 / np.exp(to_neighbours.astype(np.float64) - to_neighbours[0]).sum()
-        return patch_scores, float(weight * score)
+        return patch_scores, float(weight)
 
-    def _prediction(self, item: Preprocessed, grid: np.ndarray, score: float) -> Prediction:
+    def _anomaly_map(self, patches: np.ndarray, seen: np.ndarray, item: Preprocessed) -> np.ndarray:
+        """The photo's heatmap: patch distances (0 where the part is not seen), Eq. 7-weighted,
+        upsampled, smoothed and mapped onto the original photo. Its maximum is the image score."""
+        grid = np.zeros(seen.shape, dtype=np.float32)  # zeroed background: a perfect match
+        grid[seen], weight = self._score_patches(patches)
         size = self.config.image_size
-        anomaly_map = cv2.resize(grid.astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
+        anomaly_map = cv2.resize(weight * grid, (size, size), interpolation=cv2.INTER_LINEAR)
         if self.config.heatmap_sigma > 0:
             anomaly_map = cv2.GaussianBlur(anomaly_map, (0, 0), self.config.heatmap_sigma)
+        return to_original(anomaly_map, item)
+
+    def _prediction(self, item: Preprocessed, anomaly_map: np.ndarray) -> Prediction:
+        """The verdict read off the map the overlay draws: flagged exactly when some pixel is above the threshold."""
+        score = float(anomaly_map.max())
         sigma = (score - self.calibration_median) / self.calibration_std if self.calibration_scores.size else 0.0
         return Prediction(
             score=score,
-            anomaly_map=to_original(anomaly_map, item),
+            threshold=self.threshold,
+            anomaly_map=anomaly_map,
             is_anomalous=bool(score > self.threshold),
             sigma=float(sigma),
-            confidence=confidence_from_sigma(sigma),
+            anomaly_confidence=anomaly_confidence_from_sigma(sigma),
             warnings=list(item.warnings),
         )
 
@@ -354,7 +393,8 @@ class PatchCore:
         """
 
         def prepare(image: str | Path | np.ndarray) -> Preprocessed:
-            return preprocess(read_image(image) if isinstance(image, (str, Path)) else image, self.config)
+            photo = read_image(image, self.config.max_image_pixels) if isinstance(image, (str, Path)) else image
+            return preprocess(photo, self.config)
 
         size = self.config.batch_size
         starts = iter(range(0, len(images), size))
@@ -407,40 +447,18 @@ class PatchCore:
 
     @classmethod
     def load(cls, path: str | Path, device: str | None = None, runtime: str = "auto") -> PatchCore:
-        """Read a model file. Only plain data is accepted: a file that names any Python object is refused.
+        """Read and check a model file. Only plain data is accepted: a file that names any Python
+        object is refused, and so is every value a fitted model could not have written.
 
         ``runtime`` picks the feature extractor back end; ``auto`` scores through ONNX Runtime when
         ``scripts/export_onnx.py`` has written ``<model>.onnx`` beside the file, through torch otherwise.
         """
         path = Path(path)
+        state = _read_state(path)
         try:
-            with open(path, "rb") as handle:
-                state = _PlainDataUnpickler(handle).load()
-        except FileNotFoundError:
-            raise ModelFileError(f"{path}: model file not found") from None
-        except pickle.UnpicklingError as error:
-            raise ModelFileError(f"{path}: refused, {error}") from None
-        except (EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError) as error:
-            raise ModelFileError(f"{path}: not a model file or truncated ({error})") from None
-        if not isinstance(state, dict) or "format_version" not in state:
-            raise ModelFileError(f"{path}: not a fastener-anomaly-detection model file")
-        if state["format_version"] != FORMAT_VERSION:
-            raise ModelFileError(
-                f"{path}: model format version {state['format_version']} is not supported by this "
-                f"version (expects {FORMAT_VERSION}); refit the model with train.py"
-            )
-        config_values = dict(state["config"])
-        if device is not None:
-            config_values["device"] = device
-        model = cls(Config.from_dict(config_values))
-        model.memory_bank = _unpack_array(state["memory_bank"])
-        model.calibration_scores = _unpack_array(state["calibration_scores"])
-        model.calibration = dict(state.get("calibration", {"method": "held-out photos", "warnings": []}))
-        model.preprocessing = dict(state.get("preprocessing", {}))
-        model.threshold = float(state["threshold"])
-        model.n_train = int(state["n_train"])
-        model.fit_seconds = float(state["fit_seconds"])
-        model.weights_identity = str(state["weights_identity"])
+            model = cls._from_state(state, device)
+        except (ValueError, TypeError, KeyError) as error:
+            raise ModelFileError(f"{path}: {error}") from None
         model.runtime = runtime
         model.onnx_file = onnx_path_for(path)
         if resolve_runtime(runtime, model.onnx_file) == "onnx" and not model.onnx_file.is_file():
@@ -450,6 +468,98 @@ class PatchCore:
             )
         return model
 
+    @classmethod
+    def _from_state(cls, state: Any, device: str | None) -> PatchCore:
+        """A model from an unpickled state, refusing anything missing, mistyped or not finite."""
+        if not isinstance(state, dict) or "format_version" not in state:
+            raise ValueError("not a fastener-anomaly-detection model file")
+        version = state["format_version"]
+        if type(version) is not int or version != FORMAT_VERSION:
+            raise ValueError(
+                f"model format version {version!r} is not supported by this version "
+                f"(expects {FORMAT_VERSION}); refit the model with train.py"
+            )
+        missing = sorted(set(_STATE_TYPES) - set(state))
+        if missing:
+            raise ValueError(f"incomplete model file, missing {', '.join(missing)}")
+        for key, types in _STATE_TYPES.items():
+            if not isinstance(state[key], types) or isinstance(state[key], bool):
+                raise ValueError(f"{key} has the wrong type ({type(state[key]).__name__})")
+        config_values = dict(state["config"])
+        if device is not None:
+            config_values["device"] = device
+        model = cls(Config.from_dict(config_values))
+        model.memory_bank = _unpack_array(state["memory_bank"], "memory_bank")
+        model.calibration_scores = _unpack_array(state["calibration_scores"], "calibration_scores")
+        model.calibration = dict(state.get("calibration", {"method": "held-out photos", "warnings": []}))
+        model.preprocessing = dict(state.get("preprocessing", {}))
+        model.threshold = float(state["threshold"])
+        model.n_train = state["n_train"]
+        model.fit_seconds = float(state["fit_seconds"])
+        model.weights_identity = state["weights_identity"]
+        _check_fitted_values(model)
+        return model
+
+
+_STATE_TYPES: dict[str, type | tuple[type, ...]] = {
+    "config": dict,
+    "memory_bank": dict,
+    "calibration_scores": dict,
+    "threshold": (int, float),
+    "n_train": int,
+    "fit_seconds": (int, float),
+    "weights_identity": str,
+}
+
+
+def _read_state(path: Path) -> Any:
+    """Unpickle a model file's plain data, or ModelFileError naming the file and what is wrong with it."""
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        reason = "broken symbolic link" if path.is_symlink() else "model file not found"
+        raise ModelFileError(f"{path}: {reason}") from None
+    except OSError as error:  # a symlink loop, a folder on the way that cannot be entered
+        raise ModelFileError(f"{path}: cannot be opened ({error.strerror})") from None
+    if stat.S_ISDIR(status.st_mode):
+        raise ModelFileError(f"{path}: is a folder, not a model file")
+    if not stat.S_ISREG(status.st_mode):  # opening a FIFO would wait for a writer forever
+        raise ModelFileError(f"{path}: not a regular file (a device, FIFO or socket)")
+    try:
+        with open(path, "rb") as handle:
+            return _PlainDataUnpickler(handle).load()
+    except PermissionError:
+        raise ModelFileError(f"{path}: permission denied") from None
+    except OSError as error:
+        raise ModelFileError(f"{path}: cannot be read ({error.strerror})") from None
+    except _GlobalRefused as error:
+        raise ModelFileError(f"{path}: refused, {error}") from None
+    except (MemoryError, OverflowError):  # a length field claiming far more than the file holds
+        raise ModelFileError(f"{path}: corrupt, it declares a value larger than the whole file") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError) as error:
+        raise ModelFileError(f"{path}: not a model file or truncated ({error})") from None
+
+
+def _check_fitted_values(model: PatchCore) -> None:
+    """Refuse what no fit writes: a NaN threshold would pass every part, an empty bank scores nothing."""
+    bank, scores = model.memory_bank, model.calibration_scores
+    if not math.isfinite(model.threshold):
+        raise ValueError(f"threshold is {model.threshold}, not a finite number")
+    if bank.ndim != 2 or bank.shape[0] == 0 or bank.shape[1] == 0:
+        raise ValueError(f"memory_bank must be a non-empty (patches, features) array, got shape {bank.shape}")
+    if not np.isfinite(bank).all():
+        raise ValueError("memory_bank holds NaN or infinite values")
+    width = feature_width(model.config)
+    if width is not None and bank.shape[1] != width:
+        raise ValueError(
+            f"memory_bank has {bank.shape[1]} features per patch, but {model.config.backbone} with "
+            f"target_dim {model.config.target_dim} gives {width}"
+        )
+    if scores.ndim != 1 or scores.size == 0 or not np.isfinite(scores).all():
+        raise ValueError("calibration_scores must be a non-empty list of finite numbers")
+    if model.n_train < 1:
+        raise ValueError(f"n_train must be at least 1, got {model.n_train}")
+
 
 def _pack_array(array: np.ndarray) -> dict[str, Any]:
     """An array as builtins only, so the pickle never has to name a NumPy function."""
@@ -457,15 +567,26 @@ def _pack_array(array: np.ndarray) -> dict[str, Any]:
     return {"dtype": array.dtype.str, "shape": list(array.shape), "data": array.tobytes()}
 
 
-def _unpack_array(packed: dict[str, Any]) -> np.ndarray:
-    dtype = np.dtype(packed["dtype"])
-    if dtype.hasobject:
-        raise ValueError("object arrays are not allowed in a model file")
-    return np.frombuffer(packed["data"], dtype=dtype).reshape(packed["shape"]).copy()
+def _unpack_array(packed: dict[str, Any], name: str) -> np.ndarray:
+    """A float32 array from ``_pack_array``'s dict, checking that shape and data length agree."""
+    if set(packed) != {"dtype", "shape", "data"} or not isinstance(packed["data"], bytes):
+        raise ValueError(f"{name} is not a packed array")
+    if packed["dtype"] != np.dtype(np.float32).str:
+        raise ValueError(f"{name} must be float32, got dtype {packed['dtype']!r}")
+    shape = packed["shape"]
+    if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
+        raise ValueError(f"{name} has an invalid shape {shape!r}")
+    if math.prod(shape) * 4 != len(packed["data"]):
+        raise ValueError(f"{name}: shape {shape} does not match its {len(packed['data'])} bytes")
+    return np.frombuffer(packed["data"], dtype=np.float32).reshape(shape).copy()
+
+
+class _GlobalRefused(pickle.UnpicklingError):
+    """The file names a Python object: loading it could run code."""
 
 
 class _PlainDataUnpickler(pickle.Unpickler):
     """Refuses every global: a model file holds dicts, lists, strings, numbers and bytes only."""
 
     def find_class(self, module: str, name: str) -> Any:
-        raise pickle.UnpicklingError(f"the file asks to load {module}.{name}; model files hold plain data only")
+        raise _GlobalRefused(f"the file asks to load {module}.{name}; model files hold plain data only")

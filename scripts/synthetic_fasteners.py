@@ -16,9 +16,11 @@ Geometry is written in pixels of a 256-px image ("reference pixels") and scaled 
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -26,8 +28,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from preprocessing.io import mask_path, write_atomically
-from synthetic.defects import SURFACE_DEFECTS, EdgeSite, chip, pick_edge_site, pixel_grid, smooth_noise
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+if str(PROJECT_ROOT) not in sys.path:  # run as a script, sys.path holds scripts/ instead of the root
+    sys.path.insert(0, str(PROJECT_ROOT))
+
+from preprocessing.io import mask_path, write_atomically  # noqa: E402
+from synthetic.defects import SURFACE_DEFECTS, EdgeSite, chip, pick_edge_site, pixel_grid, smooth_noise  # noqa: E402
 
 PARTS = ("screw", "nut", "plate", "washer", "bracket")
 # Defect kinds per part, in folder order (the order also seeds the test photos: keep it).
@@ -38,7 +44,6 @@ PART_DEFECTS = {
     "washer": ("rust", "corrosion", "scratch", "deformation"),
     "bracket": ("rust", "corrosion", "scratch", "deformation"),
 }
-DEFECT_KINDS = ("rust", "corrosion", "scratch", "deformation", "missing")
 TABLES = {"dark": 0.22, "bright": 0.62}  # mean grey level of the table the part lies on
 # Turns a part may lie at before the max_rotation jitter: a nut repeats every 60 degrees, a washer is round.
 BASE_TURNS = {"screw": 0.0, "nut": math.pi / 3, "plate": 0.0, "washer": 2 * math.pi, "bracket": 0.0}
@@ -599,3 +604,13 @@ def generate(settings: SyntheticSettings, out: str | Path) -> list[Path]:
         if mask_relative:
             write_png(out / mask_relative, mask)
     return [out / relative for relative in written]
+
+
+if __name__ == "__main__":  # a library of download_datasets.py; run on its own it says where its command is
+    parser = argparse.ArgumentParser(
+        description=__doc__,
+        epilog="Generate a set with: python scripts/download_datasets.py --synthetic [--part nut] [--out FOLDER]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.parse_args()
+    parser.print_help()

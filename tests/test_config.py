@@ -1,10 +1,13 @@
 from __future__ import annotations
 
 import argparse
+import errno
+from dataclasses import fields
+from typing import get_type_hints
 
 import pytest
 
-from config import Config, add_config_arguments, config_from_args
+from config import Config, ConfigError, add_config_arguments, config_from_args, fail, help_text, rule_of, run_cli
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -27,18 +30,20 @@ def test_weights_alias_and_boolean_flags():
     assert config.score_reweighting is False
 
 
-def test_unknown_yaml_key_is_an_error(tmp_path):
+def from_yaml(tmp_path, text: str) -> Config:
     settings = tmp_path / "settings.yaml"
-    settings.write_text("image_sise: 320\n")
+    settings.write_text(text)
+    return config_from_args(parse(["--config", str(settings)]))
+
+
+def test_unknown_yaml_key_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="unknown config key.*image_sise"):
-        config_from_args(parse(["--config", str(settings)]))
+        from_yaml(tmp_path, "image_sise: 320\n")
 
 
 def test_yaml_must_be_a_mapping(tmp_path):
-    settings = tmp_path / "settings.yaml"
-    settings.write_text("- 1\n- 2\n")
     with pytest.raises(ValueError, match="mapping"):
-        config_from_args(parse(["--config", str(settings)]))
+        from_yaml(tmp_path, "- 1\n- 2\n")
 
 
 @pytest.mark.parametrize(
@@ -52,3 +57,126 @@ def test_invalid_values_are_refused(bad):
 def test_round_trip_through_dict():
     config = Config(seed=5, layers=["layer1", "layer2"])
     assert Config.from_dict(config.to_dict()) == config
+
+
+# ----------------------------------------------------------------------------- types and ranges
+@pytest.mark.parametrize(
+    "setting, value, reason",
+    [
+        ("clahe", "no", "clahe must be true or false, got 'no'"),
+        ("image_size", "big", "image_size must be a whole number, got 'big'"),
+        ("image_size", 320.0, "image_size must be a whole number, got 320.0"),
+        ("image_size", 64000, "image_size must be 32 to 1024, a multiple of 16, got 64000"),
+        ("target_dim", 0, "target_dim must be 1 to 8192, got 0"),
+        ("batch_size", 0, "batch_size must be 1 to 1024, got 0"),
+        ("batch_size", -4, "batch_size must be 1 to 1024, got -4"),
+        ("mask_dilation", -5, "mask_dilation must be 0 to 255, got -5"),
+        ("num_neighbors", 0, "num_neighbors must be 1 to 1024, got 0"),
+        ("threshold_percentile", 150, "threshold_percentile must be between 0 and 100, both excluded, got 150.0"),
+        ("threshold_percentile", 100, "threshold_percentile must be between 0 and 100, both excluded, got 100.0"),
+        ("heatmap_sigma", -0.5, "heatmap_sigma must be 0 to 64, got -0.5"),
+        ("calibration_folds", 1, "calibration_folds must be 2 to 100, got 1"),
+        ("preprocess", "maybe", "preprocess must be one of auto, on, off, got 'maybe'"),
+        ("num_workers", 0, "num_workers must be 1 to 64, got 0"),
+        ("ivf_nprobe", 0, "ivf_nprobe must be 1 to 65536, got 0"),
+        ("coreset_sampling_ratio", float("nan"), "coreset_sampling_ratio must be a finite number, got nan"),
+        ("seed", -1, "seed must be 0 to 4_294_967_295, got -1"),
+        ("max_image_pixels", 0, "max_image_pixels must be 1 to 1_073_741_824, got 0"),
+        ("layers", ["layer2"], "layers must name 0 or 2 items, got ['layer2']"),
+        ("layers", "layer2", "layers must be a list of names, got 'layer2'"),
+        ("backbone", "resnet9000", "backbone must be one of wide_resnet50_2, efficientnet_lite0, got 'resnet9000'"),
+        ("knn_index", 1, "knn_index must be text, got 1"),
+        ("object_patches_only", 1, "object_patches_only must be true or false, got 1"),
+    ],
+)
+def test_every_setting_is_checked_for_type_and_range(setting, value, reason):
+    with pytest.raises(ConfigError) as raised:
+        Config.from_dict({setting: value})
+    assert str(raised.value) == f"invalid settings: {reason}"
+
+
+def test_all_bad_settings_are_named_in_one_message():
+    with pytest.raises(ConfigError, match="target_dim .*; batch_size .*") as raised:
+        Config.from_dict({"target_dim": 0, "batch_size": 0})
+    assert "\n" not in str(raised.value)
+
+
+def test_a_whole_number_for_a_decimal_setting_becomes_a_float():
+    config = Config.from_dict({"heatmap_sigma": 4, "threshold_percentile": 95})
+    assert config.heatmap_sigma == 4.0 and isinstance(config.heatmap_sigma, float)
+    assert Config.from_dict(config.to_dict()) == config
+
+
+def test_replace_goes_through_the_same_validation():
+    with pytest.raises(ConfigError, match="target_dim"):
+        Config().replace(target_dim=0)
+
+
+@pytest.mark.parametrize("item", fields(Config), ids=lambda item: item.name)
+def test_help_and_validation_come_from_the_same_rule(item):
+    """Each bound the help text states is the bound validation enforces: on it passes, past it fails."""
+    rule = rule_of(item)
+    assert rule.help
+    assert rule.describe() in help_text(item).replace("%%", "%")
+    is_int = get_type_hints(Config)[item.name] is int
+    step = 1 if is_int else 1e-6
+    for bound, inside, outside in (
+        (rule.minimum, rule.minimum, None if rule.minimum is None else rule.minimum - step),
+        (rule.maximum, rule.maximum, None if rule.maximum is None else rule.maximum + step),
+        (rule.above, None, rule.above),
+        (rule.below, None, rule.below),
+    ):
+        if bound is None:
+            continue
+        if inside is not None and not (rule.multiple_of and inside % rule.multiple_of):
+            Config.from_dict({item.name: int(inside) if is_int else float(inside)})
+        with pytest.raises(ConfigError, match=item.name):
+            Config.from_dict({item.name: int(outside) if is_int else float(outside)})
+    for choice in rule.choices or ():
+        Config.from_dict({item.name: choice})
+
+
+def test_help_lists_every_setting_with_its_default_and_allowed_values():
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    text = " ".join(parser.format_help().split())
+    for item in fields(Config):
+        assert "--" + item.name.replace("_", "-") in text
+        assert " ".join(help_text(item).replace("%%", "%").split()) in text
+    assert "(default 256; 32 to 1024, a multiple of 16)" in text
+    assert "(default true, false for screw, metal_nut, custom)" in text  # clahe's category defaults
+    assert "(default auto, on for screw; one of auto, on, off)" in text
+    assert "one of flat, ivf" in text
+
+
+def test_bad_flag_values_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="threshold_percentile must be between 0 and 100, both excluded, got 150.0"):
+        config_from_args(parse(["--threshold-percentile", "150"]))
+    with pytest.raises(ConfigError, match="clahe must be true or false, got 'no'"):
+        from_yaml(tmp_path, 'clahe: "no"\n')
+
+
+def test_yaml_python_tags_run_nothing(tmp_path):
+    marker = tmp_path / "ran"
+    with pytest.raises(ValueError, match="not valid YAML"):
+        from_yaml(tmp_path, f"seed: !!python/object/apply:os.system ['touch {marker}']\n")
+    assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------- run_cli
+def test_run_cli_turns_expected_failures_into_one_line(capsys):
+    def disk_full() -> int:
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/model.pkl")
+
+    assert run_cli(disk_full) == 2
+    assert capsys.readouterr().err == "error: /data/model.pkl: No space left on device\n"
+    assert run_cli(lambda: fail("the folder has no photos")) == 2
+    assert capsys.readouterr().err == "error: the folder has no photos\n"
+
+
+def test_run_cli_lets_a_bug_show_its_traceback():
+    def bug() -> int:
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_cli(bug)

@@ -11,6 +11,7 @@ from models.feature_extractor import (
     BackboneWeightsError,
     FeatureExtractor,
     build_backbone,
+    feature_width,
 )
 
 # ImageNet classes of scikit-image's sample photos: Chelsea is a cat, coffee is an espresso cup.
@@ -73,13 +74,17 @@ def test_local_weights_file_is_used_and_a_bad_one_is_refused(tmp_path):
         build_backbone("efficientnet_lite0", weights_path=str(garbage))
 
 
-@pytest.mark.parametrize("backbone, dim", [("efficientnet_lite0", 152), ("wide_resnet50_2", 1024)])
-def test_patch_grid_is_stride_8_and_reduced_to_target_dim(backbone, dim, monkeypatch):
-    config = Config(backbone=backbone, target_dim=1024, device="cpu")
+@pytest.mark.parametrize(
+    "backbone, target_dim, dim",
+    [("efficientnet_lite0", 1024, 152), ("wide_resnet50_2", 1024, 1024), ("wide_resnet50_2", 4096, 1536)],
+)
+def test_patch_grid_is_stride_8_and_reduced_to_target_dim(backbone, target_dim, dim, monkeypatch):
+    config = Config(backbone=backbone, target_dim=target_dim, device="cpu")
     monkeypatch.setattr("models.feature_extractor.build_backbone",
                         lambda name, path, pretrained: build_backbone(name, path, pretrained=False))
     features = FeatureExtractor(config)(np.zeros((2, 128, 96, 3), dtype=np.uint8))
     assert tuple(features.shape) == (2, 16, 12, dim)
+    assert feature_width(config) == dim  # what a model file's memory bank is checked against on load
 
 
 def test_features_are_local():

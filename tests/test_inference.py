@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,9 +29,11 @@ def test_single_image_json_has_every_field(model_file, small_screw_dir, capsys):
     code, out, _ = run(["--model", str(model_file), "--image", str(image), "--json"], capsys)
     assert code == 0
     (record,) = json.loads(out)["results"]
-    assert set(record) >= {"path", "score", "threshold", "is_anomalous", "sigma", "confidence", "warnings"}
+    assert set(record) == {"path", "score", "normalized_score", "threshold", "is_anomalous", "sigma",
+                           "anomaly_confidence", "warnings"}
     assert record["path"] == str(image)
     assert record["is_anomalous"] == (record["score"] > record["threshold"])
+    assert record["normalized_score"] == pytest.approx(record["score"] / record["threshold"], abs=1e-3)
 
 
 def test_unreadable_single_image_exits_non_zero(model_file, tmp_path, capsys):
@@ -52,6 +56,11 @@ def test_folder_with_a_bad_file_scores_the_rest(model_file, small_screw_dir, tmp
     assert code == 3
     assert "corrupt.png" in err
     assert out.count("ANOMALOUS") + out.count(" ok ") == 3
+    flagged = out.count("ANOMALOUS")
+    assert out.splitlines()[-1] == f"3 scored, {flagged} anomalous, 1 unreadable"
+    header = out.splitlines()[0]
+    assert "anomaly confidence" in header and "score/thr" in header and "confidence" not in header.replace(
+        "anomaly confidence", "")
 
 
 def test_visualize_writes_one_overlay_per_image(model_file, small_screw_dir, tmp_path, capsys):
@@ -84,3 +93,201 @@ def test_evaluating_a_saved_model_repeats_the_fit_time_numbers(fitted_model, mod
     for key in ("image_auroc", "image_ap", "pixel_auroc", "aupro", "per_defect_auroc", "threshold", "n_test"):
         assert from_file[key] == at_fit[key], key
     assert (tmp_path / "saved" / "report.html").is_file()
+
+
+# ----------------------------------------------------------------------------- hardening
+def test_a_batch_with_every_kind_of_bad_file_scores_the_rest(model_file, small_screw_dir, tmp_path):
+    """Bomb, truncated JPEG, broken link, text named .png, unreadable file: each one error record, exit 3."""
+    import cv2
+    from test_io import ROOT, bomb_png, jpeg_bytes, without_root_powers
+
+    from preprocessing.io import read_image
+
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    good = [sample.path for sample in load_test_split(small_screw_dir)[:3]]
+    for index, path in enumerate(good):
+        (folder / f"good_{index}.png").symlink_to(path.resolve())
+    (folder / "bomb.png").write_bytes(bomb_png(30000))
+    data = jpeg_bytes(read_image(good[0]))
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (folder / "moved.png").symlink_to(tmp_path / "no_longer_here.png")
+    (folder / "notes.png").write_text("not a photo")
+    cv2.imwrite(str(folder / "locked.png"), cv2.imread(str(good[1])))
+    (folder / "locked.png").chmod(0)
+    command = [sys.executable, str(ROOT / "inference.py"), "--model", str(model_file), "--dir", str(folder), "--json"]
+    result = subprocess.run(without_root_powers(command), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 3, result.stderr
+    records = {Path(r["path"]).name: r for r in json.loads(result.stdout)["results"]}
+    assert sorted(name for name, r in records.items() if "score" in r) == ["good_0.png", "good_1.png", "good_2.png"]
+    reasons = {
+        "bomb.png": "30000x30000 pixels is more than the limit",
+        "truncated.jpg": "truncated JPEG",
+        "moved.png": "broken symbolic link",
+        "notes.png": "not a readable image",
+        "locked.png": "permission denied",
+    }
+    for name, reason in reasons.items():
+        assert reason in records[name]["error"], records[name]
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == len(reasons) and "Traceback" not in result.stderr
+
+
+def test_json_output_is_valid_json_even_when_a_number_is_not_finite(model_file, small_screw_dir, monkeypatch, capsys):
+    from models.patchcore import PatchCore
+
+    real_predict = PatchCore.predict
+
+    def nan_sigma(self, images, *args, **kwargs):
+        predictions = real_predict(self, images, *args, **kwargs)
+        for prediction in predictions:
+            prediction.sigma = float("nan")
+        return predictions
+
+    monkeypatch.setattr(PatchCore, "predict", nan_sigma)
+    image = load_test_split(small_screw_dir)[0].path
+    code, out, _ = run(["--model", str(model_file), "--image", str(image), "--json"], capsys)
+    assert code == 0
+    (record,) = json.loads(out, parse_constant=lambda name: pytest.fail(f"{name} in --json output"))["results"]
+    assert record["sigma"] is None
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda p: p.mkdir(), "is a folder, not a model file"),
+        (lambda p: p.write_bytes(b"\x80\x05\x8e" + (1 << 40).to_bytes(8, "little")), "corrupt, it declares a value larger"),
+        (lambda p: p.write_bytes(b"not a pickle"), "not a model file or truncated"),
+    ],
+    ids=["folder", "terabyte-length", "garbage"],
+)
+def test_a_bad_model_file_is_one_error_line_and_exit_2(tmp_path, capsys, make, reason):
+    from config import run_cli
+
+    model = tmp_path / "model.pkl"
+    make(model)
+    assert run_cli(lambda: inference.main(["--model", str(model), "--image", "x.png"])) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: {model}: ") and reason in line
+
+
+def test_an_unwritable_heatmap_folder_is_refused_before_scoring(model_file, small_screw_dir, tmp_path, monkeypatch, capsys):
+    from config import run_cli
+    from models.patchcore import PatchCore
+
+    monkeypatch.setattr(PatchCore, "predict", lambda *a, **k: pytest.fail("scored before checking the output"))
+    (tmp_path / "out").write_text("a file where the output folder should be")
+    image = load_test_split(small_screw_dir)[0].path
+    argv = ["--model", str(model_file), "--image", str(image), "--visualize", "--output-dir", str(tmp_path / "out")]
+    assert run_cli(lambda: inference.main(argv)) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: {tmp_path / 'out' / 'heatmaps'}: cannot be written (")
+
+
+def test_heatmaps_and_reports_honour_the_umask(model_file, small_screw_dir, tmp_path, capsys):
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        image = load_test_split(small_screw_dir)[-1].path
+        code, out, _ = run(
+            ["--model", str(model_file), "--image", str(image), "--json", "--visualize", "--output-dir", str(tmp_path)],
+            capsys,
+        )
+    finally:
+        os.umask(previous)
+    assert code == 0
+    heatmap = Path(json.loads(out)["results"][0]["heatmap"])
+    assert stat.S_IMODE(heatmap.stat().st_mode) == 0o644
+
+
+def _folder_of(small_screw_dir: Path, folder: Path, names: list[str]) -> Path:
+    """A folder of photos named as given (links to real screw photos, any suffix)."""
+    for name, sample in zip(names, load_test_split(small_screw_dir)):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).symlink_to(sample.path.resolve())
+    return folder
+
+
+def test_same_stem_in_different_folders_gives_one_heatmap_each(model_file, small_screw_dir, tmp_path, capsys):
+    folder = _folder_of(small_screw_dir, tmp_path / "photos", ["line1/cam/P1.JPG", "line1/cam/P1.png", "line2/cam/P1.JPG"])
+    out_dir = tmp_path / "out"
+    code, out, _ = run(["--model", str(model_file), "--dir", str(folder), "--visualize", "--json", "--output-dir",
+                        str(out_dir)], capsys)
+    assert code == 0
+    heatmaps = [Path(record["heatmap"]) for record in json.loads(out)["results"]]
+    assert len(set(heatmaps)) == 3 and all(path.is_file() for path in heatmaps)
+    assert sorted(p.relative_to(out_dir / "heatmaps").as_posix() for p in heatmaps) == [
+        "line1/cam/P1.JPG_heatmap.png", "line1/cam/P1.png_heatmap.png", "line2/cam/P1.JPG_heatmap.png"]
+
+
+def test_threshold_flag_moves_the_verdict_for_one_run(model_file, small_screw_dir, tmp_path, capsys):
+    folder = _folder_of(small_screw_dir, tmp_path / "photos", ["a.png", "b.png", "c.png"])
+    base = ["--model", str(model_file), "--dir", str(folder), "--json"]
+    _, out, _ = run(base, capsys)
+    calibrated = json.loads(out)
+    scores = sorted(record["score"] for record in calibrated["results"])
+    middle = (scores[0] + scores[1]) / 2
+    code, out, err = run([*base, "--threshold", str(middle)], capsys)
+    moved = json.loads(out)
+    assert code == 0 and moved["threshold"] == middle
+    assert [r["is_anomalous"] for r in moved["results"]] == [r["score"] > middle for r in moved["results"]]
+    assert sum(r["is_anomalous"] for r in moved["results"]) == 2
+    assert all(r["normalized_score"] == pytest.approx(r["score"] / middle, abs=1e-3) for r in moved["results"])
+    assert moved["summary"] == {"scored": 3, "anomalous": 2, "unreadable": 0}
+    assert "3 scored, 2 anomalous, 0 unreadable" in err
+    _, out, _ = run(base, capsys)
+    assert json.loads(out) == calibrated, "the model file keeps its calibrated threshold"
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan"])
+def test_threshold_must_be_positive(model_file, value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        inference.main(["--model", str(model_file), "--image", "x.png", "--threshold", value])
+    assert exit_info.value.code == 2
+    assert "--threshold must be a positive number" in capsys.readouterr().err
+
+
+def test_csv_holds_the_same_records_as_json(model_file, small_screw_dir, tmp_path, capsys):
+    import csv
+
+    folder = _folder_of(small_screw_dir, tmp_path / "photos", ["a.png", "b.png"])
+    (folder / "broken.png").write_bytes(b"nope")
+    table = tmp_path / "results.csv"
+    code, out, _ = run(["--model", str(model_file), "--dir", str(folder), "--json", "--csv", str(table)], capsys)
+    assert code == 3
+    records = json.loads(out)["results"]
+    with open(table, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["path"] for row in rows] == [record["path"] for record in records]
+    for row, record in zip(rows, records):
+        if "error" in record:
+            assert row["error"] == record["error"] and row["score"] == ""
+        else:
+            assert float(row["score"]) == record["score"] and float(row["normalized_score"]) == record["normalized_score"]
+            assert row["is_anomalous"] == str(record["is_anomalous"])
+
+
+def test_report_page_for_photos_without_labels(model_file, small_screw_dir, tmp_path, capsys):
+    import re
+
+    names = ["x/a.png", "x/b.png", "y/a.png", "c.png", "d.png"]
+    folder = _folder_of(small_screw_dir, tmp_path / "photos", names)
+    (folder / "broken.png").write_bytes(b"nope")
+    out_dir = tmp_path / "out"
+    code, out, _ = run(["--model", str(model_file), "--dir", str(folder), "--report", "--json", "--quiet",
+                        "--output-dir", str(out_dir)], capsys)
+    assert code == 3
+    records = [r for r in json.loads(out)["results"] if "error" not in r]
+    page = (out_dir / "batch_report.html").read_text()
+    cards = re.findall(r'<figure class="card (\w+)".*?<b>([\d.]+)</b>.*?<div class="name">([^<]+)</div>', page)
+    assert [name for _, _, name in cards] == [Path(r["path"]).relative_to(folder).as_posix() for r in
+                                               sorted(records, key=lambda r: -r["score"])]
+    assert [float(score) for _, score, _ in cards] == sorted((float(s) for _, s, _ in cards), reverse=True)
+    assert [verdict for verdict, _, _ in cards] == [
+        "ANOMALOUS" if r["is_anomalous"] else "OK" for r in sorted(records, key=lambda r: -r["score"])]
+    threshold = json.loads(out)["threshold"]
+    assert f"threshold {threshold:.4f}" in page and "broken.png" in page
+    assert "White contour: where the anomaly map is above the threshold" in page
+    assert "oracle" not in page and "AUROC" not in page  # no label, no metric

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import os
 import pickle
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 
 from config import Config, UserError
 from conftest import small_config
-from models.patchcore import FORMAT_VERSION, ModelFileError, PatchCore, confidence_from_sigma
+from models.patchcore import FORMAT_VERSION, ModelFileError, PatchCore, anomaly_confidence_from_sigma
 from preprocessing.io import load_test_split, read_image, train_images
 
 
@@ -24,7 +25,7 @@ def test_predictions_are_on_the_original_photo(fitted_model, small_screw_dir):
     assert prediction.anomaly_map.shape == photo.shape[:2]
     assert prediction.anomaly_map.dtype == np.float32
     assert np.isfinite(prediction.score) and prediction.score > 0
-    assert 0.0 <= prediction.confidence <= 1.0
+    assert 0.0 <= prediction.anomaly_confidence <= 1.0
     assert prediction.is_anomalous == (prediction.score > fitted_model.threshold)
 
 
@@ -82,7 +83,7 @@ def test_fewer_than_two_photos_are_refused(small_screw_dir):
 
 @pytest.mark.parametrize("sigma, expected", [(-2.0, 0.0), (0.0, 0.0), (1.0, 0.6827), (2.0, 0.9545), (3.0, 0.9973)])
 def test_confidence_follows_the_sigma_rule(sigma, expected):
-    assert confidence_from_sigma(sigma) == pytest.approx(expected, abs=1e-4)
+    assert anomaly_confidence_from_sigma(sigma) == pytest.approx(expected, abs=1e-4)
 
 
 # A memory bank worked out on paper (2-d features). m0's nearest other patch is m1 (3 away; m2 is
@@ -105,7 +106,9 @@ class HandMadeFeatures:
 
 def hand_made_model(monkeypatch, **changes) -> PatchCore:
     monkeypatch.setattr("models.patchcore.open_extractor", lambda *_args: HandMadeFeatures())
-    config = Config(backbone="efficientnet_lite0", image_size=32, preprocess="off", device="cpu", **changes)
+    # no smoothing: the map (whose maximum is the image score) keeps the grid's values at its corners
+    config = Config(backbone="efficientnet_lite0", image_size=32, preprocess="off", device="cpu", heatmap_sigma=0.0,
+                    **changes)
     model = PatchCore(config)
     model.memory_bank = BANK.copy()
     return model
@@ -136,7 +139,7 @@ def test_sigma_is_measured_against_healthy_calibration(fitted_model, small_screw
     (prediction,) = fitted_model.predict([load_test_split(small_screw_dir)[-1].path])
     expected = (prediction.score - fitted_model.calibration_median) / fitted_model.calibration_std
     assert prediction.sigma == pytest.approx(expected)
-    assert prediction.confidence == pytest.approx(confidence_from_sigma(expected))
+    assert prediction.anomaly_confidence == pytest.approx(anomaly_confidence_from_sigma(expected))
 
 
 def test_same_seed_gives_identical_bank_and_scores(small_screw_dir):
@@ -164,7 +167,7 @@ def test_a_saved_and_loaded_model_gives_the_same_predictions(fitted_model, small
         assert after.score == before.score
         assert after.is_anomalous == before.is_anomalous
         assert after.sigma == before.sigma and after.sigma != 0.0  # 0 = the calibration was lost
-        assert after.confidence == before.confidence
+        assert after.anomaly_confidence == before.anomaly_confidence
         assert np.array_equal(after.anomaly_map, before.anomaly_map)
         assert after.warnings == before.warnings
     assert not list(tmp_path.glob(".model.pkl.*")), "no temporary file is left behind"
@@ -324,3 +327,177 @@ def test_a_failed_save_leaves_the_previous_model_file_intact(fitted_model, tmp_p
         fitted_model.save(path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["model.pkl"]
+
+
+# ----------------------------------------------------------------------------- model files refused on load
+def saved_state(model: PatchCore, tmp_path) -> dict:
+    path = tmp_path / "good.pkl"
+    model.save(path)
+    return pickle.loads(path.read_bytes())  # our own file: trusted here
+
+
+def packed(array: np.ndarray) -> dict:
+    return {"dtype": array.dtype.str, "shape": list(array.shape), "data": array.tobytes()}
+
+
+def nan_in(array: np.ndarray) -> np.ndarray:
+    spoiled = array.copy()
+    spoiled.flat[len(spoiled.flat) // 2] = np.nan
+    return spoiled
+
+
+CORRUPTIONS = {
+    "NaN threshold": (lambda s: s.update(threshold=float("nan")), "threshold is nan, not a finite number"),
+    "infinite threshold": (lambda s: s.update(threshold=float("inf")), "threshold is inf"),
+    "negative infinite threshold": (lambda s: s.update(threshold=float("-inf")), "threshold is -inf"),
+    "empty bank": (lambda s: s.update(memory_bank=packed(np.empty((0, 152), np.float32))), "non-empty"),
+    "NaN in bank": (lambda s: s.update(memory_bank=packed(nan_in(np.ones((10, 152), np.float32)))), "NaN or infinite"),
+    "infinity in bank": (lambda s: s.update(memory_bank=packed(np.full((10, 152), np.inf, np.float32))), "NaN or infinite"),
+    "bank of another width": (
+        lambda s: s.update(memory_bank=packed(np.ones((10, 151), np.float32))),
+        "memory_bank has 151 features per patch, but efficientnet_lite0 with target_dim 1024 gives 152",
+    ),
+    "bank of another dtype": (lambda s: s.update(memory_bank=packed(np.ones((10, 152)))), "must be float32"),
+    "bank shape lies": (lambda s: s["memory_bank"].update(shape=[10**6, 152]), "does not match its"),
+    "NaN calibration": (lambda s: s.update(calibration_scores=packed(np.array([1.0, np.nan], np.float32))), "finite"),
+    "no calibration": (lambda s: s.update(calibration_scores=packed(np.empty(0, np.float32))), "non-empty"),
+    "missing threshold": (lambda s: s.pop("threshold"), "missing threshold"),
+    "missing memory bank": (lambda s: s.pop("memory_bank"), "missing memory_bank"),
+    "missing config": (lambda s: s.pop("config"), "missing config"),
+    "text format version": (lambda s: s.update(format_version="1"), "version '1' is not supported"),
+    "boolean format version": (lambda s: s.update(format_version=True), "version True is not supported"),
+    "text threshold": (lambda s: s.update(threshold="0.5"), "threshold has the wrong type"),
+    "bad setting inside": (lambda s: s["config"].update(target_dim=0), "invalid settings: target_dim must be"),
+    "unknown setting inside": (lambda s: s["config"].update(tuning=1), "unknown config key"),
+}
+
+
+@pytest.mark.parametrize("name", CORRUPTIONS)
+def test_a_model_file_no_fit_could_write_is_refused_on_load(fitted_model, tmp_path, name):
+    corrupt, reason = CORRUPTIONS[name]
+    state = saved_state(fitted_model, tmp_path)
+    corrupt(state)
+    path = tmp_path / "bad.pkl"
+    path.write_bytes(pickle.dumps(state))
+    with pytest.raises(ModelFileError) as raised:
+        PatchCore.load(path)
+    assert str(raised.value).startswith(f"{path}: ")
+    assert reason in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "opcode", [b"\x8e", b"\x95", b"\x8d", b"\x96"], ids=["BINBYTES8", "FRAME", "BINUNICODE8", "BYTEARRAY8"]
+)
+def test_a_length_claiming_a_terabyte_is_one_error_not_a_memory_error(tmp_path, opcode):
+    path = tmp_path / "huge.pkl"
+    path.write_bytes(b"\x80\x05" + opcode + (1 << 40).to_bytes(8, "little") + b"abc")
+    with pytest.raises(ModelFileError, match="huge.pkl: "):
+        PatchCore.load(path)
+
+
+def load_in_thread(path) -> str:
+    """The error message of loading ``path``; fails instead of hanging when loading would block."""
+    import threading
+
+    outcome: list[str] = []
+
+    def attempt() -> None:
+        try:
+            PatchCore.load(path)
+            outcome.append("loaded")
+        except ModelFileError as error:
+            outcome.append(str(error))
+
+    thread = threading.Thread(target=attempt, daemon=True)
+    thread.start()
+    thread.join(timeout=20)
+    assert outcome, f"loading {path} hung"
+    return outcome[0]
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda p: p.mkdir(), "is a folder, not a model file"),
+        (lambda p: os.mkfifo(p), "not a regular file (a device, FIFO or socket)"),
+        (lambda p: p.symlink_to(p), "cannot be opened (Too many levels of symbolic links)"),
+        (lambda p: p.symlink_to(p.parent / "gone.pkl"), "broken symbolic link"),
+    ],
+    ids=["folder", "fifo", "link-loop", "broken-link"],
+)
+def test_a_model_path_that_is_not_a_file_is_one_line(tmp_path, make, reason):
+    path = tmp_path / "model.pkl"
+    make(path)
+    assert load_in_thread(path) == f"{path}: {reason}"
+
+
+def test_an_unreadable_model_file_says_permission_denied(fitted_model, tmp_path):
+    from test_io import ROOT, without_root_powers
+
+    path = tmp_path / "model.pkl"
+    fitted_model.save(path)
+    path.chmod(0)
+    code = (
+        "from models.patchcore import PatchCore\n"
+        f"try:\n    PatchCore.load({str(path)!r})\nexcept Exception as e:\n    print(e)"
+    )
+    result = subprocess.run(without_root_powers([sys.executable, "-c", code]), cwd=ROOT, capture_output=True, text=True)
+    assert result.stdout.strip() == f"{path}: permission denied", result.stderr
+
+
+def test_a_phone_photo_is_scored_and_mapped_upright(fitted_model, small_screw_dir, tmp_path):
+    """EXIF orientation 6 (camera held sideways): the map covers the photo as a viewer shows it, and
+    the verdict is the one for the upright pixels."""
+    from PIL import Image
+
+    upright = read_image(load_test_split(small_screw_dir)[-1].path)[:, 112:-112]  # 1024 x 800, not square
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated 90° anticlockwise; viewers turn it back clockwise
+    path = tmp_path / "phone.png"
+    Image.fromarray(np.rot90(upright).copy()).save(path, exif=exif)
+    (from_file,) = fitted_model.predict([path])
+    (direct,) = fitted_model.predict([upright])
+    assert from_file.anomaly_map.shape == upright.shape[:2] == (1024, 800)
+    assert from_file.score == pytest.approx(direct.score, rel=1e-6)
+
+
+def test_the_score_is_read_off_the_map_the_overlay_draws(fitted_model, small_screw_dir):
+    """Flagged means some pixel of the shown map is above the threshold: the score is the map's maximum."""
+    predictions = fitted_model.predict([s.path for s in load_test_split(small_screw_dir)[:4]])
+    for prediction in predictions:
+        assert prediction.score == float(prediction.anomaly_map.max())
+        assert prediction.threshold == fitted_model.threshold
+        assert prediction.normalized_score == pytest.approx(prediction.score / fitted_model.threshold)
+        assert prediction.is_anomalous == bool((prediction.anomaly_map > prediction.threshold).any())
+
+
+def test_set_calibration_records_the_method_in_the_model_file(fitted_model, tmp_path):
+    model = PatchCore.load(_saved(fitted_model, tmp_path))
+    scores = np.arange(1.0, 101.0)
+    model.set_calibration(scores, "a hundred healthy photos")
+    assert model.calibration_median == pytest.approx(50.5)
+    model.save(tmp_path / "again.pkl")
+    reloaded = PatchCore.load(tmp_path / "again.pkl")
+    assert reloaded.calibration_method == "a hundred healthy photos"
+    assert reloaded.calibration_scores.size == 100 and reloaded.threshold == model.threshold
+
+
+def test_recalibration_moves_the_threshold_and_keeps_the_bank_bit_identical(fitted_model, small_screw_dir, tmp_path):
+    model = PatchCore.load(_saved(fitted_model, tmp_path))
+    bank_before = model.memory_bank.copy()
+    healthy = [s.path for s in load_test_split(small_screw_dir) if not s.is_defective]
+    model.recalibrate(healthy, progress=False, source="new camera")
+    assert model.memory_bank.tobytes() == bank_before.tobytes()
+    expected = [p.score for p in fitted_model.predict(healthy)]  # scored with the same, untouched bank
+    np.testing.assert_allclose(model.calibration_scores, expected, rtol=1e-6)
+    reference = PatchCore.load(_saved(fitted_model, tmp_path))
+    reference.set_calibration(np.asarray(expected), "reference")
+    assert model.threshold == pytest.approx(reference.threshold)
+    assert model.threshold != fitted_model.threshold
+    assert model.calibration_method == f"re-calibrated on {len(healthy)} healthy photos from new camera"
+
+
+def _saved(model: PatchCore, folder: Path) -> Path:
+    path = folder / "copy.pkl"
+    model.save(path)
+    return path

@@ -6,7 +6,6 @@ import json
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -16,6 +15,7 @@ import pytest
 from config import Config
 from evaluation.metrics import image_metrics
 from evaluation.report import evaluate, format_summary
+from models.patchcore import Prediction
 
 SIZE = 96
 REQUIRED_KEYS = {
@@ -26,16 +26,6 @@ REQUIRED_KEYS = {
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@dataclass
-class FakePrediction:
-    score: float
-    anomaly_map: np.ndarray
-    is_anomalous: bool
-    sigma: float = 0.0
-    confidence: float = 0.5
-    warnings: list[str] = field(default_factory=list)
-
-
 class FakeModel:
     """Stand-in for PatchCore: the anomaly map is how much redder than grey each pixel is."""
 
@@ -43,13 +33,14 @@ class FakeModel:
         self.config = Config(batch_size=4, num_workers=1)
         self.threshold = 0.3
         self.calibration_scores = np.array([0.12, 0.15, 0.18, 0.2, 0.22, 0.25], dtype=np.float32)
+        self.calibration_method = "six healthy photos"
         self.n_train = 20
         self.fit_seconds = 1.5
         self.batch_sizes: list[int] = []
         self.calibration_mean = float(self.calibration_scores.mean())
         self.calibration_std = float(self.calibration_scores.std())
 
-    def predict(self, images: list[np.ndarray], progress: bool = False) -> list[FakePrediction]:
+    def predict(self, images: list[np.ndarray], progress: bool = False) -> list[Prediction]:
         self.batch_sizes.append(len(images))
         predictions = []
         for image in images:
@@ -57,7 +48,7 @@ class FakeModel:
             anomaly_map = cv2.GaussianBlur(redness, (0, 0), 2.0) + 0.1
             score = float(anomaly_map.max())
             warnings = ["object touches the border"] if score > 0.9 else []
-            predictions.append(FakePrediction(score, anomaly_map, score > self.threshold, warnings=warnings))
+            predictions.append(Prediction(score, self.threshold, anomaly_map, score > self.threshold, 0.0, 0.5, warnings))
         return predictions
 
 
@@ -157,6 +148,16 @@ def test_warning_names_unreadable_file(tmp_path: Path, capsys: pytest.CaptureFix
     assert metrics["image_auroc"] is not None
 
 
+def test_a_mask_of_another_size_is_left_out_of_pixel_metrics(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = make_dataset(tmp_path / "data")
+    wrong = data / "ground_truth" / "scratch" / "001_mask.png"
+    _write(wrong, cv2.resize(cv2.imread(str(wrong), cv2.IMREAD_GRAYSCALE), (SIZE // 2, SIZE)))
+    metrics = evaluate(FakeModel(), data, tmp_path / "out", quiet=True, eval_size=64)
+    assert re.search(r"warning: .*001_mask\.png: mask is 48x96 but its photo .*001\.png is 96x96", capsys.readouterr().err)
+    assert metrics["n_pixel_eval_images"] == 11 - 1  # all 11 readable photos but the one with the wrong mask
+    assert metrics["n_test"] == 11  # the photo still counts for the image metrics
+
+
 def test_no_test_images(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no test images"):
         evaluate(FakeModel(), tmp_path, tmp_path / "out", quiet=True)
@@ -178,7 +179,7 @@ def _chromium(*args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=120, check=False)
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed: `make browser` installs it (apt-get, needs root)")
 def test_report_renders_in_chromium(report: tuple[dict, Path, FakeModel], tmp_path: Path) -> None:
     page = (report[1] / "report.html").resolve()
     result = _chromium("--virtual-time-budget=10000", "--dump-dom", page.as_uri(), tmp_path=tmp_path)
@@ -192,3 +193,40 @@ def test_report_renders_in_chromium(report: tuple[dict, Path, FakeModel], tmp_pa
     screenshot = tmp_path / "report.png"
     result = _chromium(f"--screenshot={screenshot}", "--window-size=1280,2400", page.as_uri(), tmp_path=tmp_path)
     assert result.returncode == 0 and screenshot.stat().st_size > 10_000
+
+
+@pytest.fixture(scope="module")
+def batch_page(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The page for photos without labels, over the same folder (its labels unused)."""
+    from evaluation.report import scored_image, write_batch_report
+    from preprocessing.io import find_images
+    from runtime.scoring import folder_photos, score_files
+
+    root = tmp_path_factory.mktemp("batch")
+    test_dir = make_dataset(root / "data") / "test"
+    model = FakeModel()
+    records, gallery = [], []
+    for batch in score_files(model, folder_photos(test_dir, find_images(test_dir))):
+        records += [scored.record for scored in batch]
+        gallery += [scored_image(s.photo.name, s.image, s.prediction) for s in batch if s.prediction is not None]
+    return write_batch_report(model, test_dir, gallery, records, root / "out" / "batch_report.html")
+
+
+def test_batch_page_shows_verdicts_without_metrics(batch_page: Path) -> None:
+    page = batch_page.read_text()
+    outcomes = re.findall(r'<figure class="card (\w+)"', page)
+    assert len(outcomes) == 11 and set(outcomes) == {"ANOMALOUS", "OK"}
+    assert "<th>Unreadable</th><td>1</td>" in page and "999.png" in page
+    assert "six healthy photos" in page  # where the threshold came from
+    assert "AUROC" not in page and "Magenta" not in page  # nothing that needs labels
+    sources = re.findall(r'<img [^>]*src="([^"]*)"', page)
+    assert sources and all(src.startswith("data:image/") for src in sources)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed: `make browser` installs it (apt-get, needs root)")
+def test_batch_page_renders_in_chromium(batch_page: Path, tmp_path: Path) -> None:
+    result = _chromium("--virtual-time-budget=10000", "--dump-dom", batch_page.resolve().as_uri(), tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    attributes = dict(re.findall(r'data-([\w-]+)="([^"]*)"', re.search(r"<html[^>]*>", result.stdout).group(0)))
+    assert attributes.get("errors") == "0" and attributes["images-loaded"] == attributes["images-total"]
+    assert int(attributes["images-total"]) == 11 + 1  # cards + colour bar

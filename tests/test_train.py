@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from preprocessing.io import load_test_split
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,10 +107,10 @@ def test_calibration_never_reads_a_test_image(tmp_path, small_screw_dir, monkeyp
     fitting, read_while_fitting = [0], []  # depth: preprocess auto fits candidate models inside the fit
     real_read, real_fit = patchcore.read_image, patchcore.PatchCore.fit
 
-    def recording_read(path):
+    def recording_read(path, *args):
         if fitting[0]:
             read_while_fitting.append(Path(path))
-        return real_read(path)
+        return real_read(path, *args)
 
     def flagged_fit(self, *args, **kwargs):
         fitting[0] += 1
@@ -122,3 +126,110 @@ def test_calibration_never_reads_a_test_image(tmp_path, small_screw_dir, monkeyp
     assert list((tmp_path / "outputs").glob("*/metrics.json")), "the test split was evaluated after the fit"
     assert len(read_while_fitting) == 12
     assert all(path.parent == small_screw_dir / "train" / "good" for path in read_while_fitting)
+
+
+def test_every_bad_training_photo_is_listed_and_nothing_is_fitted(tmp_path, small_screw_dir, monkeypatch, capsys):
+    """A truncated or corrupt photo must not silently enter the memory bank: the fit is refused, naming each."""
+    import train
+    from config import run_cli
+    from models.patchcore import PatchCore
+
+    good = tmp_path / "parts" / "train" / "good"
+    good.mkdir(parents=True)
+    for image in sorted((small_screw_dir / "train" / "good").iterdir())[:4]:
+        (good / image.name).symlink_to(image.resolve())
+    data = (small_screw_dir / "train" / "good" / "000.png").resolve().read_bytes()
+    (good / "cut.png").write_bytes(data[: len(data) // 2])
+    (good / "text.png").write_text("hello")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(PatchCore, "fit", lambda *a, **k: pytest.fail("fitted despite bad training photos"))
+    assert run_cli(lambda: train.main(["--data-dir", "parts", "--backbone", "efficientnet_lite0"])) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: 2 of 6 training photos cannot be used; remove or replace them: ")
+    assert "parts/train/good/cut.png: truncated PNG" in line and "parts/train/good/text.png: not a readable image" in line
+    assert not (tmp_path / "saved_models").exists() or not list((tmp_path / "saved_models").iterdir())
+
+
+@pytest.mark.parametrize(
+    "output, reason",
+    [
+        ("folder", "is a folder; give a file name"),
+        ("/dev/null", "is a device, FIFO or socket, not a file"),
+        ("blocker/model.pkl", "cannot be written (Not a directory)"),
+    ],
+)
+def test_an_unwritable_output_is_refused_before_the_fit(tmp_path, small_screw_dir, monkeypatch, capsys, output, reason):
+    import train
+    from config import run_cli
+    from models.patchcore import PatchCore
+
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(PatchCore, "fit", lambda *a, **k: pytest.fail("fitted before checking the output"))
+    argv = ["--data-dir", str(small_screw_dir), "--backbone", "efficientnet_lite0", "--output", output]
+    assert run_cli(lambda: train.main(argv)) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: {output}: {reason}")
+    assert os.stat("/dev/null").st_mode == DEV_NULL_MODE
+
+
+DEV_NULL_MODE = os.stat("/dev/null").st_mode
+
+
+def test_a_read_only_output_folder_is_refused_before_the_fit(tmp_path, small_screw_dir):
+    from test_io import without_root_powers
+
+    (tmp_path / "read_only").mkdir()
+    (tmp_path / "read_only").chmod(0o555)
+    command = [sys.executable, str(ROOT / "train.py"), "--data-dir", str(small_screw_dir), "--backbone",
+               "efficientnet_lite0", "--output", "read_only/model.pkl"]
+    result = subprocess.run(without_root_powers(command), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    line = one_line_error(result)
+    assert line == "error: read_only/model.pkl: cannot be written (Permission denied); any previous file is unchanged"
+    assert "fitting" not in result.stdout
+
+
+def test_settings_are_checked_before_any_work(tmp_path, small_screw_dir, monkeypatch, capsys):
+    import train
+    from config import run_cli
+    from models.patchcore import PatchCore
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(PatchCore, "fit", lambda *a, **k: pytest.fail("fitted with a bad setting"))
+    (tmp_path / "settings.yaml").write_text("threshold_percentile: 150\nclahe: 'no'\n")
+    argv = ["--data-dir", str(small_screw_dir), "--config", "settings.yaml", "--target-dim", "0"]
+    assert run_cli(lambda: train.main(argv)) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: invalid settings: target_dim must be 1 to 8192, got 0; threshold_percentile must be between 0 "
+        "and 100, both excluded, got 150.0; clahe must be true or false, got 'no'"
+    ]
+
+
+def test_recalibrate_moves_the_threshold_and_keeps_the_memory_bank(tmp_path, fitted_model, small_screw_dir):
+    from models.patchcore import PatchCore
+
+    model_path = tmp_path / "model.pkl"
+    fitted_model.save(model_path)
+    new_camera = tmp_path / "new camera"
+    new_camera.mkdir()
+    healthy = [s.path for s in load_test_split(small_screw_dir) if not s.is_defective]
+    for index, path in enumerate(healthy):
+        (new_camera / f"{index}.png").symlink_to(path.resolve())
+    result = run_train("--recalibrate", "--model", str(model_path), "--data-dir", str(new_camera), "--quiet",
+                       "--threshold-percentile", "50", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    recalibrated = PatchCore.load(model_path)
+    assert recalibrated.memory_bank.tobytes() == fitted_model.memory_bank.tobytes()
+    assert recalibrated.calibration_scores.size == len(healthy)
+    assert recalibrated.threshold == pytest.approx(float(np.median(recalibrated.calibration_scores)))
+    assert recalibrated.calibration_method == f"re-calibrated on {len(healthy)} healthy photos from {new_camera}"
+    assert f"threshold {fitted_model.threshold:.3f} -> {recalibrated.threshold:.3f}" in result.stdout
+
+
+@pytest.mark.parametrize("args", [["--recalibrate", "--data-dir", "x"], ["--recalibrate", "--model", "m.pkl"],
+                                  ["--recalibrate", "--model", "m.pkl", "--data-dir", "x", "--image-size", "128"],
+                                  ["--data-dir", "x", "--model", "m.pkl"]])
+def test_recalibrate_usage_errors(args, tmp_path):
+    result = run_train(*args, cwd=tmp_path)
+    assert result.returncode == 2 and "usage:" in result.stderr

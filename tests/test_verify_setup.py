@@ -109,6 +109,7 @@ def test_data_folders_absent_valid_and_broken(tmp_path):
 
     absent = verify_setup.check_data_folder(SYNTHETIC, tmp_path)
     assert absent.status is Status.MISSING and "--synthetic" in absent.detail
+    assert "--data-root" in absent.detail  # data kept outside data/ (e.g. ../shared/data) is one flag away
     assert verify_setup.check_data_folder(MVTEC_SCREW, tmp_path).status is Status.MISSING
 
     generate(SyntheticSettings(n_train=2, n_test_per_kind=2, size=64), tmp_path / SYNTHETIC.relative)

@@ -17,6 +17,7 @@ from evaluation.visualize import (
     colour_range,
     figure_bytes,
     overlay_rgb,
+    region_at,
     pro_figure,
     roc_figure,
     save_overlay,
@@ -90,3 +91,24 @@ def test_tiles_figure(false_negatives: int) -> None:
     tile = Tile(image, anomaly_map, "FP 5.00\ngood/000.png")
     rows = {"false positives": [tile, tile], "false negatives": [tile] * false_negatives}
     assert figure_bytes(tiles_figure(rows, threshold=2.0, columns=4)).startswith(PNG_MAGIC)
+
+
+def test_a_tiny_region_above_threshold_is_ringed_so_it_can_be_seen() -> None:
+    image = np.zeros((200, 200, 3), np.uint8)
+    anomaly_map = np.zeros((200, 200), np.float32)
+    anomaly_map[100, 100] = 5.0  # one pixel above the threshold
+    drawn = overlay_rgb(image, anomaly_map, threshold=2.0)
+    rows, cols = np.nonzero((drawn == THRESHOLD_RGB).all(axis=-1))
+    assert rows.size and rows.max() - rows.min() >= 12 and cols.max() - cols.min() >= 12
+
+
+def test_shrinking_keeps_a_one_pixel_region_that_averaging_would_lose() -> None:
+    region = np.zeros((1024, 1024), bool)
+    region[517, 300] = True
+    assert region_at(region, (224, 224)).sum() == 1
+    assert not (cv2.resize(region.astype(np.float32), (224, 224), interpolation=cv2.INTER_AREA) > 0.5).any()
+    image = np.zeros((224, 224, 3), np.uint8)
+    calm_map = np.zeros((224, 224), np.float32)  # the shrunk map no longer reaches the threshold...
+    drawn = overlay_rgb(image, calm_map, threshold=2.0, highlight=region)  # ...the full-size region still shows
+    assert (drawn == THRESHOLD_RGB).all(axis=-1).any()
+    assert not (overlay_rgb(image, calm_map, threshold=2.0) == THRESHOLD_RGB).all(axis=-1).any()

@@ -1,0 +1,282 @@
+"""Reading photos and writing result files: every bad file gets one clear reason, and no write loses data."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import stat
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from preprocessing import io as photo_io
+from preprocessing.io import (
+    ImageReadError,
+    OutputError,
+    check_writable,
+    find_images,
+    json_document,
+    read_image,
+    read_mask,
+    write_atomically,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def without_root_powers(command: list[str]) -> list[str]:
+    """Run ``command`` so that file permissions apply even to root (no DAC override capabilities)."""
+    if os.geteuid() != 0:
+        return command
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: permissions cannot be enforced")
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *command]
+
+
+def photo(height: int = 60, width: int = 80) -> np.ndarray:
+    """A photo whose every pixel differs, so a flip or rotation cannot go unnoticed (RGB)."""
+    rows, cols = np.mgrid[0:height, 0:width]
+    return np.stack([rows * 4 % 256, cols * 3 % 256, (rows * cols) % 256], axis=2).astype(np.uint8)
+
+
+def jpeg_bytes(image_rgb: np.ndarray) -> bytes:
+    ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))
+    assert ok
+    return encoded.tobytes()
+
+
+def bomb_png(side: int) -> bytes:
+    """A genuine, valid 1-bit PNG of side x side pixels that compresses to a few hundred kilobytes."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    compressor = zlib.compressobj(9)
+    row = b"\x00" * (1 + (side + 7) // 8)  # filter byte + packed bits
+    idat = b"".join(compressor.compress(row * 1000) for _ in range(side // 1000)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+# ----------------------------------------------------------------------------- reading photos
+def test_decompression_bomb_is_refused_before_decoding(tmp_path, monkeypatch):
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(bomb_png(30000))
+    assert bomb.stat().st_size < 2_000_000
+
+    def no_decoding(*_args):
+        raise AssertionError("the bomb was decoded")
+
+    monkeypatch.setattr(photo_io.cv2, "imdecode", no_decoding)
+    with pytest.raises(ImageReadError, match=r"bomb.png: 30000x30000 pixels is more than the limit of 100_000_000"):
+        read_image(bomb)
+
+
+def test_the_size_limit_is_a_setting(tmp_path):
+    path = tmp_path / "small.png"
+    cv2.imwrite(str(path), photo())
+    assert read_image(path, max_pixels=80 * 60).shape == (60, 80, 3)
+    with pytest.raises(ImageReadError, match="max_image_pixels"):
+        read_image(path, max_pixels=80 * 60 - 1)
+
+
+def test_truncated_jpeg_is_an_error_not_a_grey_photo(tmp_path):
+    data = jpeg_bytes(photo(200, 300))
+    whole, cut = tmp_path / "whole.jpg", tmp_path / "cut.jpg"
+    whole.write_bytes(data)
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    assert read_image(whole).shape == (200, 300, 3)
+    with pytest.raises(ImageReadError, match="cut.jpg: truncated JPEG"):
+        read_image(cut)
+
+
+def test_bytes_after_the_jpeg_end_marker_are_fine(tmp_path):
+    """Phones append videos or maker data after the image; that is not a truncation."""
+    path = tmp_path / "motion.jpg"
+    path.write_bytes(jpeg_bytes(photo()) + b"\x00\x00ftypmp42" + bytes(range(256)) * 10)
+    assert read_image(path).shape == (60, 80, 3)
+
+
+def test_truncated_png_is_an_error(tmp_path):
+    ok, encoded = cv2.imencode(".png", photo())
+    path = tmp_path / "cut.png"
+    path.write_bytes(encoded.tobytes()[:-40])
+    with pytest.raises(ImageReadError, match="cut.png: truncated PNG"):
+        read_image(path)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_exif_orientation_gives_the_photo_as_a_viewer_shows_it(tmp_path, orientation, suffix):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / f"phone{suffix}"
+    Image.fromarray(photo()).save(path, exif=exif, quality=100)
+    with Image.open(path) as stored:
+        as_viewed = np.asarray(ImageOps.exif_transpose(stored).convert("RGB"))
+    decoded = read_image(path)
+    assert decoded.shape == as_viewed.shape
+    assert np.abs(decoded.astype(int) - as_viewed).mean() < (0.01 if suffix == ".png" else 3)
+
+
+def test_mask_is_turned_upright_like_its_photo(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    mask = np.zeros((60, 80), np.uint8)
+    mask[:10, :20] = 255  # top-left corner
+    path = tmp_path / "mask.png"
+    Image.fromarray(mask).save(path, exif=exif)
+    upright = read_mask(path)
+    assert upright.shape == (80, 60)
+    assert upright[:20, -10:].all() and upright.sum() == 200  # 90° clockwise: now the top-right corner
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda p: p.write_text("this is not a photo"), "not a readable image"),
+        (lambda p: p.symlink_to(p.parent / "gone.png"), "broken symbolic link"),
+        (lambda p: p.mkdir(), "is a folder"),
+        (lambda p: os.mkfifo(p), "not a regular file"),  # opening it would wait for a writer forever
+        (lambda p: p.symlink_to(p), "Too many levels of symbolic links"),
+        (lambda p: None, "no such file"),
+    ],
+    ids=["text", "broken-link", "folder", "fifo", "link-loop", "missing"],
+)
+def test_unusable_files_get_one_reason(tmp_path, make, reason):
+    path = tmp_path / "part.png"
+    make(path)
+    with pytest.raises(ImageReadError, match=reason) as raised:
+        read_image(path)
+    assert str(raised.value).startswith(f"{path}: ")
+
+
+def test_permission_denied_says_so(tmp_path):
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    path = folder / "locked.png"
+    cv2.imwrite(str(path), photo())
+    path.chmod(0)
+    code = f"from preprocessing.io import read_image\ntry:\n    read_image({str(path)!r})\nexcept Exception as e:\n    print(e)"
+    result = subprocess.run(without_root_powers([sys.executable, "-c", code]), cwd=ROOT, capture_output=True, text=True)
+    assert result.stdout.strip() == f"{path}: permission denied", result.stderr
+
+
+def test_folder_listing_keeps_broken_links_so_they_are_reported(tmp_path):
+    cv2.imwrite(str(tmp_path / "a.png"), photo())
+    (tmp_path / "b.png").symlink_to(tmp_path / "gone.png")
+    (tmp_path / "c.png").mkdir()
+    (tmp_path / "notes.txt").write_text("x")
+    assert [p.name for p in find_images(tmp_path)] == ["a.png", "b.png"]
+
+
+# ----------------------------------------------------------------------------- writing results
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_new_files_get_the_mode_the_umask_gives(tmp_path, umask, mode):
+    previous = os.umask(umask)
+    try:
+        write_atomically(tmp_path / "out" / "metrics.json", "{}")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "out" / "metrics.json").stat().st_mode) == mode
+
+
+def test_a_replaced_file_keeps_its_mode(tmp_path):
+    path = tmp_path / "model.pkl"
+    path.write_bytes(b"old")
+    path.chmod(0o640)
+    write_atomically(path, b"new")
+    assert path.read_bytes() == b"new"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    """A real write failure: the file-size limit makes the kernel refuse the write, as a full disk would."""
+    path = tmp_path / "model.pkl"
+    path.write_bytes(b"the old model")
+    code = (
+        "import resource, signal\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))\n"
+        "from preprocessing.io import write_atomically\n"
+        "try:\n"
+        f"    write_atomically({str(path)!r}, b'x' * 5000)\n"
+        "except Exception as e:\n"
+        "    print(type(e).__name__, e)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.stdout.strip() == (
+        f"OutputError {path}: cannot be written (File too large); any previous file is unchanged"
+    ), result.stderr
+    assert path.read_bytes() == b"the old model"
+    assert os.listdir(tmp_path) == ["model.pkl"]
+
+
+def test_stale_temporaries_of_a_dead_writer_are_removed_a_live_one_is_kept(tmp_path):
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    stale = [tmp_path / f".report.html.{finished.pid}.0badc0de.tmp", tmp_path / f".model.pkl.{finished.pid}.12345678.tmp"]
+    kept = [tmp_path / f".report.html.{os.getpid()}.c0ffee00.tmp", tmp_path / "notes.tmp", tmp_path / ".cache.tmp"]
+    for path in stale + kept:
+        path.write_text("partial")
+    write_atomically(tmp_path / "report.html", "<html></html>")
+    assert sorted(os.listdir(tmp_path)) == sorted(["report.html", *(path.name for path in kept)])
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda p: p.mkdir(), "is a folder"),
+        (lambda p: os.mkfifo(p), "is a device, FIFO or socket"),
+    ],
+    ids=["folder", "fifo"],
+)
+def test_an_output_that_is_not_a_file_is_refused_and_left_alone(tmp_path, make, reason):
+    path = tmp_path / "model.pkl"
+    make(path)
+    kind = stat.S_IFMT(path.stat().st_mode)
+    for attempt in (check_writable, lambda p: write_atomically(p, b"x")):
+        with pytest.raises(OutputError, match=reason):
+            attempt(path)
+    assert stat.S_IFMT(path.stat().st_mode) == kind
+    assert os.listdir(tmp_path) == ["model.pkl"]
+
+
+def test_a_device_node_is_never_replaced():
+    with pytest.raises(OutputError, match="/dev/null: is a device"):
+        write_atomically("/dev/null", b"x")
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+
+def test_a_read_only_folder_is_found_before_any_work(tmp_path):
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    code = (
+        "from preprocessing.io import check_writable\n"
+        f"try:\n    check_writable({str(folder / 'model.pkl')!r})\nexcept Exception as e:\n    print(e)"
+    )
+    result = subprocess.run(without_root_powers([sys.executable, "-c", code]), cwd=ROOT, capture_output=True, text=True)
+    assert result.stdout.strip() == f"{folder / 'model.pkl'}: cannot be written (Permission denied); any previous file is unchanged", result.stderr
+    assert os.listdir(folder) == []
+
+
+def test_a_parent_that_is_a_file_is_an_output_error(tmp_path):
+    (tmp_path / "saved_models").write_text("a file, not a folder")
+    with pytest.raises(OutputError, match="cannot be written"):
+        check_writable(tmp_path / "saved_models" / "model.pkl")
+
+
+def test_json_document_never_holds_nan_or_infinity():
+    text = json_document({"score": float("nan"), "nested": [1.5, float("inf"), {"x": -float("inf")}]})
+    assert json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in JSON")) == {
+        "score": None, "nested": [1.5, None, {"x": None}]
+    }

@@ -1,0 +1,84 @@
+"""The one scoring path (runtime.scoring): records, heatmap names, CSV, and what a flagged photo shows."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from evaluation.report import scored_image
+from evaluation.visualize import THRESHOLD_RGB, highlighted_region, overlay_rgb
+from preprocessing.io import find_images, load_test_split, read_image
+from runtime.scoring import Photo, RECORD_FIELDS, folder_photos, heatmap_path, records_csv, score_batch, score_files, summary
+
+
+def test_heatmap_names_mirror_the_relative_path(tmp_path):
+    names = ["line1/cam/P1.JPG", "line1/cam/P1.png", "line2/cam/P1.JPG", "train/good/000.png", "test/good/000.png"]
+    paths = [heatmap_path(tmp_path, name) for name in names]
+    assert len(set(paths)) == len(names)
+    assert paths[0] == tmp_path / "line1" / "cam" / "P1.JPG_heatmap.png"
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd.png", "/abs/P1.png", "a/./../P1.png", "C:\\photos\\P1.png"])
+def test_a_heatmap_never_lands_outside_its_folder(tmp_path, name):
+    path = heatmap_path(tmp_path / "heatmaps", name)
+    assert path.resolve().is_relative_to((tmp_path / "heatmaps").resolve())
+    assert path.name == "P1.png_heatmap.png" or path.name == "passwd.png_heatmap.png"
+
+
+def test_a_batch_mixes_files_arrays_and_unreadable_files(fitted_model, small_screw_dir, tmp_path):
+    """What a service calls: photos in memory or on disk; a bad one is an error record, the rest are scored."""
+    first, second = (s.path for s in load_test_split(small_screw_dir)[:2])
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG broken")
+    photos = [Photo("upload/part.png", read_image(first)), Photo("broken.png", broken), Photo("b.png", second)]
+    results = score_batch(fitted_model, photos, heatmap_dir=tmp_path / "heatmaps")
+    assert [r.record["path"] for r in results] == ["upload/part.png", str(broken), str(second)]
+    assert "error" in results[1].record and results[1].prediction is None
+    expected = [p.score for p in fitted_model.predict([first, second])]
+    assert [results[0].record["score"], results[2].record["score"]] == [round(s, 4) for s in expected]
+    for result in (results[0], results[2]):
+        record = result.record
+        assert set(record) == set(RECORD_FIELDS) - {"error"}
+        assert record["normalized_score"] == pytest.approx(record["score"] / record["threshold"], abs=1e-3)
+        assert Path(record["heatmap"]).is_file()
+    assert results[0].record["heatmap"] == str(tmp_path / "heatmaps" / "upload" / "part.png_heatmap.png")
+    assert summary([r.record for r in results]) == {"scored": 2, "anomalous": sum(
+        r.record["is_anomalous"] for r in results if r.prediction), "unreadable": 1}
+
+
+def test_records_csv_has_one_row_per_photo():
+    records = [
+        {"path": "a.png", "score": 1.5, "normalized_score": 0.75, "threshold": 2.0, "is_anomalous": False,
+         "sigma": 0.1, "anomaly_confidence": 0.08, "warnings": ["no object", "dark"]},
+        {"path": "b.png", "error": "b.png: not a readable image"},
+    ]
+    rows = list(csv.DictReader(io.StringIO(records_csv(records))))
+    assert [row["path"] for row in rows] == ["a.png", "b.png"]
+    assert rows[0]["normalized_score"] == "0.75" and rows[0]["warnings"] == "no object; dark"
+    assert rows[1]["error"] == "b.png: not a readable image" and rows[1]["score"] == ""
+
+
+def test_every_flagged_screw_photo_shows_where(fitted_model, screw_dir):
+    """Acceptance (issue 10, item 2), on the FULL screw test set: every photo called ANOMALOUS has a
+    highlighted region on its overlay (full size) and on its report thumbnail, and no OK photo has one."""
+    photos = folder_photos(screw_dir / "test", find_images(screw_dir / "test"))
+    flagged = 0
+    for batch in score_files(fitted_model, photos):
+        for scored in batch:
+            prediction = scored.prediction
+            region = highlighted_region(prediction.anomaly_map, prediction.threshold)
+            assert region.any() == prediction.is_anomalous, scored.photo.name
+            if not prediction.is_anomalous:
+                continue
+            flagged += 1
+            black = np.zeros_like(scored.image)  # the only white an overlay of a black photo has is the contour
+            drawn = overlay_rgb(black, prediction.anomaly_map, prediction.threshold)
+            assert (drawn == THRESHOLD_RGB).all(axis=-1).any(), f"{scored.photo.name}: flagged, nothing outlined"
+            card = scored_image(scored.photo.name, scored.image, prediction)  # what the report keeps
+            drawn = overlay_rgb(np.zeros_like(card.thumbnail), card.eval_map, card.threshold, highlight=card.highlight)
+            assert (drawn == THRESHOLD_RGB).all(axis=-1).any(), f"{scored.photo.name}: thumbnail outlines nothing"
+    assert len(photos) == 160 and flagged > 0
