@@ -109,9 +109,24 @@ class FolderWatcher:
         watcher = self
 
         class Handler(FileSystemEventHandler):
-            def on_any_event(self, event: FileSystemEvent) -> None:
-                if not event.is_directory:
-                    watcher.notice(Path(os.fsdecode(getattr(event, "dest_path", "") or event.src_path)))
+            """Writes only: the watcher's own reads of a photo (opened, closed unwritten) are no news."""
+
+            def on_created(self, event: FileSystemEvent) -> None:
+                self.written(event.src_path, event.is_directory)
+
+            def on_modified(self, event: FileSystemEvent) -> None:
+                self.written(event.src_path, event.is_directory)
+
+            def on_closed(self, event: FileSystemEvent) -> None:
+                self.written(event.src_path, event.is_directory)
+
+            def on_moved(self, event: FileSystemEvent) -> None:
+                self.written(event.dest_path, event.is_directory)
+
+            @staticmethod
+            def written(path: str | bytes, is_directory: bool) -> None:
+                if not is_directory:
+                    watcher.notice(Path(os.fsdecode(path)))
 
         observer = Observer()
         observer.schedule(Handler(), str(self.folder), recursive=False)
