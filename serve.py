@@ -20,6 +20,8 @@ from pathlib import Path
 from config import fail, run_cli
 from runtime.service import SETTINGS_ENV, ServiceSettings, create_app, settings_env
 
+WORKER_START_S = 300  # how long a worker process may take to load the model on a busy machine
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -54,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         uvicorn.run(create_app(settings), host=args.host, port=args.port, access_log=False)
     else:
         os.environ[SETTINGS_ENV] = settings_env(settings)
+        # each worker loads the model before it answers uvicorn's health check (5 s by default)
         uvicorn.run("runtime.service:create_app_from_env", factory=True, host=args.host, port=args.port,
-                    workers=args.workers, access_log=False)
+                    workers=args.workers, access_log=False, timeout_worker_healthcheck=WORKER_START_S)
     return 0
 
 
