@@ -3,7 +3,8 @@
 Prints a table (or one JSON document with ``--json``) and, after it, a summary line: photos scored,
 flagged anomalous, unreadable. ``--visualize`` writes a heatmap overlay per photo, ``--csv FILE``
 the same records as CSV, ``--report`` an HTML page of every photo sorted by score; ``--evaluate``
-treats ``--dir`` as an MVTec-layout folder and writes a metrics report.
+treats ``--dir`` as an MVTec-layout folder and writes a metrics report. ``--watch DIR`` scores each
+photo a camera writes into DIR, once, into ``--jsonl``/``--csv`` (and ``--sort-into``), until Ctrl-C.
 
 Per photo: score (feature distance of the worst spot to the nearest healthy patch; its scale
 depends on the model), normalized_score (score / threshold: 1.0 is the threshold on every model),
@@ -40,6 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--image", type=Path, help="one photo")
     target.add_argument("--dir", type=Path, help="a folder of photos (searched recursively)")
+    target.add_argument("--watch", type=Path, metavar="DIR",
+                        help="score each photo written into DIR once it is complete, until Ctrl-C (README, 'On the line')")
     parser.add_argument("--threshold", type=float, metavar="T",
                         help="judge against T instead of the model's calibrated threshold, for this run only "
                              "(to move it for good: train.py --recalibrate)")
@@ -54,8 +57,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--evaluate", action="store_true", help="--dir is an MVTec-layout folder: write metrics")
     parser.add_argument("--output-dir", type=Path, help="where overlays and reports go (default outputs/<model>)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override the model's device")
+    parser.add_argument(
+        "--runtime",
+        choices=("auto", "torch", "onnx"),
+        default="auto",
+        help="feature extractor back end; auto = ONNX Runtime when scripts/export_onnx.py wrote <model>.onnx",
+    )
+    parser.add_argument("--jsonl", type=Path, metavar="FILE", help="with --watch: append one JSON line per photo")
+    parser.add_argument("--sort-into", type=Path, metavar="OUT",
+                        help="with --watch: move each photo to OUT/ok, OUT/anomalous or OUT/unreadable")
+    parser.add_argument("--settle-seconds", type=float, default=0.5,
+                        help="with --watch: a photo counts as written once unchanged this long")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    if (args.jsonl or args.sort_into) and not args.watch:
+        parser.error("--jsonl and --sort-into go with --watch")
+    if args.watch and not (args.jsonl or args.csv or args.sort_into):
+        parser.error("--watch needs somewhere to put results: --jsonl, --csv and/or --sort-into")
+    if args.watch and (args.visualize or args.report or args.json or args.threshold is not None):
+        parser.error("--watch writes records to --jsonl/--csv; --visualize, --report, --json and --threshold are for --image/--dir")
+    if args.settle_seconds < 0:
+        parser.error("--settle-seconds must be >= 0")
     if args.evaluate and not args.dir:
         parser.error("--evaluate needs --dir (an MVTec-layout folder with test/)")
     if args.evaluate and args.threshold is not None:
@@ -91,10 +113,18 @@ def summary_line(counts: dict[str, int]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.watch and not args.watch.is_dir():
+        fail(f"{args.watch}: no such folder to watch")
     from models.patchcore import PatchCore
 
-    model = PatchCore.load(args.model, device=args.device)
+    model = PatchCore.load(args.model, device=args.device, runtime=args.runtime)
     out_dir = args.output_dir or Path("outputs") / args.model.stem
+
+    if args.watch:
+        from runtime.watcher import WatchOutputs, watch_until_stopped
+
+        outputs = WatchOutputs(jsonl=args.jsonl, csv=args.csv, sort_into=args.sort_into)
+        return watch_until_stopped(model, args.watch, outputs, args.settle_seconds)
 
     if args.evaluate:
         from evaluation.report import evaluate, format_summary
@@ -163,7 +193,6 @@ def score_all(
     """
     from tqdm import tqdm
 
-    from evaluation.report import scored_image
     from runtime.scoring import score_files
 
     records, gallery = [], []
@@ -174,6 +203,8 @@ def score_all(
                 if scored.prediction is None:
                     tqdm.write(f"error: {scored.record['error']}", file=sys.stderr)
                 elif thumbnails:
+                    from evaluation.report import scored_image  # scikit-learn, matplotlib: only for a report
+
                     gallery.append(scored_image(scored.photo.name, scored.image, scored.prediction))
             bar.update(len(batch))
     return records, gallery

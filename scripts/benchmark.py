@@ -6,14 +6,14 @@ Usage:
     .venv/bin/python scripts/benchmark.py --backbone efficientnet_lite0 --limit-train 40 --profile
 
 The fit and the inference phases each run in a child process of their own, so each peak resident
-memory figure (VmHWM, read inside the child) belongs to that phase alone. The fit is split into
-stages by timing wrappers installed on the model's own functions in the child (the feature
-extractor's ``__call__``, ``StreamingCoreset.add/_reduce/result``, ``PatchCore._batches``, the
-lazy ``PatchCore.index`` and the calibration ``predict``); nothing of the model's logic is copied.
-Stages are exclusive: a stage nested in another is subtracted from it, so the rows add up to the
-fit's wall time. Inference is timed end to end from decoded RGB arrays (preprocess, features, kNN,
-map back onto the photo), after warm-up. Image AUROC on the test split is reported next to the
-speed figures so that a speed change can be checked against accuracy.
+memory figure (VmHWM, read inside the child) belongs to that phase alone. The stages of the fit and
+of each prediction are the ones the model clocks itself (``PatchCore.timings``); the rows add up to
+the fit's wall time. Inference is timed end to end from decoded RGB arrays (preprocess, features,
+kNN, map back onto the photo), after warm-up, once per feature extractor back end in
+``--runtimes`` (``onnx`` exports the fitted model with scripts/export_onnx.py first). Cold start
+is ``inference.py --image`` run as a fresh process: wall time, CPU time and peak memory. Image
+AUROC on the test split is reported next to the speed figures so that a speed change can be
+checked against accuracy.
 
 ``--random-weights`` builds wide_resnet50_2 (or lite0) with random weights when the ImageNet weights
 are not available offline: the timings are real, the AUROC is meaningless (timing only).
@@ -59,175 +59,20 @@ PROFILE_TOP = 25
 PROFILE_POOL_TOP = 15
 LATENCY_POOL = 8  # distinct decoded photos cycled through by the batch-1 latency runs
 
-# Stage names used by the instrumentation.
-LOAD = "load+preprocess"
-FEATURES = "features"
-CORESET = "coreset"
-GREEDY = "coreset greedy"
-INDEX = "index build"
-CALIBRATION = "calibration"
-PREDICT = "predict"
+COLD_START_RUNS = 3  # fresh inference.py processes per back end; the median is reported
 
 
-# ============================================================================ instrumentation
-class StageTimer:
-    """Wall time per stage, exclusive of nested stages, keyed by the path of enclosing stages.
-
-    ``stage(name)`` re-entered directly inside a stage of the same name counts once (e.g.
-    ``StreamingCoreset.result`` calling ``_reduce`` under a wrapper of the same name).
-    """
-
-    def __init__(self, sync: Callable[[], None] | None = None) -> None:
-        self.totals: dict[tuple[str, ...], float] = defaultdict(float)
-        self.counts: dict[tuple[str, ...], int] = defaultdict(int)
-        self._stack: list[list[Any]] = []  # [name, start, seconds spent in nested stages]
-        self._sync = sync or (lambda: None)
-
-    def reset(self) -> None:
-        self.totals.clear()
-        self.counts.clear()
-
-    @contextlib.contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        if self._stack and self._stack[-1][0] == name:
-            yield
-            return
-        self._sync()
-        frame = [name, time.perf_counter(), 0.0]
-        self._stack.append(frame)
-        try:
-            yield
-        finally:
-            self._sync()
-            elapsed = time.perf_counter() - frame[1]
-            self._stack.pop()
-            path = tuple(item[0] for item in self._stack) + (name,)
-            self.totals[path] += elapsed - frame[2]
-            self.counts[path] += 1
-            if self._stack:
-                self._stack[-1][2] += elapsed
-
-    def leaf(self, name: str, under: str | None = None, exclude: str | None = None) -> float:
-        """Seconds of every path ending in ``name``, optionally only below / not below a stage."""
-        return sum(
-            seconds
-            for path, seconds in self.totals.items()
-            if path[-1] == name and (under is None or under in path[:-1]) and (exclude is None or exclude not in path)
-        )
-
-
-class ThreadSums:
-    """Seconds summed over threads (work done on the preprocessing pool; may exceed wall time)."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-        self.calls: dict[str, int] = defaultdict(int)
-        self._lock = threading.Lock()
-
-    def wrap(self, name: str, function: Callable) -> Callable:
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
-            try:
-                return function(*args, **kwargs)
-            finally:
-                with self._lock:
-                    self.seconds[name] += time.perf_counter() - start
-                    self.calls[name] += 1
-
-        return timed
-
-    def reset(self) -> None:
-        with self._lock:
-            self.seconds.clear()
-            self.calls.clear()
-
-
-@contextlib.contextmanager
-def instrument(timer: StageTimer, threads: ThreadSums, predict_stage: str) -> Iterator[None]:
-    """Install timing wrappers on the model's functions (this process only); restore them on exit."""
-    import models.patchcore as patchcore
-    from models.coreset import StreamingCoreset
-    from models.feature_extractor import FeatureExtractor
-    from models.patchcore import PatchCore
-
-    saved: list[tuple[Any, str, Any]] = []
-
-    def replace(owner: Any, name: str, make: Callable[[Any], Any]) -> None:
-        original = owner.__dict__.get(name) if isinstance(owner, type) else getattr(owner, name, None)
-        if original is None:
-            raise RuntimeError(
-                f"benchmark instrumentation: {getattr(owner, '__name__', owner)}.{name} no longer exists; "
-                "update scripts/benchmark.py to the model's new structure"
-            )
-        saved.append((owner, name, original))
-        setattr(owner, name, make(original))
-
-    def staged(name: str) -> Callable[[Callable], Callable]:
-        def make(function: Callable) -> Callable:
-            def timed(*args: Any, **kwargs: Any) -> Any:
-                with timer.stage(name):
-                    return function(*args, **kwargs)
-
-            timed.__wrapped__ = function
-            return timed
-
-        return make
-
-    def batches(function: Callable) -> Callable:
-        def timed(self: Any, *args: Any, **kwargs: Any) -> Iterator[Any]:
-            generator = function(self, *args, **kwargs)
-            while True:
-                with timer.stage(LOAD):
-                    try:
-                        batch = next(generator)
-                    except StopIteration:
-                        return
-                yield batch
-
-        return timed
-
-    def index(prop: property) -> property:
-        def timed(self: Any) -> Any:
-            if self._index is None:
-                with timer.stage(INDEX):
-                    return prop.fget(self)
-            return prop.fget(self)
-
-        return property(timed)
-
-    try:
-        replace(FeatureExtractor, "__call__", staged(FEATURES))
-        replace(StreamingCoreset, "add", staged(CORESET))
-        replace(StreamingCoreset, "result", staged(CORESET))
-        replace(StreamingCoreset, "_reduce", staged(GREEDY))
-        replace(PatchCore, "_batches", batches)
-        replace(PatchCore, "index", index)
-        replace(PatchCore, "predict", staged(predict_stage))
-        replace(patchcore, "read_image", lambda function: threads.wrap("decode", function))
-        replace(patchcore, "preprocess", lambda function: threads.wrap("preprocess", function))
-        yield
-    finally:
-        for owner, name, original in reversed(saved):
-            setattr(owner, name, original)
-
-
-def fit_stages(timer: StageTimer, total: float) -> dict[str, float]:
-    """The fit's wall time split into exclusive stages that add up to ``total``."""
+# ============================================================================ fit stages
+def fit_stages(timings: dict[str, float]) -> dict[str, float]:
+    """The fit's wall time split into the stages the model clocked itself (``PatchCore.timings``)."""
     stages = {
-        "load_preprocess_s": timer.leaf(LOAD, exclude=CALIBRATION),
-        "feature_extraction_s": timer.leaf(FEATURES, exclude=CALIBRATION),
-        "coreset_s": timer.leaf(CORESET) + timer.leaf(GREEDY),
-        "index_build_s": timer.leaf(INDEX),
-        "calibration_s": sum(
-            seconds for path, seconds in timer.totals.items() if path[0] == CALIBRATION and path[-1] != INDEX
-        ),
+        "preprocess_choice_s": timings.get("preprocess_choice", 0.0),
+        "load_preprocess_s": timings.get("load_preprocess", 0.0),
+        "feature_extraction_s": timings.get("features", 0.0),
+        "coreset_s": timings.get("coreset", 0.0),
+        "calibration_s": timings.get("calibration", 0.0),
     }
-    stages["other_s"] = max(0.0, total - sum(stages.values()))
-    stages["coreset_greedy_s"] = timer.leaf(GREEDY)
-    stages["coreset_chunks"] = sum(count for path, count in timer.counts.items() if path[-1] == GREEDY)
-    stages["calibration_load_preprocess_s"] = timer.leaf(LOAD, under=CALIBRATION)
-    stages["calibration_features_s"] = timer.leaf(FEATURES, under=CALIBRATION)
-    stages["calibration_knn_score_map_s"] = timer.totals.get((CALIBRATION,), 0.0)
+    stages["other_s"] = max(0.0, timings["fit"] - sum(stages.values()))
     return stages
 
 
@@ -315,19 +160,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--throughput-images", type=int, default=64, metavar="N", help="images timed per batch size")
     parser.add_argument("--latency-runs", type=int, default=50, metavar="N", help="timed batch-1 predictions")
     parser.add_argument("--warmup", type=int, default=5, metavar="N", help="untimed predictions before timing")
+    parser.add_argument(
+        "--runtimes", nargs="+", choices=("torch", "onnx"), default=["torch"],
+        help="feature extractor back ends to time inference and cold start with (onnx: exported first)",
+    )
+    parser.add_argument(
+        "--cold-start-runs", type=int, default=COLD_START_RUNS, metavar="N",
+        help="fresh inference.py --image processes per back end (0: skip)",
+    )
     parser.add_argument("--profile", action="store_true", help=f"also cProfile a fit; print the top {PROFILE_TOP}")
     parser.add_argument("--json-out", type=Path, help="default outputs/benchmark_<backbone>.json")
     parser.add_argument("--quiet", action="store_true", help="no progress bars, only the table")
     parser.add_argument("--_phase", choices=PHASES, help=argparse.SUPPRESS)
     parser.add_argument("--_workdir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--runtime", default="torch", help=argparse.SUPPRESS)  # the infer phase's back end
     add_config_arguments(parser)
     args = parser.parse_args(argv)
     for name in ("limit_train", "limit_test", "throughput_images", "latency_runs"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.warmup < 0 or any(size < 1 for size in args.batch_sizes):
-        parser.error("--warmup must be >= 0 and every batch size >= 1")
+    if args.warmup < 0 or args.cold_start_runs < 0 or any(size < 1 for size in args.batch_sizes):
+        parser.error("--warmup and --cold-start-runs must be >= 0 and every batch size >= 1")
+    if args.random_weights and "onnx" in args.runtimes:
+        parser.error("--runtimes onnx exports the model's real backbone weights; it cannot go with --random-weights")
     return args
 
 
@@ -348,7 +204,11 @@ def spread(items: Sequence[Any], n: int | None) -> list[Any]:
     return [items[i] for i in np.linspace(0, len(items) - 1, n).round().astype(int)]
 
 
-def make_extractor(config: Config, random_weights: bool):
+def make_extractor(config: Config, random_weights: bool, runtime: str = "torch", onnx_file: Path | None = None):
+    if runtime == "onnx":
+        from models.backend import open_extractor
+
+        return open_extractor(config, "onnx", onnx_file)
     from models.feature_extractor import FeatureExtractor
 
     return FeatureExtractor(config, pretrained=not random_weights)
@@ -360,19 +220,11 @@ def attach_extractor(model: Any, extractor: Any) -> None:
     model.weights_identity = extractor.weights_identity
 
 
-def cuda_sync(device: Any) -> Callable[[], None]:
-    import torch
-
-    if getattr(device, "type", str(device)) == "cuda":
-        return torch.cuda.synchronize
-    return lambda: None
-
-
 def gpu_peak_mib(device: Any) -> float | None:
-    import torch
-
     if getattr(device, "type", str(device)) != "cuda":
         return None
+    import torch
+
     return torch.cuda.max_memory_allocated() / 2**20
 
 
@@ -395,11 +247,9 @@ def phase_fit(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     model = PatchCore(config)
     attach_extractor(model, extractor)
 
-    timer, threads = StageTimer(cuda_sync(extractor.device)), ThreadSums()
-    with instrument(timer, threads, CALIBRATION):
-        start = time.perf_counter()
-        model.fit(paths, progress=not args.quiet)
-        fit_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    model.fit(paths, progress=not args.quiet)
+    fit_seconds = time.perf_counter() - start
     peak = memory_status_mib()["VmHWM"]
 
     model_path = workdir / "model.pkl"
@@ -416,8 +266,7 @@ def phase_fit(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "n_calibration_images": int(model.calibration_scores.size),
         "backbone_load_s": backbone_seconds,
         "fit_total_s": fit_seconds,
-        "stages": fit_stages(timer, fit_seconds),
-        "thread_summed_s": dict(threads.seconds),
+        "stages": fit_stages(model.timings),
         "memory_bank_patches": int(bank.shape[0]),
         "memory_bank_dims": int(bank.shape[1]),
         "memory_bank_mib": bank.nbytes / 2**20,
@@ -507,24 +356,20 @@ def evaluation_split(args: argparse.Namespace) -> tuple[list[LabelledImage], str
     return samples, None
 
 
-def latency_breakdown(timer: StageTimer) -> dict[str, float]:
-    return {
-        "preprocess": timer.leaf(LOAD),
-        "features": timer.leaf(FEATURES),
-        "knn_score_map": timer.totals.get((PREDICT,), 0.0),
-    }
+# The stages of one prediction as PatchCore.timings names them, and as the report names them.
+PREDICT_STAGES = {"preprocess": "predict_load_preprocess", "features": "predict_features", "knn_score_map": "predict_knn_map"}
 
 
 def phase_infer(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    """Load the fitted model; batch-1 latency, throughput per batch size, peaks; then AUROC."""
+    """Load the fitted model with one back end; batch-1 latency, throughput per batch size, peaks; then AUROC."""
     from models.patchcore import PatchCore
 
-    result: dict[str, Any] = {}
+    result: dict[str, Any] = {"runtime": args.runtime}
     start = time.perf_counter()
-    model = PatchCore.load(workdir / "model.pkl")
+    model = PatchCore.load(workdir / "model.pkl", runtime=args.runtime)
     result["model_load_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    attach_extractor(model, make_extractor(model.config, args.random_weights))
+    attach_extractor(model, make_extractor(model.config, args.random_weights, args.runtime, model.onnx_file))
     result["backbone_load_s"] = time.perf_counter() - start
     device = model._extractor.device
     base_config = model.config
@@ -537,64 +382,64 @@ def phase_infer(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     def decode(paths: Sequence[Path]) -> list[np.ndarray]:
         return [read_image(path) for path in paths]
 
-    timer, threads = StageTimer(cuda_sync(device)), ThreadSums()
-    with instrument(timer, threads, PREDICT):
-        # ---- batch-1 latency, from decoded arrays
-        pool = decode(spread(chosen, LATENCY_POOL))
-        result["inference_photo_size"] = list(pool[0].shape)
-        result["rss_peak_reset"] = reset_peak_rss()  # from here on, peaks of inference alone
-        for i in range(args.warmup):
-            model.predict([pool[i % len(pool)]])
-        timer.reset()
-        latencies, parts = [], defaultdict(list)
-        for i in tqdm(range(args.latency_runs), desc="latency, batch 1", unit="run", disable=args.quiet, leave=False):
-            timer.reset()
-            begin = time.perf_counter()
-            model.predict([pool[i % len(pool)]])
-            latencies.append(time.perf_counter() - begin)
-            for name, seconds in latency_breakdown(timer).items():
-                parts[name].append(seconds)
-        result["rss_peak_batch1_mib"] = memory_status_mib()["VmHWM"]
-        result["latency_ms"] = {
-            "runs": len(latencies),
-            "warmup": args.warmup,
-            "median": 1000 * float(np.median(latencies)),
-            "p95": 1000 * float(np.percentile(latencies, 95)),
-            "min": 1000 * float(np.min(latencies)),
-            "mean": 1000 * float(np.mean(latencies)),
-            "median_parts": {name: 1000 * float(np.median(values)) for name, values in parts.items()},
-        }
+    # ---- batch-1 latency, from decoded arrays
+    pool = decode(spread(chosen, LATENCY_POOL))
+    result["inference_photo_size"] = list(pool[0].shape)
+    result["rss_peak_reset"] = reset_peak_rss()  # from here on, peaks of inference alone
+    for i in range(args.warmup):
+        model.predict([pool[i % len(pool)]])
+    latencies, cpu_seconds, parts = [], [], defaultdict(list)
+    for i in tqdm(range(args.latency_runs), desc="latency, batch 1", unit="run", disable=args.quiet, leave=False):
+        before = dict(model.timings)
+        begin, cpu_begin = time.perf_counter(), time.process_time()
+        model.predict([pool[i % len(pool)]])
+        latencies.append(time.perf_counter() - begin)
+        cpu_seconds.append(time.process_time() - cpu_begin)
+        for name, key in PREDICT_STAGES.items():
+            parts[name].append(model.timings.get(key, 0.0) - before.get(key, 0.0))
+    result["rss_peak_batch1_mib"] = memory_status_mib()["VmHWM"]
+    result["latency_ms"] = {
+        "runs": len(latencies),
+        "warmup": args.warmup,
+        "median": 1000 * float(np.median(latencies)),
+        "p95": 1000 * float(np.percentile(latencies, 95)),
+        "min": 1000 * float(np.min(latencies)),
+        # CPU time of all this process's threads: what a photo costs, whatever else runs on the machine
+        "cpu_median": 1000 * float(np.median(cpu_seconds)),
+        "mean": 1000 * float(np.mean(latencies)),
+        "median_parts": {name: 1000 * float(np.median(values)) for name, values in parts.items()},
+    }
 
-        # ---- throughput per batch size (each predict call is one batch; results dropped at once)
-        arrays = decode(chosen)
-        throughput = {}
-        sizes = sorted(set(args.batch_sizes))
-        for size in tqdm(sizes, desc="throughput", unit="batch size", disable=args.quiet, leave=False):
-            model.config = base_config.replace(batch_size=size)
-            n_batches = max(1, math.ceil(args.throughput_images / size))
-            batches = [[arrays[(b * size + j) % len(arrays)] for j in range(size)] for b in range(n_batches + 1)]
-            model.predict(batches[0])  # warm-up at this shape
-            batch_seconds = []
-            for batch in batches[1:]:
-                begin = time.perf_counter()
-                model.predict(batch)
-                batch_seconds.append(time.perf_counter() - begin)
-            seconds = float(np.sum(batch_seconds))
-            throughput[str(size)] = {
-                "images": n_batches * size,
-                "seconds": seconds,
-                "images_per_s": n_batches * size / seconds,
-                "ms_per_batch": 1000 * seconds / n_batches,
-                # robust to other load on the machine: from the median batch time
-                "images_per_s_median_batch": size / float(np.median(batch_seconds)),
-            }
-        model.config = base_config
-        del arrays
-        best = max(throughput, key=lambda key: throughput[key]["images_per_s"])
-        result["throughput"] = throughput
-        result["best_batch_size"] = int(best)
-        result["rss_peak_mib"] = memory_status_mib()["VmHWM"]
-        result["gpu_peak_mib"] = gpu_peak_mib(device)
+    # ---- throughput per batch size (each predict call is one batch; results dropped at once)
+    arrays = decode(chosen)
+    throughput = {}
+    sizes = sorted(set(args.batch_sizes))
+    for size in tqdm(sizes, desc="throughput", unit="batch size", disable=args.quiet, leave=False):
+        model.config = base_config.replace(batch_size=size)
+        n_batches = max(1, math.ceil(args.throughput_images / size))
+        batches = [[arrays[(b * size + j) % len(arrays)] for j in range(size)] for b in range(n_batches + 1)]
+        model.predict(batches[0])  # warm-up at this shape
+        batch_seconds = []
+        for batch in batches[1:]:
+            begin = time.perf_counter()
+            model.predict(batch)
+            batch_seconds.append(time.perf_counter() - begin)
+        seconds = float(np.sum(batch_seconds))
+        throughput[str(size)] = {
+            "images": n_batches * size,
+            "seconds": seconds,
+            "images_per_s": n_batches * size / seconds,
+            "ms_per_batch": 1000 * seconds / n_batches,
+            # robust to other load on the machine: from the median batch time
+            "images_per_s_median_batch": size / float(np.median(batch_seconds)),
+        }
+    model.config = base_config
+    del arrays
+    best = max(throughput, key=lambda key: throughput[key]["images_per_s"])
+    result["throughput"] = throughput
+    result["best_batch_size"] = int(best)
+    result["rss_peak_mib"] = memory_status_mib()["VmHWM"]
+    result["gpu_peak_mib"] = gpu_peak_mib(device)
 
     # ---- accuracy (after the memory figures; photos decoded batch by batch, only scores kept)
     result["auroc_note"] = auroc_note
@@ -628,6 +473,51 @@ def run_phase(args: argparse.Namespace) -> int:
     return 0
 
 
+def export_onnx(workdir: Path) -> float:
+    """Export the fitted model's extractor beside it (scripts/export_onnx.py); seconds taken."""
+    start = time.perf_counter()
+    command = [sys.executable, str(ROOT / "scripts" / "export_onnx.py"), "--model", str(workdir / "model.pkl")]
+    if subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL).returncode != 0:
+        fail("the ONNX export failed; its error is printed above")
+    return time.perf_counter() - start
+
+
+def cold_start(workdir: Path, photo: Path, runtime: str, runs: int) -> dict[str, Any]:
+    """``inference.py --image`` as a line PC runs it: a fresh process each time (median wall time,
+    mean CPU time and the largest peak of ``runs``)."""
+    walls, peaks = [], []
+    cpu_before = sum(resource.getrusage(resource.RUSAGE_CHILDREN)[:2])
+    command = [sys.executable, str(ROOT / "inference.py"), "--model", str(workdir / "model.pkl"),
+               "--image", str(photo), "--json", "--runtime", runtime]
+    for _ in range(runs):
+        start = time.perf_counter()
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        peak = 0.0
+        # ru_maxrss of a child forked from this (large) process starts at our own size, so the
+        # child's peak is read from its /proc status while it runs (Linux; 0 elsewhere).
+        while process.poll() is None:
+            peak = max(peak, child_peak_mib(process.pid))
+            time.sleep(0.02)
+        walls.append(time.perf_counter() - start)
+        if process.returncode != 0:
+            fail(f"inference.py --runtime {runtime} failed in the cold-start measurement")
+        peaks.append(peak)
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"runs": runs, "wall_s": float(np.median(walls)), "rss_peak_mib": float(np.max(peaks)),
+            "cpu_s": (usage.ru_utime + usage.ru_stime - cpu_before) / runs}
+
+
+def child_peak_mib(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        pass
+    return 0.0
+
+
 def spawn(phase: str, argv: list[str], workdir: Path) -> dict[str, Any]:
     """Run one phase in a fresh interpreter (its peak memory is its own) and read its figures."""
     command = [sys.executable, str(Path(__file__).resolve()), *argv, "--_phase", phase, "--_workdir", str(workdir)]
@@ -659,9 +549,8 @@ def format_table(rows: Sequence[tuple[str, str]], title: str = "stage / figure")
 
 
 def table_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
-    fit, infer, machine = report["fit"], report["inference"], report["machine"]
+    fit, machine = report["fit"], report["machine"]
     stages, total = fit["stages"], fit["fit_total_s"]
-    threads = fit["thread_summed_s"]
     weights = " [RANDOM WEIGHTS: timing only]" if report["random_weights"] else ""
     config = report["config"]
     load = machine.get("load_average_start")
@@ -679,24 +568,15 @@ def table_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         ("FIT:", ""),
         (
             "  photos",
-            f"{fit['n_train_images']} ({fit['n_bank_images']} memory bank + {fit['n_calibration_images']} calibration)",
+            f"{fit['n_train_images']} (all in the memory bank; {fit['n_calibration_images']} scored by cross-fitting "
+            "to calibrate)",
         ),
         ("  backbone build (not in fit total)", seconds_text(fit["backbone_load_s"])),
-        ("  image loading + preprocessing", seconds_text(stages["load_preprocess_s"], total)),
-        (
-            "    thread-summed decode / preprocess",
-            f"{threads.get('decode', 0):.2f} s / {threads.get('preprocess', 0):.2f} s (all photos, incl. calibration)",
-        ),
+        ("  preprocessing choice (preprocess: auto)", seconds_text(stages["preprocess_choice_s"], total)),
+        ("  image loading + preprocessing (waited for)", seconds_text(stages["load_preprocess_s"], total)),
         ("  feature extraction", seconds_text(stages["feature_extraction_s"], total)),
         ("  coreset", seconds_text(stages["coreset_s"], total)),
-        ("    of which greedy k-center", f"{stages['coreset_greedy_s']:.3f} s in {stages['coreset_chunks']} chunk(s)"),
-        ("  index build", seconds_text(stages["index_build_s"], total)),
-        ("  calibration (held-out photos)", seconds_text(stages["calibration_s"], total)),
-        (
-            "    load+prep / features / kNN+score+map",
-            f"{stages['calibration_load_preprocess_s']:.3f} / {stages['calibration_features_s']:.3f} / "
-            f"{stages['calibration_knn_score_map_s']:.3f} s",
-        ),
+        ("  calibration (cross-fitted fold banks, scoring)", seconds_text(stages["calibration_s"], total)),
         ("  other (fit bookkeeping)", seconds_text(stages["other_s"], total)),
         ("  fit total", seconds_text(total)),
         (
@@ -708,16 +588,32 @@ def table_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     ]
     if fit.get("gpu_peak_mib") is not None:
         rows.append(("  peak GPU memory (fit)", f"{fit['gpu_peak_mib']:.0f} MiB"))
+    if report.get("onnx_export_s") is not None:
+        rows.append(("  ONNX export (scripts/export_onnx.py)", seconds_text(report["onnx_export_s"])))
+    for runtime, infer in report["inference"].items():
+        rows += inference_rows(runtime, infer, report["random_weights"])
+    if report.get("cold_start"):
+        rows.append(("COLD START (inference.py --image, fresh process, median):", ""))
+        for runtime, cold in report["cold_start"].items():
+            rows.append((
+                f"  {runtime}",
+                f"{cold['wall_s']:.2f} s wall, {cold['cpu_s']:.2f} s CPU (mean), peak RSS {cold['rss_peak_mib']:.0f} MiB "
+                f"({cold['runs']} runs)",
+            ))
+    return rows
+
+
+def inference_rows(runtime: str, infer: dict[str, Any], random_weights: bool) -> list[tuple[str, str]]:
     latency = infer["latency_ms"]
     parts = latency["median_parts"]
-    rows += [
-        ("INFERENCE (from decoded RGB arrays):", ""),
+    rows = [
+        (f"INFERENCE, {runtime} back end (from decoded RGB arrays):", ""),
         ("  photo size", "x".join(str(v) for v in infer["inference_photo_size"])),
         ("  model load / backbone build", f"{infer['model_load_s']:.3f} s / {infer['backbone_load_s']:.3f} s"),
         (
             "  latency, batch 1, median / p95",
             f"{latency['median']:.1f} ms / {latency['p95']:.1f} ms  "
-            f"({latency['runs']} runs after {latency['warmup']} warm-up)",
+            f"({latency['runs']} runs after {latency['warmup']} warm-up; CPU time {latency['cpu_median']:.1f} ms)",
         ),
         (
             "    median preprocess / features / kNN+score+map",
@@ -738,9 +634,8 @@ def table_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     ]
     if infer.get("gpu_peak_mib") is not None:
         rows.append(("  peak GPU memory (inference)", f"{infer['gpu_peak_mib']:.0f} MiB"))
-    rows.append(("ACCURACY:", ""))
     if infer["image_auroc"] is not None:
-        caveat = "  [random weights: meaningless]" if report["random_weights"] else ""
+        caveat = "  [random weights: meaningless]" if random_weights else ""
         rows.append(
             (
                 "  image AUROC (test split)",
@@ -776,7 +671,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     with tempfile.TemporaryDirectory(prefix="patchcore_benchmark_") as workdir:
         fit = spawn("fit", argv, Path(workdir))
-        inference = spawn("infer", argv, Path(workdir))
+        export_s = export_onnx(Path(workdir)) if "onnx" in args.runtimes else None
+        inference = {runtime: spawn("infer", [*argv, "--runtime", runtime], Path(workdir)) for runtime in args.runtimes}
+        photo = (load_test_split(args.data_dir) or [LabelledImage(paths[0], "good", None)])[0].path
+        cold = {
+            runtime: cold_start(Path(workdir), photo, runtime, args.cold_start_runs)
+            for runtime in args.runtimes if args.cold_start_runs
+        }
         profile = spawn("profile", argv, Path(workdir)) if args.profile else None
         if profile:
             prof_path = json_out.with_suffix(".prof")
@@ -794,7 +695,9 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine,
         "device": fit["device"],
         "fit": fit,
+        "onnx_export_s": export_s,
         "inference": inference,
+        "cold_start": cold,
         "profile": profile,
     }
     write_json_atomic(json_out, report)

@@ -22,7 +22,7 @@ COFFEE_CLASSES = {967, 968}  # espresso, cup
 def network_input(extractor: FeatureExtractor, images: np.ndarray) -> torch.Tensor:
     """The tensor the extractor feeds its network for ``images``: its own normalisation, captured."""
     captured = []
-    handle = extractor.network.register_forward_pre_hook(lambda _module, inputs: captured.append(inputs[0].clone()))
+    handle = extractor.module.network.register_forward_pre_hook(lambda _module, inputs: captured.append(inputs[0].clone()))
     try:
         extractor(images)
     finally:
@@ -95,8 +95,8 @@ def test_features_are_local():
     changed = image.copy()
     changed[0, :16, :16] = 255
     before, after = extractor(image)[0], extractor(changed)[0]
-    near = torch.linalg.norm(before[0, 0] - after[0, 0])
-    far = torch.linalg.norm(before[-1, -1] - after[-1, -1])
+    near = np.linalg.norm(before[0, 0] - after[0, 0])
+    far = np.linalg.norm(before[-1, -1] - after[-1, -1])
     assert near > 10 * far
 
 
@@ -139,21 +139,21 @@ def test_patch_features_are_3x3_means_of_both_stages_on_the_stride_8_grid():
     """Pins the local aggregation (paper, Eq. 2) against the raw stage outputs, computed independently."""
     extractor = FeatureExtractor(Config(backbone="efficientnet_lite0", device="cpu"))
     raw = {}
-    modules = dict(extractor.network.named_modules())
+    modules = dict(extractor.module.network.named_modules())
     handles = [
         modules[name].register_forward_hook(
             lambda _module, _inputs, output, name=name: raw.__setitem__(name, output[0].numpy().copy()),
             prepend=True,  # before the extractor's own hook, which stops the network at the last stage
         )
-        for name in extractor.layers
+        for name in extractor.module.layers
     ]
     image = np.random.default_rng(0).integers(0, 256, (1, 64, 96, 3), dtype=np.uint8)
     try:
-        features = extractor(image)[0].numpy()
+        features = extractor(image)[0]
     finally:
         for handle in handles:
             handle.remove()
-    fine, coarse = (raw[name] for name in extractor.layers)
+    fine, coarse = (raw[name] for name in extractor.module.layers)
     assert fine.shape[1:] == (8, 12) and coarse.shape[1:] == (4, 6)  # stride 8 and stride 16
     upsampled = np.stack([cv2.resize(channel, (12, 8), interpolation=cv2.INTER_LINEAR) for channel in mean_3x3(coarse)])
     expected = np.concatenate([mean_3x3(fine), upsampled]).transpose(1, 2, 0)

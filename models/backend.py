@@ -1,0 +1,89 @@
+"""Which feature extractor scores: the one place that chooses between the torch and ONNX back ends,
+and what every back end shares (the backbones' stages, widths and input normalisation).
+
+Both take (B, H, W, 3) uint8 photos and return (B, H/8, W/8, D) float32 NumPy patch features, and
+carry ``device`` and ``weights_identity``. This module imports neither torch nor onnxruntime: the
+chosen back end is imported when it is opened, so scoring through ONNX never loads torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from config import Config, UserError
+
+RUNTIMES = ("auto", "torch", "onnx")
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What differs between backbones: their stride-8/16 stages and input normalisation."""
+
+    layers: tuple[str, str]
+    channels: int  # of the two stages together, before any reduction to target_dim
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SPECS = {
+    "wide_resnet50_2": BackboneSpec(("layer2", "layer3"), 512 + 1024, IMAGENET_MEAN, IMAGENET_STD),
+    # The lite models were trained on inputs scaled to [-1, 1].
+    "efficientnet_lite0": BackboneSpec(("_blocks.4", "_blocks.10"), 40 + 112, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+
+
+def feature_width(config: Config) -> int | None:
+    """Features per patch the extractor gives for ``config``, known without building it (None for custom layers)."""
+    if config.layers:
+        return None
+    return min(SPECS[config.backbone].channels, config.target_dim)
+
+
+class PatchFeatureExtractor(Protocol):
+    device: Any
+    weights_identity: str
+
+    def __call__(self, images: np.ndarray) -> np.ndarray: ...
+
+
+def onnx_path_for(model_path: str | Path) -> Path:
+    """Where scripts/export_onnx.py puts a model's exported extractor: beside it, suffix .onnx."""
+    return Path(model_path).with_suffix(".onnx")
+
+
+def resolve_runtime(runtime: str, onnx_file: Path | None) -> str:
+    """``auto`` is ONNX Runtime when the export exists (and is installed), torch otherwise."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if runtime != "auto":
+        return runtime
+    if onnx_file is not None and onnx_file.is_file():
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            return "torch"
+        return "onnx"
+    return "torch"
+
+
+def open_extractor(config: Config, runtime: str = "torch", onnx_file: Path | None = None) -> PatchFeatureExtractor:
+    if resolve_runtime(runtime, onnx_file) == "onnx":
+        from models.onnx_extractor import OnnxFeatureExtractor
+
+        if onnx_file is None:
+            raise ValueError("the ONNX runtime needs the path of the exported extractor")
+        return OnnxFeatureExtractor(onnx_file, config)
+    try:
+        from models.feature_extractor import FeatureExtractor
+    except ImportError as error:  # a runtime-only environment (requirements-runtime.txt) has no torch
+        raise UserError(
+            f"the torch back end is not installed ({error}); score through ONNX Runtime: export the "
+            "extractor with scripts/export_onnx.py in the full environment and put the .onnx beside the model"
+        ) from None
+    return FeatureExtractor(config)

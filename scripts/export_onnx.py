@@ -1,0 +1,98 @@
+"""Export a model's feature extractor to ONNX, so the line PC can score without torch.
+
+    python scripts/export_onnx.py --model saved_models/patchcore_screw.pkl
+
+writes ``saved_models/patchcore_screw.onnx``: the whole image-to-patch-features graph (input
+normalisation, both backbone stages, 3x3 aggregation, upsampling, channel reduction) as one ONNX
+graph taking (B, image_size, image_size, 3) uint8 photos, any batch size. ``inference.py`` and
+``serve.py`` then score through ONNX Runtime automatically (``--runtime`` to choose). The export is
+checked against torch on a few random photos before it is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from config import run_cli  # noqa: E402
+from models.backend import onnx_path_for  # noqa: E402
+from models.onnx_extractor import INPUT_NAME, OUTPUT_NAME, OnnxFeatureExtractor, export_metadata  # noqa: E402
+from preprocessing.io import write_atomically  # noqa: E402
+
+OPSET = 17
+CHECK_TOLERANCE = 1e-3  # largest difference from torch, relative to the largest feature value
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, required=True, help="model file written by train.py")
+    parser.add_argument("--output", type=Path, help="default: the model path with suffix .onnx")
+    return parser.parse_args(argv)
+
+
+def export(model_path: Path, output: Path) -> float:
+    """Write the ONNX graph of the model's extractor to ``output``; return its largest relative
+    difference from the torch extractor on random photos."""
+    import onnx
+    import torch
+
+    from models.feature_extractor import FeatureExtractor
+    from models.patchcore import ModelFileError, PatchCore
+
+    model = PatchCore.load(model_path, device="cpu", runtime="torch")
+    extractor = FeatureExtractor(model.config)
+    if extractor.weights_identity != model.weights_identity:
+        raise ModelFileError(
+            f"the backbone weights differ from those the model was fitted with "
+            f"({extractor.weights_identity} != {model.weights_identity})"
+        )
+    size = model.config.image_size
+    photos = np.random.default_rng(0).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
+    with tempfile.TemporaryDirectory() as scratch:
+        graph_path = Path(scratch) / "extractor.onnx"
+        # The TorchScript exporter traces one forward pass (the hooks' early stop is plain Python);
+        # its deprecation and tracer notes concern shapes, which the metadata check pins down.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                extractor.module,
+                (torch.from_numpy(photos[:1]),),
+                str(graph_path),
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                opset_version=OPSET,
+                dynamo=False,
+            )
+        graph = onnx.load(str(graph_path))
+        for key, value in export_metadata(model.config, extractor.weights_identity).items():
+            graph.metadata_props.add(key=key, value=value)
+        onnx.save(graph, str(graph_path))
+        expected = extractor(photos)
+        got = OnnxFeatureExtractor(graph_path, model.config)(photos)
+        difference = float(np.abs(got - expected).max() / max(np.abs(expected).max(), 1e-12))
+        if difference > CHECK_TOLERANCE:
+            raise RuntimeError(f"the ONNX graph differs from torch by {difference:.2e} (relative); not written")
+        write_atomically(output, graph_path.read_bytes())
+    return difference
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    output = args.output or onnx_path_for(args.model)
+    difference = export(args.model, output)
+    print(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB; largest difference from torch "
+          f"{difference:.1e} relative)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

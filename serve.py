@@ -1,0 +1,66 @@
+"""Score photos over HTTP: ``python serve.py --model saved_models/patchcore_screw.pkl --port 8000``.
+
+    curl -F file=@part.png http://127.0.0.1:8000/score              # the inference.py --json record
+    curl --data-binary @part.png 'http://127.0.0.1:8000/score?heatmap=true&name=part.png'
+    curl http://127.0.0.1:8000/health ; curl http://127.0.0.1:8000/model   # docs: /docs
+
+Binds to 127.0.0.1 unless ``--host`` opens it; give ``--api-key`` (clients send it as the X-API-Key
+header) before opening it to a network. The model is loaded once per worker process; one bounded
+queue per process scores requests in micro-batches and answers 503 + Retry-After when full.
+Stateless apart from the model file: run N replicas behind any load balancer, or ``--workers N``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from config import fail, run_cli
+from runtime.service import SETTINGS_ENV, ServiceSettings, create_app, settings_env
+
+WORKER_START_S = 300  # how long a worker process may take to load the model on a busy machine
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, required=True, help="model file written by train.py")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--workers", type=int, default=1, help="processes, each with its own model and queue")
+    parser.add_argument("--api-key", default=os.environ.get("FASTENER_API_KEY"),
+                        help="require this X-API-Key header on /score and /model (default: $FASTENER_API_KEY)")
+    parser.add_argument("--runtime", choices=("auto", "torch", "onnx"), default="auto",
+                        help="feature extractor back end; auto = ONNX Runtime when <model>.onnx exists")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override the model's device")
+    parser.add_argument("--max-upload-mb", type=float, default=20.0, help="larger uploads are refused (413)")
+    parser.add_argument("--queue-size", type=int, default=32, help="photos waiting at most; beyond, 503")
+    parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits for company")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import uvicorn
+
+    if not args.model.is_file():
+        fail(f"{args.model}: model file not found")
+    if args.workers < 1:
+        fail("--workers must be at least 1")
+    settings = ServiceSettings(
+        model=str(args.model), runtime=args.runtime, device=args.device, api_key=args.api_key,
+        max_upload_mb=args.max_upload_mb, queue_size=args.queue_size, batch_wait_ms=args.batch_wait_ms,
+    )
+    if args.workers == 1:
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, access_log=False)
+    else:
+        os.environ[SETTINGS_ENV] = settings_env(settings)
+        # each worker loads the model before it answers uvicorn's health check (5 s by default)
+        uvicorn.run("runtime.service:create_app_from_env", factory=True, host=args.host, port=args.port,
+                    workers=args.workers, access_log=False, timeout_worker_healthcheck=WORKER_START_S)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

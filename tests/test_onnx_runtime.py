@@ -1,0 +1,83 @@
+"""The light runtime: an ONNX export of the feature extractor scores like torch, without importing torch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.onnx_extractor import OnnxExtractorError
+from models.patchcore import ModelFileError, PatchCore
+from preprocessing.io import load_test_split
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Scores every photo given on the command line through the model's default back end (auto: the
+# ONNX export beside it), then reports the scores and whether torch was ever imported.
+SCORE_WITHOUT_TORCH = """
+import json, sys
+from models.patchcore import PatchCore
+model = PatchCore.load(sys.argv[1])
+scores = [p.score for p in model.predict(sys.argv[2:])]
+print(json.dumps({"scores": scores, "torch_imported": "torch" in sys.modules}))
+"""
+
+
+@pytest.fixture(scope="module")
+def exported_model(fitted_model, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("onnx") / "patchcore_small.pkl"
+    fitted_model.save(path)
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "export_onnx.py"), "--model", str(path)],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert path.with_suffix(".onnx").is_file()
+    return path
+
+
+def test_onnx_scores_equal_torch_on_every_screw_test_photo_without_importing_torch(
+    exported_model, fitted_model, screw_dir
+):
+    photos = [str(sample.path) for sample in load_test_split(screw_dir)]
+    assert len(photos) == 160  # the whole MVTec AD screw test split
+    completed = subprocess.run(
+        [sys.executable, "-c", SCORE_WITHOUT_TORCH, str(exported_model), *photos],
+        capture_output=True, text=True, cwd=ROOT, timeout=900,
+    )
+    assert completed.returncode == 0, completed.stderr
+    result = json.loads(completed.stdout)
+    assert result["torch_imported"] is False
+    torch_scores = np.array([p.score for p in fitted_model.predict(photos)])
+    onnx_scores = np.array(result["scores"])
+    np.testing.assert_allclose(onnx_scores, torch_scores, rtol=1e-3)
+
+
+def test_an_export_for_other_settings_is_refused(exported_model, fitted_model, small_screw_dir, tmp_path):
+    other = tmp_path / "other_size.pkl"
+    changed = PatchCore(fitted_model.config.replace(image_size=fitted_model.config.image_size + 16))
+    changed.memory_bank, changed.calibration_scores = fitted_model.memory_bank, fitted_model.calibration_scores
+    changed.threshold, changed.weights_identity = fitted_model.threshold, fitted_model.weights_identity
+    changed.save(other)
+    shutil.copy(exported_model.with_suffix(".onnx"), other.with_suffix(".onnx"))
+    model = PatchCore.load(other, runtime="onnx")
+    with pytest.raises(OnnxExtractorError, match="image_size"):
+        model.predict([load_test_split(small_screw_dir)[0].path])
+
+
+def test_runtime_onnx_without_an_export_says_how_to_make_one(fitted_model, tmp_path):
+    path = tmp_path / "not_exported.pkl"
+    fitted_model.save(path)
+    with pytest.raises(ModelFileError, match="export_onnx.py"):
+        PatchCore.load(path, runtime="onnx")
+    completed = subprocess.run(
+        [sys.executable, "inference.py", "--model", str(path), "--image", "x.png", "--runtime", "onnx"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )
+    assert completed.returncode == 2
+    assert completed.stderr.startswith("error:") and "export_onnx.py" in completed.stderr

@@ -1,0 +1,136 @@
+"""serve.py as a line talks to it: a real uvicorn process on a free local port and a real HTTP client."""
+
+from __future__ import annotations
+
+import base64
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from preprocessing.io import load_test_split
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = "line-7-secret"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def service(fitted_model, tmp_path_factory) -> Iterator[str]:
+    """The service on 127.0.0.1 with an API key, a 1 MiB upload limit and a queue of 4 photos."""
+    model_file = tmp_path_factory.mktemp("service") / "patchcore_small.pkl"
+    fitted_model.save(model_file)
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "serve.py", "--model", str(model_file), "--port", str(port), "--api-key", KEY,
+         "--max-upload-mb", "1", "--queue-size", "4"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"serve.py exited with {process.returncode}: {process.stderr.read()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.5)
+    else:
+        process.kill()
+        pytest.fail("serve.py did not answer /health within 300 s")
+    yield url
+    process.terminate()
+    process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def photos(small_screw_dir) -> dict[str, Path]:
+    samples = load_test_split(small_screw_dir)
+    good = next(sample.path for sample in samples if sample.kind == "good")
+    defect = next(sample.path for sample in samples if sample.kind == "manipulated_front")
+    return {"good": good, "defect": defect}
+
+
+def post(url: str, photo: Path, key: str | None = KEY, **params: str) -> httpx.Response:
+    headers = {"X-API-Key": key} if key else {}
+    files = {"file": (photo.name, photo.read_bytes(), "image/png")}
+    return httpx.post(f"{url}/score", files=files, params=params, headers=headers, timeout=300)
+
+
+def test_good_and_defect_photos_get_the_same_record_as_inference(service, photos, fitted_model):
+    records = {kind: post(service, path) for kind, path in photos.items()}
+    for kind, response in records.items():
+        assert response.status_code == 200, response.text
+        record = response.json()
+        (expected,) = fitted_model.predict([photos[kind]])
+        assert record["path"] == photos[kind].name
+        assert record["score"] == pytest.approx(round(expected.score, 4), abs=2e-4)
+        assert record["is_anomalous"] == expected.is_anomalous
+    assert records["defect"].json()["score"] > records["good"].json()["score"]
+
+
+def test_raw_bytes_and_a_heatmap(service, photos):
+    response = httpx.post(
+        f"{service}/score", content=photos["defect"].read_bytes(), params={"heatmap": "true", "name": "p.png"},
+        headers={"X-API-Key": KEY}, timeout=300,
+    )
+    assert response.status_code == 200, response.text
+    record = response.json()
+    assert record["path"] == "p.png"
+    assert base64.b64decode(record["heatmap_png_base64"]).startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_corrupt_upload_is_a_422_record_and_the_service_carries_on(service, photos):
+    broken = httpx.post(f"{service}/score", files={"file": ("broken.png", b"\x89PNG not really", "image/png")},
+                        headers={"X-API-Key": KEY}, timeout=300)
+    assert broken.status_code == 422
+    assert broken.json()["path"] == "broken.png" and "broken.png" in broken.json()["error"]
+    assert post(service, photos["good"]).status_code == 200
+
+
+def test_oversize_upload_is_refused_before_reading(service):
+    response = httpx.post(f"{service}/score", content=b"\0" * (2 * 2**20), headers={"X-API-Key": KEY}, timeout=60)
+    assert response.status_code == 413 and "limit" in response.json()["error"]
+
+
+def test_wrong_or_missing_key_is_401_but_health_is_open(service, photos):
+    assert post(service, photos["good"], key="guess").status_code == 401
+    assert post(service, photos["good"], key=None).status_code == 401
+    assert httpx.get(f"{service}/model", timeout=30).status_code == 401
+    assert httpx.get(f"{service}/health", timeout=30).status_code == 200
+    model = httpx.get(f"{service}/model", headers={"X-API-Key": KEY}, timeout=30).json()
+    assert model["backbone"] == "efficientnet_lite0" and model["runtime"] == "torch" and "threshold" in model
+
+
+def test_a_concurrent_burst_is_bounded_and_every_photo_is_scored_once_retried(service, photos, fitted_model):
+    """24 clients at once against a queue of 4: the overflow is told 503 + Retry-After, never queued
+    without bound; clients that retry as told all get the right record."""
+    expected = round(fitted_model.predict([photos["defect"]])[0].score, 4)
+    statuses: list[int] = []
+
+    def client(_: int) -> dict:
+        while True:
+            response = post(service, photos["defect"])
+            statuses.append(response.status_code)
+            if response.status_code != 503:
+                return response.json()
+            assert int(response.headers["Retry-After"]) >= 1
+            time.sleep(0.2)
+
+    with ThreadPoolExecutor(max_workers=24) as pool:
+        records = list(pool.map(client, range(24)))
+    assert set(statuses) <= {200, 503}
+    assert 503 in statuses  # the queue of 4 refused the overflow
+    assert all(record["score"] == pytest.approx(expected, abs=2e-4) for record in records)
