@@ -127,6 +127,10 @@ class Config:
     coreset_chunk_size: int = setting(
         4096, "patches per greedy chunk; bounds fit memory and time", minimum=1, maximum=1_000_000
     )
+    coreset_oversampling: float = setting(
+        8.0, "candidates kept per chunk, x its share of a small bank, before one global greedy pass (1 = none)",
+        minimum=1, maximum=1000,
+    )
     object_patches_only: bool = setting(True, "with a zeroed background, store and search only patches near the part")
     knn_index: str = setting(
         "flat", "nearest-neighbour index: flat (exact) or ivf (approximate, for very large banks)",

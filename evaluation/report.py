@@ -77,6 +77,8 @@ class Model(Protocol):
     threshold: float
     calibration_scores: np.ndarray
     calibration_method: str
+    calibration: dict[str, Any]  # method, count, warnings
+    preprocessing: dict[str, Any]  # what preprocess 'auto' decided and why (empty otherwise)
     calibration_mean: float
     calibration_std: float
     n_train: int
@@ -259,6 +261,9 @@ def _metrics(
         calibration_mean=mean,
         calibration_std=std,
         calibration_method=model.calibration_method,
+        calibration_warnings=list(model.calibration.get("warnings", [])),
+        preprocessing=model.config.preprocess,
+        preprocessing_decisions=list(model.preprocessing.get("reasons", [])),
         n_train=int(model.n_train),
         n_test=len(scored),
         n_test_good=int((~labels).sum()),
@@ -273,6 +278,16 @@ def _metrics(
         notes={"image_f1_max": F1_MAX_NOTE},
     )
     return {key: _finite_or_none(value) for key, value in metrics.items()}, curves
+
+
+def _setup_section(metrics: dict[str, Any]) -> str:
+    """How the model was set up: the preprocessing decisions and the calibration, with any warning."""
+    items = [f"preprocessing: {html.escape(reason)}" for reason in metrics["preprocessing_decisions"]]
+    if not items:
+        items.append(f"preprocessing: {html.escape(str(metrics['preprocessing']))} (set, not decided)")
+    items.append(f"calibration: {html.escape(str(metrics['calibration_method']))}")
+    items += [f"<strong>warning:</strong> {html.escape(w)}" for w in metrics["calibration_warnings"]]
+    return "<h2>How this model was set up</h2>\n<ul>" + "".join(f"<li>{item}</li>" for item in items) + "</ul>"
 
 
 def _number(value: Any, digits: int = 4) -> str:
@@ -433,6 +448,7 @@ def _html(
 <table>
 {_metric_rows(metrics)}
 </table>
+{_setup_section(metrics)}
 {f'<h2>Unreadable files</h2><ul class="skipped">{skipped}</ul>' if skipped else ''}
 <h2>Plots</h2>
 <div class="plots">

@@ -85,11 +85,12 @@ class PatchCore:
         self.preprocessing: dict[str, Any] = {}  # what 'auto' decided and the numbers behind it
         self.n_train = 0
         self.fit_seconds = math.nan
+        self.coverage_radius = math.nan  # how far a training patch may be from the bank (same units as scores)
         self.weights_identity = ""
         self.runtime = "torch"  # feature extractor back end: torch | onnx | auto (models/backend.py)
         self.onnx_file: Path | None = None
-        # Seconds per stage, summed since the last fit started: fit's own stages, and predict_* for
-        # scoring (which includes the fit's calibration); scripts/benchmark.py reads them.
+        # Seconds per stage, summed since the last fit started: the fit's own stages, and predict_*
+        # over the predict calls since; scripts/benchmark.py reads them.
         self.timings: dict[str, float] = {}
         self._extractor: PatchFeatureExtractor | None = None
         self._index: faiss.Index | None = None
@@ -130,7 +131,12 @@ class PatchCore:
 
         def new_coreset(ratio: float, seed: int) -> StreamingCoreset:
             return StreamingCoreset(
-                ratio, config.coreset_projection_dim, config.coreset_chunk_size, seed, extractor.device
+                ratio,
+                config.coreset_projection_dim,
+                config.coreset_chunk_size,
+                seed,
+                extractor.device,
+                config.coreset_oversampling,
             )
 
         # Each photo is scored by the other folds' coresets together; picking a share n/(n-1) larger
@@ -158,6 +164,7 @@ class PatchCore:
             self._clock("coreset", stage)
         stage = time.perf_counter()
         self.memory_bank = whole.result()
+        self.coverage_radius = whole.covering_radius
         self._clock("coreset", stage)
         self._index = None
         self.n_train = len(images)
@@ -433,6 +440,7 @@ class PatchCore:
             "threshold": self.threshold,
             "n_train": self.n_train,
             "fit_seconds": self.fit_seconds,
+            "coverage_radius": self.coverage_radius,
             "weights_identity": self.weights_identity,
             "seed": self.config.seed,
             "versions": {
@@ -496,6 +504,7 @@ class PatchCore:
         model.threshold = float(state["threshold"])
         model.n_train = state["n_train"]
         model.fit_seconds = float(state["fit_seconds"])
+        model.coverage_radius = float(state.get("coverage_radius", math.nan))  # absent from older files
         model.weights_identity = state["weights_identity"]
         _check_fitted_values(model)
         return model

@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import pickle
+
+import faiss
 import numpy as np
+import pytest
 import torch
 
 from models.coreset import StreamingCoreset, greedy_coreset
@@ -8,21 +12,33 @@ from models.coreset import StreamingCoreset, greedy_coreset
 
 def covering_radius(points: np.ndarray, chosen: np.ndarray) -> float:
     """Largest distance from any point to its nearest chosen point (what k-center minimises)."""
-    distances = np.linalg.norm(points[:, None, :] - chosen[None, :, :], axis=2)
-    return float(distances.min(axis=1).max())
+    index = faiss.IndexFlatL2(points.shape[1])
+    index.add(np.ascontiguousarray(chosen))
+    return float(np.sqrt(index.search(np.ascontiguousarray(points), 1)[0].max()))
 
 
-def clustered_points(n: int = 4000, dim: int = 64, seed: int = 0) -> np.ndarray:
+def clustered_points(n: int = 4000, dim: int = 64, seed: int = 0, n_clusters: int = 30) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    centres = rng.normal(scale=4.0, size=(30, dim))
-    return (centres[rng.integers(0, 30, n)] + rng.normal(size=(n, dim))).astype(np.float32)
+    centres = rng.normal(scale=4.0, size=(n_clusters, dim))
+    return (centres[rng.integers(0, n_clusters, n)] + rng.normal(size=(n, dim))).astype(np.float32)
 
 
-def bank(points: np.ndarray, ratio: float, chunk_size: int, projection_dim: int = 128, seed: int = 0) -> np.ndarray:
-    coreset = StreamingCoreset(ratio, projection_dim, chunk_size, seed)
+def drifting_points(n: int = 20000, dim: int = 32, seed: int = 0, varied_first: bool = True) -> np.ndarray:
+    """A varied tenth and one tight blob: where the bank's picks belong depends on the whole stream."""
+    varied = clustered_points(n // 10, dim, seed, n_clusters=200)
+    blob = (0.3 * np.random.default_rng(seed).normal(size=(n - n // 10, dim))).astype(np.float32)
+    return np.concatenate([varied, blob] if varied_first else [blob, varied])
+
+
+def streamed(points: np.ndarray, ratio: float, chunk_size: int, projection_dim: int = 128, seed: int = 0, **options):
+    coreset = StreamingCoreset(ratio, projection_dim, chunk_size, seed, **options)
     for start in range(0, len(points), 500):  # arrives in batches, like image features
         coreset.add(torch.from_numpy(points[start : start + 500]))
-    return coreset.result()
+    return coreset.result(), coreset
+
+
+def bank(points: np.ndarray, ratio: float, chunk_size: int, projection_dim: int = 128, seed: int = 0, **options):
+    return streamed(points, ratio, chunk_size, projection_dim, seed, **options)[0]
 
 
 def test_exact_greedy_picks_farthest_points_first():
@@ -32,12 +48,34 @@ def test_exact_greedy_picks_farthest_points_first():
     assert sorted(picks) == [0, 1, 2, 3, 4]
 
 
-def test_chunked_coreset_covers_as_well_as_exact_greedy():
-    points = clustered_points()
-    exact = bank(points, 0.05, chunk_size=len(points), projection_dim=64)
-    chunked = bank(points, 0.05, chunk_size=1000, projection_dim=64)
-    assert len(chunked) == len(exact) == 200
-    assert covering_radius(points, chunked) <= 1.5 * covering_radius(points, exact)
+@pytest.mark.parametrize(
+    "name, points, ratio",
+    [
+        ("clusters, small ratio (5 picks a chunk)", clustered_points(20000), 0.005),
+        ("clusters, ratio 0.1", clustered_points(20000), 0.1),
+        ("variety first, then one blob", drifting_points(), 0.02),
+        ("one blob, then variety", drifting_points(varied_first=False), 0.02),
+    ],
+)
+@pytest.mark.parametrize("exact_search_limit", [16384, 50])  # 50: the IVF "kept so far" search, rebuilt 3 times
+def test_streamed_coreset_covers_within_1_3x_of_exact_greedy(name, points, ratio, exact_search_limit):
+    exact = bank(points, ratio, chunk_size=len(points), projection_dim=64)
+    chunked = bank(points, ratio, chunk_size=1000, projection_dim=64, exact_search_limit=exact_search_limit)
+    assert len(chunked) == len(exact) == round(ratio * len(points))
+    assert covering_radius(points, chunked) <= 1.3 * covering_radius(points, exact), name
+
+
+@pytest.mark.parametrize("exact_search_limit", [16384, 50])
+def test_chunk_that_repeats_an_earlier_one_adds_no_copy_of_a_kept_patch(exact_search_limit):
+    first, second = clustered_points(1000, seed=1), clustered_points(1000, seed=2)
+    coreset = StreamingCoreset(0.1, 64, 1000, 0, oversampling=1, exact_search_limit=exact_search_limit)
+    for chunk in (first, second, second + 1e-4):  # the repeat's picks must go where the second chunk is thin
+        coreset.add(torch.from_numpy(chunk))
+    kept = coreset.result()
+    index = faiss.IndexFlatL2(kept.shape[1])
+    index.add(kept)
+    distance_to_other_kept = np.sqrt(index.search(kept, 2)[0][:, 1])
+    assert len(kept) == 300 and distance_to_other_kept.min() > 0.1
 
 
 def test_projection_keeps_coverage_close():
@@ -54,15 +92,40 @@ def test_coreset_beats_random_subset():
     assert covering_radius(points, chosen) < covering_radius(points, random_subset)
 
 
-def test_same_seed_same_bank_and_other_seed_differs():
-    points = clustered_points()
-    assert np.array_equal(bank(points, 0.05, 1000, seed=3), bank(points, 0.05, 1000, seed=3))
-    assert not np.array_equal(bank(points, 0.05, 1000, seed=3), bank(points, 0.05, 1000, seed=4))
+@pytest.mark.parametrize("exact_search_limit", [16384, 50])
+def test_same_seed_same_bank_and_other_seed_differs(exact_search_limit):
+    points = clustered_points(8000)
+    same = [bank(points, 0.01, 1000, seed=3, exact_search_limit=exact_search_limit) for _ in range(2)]
+    assert np.array_equal(same[0], same[1])
+    assert not np.array_equal(same[0], bank(points, 0.01, 1000, seed=4, exact_search_limit=exact_search_limit))
 
 
-def test_kept_indices_point_at_the_kept_rows():
-    points = clustered_points(n=1200)
-    coreset = StreamingCoreset(0.1, 128, 500, seed=0)
+@pytest.mark.parametrize("ratio", [0.1, 0.01])  # candidates are the bank / a global pass picks the bank
+def test_kept_indices_point_at_the_kept_rows(ratio):
+    points = clustered_points(n=3000)
+    coreset = StreamingCoreset(ratio, 128, 500, seed=0)
     coreset.add(torch.from_numpy(points))
     kept = coreset.result()
+    assert len(kept) == round(ratio * len(points))
     assert np.array_equal(points[coreset.kept_indices], kept)
+
+
+def test_covering_radius_is_measured_on_the_training_patches():
+    points = clustered_points(n=1500)  # fewer than the radius sample: every patch is measured
+    kept, coreset = streamed(points, 0.02, 500)
+    assert coreset.covering_radius == pytest.approx(covering_radius(points, kept), rel=1e-4)
+    larger, bigger = streamed(points, 0.2, 500)
+    assert bigger.covering_radius < coreset.covering_radius
+
+
+def test_model_file_keeps_the_covering_radius_and_older_files_still_load(fitted_model, tmp_path):
+    from models.patchcore import PatchCore
+
+    assert 0 < fitted_model.coverage_radius < np.inf
+    path = tmp_path / "model.pkl"
+    fitted_model.save(path)
+    assert PatchCore.load(path).coverage_radius == fitted_model.coverage_radius
+    state = pickle.loads(path.read_bytes())  # written by this test: plain data
+    del state["coverage_radius"]  # as written before the covering radius was stored
+    path.write_bytes(pickle.dumps(state))
+    assert np.isnan(PatchCore.load(path).coverage_radius)

@@ -34,6 +34,8 @@ class FakeModel:
         self.threshold = 0.3
         self.calibration_scores = np.array([0.12, 0.15, 0.18, 0.2, 0.22, 0.25], dtype=np.float32)
         self.calibration_method = "six healthy photos"
+        self.calibration = {"method": self.calibration_method, "count": 6, "warnings": ["only six photos"]}
+        self.preprocessing = {"reasons": ["rotation off (a test decision)"]}
         self.n_train = 20
         self.fit_seconds = 1.5
         self.batch_sizes: list[int] = []
@@ -118,6 +120,15 @@ def test_metrics_match_direct_computation(report: tuple[dict, Path, FakeModel]) 
     expected = image_metrics([p.parent.name != "good" for p in paths], scores, model.threshold)
     for key, value in expected.items():
         assert metrics[key] == pytest.approx(value)
+
+
+def test_report_says_how_the_model_was_set_up(report: tuple[dict, Path, FakeModel]) -> None:
+    metrics, out_dir, _ = report
+    assert metrics["preprocessing_decisions"] == ["rotation off (a test decision)"]
+    assert metrics["calibration_warnings"] == ["only six photos"]
+    page = (out_dir / "report.html").read_text()
+    setup = page.split("How this model was set up", 1)[1].split("</ul>", 1)[0]
+    assert "rotation off (a test decision)" in setup and "six healthy photos" in setup and "only six photos" in setup
 
 
 def test_predicts_in_batches(report: tuple[dict, Path, FakeModel]) -> None:

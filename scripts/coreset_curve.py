@@ -1,0 +1,245 @@
+"""What the coreset ratio costs: accuracy, time, size and covering radius per ratio and coreset scheme.
+
+Usage:
+    .venv/bin/python scripts/coreset_curve.py --backbone efficientnet_lite0 --preprocess false \\
+        --ratios 0.005 0.01 --schemes streamed exact
+    .venv/bin/python scripts/coreset_curve.py --backbone efficientnet_lite0 --scale 3000
+
+Schemes: ``streamed`` (the default coreset: candidates per chunk and a global greedy pass where the
+bank is small), ``chunked`` (``coreset_oversampling`` 1 and an exact kept-so-far search: the coreset
+before issue 13) and ``exact`` (one greedy pass over every patch: slow, memory O(patches)).
+
+The backbone runs once per photo batch: its features are kept (keyed by the batch's bytes) and
+reused by every fit, calibration and evaluation of the same preprocessing setting, so a row costs
+its coreset, its k-NN scoring and its metrics. Rows are appended to outputs/coreset_curve.jsonl as
+they finish; the table of every row so far is printed and written to outputs/coreset_curve.md.
+
+``--scale N`` replays the object patches of the training photos, with fresh noise on every pass, as
+an N-photo stream through the coreset alone (default ratio) and reports its photos/s over the first
+and the last 300 photos and its resident memory, for the streamed and the chunked scheme.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import models.patchcore as patchcore  # noqa: E402
+from config import CATEGORY_DEFAULTS, Config, fail, run_cli  # noqa: E402
+from evaluation.report import evaluate  # noqa: E402
+from models.coreset import StreamingCoreset  # noqa: E402
+from preprocessing.io import train_images, write_atomically  # noqa: E402
+
+DEFAULT_DATA_DIR = ROOT.parent / "shared" / "data" / "mvtec_ad" / "screw"
+SCHEMES = {
+    "streamed": {},
+    "chunked": {"coreset_oversampling": 1.0},
+    "exact": {"coreset_chunk_size": 2**40},
+}
+SCALE_WINDOW = 300  # photos at the start and at the end of the scale run whose rate is compared
+
+
+class CachedExtractor:
+    """The real feature extractor, run once per distinct input batch."""
+
+    def __init__(self, extractor: Any) -> None:
+        self.extractor = extractor
+        self.device = extractor.device
+        self.weights_identity = extractor.weights_identity
+        self.seconds = 0.0
+        self._features: dict[bytes, torch.Tensor] = {}
+
+    def __call__(self, images: np.ndarray) -> torch.Tensor:
+        key = hashlib.blake2b(np.ascontiguousarray(images).data, digest_size=16).digest() + bytes(str(images.shape), "ascii")
+        if key not in self._features:
+            start = time.perf_counter()
+            self._features[key] = self.extractor(images)
+            self.seconds += time.perf_counter() - start
+        return self._features[key]
+
+
+class TimedCoreset(StreamingCoreset):
+    """The model's coreset, timed, and keeping what it was fed when asked (for the scale run)."""
+
+    seconds = 0.0
+    recorded: list[torch.Tensor] | None = None
+
+    def add(self, features: torch.Tensor) -> None:
+        if TimedCoreset.recorded is not None:
+            TimedCoreset.recorded.append(features.cpu())
+        start = time.perf_counter()
+        super().add(features)
+        TimedCoreset.seconds += time.perf_counter() - start
+
+    def result(self) -> np.ndarray:
+        start = time.perf_counter()
+        bank = super().result()
+        TimedCoreset.seconds += time.perf_counter() - start
+        return bank
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--preprocess", choices=["true", "false"], nargs="+", default=["true", "false"])
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.001, 0.005, 0.01, 0.05, 0.1, 0.25])
+    parser.add_argument("--schemes", choices=list(SCHEMES), nargs="+", default=["streamed", "exact"])
+    parser.add_argument("--exact-max-ratio", type=float, default=0.01, help="exact greedy costs O(patches x bank): skip it above")
+    parser.add_argument("--scale", type=int, metavar="N", help="instead: an N-photo stream through the coreset alone")
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "coreset_curve")
+    return parser.parse_args(argv)
+
+
+def settings(args: argparse.Namespace, preprocess: bool, **changes: Any) -> Config:
+    defaults = CATEGORY_DEFAULTS.get(args.data_dir.resolve().name, CATEGORY_DEFAULTS["custom"])
+    return Config(**{**defaults, "backbone": args.backbone, "preprocess": preprocess, **changes})
+
+
+def curve_row(config: Config, extractor: CachedExtractor, args: argparse.Namespace, scheme: str) -> dict[str, Any]:
+    """Fit with ``config`` on cached features, evaluate on the test split, return one table row."""
+    model = patchcore.PatchCore(config)
+    model._extractor = extractor
+    TimedCoreset.seconds = 0.0
+    backbone_before, start = extractor.seconds, time.perf_counter()
+    model.fit(train_images(args.data_dir), progress=False)
+    fit_seconds = time.perf_counter() - start - (extractor.seconds - backbone_before)
+    coreset_seconds = TimedCoreset.seconds
+    with tempfile.TemporaryDirectory() as scratch:
+        metrics = evaluate(model, args.data_dir, scratch, fit_seconds=fit_seconds, quiet=True)
+        model.save(Path(scratch) / "model.pkl")
+        file_mib = (Path(scratch) / "model.pkl").stat().st_size / 2**20
+    return {
+        "preprocess": config.preprocess,
+        "ratio": config.coreset_sampling_ratio,
+        "scheme": scheme,
+        "image_auroc": metrics["image_auroc"],
+        "pixel_auroc": metrics["pixel_auroc"],
+        "aupro": metrics["aupro"],
+        "coreset_s": coreset_seconds,
+        "fit_s_without_backbone": fit_seconds,
+        "bank": len(model.memory_bank),
+        "model_mib": file_mib,
+        "covering_radius": model.coverage_radius,
+        "threshold": model.threshold,
+    }
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| preprocess | ratio | scheme | image AUROC | pixel AUROC | AUPRO | coreset s | bank | model MiB | covering radius |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in sorted(rows, key=lambda r: (not r["preprocess"], r["ratio"], r["scheme"])):
+        lines.append(
+            f"| {'on' if row['preprocess'] else 'off'} | {row['ratio']} | {row['scheme']} | {row['image_auroc']:.3f} "
+            f"| {row['pixel_auroc']:.3f} | {row['aupro']:.3f} | {row['coreset_s']:.1f} | {row['bank']:,} "
+            f"| {row['model_mib']:.1f} | {row['covering_radius']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def resident_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def scale_run(args: argparse.Namespace, n_photos: int) -> list[dict[str, Any]]:
+    """Stream ``n_photos`` photos' worth of real object patches (noised replays) through each scheme's coreset."""
+    config = settings(args, preprocess=True)
+    model = patchcore.PatchCore(config)
+    TimedCoreset.recorded = []
+    model.fit(train_images(args.data_dir), progress=False)
+    batches, TimedCoreset.recorded = TimedCoreset.recorded, None
+    spread = float(torch.cat(batches).std())
+    photos_per_batch = config.batch_size
+    rows = []
+    for scheme in ("streamed", "chunked"):
+        scheme_config = Config(**{**config.to_dict(), **SCHEMES[scheme]})
+        exact_limit = 2**62 if scheme == "chunked" else None
+        coreset = StreamingCoreset(
+            scheme_config.coreset_sampling_ratio,
+            scheme_config.coreset_projection_dim,
+            scheme_config.coreset_chunk_size,
+            scheme_config.seed,
+            oversampling=scheme_config.coreset_oversampling,
+            **({"exact_search_limit": exact_limit} if exact_limit else {}),
+        )
+        generator = torch.Generator().manual_seed(0)
+        seconds_per_batch, photos = [], 0
+        while photos < n_photos:
+            features = batches[(photos // photos_per_batch) % len(batches)]
+            noisy = features + 0.05 * spread * torch.randn(features.shape, generator=generator)
+            start = time.perf_counter()
+            coreset.add(noisy)
+            seconds_per_batch.append(time.perf_counter() - start)
+            photos += photos_per_batch
+            if photos == SCALE_WINDOW:
+                rss_start = resident_mib()
+        coreset.result()
+        window = SCALE_WINDOW // photos_per_batch
+        rows.append(
+            {
+                "scheme": scheme,
+                "photos": photos,
+                "patches": coreset._seen,
+                "bank": len(coreset.kept_indices),
+                "coreset_photos_per_s_first": SCALE_WINDOW / sum(seconds_per_batch[:window]),
+                "coreset_photos_per_s_last": SCALE_WINDOW / sum(seconds_per_batch[-window:]),
+                "coreset_s": sum(seconds_per_batch),
+                "rss_mib_after_first": rss_start,
+                "rss_mib_end": resident_mib(),
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.scale is not None and args.scale < 2 * SCALE_WINDOW:
+        fail(f"--scale must be at least {2 * SCALE_WINDOW} photos (the first and last {SCALE_WINDOW} are compared)")
+    patchcore.StreamingCoreset = TimedCoreset
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.scale:
+        rows = scale_run(args, args.scale)
+        write_atomically(args.out.with_name(args.out.name + "_scale.json"), json.dumps(rows, indent=2))
+        return 0
+    jsonl = args.out.with_suffix(".jsonl")
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.exists() else []
+    for preprocess in (value == "true" for value in args.preprocess):
+        extractor = CachedExtractor(patchcore.PatchCore(settings(args, preprocess))._feature_extractor())
+        for ratio in args.ratios:
+            for scheme in args.schemes:
+                if scheme == "exact" and ratio > args.exact_max_ratio:
+                    continue
+                config = settings(args, preprocess, coreset_sampling_ratio=ratio, **SCHEMES[scheme])
+                row = curve_row(config, extractor, args, scheme)
+                row["backbone_s_so_far"] = extractor.seconds
+                rows.append(row)
+                with open(jsonl, "a") as handle:
+                    handle.write(json.dumps(row) + "\n")
+                print(json.dumps(row), flush=True)
+        del extractor
+    table = markdown(rows)
+    write_atomically(args.out.with_suffix(".md"), table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
