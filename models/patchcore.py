@@ -89,8 +89,8 @@ class PatchCore:
         self.weights_identity = ""
         self.runtime = "torch"  # feature extractor back end: torch | onnx | auto (models/backend.py)
         self.onnx_file: Path | None = None
-        # Seconds per stage, summed since the last fit started: fit's own stages, and predict_* for
-        # scoring (which includes the fit's calibration); scripts/benchmark.py reads them.
+        # Seconds per stage, summed since the last fit started: the fit's own stages, and predict_*
+        # over the predict calls since; scripts/benchmark.py reads them.
         self.timings: dict[str, float] = {}
         self._extractor: PatchFeatureExtractor | None = None
         self._index: faiss.Index | None = None

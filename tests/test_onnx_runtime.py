@@ -63,6 +63,7 @@ def test_an_export_for_other_settings_is_refused(exported_model, fitted_model, s
     changed = PatchCore(fitted_model.config.replace(image_size=fitted_model.config.image_size + 16))
     changed.memory_bank, changed.calibration_scores = fitted_model.memory_bank, fitted_model.calibration_scores
     changed.threshold, changed.weights_identity = fitted_model.threshold, fitted_model.weights_identity
+    changed.n_train = fitted_model.n_train
     changed.save(other)
     shutil.copy(exported_model.with_suffix(".onnx"), other.with_suffix(".onnx"))
     model = PatchCore.load(other, runtime="onnx")
