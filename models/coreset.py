@@ -15,10 +15,8 @@ patch in memory. Instead, as features stream in:
   (tests), but on screw it did not close the gap to exact greedy at small ratios and costs 3-4x
   the coreset time (README, Performance), so it is off by default. From
   ``ENOUGH_PICKS_PER_CHUNK`` picks per chunk on, the candidates are the bank either way;
-- the "kept so far" search is exact while the candidates are few and becomes a FAISS IVF index,
-  rebuilt whenever the candidates have quadrupled, once there are more than
-  ``exact_search_limit``: each chunk then compares with ~√n of them, not all n, so a long fit does
-  not slow down as the bank grows.
+- the "kept so far" search is one exact FAISS search per chunk; it grows with the bank, so a very
+  long fit slows down (README, Scale).
 
 Memory is O(candidates), at most ``oversampling`` times the bank. README (Performance) has the
 ratio curve against exact greedy; tests/test_coreset.py checks the covering radius.
@@ -34,7 +32,6 @@ import torch
 
 ENOUGH_PICKS_PER_CHUNK = 256  # ratio 0.1 gives 410 per 4096-patch chunk and matches exact greedy
 RADIUS_SAMPLE = 2048  # training patches, sampled uniformly, on which the covering radius is measured
-EXACT_SEARCH_LIMIT = 16384  # candidates searched exactly; beyond, an IVF index
 
 
 def random_projection(in_dim: int, out_dim: int, seed: int) -> torch.Tensor | None:
@@ -85,32 +82,22 @@ def candidate_share(ratio: float, oversampling: float, chunk_size: int) -> float
 
 
 class CandidateIndex:
-    """Squared distance from new patches to the nearest candidate kept so far.
+    """Squared distance from new patches to the nearest candidate kept so far (exact, FAISS flat).
 
-    Exact (flat) up to ``exact_limit`` candidates; then an IVF index with ~√n cells of which 8 are
-    searched, rebuilt from all candidates whenever their number has quadrupled. A patch whose
-    nearest candidate sits in an unsearched cell looks less covered than it is, which can only
-    cost a redundant candidate, never a hole in the coverage.
+    An IVF index here (~√n cells, 8 searched) measured slower than this flat one at 76k candidates
+    (FAISS scans IVF lists without BLAS), so the search still grows with the candidates.
     """
 
-    def __init__(self, dim: int, exact_limit: int, seed: int) -> None:
-        self.exact_limit = exact_limit
-        self.seed = seed
+    def __init__(self, dim: int) -> None:
         self._points: list[np.ndarray] = []
-        self._count = 0
-        self._built_at = 0
-        self._index: faiss.Index = faiss.IndexFlatL2(dim)
+        self._index = faiss.IndexFlatL2(dim)
 
     def __len__(self) -> int:
-        return self._count
+        return self._index.ntotal
 
     def add(self, points: np.ndarray) -> None:
         self._points.append(points)
-        self._count += len(points)
-        if self._count > self.exact_limit and self._count >= 4 * self._built_at:
-            self._rebuild()
-        else:
-            self._index.add(points)
+        self._index.add(points)
 
     def nearest(self, points: np.ndarray) -> np.ndarray:
         return self._index.search(points, 1)[0][:, 0]
@@ -118,18 +105,6 @@ class CandidateIndex:
     def points(self) -> np.ndarray:
         """Every candidate, in the order added."""
         return np.concatenate(self._points)
-
-    def _rebuild(self) -> None:
-        everything = np.concatenate(self._points)
-        self._points = [everything]
-        dim = everything.shape[1]
-        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, int(math.sqrt(self._count)))
-        index.cp.seed = self.seed
-        index.cp.max_points_per_centroid = 64  # k-means on a sample: the cells need not be exact
-        index.train(everything)
-        index.nprobe = 8
-        index.add(everything)
-        self._index, self._built_at = index, self._count
 
 
 class StreamingCoreset:
@@ -149,7 +124,6 @@ class StreamingCoreset:
         seed: int,
         device: torch.device | str = "cpu",
         oversampling: float = 1.0,
-        exact_search_limit: int = EXACT_SEARCH_LIMIT,
     ) -> None:
         self.ratio = ratio
         self.projection_dim = projection_dim
@@ -157,7 +131,6 @@ class StreamingCoreset:
         self.seed = seed
         self.device = torch.device(device)
         self.share = candidate_share(ratio, oversampling, chunk_size)
-        self.exact_search_limit = exact_search_limit
         self.kept_indices: list[int] = []  # positions, in the order added, of the patches kept
         self.covering_radius = math.nan  # largest distance from a sampled patch to its nearest kept one
         self._projection: torch.Tensor | None = None
@@ -207,7 +180,7 @@ class StreamingCoreset:
         projected = chunk @ self._projection if self._projection is not None else chunk
         projected_cpu = np.ascontiguousarray(projected.cpu().numpy())
         if self._index is None:
-            self._index = CandidateIndex(projected_cpu.shape[1], self.exact_search_limit, self.seed)
+            self._index = CandidateIndex(projected_cpu.shape[1])
         covered = None
         if len(self._index):  # patches like the candidates so far are not picked again
             covered = torch.from_numpy(self._index.nearest(projected_cpu)).to(projected.device)

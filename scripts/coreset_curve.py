@@ -15,9 +15,8 @@ its coreset, its k-NN scoring and its metrics. Rows are appended to outputs/core
 they finish; the table of every row so far is printed and written to outputs/coreset_curve.md.
 
 ``--scale N`` replays the object patches of the training photos, with fresh noise on every pass, as
-an N-photo stream through the coreset alone (default ratio) and reports its photos/s over the first
-and the last 300 photos and its resident memory, with the kept-so-far search as it is now (IVF past
-16,384 candidates) and exact throughout (as before issue 13).
+an N-photo stream through the coreset alone (default ratio, chunked and oversampled) and reports its
+photos/s over the first and the last 300 photos and its resident memory.
 """
 
 from __future__ import annotations
@@ -49,7 +48,6 @@ SCHEMES = {
     "oversampled": {"coreset_oversampling": 8.0},
     "exact": {"coreset_chunk_size": 2**40},
 }
-SCALE_SEARCHES = {"ivf past the limit (now)": {}, "exact throughout (before)": {"exact_search_limit": 2**62}}
 SCALE_WINDOW = 300  # photos at the start and at the end of the scale run whose rate is compared
 
 
@@ -170,14 +168,14 @@ def scale_run(args: argparse.Namespace, n_photos: int) -> list[dict[str, Any]]:
     spread = float(torch.cat(batches).std())
     photos_per_batch = config.batch_size
     rows = []
-    for search, options in SCALE_SEARCHES.items():
+    for scheme in ("chunked", "oversampled"):
+        scheme_config = Config(**{**config.to_dict(), **SCHEMES[scheme]})
         coreset = StreamingCoreset(
-            config.coreset_sampling_ratio,
-            config.coreset_projection_dim,
-            config.coreset_chunk_size,
-            config.seed,
-            oversampling=config.coreset_oversampling,
-            **options,
+            scheme_config.coreset_sampling_ratio,
+            scheme_config.coreset_projection_dim,
+            scheme_config.coreset_chunk_size,
+            scheme_config.seed,
+            oversampling=scheme_config.coreset_oversampling,
         )
         generator = torch.Generator().manual_seed(0)
         seconds_per_batch, photos = [], 0
@@ -194,7 +192,7 @@ def scale_run(args: argparse.Namespace, n_photos: int) -> list[dict[str, Any]]:
         window = SCALE_WINDOW // photos_per_batch
         rows.append(
             {
-                "kept-so-far search": search,
+                "scheme": scheme,
                 "photos": photos,
                 "patches": coreset._seen,
                 "bank": len(coreset.kept_indices),

@@ -57,18 +57,16 @@ def test_exact_greedy_picks_farthest_points_first():
         ("one blob, then variety", drifting_points(varied_first=False), 0.02),
     ],
 )
-@pytest.mark.parametrize("exact_search_limit", [16384, 50])  # 50: the IVF "kept so far" search, rebuilt 3 times
-def test_oversampled_coreset_covers_within_1_3x_of_exact_greedy(name, points, ratio, exact_search_limit):
+def test_oversampled_coreset_covers_within_1_3x_of_exact_greedy(name, points, ratio):
     exact = bank(points, ratio, chunk_size=len(points), projection_dim=64)
-    chunked = bank(points, ratio, 1000, 64, oversampling=8, exact_search_limit=exact_search_limit)
+    chunked = bank(points, ratio, 1000, 64, oversampling=8)
     assert len(chunked) == len(exact) == round(ratio * len(points))
     assert covering_radius(points, chunked) <= 1.3 * covering_radius(points, exact), name
 
 
-@pytest.mark.parametrize("exact_search_limit", [16384, 50])
-def test_chunk_that_repeats_an_earlier_one_adds_no_copy_of_a_kept_patch(exact_search_limit):
+def test_chunk_that_repeats_an_earlier_one_adds_no_copy_of_a_kept_patch():
     first, second = clustered_points(1000, seed=1), clustered_points(1000, seed=2)
-    coreset = StreamingCoreset(0.1, 64, 1000, 0, oversampling=1, exact_search_limit=exact_search_limit)
+    coreset = StreamingCoreset(0.1, 64, 1000, 0, oversampling=1)
     for chunk in (first, second, second + 1e-4):  # the repeat's picks must go where the second chunk is thin
         coreset.add(torch.from_numpy(chunk))
     kept = coreset.result()
@@ -92,13 +90,11 @@ def test_coreset_beats_random_subset():
     assert covering_radius(points, chosen) < covering_radius(points, random_subset)
 
 
-@pytest.mark.parametrize("exact_search_limit", [16384, 50])
-def test_same_seed_same_bank_and_other_seed_differs(exact_search_limit):
+def test_same_seed_same_bank_and_other_seed_differs():
     points = clustered_points(8000)
-    options = {"oversampling": 8, "exact_search_limit": exact_search_limit}
-    same = [bank(points, 0.01, 1000, seed=3, **options) for _ in range(2)]
+    same = [bank(points, 0.01, 1000, seed=3, oversampling=8) for _ in range(2)]
     assert np.array_equal(same[0], same[1])
-    assert not np.array_equal(same[0], bank(points, 0.01, 1000, seed=4, **options))
+    assert not np.array_equal(same[0], bank(points, 0.01, 1000, seed=4, oversampling=8))
 
 
 @pytest.mark.parametrize("ratio", [0.1, 0.01])  # candidates are the bank / a global pass picks the bank
