@@ -127,7 +127,9 @@ class PatchCore:
         order = np.random.default_rng(config.seed).permutation(len(images))
         folds = order % n_folds
         scored = order < MAX_CALIBRATION_PHOTOS  # a seeded sample bounds the memory of very large sets
-        extractor = self._feature_extractor()
+        stage = time.perf_counter()
+        extractor = self._feature_extractor()  # building the backbone counts as feature extraction
+        self._clock("features", stage)
 
         def new_coreset(ratio: float, seed: int) -> StreamingCoreset:
             return StreamingCoreset(
