@@ -99,8 +99,9 @@ def _run(image: np.ndarray, config: Config, record: Callable[[str, Callable[[], 
 
     lit = step(gray_world(image), "1 white balance") if config.white_balance else image
     object_mask = None
-    if config.segment:  # before inpainting and CLAHE: glare and amplified table texture confuse Otsu
-        segmentation = segment_object(lit, config.mask_fill, config.segmentation_method)
+    if config.segment:  # before CLAHE (amplified table texture confuses Otsu), on a copy without glare
+        glare_free = inpaint_specular(lit, config.specular_threshold).image if config.inpaint_specular else lit
+        segmentation = segment_object(glare_free, config.mask_fill, config.segmentation_method)
         object_mask = segmentation.mask
         warnings.extend(segmentation.warnings)
         record("2 object mask", lambda: _overlay(lit, object_mask))
