@@ -15,12 +15,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
 from config import Config
+from evaluation.metrics import downsample_for_eval, pixel_roc
 from preprocessing.auto import decide
 from preprocessing.io import read_image
 from preprocessing.pipeline import STEP_FLAGS
@@ -117,13 +117,9 @@ def _separation(
     predictions = model.predict(list(healthy) + list(defective))
     labels = [0] * len(healthy) + [1] * len(defective)
     image_auroc = float(roc_auc_score(labels, [p.score for p in predictions]))
-    pixel_maps, pixel_truth = [], []
-    for prediction, mask in zip(predictions[len(healthy) :], masks):
-        scale = PIXEL_EVAL_SIDE / max(mask.shape)
-        size = (max(1, round(mask.shape[1] * scale)), max(1, round(mask.shape[0] * scale)))
-        pixel_maps.append(cv2.resize(prediction.anomaly_map, size, interpolation=cv2.INTER_AREA).ravel())
-        pixel_truth.append(cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_AREA).ravel() > 0)
-    truth = np.concatenate(pixel_truth)
-    pixel_auroc = float(roc_auc_score(truth, np.concatenate(pixel_maps))) if 0 < truth.mean() < 1 else math.nan
+    painted = zip(predictions[len(healthy) :], masks)
+    shrunk = [downsample_for_eval(prediction.anomaly_map, mask, PIXEL_EVAL_SIDE) for prediction, mask in painted]
+    roc = pixel_roc([small_map for small_map, _ in shrunk], [regions for _, regions in shrunk])
+    pixel_auroc = math.nan if roc is None else roc[0]
     rank_score = (image_auroc + (pixel_auroc if not math.isnan(pixel_auroc) else image_auroc)) / 2
     return {"image_auroc": image_auroc, "pixel_auroc": pixel_auroc, "rank_score": rank_score}
