@@ -2,8 +2,9 @@
 
 The eight steps, each switchable in the config:
   1   gray-world white balance (preprocessing.lighting);
-  2   object mask (preprocessing.segmentation): Otsu with automatic polarity, morphology, taken
-      before the other lighting steps so that glare and amplified table texture cannot move it;
+  2   object mask (preprocessing.segmentation): Otsu with automatic polarity (or GrabCut),
+      morphology, taken from a glare-filled copy and before CLAHE, so that neither glare nor
+      amplified table texture can move it;
   3-4 specular inpainting on the part only, CLAHE (preprocessing.lighting);
   5-7 geometry (preprocessing.registration): crop, canonical rotation, scale, as one matrix;
   8   background zeroing with the dilated object mask.
@@ -98,16 +99,23 @@ def _run(image: np.ndarray, config: Config, record: Callable[[str, Callable[[], 
         return result.image
 
     lit = step(gray_world(image), "1 white balance") if config.white_balance else image
+    # Glare filled over the whole photo: what the mask is taken from (glare confuses Otsu), and the
+    # model's input too when no part mask narrows the filling to the part.
+    whole_filled = inpaint_specular(lit, config.specular_threshold) if config.inpaint_specular else None
     object_mask = None
-    if config.segment:  # before CLAHE (amplified table texture confuses Otsu), on a copy without glare
-        glare_free = inpaint_specular(lit, config.specular_threshold).image if config.inpaint_specular else lit
-        segmentation = segment_object(glare_free, config.mask_fill, config.segmentation_method)
+    if config.segment:  # before CLAHE: amplified table texture confuses Otsu
+        segmentation = segment_object(
+            lit if whole_filled is None else whole_filled.image, config.mask_fill, config.segmentation_method
+        )
         object_mask = segmentation.mask
         warnings.extend(segmentation.warnings)
         record("2 object mask", lambda: _overlay(lit, object_mask))
-    if config.inpaint_specular:  # on the part only: a bright table is not glare
-        region = None if object_mask is None else dilate(object_mask, 2)
-        lit = step(inpaint_specular(lit, config.specular_threshold, region=region), "3 specular inpainting")
+    if whole_filled is not None:  # on the part only where there is one: a bright table is not glare
+        part_only = object_mask is not None
+        filled = (
+            inpaint_specular(lit, config.specular_threshold, region=dilate(object_mask, 2)) if part_only else whole_filled
+        )
+        lit = step(filled, "3 specular inpainting")
     if config.clahe:
         lit = step(clahe_lab(lit, config.clahe_clip_limit, config.clahe_tile_grid), "4 CLAHE")
 
