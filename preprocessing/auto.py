@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from config import Config
-from preprocessing.lighting import specular_mask
+from preprocessing.lighting import inpaint_specular, specular_mask
 from preprocessing.registration import principal_axis
 from preprocessing.segmentation import segment_object, solidity
 
@@ -48,10 +48,13 @@ class PhotoMeasure:
 
 
 def measure_photo(image: np.ndarray, config: Config, method: str = "otsu") -> PhotoMeasure:
-    """Segment one photo (with ``method``) and measure what decides the steps."""
+    """Segment one photo (with ``method``) and measure what decides the steps.
+
+    The mask is taken, as the pipeline takes it, from a copy with the glare filled in.
+    """
     means = image.reshape(-1, 3).mean(axis=0)
     cast = float(means.max() / max(means.min(), 1.0) - 1)
-    found = segment_object(image, method=method)
+    found = segment_object(inpaint_specular(image, config.specular_threshold).image, method=method)
     if found.mask is None:
         return PhotoMeasure(found=False, cast=cast)
     pose = principal_axis(found.mask)
