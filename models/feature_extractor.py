@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from config import Config, UserError
 from models.backend import SPECS, BackboneSpec, feature_width  # noqa: F401 (feature_width: re-exported)
@@ -107,6 +108,29 @@ def build_backbone(name: str, weights_path: str | None = None, pretrained: bool 
     return model.eval().requires_grad_(False), identity
 
 
+def fold_batch_norms(network: nn.Module) -> nn.Module:
+    """Fold each frozen BatchNorm into the convolution before it, in place; the function is unchanged.
+
+    At inference a BatchNorm is a fixed per-channel scale and shift, which the convolution's
+    weights and bias can carry instead. Both supported backbones register each BatchNorm right
+    after the convolution it follows; on lite0 this and moving the symmetric "same" padding into
+    the convolution cut the CPU time per photo by about a third (README, Performance).
+    """
+    for parent in list(network.modules()):
+        children = list(parent.named_children())
+        for (conv_name, conv), (norm_name, norm) in zip(children, children[1:]):
+            if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d) and norm.num_features == conv.out_channels:
+                setattr(parent, conv_name, fuse_conv_bn_eval(conv.eval(), norm.eval()))
+                setattr(parent, norm_name, nn.Identity())
+    for module in network.modules():  # efficientnet_lite_pytorch pads with a separate module first
+        padding = getattr(module, "static_padding", None)
+        if isinstance(module, nn.Conv2d) and isinstance(padding, nn.ZeroPad2d):
+            left, right, top, bottom = padding.padding
+            if left == right and top == bottom:
+                module.padding, module.static_padding = (top, left), nn.Identity()
+    return network
+
+
 def resolve_device(requested: str) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for but PyTorch sees no CUDA GPU")
@@ -176,6 +200,7 @@ class FeatureExtractor:
             raise ValueError("layers must name exactly two stages (stride 8 and stride 16)")
         self.device = resolve_device(config.device)
         network, self.weights_identity = build_backbone(config.backbone, config.weights_path, pretrained)
+        network = fold_batch_norms(network)
         try:
             module = PatchFeatures(network, spec, layers, config.target_dim)
         except ValueError as error:

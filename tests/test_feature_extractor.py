@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import copy
+
 import cv2
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from models.feature_extractor import (
     FeatureExtractor,
     build_backbone,
     feature_width,
+    fold_batch_norms,
 )
 
 # ImageNet classes of scikit-image's sample photos: Chelsea is a cat, coffee is an espresso cup.
@@ -159,3 +162,22 @@ def test_patch_features_are_3x3_means_of_both_stages_on_the_stride_8_grid():
     expected = np.concatenate([mean_3x3(fine), upsampled]).transpose(1, 2, 0)
     assert features.shape == (8, 12, 152)
     np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backbone", ["efficientnet_lite0", "wide_resnet50_2"])
+def test_folding_batch_norms_into_convolutions_keeps_the_network_the_same_function(backbone):
+    """The extractor's network (BatchNorms folded, padding moved) classifies exactly as the plain one."""
+    plain, _ = build_backbone(backbone, pretrained=backbone == "efficientnet_lite0")
+    generator = torch.Generator().manual_seed(0)
+    for module in plain.modules():  # random running statistics, so that folding them is not a no-op
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.normal_(0, 0.5, generator=generator)
+            module.running_var.uniform_(0.5, 2.0, generator=generator)
+            module.weight.data.normal_(1, 0.3, generator=generator)
+            module.bias.data.normal_(0, 0.3, generator=generator)
+    folded = fold_batch_norms(copy.deepcopy(plain))
+    assert not any(isinstance(module, torch.nn.BatchNorm2d) for module in folded.modules())
+    photos = torch.rand(2, 3, 96, 128, generator=generator) * 2 - 1
+    with torch.inference_mode():
+        expected, got = plain(photos), folded(photos)
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()))
