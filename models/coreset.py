@@ -9,16 +9,22 @@ patch in memory. Instead, as features stream in:
 - each chunk of ``chunk_size`` patches is reduced to *candidates* by greedy k-center that starts
   from every patch's distance to the candidates kept so far, so a pattern earlier chunks cover is
   not picked again: a chunk that repeats an earlier one adds no copy of a kept patch;
+- at small ratios, where a chunk's share of the bank would be under ``MIN_PICKS_PER_CHUNK``
+  patches, its greedy cannot place them well without seeing the rest (screw at ratio 0.005, three
+  seeds: image AUROC 0.879 chunked against 0.905 exact). There the chunk grows to
+  ``EXACT_PASS_PATCHES``: one exact greedy pass over every patch of a set up to that size. Few picks
+  make it affordable (cost patches x picks); memory is then O(patches), at most ~0.6 GB;
 - optionally (``oversampling`` > 1), where the bank's share of a chunk is only a few dozen
   patches, a chunk keeps ``oversampling`` times its share as candidates and one global greedy pass
   over all candidates picks the bank at the end. It fixes streams whose variety arrives late
   (tests), but on screw it did not close the gap to exact greedy at small ratios and costs 3-4x
   the coreset time (README, Performance), so it is off by default. From
   ``ENOUGH_PICKS_PER_CHUNK`` picks per chunk on, the candidates are the bank either way;
-- the "kept so far" search is one exact FAISS search per chunk; it grows with the bank, so a very
-  long fit slows down (README, Scale).
+- the "kept so far" search is one FAISS search per chunk: exact while the candidates are few, an
+  HNSW graph past ``EXACT_UP_TO``, so that a very long fit does not slow down as its bank grows
+  (README, Scale).
 
-Memory is O(candidates), at most ``oversampling`` times the bank. README (Performance) has the
+Memory is O(candidates), at most ``oversampling`` times the bank, except for the exact pass above. README (Performance) has the
 ratio curve against exact greedy; tests/test_coreset.py checks the covering radius.
 """
 
@@ -31,6 +37,10 @@ import numpy as np
 import torch
 
 ENOUGH_PICKS_PER_CHUNK = 256  # ratio 0.1 gives 410 per 4096-patch chunk and matches exact greedy
+EXACT_UP_TO = 16_384  # kept candidates searched exactly; more go into an HNSW graph (CandidateIndex)
+HNSW_LINKS, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 16, 40, 32  # search twice FAISS's default depth: ~98% recall
+MIN_PICKS_PER_CHUNK = 64  # fewer picks per chunk: one exact pass instead (effective_chunk_size)
+EXACT_PASS_PATCHES = 500_000  # the exact pass holds this many patches at most (raw + projected: ~0.6 GB)
 RADIUS_SAMPLE = 2048  # training patches, sampled uniformly, on which the covering radius is measured
 
 
@@ -70,6 +80,11 @@ def greedy_coreset(
     return picks
 
 
+def effective_chunk_size(ratio: float, chunk_size: int) -> int:
+    """``chunk_size``, or ``EXACT_PASS_PATCHES`` where chunks would each give under ``MIN_PICKS_PER_CHUNK`` picks."""
+    return chunk_size if ratio * chunk_size >= MIN_PICKS_PER_CHUNK else max(chunk_size, EXACT_PASS_PATCHES)
+
+
 def candidate_share(ratio: float, oversampling: float, chunk_size: int) -> float:
     """Share of each chunk kept as candidates: ``oversampling`` x ``ratio`` where chunks get few picks.
 
@@ -81,22 +96,41 @@ def candidate_share(ratio: float, oversampling: float, chunk_size: int) -> float
 
 
 class CandidateIndex:
-    """Squared distance from new patches to the nearest candidate kept so far (exact, FAISS flat).
+    """Squared distance from new patches to the nearest candidate kept so far.
 
-    An IVF index here (~√n cells, 8 searched) measured slower than this flat one at 76k candidates
-    (FAISS scans IVF lists without BLAS), so the search still grows with the candidates.
+    Exact (FAISS flat) up to ``EXACT_UP_TO`` candidates, which covers a default fit of a few
+    hundred photos. Beyond, every chunk would search a bank that grows with the photos seen, so a
+    long fit slows down photo by photo; the candidates then move into an HNSW graph, whose search
+    cost grows only with the logarithm of its size. Its distances are approximate (slightly too
+    large for a few patches; measured recall in tests/test_coreset.py), which at worst lets greedy
+    keep a patch that a kept one already covers. Points are added on one thread, so the graph,
+    and hence the bank, is the same on every run.
     """
 
     def __init__(self, dim: int) -> None:
         self._points: list[np.ndarray] = []
-        self._index = faiss.IndexFlatL2(dim)
+        self._index: faiss.Index = faiss.IndexFlatL2(dim)
 
     def __len__(self) -> int:
         return self._index.ntotal
 
+    @property
+    def approximate(self) -> bool:
+        return isinstance(self._index, faiss.IndexHNSWFlat)
+
     def add(self, points: np.ndarray) -> None:
         self._points.append(points)
-        self._index.add(points)
+        if not self.approximate and len(self) + len(points) > EXACT_UP_TO:
+            graph = faiss.IndexHNSWFlat(points.shape[1], HNSW_LINKS)
+            graph.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+            graph.hnsw.efSearch = HNSW_EF_SEARCH
+            self._index, points = graph, self.points()
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)  # HNSW inserts in parallel in no fixed order; one thread keeps it reproducible
+        try:
+            self._index.add(points)
+        finally:
+            faiss.omp_set_num_threads(threads)
 
     def nearest(self, points: np.ndarray) -> np.ndarray:
         return self._index.search(points, 1)[0][:, 0]
@@ -126,10 +160,10 @@ class StreamingCoreset:
     ) -> None:
         self.ratio = ratio
         self.projection_dim = projection_dim
-        self.chunk_size = chunk_size
+        self.chunk_size = effective_chunk_size(ratio, chunk_size)
         self.seed = seed
         self.device = torch.device(device)
-        self.share = candidate_share(ratio, oversampling, chunk_size)
+        self.share = candidate_share(ratio, oversampling, self.chunk_size)
         self.kept_indices: list[int] = []  # positions, in the order added, of the patches kept
         self.covering_radius = math.nan  # largest distance from a sampled patch to its nearest kept one
         self._projection: torch.Tensor | None = None

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.coreset import StreamingCoreset, greedy_coreset
+from models.coreset import CandidateIndex, StreamingCoreset, greedy_coreset
 
 
 def covering_radius(points: np.ndarray, chosen: np.ndarray) -> float:
@@ -126,3 +126,40 @@ def test_model_file_keeps_the_covering_radius_and_older_files_still_load(fitted_
     del state["coverage_radius"]  # as written before the covering radius was stored
     path.write_bytes(pickle.dumps(state))
     assert np.isnan(PatchCore.load(path).coverage_radius)
+
+
+def test_past_the_exact_limit_the_kept_so_far_search_is_a_graph_that_finds_the_nearest_candidate(monkeypatch):
+    monkeypatch.setattr("models.coreset.EXACT_UP_TO", 2000)
+    points = clustered_points(4000, seed=1)  # new patches of the same part as the kept ones
+    kept, queries = points[:3000], points[3000:]
+    exact = faiss.IndexFlatL2(kept.shape[1])
+    exact.add(kept)
+    truth = exact.search(queries, 1)[0][:, 0]
+    index = CandidateIndex(kept.shape[1])
+    index.add(kept[:1000])
+    assert not index.approximate  # exact below the limit
+    index.add(kept[1000:])
+    assert index.approximate and len(index) == len(kept)
+    found = index.nearest(queries)
+    assert np.mean(np.isclose(found, truth, rtol=1e-4)) >= 0.95  # the nearest candidate itself, nearly always
+    assert np.all(found >= truth * (1 - 1e-4))  # never nearer than the truth: at worst a patch looks less covered
+
+
+def test_a_coreset_past_the_exact_limit_is_reproducible_and_still_covers(monkeypatch):
+    monkeypatch.setattr("models.coreset.EXACT_UP_TO", 200)
+    points = clustered_points(8000)
+    same = [streamed(points, 0.1, 1000, 64, seed=3) for _ in range(2)]
+    assert same[0][1]._index.approximate
+    assert np.array_equal(same[0][0], same[1][0])
+    monkeypatch.setattr("models.coreset.EXACT_UP_TO", 10**9)
+    exact_search = bank(points, 0.1, 1000, 64, seed=3)
+    assert covering_radius(points, same[0][0]) <= 1.1 * covering_radius(points, exact_search)
+
+
+def test_at_a_small_ratio_the_bank_is_exact_greedys_not_the_chunked_one():
+    """Chunks of 1,000 at ratio 0.005 would pick 5 patches each, blind to the rest: one exact pass instead."""
+    points = clustered_points(20000)
+    exact = bank(points, 0.005, chunk_size=len(points))
+    assert np.array_equal(bank(points, 0.005, chunk_size=1000), exact)
+    many_picks = bank(points, 0.1, chunk_size=1000)  # 100 picks a chunk: the streamed chunks stay
+    assert not np.array_equal(many_picks, bank(points, 0.1, chunk_size=len(points)))
