@@ -101,8 +101,11 @@ class PatchCore:
         self._index: faiss.Index | None = None
 
     # ----------------------------------------------------------------------------- fitting
-    def fit(self, images: Sequence[str | Path], progress: bool = True) -> None:
+    def fit(self, images: Sequence[str | Path], progress: bool = True, calibrate: bool = True) -> None:
         """Build the memory bank from every healthy photo and calibrate on all of them by cross-fitting.
+
+        ``calibrate=False`` builds the bank alone (no threshold), for models only ranked by their
+        scores, such as the candidates of ``preprocess: auto``.
 
         With ``preprocess: auto`` the steps are first decided from these photos alone
         (models.pipeline_selection). Calibration: the photos are split into seeded folds, each fold
@@ -131,7 +134,7 @@ class PatchCore:
         n_folds = min(config.calibration_folds, len(images))
         order = np.random.default_rng(config.seed).permutation(len(images))
         folds = order % n_folds
-        scored = order < MAX_CALIBRATION_PHOTOS  # a seeded sample bounds the memory of very large sets
+        scored = (order < MAX_CALIBRATION_PHOTOS) & calibrate  # a seeded sample bounds the memory of very large sets
         stage = time.perf_counter()
         extractor = self._feature_extractor()  # building the backbone counts as feature extraction
         self._clock("features", stage)
@@ -151,7 +154,7 @@ class PatchCore:
         # low as a new healthy photo's against the final bank, not inflated by a sparser bank.
         fold_ratio = min(1.0, config.coreset_sampling_ratio * n_folds / (n_folds - 1))
         whole = new_coreset(config.coreset_sampling_ratio, config.seed)
-        by_fold = [new_coreset(fold_ratio, config.seed + 1 + fold) for fold in range(n_folds)]
+        by_fold = [new_coreset(fold_ratio, config.seed + 1 + fold) for fold in range(n_folds)] if calibrate else []
         patches_of: list[tuple[np.ndarray, np.ndarray, Preprocessed] | None] = []  # what a scored photo's map needs
         for batch in self._clocked(self._batches(images, progress, "memory bank"), "load_preprocess"):
             stage = time.perf_counter()
@@ -165,7 +168,8 @@ class PatchCore:
             per_photo = torch.split(kept, keep.sum(dim=1).tolist())
             for item, seen, photo_patches in zip(batch, keep.cpu().numpy(), per_photo):
                 photo = len(patches_of)
-                by_fold[folds[photo]].add(photo_patches)
+                if by_fold:
+                    by_fold[folds[photo]].add(photo_patches)
                 where = replace(item, image=_NO_PIXELS, mask=_NO_PIXELS)  # the transform back to the photo
                 patches_of.append((photo_patches.cpu().numpy(), seen.reshape(h, w), where) if scored[photo] else None)
             self._clock("coreset", stage)
@@ -175,23 +179,34 @@ class PatchCore:
         self._clock("coreset", stage)
         self._index = None
         self.n_train = len(images)
+        if calibrate:
+            self._cross_fit_calibration(by_fold, folds, scored, patches_of)
+        self.fit_seconds = time.perf_counter() - start
+        self.timings["fit"] = self.fit_seconds
 
+    def _cross_fit_calibration(
+        self,
+        by_fold: list[Any],
+        folds: np.ndarray,
+        scored: np.ndarray,
+        patches_of: list[tuple[np.ndarray, np.ndarray, Preprocessed] | None],
+    ) -> None:
+        """Score each scored photo against the other folds' coresets together, and calibrate on those scores."""
         stage = time.perf_counter()
+        n_folds = len(by_fold)
         fold_banks = [coreset.result() for coreset in by_fold]
-        scores = np.empty(len(images), dtype=np.float32)
+        scores = np.empty(len(folds), dtype=np.float32)
         for fold in range(n_folds):
-            scorer = PatchCore(config)
+            scorer = PatchCore(self.config)
             scorer.memory_bank = np.concatenate([bank for other, bank in enumerate(fold_banks) if other != fold])
             members = np.flatnonzero((folds == fold) & scored)
             for group in np.array_split(members, max(1, math.ceil(len(members) / CALIBRATION_BATCH))):
                 maps = scorer._anomaly_maps([patches_of[photo] for photo in group])
                 scores[group] = [anomaly_map.max() for anomaly_map in maps]
         self.set_calibration(
-            scores[scored], f"{n_folds}-fold cross-fitting, {int(scored.sum())} of {len(images)} training photos scored"
+            scores[scored], f"{n_folds}-fold cross-fitting, {int(scored.sum())} of {len(folds)} training photos scored"
         )
         self._clock("calibration", stage)
-        self.fit_seconds = time.perf_counter() - start
-        self.timings["fit"] = self.fit_seconds
 
     def set_calibration(self, scores: np.ndarray, method: str) -> None:
         """Threshold and healthy spread from healthy scores that their own photos did not help to make.

@@ -113,7 +113,7 @@ def _separation(
     from models.patchcore import PatchCore
 
     model = PatchCore(config)
-    model.fit(list(bank), progress=False)
+    model.fit(list(bank), progress=False, calibrate=False)  # ranked by its scores alone: no threshold needed
     predictions = model.predict(list(healthy) + list(defective))
     labels = [0] * len(healthy) + [1] * len(defective)
     image_auroc = float(roc_auc_score(labels, [p.score for p in predictions]))
