@@ -15,8 +15,9 @@ its coreset, its k-NN scoring and its metrics. Rows are appended to outputs/core
 they finish; the table of every row so far is printed and written to outputs/coreset_curve.md.
 
 ``--scale N`` replays the object patches of the training photos, with fresh noise on every pass, as
-an N-photo stream through the coreset alone (default ratio, chunked and oversampled) and reports its
-photos/s over the first and the last 300 photos and its resident memory.
+an N-photo stream through the bank's coreset alone (default ratio; kept-so-far search exact
+throughout, as before, and as now) and reports its photos/s over the first and the last 300 photos,
+its covering radius and its resident memory.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 import models.patchcore as patchcore  # noqa: E402
 from config import CATEGORY_DEFAULTS, Config, fail, run_cli  # noqa: E402
 from evaluation.report import evaluate  # noqa: E402
+import models.coreset as coreset  # noqa: E402
 from models.coreset import StreamingCoreset  # noqa: E402
 from preprocessing.io import train_images, write_atomically  # noqa: E402
 
@@ -46,7 +48,7 @@ DEFAULT_DATA_DIR = ROOT.parent / "shared" / "data" / "mvtec_ad" / "screw"
 SCHEMES = {
     "chunked": {},
     "oversampled": {"coreset_oversampling": 8.0},
-    "exact": {"coreset_chunk_size": 2**40},
+    "exact": {"coreset_chunk_size": 1_000_000},  # one chunk: every patch of a set up to a million
 }
 SCALE_WINDOW = 300  # photos at the start and at the end of the scale run whose rate is compared
 
@@ -61,13 +63,18 @@ class CachedExtractor:
         self.seconds = 0.0
         self._features: dict[bytes, torch.Tensor] = {}
 
-    def __call__(self, images: np.ndarray) -> torch.Tensor:
+    def tensor(self, images: np.ndarray) -> torch.Tensor:
+        """The features as fitting takes them (a tensor on the extractor's device)."""
         key = hashlib.blake2b(np.ascontiguousarray(images).data, digest_size=16).digest() + bytes(str(images.shape), "ascii")
         if key not in self._features:
             start = time.perf_counter()
-            self._features[key] = self.extractor(images)
+            self._features[key] = self.extractor.tensor(images)
             self.seconds += time.perf_counter() - start
         return self._features[key]
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        """The features as scoring takes them (NumPy)."""
+        return self.tensor(images).cpu().numpy()
 
 
 class TimedCoreset(StreamingCoreset):
@@ -75,9 +82,10 @@ class TimedCoreset(StreamingCoreset):
 
     seconds = 0.0
     recorded: list[torch.Tensor] | None = None
+    recorded_seed = -1  # the seed of the coreset whose input is recorded (the calibration folds' differ)
 
     def add(self, features: torch.Tensor) -> None:
-        if TimedCoreset.recorded is not None:
+        if TimedCoreset.recorded is not None and self.seed == TimedCoreset.recorded_seed:  # the bank's own coreset
             TimedCoreset.recorded.append(features.cpu())
         start = time.perf_counter()
         super().add(features)
@@ -159,23 +167,21 @@ def resident_mib() -> float:
 
 
 def scale_run(args: argparse.Namespace, n_photos: int) -> list[dict[str, Any]]:
-    """Stream ``n_photos`` photos' worth of real object patches (noised replays) through each scheme's coreset."""
+    """Stream ``n_photos`` photos' worth of real object patches (noised replays) through the bank's coreset,
+    with the kept-so-far search exact throughout (before) and as it is now (HNSW past ``EXACT_UP_TO``)."""
     config = settings(args, preprocess=True)
     model = patchcore.PatchCore(config)
-    TimedCoreset.recorded = []
+    TimedCoreset.recorded, TimedCoreset.recorded_seed = [], config.seed
     model.fit(train_images(args.data_dir), progress=False)
     batches, TimedCoreset.recorded = TimedCoreset.recorded, None
     spread = float(torch.cat(batches).std())
     photos_per_batch = config.batch_size
     rows = []
-    for scheme in ("chunked", "oversampled"):
-        scheme_config = Config(**{**config.to_dict(), **SCHEMES[scheme]})
-        coreset = StreamingCoreset(
-            scheme_config.coreset_sampling_ratio,
-            scheme_config.coreset_projection_dim,
-            scheme_config.coreset_chunk_size,
-            scheme_config.seed,
-            oversampling=scheme_config.coreset_oversampling,
+    now = coreset.EXACT_UP_TO
+    for search, exact_up_to in (("exact throughout (before)", 2**62), (f"HNSW past {now:,} (now)", now)):
+        coreset.EXACT_UP_TO = exact_up_to
+        streaming = StreamingCoreset(
+            config.coreset_sampling_ratio, config.coreset_projection_dim, config.coreset_chunk_size, config.seed
         )
         generator = torch.Generator().manual_seed(0)
         seconds_per_batch, photos = [], 0
@@ -183,22 +189,24 @@ def scale_run(args: argparse.Namespace, n_photos: int) -> list[dict[str, Any]]:
             features = batches[(photos // photos_per_batch) % len(batches)]
             noisy = features + 0.05 * spread * torch.randn(features.shape, generator=generator)
             start = time.perf_counter()
-            coreset.add(noisy)
+            streaming.add(noisy)
             seconds_per_batch.append(time.perf_counter() - start)
             photos += photos_per_batch
             if photos == SCALE_WINDOW:
                 rss_start = resident_mib()
-        coreset.result()
+        streaming.result()
+        coreset.EXACT_UP_TO = now
         window = SCALE_WINDOW // photos_per_batch
         rows.append(
             {
-                "scheme": scheme,
+                "kept_so_far_search": search,
                 "photos": photos,
-                "patches": coreset._seen,
-                "bank": len(coreset.kept_indices),
+                "patches": streaming._seen,
+                "bank": len(streaming.kept_indices),
                 "coreset_photos_per_s_first": SCALE_WINDOW / sum(seconds_per_batch[:window]),
                 "coreset_photos_per_s_last": SCALE_WINDOW / sum(seconds_per_batch[-window:]),
                 "coreset_s": sum(seconds_per_batch),
+                "covering_radius": streaming.covering_radius,
                 "rss_mib_after_first": rss_start,
                 "rss_mib_end": resident_mib(),
             }
@@ -211,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.scale is not None and args.scale < 2 * SCALE_WINDOW:
         fail(f"--scale must be at least {2 * SCALE_WINDOW} photos (the first and last {SCALE_WINDOW} are compared)")
-    patchcore.StreamingCoreset = TimedCoreset
+    coreset.StreamingCoreset = TimedCoreset  # what PatchCore.fit builds its coresets from
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.scale:
         rows = scale_run(args, args.scale)
