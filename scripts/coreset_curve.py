@@ -2,11 +2,11 @@
 
 Usage:
     .venv/bin/python scripts/coreset_curve.py --backbone efficientnet_lite0 --preprocess false \\
-        --ratios 0.005 0.01 --schemes streamed exact
+        --ratios 0.005 0.01 --schemes default exact
     .venv/bin/python scripts/coreset_curve.py --backbone efficientnet_lite0 --scale 3000
 
-Schemes: ``chunked`` (the default coreset: each chunk continues greedy from the patches kept so
-far), ``oversampled`` (``coreset_oversampling`` 8: candidates per chunk and a global greedy pass
+Schemes: ``default`` (the model's coreset: chunks that each continue greedy from the patches kept
+so far, one exact pass where chunks would get under 64 picks), ``oversampled`` (``coreset_oversampling`` 8: candidates per chunk and a global greedy pass
 where the bank is small) and ``exact`` (one greedy pass over every patch: slow, memory O(patches)).
 
 The backbone runs once per photo batch: its features are kept (keyed by the batch's bytes) and
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import sys
 import tempfile
 import time
@@ -46,7 +47,7 @@ from preprocessing.io import train_images, write_atomically  # noqa: E402
 
 DEFAULT_DATA_DIR = ROOT.parent / "shared" / "data" / "mvtec_ad" / "screw"
 SCHEMES = {
-    "chunked": {},
+    "default": {},
     "oversampled": {"coreset_oversampling": 8.0},
     "exact": {"coreset_chunk_size": 1_000_000},  # one chunk: every patch of a set up to a million
 }
@@ -104,7 +105,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--preprocess", choices=["true", "false"], nargs="+", default=["true", "false"])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.001, 0.005, 0.01, 0.05, 0.1, 0.25])
-    parser.add_argument("--schemes", choices=list(SCHEMES), nargs="+", default=["chunked", "oversampled", "exact"])
+    parser.add_argument("--schemes", choices=list(SCHEMES), nargs="+", default=["default", "exact"])
     parser.add_argument("--exact-max-ratio", type=float, default=0.01, help="exact greedy costs O(patches x bank): skip it above")
     parser.add_argument("--scale", type=int, metavar="N", help="instead: an N-photo stream through the coreset alone")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "coreset_curve")
@@ -150,9 +151,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         "| preprocess | ratio | scheme | image AUROC | pixel AUROC | AUPRO | coreset s | bank | model MiB | covering radius |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for row in sorted(rows, key=lambda r: (not r["preprocess"], r["ratio"], r["scheme"])):
+    for row in sorted(rows, key=lambda r: (r["preprocess"] != "on", r["ratio"], r["scheme"])):
         lines.append(
-            f"| {'on' if row['preprocess'] else 'off'} | {row['ratio']} | {row['scheme']} | {row['image_auroc']:.3f} "
+            f"| {row['preprocess']} | {row['ratio']} | {row['scheme']} | {row['image_auroc']:.3f} "
             f"| {row['pixel_auroc']:.3f} | {row['aupro']:.3f} | {row['coreset_s']:.1f} | {row['bank']:,} "
             f"| {row['model_mib']:.1f} | {row['covering_radius']:.2f} |"
         )
@@ -184,7 +185,7 @@ def scale_run(args: argparse.Namespace, n_photos: int) -> list[dict[str, Any]]:
             config.coreset_sampling_ratio, config.coreset_projection_dim, config.coreset_chunk_size, config.seed
         )
         generator = torch.Generator().manual_seed(0)
-        seconds_per_batch, photos = [], 0
+        seconds_per_batch, photos, rss_start = [], 0, math.nan
         while photos < n_photos:
             features = batches[(photos // photos_per_batch) % len(batches)]
             noisy = features + 0.05 * spread * torch.randn(features.shape, generator=generator)
@@ -192,19 +193,19 @@ def scale_run(args: argparse.Namespace, n_photos: int) -> list[dict[str, Any]]:
             streaming.add(noisy)
             seconds_per_batch.append(time.perf_counter() - start)
             photos += photos_per_batch
-            if photos == SCALE_WINDOW:
+            if math.isnan(rss_start) and photos >= SCALE_WINDOW:
                 rss_start = resident_mib()
         streaming.result()
         coreset.EXACT_UP_TO = now
-        window = SCALE_WINDOW // photos_per_batch
+        window = math.ceil(SCALE_WINDOW / photos_per_batch)  # batches; rates are over their photos
         rows.append(
             {
                 "kept_so_far_search": search,
                 "photos": photos,
                 "patches": streaming._seen,
                 "bank": len(streaming.kept_indices),
-                "coreset_photos_per_s_first": SCALE_WINDOW / sum(seconds_per_batch[:window]),
-                "coreset_photos_per_s_last": SCALE_WINDOW / sum(seconds_per_batch[-window:]),
+                "coreset_photos_per_s_first": window * photos_per_batch / sum(seconds_per_batch[:window]),
+                "coreset_photos_per_s_last": window * photos_per_batch / sum(seconds_per_batch[-window:]),
                 "coreset_s": sum(seconds_per_batch),
                 "covering_radius": streaming.covering_radius,
                 "rss_mib_after_first": rss_start,
