@@ -29,6 +29,17 @@ def test_predictions_are_on_the_original_photo(fitted_model, small_screw_dir):
     assert prediction.is_anomalous == (prediction.score > fitted_model.threshold)
 
 
+def test_photos_scored_together_get_the_verdicts_they_get_alone(fitted_model, small_screw_dir):
+    """One k-NN search serves a whole batch: every photo must still get its own scores and Eq. 7 weight."""
+    paths = [sample.path for sample in load_test_split(small_screw_dir)[::3]][:5]
+    together = fitted_model.predict(paths)
+    alone = [fitted_model.predict([path])[0] for path in paths]
+    assert len({round(p.score, 3) for p in alone}) == len(paths)  # distinct photos, distinct scores
+    for batched, single in zip(together, alone):
+        assert batched.score == pytest.approx(single.score, rel=1e-4)
+        np.testing.assert_allclose(batched.anomaly_map, single.anomaly_map, rtol=1e-4, atol=1e-4 * single.score)
+
+
 def test_calibration_scores_every_training_photo(fitted_model):
     # 12 training photos, 5 folds: every photo builds the bank and every photo is scored.
     assert fitted_model.n_train == 12
