@@ -39,7 +39,7 @@ MAX_CALIBRATION_PHOTOS = 500  # more add little to a percentile and would hold a
 CALIBRATION_BATCH = 32  # photos per k-NN search while calibrating (bounds the queries held at once)
 SPREAD_FLOOR = 0.01  # the healthy spread is never below this share of the bank's patch spacing
 _NO_PIXELS = np.empty((0, 0), dtype=np.uint8)  # calibration keeps a photo's transform, not its pixels
-# FAISS computes exact L2 distances as one matrix product (BLAS) only above this many queries; its
+# FAISS computes exact L2 distances as one matrix product (BLAS) only above this threshold; its
 # default (128,000 in 1.15) sends a photo's few hundred patches down a loop 4x slower (measured:
 # 52 vs 14 ms for 400 patches against an 11k bank on 2 cores). The results are the same distances.
 faiss.cvar.distance_compute_blas_threshold = 20
