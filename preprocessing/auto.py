@@ -54,11 +54,12 @@ def measure_photo(image: np.ndarray, config: Config, method: str = "otsu") -> Ph
     """
     means = image.reshape(-1, 3).mean(axis=0)
     cast = float(means.max() / max(means.min(), 1.0) - 1)
-    found = segment_object(inpaint_specular(image, config.specular_threshold).image, method=method)
+    saturated = specular_mask(image, config.specular_threshold)
+    found = segment_object(inpaint_specular(image, config.specular_threshold, glare=saturated).image, method=method)
     if found.mask is None:
         return PhotoMeasure(found=False, cast=cast)
     pose = principal_axis(found.mask)
-    glare = float(specular_mask(image, config.specular_threshold)[found.mask].mean())
+    glare = float(saturated[found.mask].mean())
     return PhotoMeasure(
         found=True,
         area=float(found.mask.mean()),

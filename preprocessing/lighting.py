@@ -54,16 +54,21 @@ def specular_mask(image: np.ndarray, threshold: int) -> np.ndarray:
 
 
 def inpaint_specular(
-    image: np.ndarray, threshold: int, radius: int = 3, region: np.ndarray | None = None
+    image: np.ndarray,
+    threshold: int,
+    radius: int = 3,
+    region: np.ndarray | None = None,
+    glare: np.ndarray | None = None,
 ) -> StepResult:
     """Fill saturated highlights from their surroundings: glare moves with the pose, defects do not.
 
     ``region`` (bool, the part) limits the filling to the part: a bright table is not glare, and
-    inpainting it would smear the part's colour into the background.
+    inpainting it would smear the part's colour into the background. ``glare`` is the photo's
+    ``specular_mask`` where the caller has it already (it is not modified).
     """
-    mask = specular_mask(image, threshold)
+    mask = specular_mask(image, threshold) if glare is None else glare
     if region is not None:
-        mask &= region
+        mask = mask & region
     fraction = float(mask.mean()) if mask.size else 0.0
     if fraction == 0.0:
         return StepResult(image)

@@ -28,7 +28,7 @@ import numpy as np
 
 from config import Config
 from preprocessing.io import read_image
-from preprocessing.lighting import StepResult, clahe_lab, gray_world, inpaint_specular
+from preprocessing.lighting import StepResult, clahe_lab, gray_world, inpaint_specular, specular_mask
 from preprocessing.registration import (
     canonical_rotation,
     crop_transform,
@@ -101,7 +101,8 @@ def _run(image: np.ndarray, config: Config, record: Callable[[str, Callable[[], 
     lit = step(gray_world(image), "1 white balance") if config.white_balance else image
     # Glare filled over the whole photo: what the mask is taken from (glare confuses Otsu), and the
     # model's input too when no part mask narrows the filling to the part.
-    whole_filled = inpaint_specular(lit, config.specular_threshold) if config.inpaint_specular else None
+    glare = specular_mask(lit, config.specular_threshold) if config.inpaint_specular else None
+    whole_filled = inpaint_specular(lit, config.specular_threshold, glare=glare) if glare is not None else None
     object_mask = None
     if config.segment:  # before CLAHE: amplified table texture confuses Otsu
         segmentation = segment_object(
@@ -113,7 +114,9 @@ def _run(image: np.ndarray, config: Config, record: Callable[[str, Callable[[], 
     if whole_filled is not None:  # on the part only where there is one: a bright table is not glare
         part_only = object_mask is not None
         filled = (
-            inpaint_specular(lit, config.specular_threshold, region=dilate(object_mask, 2)) if part_only else whole_filled
+            inpaint_specular(lit, config.specular_threshold, region=dilate(object_mask, 2), glare=glare)
+            if part_only
+            else whole_filled
         )
         lit = step(filled, "3 specular inpainting")
     if config.clahe:
