@@ -14,18 +14,19 @@ patch in memory. Instead, as features stream in:
   seeds: image AUROC 0.879 chunked against 0.905 exact). There the chunk grows to
   ``EXACT_PASS_PATCHES``: one exact greedy pass over every patch of a set up to that size. Few picks
   make it affordable (cost patches x picks); memory is then O(patches), at most ~0.6 GB;
-- optionally (``oversampling`` > 1), where the bank's share of a chunk is only a few dozen
-  patches, a chunk keeps ``oversampling`` times its share as candidates and one global greedy pass
-  over all candidates picks the bank at the end. It fixes streams whose variety arrives late
-  (tests), but on screw it did not close the gap to exact greedy at small ratios and costs 3-4x
-  the coreset time (README, Performance), so it is off by default. From
-  ``ENOUGH_PICKS_PER_CHUNK`` picks per chunk on, the candidates are the bank either way;
+- optionally (``oversampling`` > 1), where a chunk's share of the bank is above the exact pass's
+  limit but under half of ``ENOUGH_PICKS_PER_CHUNK``, a chunk keeps ``oversampling`` times its share
+  as candidates and one global greedy pass over all candidates picks the bank at the end. It fixes
+  streams whose variety arrives late (tests), but on screw it did not close the gap to exact
+  greedy at small ratios and costs 3-5x the coreset time (README, Performance), so it is off by
+  default. From ``ENOUGH_PICKS_PER_CHUNK`` picks per chunk on, the candidates are the bank either way;
 - the "kept so far" search is one FAISS search per chunk: exact while the candidates are few, an
   HNSW graph past ``EXACT_UP_TO``, so that a very long fit does not slow down as its bank grows
   (README, Scale).
 
-Memory is O(candidates), at most ``oversampling`` times the bank, except for the exact pass above. README (Performance) has the
-ratio curve against exact greedy; tests/test_coreset.py checks the covering radius.
+Memory is O(candidates), at most ``oversampling`` times the bank, except for the exact pass above.
+README (Performance) has the ratio curve against exact greedy; tests/test_coreset.py checks the
+covering radius.
 """
 
 from __future__ import annotations
