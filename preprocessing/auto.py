@@ -58,13 +58,13 @@ def measure_photo(image: np.ndarray, config: Config, method: str = "otsu") -> Ph
     found = segment_object(inpaint_specular(image, config.specular_threshold, glare=saturated).image, method=method)
     if found.mask is None:
         return PhotoMeasure(found=False, cast=cast)
-    pose = principal_axis(found.mask)
+    pose = principal_axis(found.working_mask)
     glare = float(saturated[found.mask].mean())
     return PhotoMeasure(
         found=True,
-        area=float(found.mask.mean()),
+        area=float(found.working_mask.mean()),
         border=found.touches_border,
-        solidity=solidity(found.mask),
+        solidity=solidity(found.working_mask),
         elongation=min(pose.elongation, 100.0),
         axis_degrees=math.degrees(pose.axis_angle) % 180,
         cast=cast,

@@ -103,12 +103,12 @@ def _run(image: np.ndarray, config: Config, record: Callable[[str, Callable[[], 
     # model's input too when no part mask narrows the filling to the part.
     glare = specular_mask(lit, config.specular_threshold) if config.inpaint_specular else None
     whole_filled = inpaint_specular(lit, config.specular_threshold, glare=glare) if glare is not None else None
-    object_mask = None
+    object_mask = pose_mask = None
     if config.segment:  # before CLAHE: amplified table texture confuses Otsu
         segmentation = segment_object(
             lit if whole_filled is None else whole_filled.image, config.mask_fill, config.segmentation_method
         )
-        object_mask = segmentation.mask
+        object_mask, pose_mask = segmentation.mask, segmentation.working_mask
         warnings.extend(segmentation.warnings)
         record("2 object mask", lambda: _overlay(lit, object_mask))
     if whole_filled is not None:  # on the part only where there is one: a bright table is not glare
@@ -124,8 +124,8 @@ def _run(image: np.ndarray, config: Config, record: Callable[[str, Callable[[], 
 
     use_object = config.crop and object_mask is not None
     angle = 0.0
-    if config.align_rotation and object_mask is not None:
-        angle = canonical_rotation(object_mask, config.min_elongation)
+    if config.align_rotation and pose_mask is not None:
+        angle = canonical_rotation(pose_mask, config.min_elongation)
     matrix = crop_transform(
         object_outline(object_mask) if use_object else image_outline(height, width),
         angle,

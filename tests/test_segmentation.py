@@ -68,3 +68,18 @@ def test_hull_fill_puts_back_a_shiny_bite_out_of_the_edge() -> None:
     outline, hull = segment_object(image).mask, segment_object(image, fill="hull").mask
     assert iou(hull, truth) > iou(outline, truth) + 0.01
     assert iou(hull, truth) > 0.95
+
+
+def test_working_mask_is_the_full_mask_at_working_size_and_gives_the_same_pose() -> None:
+    """Pose and solidity are read off the small working mask; it must be the mask the photo gets, only smaller."""
+    from preprocessing.registration import canonical_rotation
+    from preprocessing.segmentation import WORKING_SIDE
+
+    image = np.full((1024, 768, 3), 200, np.uint8)
+    cv2.ellipse(image, (400, 500), (300, 90), 35, 0, 360, (60, 60, 60), -1)
+    cv2.circle(image, (200, 400), 110, (60, 60, 60), -1)  # a heavy end: the direction matters too
+    found = segment_object(image)
+    assert max(found.working_mask.shape) == WORKING_SIDE
+    enlarged = cv2.resize(found.working_mask.astype(np.uint8), (768, 1024), interpolation=cv2.INTER_NEAREST) > 0
+    assert np.array_equal(enlarged, found.mask)
+    assert abs(canonical_rotation(found.working_mask, 1.5) - canonical_rotation(found.mask, 1.5)) < 1e-3
