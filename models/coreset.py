@@ -65,17 +65,22 @@ def greedy_coreset(
     """
     n_points = points.shape[0]
     n_select = min(n_select, n_points)
-    squared_norms = np.einsum("ij,ij->i", points, points)
+    # Half squared distances, |a|²/2 - a·b + |b|²/2: the same order (halving is exact in floating
+    # point), one multiplication fewer per step, and every step writes into buffers made once.
+    half_norms = 0.5 * np.einsum("ij,ij->i", points, points)
     picks = np.empty(n_select, dtype=np.int64)
     if covered is None:
         nearest = np.full(n_points, np.inf, dtype=np.float32)
         current = int(torch.randint(n_points, (1,), generator=torch.Generator().manual_seed(seed)))
     else:
-        nearest = covered.astype(np.float32, copy=True)
+        nearest = 0.5 * covered.astype(np.float32)
         current = int(np.argmax(nearest))
+    distances = np.empty(n_points, dtype=np.float32)
     for step in range(n_select):
         picks[step] = current
-        distances = squared_norms - 2 * (points @ points[current]) + squared_norms[current]
+        np.dot(points, points[current], out=distances)
+        np.subtract(half_norms, distances, out=distances)
+        distances += half_norms[current]
         np.minimum(nearest, distances, out=nearest)
         current = int(np.argmax(nearest))
     return picks
