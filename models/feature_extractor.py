@@ -8,8 +8,6 @@ along channels down to it.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import hashlib
 from pathlib import Path
 
@@ -24,10 +22,8 @@ from models.backend import SPECS, BackboneSpec, feature_width  # noqa: F401 (fea
 
 
 # On the CPU the network runs on this many photos at a time: each layer's output then stays under
-# glibc's largest heap allocation (32 MiB), so it can reuse freed memory (see keep_freed_memory).
+# glibc's largest heap allocation (32 MiB), so it can reuse freed memory (backend.keep_freed_memory).
 CPU_MICRO_BATCH = 2
-MMAP_THRESHOLD = 32 << 20  # glibc's maximum: larger blocks are always mapped afresh
-TRIM_THRESHOLD = 256 << 20  # free memory kept at the heap's top for the next batch, not handed back
 
 
 class BackboneWeightsError(UserError, RuntimeError):
@@ -140,23 +136,6 @@ def fold_batch_norms(network: nn.Module) -> nn.Module:
     return network
 
 
-def keep_freed_memory() -> bool:
-    """Let glibc's malloc keep freed layer outputs for the next batch instead of unmapping them.
-
-    By default glibc maps each large block afresh and returns it to the kernel on free, so every
-    batch touches new pages that the kernel must fault in and zero: measured on lite0 at 256 px,
-    4,000-10,000 page faults and over half the backbone's CPU time per photo. A fixed mmap
-    threshold and a larger trim threshold (process-wide; what PyTorch's CPU tuning guide gets from
-    jemalloc) remove them. Returns False where the C library has no ``mallopt`` (not glibc).
-    """
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
-    except (OSError, AttributeError, TypeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
-    return bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD)) and bool(mallopt(m_trim_threshold, TRIM_THRESHOLD))
-
-
 def resolve_device(requested: str) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for but PyTorch sees no CUDA GPU")
@@ -225,8 +204,6 @@ class FeatureExtractor:
         if len(layers) != 2:
             raise ValueError("layers must name exactly two stages (stride 8 and stride 16)")
         self.device = resolve_device(config.device)
-        if self.device.type == "cpu":
-            keep_freed_memory()
         network, self.weights_identity = build_backbone(config.backbone, config.weights_path, pretrained)
         network = fold_batch_norms(network)
         try:

@@ -199,7 +199,9 @@ def test_the_backbone_reuses_its_working_memory_instead_of_faulting_in_new_pages
     the next batch. Returning them to the kernel cost ~4,000-10,000 faults and half the CPU per photo."""
     import resource
 
-    extractor = FeatureExtractor(Config(backbone="efficientnet_lite0", device="cpu"))
+    from models.backend import open_extractor
+
+    extractor = open_extractor(Config(backbone="efficientnet_lite0", device="cpu"))  # as fitting and scoring open it
     photos = np.random.default_rng(0).integers(0, 256, (8, 256, 256, 3), dtype=np.uint8)
     extractor.tensor(photos)  # warm-up: the heap grows once
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
