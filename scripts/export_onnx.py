@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +23,9 @@ sys.path.insert(0, str(ROOT))
 
 from config import run_cli  # noqa: E402
 from models.backend import onnx_path_for  # noqa: E402
-from models.onnx_extractor import INPUT_NAME, OUTPUT_NAME, OnnxFeatureExtractor, export_metadata  # noqa: E402
+from models.onnx_extractor import OnnxFeatureExtractor, export_metadata  # noqa: E402
 from preprocessing.io import write_atomically  # noqa: E402
 
-OPSET = 17
 CHECK_TOLERANCE = 1e-3  # largest difference from torch, relative to the largest feature value
 
 
@@ -44,7 +42,7 @@ def export(model_path: Path, output: Path) -> float:
     import onnx
     import torch
 
-    from models.feature_extractor import FeatureExtractor
+    from models.feature_extractor import FeatureExtractor, onnx_graph
     from models.patchcore import ModelFileError, PatchCore
 
     model = PatchCore.load(model_path, device="cpu", runtime="torch")
@@ -58,25 +56,12 @@ def export(model_path: Path, output: Path) -> float:
     photos = np.random.default_rng(0).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
     with tempfile.TemporaryDirectory() as scratch:
         graph_path = Path(scratch) / "extractor.onnx"
-        # The TorchScript exporter traces one forward pass (the hooks' early stop is plain Python);
-        # its deprecation and tracer notes concern shapes, which the metadata check pins down.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                extractor.module,
-                (torch.from_numpy(photos[:1]),),
-                str(graph_path),
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                opset_version=OPSET,
-                dynamo=False,
-            )
-        graph = onnx.load(str(graph_path))
+        graph = onnx.load_from_string(onnx_graph(extractor.module, size))
         for key, value in export_metadata(model.config, extractor.weights_identity).items():
             graph.metadata_props.add(key=key, value=value)
         onnx.save(graph, str(graph_path))
-        expected = extractor(photos)
+        with torch.inference_mode():  # the torch module itself, not the extractor (which may run ONNX already)
+            expected = extractor.module(torch.from_numpy(photos)).numpy()
         got = OnnxFeatureExtractor(graph_path, model.config)(photos)
         difference = float(np.abs(got - expected).max() / max(np.abs(expected).max(), 1e-12))
         if difference > CHECK_TOLERANCE:

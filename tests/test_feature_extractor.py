@@ -23,11 +23,12 @@ COFFEE_CLASSES = {967, 968}  # espresso, cup
 
 
 def network_input(extractor: FeatureExtractor, images: np.ndarray) -> torch.Tensor:
-    """The tensor the extractor feeds its network for ``images``: its own normalisation, captured."""
+    """The tensor the extractor's module feeds its network for ``images``: its own normalisation, captured."""
     captured = []
     handle = extractor.module.network.register_forward_pre_hook(lambda _module, inputs: captured.append(inputs[0].clone()))
     try:
-        extractor(images)
+        with torch.inference_mode():
+            extractor.module(torch.from_numpy(images))
     finally:
         handle.remove()
     return captured[0]
@@ -152,10 +153,12 @@ def test_patch_features_are_3x3_means_of_both_stages_on_the_stride_8_grid():
     ]
     image = np.random.default_rng(0).integers(0, 256, (1, 64, 96, 3), dtype=np.uint8)
     try:
-        features = extractor(image)[0]
+        with torch.inference_mode():
+            extractor.module(torch.from_numpy(image))  # the torch module, where hooks see the stages
     finally:
         for handle in handles:
             handle.remove()
+    features = extractor(image)[0]  # what fitting and scoring get (on the CPU through ONNX Runtime)
     fine, coarse = (raw[name] for name in extractor.module.layers)
     assert fine.shape[1:] == (8, 12) and coarse.shape[1:] == (4, 6)  # stride 8 and stride 16
     upsampled = np.stack([cv2.resize(channel, (12, 8), interpolation=cv2.INTER_LINEAR) for channel in mean_3x3(coarse)])
@@ -183,15 +186,22 @@ def test_folding_batch_norms_into_convolutions_keeps_the_network_the_same_functi
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()))
 
 
-def test_cpu_micro_batches_give_the_features_of_one_whole_batch():
-    """The CPU runs the network a few photos at a time; every photo, the last odd one too, gets its own features."""
+@pytest.mark.parametrize("compiled", [True, False], ids=["onnx-runtime", "eager-torch"])
+def test_cpu_features_in_micro_batches_are_the_torch_modules_for_any_batch_and_size(compiled):
+    """On the CPU lite0 runs through an in-memory ONNX Runtime session (eager torch where the graph does
+    not export), a few photos at a time: every photo, the last odd one too, at any photo size, gets
+    the features the torch module gives the whole batch at once."""
     extractor = FeatureExtractor(Config(backbone="efficientnet_lite0", device="cpu"))
-    photos = np.random.default_rng(0).integers(0, 256, (5, 64, 96, 3), dtype=np.uint8)
-    with torch.inference_mode():
-        whole = extractor.module(torch.from_numpy(photos))
-    got = extractor.tensor(photos)
-    assert got.shape == whole.shape == (5, 8, 12, 152)
-    torch.testing.assert_close(got, whole, rtol=1e-4, atol=1e-4)
+    assert extractor.session is not None  # lite0's graph exports: the CPU path is ONNX Runtime
+    if not compiled:
+        extractor.session = None
+    for shape in [(5, 64, 96, 3), (3, 256, 256, 3)]:
+        photos = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+        with torch.inference_mode():
+            whole = extractor.module(torch.from_numpy(photos))
+        got = extractor.tensor(photos)
+        assert got.shape == whole.shape == (shape[0], shape[1] // 8, shape[2] // 8, 152)
+        torch.testing.assert_close(got, whole, rtol=1e-4, atol=1e-4 * float(whole.abs().max()))
 
 
 def test_the_backbone_reuses_its_working_memory_instead_of_faulting_in_new_pages():
@@ -202,6 +212,7 @@ def test_the_backbone_reuses_its_working_memory_instead_of_faulting_in_new_pages
     from models.backend import open_extractor
 
     extractor = open_extractor(Config(backbone="efficientnet_lite0", device="cpu"))  # as fitting and scoring open it
+    extractor.session = None  # eager torch, as wide_resnet50_2 runs (ONNX Runtime keeps its own arena)
     photos = np.random.default_rng(0).integers(0, 256, (8, 256, 256, 3), dtype=np.uint8)
     extractor.tensor(photos)  # warm-up: the heap grows once
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
