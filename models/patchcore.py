@@ -152,10 +152,14 @@ class PatchCore:
         # Each photo is scored by the other folds' coresets together; picking a share n/(n-1) larger
         # per fold gives that union as many patches as the final bank, so calibration scores are as
         # low as a new healthy photo's against the final bank, not inflated by a sparser bank.
+        # Photos outside the calibration sample (sets over MAX_CALIBRATION_PHOTOS) join no fold: the
+        # bank's patches from them are shared by every fold's scoring bank, so each of them costs
+        # one coreset, not two, and a long fit does not pay twice for a graph that keeps growing.
         fold_ratio = min(1.0, config.coreset_sampling_ratio * n_folds / (n_folds - 1))
         whole = new_coreset(config.coreset_sampling_ratio, config.seed)
         by_fold = [new_coreset(fold_ratio, config.seed + 1 + fold) for fold in range(n_folds)] if calibrate else []
         patches_of: list[tuple[np.ndarray, np.ndarray, Preprocessed] | None] = []  # what a scored photo's map needs
+        patch_counts: list[int] = []  # patches each photo gave the bank's coreset, in order
         for batch in self._clocked(self._batches(images, progress, "memory bank"), "load_preprocess"):
             stage = time.perf_counter()
             features = extractor.tensor(np.stack([item.image for item in batch]))
@@ -168,7 +172,8 @@ class PatchCore:
             per_photo = torch.split(kept, keep.sum(dim=1).tolist())
             for item, seen, photo_patches in zip(batch, keep.cpu().numpy(), per_photo):
                 photo = len(patches_of)
-                if by_fold:
+                patch_counts.append(len(photo_patches))
+                if by_fold and scored[photo]:
                     by_fold[folds[photo]].add(photo_patches)
                 where = replace(item, image=_NO_PIXELS, mask=_NO_PIXELS)  # the transform back to the photo
                 patches_of.append((photo_patches.cpu().numpy(), seen.reshape(h, w), where) if scored[photo] else None)
@@ -180,25 +185,29 @@ class PatchCore:
         self._index = None
         self.n_train = len(images)
         if calibrate:
-            self._cross_fit_calibration(by_fold, folds, scored, patches_of)
+            owner = np.repeat(np.arange(len(images)), patch_counts)[whole.kept_indices]  # photo of each bank patch
+            shared = self.memory_bank[~scored[owner]]
+            self._cross_fit_calibration(by_fold, shared, folds, scored, patches_of)
         self.fit_seconds = time.perf_counter() - start
         self.timings["fit"] = self.fit_seconds
 
     def _cross_fit_calibration(
         self,
         by_fold: list[Any],
+        shared: np.ndarray,
         folds: np.ndarray,
         scored: np.ndarray,
         patches_of: list[tuple[np.ndarray, np.ndarray, Preprocessed] | None],
     ) -> None:
-        """Score each scored photo against the other folds' coresets together, and calibrate on those scores."""
+        """Score each scored photo against the other folds' coresets and the ``shared`` bank patches
+        (those of photos that are not scored) together, and calibrate on those scores."""
         stage = time.perf_counter()
         n_folds = len(by_fold)
         fold_banks = [coreset.result() for coreset in by_fold]
         scores = np.empty(len(folds), dtype=np.float32)
         for fold in range(n_folds):
             scorer = PatchCore(self.config)
-            scorer.memory_bank = np.concatenate([bank for other, bank in enumerate(fold_banks) if other != fold])
+            scorer.memory_bank = np.concatenate([shared, *(bank for other, bank in enumerate(fold_banks) if other != fold)])
             members = np.flatnonzero((folds == fold) & scored)
             for group in np.array_split(members, max(1, math.ceil(len(members) / CALIBRATION_BATCH))):
                 maps = scorer._anomaly_maps([patches_of[photo] for photo in group])

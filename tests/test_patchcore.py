@@ -77,6 +77,36 @@ def test_calibration_scores_come_from_banks_that_never_saw_the_photo(small_screw
     assert model.calibration_scores[4] > 1.4 * np.median(others)
 
 
+def test_past_the_calibration_sample_photos_share_the_bank_and_scored_photos_still_never_see_themselves(
+    small_screw_dir, monkeypatch
+):
+    """A set larger than MAX_CALIBRATION_PHOTOS scores a seeded sample. The other photos join no fold
+    (one coreset each, not two): their share of the final bank is part of every scoring bank, so
+    those banks stay as large as the final bank, and a scored photo's own patches are in none."""
+    import models.patchcore as patchcore
+
+    monkeypatch.setattr(patchcore, "MAX_CALIBRATION_PHOTOS", 5)
+    paths = train_images(small_screw_dir)[:10]
+    photos = [read_image(path) for path in paths]
+    config = small_config(preprocess="off")
+    sampled = np.flatnonzero(np.random.default_rng(config.seed).permutation(len(photos)) < 5)
+    odd = int(sampled[0])  # unlike all others: only a bank without it sees it as new
+    noise = np.random.default_rng(0).integers(0, 256, (32, 32, 3)).astype(np.uint8)
+    photos[odd] = cv2.resize(noise, photos[odd].shape[1::-1], interpolation=cv2.INTER_NEAREST)
+    bank_sizes = []
+    anomaly_maps = PatchCore._anomaly_maps
+    monkeypatch.setattr(
+        PatchCore, "_anomaly_maps", lambda self, batch: bank_sizes.append(len(self.memory_bank)) or anomaly_maps(self, batch)
+    )
+    model = PatchCore(config)
+    model.fit(photos, progress=False)
+    assert model.calibration["count"] == 5 and model.calibration_scores.shape == (5,)
+    final = len(model.memory_bank)
+    assert bank_sizes and all(0.8 * final <= size <= 1.2 * final for size in bank_sizes), (bank_sizes, final)
+    others = np.delete(model.calibration_scores, list(sampled).index(odd))
+    assert model.calibration_scores[list(sampled).index(odd)] > 1.4 * np.median(others)
+
+
 def test_nearly_identical_photos_give_a_finite_sigma(small_screw_dir):
     photo = read_image(train_images(small_screw_dir)[0])
     model = PatchCore(small_config(preprocess="off"))
