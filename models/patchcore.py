@@ -108,9 +108,10 @@ class PatchCore:
         scores, such as the candidates of ``preprocess: auto``.
 
         With ``preprocess: auto`` the steps are first decided from these photos alone
-        (models.pipeline_selection). Calibration: the photos are split into seeded folds, each fold
-        gets its own coreset, and every photo is scored against the coresets of the other folds, so
-        each healthy score comes from a bank that never saw that photo, and all photos count.
+        (models.pipeline_selection). Calibration: the photos (a seeded sample of at most
+        ``MAX_CALIBRATION_PHOTOS``) are split into seeded folds, each fold gets its own coreset, and
+        every photo is scored against the coresets of the other folds (with the bank's patches from
+        photos outside the sample), so each healthy score comes from a bank that never saw that photo.
         """
         import torch
 
