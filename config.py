@@ -147,7 +147,8 @@ class Config:
         4.0, "Gaussian blur of the anomaly map, in model-input pixels (0 = none)", minimum=0, maximum=64
     )
     batch_size: int = setting(
-        8, "photos per backbone pass; 8 is the CPU optimum, larger only adds memory", minimum=1, maximum=1024
+        8, "photos decoded, preprocessed and searched together (the CPU runs the network 2 at a time)",
+        minimum=1, maximum=1024
     )
     device: str = setting("auto", "where the backbone runs", choices=("auto", "cpu", "cuda"))
     num_workers: int = setting(2, "threads that decode and preprocess photos", minimum=1, maximum=64)
