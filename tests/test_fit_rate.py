@@ -1,0 +1,37 @@
+"""scripts/fit_rate.py: photos/s per block of a fit's memory-bank pass, from the batches as they are handed on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from config import UserError
+from scripts.fit_rate import block_rates, main
+
+
+def test_block_rates_follow_a_fit_that_slows_down():
+    # batches of 2 photos: one a second for the first 10 photos, then one every 2 seconds
+    stamps, clock = [], 0.0
+    for batch in range(10):
+        clock += 1.0 if batch < 5 else 2.0
+        stamps.append((clock, 2))
+    rates = block_rates(stamps, 10)
+    assert [(first, last) for first, last, _ in rates] == [(0, 9), (10, 19)]
+    assert rates[0][2] == pytest.approx(2.0)  # from the first batch's stamp on: 8 photos in 4 s
+    assert rates[1][2] == pytest.approx(1.0)  # 10 photos in 10 s
+
+
+def test_a_real_fit_prints_every_block_and_the_last_over_the_first(small_screw_dir: Path, capsys):
+    assert main(["--data-dir", str(small_screw_dir), "--block", "4", "--backbone", "efficientnet_lite0",
+                 "--image-size", "128", "--batch-size", "2", "--quiet"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    blocks = [line for line in lines if line.startswith("photos ")]
+    assert len(blocks) == 3 and all(float(line.split()[2]) > 0 for line in blocks)
+    assert any(line.startswith("last block / first block: ") for line in lines)
+    assert any(line.startswith("bank ") and "peak resident memory" in line for line in lines)
+
+
+def test_too_few_photos_for_two_blocks_is_refused_before_fitting(small_screw_dir: Path):
+    with pytest.raises(UserError, match="12 training photos; at least two blocks of 300"):
+        main(["--data-dir", str(small_screw_dir), "--block", "300", "--backbone", "efficientnet_lite0"])
