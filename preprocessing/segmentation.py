@@ -143,5 +143,6 @@ def segment_object(image: np.ndarray, fill: str = "contour", method: str = "otsu
         return Segmentation(None, [warning])
     mask = cv2.resize(found.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0
     if touches_border(found, edge):
-        return Segmentation(mask, ["object touches the image border (may be cut off)"], True, found)
+        warning = "object touches the image border (may be cut off)"
+        return Segmentation(mask, [warning], touches_border=True, working_mask=found)
     return Segmentation(mask, working_mask=found)
