@@ -208,7 +208,8 @@ class PatchCore:
         scores = np.empty(len(folds), dtype=np.float32)
         for fold in range(n_folds):
             scorer = PatchCore(self.config)
-            scorer.memory_bank = np.concatenate([shared, *(bank for other, bank in enumerate(fold_banks) if other != fold)])
+            others = [bank for other, bank in enumerate(fold_banks) if other != fold]
+            scorer.memory_bank = np.concatenate([shared, *others])
             members = np.flatnonzero((folds == fold) & scored)
             for group in np.array_split(members, max(1, math.ceil(len(members) / CALIBRATION_BATCH))):
                 maps = scorer._anomaly_maps([patches_of[photo] for photo in group])
