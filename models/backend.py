@@ -89,13 +89,18 @@ def resolve_runtime(runtime: str, onnx_file: Path | None) -> str:
         raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     if runtime != "auto":
         return runtime
-    if onnx_file is not None and onnx_file.is_file():
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError:
-            return "torch"
+    if onnx_file is not None and onnx_file.is_file() and onnxruntime_installed():
         return "onnx"
     return "torch"
+
+
+def onnxruntime_installed() -> bool:
+    """Whether ONNX Runtime imports here (the full and the runtime-only environments both list it)."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def open_extractor(config: Config, runtime: str = "torch", onnx_file: Path | None = None) -> PatchFeatureExtractor:

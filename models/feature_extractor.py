@@ -21,7 +21,13 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from config import Config, UserError
-from models.backend import CPU_MICRO_BATCH, SPECS, BackboneSpec, feature_width  # noqa: F401 (feature_width: re-exported)
+from models.backend import (  # noqa: F401 (feature_width: re-exported)
+    CPU_MICRO_BATCH,
+    SPECS,
+    BackboneSpec,
+    feature_width,
+    onnxruntime_installed,
+)
 from models.onnx_extractor import INPUT_NAME, OPSET, OUTPUT_NAME, cpu_session, run_in_micro_batches
 
 
@@ -247,7 +253,7 @@ class FeatureExtractor:
             raise ValueError(f"{config.backbone}: {error}") from None
         self.module = module.to(self.device).to(memory_format=torch.channels_last).eval()
         self.session: Any = None
-        if self.device.type == "cpu" and exports_to_onnx(config) and _has_onnxruntime():
+        if self.device.type == "cpu" and exports_to_onnx(config) and onnxruntime_installed():
             self.session = cpu_session(onnx_graph(self.module, config.image_size))
 
     @torch.inference_mode()
@@ -263,14 +269,6 @@ class FeatureExtractor:
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """(B, H, W, 3) uint8 -> (B, H/8, W/8, D) float32 patch features as a NumPy array."""
         return self.tensor(images).cpu().numpy()
-
-
-def _has_onnxruntime() -> bool:
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 class _StopForward(Exception):
