@@ -174,7 +174,7 @@ class PatchCore:
             for item, seen, photo_patches in zip(batch, keep.cpu().numpy(), per_photo):
                 photo = len(patches_of)
                 patch_counts.append(len(photo_patches))
-                if by_fold and scored[photo]:
+                if scored[photo]:  # only when calibrating; the folds hold the calibration sample alone
                     by_fold[folds[photo]].add(photo_patches)
                 where = replace(item, image=_NO_PIXELS, mask=_NO_PIXELS)  # the transform back to the photo
                 patches_of.append((photo_patches.cpu().numpy(), seen.reshape(h, w), where) if scored[photo] else None)
