@@ -20,9 +20,9 @@ patch in memory. Instead, as features stream in:
   streams whose variety arrives late (tests), but on screw it did not close the gap to exact
   greedy at small ratios and costs 3-5x the coreset time (README, Performance), so it is off by
   default. From ``ENOUGH_PICKS_PER_CHUNK`` picks per chunk on, the candidates are the bank either way;
-- the "kept so far" search is one FAISS search per chunk: exact while the candidates are few, an
-  HNSW graph past ``EXACT_UP_TO``, so that a very long fit does not slow down as its bank grows
-  (README, Scale).
+- the "kept so far" search is one FAISS search per chunk in an HNSW graph, so that a very long fit
+  does not slow down as its bank grows (README, Scale), and a default fit spends half the time on
+  it that an exact search took.
 
 Memory is O(candidates), at most ``oversampling`` times the bank, except for the exact pass above.
 README (Performance) has the ratio curve against exact greedy; tests/test_coreset.py checks the
@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 ENOUGH_PICKS_PER_CHUNK = 256  # ratio 0.1 gives 410 per 4096-patch chunk and matches exact greedy
-EXACT_UP_TO = 16_384  # kept candidates searched exactly; more go into an HNSW graph (CandidateIndex)
+EXACT_UP_TO = 0  # kept candidates searched exactly before the HNSW graph takes over (CandidateIndex)
 # The graph's links, build depth and search depth. Searched at depth 16 (FAISS's default), 98.7% of
 # answers on screw patches are the true nearest kept patch; depth 32 gives 99.4% for 1.6x the time.
 HNSW_LINKS, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 16, 40, 16
@@ -106,10 +106,11 @@ def candidate_share(ratio: float, oversampling: float, chunk_size: int) -> float
 class CandidateIndex:
     """Squared distance from new patches to the nearest candidate kept so far.
 
-    Exact (FAISS flat) up to ``EXACT_UP_TO`` candidates, which covers a default fit of a few
-    hundred photos. Beyond, every chunk would search a bank that grows with the photos seen, so a
-    long fit slows down photo by photo; the candidates then move into an HNSW graph, whose search
-    cost grows only with the logarithm of its size. Its distances are approximate (slightly too
+    An exact (FAISS flat) search costs every chunk a pass over a bank that grows with the photos
+    seen: a long fit slows down photo by photo, and even at the screw defaults (11k kept) it was
+    half of the coreset's time. So the candidates go into an HNSW graph, whose search cost grows
+    only with the logarithm of its size (``EXACT_UP_TO`` > 0 keeps the first ones exact, for
+    comparisons). Its distances are approximate (slightly too
     large for a few patches; measured recall in tests/test_coreset.py), which at worst lets greedy
     keep a patch that a kept one already covers. Points are added on one thread, so the graph,
     and hence the bank, is the same on every run.
