@@ -281,3 +281,13 @@ def test_preview_lists_every_step_and_renders_a_sheet(tmp_path) -> None:
     assert len(labels) == 8
     sheet = cv2.imread(str(save_preview_sheet(steps, tmp_path / "sheet.png", tile=64)))
     assert sheet.shape[0] == 64 and sheet.shape[1] > 64 * 6
+
+
+def test_opencv_runs_each_call_on_one_thread_because_the_worker_pool_is_the_parallelism():
+    """OpenCV's own threads doubled a photo's CPU cost while the pool and the backbone used the cores."""
+    import subprocess
+    import sys
+
+    probe = "import cv2, preprocessing.pipeline; print(cv2.getNumThreads())"
+    threads = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert threads.stdout.strip() == "1"
