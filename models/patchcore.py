@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from config import Config, UserError
 from models.backend import PatchFeatureExtractor, feature_width, onnx_path_for, open_extractor, resolve_runtime
+from models.knn_index import CellIndex, build_index
 from preprocessing.io import read_image, write_atomically
 from preprocessing.pipeline import Preprocessed, preprocess, to_original
 
@@ -98,7 +99,7 @@ class PatchCore:
         # over the predict calls since; scripts/benchmark.py reads them.
         self.timings: dict[str, float] = {}
         self._extractor: PatchFeatureExtractor | None = None
-        self._index: faiss.Index | None = None
+        self._index: faiss.Index | CellIndex | None = None
 
     # ----------------------------------------------------------------------------- fitting
     def fit(self, images: Sequence[str | Path], progress: bool = True, calibrate: bool = True) -> None:
@@ -414,26 +415,10 @@ class PatchCore:
         return self._extractor
 
     @property
-    def index(self) -> faiss.Index:
-        """L2 nearest-neighbour index over the memory bank, rebuilt from the bank (on the GPU when FAISS can).
-
-        ``flat`` is exact. ``ivf`` searches only the ``ivf_nprobe`` nearest of ~4·√N k-means cells:
-        much faster on very large banks, at a small measured accuracy cost (README, Performance).
-        """
+    def index(self) -> faiss.Index | CellIndex:
+        """Nearest-neighbour index over the memory bank, built from the bank (models/knn_index.py)."""
         if self._index is None:
-            dim = self.memory_bank.shape[1]
-            if self.config.knn_index == "ivf":
-                n_cells = max(1, min(int(4 * math.sqrt(len(self.memory_bank))), len(self.memory_bank) // 39))
-                index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, n_cells)
-                index.cp.seed = self.config.seed
-                index.train(self.memory_bank)
-                index.nprobe = self.config.ivf_nprobe
-            else:
-                index = faiss.IndexFlatL2(dim)
-            if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0 and self.config.device != "cpu":
-                index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
-            index.add(self.memory_bank)
-            self._index = index
+            self._index = build_index(self.memory_bank, self.config)
         return self._index
 
     def _batches(
