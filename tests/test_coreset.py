@@ -163,3 +163,23 @@ def test_at_a_small_ratio_the_bank_is_exact_greedys_not_the_chunked_one():
     assert np.array_equal(bank(points, 0.005, chunk_size=1000), exact)
     many_picks = bank(points, 0.1, chunk_size=1000)  # 100 picks a chunk: the streamed chunks stay
     assert not np.array_equal(many_picks, bank(points, 0.1, chunk_size=len(points)))
+
+
+def test_while_photos_stream_in_the_greedy_steps_use_one_blas_thread(monkeypatch):
+    """Each step is one small matrix-vector product; OpenBLAS threads for it cost a core's worth of spinning."""
+    from threadpoolctl import threadpool_info
+
+    import models.coreset as coreset
+
+    seen_threads = []
+    real_greedy = coreset.greedy_coreset
+
+    def recording_greedy(*args, **kwargs):
+        seen_threads.extend(pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas")
+        return real_greedy(*args, **kwargs)
+
+    monkeypatch.setattr(coreset, "greedy_coreset", recording_greedy)
+    streaming = StreamingCoreset(0.1, 32, 1000, seed=0)
+    for part in np.array_split(clustered_points(3000), 6):
+        streaming.add(torch.from_numpy(part))
+    assert seen_threads and set(seen_threads) == {1}
