@@ -37,6 +37,7 @@ from preprocessing.pipeline import Preprocessed, preprocess, to_original
 FORMAT_VERSION = 2  # 2: the image score is read off the anomaly map
 MIN_CALIBRATION_PHOTOS = 30  # below this the 99th percentile of healthy scores is little more than their maximum
 MAX_CALIBRATION_PHOTOS = 500  # more add little to a percentile and would hold all their patches in memory
+CORESET_BACKLOG = 1  # batches the coreset worker may be behind the backbone (each holds its features)
 CALIBRATION_BATCH = 32  # photos per k-NN search while calibrating (bounds the queries held at once)
 SPREAD_FLOOR = 0.01  # the healthy spread is never below this share of the bank's patch spacing
 _NO_PIXELS = np.empty((0, 0), dtype=np.uint8)  # calibration keeps a photo's transform, not its pixels
@@ -162,11 +163,9 @@ class PatchCore:
         by_fold = [new_coreset(fold_ratio, config.seed + 1 + fold) for fold in range(n_folds)] if calibrate else []
         patches_of: list[tuple[np.ndarray, np.ndarray, Preprocessed] | None] = []  # what a scored photo's map needs
         patch_counts: list[int] = []  # patches each photo gave the bank's coreset, in order
-        for batch in self._clocked(self._batches(images, progress, "memory bank"), "load_preprocess"):
-            stage = time.perf_counter()
-            features = extractor.tensor(np.stack([item.image for item in batch]))
-            self._clock("features", stage)
-            stage = time.perf_counter()
+
+        def take(batch: list[Preprocessed], features: torch.Tensor) -> None:
+            """Hand one batch's object patches to the coresets, in photo order."""
             n, h, w, d = features.shape
             keep = torch.from_numpy(self._object_patches(batch, h, w)).to(features.device)
             kept = features.reshape(n, h * w, d)[keep]
@@ -179,6 +178,25 @@ class PatchCore:
                     by_fold[folds[photo]].add(photo_patches)
                 where = replace(item, image=_NO_PIXELS, mask=_NO_PIXELS)  # the transform back to the photo
                 patches_of.append((photo_patches.cpu().numpy(), seen.reshape(h, w), where) if scored[photo] else None)
+
+        # The coresets run on a thread of their own, one batch behind the backbone, so that their
+        # mostly single-threaded steps overlap the network instead of leaving a core idle. One
+        # worker takes the batches in order: the bank is the same as if they ran in line. The
+        # "coreset" clock is the time the backbone waits for them.
+        with ThreadPoolExecutor(max_workers=1) as coreset_worker:
+            waiting: deque[Future[None]] = deque()
+            for batch in self._clocked(self._batches(images, progress, "memory bank"), "load_preprocess"):
+                stage = time.perf_counter()
+                features = extractor.tensor(np.stack([item.image for item in batch]))
+                self._clock("features", stage)
+                waiting.append(coreset_worker.submit(take, batch, features))
+                stage = time.perf_counter()
+                while len(waiting) > CORESET_BACKLOG or (waiting and waiting[0].done()):
+                    waiting.popleft().result()
+                self._clock("coreset", stage)
+            stage = time.perf_counter()
+            while waiting:
+                waiting.popleft().result()
             self._clock("coreset", stage)
         stage = time.perf_counter()
         self.memory_bank = whole.result()

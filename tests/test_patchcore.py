@@ -117,6 +117,17 @@ def test_nearly_identical_photos_give_a_finite_sigma(small_screw_dir):
     assert model.calibration["warnings"] and "at least 30" in model.calibration["warnings"][0]
 
 
+def test_a_failure_while_building_the_bank_stops_the_fit_with_that_error(small_screw_dir, monkeypatch):
+    """The coresets run on a worker thread: what goes wrong there must reach the caller, not vanish."""
+
+    def broken(self, features):
+        raise RuntimeError("coreset failed")
+
+    monkeypatch.setattr("models.coreset.StreamingCoreset.add", broken)
+    with pytest.raises(RuntimeError, match="coreset failed"):
+        PatchCore(small_config()).fit(train_images(small_screw_dir)[:3], progress=False)
+
+
 def test_fewer_than_two_photos_are_refused(small_screw_dir):
     with pytest.raises(UserError, match="at least 2 healthy photos"):
         PatchCore(small_config()).fit(train_images(small_screw_dir)[:1], progress=False)
