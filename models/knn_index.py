@@ -89,18 +89,18 @@ class CellIndex:
         pending = np.arange(n_queries)
         searched = 0
         for upto in (*[r for r in CELL_ROUNDS if r < n_cells], n_cells):
-            slots = cells_in_order[pending, searched:upto]
-            for cell in np.unique(slots):
+            # every (query, cell) pair of this round, grouped by cell: one FAISS search per cell
+            asking = np.repeat(pending, upto - searched)
+            cells = cells_in_order[pending, searched:upto].ravel()
+            by_cell = np.argsort(cells, kind="stable")
+            starts = np.searchsorted(cells[by_cell], np.arange(n_cells + 1))
+            for cell in range(n_cells):
                 members, index = self._cells[cell]
-                if not len(members):
+                if starts[cell] == starts[cell + 1] or not len(members):
                     continue
-                asking = pending[(slots == cell).any(axis=1)]
-                distances, found = index.search(queries[asking], min(k, len(members)))
-                merged = np.concatenate([best[asking], distances], axis=1)
-                merged_ids = np.concatenate([best_ids[asking], np.where(found >= 0, members[found], -1)], axis=1)
-                keep = np.argsort(merged, axis=1, kind="stable")[:, :k]
-                best[asking] = np.take_along_axis(merged, keep, axis=1)
-                best_ids[asking] = np.take_along_axis(merged_ids, keep, axis=1)
+                rows = asking[by_cell[starts[cell] : starts[cell + 1]]]
+                distances, found = index.search(queries[rows], min(k, len(members)))
+                _keep_nearest(best, best_ids, rows, distances, members[found])
             searched = upto
             if searched == n_cells:
                 break
@@ -127,3 +127,17 @@ class CellIndex:
         bounds[:, 0] = 0.0
         order = np.argsort(bounds, axis=1, kind="stable")
         return np.take_along_axis(cells, order, axis=1), np.take_along_axis(bounds, order, axis=1)
+
+
+def _keep_nearest(best: np.ndarray, best_ids: np.ndarray, rows: np.ndarray, distances: np.ndarray, ids: np.ndarray) -> None:
+    """Merge new candidates into the ``rows`` of the running (n, k) nearest lists, in place."""
+    if best.shape[1] == 1:  # the scoring search: a minimum, no sort
+        nearer = distances[:, 0] < best[rows, 0]
+        best[rows[nearer], 0] = distances[nearer, 0]
+        best_ids[rows[nearer], 0] = ids[nearer, 0]
+        return
+    merged = np.concatenate([best[rows], distances], axis=1)
+    merged_ids = np.concatenate([best_ids[rows], ids], axis=1)
+    order = np.argsort(merged, axis=1, kind="stable")[:, : best.shape[1]]
+    best[rows] = np.take_along_axis(merged, order, axis=1)
+    best_ids[rows] = np.take_along_axis(merged_ids, order, axis=1)
