@@ -291,3 +291,17 @@ def test_opencv_runs_each_call_on_one_thread_because_the_worker_pool_is_the_para
     probe = "import cv2, preprocessing.pipeline; print(cv2.getNumThreads())"
     threads = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert threads.stdout.strip() == "1"
+
+
+def test_the_map_goes_back_onto_the_photo_pixel_for_pixel_as_a_perspective_warp_would_put_it():
+    """to_original uses the affine warp (faster); every pipeline transform is affine, so nothing moves."""
+    photo, _ = screw_photo(35.0, side=300)
+    result = preprocess(photo, CONFIG)
+    anomaly_map = np.random.default_rng(0).random((SIZE, SIZE)).astype(np.float32)
+    height, width = result.original_size
+    expected = cv2.warpPerspective(
+        anomaly_map, result.transform, (width, height), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_CONSTANT, borderValue=float(anomaly_map.min()),
+    )
+    assert np.array_equal(result.transform[2], [0, 0, 1])
+    np.testing.assert_allclose(to_original(anomaly_map, result), expected, atol=1e-5)
