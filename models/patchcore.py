@@ -449,7 +449,8 @@ class PatchCore:
         """
 
         def prepare(image: str | Path | np.ndarray) -> Preprocessed:
-            photo = read_image(image, self.config.max_image_pixels) if isinstance(image, (str, Path)) else image
+            is_file = isinstance(image, (str, Path))
+            photo = read_image(image, self.config.max_image_pixels, keep_grey=True) if is_file else image
             return preprocess(photo, self.config)
 
         size = self.config.batch_size

@@ -35,14 +35,16 @@ ORIENTATION_TAG = 0x0112  # EXIF: how the camera was held
 DEFAULT_MAX_PIXELS: int = Config.max_image_pixels
 
 
-def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode any photo (8/16-bit, grey, RGB, RGBA) into 8-bit RGB, the one form the pipeline takes.
+def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, keep_grey: bool = False) -> np.ndarray:
+    """Decode any photo (8/16-bit, grey, RGB, RGBA) into 8-bit RGB, the form the pipeline takes.
 
+    ``keep_grey`` leaves a single-channel photo as one (H, W) channel, which the pipeline also
+    takes: three identical channels would only triple its work (a mono camera's photos).
     The photo comes upright as a viewer shows it (EXIF orientation applied), so heatmaps drawn on
     it match what the user sees. Anything that cannot be used raises ImageReadError naming the
     file and the reason; nothing is decoded before the declared size is known to be within limits.
     """
-    return to_rgb8(_decode(Path(path), max_pixels))
+    return to_rgb8(_decode(Path(path), max_pixels), keep_grey)
 
 
 def _decode(path: Path, max_pixels: int) -> np.ndarray:
@@ -147,18 +149,19 @@ def upright(raw: np.ndarray, orientation: int) -> np.ndarray:
     return raw if transform is None else np.ascontiguousarray(transform(raw))
 
 
-def to_rgb8(raw: np.ndarray) -> np.ndarray:
-    """Bring an OpenCV-decoded array (BGR order) of any depth and channel count to 8-bit RGB."""
+def to_rgb8(raw: np.ndarray, keep_grey: bool = False) -> np.ndarray:
+    """Bring an OpenCV-decoded array (BGR order) of any depth and channel count to 8-bit RGB
+    (a single channel to 8-bit (H, W) with ``keep_grey``)."""
     if raw.dtype == np.uint16:
         raw = (raw / 257.0).round().astype(np.uint8)
     elif raw.dtype != np.uint8:
         raw = cv2.normalize(raw.astype(np.float32), None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    if raw.ndim == 3 and raw.shape[2] == 1:
+        raw = raw[:, :, 0]
     if raw.ndim == 2:
-        return cv2.cvtColor(raw, cv2.COLOR_GRAY2RGB)
+        return np.ascontiguousarray(raw) if keep_grey else cv2.cvtColor(raw, cv2.COLOR_GRAY2RGB)
     if raw.shape[2] == 4:
         return cv2.cvtColor(raw, cv2.COLOR_BGRA2RGB)
-    if raw.shape[2] == 1:
-        return cv2.cvtColor(raw[:, :, 0], cv2.COLOR_GRAY2RGB)
     return cv2.cvtColor(raw, cv2.COLOR_BGR2RGB)
 
 

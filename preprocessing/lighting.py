@@ -25,8 +25,17 @@ class StepResult:
 
 
 def is_grayscale(image: np.ndarray) -> bool:
-    """True when all three channels are identical (a grey photo stored as RGB)."""
-    return bool(np.array_equal(image[..., 0], image[..., 1]) and np.array_equal(image[..., 1], image[..., 2]))
+    """True for a single-channel photo, or when all three channels are identical (a grey photo stored as RGB).
+
+    A sparse grid of pixels is compared first: a colour photo nearly always shows it there, and
+    is then told apart without a pass over every pixel.
+    """
+    if image.ndim == 2:
+        return True
+    for pixels in (image[::16, ::16], image):
+        if not (np.array_equal(pixels[..., 0], pixels[..., 1]) and np.array_equal(pixels[..., 1], pixels[..., 2])):
+            return False
+    return True
 
 
 def gray_world(image: np.ndarray) -> StepResult:
@@ -48,8 +57,11 @@ def gray_world(image: np.ndarray) -> StepResult:
 
 def specular_mask(image: np.ndarray, threshold: int) -> np.ndarray:
     """Pixels where any channel reaches ``threshold``, grown by one pixel to cover the glare halo."""
-    red, green, blue = cv2.split(image)  # OpenCV's per-pixel max is ~10x NumPy's axis=2 reduction
-    saturated = (cv2.max(cv2.max(red, green), blue) >= threshold).astype(np.uint8)
+    if image.ndim == 2:
+        saturated = (image >= threshold).astype(np.uint8)
+    else:
+        red, green, blue = cv2.split(image)  # OpenCV's per-pixel max is ~10x NumPy's axis=2 reduction
+        saturated = (cv2.max(cv2.max(red, green), blue) >= threshold).astype(np.uint8)
     return cv2.dilate(saturated, np.ones((3, 3), np.uint8)) > 0
 
 
@@ -87,6 +99,8 @@ def clahe_lab(image: np.ndarray, clip_limit: float, tile_grid: int) -> StepResul
     if min(height, width) < 2 * tile_grid:
         return StepResult(image, [f"CLAHE skipped: image {width}x{height} is smaller than its tile grid"])
     clahe = cv2.createCLAHE(clipLimit=clip_limit, tileGridSize=(tile_grid, tile_grid))
+    if image.ndim == 2:
+        return StepResult(clahe.apply(image))
     if is_grayscale(image):  # the L*a*b* round trip would only add rounding noise to grey
         return StepResult(cv2.cvtColor(clahe.apply(image[..., 0]), cv2.COLOR_GRAY2RGB))
     lab = cv2.cvtColor(image, cv2.COLOR_RGB2LAB)

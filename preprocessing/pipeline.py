@@ -28,7 +28,7 @@ import numpy as np
 
 from config import Config
 from preprocessing.io import read_image
-from preprocessing.lighting import StepResult, clahe_lab, gray_world, inpaint_specular, specular_mask
+from preprocessing.lighting import StepResult, clahe_lab, gray_world, inpaint_specular, is_grayscale, specular_mask
 from preprocessing.registration import (
     canonical_rotation,
     crop_transform,
@@ -84,9 +84,11 @@ def _run(image: np.ndarray, config: Config, record: Callable[[str, Callable[[], 
         raise ValueError("preprocess 'auto' is decided from training photos first (models.pipeline_selection)")
     size = config.image_size
     height, width = image.shape[:2]
+    if image.ndim == 3 and is_grayscale(image):  # one channel says it all: a third of the work
+        image = np.ascontiguousarray(image[..., 0])
     record("0 original", lambda: image)
     if config.preprocess == "off":
-        resized = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+        resized = as_rgb(cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA))
         record("plain resize", lambda: resized)
         full = np.ones((size, size), dtype=bool)
         return Preprocessed(resized, resize_transform((height, width), size), full, (height, width))
@@ -110,7 +112,7 @@ def _run(image: np.ndarray, config: Config, record: Callable[[str, Callable[[], 
         )
         object_mask, pose_mask = segmentation.mask, segmentation.working_mask
         warnings.extend(segmentation.warnings)
-        record("2 object mask", lambda: _overlay(lit, object_mask))
+        record("2 object mask", lambda: _overlay(as_rgb(lit), object_mask))
     if whole_filled is not None:  # on the part only where there is one: a bright table is not glare
         part_only = object_mask is not None
         filled = (
@@ -133,8 +135,8 @@ def _run(image: np.ndarray, config: Config, record: Callable[[str, Callable[[], 
         config.crop_padding if use_object else 0.0,
         keep_aspect=config.normalize_scale,
     )
-    record("5-7 crop, rotation, scale (frame)", lambda: _draw_frame(lit, matrix, size))
-    model_image = warp_image(lit, matrix, size)
+    record("5-7 crop, rotation, scale (frame)", lambda: _draw_frame(as_rgb(lit), matrix, size))
+    model_image = as_rgb(warp_image(lit, matrix, size))
     record("5-7 model input", lambda: model_image)
 
     if object_mask is None:
@@ -148,15 +150,20 @@ def _run(image: np.ndarray, config: Config, record: Callable[[str, Callable[[], 
     return Preprocessed(model_image, matrix, model_mask, (height, width), warnings, background_zeroed=zeroed)
 
 
+def as_rgb(image: np.ndarray) -> np.ndarray:
+    """A grey (H, W) image as the three identical channels the network and the preview sheets take."""
+    return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB) if image.ndim == 2 else image
+
+
 def preprocess(image: np.ndarray, config: Config) -> Preprocessed:
-    """Run the configured steps on one 8-bit RGB photo."""
+    """Run the configured steps on one 8-bit RGB photo, or a grey one given as (H, W)."""
     return _run(image, config, lambda label, make_image: None)
 
 
 def preview_steps(image: np.ndarray, config: Config) -> list[tuple[str, np.ndarray]]:
     """Every intermediate image (labelled, RGB uint8) of one photo, to check the settings by eye."""
     steps: list[tuple[str, np.ndarray]] = []
-    _run(image, config, lambda label, make_image: steps.append((label, make_image())))
+    _run(image, config, lambda label, make_image: steps.append((label, as_rgb(make_image()))))
     return steps
 
 

@@ -117,7 +117,7 @@ def grabcut_object(image: np.ndarray) -> np.ndarray:
 
 
 def segment_object(image: np.ndarray, fill: str = "contour", method: str = "otsu") -> Segmentation:
-    """Mask of the single part in an 8-bit RGB photo, or None plus a warning saying why not.
+    """Mask of the single part in an 8-bit RGB (or grey) photo, or None plus a warning saying why not.
 
     A part that reaches the frame's edge keeps its mask (with a warning): falling back to the whole
     photo would show the model a background that no training photo had.
@@ -127,11 +127,12 @@ def segment_object(image: np.ndarray, fill: str = "contour", method: str = "otsu
     scale = min(1.0, side / max(height, width))
     working_size = (max(1, round(width * scale)), max(1, round(height * scale)))
     small = cv2.resize(image, working_size, interpolation=cv2.INTER_AREA)
-    gray = cv2.GaussianBlur(cv2.cvtColor(small, cv2.COLOR_RGB2GRAY), (5, 5), 0)
+    gray = cv2.GaussianBlur(small if small.ndim == 2 else cv2.cvtColor(small, cv2.COLOR_RGB2GRAY), (5, 5), 0)
     if int(gray.max()) - int(gray.min()) < MIN_CONTRAST:
         return Segmentation(None, ["no object found: the photo has no contrast (blank frame?); using the whole image"])
     if method == "grabcut" and min(small.shape[:2]) > 4 * GRABCUT_BAND:
-        raw, edge = grabcut_object(small), GRABCUT_BAND + 1
+        colour = small if small.ndim == 3 else cv2.cvtColor(small, cv2.COLOR_GRAY2RGB)  # GrabCut takes 3 channels
+        raw, edge = grabcut_object(colour), GRABCUT_BAND + 1
     else:
         raw, edge = threshold_object(flatten_illumination(gray)), 1
     found = largest_object(clean_mask(raw), fill)

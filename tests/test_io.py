@@ -279,3 +279,17 @@ def test_json_document_never_holds_nan_or_infinity():
     assert json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in JSON")) == {
         "score": None, "nested": [1.5, None, {"x": None}]
     }
+
+
+def test_a_grey_photo_can_stay_one_channel_and_a_colour_one_stays_rgb(tmp_path):
+    grey = (np.arange(60 * 40).reshape(60, 40) % 256).astype(np.uint8)
+    cv2.imwrite(str(tmp_path / "grey8.png"), grey)
+    cv2.imwrite(str(tmp_path / "grey16.png"), grey.astype(np.uint16) * 257)
+    colour = np.dstack([grey, 255 - grey, grey // 2])
+    cv2.imwrite(str(tmp_path / "colour.png"), colour)  # stored BGR
+    for name in ("grey8.png", "grey16.png"):
+        one_channel = read_image(tmp_path / name, keep_grey=True)
+        assert one_channel.shape == (60, 40) and one_channel.dtype == np.uint8
+        assert np.array_equal(one_channel, grey)
+        assert np.array_equal(read_image(tmp_path / name), np.dstack([grey] * 3))  # RGB unless asked
+    assert np.array_equal(read_image(tmp_path / "colour.png", keep_grey=True), colour[..., ::-1])

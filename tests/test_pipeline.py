@@ -305,3 +305,38 @@ def test_the_map_goes_back_onto_the_photo_pixel_for_pixel_as_a_perspective_warp_
     )
     assert np.array_equal(result.transform[2], [0, 0, 1])
     np.testing.assert_allclose(to_original(anomaly_map, result), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"clahe": True}, {"segmentation_method": "grabcut"}, {"preprocess": "off"}, {"zero_background": False}],
+    ids=["default steps", "clahe", "grabcut", "off", "background kept"],
+)
+def test_a_grey_photo_worked_on_as_one_channel_becomes_exactly_the_input_three_channels_gave(changes, monkeypatch):
+    """A mono camera's photo (or grey stored as RGB) runs through the pipeline on one channel, a
+    third of the work, to the same bits as when every step worked on three identical channels."""
+    rgb, _ = screw_photo(25.0, side=300)
+    texture = np.random.default_rng(0).normal(0, 6, rgb.shape[:2]) + np.linspace(-20, 20, rgb.shape[1])
+    rgb = np.clip(rgb + texture[..., None], 0, 249).astype(np.uint8)  # CLAHE has something to equalise
+    rgb[140:160, 40:60], rgb[140:160, 60:80] = 255, 251  # glare on the part, so inpainting has work to do
+    grey = np.ascontiguousarray(rgb[..., 0])
+    config = CONFIG.replace(**changes)
+    from_grey = preprocess(grey, config)
+    monkeypatch.setattr("preprocessing.pipeline.is_grayscale", lambda image: False)  # keep all three channels
+    from_rgb = preprocess(rgb, config)
+    assert from_grey.image.shape == from_rgb.image.shape == (SIZE, SIZE, 3)
+    assert np.array_equal(from_grey.image, from_rgb.image)
+    assert np.array_equal(from_grey.mask, from_rgb.mask)
+    assert np.array_equal(from_grey.transform, from_rgb.transform)
+    assert [label for label, _ in preview_steps(grey, config)] == [label for label, _ in preview_steps(rgb, config)]
+    assert all(image.ndim == 3 for _, image in preview_steps(grey, config))
+
+
+def test_a_colour_photo_with_one_odd_pixel_is_not_taken_for_grey():
+    from preprocessing.lighting import is_grayscale
+
+    rgb, _ = screw_photo(0.0, side=200)
+    assert is_grayscale(rgb) and is_grayscale(np.ascontiguousarray(rgb[..., 0]))
+    tinted = rgb.copy()
+    tinted[101, 37, 2] += 1  # off the sparse grid the quick check looks at
+    assert not is_grayscale(tinted)
