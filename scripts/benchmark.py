@@ -258,7 +258,7 @@ def phase_fit(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     bank = model.memory_bank
     return {
         "device": str(extractor.device),
-        "knn_index": f"faiss {type(model.index).__name__}",
+        "knn_index": type(model.index).__name__,  # CellIndex (exact), or a FAISS index class
         "weights_identity": model.weights_identity,
         "n_train_images": len(paths),
         "n_bank_images": model.n_train,
