@@ -107,10 +107,10 @@ def test_calibration_never_reads_a_test_image(tmp_path, small_screw_dir, monkeyp
     fitting, read_while_fitting = [0], []  # depth: preprocess auto fits candidate models inside the fit
     real_read, real_fit = patchcore.read_image, patchcore.PatchCore.fit
 
-    def recording_read(path, *args):
+    def recording_read(path, *args, **kwargs):
         if fitting[0]:
             read_while_fitting.append(Path(path))
-        return real_read(path, *args)
+        return real_read(path, *args, **kwargs)
 
     def flagged_fit(self, *args, **kwargs):
         fitting[0] += 1
