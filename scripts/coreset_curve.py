@@ -169,7 +169,8 @@ def resident_mib() -> float:
 
 def scale_run(args: argparse.Namespace, n_photos: int) -> list[dict[str, Any]]:
     """Stream ``n_photos`` photos' worth of real object patches (noised replays) through the bank's coreset,
-    with the kept-so-far search exact throughout (before) and as it is now (HNSW past ``EXACT_UP_TO``)."""
+    with the kept-so-far search exact throughout (before) and as it is now (an HNSW graph past
+    ``EXACT_UP_TO`` kept patches; 0, so from the first one)."""
     config = settings(args, preprocess=True)
     model = patchcore.PatchCore(config)
     TimedCoreset.recorded, TimedCoreset.recorded_seed = [], config.seed
@@ -179,7 +180,8 @@ def scale_run(args: argparse.Namespace, n_photos: int) -> list[dict[str, Any]]:
     photos_per_batch = config.batch_size
     rows = []
     now = coreset.EXACT_UP_TO
-    for search, exact_up_to in (("exact throughout (before)", 2**62), (f"HNSW past {now:,} (now)", now)):
+    now_label = f"HNSW past {now:,} (now)" if now else "HNSW throughout (now)"
+    for search, exact_up_to in (("exact throughout (before)", 2**62), (now_label, now)):
         coreset.EXACT_UP_TO = exact_up_to
         streaming = StreamingCoreset(
             config.coreset_sampling_ratio, config.coreset_projection_dim, config.coreset_chunk_size, config.seed
