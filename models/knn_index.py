@@ -8,7 +8,7 @@ lower bound on its distance to anything in them, stopping as soon as its best di
 within the bound of every cell left. The bound is geometric, not statistical: a bank patch lies
 in its own cell, on its centroid's side of the bisecting hyperplane between that centroid and the
 query's nearest one, so it is at least that hyperplane's distance from the query. On the screw
-calibration banks (11k patches, 35 cells) 88% of queries are settled after 4 cells, nearly all
+calibration banks (11k patches, 34 cells) 88% of queries are settled after 4 cells, nearly all
 after 8: the search costs a third of the flat one.
 """
 
@@ -22,7 +22,7 @@ import numpy as np
 from config import Config
 
 CELL_ROUNDS = (4, 8, 16)  # cells each query has searched after each round; then every cell
-PATCHES_PER_CELL_SCALE = 3  # sqrt(N) / 3 cells: ~35 cells of ~300 patches for an 11k bank
+PATCHES_PER_CELL_SCALE = 3  # sqrt(N) / 3 cells: ~34 cells of ~320 patches for an 11k bank
 MIN_PATCHES_FOR_CELLS = 2048  # smaller banks: one cell, i.e. a flat search
 KMEANS_ITERATIONS = 10
 BOUND_MARGIN = 1e-3  # relative: covers float rounding in the bound and in the cell assignment
