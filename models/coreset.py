@@ -194,6 +194,8 @@ class StreamingCoreset:
             self._projection = None if projection is None else projection.to(self.device)
         self._pending.append(features.to(self.device, torch.float32))
         self._pending_count += features.shape[0]
+        if self._pending_count < self.chunk_size:
+            return  # nothing to reduce yet; setting the thread limit alone costs ~2 ms
         # While photos stream in, the cores are shared with the backbone and the photo workers.
         # NumPy's OpenBLAS split each greedy step (one matrix-vector product) over both cores, and
         # its threads spun between steps: a 4,096-patch chunk cost twice its wall time in CPU.
