@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import models.coreset as coreset
 from models.coreset import CandidateIndex, StreamingCoreset, greedy_coreset
 
 
@@ -145,6 +146,22 @@ def test_past_the_exact_limit_the_kept_so_far_search_is_a_graph_that_finds_the_n
     assert np.all(found >= truth * (1 - 1e-4))  # never nearer than the truth: at worst a patch looks less covered
 
 
+def test_searching_cell_by_cell_over_regrouped_nodes_finds_what_the_plain_graph_finds(monkeypatch):
+    """Ordering queries and graph nodes by landmark is for the CPU's cache only: every answer stays the same."""
+    monkeypatch.setattr("models.coreset.EXACT_UP_TO", 0)
+    points = clustered_points(6000, seed=2)
+    kept, queries = points[:5000], points[5000:]
+    plain = faiss.IndexHNSWFlat(kept.shape[1], coreset.HNSW_LINKS)
+    plain.hnsw.efConstruction, plain.hnsw.efSearch = coreset.HNSW_EF_CONSTRUCTION, coreset.HNSW_EF_SEARCH
+    index = CandidateIndex(kept.shape[1])
+    for start in range(0, len(kept), 250):  # the graph is regrouped several times on the way
+        plain.add(kept[start : start + 250])
+        index.add(kept[start : start + 250])
+    stored_at = index._index.search(kept, 1)[1][:, 0]  # the graph node each kept patch is now
+    assert not np.array_equal(stored_at, np.arange(len(kept)))  # the nodes were regrouped
+    assert np.array_equal(index.nearest(queries), plain.search(queries, 1)[0][:, 0])
+
+
 def test_a_coreset_past_the_exact_limit_is_reproducible_and_still_covers(monkeypatch):
     monkeypatch.setattr("models.coreset.EXACT_UP_TO", 200)
     points = clustered_points(8000)
@@ -165,17 +182,16 @@ def test_at_a_small_ratio_the_bank_is_exact_greedys_not_the_chunked_one():
     assert not np.array_equal(many_picks, bank(points, 0.1, chunk_size=len(points)))
 
 
-def test_while_photos_stream_in_the_greedy_steps_use_one_blas_thread(monkeypatch):
-    """Each step is one small matrix-vector product; OpenBLAS threads for it cost a core's worth of spinning."""
+def test_while_photos_stream_in_the_coreset_steps_use_one_thread(monkeypatch):
+    """Each greedy step is one small matrix-vector product and each graph search a short walk: BLAS or
+    OpenMP threads for them spin on a core that the backbone and the photo workers need."""
     from threadpoolctl import threadpool_info
-
-    import models.coreset as coreset
 
     seen_threads = []
     real_greedy = coreset.greedy_coreset
 
     def recording_greedy(*args, **kwargs):
-        seen_threads.extend(pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas")
+        seen_threads.extend(pool["num_threads"] for pool in threadpool_info() if pool["user_api"] in ("blas", "openmp"))
         return real_greedy(*args, **kwargs)
 
     monkeypatch.setattr(coreset, "greedy_coreset", recording_greedy)
