@@ -224,8 +224,7 @@ class StreamingCoreset:
         # While photos stream in, the cores are shared with the backbone and the photo workers.
         # NumPy's OpenBLAS split each greedy step (one matrix-vector product) over both cores, and
         # its threads spun between steps: a 4,096-patch chunk cost twice its wall time in CPU.
-        # FAISS's OpenMP threads did the same for the graph searches.
-        with threadpool_limits(limits=1):
+        with threadpool_limits(limits=1, user_api="blas"):
             while self._pending_count >= self.chunk_size:
                 buffered = torch.cat(self._pending)
                 self._reduce(buffered[: self.chunk_size])
