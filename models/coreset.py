@@ -22,7 +22,8 @@ patch in memory. Instead, as features stream in:
   default. From ``ENOUGH_PICKS_PER_CHUNK`` picks per chunk on, the candidates are the bank either way;
 - the "kept so far" search is one FAISS search per chunk in an HNSW graph, so that a very long fit
   does not slow down as its bank grows (README, Scale), and a default fit spends half the time on
-  it that an exact search took.
+  it that an exact search took; queries and graph nodes are ordered by cell, which spares the
+  CPU's cache once the graph outgrows it.
 
 Memory is O(candidates), at most ``oversampling`` times the bank, except for the exact pass above.
 README (Performance) has the ratio curve against exact greedy; tests/test_coreset.py checks the
@@ -172,6 +173,7 @@ class CandidateIndex:
         return np.concatenate(self._points)
 
     def _cells(self, points: np.ndarray) -> np.ndarray:
+        """Each point's cell: the number of its nearest landmark."""
         return self._landmarks.search(points, 1)[1][:, 0]
 
 
