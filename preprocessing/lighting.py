@@ -38,6 +38,11 @@ def is_grayscale(image: np.ndarray) -> bool:
     return True
 
 
+def as_rgb(image: np.ndarray) -> np.ndarray:
+    """A grey (H, W) image as the three identical channels the network, GrabCut and the preview sheets take."""
+    return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB) if image.ndim == 2 else image
+
+
 def gray_world(image: np.ndarray) -> StepResult:
     """Scale each channel so that all channel means are equal: removes a global colour cast.
 
@@ -102,7 +107,7 @@ def clahe_lab(image: np.ndarray, clip_limit: float, tile_grid: int) -> StepResul
     if image.ndim == 2:
         return StepResult(clahe.apply(image))
     if is_grayscale(image):  # the L*a*b* round trip would only add rounding noise to grey
-        return StepResult(cv2.cvtColor(clahe.apply(image[..., 0]), cv2.COLOR_GRAY2RGB))
+        return StepResult(as_rgb(clahe.apply(image[..., 0])))
     lab = cv2.cvtColor(image, cv2.COLOR_RGB2LAB)
     lab[..., 0] = clahe.apply(np.ascontiguousarray(lab[..., 0]))
     return StepResult(cv2.cvtColor(lab, cv2.COLOR_LAB2RGB))

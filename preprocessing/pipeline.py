@@ -28,7 +28,15 @@ import numpy as np
 
 from config import Config
 from preprocessing.io import read_image
-from preprocessing.lighting import StepResult, clahe_lab, gray_world, inpaint_specular, is_grayscale, specular_mask
+from preprocessing.lighting import (
+    StepResult,
+    as_rgb,
+    clahe_lab,
+    gray_world,
+    inpaint_specular,
+    is_grayscale,
+    specular_mask,
+)
 from preprocessing.registration import (
     canonical_rotation,
     crop_transform,
@@ -148,11 +156,6 @@ def _run(image: np.ndarray, config: Config, record: Callable[[str, Callable[[], 
             record("8 background zeroed", lambda: model_image)
     zeroed = object_mask is not None and config.zero_background
     return Preprocessed(model_image, matrix, model_mask, (height, width), warnings, background_zeroed=zeroed)
-
-
-def as_rgb(image: np.ndarray) -> np.ndarray:
-    """A grey (H, W) image as the three identical channels the network and the preview sheets take."""
-    return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB) if image.ndim == 2 else image
 
 
 def preprocess(image: np.ndarray, config: Config) -> Preprocessed:

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from preprocessing.lighting import as_rgb
+
 WORKING_SIDE = 512  # long side of the copy that is thresholded
 MIN_CONTRAST = 10  # grey levels; below this spread the frame is blank
 MIN_OBJECT_FRACTION = 0.001  # smaller components are dust, not the part
@@ -131,8 +133,7 @@ def segment_object(image: np.ndarray, fill: str = "contour", method: str = "otsu
     if int(gray.max()) - int(gray.min()) < MIN_CONTRAST:
         return Segmentation(None, ["no object found: the photo has no contrast (blank frame?); using the whole image"])
     if method == "grabcut" and min(small.shape[:2]) > 4 * GRABCUT_BAND:
-        colour = small if small.ndim == 3 else cv2.cvtColor(small, cv2.COLOR_GRAY2RGB)  # GrabCut takes 3 channels
-        raw, edge = grabcut_object(colour), GRABCUT_BAND + 1
+        raw, edge = grabcut_object(as_rgb(small)), GRABCUT_BAND + 1  # GrabCut takes 3 channels
     else:
         raw, edge = threshold_object(flatten_illumination(gray)), 1
     found = largest_object(clean_mask(raw), fill)
