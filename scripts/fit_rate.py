@@ -8,17 +8,22 @@ Fits a model on the folder's healthy photos with the given settings (nothing is 
 each batch as the memory-bank pass hands it on: photos/s over every block of ``--block`` photos,
 the last block's rate over the first's, the fit's own stage timings, the bank size and the peak
 resident memory of this process. The first batch (backbone warm-up) is not in the first block's
-rate. On a shared machine a block's rate varies by ±10%; run it more than once.
+rate. On a shared machine a block's rate varies by ±10%; run it more than once. Each block also
+shows the process's CPU time per photo (every thread: backbone, photo workers, coresets) and its
+CPU use: where the cores are busy throughout, a block slower for the fit's own work shows more
+CPU per photo, while one slowed down by the machine shows the same.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -41,19 +46,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def block_rates(stamps: Sequence[tuple[float, int]], block: int) -> list[tuple[int, int, float]]:
-    """(first photo, last photo, photos/s) per block, from (time handed on, photos in batch) per batch.
+class BlockRate(NamedTuple):
+    first: int  # first photo of the block, from 0
+    last: int
+    photos_per_second: float
+    cpu_ms_per_photo: float  # CPU time of every thread of the process over the block, per photo
+    cpu_use: float  # CPU seconds per second: 2.0 keeps two cores busy
 
-    A block's rate is the photos handed on after its first batch over the time since that batch.
+
+def block_rates(stamps: Sequence[tuple[float, float, int]], block: int) -> list[BlockRate]:
+    """One ``BlockRate`` per block, from (time, process CPU time, photos in batch) as each batch is handed on.
+
+    A block's figures cover the photos handed on after its first batch, over the time since that batch.
     """
-    times = np.array([stamp for stamp, _ in stamps])
-    done = np.cumsum([count for _, count in stamps])  # photos handed on when each stamp was taken
+    times = np.array([stamp[0] for stamp in stamps])
+    cpu = np.array([stamp[1] for stamp in stamps])
+    done = np.cumsum([stamp[2] for stamp in stamps])  # photos handed on when each stamp was taken
     rates = []
     for first in range(0, int(done[-1]), block):
         start = int(np.searchsorted(done, max(first, int(done[0]))))  # the batch the block starts after
         end = int(np.searchsorted(done, min(first + block, int(done[-1]))))
         if end > start:
-            rates.append((first, int(done[end]) - 1, float((done[end] - done[start]) / (times[end] - times[start]))))
+            photos, seconds, cpu_seconds = done[end] - done[start], times[end] - times[start], cpu[end] - cpu[start]
+            rates.append(BlockRate(first, int(done[end]) - 1, float(photos / seconds),
+                                   float(1e3 * cpu_seconds / photos), float(cpu_seconds / seconds)))
     return rates
 
 
@@ -66,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = train_images(args.data_dir)
     if len(paths) < 2 * args.block:
         fail(f"{args.data_dir}: {len(paths)} training photos; at least two blocks of {args.block} are needed")
-    stamps: list[tuple[float, int]] = []
+    stamps: list[tuple[float, float, int]] = []
 
     class ClockedFit(PatchCore):
         """Stamps each batch of the memory-bank pass as the fit takes it."""
@@ -75,14 +91,16 @@ def main(argv: list[str] | None = None) -> int:
             for batch in super()._batches(images, progress, description):
                 yield batch
                 if description == "memory bank":
-                    stamps.append((time.perf_counter(), len(batch)))
+                    stamps.append((time.perf_counter(), sum(os.times()[:2]), len(batch)))
 
     model = ClockedFit(config)
     model.fit(paths, progress=not args.quiet)
     rates = block_rates(stamps, args.block)
-    for first, last, rate in rates:
-        print(f"photos {first + 1:>6}-{last + 1:<6} {rate:7.2f} photos/s")
-    print(f"last block / first block: {rates[-1][2] / rates[0][2]:.2f}")
+    for rate in rates:
+        print(f"photos {rate.first + 1:>6}-{rate.last + 1:<6} {rate.photos_per_second:7.2f} photos/s "
+              f"{rate.cpu_ms_per_photo:6.1f} CPU ms/photo ({rate.cpu_use:.0%} CPU)")
+    print(f"last block / first block: {rates[-1].photos_per_second / rates[0].photos_per_second:.2f} "
+          f"(CPU per photo: {rates[-1].cpu_ms_per_photo / rates[0].cpu_ms_per_photo:.2f})")
     stages = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in model.timings.items())
     print(f"fit: {stages}")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

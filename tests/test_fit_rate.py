@@ -10,16 +10,20 @@ from config import UserError
 from scripts.fit_rate import block_rates, main
 
 
-def test_block_rates_follow_a_fit_that_slows_down():
-    # batches of 2 photos: one a second for the first 10 photos, then one every 2 seconds
-    stamps, clock = [], 0.0
+def test_block_rates_follow_a_fit_that_slows_down_because_it_does_more_work():
+    # batches of 2 photos: one a second on 1.5 CPU seconds for the first 10 photos, then one every
+    # 2 seconds on 4 CPU seconds
+    stamps, clock, cpu = [], 0.0, 0.0
     for batch in range(10):
         clock += 1.0 if batch < 5 else 2.0
-        stamps.append((clock, 2))
+        cpu += 1.5 if batch < 5 else 4.0
+        stamps.append((clock, cpu, 2))
     rates = block_rates(stamps, 10)
-    assert [(first, last) for first, last, _ in rates] == [(0, 9), (10, 19)]
-    assert rates[0][2] == pytest.approx(2.0)  # from the first batch's stamp on: 8 photos in 4 s
-    assert rates[1][2] == pytest.approx(1.0)  # 10 photos in 10 s
+    assert [(rate.first, rate.last) for rate in rates] == [(0, 9), (10, 19)]
+    assert rates[0].photos_per_second == pytest.approx(2.0)  # from the first batch's stamp on: 8 photos in 4 s
+    assert rates[1].photos_per_second == pytest.approx(1.0)  # 10 photos in 10 s
+    assert rates[0].cpu_ms_per_photo == pytest.approx(750.0) and rates[0].cpu_use == pytest.approx(1.5)
+    assert rates[1].cpu_ms_per_photo == pytest.approx(2000.0) and rates[1].cpu_use == pytest.approx(2.0)
 
 
 def test_a_real_fit_prints_every_block_and_the_last_over_the_first(small_screw_dir: Path, capsys):
@@ -27,8 +31,8 @@ def test_a_real_fit_prints_every_block_and_the_last_over_the_first(small_screw_d
                  "--image-size", "128", "--batch-size", "2", "--quiet"]) == 0
     lines = capsys.readouterr().out.splitlines()
     blocks = [line for line in lines if line.startswith("photos ")]
-    assert len(blocks) == 3 and all(float(line.split()[2]) > 0 for line in blocks)
-    assert any(line.startswith("last block / first block: ") for line in lines)
+    assert len(blocks) == 3 and all(float(line.split()[2]) > 0 and float(line.split()[4]) > 0 for line in blocks)
+    assert any(line.startswith("last block / first block: ") and "(CPU per photo: " in line for line in lines)
     assert any(line.startswith("bank ") and "peak resident memory" in line for line in lines)
 
 
