@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"photos {rate.first + 1:>6}-{rate.last + 1:<6} {rate.photos_per_second:7.2f} photos/s "
               f"{rate.cpu_ms_per_photo:6.1f} CPU ms/photo ({rate.cpu_use:.0%} CPU)")
     print(f"last block / first block: {rates[-1].photos_per_second / rates[0].photos_per_second:.2f} "
-          f"(CPU per photo: {rates[-1].cpu_ms_per_photo / rates[0].cpu_ms_per_photo:.2f})")
+          f"(CPU per photo, last / first: {rates[-1].cpu_ms_per_photo / rates[0].cpu_ms_per_photo:.2f})")
     stages = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in model.timings.items())
     print(f"fit: {stages}")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

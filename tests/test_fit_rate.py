@@ -32,7 +32,7 @@ def test_a_real_fit_prints_every_block_and_the_last_over_the_first(small_screw_d
     lines = capsys.readouterr().out.splitlines()
     blocks = [line for line in lines if line.startswith("photos ")]
     assert len(blocks) == 3 and all(float(line.split()[2]) > 0 and float(line.split()[4]) > 0 for line in blocks)
-    assert any(line.startswith("last block / first block: ") and "(CPU per photo: " in line for line in lines)
+    assert any(line.startswith("last block / first block: ") and "(CPU per photo, last / first: " in line for line in lines)
     assert any(line.startswith("bank ") and "peak resident memory" in line for line in lines)
 
 
