@@ -10,8 +10,9 @@ the last block's rate over the first's, the fit's own stage timings, the bank si
 resident memory of this process. The first batch (backbone warm-up) is not in the first block's
 rate. On a shared machine a block's rate varies by ±10%; run it more than once. Each block also
 shows the process's CPU time per photo (every thread: backbone, photo workers, coresets) and its
-CPU use: where the cores are busy throughout, a block slower for the fit's own work shows more
-CPU per photo, while one slowed down by the machine shows the same.
+CPU use: a block slowed down by the fit's own work takes more CPU per photo, one that got less of
+the cores shows a lower CPU use. On a shared host CPU time per photo varies between runs too
+(the same first block took 33-41 ms here).
 """
 
 from __future__ import annotations
