@@ -204,6 +204,38 @@ def test_same_seed_gives_identical_bank_and_scores(small_screw_dir):
     assert [p.score for p in first.predict(test_paths)] == [p.score for p in second.predict(test_paths)]
 
 
+def test_coresets_running_behind_the_backbone_build_the_bank_they_build_in_line(small_screw_dir, monkeypatch):
+    """The coresets take the batches on a thread of their own, several behind the network; a slow
+    chunk must not let a later batch overtake it, or the bank would depend on timing."""
+    from models.coreset import StreamingCoreset
+
+    paths = train_images(small_screw_dir)
+    # six batches of ~280 patches; chunks of 512 at ratio 0.2 are reduced one by one as they fill
+    config = small_config(batch_size=2, coreset_chunk_size=512, coreset_sampling_ratio=0.2)
+
+    def fit_bank() -> np.ndarray:
+        model = PatchCore(config)
+        model.fit(paths, progress=False, calibrate=False)
+        return model.memory_bank
+
+    monkeypatch.setattr("models.patchcore.CORESET_BACKLOG", 0)  # each batch's coresets finish before the next batch
+    in_line = fit_bank()
+    add = StreamingCoreset.add
+    calls = []
+
+    def slow_first_batches(self: StreamingCoreset, features) -> None:
+        calls.append(len(features))
+        if len(calls) <= 2:
+            time.sleep(0.5)  # the network runs on meanwhile
+        add(self, features)
+
+    monkeypatch.setattr("models.patchcore.CORESET_BACKLOG", 3)
+    monkeypatch.setattr(StreamingCoreset, "add", slow_first_batches)
+    behind = fit_bank()
+    assert len(calls) == 6
+    assert np.array_equal(behind, in_line)
+
+
 def test_a_saved_and_loaded_model_gives_the_same_predictions(fitted_model, small_screw_dir, tmp_path):
     """Everything a user sees survives the model file: score, verdict, threshold, sigma, confidence, map."""
     path = tmp_path / "model.pkl"
