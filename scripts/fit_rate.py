@@ -60,9 +60,8 @@ def block_rates(stamps: Sequence[tuple[float, float, int]], block: int) -> list[
 
     A block's figures cover the photos handed on after its first batch, over the time since that batch.
     """
-    times = np.array([stamp[0] for stamp in stamps])
-    cpu = np.array([stamp[1] for stamp in stamps])
-    done = np.cumsum([stamp[2] for stamp in stamps])  # photos handed on when each stamp was taken
+    times, cpu, counts = np.array(stamps, dtype=np.float64).T
+    done = np.cumsum(counts.astype(np.int64))  # photos handed on when each stamp was taken
     rates = []
     for first in range(0, int(done[-1]), block):
         start = int(np.searchsorted(done, max(first, int(done[0]))))  # the batch the block starts after
