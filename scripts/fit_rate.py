@@ -12,7 +12,8 @@ rate. On a shared machine a block's rate varies by ±10%; run it more than once.
 shows the process's CPU time per photo (every thread: backbone, photo workers, coresets) and its
 CPU use: a block slowed down by the fit's own work takes more CPU per photo, one that got less of
 the cores shows a lower CPU use. On a shared host CPU time per photo varies between runs too
-(the same first block took 33-41 ms here).
+(the same first block took 33-41 ms here). ``--runs N`` fits N times in a row and prints every
+run's ratio and their median: on a shared host one run's ratio moves by ±0.1 or more.
 """
 
 from __future__ import annotations
@@ -24,26 +25,32 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from config import CATEGORY_DEFAULTS, add_config_arguments, config_from_args, fail, run_cli  # noqa: E402
+from config import CATEGORY_DEFAULTS, Config, add_config_arguments, config_from_args, fail, run_cli  # noqa: E402
 from preprocessing.io import train_images  # noqa: E402
+
+if TYPE_CHECKING:
+    from models.patchcore import PatchCore
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, required=True, help="any folder with train/good")
     parser.add_argument("--block", type=int, default=300, help="photos per measured block (default 300)")
+    parser.add_argument("--runs", type=int, default=1, help="fits in a row; the ratios' median is printed (default 1)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     add_config_arguments(parser)
     args = parser.parse_args(argv)
     if args.block < 1:
         parser.error("--block must be at least 1")
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
     return args
 
 
@@ -73,20 +80,13 @@ def block_rates(stamps: Sequence[tuple[float, float, int]], block: int) -> list[
     return rates
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def clocked_fit(paths: Sequence[Path], config: Config, block: int, progress: bool) -> tuple[list[BlockRate], PatchCore]:
+    """Fit once, stamping each batch of the memory-bank pass as the fit takes it; the block rates and the model."""
     from models.patchcore import PatchCore
 
-    name = args.data_dir.resolve().name
-    config = config_from_args(args, name if name in CATEGORY_DEFAULTS else "custom")
-    paths = train_images(args.data_dir)
-    if len(paths) < 2 * args.block:
-        fail(f"{args.data_dir}: {len(paths)} training photos; at least two blocks of {args.block} are needed")
     stamps: list[tuple[float, float, int]] = []
 
     class ClockedFit(PatchCore):
-        """Stamps each batch of the memory-bank pass as the fit takes it."""
-
         def _batches(self, images: Sequence[str | Path], progress: bool, description: str) -> Iterator:
             for batch in super()._batches(images, progress, description):
                 yield batch
@@ -94,18 +94,43 @@ def main(argv: list[str] | None = None) -> int:
                     stamps.append((time.perf_counter(), sum(os.times()[:2]), len(batch)))
 
     model = ClockedFit(config)
-    model.fit(paths, progress=not args.quiet)
-    rates = block_rates(stamps, args.block)
-    for rate in rates:
-        print(f"photos {rate.first + 1:>6}-{rate.last + 1:<6} {rate.photos_per_second:7.2f} photos/s "
-              f"{rate.cpu_ms_per_photo:6.1f} CPU ms/photo ({rate.cpu_use:.0%} CPU)")
-    print(f"last block / first block: {rates[-1].photos_per_second / rates[0].photos_per_second:.2f} "
-          f"(CPU per photo, last / first: {rates[-1].cpu_ms_per_photo / rates[0].cpu_ms_per_photo:.2f})")
-    stages = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in model.timings.items())
-    print(f"fit: {stages}")
+    model.fit(paths, progress=progress)
+    return block_rates(stamps, block), model
+
+
+def runs_summary(ratios: Sequence[float], cpu_ratios: Sequence[float]) -> str:
+    """Every run's last-over-first ratio and their median, which one slow or fast block cannot swing."""
+    listed = ", ".join(f"{ratio:.2f}" for ratio in ratios)
+    return (f"last block / first block over {len(ratios)} runs: {listed} (median {np.median(ratios):.2f}; "
+            f"CPU per photo, last / first: median {np.median(cpu_ratios):.2f})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    name = args.data_dir.resolve().name
+    config = config_from_args(args, name if name in CATEGORY_DEFAULTS else "custom")
+    paths = train_images(args.data_dir)
+    if len(paths) < 2 * args.block:
+        fail(f"{args.data_dir}: {len(paths)} training photos; at least two blocks of {args.block} are needed")
+    ratios, cpu_ratios = [], []
+    for run in range(args.runs):
+        if args.runs > 1:
+            print(f"run {run + 1} of {args.runs}")
+        rates, model = clocked_fit(paths, config, args.block, progress=not args.quiet)
+        for rate in rates:
+            print(f"photos {rate.first + 1:>6}-{rate.last + 1:<6} {rate.photos_per_second:7.2f} photos/s "
+                  f"{rate.cpu_ms_per_photo:6.1f} CPU ms/photo ({rate.cpu_use:.0%} CPU)")
+        ratios.append(rates[-1].photos_per_second / rates[0].photos_per_second)
+        cpu_ratios.append(rates[-1].cpu_ms_per_photo / rates[0].cpu_ms_per_photo)
+        print(f"last block / first block: {ratios[-1]:.2f} (CPU per photo, last / first: {cpu_ratios[-1]:.2f})")
+        stages = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in model.timings.items())
+        print(f"fit: {stages}")
+        bank = f"bank {len(model.memory_bank):,} patches, covering radius {model.coverage_radius:.3f}"
+        del model  # the next run's peak memory must not include this one's model
+    if args.runs > 1:
+        print(runs_summary(ratios, cpu_ratios))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"bank {len(model.memory_bank):,} patches, covering radius {model.coverage_radius:.3f}, "
-          f"peak resident memory {peak:.2f} GiB")
+    print(f"{bank}, peak resident memory {peak:.2f} GiB")
     return 0
 
 

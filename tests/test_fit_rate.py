@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from config import UserError
-from scripts.fit_rate import block_rates, main
+from scripts.fit_rate import block_rates, main, runs_summary
 
 
 def test_block_rates_follow_a_fit_that_slows_down_because_it_does_more_work():
@@ -26,14 +26,29 @@ def test_block_rates_follow_a_fit_that_slows_down_because_it_does_more_work():
     assert rates[1].cpu_ms_per_photo == pytest.approx(2000.0) and rates[1].cpu_use == pytest.approx(2.0)
 
 
-def test_a_real_fit_prints_every_block_and_the_last_over_the_first(small_screw_dir: Path, capsys):
+def test_real_fits_print_every_block_each_run_s_ratio_and_their_median(small_screw_dir: Path, capsys):
     assert main(["--data-dir", str(small_screw_dir), "--block", "4", "--backbone", "efficientnet_lite0",
-                 "--image-size", "128", "--batch-size", "2", "--quiet"]) == 0
+                 "--image-size", "128", "--batch-size", "2", "--quiet", "--runs", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
     blocks = [line for line in lines if line.startswith("photos ")]
-    assert len(blocks) == 3 and all(float(line.split()[2]) > 0 and float(line.split()[4]) > 0 for line in blocks)
-    assert any(line.startswith("last block / first block: ") and "(CPU per photo, last / first: " in line for line in lines)
+    assert len(blocks) == 6 and all(float(line.split()[2]) > 0 and float(line.split()[4]) > 0 for line in blocks)
+    per_run = [line for line in lines if line.startswith("last block / first block: ")]
+    assert len(per_run) == 2 and all("(CPU per photo, last / first: " in line for line in per_run)
+    ratios = [float(line.split()[5]) for line in per_run]
+    assert f"last block / first block over 2 runs: {ratios[0]:.2f}, {ratios[1]:.2f} (median " in "\n".join(lines)
     assert any(line.startswith("bank ") and "peak resident memory" in line for line in lines)
+
+
+def test_the_runs_summary_gives_the_median_ratio_that_one_outlying_run_cannot_move():
+    summary = runs_summary([0.89, 0.60, 0.83, 0.74, 0.80], [1.08, 1.69, 1.17, 1.29, 1.24])
+    assert summary == ("last block / first block over 5 runs: 0.89, 0.60, 0.83, 0.74, 0.80 (median 0.80; "
+                       "CPU per photo, last / first: median 1.24)")
+
+
+def test_fewer_than_one_run_is_refused(small_screw_dir: Path):
+    with pytest.raises(SystemExit) as refused:
+        main(["--data-dir", str(small_screw_dir), "--runs", "0"])
+    assert refused.value.code == 2
 
 
 def test_too_few_photos_for_two_blocks_is_refused_before_fitting(small_screw_dir: Path):
