@@ -35,6 +35,9 @@ def test_real_fits_print_every_block_each_run_s_ratio_and_their_median(small_scr
     per_run = [line for line in lines if line.startswith("last block / first block: ")]
     assert len(per_run) == 2 and all("(CPU per photo, last / first: " in line for line in per_run)
     ratios = [float(line.split()[5]) for line in per_run]
+    for run, ratio in enumerate(ratios):  # each run's last block's photos/s over its first block's
+        first, last = (float(blocks[3 * run + block].split()[2]) for block in (0, 2))
+        assert ratio == pytest.approx(last / first, abs=0.006)
     assert f"last block / first block over 2 runs: {ratios[0]:.2f}, {ratios[1]:.2f} (median " in "\n".join(lines)
     assert any(line.startswith("bank ") and "peak resident memory" in line for line in lines)
 
