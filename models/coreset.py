@@ -20,10 +20,8 @@ patch in memory. Instead, as features stream in:
   streams whose variety arrives late (tests), but on screw it did not close the gap to exact
   greedy at small ratios and costs 3-5x the coreset time (README, Performance), so it is off by
   default. From ``ENOUGH_PICKS_PER_CHUNK`` picks per chunk on, the candidates are the bank either way;
-- the "kept so far" search is one FAISS search per chunk in an HNSW graph, so that a very long fit
-  does not slow down as its bank grows (README, Scale), and a default fit spends half the time on
-  it that an exact search took; queries and graph nodes are ordered by cell, which spares the
-  CPU's cache once the graph outgrows it.
+- the "kept so far" search is one FAISS search per chunk in an inverted file whose lists hold ~16
+  candidates each, so that a very long fit barely slows down as its bank grows (README, Scale).
 
 Memory is O(candidates), at most ``oversampling`` times the bank, except for the exact pass above.
 README (Performance) has the ratio curve against exact greedy; tests/test_coreset.py checks the
@@ -40,14 +38,14 @@ import torch
 from threadpoolctl import threadpool_limits
 
 ENOUGH_PICKS_PER_CHUNK = 256  # ratio 0.1 gives 410 per 4096-patch chunk and matches exact greedy
-EXACT_UP_TO = 0  # kept candidates searched exactly before the HNSW graph takes over (CandidateIndex)
-# The graph's links, build depth and search depth. Searched at depth 16 (FAISS's default), 98.7% of
-# answers on screw patches are the true nearest kept patch; depth 32 gives 99.4% for 1.6x the time.
-HNSW_LINKS, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 16, 40, 16
+EXACT_UP_TO = 0  # kept candidates searched exactly before the inverted file takes over (CandidateIndex)
+LIST_SIZE = 16  # candidates per list of the kept-so-far inverted file when it is built
+PROBES = 6  # lists a kept-so-far query scans: 97.5% of answers exact on clustered points, 91% with 4
+REBUILD_GROWTH = 1.5  # the inverted file is built anew each time it grows by this factor
+HNSW_LINKS, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 16, 40, 16  # the graph that finds a query's nearest centroids
 MIN_PICKS_PER_CHUNK = 64  # fewer picks per chunk: one exact pass instead (effective_chunk_size)
 EXACT_PASS_PATCHES = 500_000  # the exact pass holds this many patches at most (raw + projected: ~0.6 GB)
-LANDMARKS = 64  # the kept-so-far search orders queries and graph nodes by the nearest of this many
-REGROUP_GROWTH = 1.25  # the graph's nodes are regrouped by landmark each time it grows by this factor
+LANDMARKS = 64  # the kept-so-far search orders its queries by the nearest of this many
 RADIUS_SAMPLE = 2048  # training patches, sampled uniformly, on which the covering radius is measured
 
 
@@ -112,55 +110,52 @@ class CandidateIndex:
 
     An exact (FAISS flat) search costs every chunk a pass over a bank that grows with the photos
     seen: a long fit slows down photo by photo, and even at the screw defaults (11k kept) it was
-    half of the coreset's time. So the candidates go into an HNSW graph, whose search cost grows
-    only with the logarithm of its size (``EXACT_UP_TO`` > 0 keeps the first ones exact, for
-    comparisons). Its distances are approximate (slightly too
-    large for a few patches; measured recall in tests/test_coreset.py), which at worst lets greedy
-    keep a patch that a kept one already covers. Points are added on one thread, so the graph,
-    and hence the bank, is the same on every run.
+    half of the coreset's time. An HNSW graph over every candidate grew more slowly, but still grew:
+    its inserts (a depth-40 search each) and its walks through a graph larger than the CPU's cache
+    cost a 3,000-photo fit ~7 ms more per photo at the end than at the start.
 
-    A graph walk jumps around memory, and once the graph outgrows the CPU's cache each jump can
-    miss it. So walks that pass the same nodes run one after another, over nodes stored side by
-    side: every patch belongs to the *cell* of its nearest landmark (the first ``LANDMARKS``
-    candidates, spread by greedy), queries are searched cell by cell, and the graph's nodes are
-    regrouped by cell each time it grows by ``REGROUP_GROWTH``. Neither changes what a search finds.
+    So the candidates sit in an inverted file (FAISS IVF): each one is filed in the list of its
+    nearest *centroid*, and a query scans the ``PROBES`` lists whose centroids are nearest to it.
+    The centroids are every ``LIST_SIZE``-th candidate (greedy's picks are already spread, so no
+    k-means is needed) and are found through a small HNSW graph. Adding a candidate is one search in
+    that graph; the file is rebuilt each time it grows by ``REBUILD_GROWTH``, which keeps the lists
+    short. Its distances are approximate: slightly too large where the nearest candidate sits in a
+    list not scanned (measured recall in tests/test_coreset.py), which at worst lets greedy keep a
+    patch that a kept one already covers. ``EXACT_UP_TO`` > 0 keeps the first ones exact (for
+    comparisons). The file is built on one thread, so the bank is the same on every run.
+
+    Queries that scan the same lists run one after another: every patch belongs to the *cell* of
+    its nearest landmark (the first ``LANDMARKS`` candidates, spread by greedy), and a chunk's
+    queries are searched cell by cell. That changes the order of the work, not what it finds.
     """
 
     def __init__(self, dim: int) -> None:
+        self._dim = dim
         self._points: list[np.ndarray] = []
+        self._count = 0
         self._index: faiss.Index = faiss.IndexFlatL2(dim)
+        self._centroids: faiss.Index | None = None  # the inverted file's quantizer; it must outlive the file
         self._landmarks = faiss.IndexFlatL2(dim)
-        self._node_cells = np.empty(0, dtype=np.int64)  # each graph node's cell, in the graph's storage order
-        self._grouped_at = 0  # graph size when its nodes were last regrouped
+        self._built_at = 0  # candidates in the file when it was last built
 
     def __len__(self) -> int:
-        return self._index.ntotal
+        return self._count
 
     @property
     def approximate(self) -> bool:
-        return isinstance(self._index, faiss.IndexHNSWFlat)
+        return isinstance(self._index, faiss.IndexIVFFlat)
 
     def add(self, points: np.ndarray) -> None:
         self._points.append(points)
+        self._count += len(points)
         if self._landmarks.ntotal < LANDMARKS:
             self._landmarks.add(points[: LANDMARKS - self._landmarks.ntotal])
-        if not self.approximate and len(self) + len(points) > EXACT_UP_TO:
-            graph = faiss.IndexHNSWFlat(points.shape[1], HNSW_LINKS)
-            graph.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-            graph.hnsw.efSearch = HNSW_EF_SEARCH
-            self._index, points = graph, self.points()
-        threads = faiss.omp_get_max_threads()
-        faiss.omp_set_num_threads(1)  # HNSW inserts in parallel in no fixed order; one thread keeps it reproducible
-        try:
+        if self._count <= EXACT_UP_TO:
             self._index.add(points)
-        finally:
-            faiss.omp_set_num_threads(threads)
-        if self.approximate:
-            self._node_cells = np.concatenate([self._node_cells, self._cells(points)])
-            if len(self) >= REGROUP_GROWTH * self._grouped_at:
-                order = np.argsort(self._node_cells, kind="stable")
-                self._index.permute_entries(order)  # node i is now node order[i]
-                self._node_cells, self._grouped_at = self._node_cells[order], len(self)
+        elif not self.approximate or self._count >= REBUILD_GROWTH * self._built_at:
+            self._build()
+        else:
+            self._index.add(points)
 
     def nearest(self, points: np.ndarray) -> np.ndarray:
         order = np.argsort(self._cells(points), kind="stable")
@@ -171,6 +166,22 @@ class CandidateIndex:
     def points(self) -> np.ndarray:
         """Every candidate, in the order added."""
         return np.concatenate(self._points)
+
+    def _build(self) -> None:
+        """File every candidate anew under every ``LIST_SIZE``-th one as centroids."""
+        candidates = self.points()
+        centroids = faiss.IndexHNSWFlat(self._dim, HNSW_LINKS)
+        centroids.hnsw.efConstruction, centroids.hnsw.efSearch = HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)  # HNSW inserts in parallel in no fixed order; one thread keeps it reproducible
+        try:
+            centroids.add(np.ascontiguousarray(candidates[::LIST_SIZE]))
+        finally:
+            faiss.omp_set_num_threads(threads)
+        inverted_file = faiss.IndexIVFFlat(centroids, self._dim, centroids.ntotal)  # trained: it holds its centroids
+        inverted_file.nprobe = PROBES
+        inverted_file.add(candidates)
+        self._index, self._centroids, self._built_at = inverted_file, centroids, self._count
 
     def _cells(self, points: np.ndarray) -> np.ndarray:
         """Each point's cell: the number of its nearest landmark."""

@@ -129,7 +129,7 @@ def test_model_file_keeps_the_covering_radius_and_older_files_still_load(fitted_
     assert np.isnan(PatchCore.load(path).coverage_radius)
 
 
-def test_past_the_exact_limit_the_kept_so_far_search_is_a_graph_that_finds_the_nearest_candidate(monkeypatch):
+def test_past_the_exact_limit_the_kept_so_far_search_finds_the_nearest_candidate(monkeypatch):
     monkeypatch.setattr("models.coreset.EXACT_UP_TO", 2000)
     points = clustered_points(4000, seed=1)  # new patches of the same part as the kept ones
     kept, queries = points[:3000], points[3000:]
@@ -146,20 +146,26 @@ def test_past_the_exact_limit_the_kept_so_far_search_is_a_graph_that_finds_the_n
     assert np.all(found >= truth * (1 - 1e-4))  # never nearer than the truth: at worst a patch looks less covered
 
 
-def test_searching_cell_by_cell_over_regrouped_nodes_finds_what_the_plain_graph_finds(monkeypatch):
-    """Ordering queries and graph nodes by landmark is for the CPU's cache only: every answer stays the same."""
-    monkeypatch.setattr("models.coreset.EXACT_UP_TO", 0)
+def test_the_kept_so_far_lists_stay_short_however_many_candidates_arrive():
+    """A query scans a fixed number of lists: were they to grow with the bank, a long fit would slow down."""
+    index = CandidateIndex(64)
+    for part in np.array_split(clustered_points(20000, seed=4), 40):  # 20x the first chunk's candidates
+        index.add(part)
+        average_list = len(index) / faiss.extract_index_ivf(index._index).nlist
+        assert average_list <= coreset.REBUILD_GROWTH * coreset.LIST_SIZE
+    assert index.points().shape == (20000, 64)
+
+
+def test_searching_cell_by_cell_gives_each_patch_its_own_answer():
+    """Ordering the queries by landmark is for the CPU's cache only: each patch gets its own distance back."""
     points = clustered_points(6000, seed=2)
     kept, queries = points[:5000], points[5000:]
-    plain = faiss.IndexHNSWFlat(kept.shape[1], coreset.HNSW_LINKS)
-    plain.hnsw.efConstruction, plain.hnsw.efSearch = coreset.HNSW_EF_CONSTRUCTION, coreset.HNSW_EF_SEARCH
     index = CandidateIndex(kept.shape[1])
-    for start in range(0, len(kept), 250):  # the graph is regrouped several times on the way
-        plain.add(kept[start : start + 250])
+    for start in range(0, len(kept), 250):
         index.add(kept[start : start + 250])
-    stored_at = index._index.search(kept, 1)[1][:, 0]  # the graph node each kept patch is now
-    assert not np.array_equal(stored_at, np.arange(len(kept)))  # the nodes were regrouped
-    assert np.array_equal(index.nearest(queries), plain.search(queries, 1)[0][:, 0])
+    cells = index._cells(queries)
+    assert not np.all(np.diff(cells) >= 0)  # the queries do arrive out of cell order
+    assert np.array_equal(index.nearest(queries), index._index.search(queries, 1)[0][:, 0])
 
 
 def test_a_coreset_past_the_exact_limit_is_reproducible_and_still_covers(monkeypatch):
