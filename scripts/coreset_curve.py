@@ -169,7 +169,7 @@ def resident_mib() -> float:
 
 def scale_run(args: argparse.Namespace, n_photos: int) -> list[dict[str, Any]]:
     """Stream ``n_photos`` photos' worth of real object patches (noised replays) through the bank's coreset,
-    with the kept-so-far search exact throughout (before) and as it is now (an HNSW graph past
+    with the kept-so-far search exact throughout (before) and as it is now (an inverted file past
     ``EXACT_UP_TO`` kept patches; 0, so from the first one)."""
     config = settings(args, preprocess=True)
     model = patchcore.PatchCore(config)
@@ -180,7 +180,7 @@ def scale_run(args: argparse.Namespace, n_photos: int) -> list[dict[str, Any]]:
     photos_per_batch = config.batch_size
     rows = []
     now = coreset.EXACT_UP_TO
-    now_label = f"HNSW past {now:,} (now)" if now else "HNSW throughout (now)"
+    now_label = f"inverted file past {now:,} (now)" if now else "inverted file throughout (now)"
     for search, exact_up_to in (("exact throughout (before)", 2**62), (now_label, now)):
         coreset.EXACT_UP_TO = exact_up_to
         streaming = StreamingCoreset(
