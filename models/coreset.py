@@ -150,9 +150,7 @@ class CandidateIndex:
         self._count += len(points)
         if self._landmarks.ntotal < LANDMARKS:
             self._landmarks.add(points[: LANDMARKS - self._landmarks.ntotal])
-        if self._count <= EXACT_UP_TO:
-            self._index.add(points)
-        elif not self.approximate or self._count >= REBUILD_GROWTH * self._built_at:
+        if self._count > EXACT_UP_TO and (not self.approximate or self._count >= REBUILD_GROWTH * self._built_at):
             self._build()
         else:
             self._index.add(points)
