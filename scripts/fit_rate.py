@@ -12,10 +12,10 @@ rate. On a shared machine a block's rate varies by ±10%; run it more than once.
 shows the process's CPU time per photo (every thread: backbone, photo workers, coresets) and its
 CPU use: a block slowed down by the fit's own work takes more CPU per photo, one that got less of
 the cores shows a lower CPU use. On a shared host CPU time per photo varies between runs too
-(the same first block took 33-41 ms here). ``--runs N`` fits N times in a row and prints every
+(the same first block took 24-41 ms here). ``--runs N`` fits N times in a row and prints every
 run's ratio and their median: on a shared host one run's ratio moves by ±0.1 or more. Its peak
 memory then covers every run, with what the allocator kept from the earlier fits (3,000 photos:
-2.74 GiB over five runs, 1.71-1.77 GiB for one); take one fit's peak from a single run.
+2.7-3.1 GiB over five runs, 1.71-1.77 GiB for one); take one fit's peak from a single run.
 """
 
 from __future__ import annotations
