@@ -130,16 +130,13 @@ class CandidateIndex:
     """
 
     def __init__(self, dim: int) -> None:
-        self._dim = dim
         self._points: list[np.ndarray] = []
-        self._count = 0
         self._index: faiss.Index = faiss.IndexFlatL2(dim)
-        self._centroids: faiss.Index | None = None  # the inverted file's quantizer; it must outlive the file
         self._landmarks = faiss.IndexFlatL2(dim)
         self._built_at = 0  # candidates in the file when it was last built
 
     def __len__(self) -> int:
-        return self._count
+        return self._index.ntotal
 
     @property
     def approximate(self) -> bool:
@@ -147,10 +144,10 @@ class CandidateIndex:
 
     def add(self, points: np.ndarray) -> None:
         self._points.append(points)
-        self._count += len(points)
         if self._landmarks.ntotal < LANDMARKS:
             self._landmarks.add(points[: LANDMARKS - self._landmarks.ntotal])
-        if self._count > EXACT_UP_TO and (not self.approximate or self._count >= REBUILD_GROWTH * self._built_at):
+        total = len(self) + len(points)
+        if total > EXACT_UP_TO and (not self.approximate or total >= REBUILD_GROWTH * self._built_at):
             self._build()
         else:
             self._index.add(points)
@@ -168,7 +165,8 @@ class CandidateIndex:
     def _build(self) -> None:
         """File every candidate anew under every ``LIST_SIZE``-th one as centroids."""
         candidates = self.points()
-        centroids = faiss.IndexHNSWFlat(self._dim, HNSW_LINKS)
+        dim = candidates.shape[1]
+        centroids = faiss.IndexHNSWFlat(dim, HNSW_LINKS)
         centroids.hnsw.efConstruction, centroids.hnsw.efSearch = HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH
         threads = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(1)  # HNSW inserts in parallel in no fixed order; one thread keeps it reproducible
@@ -176,10 +174,11 @@ class CandidateIndex:
             centroids.add(np.ascontiguousarray(candidates[::LIST_SIZE]))
         finally:
             faiss.omp_set_num_threads(threads)
-        inverted_file = faiss.IndexIVFFlat(centroids, self._dim, centroids.ntotal)  # trained: it holds its centroids
+        # trained, since it holds its centroids; FAISS's wrapper keeps the graph alive with the file
+        inverted_file = faiss.IndexIVFFlat(centroids, dim, centroids.ntotal)
         inverted_file.nprobe = PROBES
         inverted_file.add(candidates)
-        self._index, self._centroids, self._built_at = inverted_file, centroids, self._count
+        self._index, self._built_at = inverted_file, len(candidates)
 
     def _cells(self, points: np.ndarray) -> np.ndarray:
         """Each point's cell: the number of its nearest landmark."""
