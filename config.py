@@ -23,6 +23,19 @@ PREPROCESS_MODES = ("auto", "on", "off")
 FLAG_ALIASES = {"weights_path": ["--weights"]}  # short spellings the README uses
 
 
+def _percentile_as_rate(percentile: Any) -> Any:
+    """threshold_percentile P (older files) is the false-alarm rate 1 - P/100."""
+    if isinstance(percentile, (int, float)) and not isinstance(percentile, bool):
+        return 1.0 - percentile / 100.0
+    return percentile  # a mistyped value is refused by validation under the new name
+
+
+# old name -> (new name, conversion): settings renamed since model files were first written
+RENAMED_SETTINGS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "threshold_percentile": ("false_alarm_rate", _percentile_as_rate),
+}
+
+
 class ConfigError(ValueError):
     """One or more settings out of their allowed range or of the wrong type; the message names each."""
 
@@ -161,8 +174,8 @@ class Config:
         minimum=1, maximum=2**30,
     )
     # --- calibration ---------------------------------------------------------------------------
-    threshold_percentile: float = setting(
-        99.0, "percentile of the healthy scores' robust normal fit that becomes the threshold", above=0, below=100
+    false_alarm_rate: float = setting(
+        0.01, "share of healthy parts the threshold may flag (0.01 = at most 1 in 100)", above=0, below=0.5
     )
     calibration_folds: int = setting(
         5, "folds of the cross-fitted calibration: each photo is scored by a bank fitted without its fold",
@@ -208,7 +221,14 @@ class Config:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Config:
-        """Build a config, refusing keys that are not settings (typos must not pass silently)."""
+        """Build a config, refusing keys that are not settings (typos must not pass silently).
+
+        A renamed setting in an older model or YAML file is read under its new name and meaning.
+        """
+        values = dict(values)
+        for old_name, (new_name, convert) in RENAMED_SETTINGS.items():
+            if old_name in values and new_name not in values:
+                values[new_name] = convert(values.pop(old_name))
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

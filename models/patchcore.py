@@ -20,7 +20,6 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from statistics import NormalDist
 from typing import Any
 
 import cv2
@@ -30,15 +29,16 @@ from tqdm import tqdm
 
 from config import Config, UserError
 from models.backend import PatchFeatureExtractor, feature_width, onnx_path_for, open_extractor, resolve_runtime
+from models.calibration import fit_tail, rate_interval, too_few_photos, unlike_the_rest
 from models.knn_index import CellIndex, build_index
 from preprocessing.io import read_image, write_atomically
 from preprocessing.pipeline import Preprocessed, preprocess, to_original
 
 FORMAT_VERSION = 2  # 2: the image score is read off the anomaly map
-MIN_CALIBRATION_PHOTOS = 30  # below this the 99th percentile of healthy scores is little more than their maximum
 MAX_CALIBRATION_PHOTOS = 500  # more add little to a percentile and would hold all their patches in memory
 CORESET_BACKLOG = 3  # batches the coreset worker may be behind the backbone (each holds its features)
 CALIBRATION_BATCH = 32  # photos per k-NN search while calibrating (bounds the queries held at once)
+KEPT_MAPS = 10  # held-out maps kept for the highest-scoring training photos, to show those listed as unlike the rest
 SPREAD_FLOOR = 0.01  # the healthy spread is never below this share of the bank's patch spacing
 _NO_PIXELS = np.empty((0, 0), dtype=np.uint8)  # calibration keeps a photo's transform, not its pixels
 # FAISS computes exact L2 distances as one matrix product (BLAS) only above this threshold; its
@@ -99,6 +99,7 @@ class PatchCore:
         # Seconds per stage, summed since the last fit started: the fit's own stages, and predict_*
         # over the predict calls since; scripts/benchmark.py reads them.
         self.timings: dict[str, float] = {}
+        self.held_out_maps: dict[str, np.ndarray] = {}  # photo -> its map from a bank without it (fit-time only)
         self._extractor: PatchFeatureExtractor | None = None
         self._index: faiss.Index | CellIndex | None = None
 
@@ -209,7 +210,7 @@ class PatchCore:
         if calibrate:
             owner = np.repeat(np.arange(len(images)), patch_counts)[whole.kept_indices]  # photo of each bank patch
             shared = self.memory_bank[~scored[owner]]
-            self._cross_fit_calibration(by_fold, shared, folds, scored, patches_of)
+            self._cross_fit_calibration(by_fold, shared, folds, scored, patches_of, [str(image) for image in images])
         self.fit_seconds = time.perf_counter() - start
         self.timings["fit"] = self.fit_seconds
 
@@ -220,13 +221,19 @@ class PatchCore:
         folds: np.ndarray,
         scored: np.ndarray,
         patches_of: list[tuple[np.ndarray, np.ndarray, Preprocessed] | None],
+        names: list[str],
     ) -> None:
         """Score each scored photo against the other folds' coresets and the ``shared`` bank patches
-        (those of photos that are not scored) together, and calibrate on those scores."""
+        (those of photos that are not scored) together, and calibrate on those scores.
+
+        The held-out maps of the highest-scoring photos are kept, so that a photo listed as unlike
+        the rest can be shown with the heatmap of a bank that never saw it.
+        """
         stage = time.perf_counter()
         n_folds = len(by_fold)
         fold_banks = [coreset.result() for coreset in by_fold]
         scores = np.empty(len(folds), dtype=np.float32)
+        highest: list[tuple[float, int, np.ndarray]] = []  # (score, photo, held-out map), at most KEPT_MAPS
         for fold in range(n_folds):
             scorer = PatchCore(self.config)
             others = [bank for other, bank in enumerate(fold_banks) if other != fold]
@@ -235,37 +242,60 @@ class PatchCore:
             for group in np.array_split(members, max(1, math.ceil(len(members) / CALIBRATION_BATCH))):
                 maps = scorer._anomaly_maps([patches_of[photo] for photo in group])
                 scores[group] = [anomaly_map.max() for anomaly_map in maps]
+                highest = sorted([*highest, *zip(scores[group].tolist(), group.tolist(), maps)],
+                                 key=lambda kept: -kept[0])[:KEPT_MAPS]
+        calibrated = np.flatnonzero(scored)
         self.set_calibration(
-            scores[scored], f"{n_folds}-fold cross-fitting, {int(scored.sum())} of {len(folds)} training photos scored"
+            scores[calibrated],
+            f"{n_folds}-fold cross-fitting, {int(scored.sum())} of {len(folds)} training photos scored",
+            [names[photo] for photo in calibrated],
         )
+        listed = {entry["photo"] for entry in self.calibration["unlike_the_rest"]}
+        self.held_out_maps = {names[photo]: kept for _, photo, kept in highest if names[photo] in listed}
         self._clock("calibration", stage)
 
-    def set_calibration(self, scores: np.ndarray, method: str) -> None:
-        """Threshold and healthy spread from healthy scores that their own photos did not help to make.
+    def set_calibration(self, scores: np.ndarray, method: str, photos: Sequence[str] = ()) -> None:
+        """Threshold from healthy scores that their own photos did not help to make (models/calibration.py).
 
-        Both are robust, so one odd healthy photo cannot move them: the centre is the median, the
-        spread 1.4826 x the median absolute deviation (the standard deviation, for normal scores),
-        never below a small share of the memory bank's own patch spacing so that nearly identical
-        photos cannot turn a healthy part into a 10^5-sigma outlier. The threshold is where the
-        ``threshold_percentile`` of healthy scores lies on that robust normal fit (99 -> median +
-        2.33 spreads); an empirical 99th percentile of a few dozen photos is just their maximum.
+        The threshold is the ``false_alarm_rate`` quantile of a Gumbel law fitted through the
+        scores' lower quartile and 90th percentile, its scale never below a small share of the memory
+        bank's own patch spacing (nearly identical photos must not give a zero-width law). The
+        calibration record states the rate, a 95 % interval for it from the number of photos,
+        a warning when they are too few for the rate, and the photos (of ``photos``, the names in
+        score order) scoring so far above the rest that they should be looked at.
         """
         scores = np.asarray(scores, dtype=np.float32)
+        rate = self.config.false_alarm_rate
+        floor = SPREAD_FLOOR * self._patch_spacing()
+        tail = fit_tail(scores, floor)
+        low, high = rate_interval(scores, rate, floor, self.config.seed)
+        unlike = [
+            {"photo": str(photos[index]), "score": float(scores[index])}
+            for index in unlike_the_rest(scores, tail)
+            if index < len(photos)
+        ]
+        warning = too_few_photos(scores.size, rate)
         self.calibration_scores = scores
-        warnings = []
-        if scores.size < MIN_CALIBRATION_PHOTOS:
-            warnings.append(
-                f"the threshold rests on only {scores.size} healthy photos and is uncertain; "
-                f"fit on at least {MIN_CALIBRATION_PHOTOS} (ideally 100+) for a threshold you can rely on"
-            )
         self.calibration = {
             "method": method,
             "count": int(scores.size),
-            "spread_floor": SPREAD_FLOOR * self._patch_spacing(),
-            "warnings": warnings,
+            "false_alarm_rate": rate,
+            "rule": "Gumbel law through the lower quartile and 90th percentile of the healthy scores",
+            "location": tail.location,
+            "scale": tail.scale,
+            "spread_floor": floor,
+            "false_alarms_per_1000": 1000 * rate,
+            "interval_per_1000": [1000 * low, 1000 * high],
+            "unlike_the_rest": unlike,
+            "warnings": [warning] if warning else [],
         }
-        z = NormalDist().inv_cdf(self.config.threshold_percentile / 100)
-        self.threshold = self.calibration_median + z * self.calibration_std
+        self.threshold = tail.threshold(rate)
+
+    def threshold_for(self, false_alarm_rate: float) -> float:
+        """The threshold this model's healthy scores give another false-alarm rate (same law, same floor)."""
+        return fit_tail(self.calibration_scores, float(self.calibration.get("spread_floor", 0.0))).threshold(
+            false_alarm_rate
+        )
 
     def recalibrate(self, images: Sequence[str | Path], progress: bool = True, source: str = "") -> None:
         """Move the threshold to new healthy photos (a new camera, new light) without touching the memory bank.
@@ -277,7 +307,9 @@ class PatchCore:
             raise ValueError("re-calibration needs at least one healthy photo")
         scores = [p.score for p in self.predict(images, progress=progress, description="re-calibration")]
         origin = f" from {source}" if source else ""
-        self.set_calibration(np.asarray(scores), f"re-calibrated on {len(scores)} healthy photos{origin}")
+        self.set_calibration(
+            np.asarray(scores), f"re-calibrated on {len(scores)} healthy photos{origin}", [str(image) for image in images]
+        )
 
     @property
     def calibration_method(self) -> str:
@@ -327,7 +359,7 @@ class PatchCore:
             keep = self._object_patches(batch, h, w)
             photos = [(image_patches[seen], seen.reshape(h, w), item) for item, image_patches, seen in zip(batch, patches, keep)]
             for item, anomaly_map in zip(batch, self._anomaly_maps(photos)):
-                predictions.append(self._prediction(item, anomaly_map))
+                predictions.append(self._prediction(item.warnings, anomaly_map))
             self._clock("predict_knn_map", stage)
         return predictions
 
@@ -395,7 +427,11 @@ class PatchCore:
             maps.append(to_original(anomaly_map, item))
         return maps
 
-    def _prediction(self, item: Preprocessed, anomaly_map: np.ndarray) -> Prediction:
+    def prediction_from_map(self, anomaly_map: np.ndarray) -> Prediction:
+        """The verdict a photo with this map gets (used to show the held-out maps of training photos)."""
+        return self._prediction([], anomaly_map)
+
+    def _prediction(self, warnings: Sequence[str], anomaly_map: np.ndarray) -> Prediction:
         """The verdict read off the map the overlay draws: flagged exactly when some pixel is above the threshold."""
         score = float(anomaly_map.max())
         sigma = (score - self.calibration_median) / self.calibration_std if self.calibration_scores.size else 0.0
@@ -406,7 +442,7 @@ class PatchCore:
             is_anomalous=bool(score > self.threshold),
             sigma=float(sigma),
             anomaly_confidence=anomaly_confidence_from_sigma(sigma),
-            warnings=list(item.warnings),
+            warnings=list(warnings),
         )
 
     # ----------------------------------------------------------------------------- plumbing

@@ -72,8 +72,8 @@ def test_round_trip_through_dict():
         ("batch_size", -4, "batch_size must be 1 to 1024, got -4"),
         ("mask_dilation", -5, "mask_dilation must be 0 to 255, got -5"),
         ("num_neighbors", 0, "num_neighbors must be 1 to 1024, got 0"),
-        ("threshold_percentile", 150, "threshold_percentile must be between 0 and 100, both excluded, got 150.0"),
-        ("threshold_percentile", 100, "threshold_percentile must be between 0 and 100, both excluded, got 100.0"),
+        ("false_alarm_rate", 0.5, "false_alarm_rate must be between 0 and 0.5, both excluded, got 0.5"),
+        ("false_alarm_rate", 0, "false_alarm_rate must be between 0 and 0.5, both excluded, got 0.0"),
         ("heatmap_sigma", -0.5, "heatmap_sigma must be 0 to 64, got -0.5"),
         ("calibration_folds", 1, "calibration_folds must be 2 to 100, got 1"),
         ("preprocess", "maybe", "preprocess must be one of auto, on, off, got 'maybe'"),
@@ -102,9 +102,16 @@ def test_all_bad_settings_are_named_in_one_message():
 
 
 def test_a_whole_number_for_a_decimal_setting_becomes_a_float():
-    config = Config.from_dict({"heatmap_sigma": 4, "threshold_percentile": 95})
+    config = Config.from_dict({"heatmap_sigma": 4, "false_alarm_rate": 0.05})
     assert config.heatmap_sigma == 4.0 and isinstance(config.heatmap_sigma, float)
     assert Config.from_dict(config.to_dict()) == config
+
+
+def test_a_model_file_percentile_is_read_as_the_false_alarm_rate_it_meant():
+    """Model and YAML files that name threshold_percentile P keep working: it is the rate 1 - P/100."""
+    assert Config.from_dict({"threshold_percentile": 99}).false_alarm_rate == pytest.approx(0.01)
+    assert Config.from_dict({"threshold_percentile": 95.0}).to_dict()["false_alarm_rate"] == pytest.approx(0.05)
+    assert "threshold_percentile" not in Config().to_dict()
 
 
 def test_replace_goes_through_the_same_validation():
@@ -150,8 +157,8 @@ def test_help_lists_every_setting_with_its_default_and_allowed_values():
 
 
 def test_bad_flag_values_are_refused(tmp_path):
-    with pytest.raises(ConfigError, match="threshold_percentile must be between 0 and 100, both excluded, got 150.0"):
-        config_from_args(parse(["--threshold-percentile", "150"]))
+    with pytest.raises(ConfigError, match="false_alarm_rate must be between 0 and 0.5, both excluded, got 1.5"):
+        config_from_args(parse(["--false-alarm-rate", "1.5"]))
     with pytest.raises(ConfigError, match="clahe must be true or false, got 'no'"):
         from_yaml(tmp_path, 'clahe: "no"\n')
 

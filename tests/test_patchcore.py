@@ -47,13 +47,16 @@ def test_calibration_scores_every_training_photo(fitted_model):
     assert fitted_model.calibration["count"] == 12 and "5-fold" in fitted_model.calibration["method"]
 
 
-def test_threshold_is_the_99th_percentile_of_a_robust_normal_fit(fitted_model):
+def test_threshold_is_the_false_alarm_rate_quantile_of_a_gumbel_law_through_two_quantiles(fitted_model):
     scores = fitted_model.calibration_scores.astype(np.float64)
-    median = np.median(scores)
-    robust_std = 1.4826 * np.median(np.abs(scores - median))
-    assert fitted_model.calibration_median == pytest.approx(median)
-    assert fitted_model.calibration_std == pytest.approx(robust_std, rel=1e-5)
-    assert fitted_model.threshold == pytest.approx(median + 2.3263 * robust_std, rel=1e-4)
+    low, high = np.quantile(scores, [0.25, 0.9])
+    scale = (high - low) / (-math.log(-math.log(0.9)) + math.log(-math.log(0.25)))
+    location = low + scale * math.log(-math.log(0.25))
+    expected = location - scale * math.log(-math.log(1 - fitted_model.config.false_alarm_rate))
+    assert fitted_model.threshold == pytest.approx(expected, rel=1e-5)
+    assert fitted_model.calibration["false_alarm_rate"] == fitted_model.config.false_alarm_rate == 0.01
+    low_per_1000, high_per_1000 = fitted_model.calibration["interval_per_1000"]
+    assert low_per_1000 < 10 < high_per_1000
 
 
 def test_one_odd_healthy_photo_does_not_move_the_threshold(fitted_model):
@@ -114,7 +117,7 @@ def test_nearly_identical_photos_give_a_finite_sigma(small_screw_dir):
     assert model.calibration_std > 0 and model.threshold > 0
     (same,) = model.predict([photo])
     assert same.sigma < 3 and not same.is_anomalous  # not the 10^5 sigma of a spread of ~0
-    assert model.calibration["warnings"] and "at least 30" in model.calibration["warnings"][0]
+    assert model.calibration["warnings"] and "fewer than the 100" in model.calibration["warnings"][0]
 
 
 def test_a_failure_while_building_the_bank_stops_the_fit_with_that_error(small_screw_dir, monkeypatch):

@@ -1,0 +1,125 @@
+"""From held-out healthy scores to a threshold that keeps a stated false-alarm rate.
+
+An image score is the highest point of a map over hundreds of patches, so healthy scores follow an
+extreme-value law: right-skewed, with a longer upper tail than a normal curve. The healthy scores
+are fitted with a Gumbel distribution (the law of maxima) through two robust points, their lower
+quartile and their 90th percentile, and the threshold is that fit's ``1 - false_alarm_rate``
+quantile. Both points lie in the body of the data, so the fit is stable with a few dozen photos,
+extrapolates the tail as maxima do, and odd photos (up to a tenth of the set) cannot move it.
+``docs/calibration.md`` compares this rule with others on held-out training photos
+(``scripts/check_calibration.py``).
+
+This module needs NumPy alone at scoring time; SciPy is imported only to bootstrap the interval,
+which is computed when a model is calibrated.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+FIT_QUANTILES = (0.25, 0.9)  # the two healthy-score quantiles the Gumbel fit passes through
+SCREEN_FALSE_LISTING = 0.001  # chance that a set of healthy photos has any photo listed as unlike the rest
+BOOTSTRAP_RESAMPLES = 2000
+INTERVAL_CONFIDENCE = 0.95
+
+
+def _gumbel_reduced(probability: float) -> float:
+    """The standard Gumbel quantile: -ln(-ln p)."""
+    return -math.log(-math.log(probability))
+
+
+@dataclass(frozen=True)
+class TailFit:
+    """A Gumbel law of healthy scores: P(score <= s) = exp(-exp(-(s - location) / scale))."""
+
+    location: float
+    scale: float
+
+    def threshold(self, false_alarm_rate: float) -> float:
+        """The score a healthy photo exceeds with probability ``false_alarm_rate``."""
+        return self.location + self.scale * _gumbel_reduced(1.0 - false_alarm_rate)
+
+    def exceedance(self, score: float | np.ndarray) -> float | np.ndarray:
+        """The share of healthy photos that score above ``score`` under this law."""
+        return -np.expm1(-np.exp(-(np.asarray(score, dtype=np.float64) - self.location) / self.scale))
+
+
+def fit_tail(scores: np.ndarray, scale_floor: float = 0.0) -> TailFit:
+    """The Gumbel law through the scores' lower quartile and 90th percentile, its scale at least ``scale_floor``."""
+    values = np.asarray(scores, dtype=np.float64)
+    if values.size == 0 or not np.isfinite(values).all():
+        raise ValueError("calibration needs at least one finite healthy score")
+    low, high = FIT_QUANTILES
+    at_low, at_high = np.quantile(values, FIT_QUANTILES)
+    scale = max((at_high - at_low) / (_gumbel_reduced(high) - _gumbel_reduced(low)), scale_floor, 1e-12)
+    return TailFit(location=float(at_low - scale * _gumbel_reduced(low)), scale=float(scale))
+
+
+def rate_interval(
+    scores: np.ndarray, false_alarm_rate: float, scale_floor: float = 0.0, seed: int = 0
+) -> tuple[float, float]:
+    """A 95 % interval for the false-alarm rate the threshold really has, from how many photos set it.
+
+    The scores are resampled with replacement (bootstrap); each resample's threshold is read off
+    the full set's law. Few photos move the fit's two quantiles a lot, so the interval is wide.
+    """
+    from scipy.stats import bootstrap
+
+    values = np.asarray(scores, dtype=np.float64)
+    if values.size < 2:
+        return 0.0, 1.0
+    reference = fit_tail(values, scale_floor)
+    low_z, high_z = (_gumbel_reduced(p) for p in FIT_QUANTILES)
+
+    def rate_of_resample(sample: np.ndarray, axis: int = -1) -> np.ndarray:
+        at_low, at_high = np.quantile(sample, FIT_QUANTILES, axis=axis)
+        scale = np.maximum((at_high - at_low) / (high_z - low_z), max(scale_floor, 1e-12))
+        threshold = at_low - scale * low_z + scale * _gumbel_reduced(1.0 - false_alarm_rate)
+        return np.asarray(reference.exceedance(threshold))
+
+    result = bootstrap(
+        (values,), rate_of_resample, n_resamples=BOOTSTRAP_RESAMPLES, confidence_level=INTERVAL_CONFIDENCE,
+        method="percentile", vectorized=True, random_state=np.random.default_rng(seed),
+    )
+    low, high = result.confidence_interval
+    return float(low), float(high)
+
+
+def unlike_the_rest(scores: np.ndarray, fit: TailFit) -> np.ndarray:
+    """Indices of scores so high that a set of this many healthy photos would show one only
+    ``SCREEN_FALSE_LISTING`` of the time: photos to look at before trusting the set, highest first."""
+    values = np.asarray(scores, dtype=np.float64)
+    if values.size == 0:
+        return np.empty(0, dtype=int)
+    cut = fit.threshold(SCREEN_FALSE_LISTING / values.size)
+    listed = np.flatnonzero(values > cut)
+    return listed[np.argsort(-values[listed])]
+
+
+def too_few_photos(count: int, false_alarm_rate: float) -> str | None:
+    """Why ``count`` calibration photos cannot pin a rate this small, or None when they can."""
+    needed = math.ceil(1.0 / false_alarm_rate)
+    if count >= needed:
+        return None
+    return (
+        f"the threshold rests on {count} healthy photos, fewer than the {needed} a false-alarm rate of "
+        f"{false_alarm_rate:g} needs to be seen once: it is extrapolated beyond the highest healthy score, "
+        "so the rate on the line may differ; fit on more photos (or set a larger false_alarm_rate)"
+    )
+
+
+def promise(calibration: dict[str, Any]) -> str:
+    """The threshold's promise in the line's words, from a model's calibration record; models
+    calibrated without a stated rate say only where their healthy scores came from."""
+    if "false_alarms_per_1000" not in calibration:
+        return f"calibrated by {calibration.get('method', 'an unknown method')}"
+    low, high = calibration["interval_per_1000"]
+    return (
+        f"expect {calibration['false_alarms_per_1000']:g} false alarms per 1,000 healthy parts "
+        f"(95 % interval {low:.1f} to {high:.1f}, from {calibration['count']} healthy photos; "
+        f"{calibration['method']})"
+    )

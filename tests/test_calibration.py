@@ -1,0 +1,96 @@
+"""The threshold's promise: a stated false-alarm rate that unseen healthy scores keep."""
+
+from __future__ import annotations
+
+from statistics import NormalDist
+
+import numpy as np
+import pytest
+
+from models.calibration import fit_tail, promise, rate_interval, too_few_photos, unlike_the_rest
+
+
+def healthy_scores(count: int, seed: int) -> np.ndarray:
+    """Scores shaped like image scores: the maximum of many patch distances (a Gumbel law)."""
+    return np.random.default_rng(seed).gumbel(15.0, 0.8, count)
+
+
+@pytest.mark.parametrize("rate", [0.01, 0.05])
+def test_unseen_healthy_scores_exceed_the_threshold_at_the_promised_rate(rate):
+    fit = fit_tail(healthy_scores(300, seed=1))
+    unseen = healthy_scores(200_000, seed=2)
+    observed = float((unseen > fit.threshold(rate)).mean())
+    assert rate / 1.6 < observed < rate * 1.6
+
+
+def test_a_normal_fit_would_break_the_promise_on_right_skewed_scores():
+    """Why a tail law: median + 2.33 robust spreads leaves several times 1 % of maxima above it."""
+    calibration, unseen = healthy_scores(300, seed=1), healthy_scores(200_000, seed=2)
+    median = np.median(calibration)
+    normal_threshold = median + NormalDist().inv_cdf(0.99) * 1.4826 * np.median(np.abs(calibration - median))
+    assert (unseen > normal_threshold).mean() > 0.03
+    assert fit_tail(calibration).threshold(0.01) > normal_threshold
+
+
+def test_the_law_passes_through_the_lower_quartile_and_the_90th_percentile():
+    scores = healthy_scores(101, seed=3)
+    fit = fit_tail(scores)
+    low, high = np.quantile(scores, [0.25, 0.9])
+    assert fit.exceedance(high) == pytest.approx(0.1)
+    assert fit.exceedance(low) == pytest.approx(0.75)
+    assert fit.threshold(0.1) == pytest.approx(high)
+
+
+def test_a_few_odd_photos_do_not_move_the_threshold():
+    scores = healthy_scores(100, seed=4)
+    odd = scores.copy()
+    odd[np.argsort(odd)[-5:]] *= 3  # five defective parts among the healthy ones
+    assert fit_tail(odd).threshold(0.01) == pytest.approx(fit_tail(scores).threshold(0.01))
+
+
+def test_identical_scores_keep_a_scale_floor():
+    fit = fit_tail(np.full(20, 7.0), scale_floor=0.1)
+    assert fit.scale == 0.1 and fit.threshold(0.01) > 7.0
+
+
+def test_non_finite_scores_are_refused():
+    with pytest.raises(ValueError, match="finite"):
+        fit_tail(np.array([1.0, np.nan, 2.0]))
+
+
+def test_the_interval_holds_the_rate_and_narrows_with_more_photos():
+    few = rate_interval(healthy_scores(40, seed=5), 0.01)
+    many = rate_interval(healthy_scores(1000, seed=5), 0.01)
+    assert few[0] < 0.01 < few[1] and many[0] < 0.01 < many[1]
+    assert many[1] - many[0] < (few[1] - few[0]) / 2
+
+
+def test_the_interval_is_reproducible_with_its_seed():
+    scores = healthy_scores(60, seed=6)
+    assert rate_interval(scores, 0.05, seed=3) == rate_interval(scores, 0.05, seed=3)
+
+
+@pytest.mark.parametrize(("count", "rate", "warned"), [(99, 0.01, True), (100, 0.01, False), (19, 0.05, True),
+                                                       (20, 0.05, False)])
+def test_too_few_photos_for_the_rate_are_said(count, rate, warned):
+    warning = too_few_photos(count, rate)
+    assert (warning is not None) == warned
+    if warned:
+        assert f"rests on {count} healthy photos" in warning
+
+
+def test_a_planted_odd_photo_is_listed_and_a_healthy_set_lists_none():
+    for seed in range(20):  # healthy sets list nothing (but for about 1 set in 500)
+        scores = healthy_scores(200, seed=1000 + seed)
+        assert unlike_the_rest(scores, fit_tail(scores)).size == 0, seed
+    scores = healthy_scores(200, seed=7)
+    scores[[17, 42]] = [scores.max() + 12, scores.max() + 8]  # two defective parts in the "healthy" folder
+    assert unlike_the_rest(scores, fit_tail(scores)).tolist() == [17, 42]  # highest first
+
+
+def test_the_promise_reads_in_the_lines_words():
+    calibration = {"false_alarms_per_1000": 10.0, "interval_per_1000": [3.2, 21.0], "count": 120,
+                   "method": "5-fold cross-fitting"}
+    assert promise(calibration) == ("expect 10 false alarms per 1,000 healthy parts (95 % interval 3.2 to 21.0, "
+                                    "from 120 healthy photos; 5-fold cross-fitting)")
+    assert promise({"method": "held-out photos"}) == "calibrated by held-out photos"
