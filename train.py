@@ -12,10 +12,22 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import fields
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 from config import CATEGORY_DEFAULTS, Config, add_config_arguments, config_from_args, fail, run_cli
-from preprocessing.io import ImageReadError, check_writable, find_images, load_test_split, read_images, train_images
+from preprocessing.io import (
+    ImageReadError,
+    check_writable,
+    find_images,
+    load_test_split,
+    read_image,
+    read_images,
+    train_images,
+)
+
+if TYPE_CHECKING:  # fitting imports torch: loaded only when a command fits or scores
+    from models.patchcore import PatchCore
 
 CONFIG_FIELDS = {item.name for item in fields(Config)}
 
@@ -39,6 +51,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="fit nothing: write a preview sheet of every preprocessing step for a sample of images",
     )
+    parser.add_argument(
+        "--drop-unlike",
+        action="store_true",
+        help="fit again without the training photos listed as unlike the rest (the photos to check), "
+        "once; the model file names the photos it left out",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars, only the result lines")
     add_config_arguments(parser)
     args = parser.parse_args(argv)
@@ -47,8 +65,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.model and not args.recalibrate:
         parser.error("--model is only for --recalibrate; train.py fits a new model from --data-dir or --category")
     given = [name for name in vars(args) if name in CONFIG_FIELDS and getattr(args, name) is not None]
-    if args.recalibrate and (args.config or set(given) - {"threshold_percentile"}):
-        parser.error("--recalibrate keeps the model's settings; of the settings only --threshold-percentile applies")
+    if args.recalibrate and (args.config or set(given) - {"false_alarm_rate"}):
+        parser.error("--recalibrate keeps the model's settings; of the settings only --false-alarm-rate applies")
+    if args.drop_unlike and (args.recalibrate or args.preprocess_only):
+        parser.error("--drop-unlike goes with a fit, not with --recalibrate or --preprocess-only")
     return args
 
 
@@ -69,8 +89,8 @@ def recalibrate(args: argparse.Namespace) -> int:
     from models.patchcore import PatchCore
 
     model = PatchCore.load(args.model)
-    if args.threshold_percentile is not None:
-        model.config = model.config.replace(threshold_percentile=args.threshold_percentile)
+    if args.false_alarm_rate is not None:
+        model.config = model.config.replace(false_alarm_rate=args.false_alarm_rate)
     paths = healthy_photos(args.data_dir)
     output = args.output or args.model
     check_writable(output)  # before scoring, as for a fit
@@ -80,7 +100,38 @@ def recalibrate(args: argparse.Namespace) -> int:
     model.save(output)
     print(f"re-calibrated on {len(paths)} healthy photos from {args.data_dir}: threshold {before:.3f} -> "
           f"{model.threshold:.3f}; saved to {output} (memory bank unchanged)")
+    print_calibration(model)
     return 0
+
+
+def print_calibration(model: PatchCore) -> None:
+    """What the threshold promises and how sure that is, in the line's words, then its warnings."""
+    from models.calibration import promise
+
+    print(f"threshold {model.threshold:.3f}: {promise(model.calibration)}")
+    for warning in model.calibration["warnings"]:
+        print(f"warning: {warning}")
+
+
+def print_unlike_the_rest(model: PatchCore, heatmap_dir: Path) -> list[str]:
+    """List the training photos that score far above the rest, with heatmaps from a bank that never saw them."""
+    from runtime.scoring import heatmap_path, write_overlay
+
+    listed = [entry["photo"] for entry in model.calibration.get("unlike_the_rest", [])]
+    if not listed:
+        return []
+    print(f"check these {len(listed)} training photos: they look unlike the rest (a defect, another part, "
+          f"a bad exposure?); --drop-unlike fits without them")
+    for entry in model.calibration["unlike_the_rest"]:
+        anomaly_map = model.held_out_maps.get(entry["photo"])
+        where = ""
+        if anomaly_map is not None:
+            image = read_image(entry["photo"], model.config.max_image_pixels)
+            out = heatmap_path(heatmap_dir, Path(entry["photo"]).name)
+            entry["heatmap"] = str(write_overlay(model, image, model.prediction_from_map(anomaly_map), out))
+            where = f", heatmap {out}"
+        print(f"  {entry['photo']}: score {entry['score']:.3f} ({entry['score'] / model.threshold:.2f} x threshold){where}")
+    return listed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,7 +158,6 @@ def main(argv: list[str] | None = None) -> int:
 
         if config.preprocess == "auto":  # preview what the measurements decide (the fit may still choose 'off')
             from preprocessing.auto import decide
-            from preprocessing.io import read_image
 
             decision = decide([read_image(path) for path in paths[:: max(1, len(paths) // 60)]], config)
             config = config.replace(**decision.changes)
@@ -118,8 +168,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {len(written)} preview sheets to {out_dir}/")
         return 0
 
-    from models.patchcore import PatchCore
-
     model_path = args.output or Path("saved_models") / f"patchcore_{name}.pkl"
     report_dir = Path("outputs") / model_path.stem
     check_writable(model_path)  # before the fit, not after it
@@ -127,15 +175,15 @@ def main(argv: list[str] | None = None) -> int:
     if has_test_split:
         check_writable(report_dir / "metrics.json")
     refuse_unusable_photos(paths, config)
-    model = PatchCore(config)
-    if not args.quiet:
-        print(f"fitting {config.backbone} PatchCore on {len(paths)} healthy images from {data_dir}")
-    model.fit(paths, progress=not args.quiet)
-    for reason in model.preprocessing.get("reasons", []):
-        print(f"preprocessing: {reason}")
-    print(f"calibration: {model.calibration['method']}")
-    for warning in model.calibration["warnings"]:
-        print(f"warning: {warning}")
+    model = fit_model(paths, config, data_dir, args.quiet)
+    listed = print_unlike_the_rest(model, report_dir / "unlike_the_rest")
+    if listed and args.drop_unlike:
+        kept = [path for path in paths if str(path) not in set(listed)]
+        print(f"fitting again without the {len(listed)} photos listed above")
+        model = fit_model(kept, config, data_dir, args.quiet)
+        model.calibration["left_out"] = listed
+        print_unlike_the_rest(model, report_dir / "unlike_the_rest")
+    print_calibration(model)
     model.save(model_path)
     print(
         f"model saved to {model_path} ({model.memory_bank.shape[0]} patches in the memory bank, "
@@ -149,6 +197,19 @@ def main(argv: list[str] | None = None) -> int:
         print(format_summary(metrics))
         print(f"metrics: {report_dir / 'metrics.json'}  report: {report_dir / 'report.html'}")
     return 0
+
+
+def fit_model(paths: list[Path], config: Config, data_dir: Path, quiet: bool) -> PatchCore:
+    """Fit on ``paths`` and say what the fit decided."""
+    from models.patchcore import PatchCore
+
+    model = PatchCore(config)
+    if not quiet:
+        print(f"fitting {config.backbone} PatchCore on {len(paths)} healthy images from {data_dir}")
+    model.fit(paths, progress=not quiet)
+    for reason in model.preprocessing.get("reasons", []):
+        print(f"preprocessing: {reason}")
+    return model
 
 
 def refuse_unusable_photos(paths: list[Path], config: Config) -> None:

@@ -198,12 +198,12 @@ def test_settings_are_checked_before_any_work(tmp_path, small_screw_dir, monkeyp
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(PatchCore, "fit", lambda *a, **k: pytest.fail("fitted with a bad setting"))
-    (tmp_path / "settings.yaml").write_text("threshold_percentile: 150\nclahe: 'no'\n")
+    (tmp_path / "settings.yaml").write_text("false_alarm_rate: 1.5\nclahe: 'no'\n")
     argv = ["--data-dir", str(small_screw_dir), "--config", "settings.yaml", "--target-dim", "0"]
     assert run_cli(lambda: train.main(argv)) == 2
     assert capsys.readouterr().err.splitlines() == [
-        "error: invalid settings: target_dim must be 1 to 8192, got 0; threshold_percentile must be between 0 "
-        "and 100, both excluded, got 150.0; clahe must be true or false, got 'no'"
+        "error: invalid settings: target_dim must be 1 to 8192, got 0; false_alarm_rate must be between 0 "
+        "and 0.5, both excluded, got 1.5; clahe must be true or false, got 'no'"
     ]
 
 
@@ -218,12 +218,13 @@ def test_recalibrate_moves_the_threshold_and_keeps_the_memory_bank(tmp_path, fit
     for index, path in enumerate(healthy):
         (new_camera / f"{index}.png").symlink_to(path.resolve())
     result = run_train("--recalibrate", "--model", str(model_path), "--data-dir", str(new_camera), "--quiet",
-                       "--threshold-percentile", "50", cwd=tmp_path)
+                       "--false-alarm-rate", "0.1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     recalibrated = PatchCore.load(model_path)
     assert recalibrated.memory_bank.tobytes() == fitted_model.memory_bank.tobytes()
     assert recalibrated.calibration_scores.size == len(healthy)
-    assert recalibrated.threshold == pytest.approx(float(np.median(recalibrated.calibration_scores)))
+    # the healthy law passes through the scores' 90th percentile, so a rate of 1 in 10 sits on it
+    assert recalibrated.threshold == pytest.approx(float(np.quantile(recalibrated.calibration_scores, 0.9)), rel=1e-5)
     assert recalibrated.calibration_method == f"re-calibrated on {len(healthy)} healthy photos from {new_camera}"
     assert f"threshold {fitted_model.threshold:.3f} -> {recalibrated.threshold:.3f}" in result.stdout
 
