@@ -1,6 +1,7 @@
 """Image- and pixel-level detection metrics, as the MVTec AD benchmark defines them.
 
-Image level: AUROC, average precision, F1 at the calibrated threshold and the (oracle) best F1.
+Image level: AUROC, average precision, F1 at the calibrated threshold and the (oracle) best F1, and
+the line's own figures at the threshold: false alarms and escapes with their intervals.
 Pixel level: pixel AUROC and AUPRO, computed on anomaly maps and ground-truth masks brought to a
 common evaluation size first (``downsample_for_eval``), which keeps memory bounded: 160 photos of
 1024² would otherwise need 160 M float pixels plus sorting buffers.
@@ -9,10 +10,12 @@ common evaluation size first (``downsample_for_eval``), which keeps memory bound
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import cv2
 import numpy as np
 from scipy import ndimage
+from scipy.stats import binomtest
 from sklearn.metrics import (
     auc,
     average_precision_score,
@@ -62,6 +65,36 @@ def image_metrics(
     result["image_f1_max"] = float(f1[best])
     result["image_f1_max_threshold"] = float(thresholds[best])  # flagged when score >= this
     return result
+
+
+def wilson_interval(hits: int, trials: int, confidence: float = 0.95) -> tuple[float, float] | None:
+    """Wilson score interval of a rate seen ``hits`` times in ``trials`` (None without trials): unlike
+    hits/trials +- a normal margin, it stays inside 0..1 and is honest about 0 of 27."""
+    if trials == 0:
+        return None
+    interval = binomtest(hits, trials).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(interval.low), float(interval.high)
+
+
+def rates_at_threshold(kinds: Sequence[str], scores: Sequence[float] | np.ndarray, threshold: float) -> dict[str, Any]:
+    """What the line sees at ``threshold``: healthy ('good') photos flagged (false alarms), defective
+    photos passed (escapes), each as a count, a rate and a 95 % Wilson interval, and recall per defect kind."""
+    kinds_array = np.asarray(kinds)
+    flagged = is_flagged(scores, threshold)
+    good = kinds_array == "good"
+    false_alarms, escapes = int(flagged[good].sum()), int((~flagged[~good]).sum())
+    n_good, n_defective = int(good.sum()), int((~good).sum())
+    return {
+        "false_alarms": false_alarms,
+        "false_alarm_rate": false_alarms / n_good if n_good else None,
+        "false_alarm_rate_interval": wilson_interval(false_alarms, n_good),
+        "escapes": escapes,
+        "escape_rate": escapes / n_defective if n_defective else None,
+        "escape_rate_interval": wilson_interval(escapes, n_defective),
+        "recall_per_defect": {
+            kind: float(flagged[kinds_array == kind].mean()) for kind in sorted(set(kinds_array.tolist()) - {"good"})
+        },
+    }
 
 
 def per_defect_auroc(kinds: Sequence[str], scores: Sequence[float] | np.ndarray) -> dict[str, float | None]:

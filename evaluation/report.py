@@ -32,6 +32,7 @@ from evaluation.metrics import (
     downsample_for_eval,
     eval_shape,
     image_metrics,
+    rates_at_threshold,
     per_defect_auroc,
     pixel_roc,
     pro_curve,
@@ -48,6 +49,7 @@ from evaluation.visualize import (
     score_histogram_figure,
     tiles_figure,
 )
+from models.calibration import promise
 from preprocessing.io import ImageReadError, LabelledImage, load_test_split, read_mask, write_atomically
 from runtime.scoring import Photo, score_batch
 
@@ -222,6 +224,20 @@ def _calibration(model: Model) -> tuple[float | None, float | None]:
     return model.calibration_mean, model.calibration_std
 
 
+def _calibration_statement(model: Model) -> dict[str, Any]:
+    """The threshold's promise, its interval and the training photos listed as unlike the rest."""
+    calibration = model.calibration
+    return {
+        "promise": promise(calibration),
+        "false_alarms_per_1000": calibration.get("false_alarms_per_1000"),
+        "interval_per_1000": calibration.get("interval_per_1000"),
+        "count": calibration.get("count"),
+        "rule": calibration.get("rule"),
+        "unlike_the_rest": list(calibration.get("unlike_the_rest", [])),
+        "left_out": list(calibration.get("left_out", [])),
+    }
+
+
 def _finite_or_none(value: Any) -> Any:
     """JSON has no NaN: unknown numbers become null."""
     return None if isinstance(value, float) and not math.isfinite(value) else value
@@ -239,6 +255,7 @@ def _metrics(
     scores = np.array([s.score for s in scored])
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     metrics: dict[str, Any] = image_metrics(labels, scores, model.threshold)
+    metrics.update(rates_at_threshold([s.sample.kind for s in scored], scores, model.threshold))
     if metrics["image_auroc"] is not None:
         curves["image_roc"] = tuple(roc_curve(labels, scores)[:2])
     with_truth = [s for s in scored if s.eval_regions is not None]
@@ -257,7 +274,8 @@ def _metrics(
         aupro_max_fpr=DEFAULT_MAX_FPR,
         per_defect_auroc=per_defect_auroc([s.sample.kind for s in scored], scores),
         threshold=model.threshold,
-        threshold_percentile=model.config.threshold_percentile,
+        promised_false_alarm_rate=model.config.false_alarm_rate,
+        calibration=_calibration_statement(model),
         calibration_mean=mean,
         calibration_std=std,
         calibration_method=model.calibration_method,
@@ -285,9 +303,23 @@ def _setup_section(metrics: dict[str, Any]) -> str:
     items = [f"preprocessing: {html.escape(reason)}" for reason in metrics["preprocessing_decisions"]]
     if not items:
         items.append(f"preprocessing: {html.escape(str(metrics['preprocessing']))} (set, not decided)")
-    items.append(f"calibration: {html.escape(str(metrics['calibration_method']))}")
+    items.append(f"calibration: {html.escape(metrics['calibration']['promise'])}")
     items += [f"<strong>warning:</strong> {html.escape(w)}" for w in metrics["calibration_warnings"]]
+    items += [
+        f"<strong>check this training photo</strong>, it looks unlike the rest: {html.escape(entry['photo'])} "
+        f"(held-out score {entry['score']:.3f}){_heatmap_image(entry.get('heatmap'))}"
+        for entry in metrics["calibration"]["unlike_the_rest"]
+    ]
+    items += [f"left out of the fit as unlike the rest: {html.escape(photo)}"
+              for photo in metrics["calibration"]["left_out"]]
     return "<h2>How this model was set up</h2>\n<ul>" + "".join(f"<li>{item}</li>" for item in items) + "</ul>"
+
+
+def _heatmap_image(path: str | None) -> str:
+    """A written overlay embedded in the page (the report stays one self-contained file), or nothing."""
+    if not path or not Path(path).is_file():
+        return ""
+    return f'<br><img class="plot" src="{_data_uri(Path(path).read_bytes(), "image/png")}" alt="{html.escape(path)}">'
 
 
 def _number(value: Any, digits: int = 4) -> str:
@@ -349,8 +381,13 @@ def _metric_rows(metrics: dict[str, Any]) -> str:
          "per-region overlap; every defect counts equally whatever its size"),
         *((f"AUROC healthy vs {html.escape(kind)}", _number(value), "") for kind, value in
           metrics["per_defect_auroc"].items()),
-        ("Threshold", _number(metrics["threshold"]),
-         f"{metrics['threshold_percentile']:g}th percentile of the healthy calibration scores"),
+        ("Threshold", _number(metrics["threshold"]), html.escape(metrics["calibration"]["promise"])),
+        ("False alarms at threshold", _count_and_rate(metrics, "false_alarms", "n_test_good"),
+         f"healthy test photos flagged; the threshold promises at most {metrics['promised_false_alarm_rate']:.1%}"),
+        ("Escapes at threshold", _count_and_rate(metrics, "escapes", "n_test_defective"),
+         "defective test photos passed as OK"),
+        *((f"Recall {html.escape(kind)}", f"{value:.1%}", "share of this defect kind flagged at the threshold")
+          for kind, value in metrics["recall_per_defect"].items()),
         ("Healthy calibration μ ± σ",
          f"{_number(metrics['calibration_mean'], 3)} ± {_number(metrics['calibration_std'], 3)}",
          html.escape(metrics["calibration_method"])),
@@ -363,6 +400,15 @@ def _metric_rows(metrics: dict[str, Any]) -> str:
          f"maps and masks resized to this longer side; {metrics['n_pixel_eval_images']} photos with known masks"),
     ]
     return "\n".join(f"<tr><th>{name}</th><td>{value}</td><td>{meaning}</td></tr>" for name, value, meaning in rows)
+
+
+def _count_and_rate(metrics: dict[str, Any], count: str, total: str) -> str:
+    """'2 of 27 (7.4 %, 95 % interval 2.1–23.4 %)' for a count at the threshold."""
+    if not metrics[total]:
+        return "n/a"
+    rate_key = count[:-1] + "_rate" if count.endswith("s") else count
+    low, high = metrics[f"{rate_key}_interval"]
+    return f"{metrics[count]} of {metrics[total]} ({metrics[rate_key]:.1%}, 95 % interval {low:.1%}–{high:.1%})"
 
 
 def _card(item: ScoredImage, vmin: float | None) -> str:
@@ -477,8 +523,7 @@ def write_batch_report(
     """
     flagged = sum(s.flagged for s in scored)
     errors = [record for record in records if "error" in record]
-    origin = threshold_origin or (f"{model.config.threshold_percentile:g}th percentile of the healthy calibration "
-                                  f"scores ({model.calibration_method})")
+    origin = threshold_origin or promise(model.calibration)
     unreadable = "".join(f"<li>{html.escape(record['error'])}</li>" for record in errors)
     body = f"""<table>
 <tr><th>Photos scored</th><td>{len(scored)}</td><td></td></tr>
