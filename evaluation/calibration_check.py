@@ -1,0 +1,68 @@
+"""Does the threshold keep its promise on healthy photos the model never saw? Measured on training photos.
+
+The healthy training photos are split into seeded folds; for each fold a model is fitted on the
+others with the user's settings, and the photos of that fold (and ``test/good``, when the folder
+has one) are scored against it. Every training photo is held out exactly once, so the count of
+held-out photos flagged at each false-alarm rate is a count over distinct photos: the observed rate
+and its 95 % Wilson interval can be set beside the promised one. No label of ``test/`` is read
+but "good".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from config import Config
+from evaluation.metrics import wilson_interval
+from models.patchcore import PatchCore
+
+
+@dataclass
+class HeldOutFold:
+    """One fold's fitted model and the scores of the healthy photos it never saw."""
+
+    model: PatchCore
+    held_out: np.ndarray  # training photos of this fold
+    test_good: np.ndarray  # test/good photos (empty when there are none)
+
+
+def held_out_folds(
+    photos: Sequence[Path], test_good: Sequence[Path], config: Config, folds: int, progress: bool = True
+) -> list[HeldOutFold]:
+    """Fit one model per fold on the other folds' photos and score the held-out ones."""
+    if folds < 2 or folds > len(photos) // 2:
+        raise ValueError(f"folds must be 2 to {len(photos) // 2} for {len(photos)} training photos, got {folds}")
+    fold_of = np.random.default_rng(config.seed).permutation(len(photos)) % folds
+    results = []
+    for fold in tqdm(range(folds), desc="calibration check", unit="fold", disable=not progress):
+        model = PatchCore(config)
+        model.fit([photo for photo, owner in zip(photos, fold_of) if owner != fold], progress=False)
+        held_out = [photo for photo, owner in zip(photos, fold_of) if owner == fold]
+        results.append(HeldOutFold(
+            model=model,
+            held_out=np.array([p.score for p in model.predict(held_out)]),
+            test_good=np.array([p.score for p in model.predict(list(test_good))]) if test_good else np.empty(0),
+        ))
+    return results
+
+
+def _flagged(folds: list[HeldOutFold], rate: float, scores_of: str) -> dict[str, Any]:
+    flagged = sum(int((getattr(fold, scores_of) > fold.model.threshold_for(rate)).sum()) for fold in folds)
+    total = sum(getattr(fold, scores_of).size for fold in folds)
+    return {"flagged": flagged, "photos": total, "rate": flagged / total if total else None,
+            "interval": wilson_interval(flagged, total)}
+
+
+def promised_and_observed(folds: list[HeldOutFold], rates: Sequence[float]) -> list[dict[str, Any]]:
+    """Per promised false-alarm rate: held-out training photos flagged and test/good photos flagged."""
+    return [
+        {"promised": rate, "held_out_training": _flagged(folds, rate, "held_out"),
+         "test_good": _flagged(folds, rate, "test_good")}
+        for rate in rates
+    ]
