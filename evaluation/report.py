@@ -326,6 +326,10 @@ def _number(value: Any, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _count(metrics: dict[str, Any], count: str, total: str) -> str:
+    return f"{metrics.get(count)}/{metrics.get(total)}" if metrics.get(total) else "n/a"
+
+
 def format_summary(metrics: dict[str, Any]) -> str:
     """A compact console table of the headline metrics."""
     rows = [
@@ -337,6 +341,8 @@ def format_summary(metrics: dict[str, Any]) -> str:
         ("pixel AUROC", _number(metrics.get("pixel_auroc"))),
         (f"AUPRO (FPR <= {metrics.get('aupro_max_fpr', DEFAULT_MAX_FPR):g})", _number(metrics.get("aupro"))),
         *((f"  AUROC {kind}", _number(value)) for kind, value in metrics.get("per_defect_auroc", {}).items()),
+        ("false alarms @ threshold", _count(metrics, "false_alarms", "n_test_good")),
+        ("escapes @ threshold", _count(metrics, "escapes", "n_test_defective")),
     ]
     width = max(len(name) for name, _ in rows)
     lines = [f"{name:<{width}}  {value:>7}" for name, value in rows]

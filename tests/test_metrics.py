@@ -15,7 +15,9 @@ from evaluation.metrics import (
     per_defect_auroc,
     pixel_roc,
     pro_curve,
+    rates_at_threshold,
     region_labels,
+    wilson_interval,
 )
 
 
@@ -162,3 +164,25 @@ def test_downsample_healthy_and_enlarging() -> None:
     small_map, labels = downsample_for_eval(np.ones((8, 8), np.float32), None, eval_size=16)
     assert small_map.shape == labels.shape == (16, 16)
     assert not labels.any()
+
+
+def test_rates_at_the_threshold_count_false_alarms_escapes_and_recall_per_kind() -> None:
+    kinds = ["good", "good", "good", "good", "rust", "rust", "scratch", "scratch", "scratch"]
+    scores = [1.0, 2.0, 5.5, 3.0, 9.0, 4.0, 6.0, 7.0, 5.0]
+    rates = rates_at_threshold(kinds, scores, threshold=5.0)  # flagged: score > 5
+    assert (rates["false_alarms"], rates["escapes"]) == (1, 2)  # good 5.5; rust 4.0 and scratch 5.0 (not above)
+    assert rates["false_alarm_rate"] == pytest.approx(1 / 4) and rates["escape_rate"] == pytest.approx(2 / 5)
+    assert rates["recall_per_defect"] == {"rust": pytest.approx(0.5), "scratch": pytest.approx(2 / 3)}
+    low, high = rates["false_alarm_rate_interval"]
+    assert low < 0.25 < high
+
+
+def test_wilson_interval_matches_the_formula_and_stays_inside_zero_to_one() -> None:
+    # 2 of 27 (z = 1.96): centre (2 + z^2/2) / (27 + z^2), half-width z/(27 + z^2) * sqrt(2*25/27 + z^2/4)
+    z = 1.959964
+    centre = (2 + z * z / 2) / (27 + z * z)
+    half = z / (27 + z * z) * np.sqrt(2 * 25 / 27 + z * z / 4)
+    assert wilson_interval(2, 27) == pytest.approx((centre - half, centre + half), rel=1e-5)
+    low, high = wilson_interval(0, 27)
+    assert low == pytest.approx(0.0, abs=1e-12) and 0.1 < high < 0.14
+    assert wilson_interval(0, 0) is None

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -235,3 +236,36 @@ def test_recalibrate_moves_the_threshold_and_keeps_the_memory_bank(tmp_path, fit
 def test_recalibrate_usage_errors(args, tmp_path):
     result = run_train(*args, cwd=tmp_path)
     assert result.returncode == 2 and "usage:" in result.stderr
+
+
+def test_a_training_photo_unlike_the_rest_is_listed_with_its_heatmap_and_drop_unlike_fits_without_it(
+    tmp_path, small_screw_dir
+):
+    """A defective part in the "healthy" folder: train.py names it, shows its held-out heatmap, and
+    --drop-unlike fits again without it, recording what it left out."""
+    from models.patchcore import PatchCore
+
+    good = tmp_path / "part" / "train" / "good"
+    good.mkdir(parents=True)
+    for path in train_images(small_screw_dir):
+        (good / path.name).symlink_to(path.resolve())
+    photo = cv2.imread(str(train_images(small_screw_dir)[0]))
+    noise = np.random.default_rng(0).integers(0, 256, (24, 24, 3)).astype(np.uint8)
+    photo[300:700, 300:700] = cv2.resize(noise, (400, 400), interpolation=cv2.INTER_NEAREST)
+    cv2.imwrite(str(good / "odd.png"), photo)
+    model_path = tmp_path / "model.pkl"
+    args = ["--data-dir", str(tmp_path / "part"), "--backbone", "efficientnet_lite0", "--image-size", "128",
+            "--preprocess", "on", "--quiet", "--output", str(model_path)]
+    result = run_train(*args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "check these 1 training photos" in result.stdout
+    listed = [line for line in result.stdout.splitlines() if line.startswith("  ")]
+    assert len(listed) == 1 and "odd.png" in listed[0] and "heatmap" in listed[0]
+    assert list((tmp_path / "outputs" / "model" / "unlike_the_rest").glob("odd.png_heatmap.png"))
+    assert [Path(e["photo"]).name for e in PatchCore.load(model_path).calibration["unlike_the_rest"]] == ["odd.png"]
+
+    result = run_train(*args, "--drop-unlike", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    refitted = PatchCore.load(model_path)
+    assert refitted.n_train == len(train_images(small_screw_dir))
+    assert [Path(photo).name for photo in refitted.calibration["left_out"]] == ["odd.png"]
