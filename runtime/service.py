@@ -32,6 +32,7 @@ from fastapi.responses import JSONResponse
 import numpy as np
 
 from models.backend import resolve_runtime
+from models.calibration import promise
 from models.patchcore import PatchCore
 from preprocessing.io import IMAGE_SUFFIXES
 from runtime.scoring import Photo, score_batch
@@ -168,6 +169,7 @@ def model_summary(model: PatchCore, path: Path) -> dict[str, Any]:
         "image_size": config.image_size,
         "batch_size": config.batch_size,
         "threshold": model.threshold,
+        "promise": promise(model.calibration),
         "calibration": {
             "mean": model.calibration_mean,
             "std": model.calibration_std,
