@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from config import fail, run_cli
-from preprocessing.io import check_output_folder, check_writable, find_images, json_document, write_atomically
+from output_files import check_output_folder, check_writable, json_document, write_atomically
+from preprocessing.io import find_images
 
 ANOMALY_CONFIDENCE_NOTE = (
     "anomaly confidence: how unusual the score is for a healthy part (1σ 68 %, 2σ 95 %, 3σ 99.7 %), "

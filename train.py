@@ -16,15 +16,9 @@ from typing import TYPE_CHECKING
 from pathlib import Path
 
 from config import CATEGORY_DEFAULTS, Config, add_config_arguments, config_from_args, fail, run_cli
-from preprocessing.io import (
-    ImageReadError,
-    check_writable,
-    find_images,
-    load_test_split,
-    read_image,
-    read_images,
-    train_images,
-)
+from evaluation.mvtec import load_test_split, train_images
+from output_files import check_writable
+from preprocessing.io import ImageReadError, find_images, read_image, read_images
 
 if TYPE_CHECKING:  # fitting imports torch: loaded only when a command fits or scores
     from models.patchcore import PatchCore

@@ -297,7 +297,8 @@ SELFTEST_SIZE = 128
 
 def _selftest_images(folder: Path) -> tuple[list[Path], Path]:
     """A few healthy training photos and one defective photo, rendered into ``folder``."""
-    from preprocessing.io import find_images, train_images
+    from evaluation.mvtec import train_images
+    from preprocessing.io import find_images
     from scripts.synthetic_fasteners import SyntheticSettings, generate
 
     settings = SyntheticSettings(n_train=SELFTEST_TRAIN, n_test_per_kind=1, size=SELFTEST_SIZE)

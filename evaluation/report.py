@@ -49,8 +49,10 @@ from evaluation.visualize import (
     score_histogram_figure,
     tiles_figure,
 )
+from evaluation.mvtec import LabelledImage, load_test_split
 from models.calibration import promise
-from preprocessing.io import ImageReadError, LabelledImage, load_test_split, read_mask, write_atomically
+from output_files import write_atomically
+from preprocessing.io import ImageReadError, read_mask
 from runtime.scoring import Photo, score_batch
 
 THUMB_SIZE = 224  # longer side of gallery thumbnails, in pixels

@@ -27,7 +27,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from preprocessing.io import write_atomically
+from output_files import write_atomically
 
 CMAP = "jet"
 MAX_ALPHA = 0.65  # opacity of the heatmap at the top of the colour scale

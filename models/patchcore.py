@@ -31,7 +31,8 @@ from config import Config, UserError
 from models.backend import PatchFeatureExtractor, feature_width, onnx_path_for, open_extractor, resolve_runtime
 from models.calibration import fit_tail, rate_interval, too_few_photos, unlike_the_rest
 from models.knn_index import CellIndex, build_index
-from preprocessing.io import read_image, write_atomically
+from output_files import write_atomically
+from preprocessing.io import read_image
 from preprocessing.pipeline import Preprocessed, preprocess, to_original
 
 FORMAT_VERSION = 2  # 2: the image score is read off the anomaly map

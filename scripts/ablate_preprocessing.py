@@ -28,14 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from config import CATEGORY_DEFAULTS, Config  # noqa: E402
 from models.patchcore import PatchCore  # noqa: E402
-from preprocessing.io import (  # noqa: E402
-    LabelledImage,
-    load_test_split,
-    read_image,
-    read_mask,
-    train_images,
-    write_atomically,
-)
+from evaluation.mvtec import LabelledImage, load_test_split, train_images  # noqa: E402
+from output_files import write_atomically  # noqa: E402
+from preprocessing.io import read_image, read_mask  # noqa: E402
 from preprocessing.pipeline import STEP_FLAGS  # noqa: E402
 
 EVAL_SIDE = 256  # maps and masks are compared at this size

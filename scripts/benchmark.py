@@ -50,7 +50,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from config import CATEGORY_DEFAULTS, Config, add_config_arguments, config_from_args, fail, run_cli  # noqa: E402
-from preprocessing.io import LabelledImage, load_test_split, read_image, train_images, write_atomically  # noqa: E402
+from evaluation.mvtec import LabelledImage, load_test_split, train_images  # noqa: E402
+from output_files import write_atomically  # noqa: E402
+from preprocessing.io import read_image  # noqa: E402
 
 DEFAULT_DATA_DIR = ROOT.parent / "shared" / "data" / "mvtec_ad" / "screw"
 PHASES = ("fit", "infer", "profile")

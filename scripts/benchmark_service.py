@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from config import fail, run_cli  # noqa: E402
-from preprocessing.io import find_images, write_atomically  # noqa: E402
+from output_files import write_atomically  # noqa: E402
+from preprocessing.io import find_images  # noqa: E402
 
 DEFAULT_PHOTOS = ROOT.parent / "shared" / "data" / "mvtec_ad" / "screw" / "test"
 

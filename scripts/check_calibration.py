@@ -20,7 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from config import CATEGORY_DEFAULTS, add_config_arguments, config_from_args, run_cli  # noqa: E402
-from preprocessing.io import check_writable, load_test_split, train_images, write_atomically  # noqa: E402
+from evaluation.mvtec import load_test_split, train_images  # noqa: E402
+from output_files import check_writable, write_atomically  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -43,7 +43,8 @@ from config import CATEGORY_DEFAULTS, Config, fail, run_cli  # noqa: E402
 from evaluation.report import evaluate  # noqa: E402
 import models.coreset as coreset  # noqa: E402
 from models.coreset import StreamingCoreset  # noqa: E402
-from preprocessing.io import train_images, write_atomically  # noqa: E402
+from evaluation.mvtec import train_images  # noqa: E402
+from output_files import write_atomically  # noqa: E402
 
 DEFAULT_DATA_DIR = ROOT.parent / "shared" / "data" / "mvtec_ad" / "screw"
 SCHEMES = {

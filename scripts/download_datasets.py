@@ -21,14 +21,9 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 if str(PROJECT_ROOT) not in sys.path:  # run as a script, sys.path holds scripts/ instead of the root
     sys.path.insert(0, str(PROJECT_ROOT))
 
-from preprocessing.io import (  # noqa: E402
-    IMAGE_SUFFIXES,
-    ImageReadError,
-    find_images,
-    mask_path,
-    read_images,
-    write_atomically,
-)
+from evaluation.mvtec import mask_path  # noqa: E402
+from output_files import write_atomically  # noqa: E402
+from preprocessing.io import IMAGE_SUFFIXES, ImageReadError, find_images, read_images  # noqa: E402
 from scripts.synthetic_fasteners import PARTS, TABLES, SyntheticSettings, generate  # noqa: E402
 
 # Image counts of the official MVTec AD archives (Bergmann et al., CVPR 2019).

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 from config import run_cli  # noqa: E402
 from models.backend import onnx_path_for  # noqa: E402
 from models.onnx_extractor import OnnxFeatureExtractor, export_metadata  # noqa: E402
-from preprocessing.io import write_atomically  # noqa: E402
+from output_files import write_atomically  # noqa: E402
 
 CHECK_TOLERANCE = 1e-3  # largest difference from torch, relative to the largest feature value
 

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from config import CATEGORY_DEFAULTS, Config, add_config_arguments, config_from_args, fail, run_cli  # noqa: E402
-from preprocessing.io import train_images  # noqa: E402
+from evaluation.mvtec import train_images  # noqa: E402
 
 if TYPE_CHECKING:
     from models.patchcore import PatchCore

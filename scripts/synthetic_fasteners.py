@@ -32,7 +32,8 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 if str(PROJECT_ROOT) not in sys.path:  # run as a script, sys.path holds scripts/ instead of the root
     sys.path.insert(0, str(PROJECT_ROOT))
 
-from preprocessing.io import mask_path, write_atomically  # noqa: E402
+from evaluation.mvtec import mask_path  # noqa: E402
+from output_files import write_atomically  # noqa: E402
 from synthetic.defects import SURFACE_DEFECTS, EdgeSite, chip, pick_edge_site, pixel_grid, smooth_noise  # noqa: E402
 
 PARTS = ("screw", "nut", "plate", "washer", "bracket")

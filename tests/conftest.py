@@ -48,7 +48,7 @@ def small_config(**changes) -> Config:
 @pytest.fixture(scope="session")
 def fitted_model(small_screw_dir: Path):
     from models.patchcore import PatchCore
-    from preprocessing.io import train_images
+    from evaluation.mvtec import train_images
 
     model = PatchCore(small_config())
     model.fit(train_images(small_screw_dir), progress=False)

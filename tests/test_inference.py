@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import inference
-from preprocessing.io import load_test_split
+from evaluation.mvtec import load_test_split
 
 
 @pytest.fixture(scope="module")

@@ -18,16 +18,8 @@ import pytest
 from PIL import Image, ImageOps
 
 from preprocessing import io as photo_io
-from preprocessing.io import (
-    ImageReadError,
-    OutputError,
-    check_writable,
-    find_images,
-    json_document,
-    read_image,
-    read_mask,
-    write_atomically,
-)
+from output_files import OutputError, check_writable, json_document, write_atomically
+from preprocessing.io import ImageReadError, find_images, read_image, read_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -205,7 +197,7 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
         "import resource, signal\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))\n"
-        "from preprocessing.io import write_atomically\n"
+        "from output_files import write_atomically\n"
         "try:\n"
         f"    write_atomically({str(path)!r}, b'x' * 5000)\n"
         "except Exception as e:\n"
@@ -260,7 +252,7 @@ def test_a_read_only_folder_is_found_before_any_work(tmp_path):
     folder.mkdir()
     folder.chmod(0o555)
     code = (
-        "from preprocessing.io import check_writable\n"
+        "from output_files import check_writable\n"
         f"try:\n    check_writable({str(folder / 'model.pkl')!r})\nexcept Exception as e:\n    print(e)"
     )
     result = subprocess.run(without_root_powers([sys.executable, "-c", code]), cwd=ROOT, capture_output=True, text=True)

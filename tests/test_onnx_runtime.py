@@ -13,7 +13,7 @@ import pytest
 
 from models.onnx_extractor import OnnxExtractorError
 from models.patchcore import ModelFileError, PatchCore
-from preprocessing.io import load_test_split
+from evaluation.mvtec import load_test_split
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,7 +15,8 @@ import pytest
 from config import Config, UserError
 from conftest import small_config
 from models.patchcore import FORMAT_VERSION, ModelFileError, PatchCore, anomaly_confidence_from_sigma
-from preprocessing.io import load_test_split, read_image, train_images
+from evaluation.mvtec import load_test_split, train_images
+from preprocessing.io import read_image
 
 
 def test_predictions_are_on_the_original_photo(fitted_model, small_screw_dir):
@@ -409,7 +410,7 @@ def test_a_failed_save_leaves_the_previous_model_file_intact(fitted_model, tmp_p
     def disk_full(*_args, **_kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("preprocessing.io.os.replace", disk_full)
+    monkeypatch.setattr("output_files.os.replace", disk_full)
     with pytest.raises(OSError):
         fitted_model.save(path)
     assert path.read_bytes() == before

@@ -9,7 +9,7 @@ import pytest
 from conftest import small_config
 from models.patchcore import PatchCore
 from preprocessing import io as photo_io
-from preprocessing.io import train_images
+from evaluation.mvtec import train_images
 from scripts.synthetic_fasteners import SyntheticSettings, generate
 
 

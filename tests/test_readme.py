@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from preprocessing.io import load_test_split
+from evaluation.mvtec import load_test_split
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")

@@ -11,7 +11,8 @@ import pytest
 
 from evaluation.report import scored_image
 from evaluation.visualize import THRESHOLD_RGB, highlighted_region, overlay_rgb
-from preprocessing.io import find_images, load_test_split, read_image
+from evaluation.mvtec import load_test_split
+from preprocessing.io import find_images, read_image
 from runtime.scoring import Photo, RECORD_FIELDS, folder_photos, heatmap_path, records_csv, score_batch, score_files, summary
 
 

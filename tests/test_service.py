@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from preprocessing.io import load_test_split
+from evaluation.mvtec import load_test_split
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "line-7-secret"

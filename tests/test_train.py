@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from preprocessing.io import load_test_split, train_images
+from evaluation.mvtec import load_test_split, train_images
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from preprocessing.io import load_test_split
+from evaluation.mvtec import load_test_split
 from runtime.watcher import FolderWatcher, WatchOutputs
 
 

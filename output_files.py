@@ -1,0 +1,162 @@
+"""Writing result files: atomic replacement that honours the umask, JSON without NaN, and output
+locations checked before any long work starts."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import secrets
+import stat
+from pathlib import Path
+from typing import Any
+
+from config import UserError
+
+
+class OutputError(UserError, OSError):
+    """An output location that cannot be written; the message names it and the reason."""
+
+
+def check_writable(path: str | Path) -> None:
+    """Refuse, before any long work, an output file that is a folder, a device or FIFO, or cannot be created."""
+    path = Path(path)
+    _check_output_kind(path)
+    _probe(path.parent, path)
+
+
+def check_output_folder(folder: str | Path) -> None:
+    """Refuse, before any long work, an output folder that cannot be created or written to."""
+    _probe(Path(folder), Path(folder))
+
+
+def _probe(folder: Path, named: Path) -> None:
+    """Create ``folder`` and a temporary file in it: finds read-only disks and missing permissions.
+
+    A disk that fills up later is still reported when it happens, with the previous file intact.
+    """
+    try:
+        probe, descriptor = _create_temporary(folder / "write-check")
+        os.close(descriptor)
+        probe.unlink()
+    except OSError as error:
+        raise _output_error(named, error) from None
+
+
+def json_document(value: Any) -> str:
+    """JSON text with every NaN or infinity as null: ``NaN`` is not JSON and breaks the reader."""
+
+    def finite(item: Any) -> Any:
+        if isinstance(item, float) and not math.isfinite(item):
+            return None
+        if isinstance(item, dict):
+            return {key: finite(inner) for key, inner in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [finite(inner) for inner in item]
+        return item
+
+    return json.dumps(finite(value), indent=2, allow_nan=False)
+
+
+def write_atomically(path: str | Path, data: bytes | str) -> None:
+    """Write to a temporary file beside ``path``, fsync it, rename it over ``path``, fsync the folder.
+
+    A crash, a full disk or a power cut leaves the previous file (or none), never half a model or
+    report, and a failed write removes its temporary file. The new file gets the mode the umask
+    gives a new file, or keeps the mode of the file it replaces.
+    """
+    path = Path(path)
+    _check_output_kind(path)
+    _remove_stale_temporaries(path.parent)
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        mode = None
+    try:
+        temporary, descriptor = _create_temporary(path)
+    except OSError as error:
+        raise _output_error(path, error) from None
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data.encode("utf-8") if isinstance(data, str) else data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if mode is not None:
+            os.chmod(temporary, mode)
+        os.replace(temporary, path)
+        _fsync_folder(path.parent)
+    except BaseException as error:
+        temporary.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise _output_error(path, error) from None
+        raise
+
+
+def _check_output_kind(path: Path) -> None:
+    """Only a regular file (or nothing) may be replaced: never a folder, a device node or a FIFO."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as error:
+        raise _output_error(path, error) from None
+    if stat.S_ISDIR(mode):
+        raise OutputError(f"{path}: is a folder; give a file name")
+    if not stat.S_ISREG(mode):
+        raise OutputError(f"{path}: is a device, FIFO or socket, not a file; give a file name")
+
+
+# Our temporaries: ``.<name>.<pid>.<8 hex digits>.tmp``; the pid tells whether the writer still lives.
+TEMPORARY_NAME = re.compile(r"\..+\.(\d+)\.[0-9a-f]{8}\.tmp")
+_folders_cleaned: set[Path] = set()  # each folder is swept once per process: listing it per write would cost O(n²)
+
+
+def _create_temporary(path: Path) -> tuple[Path, int]:
+    """A new temporary file beside ``path``, created with mode 0666 so that the umask applies as to any new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        temporary = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"  # see TEMPORARY_NAME
+        try:
+            return temporary, os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        except FileExistsError:
+            continue
+
+
+def _output_error(path: Path, error: OSError) -> OutputError:
+    return OutputError(f"{path}: cannot be written ({error.strerror}); any previous file is unchanged")
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Remove temporaries whose writer is gone (killed mid-write); a live writer's are kept."""
+    if folder in _folders_cleaned:
+        return
+    _folders_cleaned.add(folder)
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        match = TEMPORARY_NAME.fullmatch(name)
+        if match and not _process_alive(int(match.group(1))):
+            (folder / name).unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (signal 0 only asks)."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # gone, or a number no process can have
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename itself durable."""
+    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
