@@ -1,5 +1,4 @@
-"""Which feature extractor scores: the one place that chooses between the torch and ONNX back ends,
-and what every back end shares (the backbones' stages, widths and input normalisation).
+"""Which feature extractor scores: the one place that chooses between the torch and ONNX back ends.
 
 Both take (B, H, W, 3) uint8 photos and return (B, H/8, W/8, D) float32 NumPy patch features, and
 carry ``device`` and ``weights_identity``. This module imports neither torch nor onnxruntime: the
@@ -10,54 +9,15 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
-
-import numpy as np
 
 from config import Config, UserError
+from models.backbones import PatchFeatureExtractor
+from models.onnx_extractor import OnnxFeatureExtractor, onnxruntime_installed
 
 RUNTIMES = ("auto", "torch", "onnx")
-# On the CPU a network runs on this many photos at a time, whatever the batch: each layer's output
-# then stays under glibc's largest heap allocation (MMAP_THRESHOLD), so its memory is reused
-# (keep_freed_memory), and it stays in cache (lite0 at 256 px: 15 against 35 ms per photo at 8).
-CPU_MICRO_BATCH = 2
 MMAP_THRESHOLD = 32 << 20  # glibc's maximum: larger blocks are always mapped afresh
 TRIM_THRESHOLD = 256 << 20  # free memory kept at the heap's top for the next batch, not handed back
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """What differs between backbones: their stride-8/16 stages and input normalisation."""
-
-    layers: tuple[str, str]
-    channels: int  # of the two stages together, before any reduction to target_dim
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-SPECS = {
-    "wide_resnet50_2": BackboneSpec(("layer2", "layer3"), 512 + 1024, IMAGENET_MEAN, IMAGENET_STD),
-    # The lite models were trained on inputs scaled to [-1, 1].
-    "efficientnet_lite0": BackboneSpec(("_blocks.4", "_blocks.10"), 40 + 112, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-}
-
-
-def feature_width(config: Config) -> int | None:
-    """Features per patch the extractor gives for ``config``, known without building it (None for custom layers)."""
-    if config.layers:
-        return None
-    return min(SPECS[config.backbone].channels, config.target_dim)
-
-
-class PatchFeatureExtractor(Protocol):
-    device: Any
-    weights_identity: str
-
-    def __call__(self, images: np.ndarray) -> np.ndarray: ...
 
 
 def keep_freed_memory() -> bool:
@@ -94,20 +54,9 @@ def resolve_runtime(runtime: str, onnx_file: Path | None) -> str:
     return "torch"
 
 
-def onnxruntime_installed() -> bool:
-    """Whether ONNX Runtime imports here (the full and the runtime-only environments both list it)."""
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def open_extractor(config: Config, runtime: str = "torch", onnx_file: Path | None = None) -> PatchFeatureExtractor:
     keep_freed_memory()  # every fit and every scoring path opens an extractor first
     if resolve_runtime(runtime, onnx_file) == "onnx":
-        from models.onnx_extractor import OnnxFeatureExtractor
-
         if onnx_file is None:
             raise ValueError("the ONNX runtime needs the path of the exported extractor")
         return OnnxFeatureExtractor(onnx_file, config)

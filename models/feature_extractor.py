@@ -21,14 +21,15 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from config import Config, UserError
-from models.backend import (  # noqa: F401 (feature_width: re-exported)
-    CPU_MICRO_BATCH,
-    SPECS,
-    BackboneSpec,
-    feature_width,
+from models.backbones import CPU_MICRO_BATCH, SPECS, BackboneSpec, feature_width
+from models.onnx_extractor import (
+    INPUT_NAME,
+    OPSET,
+    OUTPUT_NAME,
+    cpu_session,
     onnxruntime_installed,
+    run_in_micro_batches,
 )
-from models.onnx_extractor import INPUT_NAME, OPSET, OUTPUT_NAME, cpu_session, run_in_micro_batches
 
 
 class BackboneWeightsError(UserError, RuntimeError):

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from config import Config, UserError
-from models.backend import CPU_MICRO_BATCH
+from models.backbones import CPU_MICRO_BATCH
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "features"
@@ -33,6 +33,15 @@ def export_metadata(config: Config, weights_identity: str) -> dict[str, str]:
         "layers": ",".join(config.layers),
         "target_dim": str(config.target_dim),
     }
+
+
+def onnxruntime_installed() -> bool:
+    """Whether ONNX Runtime imports here (the full and the runtime-only environments both list it)."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def cpu_session(graph: str | bytes) -> Any:

@@ -28,7 +28,8 @@ import numpy as np
 from tqdm import tqdm
 
 from config import Config, UserError
-from models.backend import PatchFeatureExtractor, feature_width, onnx_path_for, open_extractor, resolve_runtime
+from models.backbones import PatchFeatureExtractor, feature_width
+from models.backend import onnx_path_for, open_extractor, resolve_runtime
 from models.calibration import fit_tail, rate_interval, too_few_photos, unlike_the_rest
 from models.knn_index import CellIndex, build_index
 from output_files import write_atomically
@@ -133,7 +134,7 @@ class PatchCore:
             from models.pipeline_selection import choose_preprocessing
 
             stage = time.perf_counter()
-            self.config, self.preprocessing = choose_preprocessing(images, self.config, progress)
+            self.config, self.preprocessing = choose_preprocessing(images, self.config, PatchCore, progress)
             self._clock("preprocess_choice", stage)
         config = self.config
         n_folds = min(config.calibration_folds, len(images))

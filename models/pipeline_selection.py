@@ -11,9 +11,9 @@ test split of a data set plays no part in any decision.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
@@ -33,10 +33,25 @@ MAX_EVAL_PHOTOS = 15  # healthy photos scored per candidate; each also gets a de
 PIXEL_EVAL_SIDE = 128  # maps and masks are compared at this long side
 
 
+class Candidate(Protocol):
+    """What ranking needs of a model (models.patchcore.PatchCore, passed in by its ``fit``)."""
+
+    def fit(self, images: Sequence[np.ndarray], progress: bool = True, calibrate: bool = True) -> None: ...
+
+    def predict(self, images: Sequence[np.ndarray]) -> list[Any]: ...
+
+
 def choose_preprocessing(
-    images: Sequence[str | Path | np.ndarray], config: Config, progress: bool = False
+    images: Sequence[str | Path | np.ndarray],
+    config: Config,
+    new_model: Callable[[Config], Candidate],
+    progress: bool = False,
 ) -> tuple[Config, dict[str, Any]]:
-    """The config with 'auto' resolved into switches, and what was decided and why (plain data)."""
+    """The config with 'auto' resolved into switches, and what was decided and why (plain data).
+
+    ``new_model`` builds a model for a candidate config: the model class is handed in by its caller,
+    so this module sits below the model and never imports it.
+    """
     rng = np.random.default_rng(config.seed)
     order = rng.permutation(len(images))
     n_bank = min(len(images) // 2, MAX_BANK_PHOTOS)
@@ -56,7 +71,7 @@ def choose_preprocessing(
     defective, masks = _paint_defects(healthy, decided.segmentation_method, rng)
     candidates = {"decided": decided, "off": config.replace(preprocess="off")}
     results = {
-        name: _separation(candidate, bank, healthy, defective, masks)
+        name: _separation(new_model(candidate), bank, healthy, defective, masks)
         for name, candidate in tqdm(candidates.items(), desc="auto: comparing pipelines", disable=not progress, leave=False)
     }
     record["candidates"] = results
@@ -103,16 +118,13 @@ def _paint_defects(
 
 
 def _separation(
-    config: Config,
+    model: Candidate,
     bank: Sequence[np.ndarray],
     healthy: Sequence[np.ndarray],
     defective: Sequence[np.ndarray],
     masks: Sequence[np.ndarray],
 ) -> dict[str, float]:
     """Fit a candidate on ``bank``; how well do its scores and maps tell healthy from painted defects?"""
-    from models.patchcore import PatchCore
-
-    model = PatchCore(config)
     model.fit(list(bank), progress=False, calibrate=False)  # ranked by its scores alone: no threshold needed
     predictions = model.predict(list(healthy) + list(defective))
     labels = [0] * len(healthy) + [1] * len(defective)
