@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"metrics: {out_dir / 'metrics.json'}  report: {out_dir / 'report.html'}", file=sys.stderr)
         return 0
 
-    from runtime.scoring import Photo, folder_photos, records_csv, summary
+    from inspection.scoring import Photo, folder_photos, records_csv, summary
 
     if args.image:
         photos = [Photo(args.image.name, args.image)]
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     records, gallery = score_all(model, photos, heatmap_dir, args.report, progress=not (args.quiet or args.json))
     report_path = None
     if args.report:
-        from evaluation.report import write_batch_report
+        from evaluation.gallery import write_batch_report
 
         origin = "set with --threshold for this run" if args.threshold is not None else None
         report_path = write_batch_report(model, args.image or args.dir, gallery, records,
@@ -194,7 +194,7 @@ def score_all(
     """
     from tqdm import tqdm
 
-    from runtime.scoring import score_files
+    from inspection.scoring import score_files
 
     records, gallery = [], []
     with tqdm(total=len(photos), desc="scoring", unit="img", disable=not progress, leave=False) as bar:
@@ -204,7 +204,7 @@ def score_all(
                 if scored.prediction is None:
                     tqdm.write(f"error: {scored.record['error']}", file=sys.stderr)
                 elif thumbnails:
-                    from evaluation.report import scored_image  # scikit-learn, matplotlib: only for a report
+                    from evaluation.gallery import scored_image  # only for a report
 
                     gallery.append(scored_image(scored.photo.name, scored.image, scored.prediction))
             bar.update(len(batch))

@@ -1,7 +1,6 @@
 """Score a test set, compute every metric, and write metrics.json plus one self-contained report.html.
 
-The same page code also shows a batch of photos without labels (``write_batch_report``, behind
-``inference.py --report``): thumbnails highest score first, threshold and verdicts.
+The page's shared parts (thumbnails, galleries, the page frame) are in evaluation/gallery.py.
 
 Memory stays bounded on large test sets (160 photos of 1024²): photos are read and scored in
 batches, and right after prediction each full-size map is reduced to the evaluation size and each
@@ -10,17 +9,14 @@ photo to a small thumbnail; nothing full-size outlives its batch.
 
 from __future__ import annotations
 
-import base64
 import html
 import json
 import math
 import sys
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-import cv2
 import numpy as np
 from sklearn.metrics import roc_curve
 from tqdm import tqdm
@@ -29,121 +25,33 @@ from evaluation.metrics import (
     DEFAULT_EVAL_SIZE,
     DEFAULT_MAX_FPR,
     area_under_pro,
-    downsample_for_eval,
-    eval_shape,
     image_metrics,
-    rates_at_threshold,
     per_defect_auroc,
     pixel_roc,
     pro_curve,
+    rates_at_threshold,
 )
-from evaluation.visualize import (
-    Tile,
-    colour_bar_figure,
-    figure_bytes,
-    highlighted_region,
-    overlay_rgb,
-    pro_figure,
-    region_at,
-    roc_figure,
-    score_histogram_figure,
-    tiles_figure,
+from evaluation.gallery import (
+    LABELLED_OUTCOMES,
+    Model,
+    ScoredImage,
+    calibration_stats,
+    data_uri,
+    gallery,
+    number,
+    page,
+    plot,
+    scored_image,
 )
 from evaluation.mvtec import LabelledImage, load_test_split
+from evaluation.visualize import Tile, pro_figure, roc_figure, score_histogram_figure, tiles_figure
+from inspection.scoring import Photo, score_batch
 from models.calibration import promise
 from output_files import write_atomically
 from preprocessing.io import ImageReadError, read_mask
-from runtime.scoring import Photo, score_batch
 
-THUMB_SIZE = 224  # longer side of gallery thumbnails, in pixels
 WORST_CASES = 6  # false positives / negatives shown in the grid
 F1_MAX_NOTE = "oracle: its threshold is chosen on the test labels, so production cannot reach it"
-
-OUTCOMES = {  # badge, meaning, colour
-    "FN": ("missed defect", "#c62828"),
-    "FP": ("false alarm", "#ef6c00"),
-    "TP": ("defect found", "#2e7d32"),
-    "TN": ("healthy, passed", "#546e7a"),
-    "ANOMALOUS": ("flagged", "#c62828"),  # photos without labels: the verdict only
-    "OK": ("passed", "#546e7a"),
-}
-LABELLED_OUTCOMES = ("FN", "FP", "TP", "TN")
-VERDICTS = ("ANOMALOUS", "OK")
-CONTOUR_RULE = (
-    "White contour: where the anomaly map is above the threshold (small regions are ringed); the image score "
-    "is the map's maximum, so every ANOMALOUS photo has one and no OK photo does."
-)
-
-
-class Model(Protocol):
-    """What evaluation needs of a fitted model (models.patchcore.PatchCore provides it)."""
-
-    threshold: float
-    calibration_scores: np.ndarray
-    calibration_method: str
-    calibration: dict[str, Any]  # method, count, warnings
-    preprocessing: dict[str, Any]  # what preprocess 'auto' decided and why (empty otherwise)
-    calibration_mean: float
-    calibration_std: float
-    n_train: int
-    fit_seconds: float
-    config: Any
-
-    def predict(self, images: list[np.ndarray], progress: bool = False) -> list[Any]: ...
-
-
-@dataclass
-class ScoredImage:
-    """What is kept of one scored photo: small arrays only."""
-
-    name: str
-    score: float
-    threshold: float
-    flagged: bool
-    warnings: list[str]
-    thumbnail: np.ndarray  # RGB uint8, longer side THUMB_SIZE
-    eval_map: np.ndarray  # anomaly map at the evaluation size
-    highlight: np.ndarray  # the full-resolution region above the threshold, shrunk to the evaluation size
-    sample: LabelledImage | None = None  # None: a photo without a label
-    eval_regions: np.ndarray | None = None  # defect-region labels at the evaluation size; None = no ground truth
-
-    @property
-    def outcome(self) -> str:
-        """TP / FP / TN / FN at the threshold for a labelled photo; ANOMALOUS / OK without a label."""
-        if self.sample is None:
-            return VERDICTS[0] if self.flagged else VERDICTS[1]
-        return ("T" if self.flagged == self.sample.is_defective else "F") + ("P" if self.flagged else "N")
-
-    @property
-    def normalized_score(self) -> float:
-        return self.score / self.threshold
-
-
-def scored_image(
-    name: str,
-    image: np.ndarray,
-    prediction: Any,
-    *,
-    sample: LabelledImage | None = None,
-    mask: np.ndarray | None = None,
-    eval_size: int = DEFAULT_EVAL_SIZE,
-) -> ScoredImage:
-    """Reduce a prediction to what a report keeps: an evaluation-size map, its highlighted region, a thumbnail."""
-    eval_map, regions = downsample_for_eval(prediction.anomaly_map, mask, eval_size)
-    height, width = eval_shape(image.shape, THUMB_SIZE)
-    return ScoredImage(
-        name=name,
-        score=float(prediction.score),
-        threshold=float(prediction.threshold),
-        flagged=bool(prediction.is_anomalous),
-        warnings=list(prediction.warnings),
-        thumbnail=cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA),
-        eval_map=eval_map,
-        highlight=region_at(highlighted_region(prediction.anomaly_map, prediction.threshold), eval_map.shape),
-        sample=sample,
-        eval_regions=None if sample is None or (sample.is_defective and mask is None) else regions,
-    )
-
 
 def evaluate(
     model: Model,
@@ -219,13 +127,6 @@ def _mask_fitting(sample: LabelledImage, image: np.ndarray, mask: np.ndarray | N
     return None
 
 
-def _calibration(model: Model) -> tuple[float | None, float | None]:
-    """Mean and spread of the healthy calibration scores (the ones the model's sigma uses), None when it has none."""
-    if len(model.calibration_scores) == 0:
-        return None, None
-    return model.calibration_mean, model.calibration_std
-
-
 def _calibration_statement(model: Model) -> dict[str, Any]:
     """The threshold's promise, its interval and the training photos listed as unlike the rest."""
     calibration = model.calibration
@@ -269,7 +170,7 @@ def _metrics(
         curves["pixel_roc"] = roc[1:]
     if pro is not None:
         curves["pro"] = pro
-    mean, std = _calibration(model)
+    mean, std = calibration_stats(model)
     metrics.update(
         pixel_auroc=None if roc is None else roc[0],
         aupro=None if pro is None else area_under_pro(*pro, DEFAULT_MAX_FPR),
@@ -321,11 +222,7 @@ def _heatmap_image(path: str | None) -> str:
     """A written overlay embedded in the page (the report stays one self-contained file), or nothing."""
     if not path or not Path(path).is_file():
         return ""
-    return f'<br><img class="plot" src="{_data_uri(Path(path).read_bytes(), "image/png")}" alt="{html.escape(path)}">'
-
-
-def _number(value: Any, digits: int = 4) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
+    return f'<br><img class="plot" src="{data_uri(Path(path).read_bytes(), "image/png")}" alt="{html.escape(path)}">'
 
 
 def _count(metrics: dict[str, Any], count: str, total: str) -> str:
@@ -335,14 +232,14 @@ def _count(metrics: dict[str, Any], count: str, total: str) -> str:
 def format_summary(metrics: dict[str, Any]) -> str:
     """A compact console table of the headline metrics."""
     rows = [
-        ("image AUROC", _number(metrics.get("image_auroc"))),
-        ("image AP", _number(metrics.get("image_ap"))),
-        (f"image F1 @ threshold {_number(metrics.get('threshold'))}", _number(metrics.get("image_f1_at_threshold"))),
-        (f"image F1-max (oracle, t={_number(metrics.get('image_f1_max_threshold'))})",
-         _number(metrics.get("image_f1_max"))),
-        ("pixel AUROC", _number(metrics.get("pixel_auroc"))),
-        (f"AUPRO (FPR <= {metrics.get('aupro_max_fpr', DEFAULT_MAX_FPR):g})", _number(metrics.get("aupro"))),
-        *((f"  AUROC {kind}", _number(value)) for kind, value in metrics.get("per_defect_auroc", {}).items()),
+        ("image AUROC", number(metrics.get("image_auroc"))),
+        ("image AP", number(metrics.get("image_ap"))),
+        (f"image F1 @ threshold {number(metrics.get('threshold'))}", number(metrics.get("image_f1_at_threshold"))),
+        (f"image F1-max (oracle, t={number(metrics.get('image_f1_max_threshold'))})",
+         number(metrics.get("image_f1_max"))),
+        ("pixel AUROC", number(metrics.get("pixel_auroc"))),
+        (f"AUPRO (FPR <= {metrics.get('aupro_max_fpr', DEFAULT_MAX_FPR):g})", number(metrics.get("aupro"))),
+        *((f"  AUROC {kind}", number(value)) for kind, value in metrics.get("per_defect_auroc", {}).items()),
         ("false alarms @ threshold", _count(metrics, "false_alarms", "n_test_good")),
         ("escapes @ threshold", _count(metrics, "escapes", "n_test_defective")),
     ]
@@ -360,36 +257,20 @@ def format_summary(metrics: dict[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------------- HTML page
-def _data_uri(data: bytes, mime: str) -> str:
-    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
-
-
-def _jpeg_uri(image_rgb: np.ndarray) -> str:
-    """Photos as JPEG: a tenth of the PNG size, which keeps a 160-photo report a few MB."""
-    ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])
-    if not ok:
-        raise RuntimeError("JPEG encoding failed")
-    return _data_uri(encoded.tobytes(), "image/jpeg")
-
-
-def _plot(fig: Any, alt: str) -> str:
-    return f'<img class="plot" src="{_data_uri(figure_bytes(fig), "image/png")}" alt="{html.escape(alt)}">'
-
-
 def _metric_rows(metrics: dict[str, Any]) -> str:
     rows = [
-        ("Image AUROC", _number(metrics["image_auroc"]), "ranking of defective above healthy photos (1 = perfect)"),
-        ("Image average precision", _number(metrics["image_ap"]), "area under the precision-recall curve"),
-        ("Image F1 at threshold", _number(metrics["image_f1_at_threshold"]),
-         f"with the calibrated threshold {_number(metrics['threshold'])}: what production sees"),
-        ("Image F1-max (oracle)", _number(metrics["image_f1_max"]),
-         f"at threshold {_number(metrics['image_f1_max_threshold'])}; {F1_MAX_NOTE}"),
-        ("Pixel AUROC", _number(metrics["pixel_auroc"]), "per-pixel ranking against the ground-truth masks"),
-        (f"AUPRO (FPR &le; {metrics['aupro_max_fpr']:g})", _number(metrics["aupro"]),
+        ("Image AUROC", number(metrics["image_auroc"]), "ranking of defective above healthy photos (1 = perfect)"),
+        ("Image average precision", number(metrics["image_ap"]), "area under the precision-recall curve"),
+        ("Image F1 at threshold", number(metrics["image_f1_at_threshold"]),
+         f"with the calibrated threshold {number(metrics['threshold'])}: what production sees"),
+        ("Image F1-max (oracle)", number(metrics["image_f1_max"]),
+         f"at threshold {number(metrics['image_f1_max_threshold'])}; {F1_MAX_NOTE}"),
+        ("Pixel AUROC", number(metrics["pixel_auroc"]), "per-pixel ranking against the ground-truth masks"),
+        (f"AUPRO (FPR &le; {metrics['aupro_max_fpr']:g})", number(metrics["aupro"]),
          "per-region overlap; every defect counts equally whatever its size"),
-        *((f"AUROC healthy vs {html.escape(kind)}", _number(value), "") for kind, value in
+        *((f"AUROC healthy vs {html.escape(kind)}", number(value), "") for kind, value in
           metrics["per_defect_auroc"].items()),
-        ("Threshold", _number(metrics["threshold"]), html.escape(metrics["calibration"]["promise"])),
+        ("Threshold", number(metrics["threshold"]), html.escape(metrics["calibration"]["promise"])),
         ("False alarms at threshold", _count_and_rate(metrics, "false_alarms", "n_test_good"),
          f"healthy test photos flagged; the threshold promises at most {metrics['promised_false_alarm_rate']:.1%}"),
         ("Escapes at threshold", _count_and_rate(metrics, "escapes", "n_test_defective"),
@@ -397,7 +278,7 @@ def _metric_rows(metrics: dict[str, Any]) -> str:
         *((f"Recall {html.escape(kind)}", f"{value:.1%}", "share of this defect kind flagged at the threshold")
           for kind, value in metrics["recall_per_defect"].items()),
         ("Healthy calibration μ ± σ",
-         f"{_number(metrics['calibration_mean'], 3)} ± {_number(metrics['calibration_std'], 3)}",
+         f"{number(metrics['calibration_mean'], 3)} ± {number(metrics['calibration_std'], 3)}",
          html.escape(metrics["calibration_method"])),
         ("Test photos", f"{metrics['n_test']}", f"{metrics['n_test_good']} healthy, {metrics['n_test_defective']} "
          f"defective, {metrics['n_skipped']} unreadable"),
@@ -419,24 +300,6 @@ def _count_and_rate(metrics: dict[str, Any], count: str, total: str) -> str:
     return f"{metrics[count]} of {metrics[total]} ({metrics[rate_key]:.1%}, 95 % interval {low:.1%}–{high:.1%})"
 
 
-def _card(item: ScoredImage, vmin: float | None) -> str:
-    meaning, _ = OUTCOMES[item.outcome]
-    overlay = overlay_rgb(item.thumbnail, item.eval_map, item.threshold, vmin=vmin, highlight=item.highlight,
-                          gt_mask=None if item.eval_regions is None else item.eval_regions > 0)
-    verdict = "ANOMALOUS" if item.flagged else "OK"
-    badge = item.outcome if item.sample is not None else ""
-    warnings = "".join(f'<div class="warn">⚠ {html.escape(w)}</div>' for w in item.warnings)
-    height, width = item.thumbnail.shape[:2]
-    return (
-        f'<figure class="card {item.outcome}" data-outcome="{item.outcome}">'
-        f'<img src="{_jpeg_uri(overlay)}" width="{width}" height="{height}" alt="{html.escape(item.name)}">'
-        f'<figcaption><span class="badge {item.outcome}">{" · ".join(filter(None, (badge, meaning)))}</span>'
-        f'<div><b>{item.score:.3f}</b> ({item.normalized_score:.3f} × threshold) {verdict}</div>'
-        f'<div class="name">{html.escape(item.name)}</div>{warnings}'
-        "</figcaption></figure>"
-    )
-
-
 def _worst_cases(scored: list[ScoredImage], threshold: float, vmin: float | None) -> str:
     false_positives = sorted((s for s in scored if s.outcome == "FP"), key=lambda s: -s.score)
     false_negatives = sorted((s for s in scored if s.outcome == "FN"), key=lambda s: s.score)
@@ -451,28 +314,7 @@ def _worst_cases(scored: list[ScoredImage], threshold: float, vmin: float | None
         f"Worst false negatives: defective photos passed, lowest score first ({len(false_negatives)} in all)":
             tiles(false_negatives),
     }, threshold, vmin=vmin, columns=WORST_CASES)
-    return _plot(fig, "worst false positives and false negatives")
-
-
-def _gallery(title: str, scored: list[ScoredImage], outcomes: tuple[str, ...], threshold: float,
-             vmin: float | None) -> str:
-    """Every photo as a heatmap thumbnail, highest score first, with filter buttons per outcome."""
-    ordered = sorted(scored, key=lambda s: -s.score)
-    counts = {outcome: sum(s.outcome == outcome for s in scored) for outcome in outcomes}
-    buttons = [f'<button data-filter="all">all ({len(scored)})</button>'] + [
-        f'<button data-filter="{o}" class="badge {o}">{o} · {OUTCOMES[o][0]} ({counts[o]})</button>' for o in outcomes
-    ]
-    labelled = outcomes == LABELLED_OUTCOMES
-    truth = " Magenta contour: ground-truth defect. Thick borders mark mistakes." if labelled else ""
-    return f"""<h2>{html.escape(title)}</h2>
-<p class="meta">Heatmap colour scale is the same for every photo (below). {CONTOUR_RULE}{truth}
-Score: feature distance to the nearest healthy patch (its scale depends on the model); × threshold: the
-same score in units of the threshold.</p>
-{_plot(colour_bar_figure(threshold, vmin=vmin), "heatmap colour scale")}
-<div>{''.join(buttons)}</div>
-<div class="gallery">
-{''.join(_card(s, vmin) for s in ordered)}
-</div>"""
+    return plot(fig, "worst false positives and false negatives")
 
 
 def _html(
@@ -491,10 +333,10 @@ def _html(
     }
     plots = []
     if roc_curves:
-        plots.append(_plot(roc_figure(roc_curves), "ROC curves"))
+        plots.append(plot(roc_figure(roc_curves), "ROC curves"))
     if "pro" in curves:
-        plots.append(_plot(pro_figure(*curves["pro"], metrics["aupro"], DEFAULT_MAX_FPR), "PRO curve"))
-    plots.append(_plot(score_histogram_figure(
+        plots.append(plot(pro_figure(*curves["pro"], metrics["aupro"], DEFAULT_MAX_FPR), "PRO curve"))
+    plots.append(plot(score_histogram_figure(
         [s.score for s in scored if not s.sample.is_defective], [s.score for s in scored if s.sample.is_defective],
         threshold, model.calibration_scores), "score histogram"))
     skipped = "".join(f"<li>{html.escape(s['reason'])}</li>" for s in metrics["skipped"])
@@ -510,111 +352,7 @@ def _html(
 </div>
 <h2>Worst cases</h2>
 {_worst_cases(scored, threshold, vmin)}
-{_gallery("All test photos, highest score first", scored, LABELLED_OUTCOMES, threshold, vmin)}"""
+{gallery("All test photos, highest score first", scored, LABELLED_OUTCOMES, threshold, vmin)}"""
     meta = (f"{html.escape(str(data_dir))} · generated {datetime.now():%Y-%m-%d %H:%M} · "
-            f"backbone {html.escape(str(metrics['backbone']))} · threshold {_number(threshold)}")
-    return _page(f"Anomaly detection report: {data_dir.name}", meta, body)
-
-
-def write_batch_report(
-    model: Model,
-    source: Path,
-    scored: list[ScoredImage],
-    records: list[dict[str, Any]],
-    out_path: Path,
-    threshold_origin: str | None = None,
-) -> Path:
-    """The page for photos without labels: counts, threshold, unreadable files, every photo by score.
-
-    ``records`` are the scoring records of the whole batch (for the counts and the unreadable
-    files); ``threshold_origin`` says where a threshold other than the calibrated one came from.
-    """
-    flagged = sum(s.flagged for s in scored)
-    errors = [record for record in records if "error" in record]
-    origin = threshold_origin or promise(model.calibration)
-    unreadable = "".join(f"<li>{html.escape(record['error'])}</li>" for record in errors)
-    body = f"""<table>
-<tr><th>Photos scored</th><td>{len(scored)}</td><td></td></tr>
-<tr><th>Flagged ANOMALOUS</th><td>{flagged}</td><td>score above the threshold</td></tr>
-<tr><th>Unreadable</th><td>{len(errors)}</td><td>not scored; listed below</td></tr>
-<tr><th>Threshold</th><td>{_number(model.threshold)}</td><td>{html.escape(origin)}</td></tr>
-</table>
-{f'<h2>Unreadable files</h2><ul class="skipped">{unreadable}</ul>' if unreadable else ''}
-{_gallery("Scored photos, highest score first", scored, VERDICTS, model.threshold, _calibration(model)[0])}"""
-    meta = (f"{html.escape(str(source))} · generated {datetime.now():%Y-%m-%d %H:%M} · "
-            f"backbone {html.escape(str(model.config.backbone))} · threshold {_number(model.threshold)}")
-    write_atomically(out_path, _page(f"Scored photos: {source.name}", meta, body))
-    return out_path
-
-
-def _page(title: str, meta: str, body: str) -> str:
-    """One self-contained HTML page: styles, the broken-image check and the gallery filter built in."""
-    badge_css = "\n".join(
-        f".badge.{o} {{ background: {colour}; }} .card.{o} {{ border-color: {colour}; }}"
-        for o, (_, colour) in OUTCOMES.items()
-    )
-    return f"""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>{html.escape(title)}</title>
-<script>
-  // Counts script and image errors, and marks broken images, so a broken report is visible
-  // at a glance (and to the automated check, which reads these data attributes).
-  document.documentElement.dataset.errors = "0";
-  window.addEventListener("error", function (event) {{
-    var root = document.documentElement;
-    root.dataset.errors = String(Number(root.dataset.errors) + 1);
-    if (event.target && event.target.tagName === "IMG") event.target.classList.add("broken");
-  }}, true);
-  window.addEventListener("load", function () {{
-    var images = Array.prototype.slice.call(document.images);
-    var root = document.documentElement;
-    root.dataset.imagesTotal = String(images.length);
-    root.dataset.imagesLoaded = String(images.filter(function (img) {{ return img.naturalWidth > 0; }}).length);
-  }});
-</script>
-<style>
-  body {{ font-family: system-ui, sans-serif; margin: 24px; color: #212121; background: #fafafa; }}
-  h1 {{ margin-bottom: 4px; }} h2 {{ margin-top: 32px; border-bottom: 1px solid #ddd; }}
-  .meta {{ color: #616161; }}
-  table {{ border-collapse: collapse; background: white; }}
-  th, td {{ text-align: left; padding: 4px 12px; border-bottom: 1px solid #eee; vertical-align: top; }}
-  td:nth-child(2) {{ font-variant-numeric: tabular-nums; font-weight: 600; white-space: nowrap; }}
-  td:nth-child(3) {{ color: #616161; font-size: 90%; }}
-  .plots {{ display: flex; flex-wrap: wrap; gap: 16px; align-items: flex-start; }}
-  .plot {{ max-width: 100%; background: white; border: 1px solid #ddd; }}
-  .gallery {{ display: flex; flex-wrap: wrap; gap: 10px; }}
-  .card {{ margin: 0; width: {THUMB_SIZE}px; background: white; border: 3px solid; border-radius: 6px;
-           overflow: hidden; }}
-  .card.TN, .card.OK {{ border-width: 1px; }} .card.FN, .card.FP {{ border-width: 5px; }}
-  .card img {{ display: block; width: 100%; height: auto; }}
-  figcaption {{ padding: 4px 6px; font-size: 13px; }}
-  .name {{ color: #616161; font-size: 12px; word-break: break-all; }}
-  .warn {{ color: #e65100; font-size: 12px; }}
-  .badge {{ display: inline-block; color: white; border-radius: 4px; padding: 1px 6px; font-size: 12px;
-            font-weight: 600; }}
-  button {{ margin: 0 6px 10px 0; padding: 4px 10px; border: 1px solid #999; border-radius: 4px; cursor: pointer;
-           font-size: 13px; }}
-  img.broken {{ outline: 4px dashed red; min-height: 40px; }}
-  .skipped {{ color: #b71c1c; }}
-  {badge_css}
-</style>
-</head>
-<body>
-<h1>{html.escape(title)}</h1>
-<p class="meta">{meta}</p>
-{body}
-<script>
-  document.querySelectorAll("button[data-filter]").forEach(function (button) {{
-    button.addEventListener("click", function () {{
-      var wanted = button.dataset.filter;
-      document.querySelectorAll(".card").forEach(function (card) {{
-        card.hidden = wanted !== "all" && card.dataset.outcome !== wanted;
-      }});
-    }});
-  }});
-</script>
-</body>
-</html>
-"""
+            f"backbone {html.escape(str(metrics['backbone']))} · threshold {number(threshold)}")
+    return page(f"Anomaly detection report: {data_dir.name}", meta, body)

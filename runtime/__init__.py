@@ -1,1 +1,1 @@
-"""What every way of scoring photos shares (command line, report, later an HTTP service or a watched folder)."""
+"""On the line: the HTTP scoring service and the watched folder, both scoring through inspection.scoring."""

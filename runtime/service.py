@@ -1,6 +1,6 @@
 """The HTTP scoring service behind ``serve.py``: one model, one bounded queue, micro-batches.
 
-Every upload goes through the one scoring path (``runtime.scoring.score_batch``): it is written to
+Every upload goes through the one scoring path (``inspection.scoring.score_batch``): it is written to
 a private scratch file and read, checked, scored and drawn exactly as ``inference.py`` reads a
 photo, so a corrupt file or a decompression bomb gets the same error record (answered 422). One
 thread scores: requests that arrive within ``batch_wait_ms`` of each other share a batch of up to
@@ -35,7 +35,7 @@ from models.backend import resolve_runtime
 from models.calibration import promise
 from models.patchcore import PatchCore
 from preprocessing.io import IMAGE_SUFFIXES
-from runtime.scoring import Photo, score_batch
+from inspection.scoring import Photo, score_batch
 
 SETTINGS_ENV = "FASTENER_SERVICE_SETTINGS"  # how serve.py hands its settings to each worker process
 API_KEY_HEADER = "X-API-Key"

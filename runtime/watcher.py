@@ -2,7 +2,7 @@
 
 A photo is scored only once it is completely written: watchdog reports that something changed,
 and the file must then keep the same size and modification time for ``settle_s`` seconds. Photos go
-through the one scoring path (``runtime.scoring.score_batch``) in batches; each gets one JSON line
+through the one scoring path (``inspection.scoring.score_batch``) in batches; each gets one JSON line
 in ``--jsonl`` and/or one CSV row in ``--csv``, appended and flushed to disk before the photo
 counts as done, and with ``--sort-into OUT`` it is moved to ``OUT/ok``, ``OUT/anomalous`` or
 ``OUT/unreadable``. Restart-safe: the photos named in the result files are not scored again, and
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from preprocessing.io import IMAGE_SUFFIXES
-from runtime.scoring import Photo, records_csv, score_batch
+from inspection.scoring import Photo, records_csv, score_batch
 
 
 @dataclass

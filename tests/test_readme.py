@@ -91,7 +91,7 @@ def test_the_package_installs_and_imports_from_anywhere(tmp_path):
     if install.returncode != 0 and "No module named" in install.stderr and "setuptools" in install.stderr:
         pytest.skip("setuptools is not installed in this environment")
     assert install.returncode == 0, install.stderr[-2000:]
-    code = ("import config, train, inference, models.patchcore, runtime.scoring, evaluation.report, "
+    code = ("import config, train, inference, models.patchcore, inspection.scoring, evaluation.report, "
             "preprocessing.pipeline; print(models.patchcore.__file__)")
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(target)}, timeout=300)

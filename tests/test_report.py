@@ -209,9 +209,9 @@ def test_report_renders_in_chromium(report: tuple[dict, Path, FakeModel], tmp_pa
 @pytest.fixture(scope="module")
 def batch_page(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The page for photos without labels, over the same folder (its labels unused)."""
-    from evaluation.report import scored_image, write_batch_report
+    from evaluation.gallery import scored_image, write_batch_report
     from preprocessing.io import find_images
-    from runtime.scoring import folder_photos, score_files
+    from inspection.scoring import folder_photos, score_files
 
     root = tmp_path_factory.mktemp("batch")
     test_dir = make_dataset(root / "data") / "test"

@@ -1,4 +1,4 @@
-"""The one scoring path (runtime.scoring): records, heatmap names, CSV, and what a flagged photo shows."""
+"""The one scoring path (inspection.scoring): records, heatmap names, CSV, and what a flagged photo shows."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evaluation.report import scored_image
-from evaluation.visualize import THRESHOLD_RGB, highlighted_region, overlay_rgb
+from evaluation.gallery import scored_image
+from inspection.overlay import THRESHOLD_RGB, highlighted_region, overlay_rgb
 from evaluation.mvtec import load_test_split
 from preprocessing.io import find_images, read_image
-from runtime.scoring import Photo, RECORD_FIELDS, folder_photos, heatmap_path, records_csv, score_batch, score_files, summary
+from inspection.scoring import Photo, RECORD_FIELDS, folder_photos, heatmap_path, records_csv, score_batch, score_files, summary
 
 
 def test_heatmap_names_mirror_the_relative_path(tmp_path):

@@ -10,20 +10,16 @@ import numpy as np
 import pytest
 
 from evaluation.visualize import (
-    GROUND_TRUTH_RGB,
-    THRESHOLD_RGB,
     Tile,
     colour_bar_figure,
-    colour_range,
     figure_bytes,
-    overlay_rgb,
-    region_at,
     pro_figure,
     roc_figure,
     save_overlay,
     score_histogram_figure,
     tiles_figure,
 )
+from inspection.overlay import GROUND_TRUTH_RGB, THRESHOLD_RGB, colour_range, overlay_rgb, region_at
 
 PNG_MAGIC = b"\x89PNG"
 

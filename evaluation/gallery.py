@@ -1,0 +1,279 @@
+"""The HTML pages' shared parts: what is kept of each scored photo, heatmap thumbnails, galleries
+and the page frame; and the page for photos without labels (``write_batch_report``, behind
+``inference.py --report``): thumbnails highest score first, threshold and verdicts.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import cv2
+import numpy as np
+
+from evaluation.metrics import DEFAULT_EVAL_SIZE, downsample_for_eval, eval_shape
+from evaluation.mvtec import LabelledImage
+from evaluation.visualize import colour_bar_figure, figure_bytes
+from inspection.overlay import highlighted_region, overlay_rgb, region_at
+from models.calibration import promise
+from output_files import write_atomically
+
+THUMB_SIZE = 224  # longer side of gallery thumbnails, in pixels
+OUTCOMES = {  # badge, meaning, colour
+    "FN": ("missed defect", "#c62828"),
+    "FP": ("false alarm", "#ef6c00"),
+    "TP": ("defect found", "#2e7d32"),
+    "TN": ("healthy, passed", "#546e7a"),
+    "ANOMALOUS": ("flagged", "#c62828"),  # photos without labels: the verdict only
+    "OK": ("passed", "#546e7a"),
+}
+LABELLED_OUTCOMES = ("FN", "FP", "TP", "TN")
+VERDICTS = ("ANOMALOUS", "OK")
+CONTOUR_RULE = (
+    "White contour: where the anomaly map is above the threshold (small regions are ringed); the image score "
+    "is the map's maximum, so every ANOMALOUS photo has one and no OK photo does."
+)
+
+
+class Model(Protocol):
+    """What evaluation needs of a fitted model (models.patchcore.PatchCore provides it)."""
+
+    threshold: float
+    calibration_scores: np.ndarray
+    calibration_method: str
+    calibration: dict[str, Any]  # method, count, warnings
+    preprocessing: dict[str, Any]  # what preprocess 'auto' decided and why (empty otherwise)
+    calibration_mean: float
+    calibration_std: float
+    n_train: int
+    fit_seconds: float
+    config: Any
+
+    def predict(self, images: list[np.ndarray], progress: bool = False) -> list[Any]: ...
+
+
+@dataclass
+class ScoredImage:
+    """What is kept of one scored photo: small arrays only."""
+
+    name: str
+    score: float
+    threshold: float
+    flagged: bool
+    warnings: list[str]
+    thumbnail: np.ndarray  # RGB uint8, longer side THUMB_SIZE
+    eval_map: np.ndarray  # anomaly map at the evaluation size
+    highlight: np.ndarray  # the full-resolution region above the threshold, shrunk to the evaluation size
+    sample: LabelledImage | None = None  # None: a photo without a label
+    eval_regions: np.ndarray | None = None  # defect-region labels at the evaluation size; None = no ground truth
+
+    @property
+    def outcome(self) -> str:
+        """TP / FP / TN / FN at the threshold for a labelled photo; ANOMALOUS / OK without a label."""
+        if self.sample is None:
+            return VERDICTS[0] if self.flagged else VERDICTS[1]
+        return ("T" if self.flagged == self.sample.is_defective else "F") + ("P" if self.flagged else "N")
+
+    @property
+    def normalized_score(self) -> float:
+        return self.score / self.threshold
+
+
+def scored_image(
+    name: str,
+    image: np.ndarray,
+    prediction: Any,
+    *,
+    sample: LabelledImage | None = None,
+    mask: np.ndarray | None = None,
+    eval_size: int = DEFAULT_EVAL_SIZE,
+) -> ScoredImage:
+    """Reduce a prediction to what a report keeps: an evaluation-size map, its highlighted region, a thumbnail."""
+    eval_map, regions = downsample_for_eval(prediction.anomaly_map, mask, eval_size)
+    height, width = eval_shape(image.shape, THUMB_SIZE)
+    return ScoredImage(
+        name=name,
+        score=float(prediction.score),
+        threshold=float(prediction.threshold),
+        flagged=bool(prediction.is_anomalous),
+        warnings=list(prediction.warnings),
+        thumbnail=cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA),
+        eval_map=eval_map,
+        highlight=region_at(highlighted_region(prediction.anomaly_map, prediction.threshold), eval_map.shape),
+        sample=sample,
+        eval_regions=None if sample is None or (sample.is_defective and mask is None) else regions,
+    )
+
+
+def calibration_stats(model: Model) -> tuple[float | None, float | None]:
+    """Mean and spread of the healthy calibration scores (the ones the model's sigma uses), None when it has none."""
+    if len(model.calibration_scores) == 0:
+        return None, None
+    return model.calibration_mean, model.calibration_std
+
+
+def number(value: Any, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def data_uri(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def jpeg_uri(image_rgb: np.ndarray) -> str:
+    """Photos as JPEG: a tenth of the PNG size, which keeps a 160-photo report a few MB."""
+    ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])
+    if not ok:
+        raise RuntimeError("JPEG encoding failed")
+    return data_uri(encoded.tobytes(), "image/jpeg")
+
+
+def plot(fig: Any, alt: str) -> str:
+    return f'<img class="plot" src="{data_uri(figure_bytes(fig), "image/png")}" alt="{html.escape(alt)}">'
+
+
+def _card(item: ScoredImage, vmin: float | None) -> str:
+    meaning, _ = OUTCOMES[item.outcome]
+    overlay = overlay_rgb(item.thumbnail, item.eval_map, item.threshold, vmin=vmin, highlight=item.highlight,
+                          gt_mask=None if item.eval_regions is None else item.eval_regions > 0)
+    verdict = "ANOMALOUS" if item.flagged else "OK"
+    badge = item.outcome if item.sample is not None else ""
+    warnings = "".join(f'<div class="warn">⚠ {html.escape(w)}</div>' for w in item.warnings)
+    height, width = item.thumbnail.shape[:2]
+    return (
+        f'<figure class="card {item.outcome}" data-outcome="{item.outcome}">'
+        f'<img src="{jpeg_uri(overlay)}" width="{width}" height="{height}" alt="{html.escape(item.name)}">'
+        f'<figcaption><span class="badge {item.outcome}">{" · ".join(filter(None, (badge, meaning)))}</span>'
+        f'<div><b>{item.score:.3f}</b> ({item.normalized_score:.3f} × threshold) {verdict}</div>'
+        f'<div class="name">{html.escape(item.name)}</div>{warnings}'
+        "</figcaption></figure>"
+    )
+
+
+def gallery(title: str, scored: list[ScoredImage], outcomes: tuple[str, ...], threshold: float,
+             vmin: float | None) -> str:
+    """Every photo as a heatmap thumbnail, highest score first, with filter buttons per outcome."""
+    ordered = sorted(scored, key=lambda s: -s.score)
+    counts = {outcome: sum(s.outcome == outcome for s in scored) for outcome in outcomes}
+    buttons = [f'<button data-filter="all">all ({len(scored)})</button>'] + [
+        f'<button data-filter="{o}" class="badge {o}">{o} · {OUTCOMES[o][0]} ({counts[o]})</button>' for o in outcomes
+    ]
+    labelled = outcomes == LABELLED_OUTCOMES
+    truth = " Magenta contour: ground-truth defect. Thick borders mark mistakes." if labelled else ""
+    return f"""<h2>{html.escape(title)}</h2>
+<p class="meta">Heatmap colour scale is the same for every photo (below). {CONTOUR_RULE}{truth}
+Score: feature distance to the nearest healthy patch (its scale depends on the model); × threshold: the
+same score in units of the threshold.</p>
+{plot(colour_bar_figure(threshold, vmin=vmin), "heatmap colour scale")}
+<div>{''.join(buttons)}</div>
+<div class="gallery">
+{''.join(_card(s, vmin) for s in ordered)}
+</div>"""
+
+
+def write_batch_report(
+    model: Model,
+    source: Path,
+    scored: list[ScoredImage],
+    records: list[dict[str, Any]],
+    out_path: Path,
+    threshold_origin: str | None = None,
+) -> Path:
+    """The page for photos without labels: counts, threshold, unreadable files, every photo by score.
+
+    ``records`` are the scoring records of the whole batch (for the counts and the unreadable
+    files); ``threshold_origin`` says where a threshold other than the calibrated one came from.
+    """
+    flagged = sum(s.flagged for s in scored)
+    errors = [record for record in records if "error" in record]
+    origin = threshold_origin or promise(model.calibration)
+    unreadable = "".join(f"<li>{html.escape(record['error'])}</li>" for record in errors)
+    body = f"""<table>
+<tr><th>Photos scored</th><td>{len(scored)}</td><td></td></tr>
+<tr><th>Flagged ANOMALOUS</th><td>{flagged}</td><td>score above the threshold</td></tr>
+<tr><th>Unreadable</th><td>{len(errors)}</td><td>not scored; listed below</td></tr>
+<tr><th>Threshold</th><td>{number(model.threshold)}</td><td>{html.escape(origin)}</td></tr>
+</table>
+{f'<h2>Unreadable files</h2><ul class="skipped">{unreadable}</ul>' if unreadable else ''}
+{gallery("Scored photos, highest score first", scored, VERDICTS, model.threshold, calibration_stats(model)[0])}"""
+    meta = (f"{html.escape(str(source))} · generated {datetime.now():%Y-%m-%d %H:%M} · "
+            f"backbone {html.escape(str(model.config.backbone))} · threshold {number(model.threshold)}")
+    write_atomically(out_path, page(f"Scored photos: {source.name}", meta, body))
+    return out_path
+
+
+def page(title: str, meta: str, body: str) -> str:
+    """One self-contained HTML page: styles, the broken-image check and the gallery filter built in."""
+    badge_css = "\n".join(
+        f".badge.{o} {{ background: {colour}; }} .card.{o} {{ border-color: {colour}; }}"
+        for o, (_, colour) in OUTCOMES.items()
+    )
+    return f"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{html.escape(title)}</title>
+<script>
+  // Counts script and image errors, and marks broken images, so a broken report is visible
+  // at a glance (and to the automated check, which reads these data attributes).
+  document.documentElement.dataset.errors = "0";
+  window.addEventListener("error", function (event) {{
+    var root = document.documentElement;
+    root.dataset.errors = String(Number(root.dataset.errors) + 1);
+    if (event.target && event.target.tagName === "IMG") event.target.classList.add("broken");
+  }}, true);
+  window.addEventListener("load", function () {{
+    var images = Array.prototype.slice.call(document.images);
+    var root = document.documentElement;
+    root.dataset.imagesTotal = String(images.length);
+    root.dataset.imagesLoaded = String(images.filter(function (img) {{ return img.naturalWidth > 0; }}).length);
+  }});
+</script>
+<style>
+  body {{ font-family: system-ui, sans-serif; margin: 24px; color: #212121; background: #fafafa; }}
+  h1 {{ margin-bottom: 4px; }} h2 {{ margin-top: 32px; border-bottom: 1px solid #ddd; }}
+  .meta {{ color: #616161; }}
+  table {{ border-collapse: collapse; background: white; }}
+  th, td {{ text-align: left; padding: 4px 12px; border-bottom: 1px solid #eee; vertical-align: top; }}
+  td:nth-child(2) {{ font-variant-numeric: tabular-nums; font-weight: 600; white-space: nowrap; }}
+  td:nth-child(3) {{ color: #616161; font-size: 90%; }}
+  .plots {{ display: flex; flex-wrap: wrap; gap: 16px; align-items: flex-start; }}
+  .plot {{ max-width: 100%; background: white; border: 1px solid #ddd; }}
+  .gallery {{ display: flex; flex-wrap: wrap; gap: 10px; }}
+  .card {{ margin: 0; width: {THUMB_SIZE}px; background: white; border: 3px solid; border-radius: 6px;
+           overflow: hidden; }}
+  .card.TN, .card.OK {{ border-width: 1px; }} .card.FN, .card.FP {{ border-width: 5px; }}
+  .card img {{ display: block; width: 100%; height: auto; }}
+  figcaption {{ padding: 4px 6px; font-size: 13px; }}
+  .name {{ color: #616161; font-size: 12px; word-break: break-all; }}
+  .warn {{ color: #e65100; font-size: 12px; }}
+  .badge {{ display: inline-block; color: white; border-radius: 4px; padding: 1px 6px; font-size: 12px;
+            font-weight: 600; }}
+  button {{ margin: 0 6px 10px 0; padding: 4px 10px; border: 1px solid #999; border-radius: 4px; cursor: pointer;
+           font-size: 13px; }}
+  img.broken {{ outline: 4px dashed red; min-height: 40px; }}
+  .skipped {{ color: #b71c1c; }}
+  {badge_css}
+</style>
+</head>
+<body>
+<h1>{html.escape(title)}</h1>
+<p class="meta">{meta}</p>
+{body}
+<script>
+  document.querySelectorAll("button[data-filter]").forEach(function (button) {{
+    button.addEventListener("click", function () {{
+      var wanted = button.dataset.filter;
+      document.querySelectorAll(".card").forEach(function (card) {{
+        card.hidden = wanted !== "all" && card.dataset.outcome !== wanted;
+      }});
+    }});
+  }});
+</script>
+</body>
+</html>
+"""
