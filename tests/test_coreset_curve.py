@@ -1,11 +1,11 @@
-"""scripts/coreset_curve.py: a row per ratio and scheme, measured by real fits on cached features."""
+"""benchmarks/coreset_curve.py: a row per ratio and scheme, measured by real fits on cached features."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from scripts.coreset_curve import main
+from benchmarks.coreset_curve import main
 
 
 def test_each_ratio_and_scheme_gets_a_row_with_its_accuracy_size_and_coverage(small_screw_dir: Path, tmp_path: Path):

@@ -1,4 +1,4 @@
-"""scripts/fit_rate.py: photos/s per block of a fit's memory-bank pass, from the batches as they are handed on."""
+"""benchmarks/fit_rate.py: photos/s per block of a fit's memory-bank pass, from the batches as they are handed on."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from config import UserError
-from scripts.fit_rate import block_rates, main, runs_summary
+from benchmarks.fit_rate import block_rates, main, runs_summary
 
 
 def test_block_rates_follow_a_fit_that_slows_down_because_it_does_more_work():

@@ -1,9 +1,9 @@
 """What the coreset ratio costs: accuracy, time, size and covering radius per ratio and coreset scheme.
 
 Usage:
-    .venv/bin/python scripts/coreset_curve.py --backbone efficientnet_lite0 --preprocess false \\
+    .venv/bin/python benchmarks/coreset_curve.py --backbone efficientnet_lite0 --preprocess false \\
         --ratios 0.005 0.01 --schemes default exact
-    .venv/bin/python scripts/coreset_curve.py --backbone efficientnet_lite0 --scale 3000
+    .venv/bin/python benchmarks/coreset_curve.py --backbone efficientnet_lite0 --scale 3000
 
 Schemes: ``default`` (the model's coreset: chunks that each continue greedy from the patches kept
 so far, one exact pass where chunks would get under 64 picks), ``oversampled`` (``coreset_oversampling`` 8: candidates per chunk and a global greedy pass

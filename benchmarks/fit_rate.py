@@ -2,7 +2,7 @@
 
 Usage:
     .venv/bin/python scripts/download_datasets.py --synthetic --out /tmp/synthetic_3000 --n-train 3000
-    .venv/bin/python scripts/fit_rate.py --data-dir /tmp/synthetic_3000 --backbone efficientnet_lite0
+    .venv/bin/python benchmarks/fit_rate.py --data-dir /tmp/synthetic_3000 --backbone efficientnet_lite0
 
 Fits a model on the folder's healthy photos with the given settings (nothing is saved) and clocks
 each batch as the memory-bank pass hands it on: photos/s over every block of ``--block`` photos,
