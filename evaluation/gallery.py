@@ -15,10 +15,9 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
-from evaluation.metrics import DEFAULT_EVAL_SIZE, downsample_for_eval, eval_shape
+from evaluation.maps import DEFAULT_EVAL_SIZE, eval_shape, shrink_map
 from evaluation.mvtec import LabelledImage
-from evaluation.visualize import colour_bar_figure, figure_bytes
-from inspection.overlay import highlighted_region, overlay_rgb, region_at
+from inspection.overlay import colour_scale_image, highlighted_region, overlay_rgb, png_bytes, region_at
 from models.calibration import promise
 from output_files import write_atomically
 
@@ -89,11 +88,15 @@ def scored_image(
     prediction: Any,
     *,
     sample: LabelledImage | None = None,
-    mask: np.ndarray | None = None,
+    regions: np.ndarray | None = None,
     eval_size: int = DEFAULT_EVAL_SIZE,
 ) -> ScoredImage:
-    """Reduce a prediction to what a report keeps: an evaluation-size map, its highlighted region, a thumbnail."""
-    eval_map, regions = downsample_for_eval(prediction.anomaly_map, mask, eval_size)
+    """Reduce a prediction to what a report keeps: an evaluation-size map, its highlighted region, a thumbnail.
+
+    ``regions`` are the defect-region labels at the evaluation size (evaluation.metrics.downsample_for_eval),
+    None for a photo without known ground truth.
+    """
+    eval_map = shrink_map(prediction.anomaly_map, eval_size)
     height, width = eval_shape(image.shape, THUMB_SIZE)
     return ScoredImage(
         name=name,
@@ -105,7 +108,7 @@ def scored_image(
         eval_map=eval_map,
         highlight=region_at(highlighted_region(prediction.anomaly_map, prediction.threshold), eval_map.shape),
         sample=sample,
-        eval_regions=None if sample is None or (sample.is_defective and mask is None) else regions,
+        eval_regions=regions,
     )
 
 
@@ -132,8 +135,9 @@ def jpeg_uri(image_rgb: np.ndarray) -> str:
     return data_uri(encoded.tobytes(), "image/jpeg")
 
 
-def plot(fig: Any, alt: str) -> str:
-    return f'<img class="plot" src="{data_uri(figure_bytes(fig), "image/png")}" alt="{html.escape(alt)}">'
+def png_img(data: bytes, alt: str) -> str:
+    """A PNG picture as an inline <img>: the page stays one self-contained file."""
+    return f'<img class="plot" src="{data_uri(data, "image/png")}" alt="{html.escape(alt)}">'
 
 
 def _card(item: ScoredImage, vmin: float | None) -> str:
@@ -168,7 +172,7 @@ def gallery(title: str, scored: list[ScoredImage], outcomes: tuple[str, ...], th
 <p class="meta">Heatmap colour scale is the same for every photo (below). {CONTOUR_RULE}{truth}
 Score: feature distance to the nearest healthy patch (its scale depends on the model); × threshold: the
 same score in units of the threshold.</p>
-{plot(colour_bar_figure(threshold, vmin=vmin), "heatmap colour scale")}
+{png_img(png_bytes(colour_scale_image(threshold, vmin=vmin)), "heatmap colour scale")}
 <div>{''.join(buttons)}</div>
 <div class="gallery">
 {''.join(_card(s, vmin) for s in ordered)}

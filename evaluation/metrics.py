@@ -25,7 +25,8 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-DEFAULT_EVAL_SIZE = 256  # longer side, in pixels, of maps and masks for the pixel metrics
+from evaluation.maps import DEFAULT_EVAL_SIZE, shrink_map
+
 DEFAULT_MAX_FPR = 0.3  # AUPRO integration limit of the MVTec AD benchmark
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
@@ -117,13 +118,6 @@ def region_labels(mask: np.ndarray) -> np.ndarray:
     return labels.astype(np.int32)
 
 
-def eval_shape(shape: tuple[int, int], eval_size: int) -> tuple[int, int]:
-    """(height, width) with the longer side at ``eval_size`` and the aspect ratio kept."""
-    height, width = shape[:2]
-    scale = eval_size / max(height, width)
-    return max(1, round(height * scale)), max(1, round(width * scale))
-
-
 def downsample_for_eval(
     anomaly_map: np.ndarray, mask: np.ndarray | None, eval_size: int = DEFAULT_EVAL_SIZE
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -135,13 +129,8 @@ def downsample_for_eval(
     grid cell keeps one cell at its centre, so no ground-truth defect silently drops out of AUPRO.
     ``mask`` None means a healthy image (all zero).
     """
-    height, width = eval_shape(anomaly_map.shape, eval_size)
-    enlarging = height > anomaly_map.shape[0]
-    small_map = cv2.resize(
-        np.asarray(anomaly_map, dtype=np.float32),
-        (width, height),
-        interpolation=cv2.INTER_LINEAR if enlarging else cv2.INTER_AREA,
-    )
+    small_map = shrink_map(anomaly_map, eval_size)
+    height, width = small_map.shape
     if mask is None:
         return small_map, np.zeros((height, width), dtype=np.int32)
     full_labels = region_labels(mask)

@@ -21,10 +21,11 @@ import numpy as np
 from sklearn.metrics import roc_curve
 from tqdm import tqdm
 
+from evaluation.maps import DEFAULT_EVAL_SIZE
 from evaluation.metrics import (
-    DEFAULT_EVAL_SIZE,
     DEFAULT_MAX_FPR,
     area_under_pro,
+    downsample_for_eval,
     image_metrics,
     per_defect_auroc,
     pixel_roc,
@@ -40,11 +41,11 @@ from evaluation.gallery import (
     gallery,
     number,
     page,
-    plot,
+    png_img,
     scored_image,
 )
 from evaluation.mvtec import LabelledImage, load_test_split
-from evaluation.visualize import Tile, pro_figure, roc_figure, score_histogram_figure, tiles_figure
+from evaluation.visualize import Tile, figure_bytes, pro_figure, roc_figure, score_histogram_figure, tiles_figure
 from inspection.scoring import Photo, score_batch
 from models.calibration import promise
 from output_files import write_atomically
@@ -109,8 +110,10 @@ def _score(
                     skipped.append({"path": str(sample.path), "reason": reason})
                     continue
                 mask = _mask_fitting(sample, result.image, mask)
+                known = not sample.is_defective or mask is not None  # a healthy photo's truth is "no defect"
+                regions = downsample_for_eval(result.prediction.anomaly_map, mask, eval_size)[1] if known else None
                 scored.append(scored_image(result.photo.name, result.image, result.prediction,
-                                           sample=sample, mask=mask, eval_size=eval_size))
+                                           sample=sample, regions=regions, eval_size=eval_size))
             bar.update(len(batch))
     return scored, skipped
 
@@ -257,6 +260,10 @@ def format_summary(metrics: dict[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------------- HTML page
+def plot(fig: Any, alt: str) -> str:
+    return png_img(figure_bytes(fig), alt)
+
+
 def _metric_rows(metrics: dict[str, Any]) -> str:
     rows = [
         ("Image AUROC", number(metrics["image_auroc"]), "ranking of defective above healthy photos (1 = perfect)"),

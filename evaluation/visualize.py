@@ -6,17 +6,11 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-from matplotlib import colormaps
-from matplotlib.colors import Normalize
-from matplotlib.cm import ScalarMappable
 from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
 
-from inspection.overlay import CMAP, GROUND_TRUTH_RGB, THRESHOLD_RGB, colour_range, overlay_rgb
-from output_files import write_atomically
+from inspection.overlay import overlay_rgb
 
 _PLOT_POINTS = 2000  # curves are resampled to this many points: pixel curves have millions
 
@@ -30,90 +24,6 @@ class Tile:
     caption: str
     gt_mask: np.ndarray | None = None
     highlight: np.ndarray | None = None  # the full-resolution highlighted region, shrunk (see region_at)
-
-
-def _contour_legend(threshold: bool, ground_truth: bool) -> list[Line2D]:
-    handles = []
-    if threshold:
-        handles.append(Line2D([], [], color=np.array(THRESHOLD_RGB) / 255, lw=2, label="map above threshold"))
-    if ground_truth:
-        handles.append(Line2D([], [], color=np.array(GROUND_TRUTH_RGB) / 255, lw=2, label="ground truth"))
-    return handles
-
-
-def _add_colour_bar(fig: Figure, ax, low: float, high: float, threshold: float | None, **kwargs) -> None:
-    """A colour bar of the heatmap scale with the threshold marked on it."""
-    bar = fig.colorbar(ScalarMappable(Normalize(low, high), colormaps[CMAP]), ax=ax, **kwargs)
-    bar.set_label("anomaly score (patch distance)")
-    if threshold is not None and np.isfinite(threshold) and low <= threshold <= high:
-        mark = bar.ax.axhline if bar.orientation == "vertical" else bar.ax.axvline
-        mark(threshold, color="black", lw=2)
-
-
-def overlay_figure(
-    image_rgb: np.ndarray,
-    anomaly_map: np.ndarray,
-    threshold: float | None,
-    score: float | None = None,
-    verdict: str | None = None,
-    gt_mask: np.ndarray | None = None,
-    *,
-    vmin: float | None = None,
-) -> Figure:
-    """Photo and heatmap overlay side by side, with colour bar, contours and the verdict as title."""
-    height, width = image_rgb.shape[:2]
-    panel_width = 5.0
-    fig = Figure(figsize=(2 * panel_width + 1.2, panel_width * height / width + 1.0), layout="constrained")
-    photo_ax, map_ax = fig.subplots(1, 2)
-    photo_ax.imshow(image_rgb)
-    photo_ax.set_title("photo")
-    map_ax.imshow(overlay_rgb(image_rgb, anomaly_map, threshold, gt_mask=gt_mask, vmin=vmin))
-    map_ax.set_title("anomaly map")
-    for ax in (photo_ax, map_ax):
-        ax.set_axis_off()
-    low, high = colour_range(threshold, np.asarray(anomaly_map), vmin)
-    _add_colour_bar(fig, map_ax, low, high, threshold, shrink=0.9)
-    handles = _contour_legend(threshold is not None, gt_mask is not None)
-    if handles:
-        map_ax.legend(handles=handles, loc="lower right", fontsize=8, facecolor="0.3", labelcolor="white")
-    parts = []
-    if verdict is not None:
-        parts.append(verdict)
-    if score is not None:
-        parts.append(f"score {score:.3f}")
-    if threshold is not None:
-        parts.append(f"threshold {threshold:.3f}")
-    if score is not None and threshold is not None and threshold > 0:
-        parts.append(f"{score / threshold:.3f} × threshold")
-    if parts:
-        fig.suptitle("  ·  ".join(parts))
-    return fig
-
-
-def save_overlay(
-    image_rgb: np.ndarray,
-    anomaly_map: np.ndarray,
-    out_path: str | Path,
-    threshold: float | None,
-    score: float | None = None,
-    verdict: str | None = None,
-    gt_mask: np.ndarray | None = None,
-    *,
-    vmin: float | None = None,
-) -> Path:
-    """Write ``overlay_figure`` as an image file (format from the suffix, e.g. .png); returns the path.
-
-    Pass ``vmin=model.calibration_mean`` so that healthy photos look calm (see the module notes).
-    """
-    fig = overlay_figure(image_rgb, anomaly_map, threshold, score, verdict, gt_mask, vmin=vmin)
-    return save_figure(fig, out_path)
-
-
-def save_figure(fig: Figure, out_path: str | Path, dpi: int = 100) -> Path:
-    """Write a figure atomically (creating the folder); the format follows the suffix."""
-    out_path = Path(out_path)
-    write_atomically(out_path, figure_bytes(fig, out_path.suffix.lstrip(".") or "png", dpi))
-    return out_path
 
 
 def figure_bytes(fig: Figure, image_format: str = "png", dpi: int = 100) -> bytes:
@@ -217,14 +127,4 @@ def tiles_figure(
             ax.imshow(overlay_rgb(tile.image_rgb, tile.anomaly_map, threshold, gt_mask=tile.gt_mask, vmin=vmin,
                                   highlight=tile.highlight))
             ax.set_title(tile.caption, fontsize=8)
-    return fig
-
-
-def colour_bar_figure(threshold: float, *, vmin: float | None = None) -> Figure:
-    """The heatmap colour scale alone, with the threshold marked: the legend of the thumbnails."""
-    low, high = colour_range(threshold, np.zeros(1), vmin)
-    fig = Figure(figsize=(6, 0.9), layout="constrained")
-    ax = fig.subplots()
-    _add_colour_bar(fig, None, low, high, threshold, cax=ax, orientation="horizontal")
-    ax.set_title(f"heatmap colour scale (black line: threshold {threshold:.3f})", fontsize=9)
     return fig

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from inspection.overlay import save_overlay
 from models.patchcore import PatchCore, Prediction
 from preprocessing.io import ImageReadError, read_images
 
@@ -83,8 +84,6 @@ def heatmap_path(heatmap_dir: Path, name: str) -> Path:
 
 def write_overlay(model: PatchCore, image: np.ndarray, prediction: Prediction, out_path: Path) -> Path:
     """The photo beside its heatmap, contour and verdict, on the model's fixed colour scale."""
-    from evaluation.visualize import save_overlay  # matplotlib: loaded only when an overlay is drawn
-
     return save_overlay(
         image,
         prediction.anomaly_map,

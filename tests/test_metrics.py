@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from evaluation.maps import eval_shape
 from evaluation.metrics import (
     area_under_pro,
     aupro,
     downsample_for_eval,
-    eval_shape,
     image_metrics,
     is_flagged,
     per_defect_auroc,

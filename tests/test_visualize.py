@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -9,19 +10,23 @@ import cv2
 import numpy as np
 import pytest
 
-from evaluation.visualize import (
-    Tile,
-    colour_bar_figure,
-    figure_bytes,
-    pro_figure,
-    roc_figure,
+from evaluation.visualize import Tile, figure_bytes, pro_figure, roc_figure, score_histogram_figure, tiles_figure
+from inspection.overlay import (
+    GROUND_TRUTH_RGB,
+    MARGIN,
+    PANEL_SIDE,
+    THRESHOLD_RGB,
+    TITLE_HEIGHT,
+    colour_range,
+    colour_scale_image,
+    overlay_image,
+    overlay_rgb,
+    region_at,
     save_overlay,
-    score_histogram_figure,
-    tiles_figure,
 )
-from inspection.overlay import GROUND_TRUTH_RGB, THRESHOLD_RGB, colour_range, overlay_rgb, region_at
 
 PNG_MAGIC = b"\x89PNG"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _photo_and_map(height: int = 60, width: int = 80) -> tuple[np.ndarray, np.ndarray]:
@@ -60,15 +65,31 @@ def test_overlay_draws_threshold_and_ground_truth_contours() -> None:
     assert overlay_rgb(image, small_map, threshold=2.0).shape == image.shape
 
 
-def test_save_overlay_writes_png_without_pyplot(tmp_path: Path) -> None:
-    image, anomaly_map = _photo_and_map()
+def test_save_overlay_writes_the_photo_beside_its_overlay(tmp_path: Path) -> None:
+    _, anomaly_map = _photo_and_map()
+    image = np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)
     out = save_overlay(image, anomaly_map, tmp_path / "sub" / "overlay.png", threshold=2.0, score=5.0,
                        verdict="ANOMALOUS", gt_mask=anomaly_map > 0)
-    written = cv2.imread(str(out))
-    assert written is not None and written.shape[1] > written.shape[0] > 100
-    if "matplotlib.pyplot" in sys.modules:  # other tests may use pyplot; ours must not leave figures
-        assert not sys.modules["matplotlib.pyplot"].get_fignums()
+    written = cv2.cvtColor(cv2.imread(str(out)), cv2.COLOR_BGR2RGB)
+    assert written.shape[1] > 2 * PANEL_SIDE and written.shape[0] > PANEL_SIDE * 60 // 80
+    assert (written == overlay_image(image, anomaly_map, 2.0, 5.0, "ANOMALOUS", anomaly_map > 0)).all()  # lossless
+    height, width = image.shape[:2]
+    size = (round(width * PANEL_SIDE / max(height, width)), round(height * PANEL_SIDE / max(height, width)))
+    photo = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+    shown = written[TITLE_HEIGHT : TITLE_HEIGHT + size[1], MARGIN : MARGIN + size[0]]
+    assert (shown == photo).all()  # the photo itself, left of its overlay
+    assert (written == THRESHOLD_RGB).all(-1).any() and (written == GROUND_TRUTH_RGB).all(-1).any()  # both contours
     assert save_overlay(image, anomaly_map, tmp_path / "plain.png", threshold=None).is_file()
+
+
+def test_overlays_need_no_matplotlib() -> None:
+    """The line PC's environment (requirements-runtime.txt) has no matplotlib; scoring draws overlays there."""
+    code = ("import sys; sys.modules['matplotlib'] = None\n"
+            "import numpy as np, inspection.scoring, evaluation.gallery\n"
+            "from inspection.overlay import overlay_image\n"
+            "print(overlay_image(np.zeros((40, 60, 3), np.uint8), np.ones((40, 60), np.float32), 0.5, 1.0, 'OK').shape)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_plots_render() -> None:
@@ -78,7 +99,8 @@ def test_plots_render() -> None:
     histogram = score_histogram_figure([1.0, 1.2, 1.1], [2.5, 3.0], 1.6, [1.0, 1.1, 1.05])
     assert figure_bytes(histogram).startswith(PNG_MAGIC)
     assert figure_bytes(score_histogram_figure([1.0], [2.0], 1.5, [])).startswith(PNG_MAGIC)
-    assert figure_bytes(colour_bar_figure(2.0, vmin=1.0)).startswith(PNG_MAGIC)
+    scale = colour_scale_image(2.0, vmin=1.0)
+    assert scale.shape[1] > scale.shape[0] and (scale == (0, 0, 0)).all(-1).any()  # the threshold line
 
 
 @pytest.mark.parametrize("false_negatives", [0, 3])
