@@ -4,7 +4,8 @@ Prints a table (or one JSON document with ``--json``) and, after it, a summary l
 flagged anomalous, unreadable. ``--visualize`` writes a heatmap overlay per photo, ``--csv FILE``
 the same records as CSV, ``--report`` an HTML page of every photo sorted by score; ``--evaluate``
 treats ``--dir`` as an MVTec-layout folder and writes a metrics report. ``--watch DIR`` scores each
-photo a camera writes into DIR, once, into ``--jsonl``/``--csv`` (and ``--sort-into``), until Ctrl-C.
+photo a camera writes into DIR, once, into ``--jsonl``/``--csv`` (and ``--sort-into``, ``--visualize``),
+until Ctrl-C.
 
 Per photo: score (feature distance of the worst spot to the nearest healthy patch; its scale
 depends on the model), normalized_score (score / threshold: 1.0 is the threshold on every model),
@@ -75,8 +76,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--jsonl and --sort-into go with --watch")
     if args.watch and not (args.jsonl or args.csv or args.sort_into):
         parser.error("--watch needs somewhere to put results: --jsonl, --csv and/or --sort-into")
-    if args.watch and (args.visualize or args.report or args.json or args.threshold is not None):
-        parser.error("--watch writes records to --jsonl/--csv; --visualize, --report, --json and --threshold are for --image/--dir")
+    if args.watch and (args.report or args.json or args.threshold is not None):
+        parser.error("--watch writes records to --jsonl/--csv; --report, --json and --threshold are for --image/--dir")
     if args.settle_seconds < 0:
         parser.error("--settle-seconds must be >= 0")
     if args.evaluate and not args.dir:
@@ -124,7 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.watch:
         from runtime.watcher import WatchOutputs, watch_until_stopped
 
-        outputs = WatchOutputs(jsonl=args.jsonl, csv=args.csv, sort_into=args.sort_into)
+        heatmaps = out_dir / "heatmaps" if args.visualize else None
+        if heatmaps is not None:
+            check_output_folder(heatmaps)
+        outputs = WatchOutputs(jsonl=args.jsonl, csv=args.csv, sort_into=args.sort_into, heatmaps=heatmaps)
         return watch_until_stopped(model, args.watch, outputs, args.settle_seconds)
 
     if args.evaluate:

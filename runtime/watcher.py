@@ -5,7 +5,7 @@ and the file must then keep the same size and modification time for ``settle_s``
 through the one scoring path (``inspection.scoring.score_batch``) in batches; each gets one JSON line
 in ``--jsonl`` and/or one CSV row in ``--csv``, appended and flushed to disk before the photo
 counts as done, and with ``--sort-into OUT`` it is moved to ``OUT/ok``, ``OUT/anomalous`` or
-``OUT/unreadable``. Restart-safe: the photos named in the result files are not scored again, and
+``OUT/unreadable``; with ``--visualize`` its heatmap overlay is written before its record. Restart-safe: the photos named in the result files are not scored again, and
 photos that arrived while the watcher was down are found by a scan at start.
 """
 
@@ -35,11 +35,12 @@ class _Seen:
 
 @dataclass
 class WatchOutputs:
-    """Where results go; at least one must be given."""
+    """Where results go; at least one of jsonl, csv and sort_into must be given."""
 
     jsonl: Path | None = None
     csv: Path | None = None
     sort_into: Path | None = None
+    heatmaps: Path | None = None  # a heatmap overlay per photo, named as the photo
 
     def __post_init__(self) -> None:
         if not (self.jsonl or self.csv or self.sort_into):
@@ -161,7 +162,7 @@ class FolderWatcher:
         return sorted(ready)
 
     def _score(self, paths: list[Path]) -> None:
-        results = score_batch(self.model, [Photo(path.name, path) for path in paths])
+        results = score_batch(self.model, [Photo(path.name, path) for path in paths], self.outputs.heatmaps)
         records = [result.record for result in results]
         if self.outputs.jsonl:
             _append(self.outputs.jsonl, "".join(json.dumps(record) + "\n" for record in records))

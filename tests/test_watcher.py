@@ -115,3 +115,18 @@ def test_a_restart_scores_what_arrived_meanwhile_and_nothing_twice(fitted_model,
 def test_watch_needs_somewhere_to_put_results():
     with pytest.raises(ValueError, match="--jsonl"):
         WatchOutputs()
+
+
+def test_watch_with_visualize_writes_each_photos_heatmap_before_its_record(fitted_model, photos, tmp_path):
+    import inference
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    args = inference.parse_args(["--model", "m.pkl", "--watch", str(inbox), "--jsonl", "r.jsonl", "--visualize"])
+    assert args.visualize  # the command line accepts the pair
+    outputs = WatchOutputs(jsonl=tmp_path / "results.jsonl", heatmaps=tmp_path / "heatmaps")
+    with watching(fitted_model, inbox, outputs):
+        shutil.copy(photos["defect"], inbox / "part.png")
+        (record,) = wait_for(outputs.jsonl, 1)
+    assert record["heatmap"] == str(tmp_path / "heatmaps" / "part.png_heatmap.png")
+    assert Path(record["heatmap"]).read_bytes().startswith(b"\x89PNG")
