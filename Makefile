@@ -10,7 +10,7 @@ DEMO_MODEL := saved_models/patchcore_synthetic_fasteners.pkl
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt requirements-runtime.txt requirements-fit.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
@@ -34,6 +34,7 @@ demo: setup
 	@echo "predictions: outputs/demo_predictions.json"
 	@echo "report:      outputs/patchcore_synthetic_fasteners/report.html"
 
-# Removes what runs produced (models, reports); data/ is left alone.
+# Removes what runs produced (models, reports) and what `pip install .` builds; data/ is left alone.
 clean:
 	find outputs saved_models -mindepth 1 ! -name .gitkeep -exec rm -rf {} +
+	rm -rf build *.egg-info

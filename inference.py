@@ -161,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.csv:
         check_writable(args.csv)
     records, gallery = score_all(model, photos, heatmap_dir, args.report, progress=not (args.quiet or args.json))
+    if args.csv:  # the records first: whatever happens to the report, the run's results are kept
+        write_atomically(args.csv, records_csv(records))
     report_path = None
     if args.report:
         from evaluation.gallery import write_batch_report
@@ -175,10 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                              "results": records}))
     else:
         print_table(records)
-    written = [("heatmaps", f"{heatmap_dir}/" if heatmap_dir else None), ("report", report_path)]
-    if args.csv:
-        write_atomically(args.csv, records_csv(records))
-        written.append(("csv", args.csv))
+    written = [("heatmaps", f"{heatmap_dir}/" if heatmap_dir else None), ("report", report_path), ("csv", args.csv)]
     print(summary_line(counts), file=sys.stderr if args.json else sys.stdout)
     for name, path in written:
         if path is not None:

@@ -1,6 +1,7 @@
 """Check that this machine can run the toolkit: Python, packages, GPU, FAISS, backbone weights, data.
 
 Run from anywhere:  python verify_setup.py [--skip-selftest] [--data-root DIR]
+On a line PC set up from requirements-runtime.txt:  python verify_setup.py --runtime
 
 Every check prints one line: ✓ fine, ! optional and missing (the toolkit still works; the line says
 how to get it), ✗ required and broken. The exit status is 1 when any ✗ was printed, else 0. Nothing
@@ -26,6 +27,8 @@ from typing import TextIO
 
 PROJECT_ROOT = Path(__file__).resolve().parent
 REQUIREMENTS = PROJECT_ROOT / "requirements.txt"
+RUNTIME_REQUIREMENTS = PROJECT_ROOT / "requirements-runtime.txt"
+DISTRIBUTION = "fastener-anomaly-detection"  # the name pip installs the toolkit under
 MIN_PYTHON = (3, 10)
 
 # Distribution name (normalised) -> module to import, where they differ.
@@ -91,14 +94,26 @@ class Requirement:
 
 
 def read_requirements(path: Path = REQUIREMENTS) -> list[Requirement]:
+    """The requirements of a requirements file, following its ``-r other.txt`` lines.
+
+    Installed with ``pip install .`` there is no requirements.txt beside this file: the installed
+    toolkit's own dependency list is read instead.
+    """
+    if not path.is_file() and path == REQUIREMENTS:
+        return [_requirement(line.split(";", 1)[0]) for line in importlib.metadata.requires(DISTRIBUTION) or []]
     requirements = []
     for line in path.read_text(encoding="utf-8").splitlines():
         line = line.split("#", 1)[0].strip()
-        match = re.match(r"([A-Za-z0-9][A-Za-z0-9._-]*)\s*(.*)", line)
-        if match:
-            name, specifier = match.groups()
-            requirements.append(Requirement(name, specifier.replace(" ", "")))
+        if line.startswith("-r "):
+            requirements += read_requirements(path.parent / line[3:].strip())
+        elif re.match(r"[A-Za-z0-9]", line):
+            requirements.append(_requirement(line))
     return requirements
+
+
+def _requirement(line: str) -> Requirement:
+    name, specifier = re.match(r"([A-Za-z0-9][A-Za-z0-9._-]*)\s*(.*)", line.strip()).groups()
+    return Requirement(name, specifier.replace(" ", ""))
 
 
 @cache
@@ -130,7 +145,7 @@ def _outside_range(version: str, specifier: str) -> bool:
         return False
 
 
-def check_package(requirement: Requirement) -> Result:
+def check_package(requirement: Requirement, requirements_file: str = "requirements.txt") -> Result:
     name = requirement.name
     try:
         importlib.import_module(requirement.module)
@@ -139,7 +154,7 @@ def check_package(requirement: Requirement) -> Result:
             return Result(Status.MISSING, name, f"not installed (only the tests need it): pip install {name}")
         reason = str(error) or type(error).__name__
         return Result(Status.FAILED, name, f"cannot import {requirement.module} ({reason}): "
-                                           "pip install -r requirements.txt")
+                                           f"pip install -r {requirements_file}")
     found = installed_version(requirement)
     if found is None:
         return Result(Status.OK, name, f"imports as {requirement.module}, version unknown")
@@ -147,7 +162,7 @@ def check_package(requirement: Requirement) -> Result:
     detail = version if dist == name else f"{version} (as {dist})"
     if requirement.specifier and _outside_range(version, requirement.specifier):
         status = Status.MISSING if requirement.optional else Status.FAILED
-        return Result(status, name, f"{detail}, but requirements.txt asks for {requirement.specifier}")
+        return Result(status, name, f"{detail}, but {requirements_file} asks for {requirement.specifier}")
     return Result(Status.OK, name, detail)
 
 
@@ -199,6 +214,17 @@ def check_opencv() -> Result:
     if decoded is None or not np.array_equal(decoded, image):
         return Result(Status.FAILED, "OpenCV", f"{cv2.__version__}, but PNG encoding/decoding does not work")
     return Result(Status.OK, "OpenCV", f"{cv2.__version__}, PNG codec works")
+
+
+def check_onnxruntime() -> Result:
+    """ONNX Runtime runs the exported feature extractor on the line PC: its CPU provider must be there."""
+    import onnxruntime
+
+    providers = onnxruntime.get_available_providers()
+    if "CPUExecutionProvider" not in providers:
+        return Result(Status.FAILED, "ONNX Runtime", f"{onnxruntime.__version__} without its CPU provider "
+                                                     f"({', '.join(providers)})")
+    return Result(Status.OK, "ONNX Runtime", f"{onnxruntime.__version__}, providers: {', '.join(providers)}")
 
 
 # ----------------------------------------------------------------------------- backbone weights
@@ -338,9 +364,17 @@ def check_selftest() -> Result:
 Check = Callable[[], Result]
 
 
-def planned_checks(skip_selftest: bool, data_root: Path) -> list[tuple[str, Check]]:
-    """(name shown if the check itself crashes, check) in the order they are printed."""
+def planned_checks(skip_selftest: bool, data_root: Path, runtime: bool = False) -> list[tuple[str, Check]]:
+    """(name shown if the check itself crashes, check) in the order they are printed.
+
+    ``runtime``: the line PC's set alone (requirements-runtime.txt): packages, FAISS, OpenCV and
+    ONNX Runtime; no torch, weights, data sets or fitting.
+    """
     checks: list[tuple[str, Check]] = [("Python", check_python)]
+    if runtime:
+        checks += [(req.name, lambda req=req: check_package(req, RUNTIME_REQUIREMENTS.name))
+                   for req in read_requirements(RUNTIME_REQUIREMENTS)]
+        return checks + [("FAISS", check_faiss), ("OpenCV", check_opencv), ("ONNX Runtime", check_onnxruntime)]
     checks += [(req.name, lambda req=req: check_package(req)) for req in read_requirements()]
     checks += [("PyTorch", check_torch_build), ("GPU", check_gpu), ("FAISS", check_faiss),
                ("OpenCV", check_opencv), ("weights efficientnet_lite0", check_lite0_weights),
@@ -400,6 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "(✓ ok, ! optional and missing, ✗ required and broken).")
     parser.add_argument("--skip-selftest", action="store_true",
                         help="skip fitting a tiny model on synthetic photos (saves a few seconds)")
+    parser.add_argument("--runtime", action="store_true",
+                        help="check only what scoring on a line PC needs (requirements-runtime.txt, no torch)")
     parser.add_argument("--data-root", type=Path, default=PROJECT_ROOT / "data",
                         help="folder holding mvtec_ad/, synthetic_fasteners/ and custom_fasteners/ "
                              "(default: data/ of the project)")
@@ -408,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    checks = planned_checks(args.skip_selftest, args.data_root)
+    checks = planned_checks(args.skip_selftest, args.data_root, args.runtime)
     width = max(len(name) for name, _ in checks)
     results = report((run_check(name, check) for name, check in checks), sys.stdout, width)
     print(summary(results), flush=True)

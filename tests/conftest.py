@@ -9,14 +9,30 @@ import pytest
 
 from config import Config
 
-SCREW_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mvtec_ad" / "screw"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def data_roots() -> list[Path]:
+    """Where the tests look for MVTec AD, in order: $FASTENER_DATA when set, the project's data/ (where
+    the README puts it), then a data folder shared beside the project."""
+    roots = [Path(os.environ["FASTENER_DATA"])] if os.environ.get("FASTENER_DATA") else []
+    return roots + [ROOT / "data", ROOT.parent / "shared" / "data"]
+
+
+def find_screw_dir() -> Path | None:
+    """The first ``<root>/mvtec_ad/screw`` with training photos, or None."""
+    return next((root / "mvtec_ad" / "screw" for root in data_roots()
+                 if (root / "mvtec_ad" / "screw" / "train" / "good").is_dir()), None)
 
 
 @pytest.fixture(scope="session")
 def screw_dir() -> Path:
-    if not (SCREW_DIR / "train" / "good").is_dir():
-        pytest.skip(f"MVTec AD screw data not found at {SCREW_DIR}")
-    return SCREW_DIR
+    found = find_screw_dir()
+    if found is None:
+        looked = ", ".join(str(root / "mvtec_ad" / "screw") for root in data_roots())
+        pytest.skip(f"MVTec AD screw data not found (looked in {looked}; set FASTENER_DATA to the folder "
+                    "holding mvtec_ad/)")
+    return found
 
 
 def link_subset(source: Path, target: Path, n_train: int, n_test_per_kind: int) -> Path:

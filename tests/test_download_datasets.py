@@ -11,14 +11,15 @@ import cv2
 import numpy as np
 import pytest
 
+from conftest import find_screw_dir
 from scripts.download_datasets import main
 from scripts.synthetic_fasteners import PART_DEFECTS, PARTS, TABLES, SyntheticSettings, generate, render_sample
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
-SHARED_MVTEC = PROJECT_ROOT.parent / "shared" / "data" / "mvtec_ad"
-needs_mvtec_screw = pytest.mark.skipif(
-    not (SHARED_MVTEC / "screw").is_dir(), reason=f"MVTec AD screw not found at {SHARED_MVTEC / 'screw'}")
+SCREW = find_screw_dir()
+SHARED_MVTEC = SCREW.parent if SCREW else PROJECT_ROOT / "data" / "mvtec_ad"  # the MVTec AD root the tests use
+needs_mvtec_screw = pytest.mark.skipif(SCREW is None, reason="MVTec AD screw not found (see tests/conftest.py)")
 SMALL = SyntheticSettings(n_train=3, n_test_per_kind=2, size=128)
 
 

@@ -186,3 +186,25 @@ def test_selftest_fits_and_scores_for_real():
     result = verify_setup.check_selftest()
     assert result.status is Status.OK, result.detail
     assert "fitted on 6 synthetic photos" in result.detail
+
+
+def test_runtime_mode_checks_the_line_pc_set_alone(capsys, monkeypatch, tmp_path):
+    for heavy in ("torch", "torchvision", "sklearn", "scipy", "matplotlib"):  # absent on a line PC
+        monkeypatch.setitem(sys.modules, heavy, None)
+    code, out = run_main(capsys, "--runtime", "--data-root", str(tmp_path))
+    assert code == 0, out
+    runtime = {req.name for req in verify_setup.read_requirements(verify_setup.RUNTIME_REQUIREMENTS)}
+    assert {"onnxruntime", "faiss-cpu", "opencv-python-headless", "fastapi"} <= runtime
+    assert not runtime & {"torch", "scikit-learn", "scipy", "matplotlib"}
+    for name in (*runtime, "FAISS", "OpenCV"):
+        assert line_of(out, name).startswith(("✓", "!")), line_of(out, name)
+    assert "ONNX Runtime" in out and "PyTorch" not in out and "self-test" not in out
+    full = {req.name for req in verify_setup.read_requirements()}  # requirements.txt takes the runtime set in
+    assert runtime < full and "torch" in full
+
+
+def test_runtime_mode_names_the_runtime_file_when_a_package_is_missing(capsys, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    code, out = run_main(capsys, "--runtime", "--data-root", str(tmp_path))
+    assert code == 1
+    assert "pip install -r requirements-runtime.txt" in line_of(out, "faiss-cpu")
