@@ -9,10 +9,10 @@ until Ctrl-C.
 
 Per photo: score (feature distance of the worst spot to the nearest healthy patch; its scale
 depends on the model), normalized_score (score / threshold: 1.0 is the threshold on every model),
-threshold, verdict (ANOMALOUS when score > threshold), sigma (score above the healthy mean in
-healthy standard deviations) and anomaly_confidence (how unusual the score is for a healthy part,
-erf(sigma/√2): 1σ 68 %, 2σ 95 %, 3σ 99.7 %, 0 at or below the healthy mean; not how sure the
-verdict is).
+threshold, verdict (ANOMALOUS when score > threshold), sigma (how far the score lies above the
+median of the healthy calibration scores, in robust spreads of those scores) and anomaly_confidence
+(how unusual the score is for a healthy part, erf(sigma/√2): 1σ 68 %, 2σ 95 %, 3σ 99.7 %, 0 at or
+below the healthy median; not how sure the verdict is).
 
 Exit status: 0 when every photo was scored, 1 when the single ``--image`` could not be read, 3 when
 some photos of a ``--dir`` could not be read (the rest are scored and reported), 2 for a usage

@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         f"model saved to {model_path} ({model.memory_bank.shape[0]} patches in the memory bank, "
         f"threshold {model.threshold:.3f}, fit {model.fit_seconds:.1f} s)"
     )
-    print(f"coverage: every sampled training patch within {model.coverage_radius:.3f} of the bank (covering radius)")
+    print(f"memory bank: every training patch lies within {model.coverage_radius:.3f} of a kept one "
+          "(on the scale of the scores)")
     if has_test_split:
         from evaluation.report import evaluate, format_summary
 

@@ -46,8 +46,8 @@ class Model(Protocol):
     calibration_method: str
     calibration: dict[str, Any]  # method, count, warnings
     preprocessing: dict[str, Any]  # what preprocess 'auto' decided and why (empty otherwise)
-    calibration_mean: float
-    calibration_std: float
+    calibration_median: float
+    calibration_std: float  # the robust spread of the healthy scores
     n_train: int
     fit_seconds: float
     config: Any
@@ -113,10 +113,10 @@ def scored_image(
 
 
 def calibration_stats(model: Model) -> tuple[float | None, float | None]:
-    """Mean and spread of the healthy calibration scores (the ones the model's sigma uses), None when it has none."""
+    """Median and robust spread of the healthy calibration scores (what sigma counts from and in), None without them."""
     if len(model.calibration_scores) == 0:
         return None, None
-    return model.calibration_mean, model.calibration_std
+    return model.calibration_median, model.calibration_std
 
 
 def number(value: Any, digits: int = 4) -> str:

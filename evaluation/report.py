@@ -173,7 +173,7 @@ def _metrics(
         curves["pixel_roc"] = roc[1:]
     if pro is not None:
         curves["pro"] = pro
-    mean, std = calibration_stats(model)
+    median, spread = calibration_stats(model)
     metrics.update(
         pixel_auroc=None if roc is None else roc[0],
         aupro=None if pro is None else area_under_pro(*pro, DEFAULT_MAX_FPR),
@@ -182,8 +182,8 @@ def _metrics(
         threshold=model.threshold,
         promised_false_alarm_rate=model.config.false_alarm_rate,
         calibration=_calibration_statement(model),
-        calibration_mean=mean,
-        calibration_std=std,
+        calibration_median=median,
+        calibration_spread=spread,
         calibration_method=model.calibration_method,
         calibration_warnings=list(model.calibration.get("warnings", [])),
         preprocessing=model.config.preprocess,
@@ -284,9 +284,9 @@ def _metric_rows(metrics: dict[str, Any]) -> str:
          "defective test photos passed as OK"),
         *((f"Recall {html.escape(kind)}", f"{value:.1%}", "share of this defect kind flagged at the threshold")
           for kind, value in metrics["recall_per_defect"].items()),
-        ("Healthy calibration μ ± σ",
-         f"{number(metrics['calibration_mean'], 3)} ± {number(metrics['calibration_std'], 3)}",
-         html.escape(metrics["calibration_method"])),
+        ("Healthy calibration median / robust spread",
+         f"{number(metrics['calibration_median'], 3)} / {number(metrics['calibration_spread'], 3)}",
+         f"one sigma is one robust spread above the median; {html.escape(metrics['calibration_method'])}"),
         ("Test photos", f"{metrics['n_test']}", f"{metrics['n_test_good']} healthy, {metrics['n_test_defective']} "
          f"defective, {metrics['n_skipped']} unreadable"),
         ("Training photos", f"{metrics['n_train']}", "used to build the memory bank"),
@@ -332,7 +332,7 @@ def _html(
     curves: dict[str, tuple[np.ndarray, np.ndarray]],
 ) -> str:
     threshold = model.threshold
-    vmin = metrics["calibration_mean"]
+    vmin = metrics["calibration_median"]
     roc_curves = {
         name: (*curves[key], metrics[metric])
         for name, key, metric in (("image", "image_roc", "image_auroc"), ("pixel", "pixel_roc", "pixel_auroc"))
@@ -345,7 +345,7 @@ def _html(
         plots.append(plot(pro_figure(*curves["pro"], metrics["aupro"], DEFAULT_MAX_FPR), "PRO curve"))
     plots.append(plot(score_histogram_figure(
         [s.score for s in scored if not s.sample.is_defective], [s.score for s in scored if s.sample.is_defective],
-        threshold, model.calibration_scores), "score histogram"))
+        threshold, model.calibration_scores, calibration_stats(model)), "score histogram"))
     skipped = "".join(f"<li>{html.escape(s['reason'])}</li>" for s in metrics["skipped"])
     body = f"""<h2>Metrics</h2>
 <table>

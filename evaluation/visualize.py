@@ -78,8 +78,10 @@ def score_histogram_figure(
     defect_scores: Sequence[float],
     threshold: float,
     calibration_scores: Sequence[float],
+    healthy: tuple[float | None, float | None] = (None, None),
 ) -> Figure:
-    """Test scores of healthy and defective photos, the threshold, and the healthy calibration spread."""
+    """Test scores of healthy and defective photos, the threshold, and the healthy calibration scores with
+    their median and 1-3 sigma marked (``healthy``: median and robust spread, as the model counts sigma)."""
     good, defect, calibration = (
         np.asarray(values, dtype=np.float64) for values in (good_scores, defect_scores, calibration_scores)
     )
@@ -92,13 +94,14 @@ def score_histogram_figure(
     if len(calibration):
         ax.hist(calibration, bins=bins, histtype="step", color="0.25", lw=1.5,
                 label=f"calibration healthy ({len(calibration)})")
-        mean, std = float(calibration.mean()), float(calibration.std())
-        ax.axvline(mean, color="0.25", lw=1)
+    median, spread = healthy
+    if median is not None and spread is not None:
+        ax.axvline(median, color="0.25", lw=1)
         top = ax.get_ylim()[1]
-        ax.text(mean, top, "μ", ha="center", va="bottom", color="0.25")
+        ax.text(median, top, "median", ha="center", va="bottom", color="0.25")
         for k in (1, 2, 3):
-            ax.axvline(mean + k * std, color="0.25", lw=1, ls=":")
-            ax.text(mean + k * std, top, f"{k}σ", ha="center", va="bottom", color="0.25")
+            ax.axvline(median + k * spread, color="0.25", lw=1, ls=":")
+            ax.text(median + k * spread, top, f"{k}σ", ha="center", va="bottom", color="0.25")
     ax.axvline(threshold, color="black", lw=2.5, ls="--", label=f"threshold {threshold:.3f}")
     ax.set(xlabel="image anomaly score", ylabel="images")
     ax.set_title("Score distribution", pad=16)

@@ -2,7 +2,7 @@
 region outlined, and (``overlay_image``) the photo beside it with the verdict and the colour scale.
 
 Colour scale of every heatmap: fixed relative to the calibrated threshold, from ``vmin`` (the
-healthy calibration mean when the caller knows it, else 0) to threshold + 2 × (threshold − vmin). Heatmaps of
+healthy median score when the caller knows it, else 0) to threshold + 2 × (threshold − vmin). Heatmaps of
 different photos are therefore directly comparable, and the colour's opacity grows with the value,
 so a healthy photo (map well below threshold) shows almost no colour.
 
@@ -60,7 +60,7 @@ def colour_range(
 ) -> tuple[float, float]:
     """(low, high) of the colour scale: fixed by the threshold, or the map's own range without one.
 
-    With a threshold the scale runs from ``vmin`` (the healthy mean) to as far above the threshold
+    With a threshold the scale runs from ``vmin`` (the healthy median) to as far above the threshold
     as the threshold is above ``vmin`` twice over, so the threshold sits a third of the way up and a
     clear defect reaches the warm colours; every photo of a model shares the same scale.
     """

@@ -89,7 +89,7 @@ def write_overlay(model: PatchCore, image: np.ndarray, prediction: Prediction, o
         prediction.anomaly_map,
         out_path,
         threshold=prediction.threshold,
-        vmin=model.calibration_mean,  # same colour scale as the report: a healthy part looks calm
+        vmin=model.calibration_median,  # same colour scale as the report: a healthy part looks calm
         score=prediction.score,
         verdict="ANOMALOUS" if prediction.is_anomalous else "OK",
     )

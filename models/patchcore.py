@@ -65,7 +65,7 @@ class Prediction:
     threshold: float  # the threshold the verdict was taken against
     anomaly_map: np.ndarray  # (H, W) float32, same units as score
     is_anomalous: bool  # score > threshold
-    sigma: float  # distance of the score from healthy, in calibration standard deviations
+    sigma: float  # how far the score lies above the healthy median, in robust spreads of the healthy scores
     anomaly_confidence: float  # how unusual the score is for a healthy part: 1σ -> 0.68, 2σ -> 0.95, 3σ -> 0.997
     warnings: list[str] = field(default_factory=list)
 
@@ -328,16 +328,13 @@ class PatchCore:
         return float(np.median(np.sqrt(np.maximum(distances[:, 1], 0))))
 
     @property
-    def calibration_mean(self) -> float:
-        return float(self.calibration_scores.mean())
-
-    @property
     def calibration_median(self) -> float:
         return float(np.median(self.calibration_scores))
 
     @property
     def calibration_std(self) -> float:
-        """Healthy spread, estimated robustly (1.4826 x MAD estimates the standard deviation), with a floor."""
+        """The robust spread of the healthy scores: 1.4826 x their median absolute deviation (the standard
+        deviation, for normal scores, but not pulled by a few odd photos), with a floor. One sigma."""
         scores = self.calibration_scores
         mad = float(np.median(np.abs(scores - np.median(scores))))
         return max(1.4826 * mad, float(self.calibration.get("spread_floor", 0.0)), 1e-12)

@@ -31,6 +31,7 @@ MIN_PHOTOS_TO_RANK = 6  # fewer cannot be split into a bank and a meaningful eva
 MAX_BANK_PHOTOS = 30  # per candidate: keeps the whole choice within about two extra fits
 MAX_EVAL_PHOTOS = 15  # healthy photos scored per candidate; each also gets a defective copy
 PIXEL_EVAL_SIDE = 128  # maps and masks are compared at this long side
+CANDIDATE_WORDS = {"decided": "the measured steps", "off": "no preprocessing"}
 
 
 class Candidate(Protocol):
@@ -77,12 +78,11 @@ def choose_preprocessing(
     record["candidates"] = results
     winner = max(results, key=lambda name: (results[name]["rank_score"], name == "decided"))
     record["reasons"].append(
-        f"pipeline: {'the measured steps' if winner == 'decided' else 'preprocessing off'} "
-        f"(synthetic defects on {n_eval} held-out training photos, bank of {n_bank}: "
-        + ", ".join(
-            f"{name} image AUROC {r['image_auroc']:.3f} / pixel AUROC {r['pixel_auroc']:.3f}" for name, r in results.items()
-        )
-        + ")"
+        f"pipeline: {CANDIDATE_WORDS[winner]} (a trial on {n_eval} training photos with synthetic defects painted "
+        f"on, each model built from {n_bank} others: " + ", ".join(
+            f"{CANDIDATE_WORDS[name]} scored the defective copy higher in {r['image_auroc']:.0%} of pairs"
+            for name, r in results.items()
+        ) + ")"
     )
     return candidates[winner], _finish(record, candidates[winner], winner)
 

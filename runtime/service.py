@@ -171,8 +171,8 @@ def model_summary(model: PatchCore, path: Path) -> dict[str, Any]:
         "threshold": model.threshold,
         "promise": promise(model.calibration),
         "calibration": {
-            "mean": model.calibration_mean,
-            "std": model.calibration_std,
+            "median": model.calibration_median,
+            "robust_spread": model.calibration_std,
             **getattr(model, "calibration", {}),
         },
         "n_train": model.n_train,

@@ -82,3 +82,32 @@ def test_runtime_onnx_without_an_export_says_how_to_make_one(fitted_model, tmp_p
     )
     assert completed.returncode == 2
     assert completed.stderr.startswith("error:") and "export_onnx.py" in completed.stderr
+
+
+# Runs a command-line tool as on a line PC set up from requirements-runtime.txt: the packages that
+# only fitting needs cannot be imported.
+WITHOUT_FITTING_PACKAGES = """
+import runpy, sys
+for name in ("torch", "torchvision", "sklearn", "scipy", "matplotlib", "skimage"):
+    sys.modules[name] = None
+sys.argv = sys.argv[1:]
+sys.path.insert(0, sys.argv[0].rsplit("/", 1)[0])  # as running the script itself would
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_the_line_pc_set_scores_a_folder_with_report_csv_and_overlays(exported_model, small_screw_dir, tmp_path):
+    out = tmp_path / "out"
+    completed = subprocess.run(
+        [sys.executable, "-c", WITHOUT_FITTING_PACKAGES, str(ROOT / "inference.py"), "--model", str(exported_model),
+         "--dir", str(small_screw_dir / "test"), "--report", "--csv", str(out / "results.csv"), "--visualize",
+         "--output-dir", str(out), "--quiet"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    photos = len(load_test_split(small_screw_dir))
+    assert len((out / "results.csv").read_text().splitlines()) == photos + 1
+    assert (out / "batch_report.html").is_file() and len(list((out / "heatmaps").rglob("*.png"))) == photos
+    verified = subprocess.run([sys.executable, "-c", WITHOUT_FITTING_PACKAGES, str(ROOT / "verify_setup.py"),
+                               "--runtime"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert verified.returncode == 0, verified.stdout[-2000:]

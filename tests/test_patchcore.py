@@ -367,7 +367,7 @@ def test_only_patches_near_the_part_are_stored_and_searched(fitted_model, small_
     (prediction,) = fitted_model.predict([sample.path])
     (full,) = everything.predict([sample.path])
     corner = (slice(0, 50), slice(0, 50))  # the photo's corner is table, far from the screw
-    assert prediction.anomaly_map[corner].max() <= fitted_model.calibration_mean / 2
+    assert prediction.anomaly_map[corner].max() <= fitted_model.calibration_median / 2
     assert prediction.score == pytest.approx(full.score, rel=0.25)
 
 

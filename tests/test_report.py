@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -16,6 +17,8 @@ from config import Config
 from evaluation.metrics import image_metrics
 from evaluation.report import evaluate, format_summary
 from models.patchcore import Prediction
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SIZE = 96
 REQUIRED_KEYS = {
@@ -39,8 +42,8 @@ class FakeModel:
         self.n_train = 20
         self.fit_seconds = 1.5
         self.batch_sizes: list[int] = []
-        self.calibration_mean = float(self.calibration_scores.mean())
-        self.calibration_std = float(self.calibration_scores.std())
+        self.calibration_median = float(np.median(self.calibration_scores))
+        self.calibration_std = 0.05  # the robust spread
 
     def predict(self, images: list[np.ndarray], progress: bool = False) -> list[Prediction]:
         self.batch_sizes.append(len(images))
@@ -129,6 +132,19 @@ def test_report_says_how_the_model_was_set_up(report: tuple[dict, Path, FakeMode
     page = (out_dir / "report.html").read_text()
     setup = page.split("How this model was set up", 1)[1].split("</ul>", 1)[0]
     assert "rotation off (a test decision)" in setup and "six healthy photos" in setup and "only six photos" in setup
+
+
+def test_the_healthy_statistics_have_one_name_everywhere(report: tuple[dict, Path, FakeModel]) -> None:
+    """Median, robust spread and sigma, in the report, metrics.json and inference.py --help alike."""
+    metrics, out_dir, model = report
+    assert metrics["calibration_median"] == pytest.approx(np.median(model.calibration_scores))
+    assert metrics["calibration_spread"] == pytest.approx(model.calibration_std)
+    assert not any("mean" in key or "std" in key for key in metrics)
+    page = (out_dir / "report.html").read_text()
+    assert "median / robust spread" in page and "μ" not in page
+    help_text = subprocess.run([sys.executable, "inference.py", "--help"], cwd=ROOT, capture_output=True,
+                               text=True, timeout=120).stdout
+    assert "median" in help_text and "robust spread" in " ".join(help_text.split()) and "mean" not in help_text
 
 
 def test_predicts_in_batches(report: tuple[dict, Path, FakeModel]) -> None:

@@ -114,6 +114,7 @@ def test_wrong_or_missing_key_is_401_but_health_is_open(service, photos):
     assert model["backbone"] == "efficientnet_lite0" and model["runtime"] == "torch" and "threshold" in model
     assert model["promise"].startswith("expect 10 false alarms per 1,000 healthy parts (95 % interval")
     assert model["calibration"]["false_alarm_rate"] == 0.01
+    assert set(model["calibration"]) >= {"median", "robust_spread"} and not {"mean", "std"} & set(model["calibration"])
 
 
 def test_a_concurrent_burst_is_bounded_and_every_photo_is_scored_once_retried(service, photos, fitted_model):

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -80,6 +81,9 @@ def test_fit_writes_the_model_file_named_after_the_folder(tmp_path, small_screw_
     assert (tmp_path / "saved_models" / "patchcore_my_screws.pkl").is_file()
     assert "model saved to saved_models/patchcore_my_screws.pkl" in result.stdout
     assert result.stderr == ""  # --quiet: no progress bars
+    pipeline = next(line for line in result.stdout.splitlines() if line.startswith("preprocessing: pipeline:"))
+    assert "of pairs" in pipeline  # the trial of the two pipelines, in plain words
+    assert not re.search(r"AUROC|covering radius", result.stdout), result.stdout
 
 
 @pytest.mark.parametrize("flag", ["--help"])

@@ -96,7 +96,7 @@ def test_plots_render() -> None:
     fpr = np.linspace(0, 1, 50_000)  # long pixel-level curves are resampled, not drawn point by point
     assert figure_bytes(roc_figure({"image": (fpr, np.sqrt(fpr), 0.67), "pixel": (fpr, fpr, 0.5)})).startswith(PNG_MAGIC)
     assert figure_bytes(pro_figure(fpr, fpr ** 0.3, 0.5, 0.3)).startswith(PNG_MAGIC)
-    histogram = score_histogram_figure([1.0, 1.2, 1.1], [2.5, 3.0], 1.6, [1.0, 1.1, 1.05])
+    histogram = score_histogram_figure([1.0, 1.2, 1.1], [2.5, 3.0], 1.6, [1.0, 1.1, 1.05], (1.1, 0.05))
     assert figure_bytes(histogram).startswith(PNG_MAGIC)
     assert figure_bytes(score_histogram_figure([1.0], [2.0], 1.5, [])).startswith(PNG_MAGIC)
     scale = colour_scale_image(2.0, vmin=1.0)
