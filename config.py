@@ -106,7 +106,7 @@ class Rule:
 
 
 def _on_off(value: Any) -> Any:
-    """true/false (model files and YAML written before 'auto' existed, or --preprocess false) mean on/off."""
+    """true/false (--preprocess false, or a model file or YAML file that spells it so) mean on/off."""
     switch = str(value).lower()
     return {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}.get(switch, switch)
 

@@ -16,7 +16,7 @@ they finish; the table of every row so far is printed and written to outputs/cor
 
 ``--scale N`` replays the object patches of the training photos, with fresh noise on every pass, as
 an N-photo stream through the bank's coreset alone (default ratio; kept-so-far search exact
-throughout, as before, and as now) and reports its photos/s over the first and the last 300 photos,
+throughout, and as the model runs it) and reports its photos/s over the first and the last 300 photos,
 its covering radius and its resident memory.
 """
 
@@ -46,7 +46,7 @@ from models.coreset import StreamingCoreset  # noqa: E402
 from evaluation.mvtec import train_images  # noqa: E402
 from output_files import write_atomically  # noqa: E402
 
-DEFAULT_DATA_DIR = ROOT.parent / "shared" / "data" / "mvtec_ad" / "screw"
+DEFAULT_DATA_DIR = ROOT / "data" / "mvtec_ad" / "screw"
 SCHEMES = {
     "default": {},
     "oversampled": {"coreset_oversampling": 8.0},
@@ -170,7 +170,7 @@ def resident_mib() -> float:
 
 def scale_run(args: argparse.Namespace, n_photos: int) -> list[dict[str, Any]]:
     """Stream ``n_photos`` photos' worth of real object patches (noised replays) through the bank's coreset,
-    with the kept-so-far search exact throughout (before) and as it is now (an inverted file past
+    with the kept-so-far search exact throughout and as the model runs it (an inverted file past
     ``EXACT_UP_TO`` kept patches; 0, so from the first one)."""
     config = settings(args, preprocess=True)
     model = patchcore.PatchCore(config)
@@ -181,8 +181,8 @@ def scale_run(args: argparse.Namespace, n_photos: int) -> list[dict[str, Any]]:
     photos_per_batch = config.batch_size
     rows = []
     now = coreset.EXACT_UP_TO
-    now_label = f"inverted file past {now:,} (now)" if now else "inverted file throughout (now)"
-    for search, exact_up_to in (("exact throughout (before)", 2**62), (now_label, now)):
+    now_label = f"inverted file past {now:,} (the model's)" if now else "inverted file throughout (the model's)"
+    for search, exact_up_to in (("exact throughout", 2**62), (now_label, now)):
         coreset.EXACT_UP_TO = exact_up_to
         streaming = StreamingCoreset(
             config.coreset_sampling_ratio, config.coreset_projection_dim, config.coreset_chunk_size, config.seed

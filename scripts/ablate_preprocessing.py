@@ -1,7 +1,7 @@
 """Measure what each preprocessing step is worth: image and pixel AUROC with steps switched off in turn.
 
 Usage:
-    .venv/bin/python scripts/ablate_preprocessing.py --data-dir ../shared/data/mvtec_ad/screw \\
+    .venv/bin/python scripts/ablate_preprocessing.py --data-dir data/mvtec_ad/screw \\
         --backbone efficientnet_lite0 --coreset-sampling-ratio 0.02
 
 Rows: the pipeline off (plain resize), every step on, each step removed in turn, what

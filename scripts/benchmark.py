@@ -54,7 +54,7 @@ from evaluation.mvtec import LabelledImage, load_test_split, train_images  # noq
 from output_files import write_atomically  # noqa: E402
 from preprocessing.io import read_image  # noqa: E402
 
-DEFAULT_DATA_DIR = ROOT.parent / "shared" / "data" / "mvtec_ad" / "screw"
+DEFAULT_DATA_DIR = ROOT / "data" / "mvtec_ad" / "screw"
 PHASES = ("fit", "infer", "profile")
 PROFILE_TOP = 25
 PROFILE_POOL_TOP = 15

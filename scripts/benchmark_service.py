@@ -31,7 +31,7 @@ from config import fail, run_cli  # noqa: E402
 from output_files import write_atomically  # noqa: E402
 from preprocessing.io import find_images  # noqa: E402
 
-DEFAULT_PHOTOS = ROOT.parent / "shared" / "data" / "mvtec_ad" / "screw" / "test"
+DEFAULT_PHOTOS = ROOT / "data" / "mvtec_ad" / "screw" / "test"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

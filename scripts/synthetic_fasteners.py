@@ -174,8 +174,8 @@ def draw_scene(rng: np.random.Generator, settings: SyntheticSettings) -> Scene:
     noise = (rng.standard_normal((size, size, 1), np.float32) * 0.7
              + rng.standard_normal((size, size, 3), np.float32) * 0.5)
     blur_sigma = rng.uniform(0.45, 0.8) * unit
-    # Draws for the newer parts and options come last and only when used, so the screw and nut sets
-    # of earlier versions stay byte-identical.
+    # Draws for the plate, washer and bracket and for the scene options come last and only when used,
+    # so a screw or nut set does not depend on them (the same seed gives the same photos).
     elongation = rng.uniform(*PLATE_ELONGATION) if settings.part == "plate" else 1.0
     streaks = np.zeros(2)
     if settings.part in ("plate", "bracket"):

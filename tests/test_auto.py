@@ -37,7 +37,7 @@ def test_elongation_spanning_the_cutoff_turns_rotation_off_for_every_photo() -> 
     assert decision.changes["align_rotation"] is False
     assert any("rotation off" in reason and "cut-off" in reason for reason in decision.reasons)
     decided = CONFIG.replace(**decision.changes)
-    # A photo whose plate clears the old per-photo cut-off is still not turned: the set's decision holds.
+    # A photo whose plate clears the per-photo cut-off of `preprocess: on` is still not turned: the set's decision holds.
     elongated = plate_photo(1.7, 35)
     assert principal_axis(cv2.cvtColor(elongated, cv2.COLOR_RGB2GRAY) > 100).elongation > CONFIG.min_elongation
     assert rotation_of(preprocess(elongated, decided).transform) == pytest.approx(0, abs=1e-6)
@@ -49,7 +49,7 @@ def test_elongated_parts_at_any_angle_turn_rotation_on_for_every_photo() -> None
     decision = decide_steps(measure_photos(photos, CONFIG), CONFIG)
     assert decision.changes["align_rotation"] is True and decision.changes["min_elongation"] == 0
     decided = CONFIG.replace(**decision.changes)
-    # A stubby photo, below the old cut-off, is turned like every other photo of the set.
+    # A stubby photo, below that cut-off, is turned like every other photo of the set.
     stubby = plate_photo(1.3, 40)
     assert abs(rotation_of(preprocess(stubby, decided).transform)) > 10
     assert rotation_of(preprocess(stubby, CONFIG).transform) == pytest.approx(0, abs=1e-6)

@@ -124,7 +124,7 @@ def test_model_file_keeps_the_covering_radius_and_older_files_still_load(fitted_
     fitted_model.save(path)
     assert PatchCore.load(path).coverage_radius == fitted_model.coverage_radius
     state = pickle.loads(path.read_bytes())  # written by this test: plain data
-    del state["coverage_radius"]  # as written before the covering radius was stored
+    del state["coverage_radius"]  # a model file without the covering radius
     path.write_bytes(pickle.dumps(state))
     assert np.isnan(PatchCore.load(path).coverage_radius)
 

@@ -1,5 +1,6 @@
-"""The README stays true where a machine can check it: flags it quotes exist, the model files its
-Usage section scores are the ones it fits, its Python example runs, and the package installs."""
+"""The README and docs/ stay true where a machine can check it: every command they show names a script
+that exists with flags it has and data under data/, the model files the README scores are the ones it
+fits, its Python example runs, the package installs, and the text is short and about the present."""
 
 from __future__ import annotations
 
@@ -18,12 +19,16 @@ from test_layers import project_modules
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
-COMMAND = re.compile(r"(?:\.venv/bin/)?python ((?:scripts/)?\w+\.py)([^`\n#]*)")
+DOCS = {path.name: path.read_text(encoding="utf-8") for path in sorted((ROOT / "docs").glob("*.md"))}
+COMMAND = re.compile(r"(?:\.venv/bin/)?python ((?:scripts/|benchmarks/)?\w+\.py)([^`\n#]*)")
+# Phrases that narrate how the project came to be; git log keeps that, the documents describe what is.
+HISTORY = re.compile(r"\bsessions?\b|\bpreviously\b|\bprevious (?:version|run|code)|\bearlier (?:version|measurement)|"
+                     r"\bno longer\b|\b(?:it|this|they|which) used to\b|\bfirst version\b|\btried\b|\bround of work|\bbefore the change", re.I)
 
 
-def quoted_commands() -> list[tuple[str, str]]:
-    """(script, arguments) of every `python X.py ...` the README shows, in code blocks or inline."""
-    return [(script, arguments.strip()) for script, arguments in COMMAND.findall(README)]
+def quoted_commands(text: str = README) -> list[tuple[str, str]]:
+    """(script, arguments) of every `python X.py ...` a document shows, in code blocks or inline."""
+    return [(script, arguments.strip()) for script, arguments in COMMAND.findall(text)]
 
 
 @cache
@@ -33,12 +38,37 @@ def help_text(script: str) -> str:
     return result.stdout
 
 
-def test_every_flag_the_readme_quotes_exists():
-    commands = quoted_commands()
-    assert len(commands) > 15
+@pytest.mark.parametrize("name", ["README.md", *DOCS])
+def test_every_command_names_a_script_and_flags_that_exist(name):
+    text = README if name == "README.md" else DOCS[name]
+    commands = quoted_commands(text)
+    if name == "README.md":
+        assert len(commands) > 15
     for script, arguments in commands:
+        assert (ROOT / script).is_file(), f"{name}: {script} does not exist"
         for flag in re.findall(r"(?<!\S)--[a-z][a-z0-9-]*", arguments):
             assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", help_text(script)), f"{script} has no {flag}"
+
+
+@pytest.mark.parametrize("name", ["README.md", *DOCS])
+def test_documents_use_the_users_data_folder_and_the_project_venv(name):
+    """A newcomer has data/ and .venv, not the developers' ../shared: every command runs as written."""
+    text = README if name == "README.md" else DOCS[name]
+    assert "../shared" not in text and "/tmp/" not in text
+    bare = [line for line in text.splitlines() if re.match(r"\s*python \S+\.py", line)]
+    assert not bare, f"{name}: bare `python` fails outside .venv (use .venv/bin/python): {bare}"
+
+
+@pytest.mark.parametrize("name", ["README.md", *DOCS])
+def test_documents_describe_the_present_not_their_history(name):
+    text = README if name == "README.md" else DOCS[name]
+    found = [line for line in text.splitlines() if HISTORY.search(line)]
+    assert not found, f"{name} narrates history: {found}"
+
+
+def test_the_readme_is_short_and_links_every_reference_file():
+    assert len(README.splitlines()) <= 300
+    assert DOCS and all(f"docs/{name}" in README for name in DOCS)
 
 
 def test_usage_scores_the_model_files_it_fits():
@@ -59,7 +89,7 @@ def test_usage_scores_the_model_files_it_fits():
 
 
 def python_api_example() -> str:
-    section = README.split("## Python API", 1)[1]
+    section = README.split("\n## Python\n", 1)[1]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
