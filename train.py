@@ -109,7 +109,7 @@ def print_calibration(model: PatchCore) -> None:
 
 def print_unlike_the_rest(model: PatchCore, heatmap_dir: Path) -> list[str]:
     """List the training photos that score far above the rest, with heatmaps from a bank that never saw them."""
-    from runtime.scoring import heatmap_path, write_overlay
+    from inspection.scoring import heatmap_path, write_overlay
 
     listed = [entry["photo"] for entry in model.calibration.get("unlike_the_rest", [])]
     if not listed:
