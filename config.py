@@ -181,6 +181,22 @@ class Config:
         5, "folds of the cross-fitted calibration: each photo is scored by a bank fitted without its fold",
         minimum=2, maximum=100,
     )
+    # --- learning on the line (train.py --add-good, /feedback, drift warnings) -----------------
+    good_score_limit: float = setting(
+        1.5, "a photo confirmed good that scores above this many thresholds is refused unless forced",
+        minimum=1, maximum=1000,
+    )
+    drift_window: int = setting(
+        200, "recent passed photos whose scores the drift check watches", minimum=5, maximum=1_000_000
+    )
+    drift_percentile: float = setting(
+        90.0, "drift: warn when the window's median score is above this percentile of the calibration scores",
+        above=50, below=100,
+    )
+    drift_flag_factor: float = setting(
+        3.0, "drift: warn when the share flagged in the window is above this many times the expected false alarms",
+        above=1, maximum=1000,
+    )
     # --- preprocessing (the eight-step pipeline) -----------------------------------------------
     preprocess: str = setting(
         "auto", "auto: steps decided from the training photos at fit time; on: the switches below; off: a plain resize",

@@ -67,7 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--jsonl", type=Path, metavar="FILE", help="with --watch: append one JSON line per photo")
     parser.add_argument("--sort-into", type=Path, metavar="OUT",
-                        help="with --watch: move each photo to OUT/ok, OUT/anomalous or OUT/unreadable")
+                        help="with --watch: move each photo to OUT/ok, OUT/anomalous or OUT/unreadable; photos "
+                             "moved into OUT/confirmed_good are added to the model (docs/learning-on-the-line.md)")
     parser.add_argument("--settle-seconds", type=float, default=0.5,
                         help="with --watch: a photo counts as written once unchanged this long")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         if heatmaps is not None:
             check_output_folder(heatmaps)
         outputs = WatchOutputs(jsonl=args.jsonl, csv=args.csv, sort_into=args.sort_into, heatmaps=heatmaps)
-        return watch_until_stopped(model, args.watch, outputs, args.settle_seconds)
+        return watch_until_stopped(model, args.watch, outputs, args.settle_seconds, model_path=args.model)
 
     if args.evaluate:
         from evaluation.report import evaluate, format_summary

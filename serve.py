@@ -37,6 +37,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-upload-mb", type=float, default=20.0, help="larger uploads are refused (413)")
     parser.add_argument("--queue-size", type=int, default=32, help="photos waiting at most; beyond, 503")
     parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits for company")
+    parser.add_argument("--learn", action="store_true",
+                        help="POST /feedback?verdict=good adds photos confirmed good to the model and saves it over "
+                             "--model, keeping the file it replaces (docs/learning-on-the-line.md); one worker only")
+    parser.add_argument("--learn-batch", type=int, default=16, help="with --learn: confirmed photos per update")
+    parser.add_argument("--learn-wait-s", type=float, default=60.0,
+                        help="with --learn: an update waits at most this long after the first confirmed photo")
+    parser.add_argument("--keep-scored", type=int, default=256,
+                        help="with --learn: recent uploads that /feedback can name")
+    parser.add_argument("--events-jsonl", type=Path, metavar="FILE",
+                        help="append drift warnings and model updates to FILE, one JSON line each")
     return parser.parse_args(argv)
 
 
@@ -48,9 +58,13 @@ def main(argv: list[str] | None = None) -> int:
         fail(f"{args.model}: model file not found")
     if args.workers < 1:
         fail("--workers must be at least 1")
+    if args.learn and args.workers > 1:
+        fail("--learn updates one model in one process; run it with --workers 1")
     settings = ServiceSettings(
         model=str(args.model), runtime=args.runtime, device=args.device, api_key=args.api_key,
         max_upload_mb=args.max_upload_mb, queue_size=args.queue_size, batch_wait_ms=args.batch_wait_ms,
+        learn=args.learn, learn_batch=args.learn_batch, learn_wait_s=args.learn_wait_s, keep_scored=args.keep_scored,
+        events_jsonl=str(args.events_jsonl) if args.events_jsonl else None,
     )
     if args.workers == 1:
         uvicorn.run(create_app(settings), host=args.host, port=args.port, access_log=False)

@@ -5,6 +5,10 @@ model file, and, when the folder has a ``test`` split, evaluates it and writes a
 
 ``--recalibrate --model M --data-dir D`` moves a saved model's threshold to the healthy photos of
 D (``D/train/good`` when it exists, else every photo under D) without refitting its memory bank.
+
+``--add-good --model M --data-dir D`` adds the photos of D, confirmed good on the line, to the
+memory bank of M without a refit and re-calibrates (docs/learning-on-the-line.md); the file it
+replaces is kept as ``M.before-update-<n>.pkl``.
 """
 
 from __future__ import annotations
@@ -39,7 +43,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "calibration set (threshold, sigma); the memory bank is kept as it is. Written to --output, "
         "default: --model itself",
     )
-    parser.add_argument("--model", type=Path, help="with --recalibrate: the model file to re-calibrate")
+    parser.add_argument(
+        "--add-good",
+        action="store_true",
+        help="fit nothing: add the healthy photos of --data-dir (confirmed good on the line) to the saved "
+        "--model's memory bank and re-calibrate; written to --output, default: --model itself, keeping the "
+        "file it replaces as <model>.before-update-<n>.pkl",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="with --add-good: add photos even when they score far above the threshold (good_score_limit)",
+    )
+    parser.add_argument("--model", type=Path, help="with --recalibrate or --add-good: the saved model file")
     parser.add_argument(
         "--preprocess-only",
         action="store_true",
@@ -56,13 +72,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.recalibrate and not (args.model and args.data_dir):
         parser.error("--recalibrate needs --model (the saved model) and --data-dir (a folder of healthy photos)")
-    if args.model and not args.recalibrate:
-        parser.error("--model is only for --recalibrate; train.py fits a new model from --data-dir or --category")
+    if args.recalibrate and args.add_good:
+        parser.error("--recalibrate and --add-good are two different updates; run one at a time")
+    if args.add_good and not (args.model and args.data_dir):
+        parser.error("--add-good needs --model (the saved model) and --data-dir (a folder of photos confirmed good)")
+    if args.force and not args.add_good:
+        parser.error("--force goes with --add-good")
+    if args.model and not (args.recalibrate or args.add_good):
+        parser.error("--model is only for --recalibrate and --add-good; train.py fits a new model from --data-dir "
+                     "or --category")
     given = [name for name in vars(args) if name in CONFIG_FIELDS and getattr(args, name) is not None]
     if args.recalibrate and (args.config or set(given) - {"false_alarm_rate"}):
         parser.error("--recalibrate keeps the model's settings; of the settings only --false-alarm-rate applies")
-    if args.drop_unlike and (args.recalibrate or args.preprocess_only):
-        parser.error("--drop-unlike goes with a fit, not with --recalibrate or --preprocess-only")
+    if args.add_good and (args.config or given):
+        parser.error("--add-good keeps the model's settings (backbone, preprocessing, coreset ratio); "
+                     "it takes no settings")
+    if args.drop_unlike and (args.recalibrate or args.add_good or args.preprocess_only):
+        parser.error("--drop-unlike goes with a fit, not with --recalibrate, --add-good or --preprocess-only")
     return args
 
 
@@ -128,10 +154,34 @@ def print_unlike_the_rest(model: PatchCore, heatmap_dir: Path) -> list[str]:
     return listed
 
 
+def add_good(args: argparse.Namespace) -> int:
+    """Add photos confirmed good to a saved model's bank and re-calibrate, keeping the file it replaces."""
+    from models.patchcore import PatchCore, keep_previous
+
+    model = PatchCore.load(args.model)
+    paths = healthy_photos(args.data_dir)
+    output = args.output or args.model
+    check_writable(output)  # before scoring, as for a fit
+    refuse_unusable_photos(paths, model.config)
+    update = model.add_good(paths, progress=not args.quiet, source=str(args.data_dir), force=args.force)
+    kept = keep_previous(output, len(model.updates))
+    model.save(output)
+    for name in update["forced"]:
+        print(f"warning: {name} scores above {model.config.good_score_limit:g} x the threshold; added because of --force")
+    print(f"added {update['photos']} photos confirmed good from {args.data_dir}: memory bank "
+          f"{update['bank_before']} -> {update['bank_after']} patches, threshold {update['threshold_before']:.3f} -> "
+          f"{update['threshold_after']:.3f} ({update['seconds']:.1f} s); saved to {output}"
+          + (f", previous file kept as {kept}" if kept else ""))
+    print_calibration(model)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.recalibrate:
         return recalibrate(args)
+    if args.add_good:
+        return add_good(args)
     if args.category:
         data_dir = Path("data") / "mvtec_ad" / args.category
         name, category = f"mvtec_{args.category}", args.category

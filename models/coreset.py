@@ -202,6 +202,7 @@ class StreamingCoreset:
         seed: int,
         device: torch.device | str = "cpu",
         oversampling: float = 1.0,
+        known: np.ndarray | None = None,
     ) -> None:
         self.ratio = ratio
         self.projection_dim = projection_dim
@@ -221,12 +222,19 @@ class StreamingCoreset:
         self._sample_rng = np.random.default_rng(seed)
         self._sample = np.empty((0, 0), dtype=np.float32)
         self._sample_keys = np.empty(0)
+        # Patches of a bank fitted earlier (add_good): they count as kept, so greedy picks only what
+        # they do not cover, but they are not part of ``result()``'s picks.
+        self._known = np.empty((0, 0), dtype=np.float32) if known is None else np.asarray(known, np.float32)
 
     def add(self, features: torch.Tensor) -> None:
         """Take (n, d) features; reduce whenever a full chunk is buffered."""
         if self._seen == 0 and not self._pending:
             projection = random_projection(features.shape[1], self.projection_dim, self.seed)
             self._projection = None if projection is None else projection.to(self.device)
+            if len(self._known):
+                known = self._project(torch.from_numpy(self._known))
+                self._index = CandidateIndex(known.shape[1])
+                self._index.add(known)
         self._pending.append(features.to(self.device, torch.float32))
         self._pending_count += features.shape[0]
         if self._pending_count < self.chunk_size:
@@ -253,15 +261,28 @@ class StreamingCoreset:
         positions = np.concatenate(self._positions)
         target = max(1, round(self.ratio * self._seen))
         if self.share > self.ratio and len(candidates) > target:  # the global pass over the candidates
-            picks = greedy_coreset(self._index.points(), target, seed=self.seed)
+            projected = self._index.points()
+            covered = None
+            if len(self._known):  # continue from the known bank, as every chunk did
+                known = faiss.IndexFlatL2(projected.shape[1])
+                known.add(projected[: len(self._known)])
+                projected = np.ascontiguousarray(projected[len(self._known) :])
+                covered = known.search(projected, 1)[0][:, 0]
+            picks = greedy_coreset(projected, target, seed=self.seed, covered=covered)
             candidates, positions = candidates[picks], positions[picks]
         self.kept_indices = positions.tolist()
-        self.covering_radius = self._radius_on_sample(candidates)
+        whole_bank = np.concatenate([self._known, candidates]) if len(self._known) else candidates
+        self.covering_radius = self._radius_on_sample(whole_bank)
         return candidates
 
+    def _project(self, features: torch.Tensor) -> np.ndarray:
+        """Features in the projected space greedy measures distances in, as a contiguous NumPy array."""
+        features = features.to(self.device, torch.float32)
+        projected = features @ self._projection if self._projection is not None else features
+        return np.ascontiguousarray(projected.cpu().numpy())
+
     def _reduce(self, chunk: torch.Tensor) -> None:
-        projected = chunk @ self._projection if self._projection is not None else chunk
-        projected_cpu = np.ascontiguousarray(projected.cpu().numpy())
+        projected_cpu = self._project(chunk)
         if self._index is None:
             self._index = CandidateIndex(projected_cpu.shape[1])
         # patches like the candidates so far are not picked again

@@ -10,6 +10,7 @@ runs without it.
 
 from __future__ import annotations
 
+import copy
 import math
 import pickle
 import platform
@@ -98,6 +99,7 @@ class PatchCore:
         self.weights_identity = ""
         self.runtime = "torch"  # feature extractor back end: torch | onnx | auto (models/backend.py)
         self.onnx_file: Path | None = None
+        self.updates: list[dict[str, Any]] = []  # confirmed-good photos added since the fit (add_good)
         # Seconds per stage, summed since the last fit started: the fit's own stages, and predict_*
         # over the predict calls since; scripts/benchmark.py reads them.
         self.timings: dict[str, float] = {}
@@ -312,6 +314,108 @@ class PatchCore:
         self.set_calibration(
             np.asarray(scores), f"re-calibrated on {len(scores)} healthy photos{origin}", [str(image) for image in images]
         )
+
+    def add_good(
+        self,
+        images: Sequence[str | Path | np.ndarray],
+        progress: bool = True,
+        source: str = "",
+        force: bool = False,
+        skip_refused: bool = False,
+        labels: Sequence[str] | None = None,
+    ) -> dict[str, Any]:
+        """Fold photos confirmed good into the memory bank without a refit, and re-calibrate.
+
+        Only the new photos go through the network. Each is first scored against the bank as it is,
+        which never saw it: that is its held-out healthy score. One above ``good_score_limit``
+        thresholds is refused (an operator's wrong click must not teach the bank a defect) unless
+        ``force``; ``skip_refused`` leaves such photos out instead of raising. The others' patches
+        join the bank by the fit's coreset rule with the bank's patches counted as already kept, so
+        the bank grows by ``coreset_sampling_ratio`` of the new patches. The threshold is set from
+        the held-out scores the model holds and the new ones together (``set_calibration``); the new
+        ones were taken against the smaller bank, so it errs high. Returns the update's record,
+        which ``updates`` (saved in the model file) gains; ``labels`` name the photos in it.
+        """
+        import torch
+
+        from models.coreset import StreamingCoreset
+
+        if self.memory_bank is None or not self.calibration_scores.size:
+            raise RuntimeError("add_good needs a fitted, calibrated model")
+        if not images:
+            raise UserError("adding confirmed-good photos needs at least one photo")
+        names = [str(label) for label in labels] if labels is not None else [
+            str(image) if isinstance(image, (str, Path)) else f"photo {number}" for number, image in enumerate(images)
+        ]
+        start = time.perf_counter()
+        config = self.config
+        extractor = self._feature_extractor()  # refuses other backbone weights than the fit's
+        limit = config.good_score_limit * self.threshold
+        coreset = StreamingCoreset(
+            config.coreset_sampling_ratio, config.coreset_projection_dim, config.coreset_chunk_size, config.seed,
+            extractor.device, config.coreset_oversampling, known=self.memory_bank,
+        )
+        scores: list[float] = []
+        far: list[str] = []  # above the limit: refused
+        forced: list[str] = []  # above the limit, added because of ``force``
+        for batch in self._batches(images, progress, "adding good photos"):
+            features = extractor(np.stack([item.image for item in batch]))
+            n, h, w, d = features.shape
+            keep = self._object_patches(batch, h, w)
+            photos = [
+                (patches[seen], seen.reshape(h, w), replace(item, image=_NO_PIXELS, mask=_NO_PIXELS))
+                for item, patches, seen in zip(batch, features.reshape(n, h * w, d), keep)
+            ]
+            for (patches, _, _), anomaly_map in zip(photos, self._anomaly_maps(photos)):
+                name = names[len(scores) + len(far)]
+                score = float(anomaly_map.max())
+                if not math.isfinite(score):
+                    raise UserError(f"{name}: its score is not a finite number; it cannot join the bank")
+                if score > limit:
+                    (forced if force else far).append(name)
+                    if not force:
+                        continue
+                scores.append(score)
+                coreset.add(torch.from_numpy(np.ascontiguousarray(patches)))
+        if far and not skip_refused:
+            raise UserError(
+                f"{len(far)} of {len(images)} photos score above {config.good_score_limit:g} x the threshold "
+                f"({limit:.3f}) and look defective, not good; check them, or pass --force to add them anyway: "
+                + "; ".join(far)
+            )
+        record: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "photos": len(scores),
+            "source": source,
+            "refused": far,
+            "forced": forced,
+            "threshold_before": float(self.threshold),
+            "bank_before": int(len(self.memory_bank)),
+        }
+        if not scores:
+            return {**record, "threshold_after": record["threshold_before"], "bank_after": record["bank_before"]}
+        added = coreset.result()
+        old_scores, old_method = self.calibration_scores, self.calibration_method
+        self.memory_bank = np.concatenate([self.memory_bank, added])
+        self._index = None
+        self.coverage_radius = max(self.coverage_radius, coreset.covering_radius)
+        self.n_train += len(scores)
+        total = len(scores) + sum(int(update["photos"]) for update in self.updates)
+        self.set_calibration(
+            np.concatenate([old_scores, np.asarray(scores, dtype=np.float32)]),
+            f"{old_method.split(' + ')[0]} + {total} photos added on the line, each scored by the bank before it joined",
+        )
+        record.update(threshold_after=float(self.threshold), bank_after=int(len(self.memory_bank)),
+                      seconds=round(time.perf_counter() - start, 2))
+        self.updates = [*self.updates, record]
+        return record
+
+    def copy(self) -> PatchCore:
+        """A second model sharing this one's feature extractor and arrays, for ``add_good`` to update
+        while this one goes on scoring (``add_good`` replaces the arrays, never writes into them)."""
+        twin = copy.copy(self)
+        twin.timings, twin._index = {}, self._index
+        return twin
 
     @property
     def calibration_method(self) -> str:
@@ -529,6 +633,7 @@ class PatchCore:
             "fit_seconds": self.fit_seconds,
             "coverage_radius": self.coverage_radius,
             "weights_identity": self.weights_identity,
+            "updates": self.updates,
             "seed": self.config.seed,
             "versions": {
                 "python": platform.python_version(),
@@ -593,6 +698,7 @@ class PatchCore:
         model.fit_seconds = float(state["fit_seconds"])
         model.coverage_radius = float(state.get("coverage_radius", math.nan))  # absent from older files
         model.weights_identity = state["weights_identity"]
+        model.updates = _checked_updates(state.get("updates", []))  # absent from files written before any update
         _check_fitted_values(model)
         return model
 
@@ -606,6 +712,33 @@ _STATE_TYPES: dict[str, type | tuple[type, ...]] = {
     "fit_seconds": (int, float),
     "weights_identity": str,
 }
+
+
+_UPDATE_VALUE_TYPES = (str, int, float, bool, list)
+
+
+def _checked_updates(updates: Any) -> list[dict[str, Any]]:
+    """The update history as add_good writes it: a list of records of plain values, or ValueError."""
+    if not isinstance(updates, list) or not all(
+        isinstance(update, dict)
+        and all(isinstance(key, str) and isinstance(value, _UPDATE_VALUE_TYPES) for key, value in update.items())
+        and isinstance(update.get("photos"), int)
+        for update in updates
+    ):
+        raise ValueError("updates must be a list of update records")
+    return [dict(update) for update in updates]
+
+
+def keep_previous(path: str | Path, update: int) -> Path | None:
+    """Copy the model file about to be replaced by update number ``update`` to
+    ``<name>.before-update-<update>.pkl`` (atomically), so the update can be undone; None when
+    there is no file to keep."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    kept = path.with_name(f"{path.stem}.before-update-{update}{path.suffix}")
+    write_atomically(kept, path.read_bytes())
+    return kept
 
 
 def _read_state(path: Path) -> Any:

@@ -20,6 +20,7 @@ import secrets
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
@@ -36,6 +37,8 @@ from models.calibration import promise
 from models.patchcore import PatchCore
 from preprocessing.io import IMAGE_SUFFIXES
 from inspection.scoring import Photo, score_batch
+from runtime.drift import DriftMonitor
+from runtime.learning import EventLog, Learner, add_feedback_route
 
 SETTINGS_ENV = "FASTENER_SERVICE_SETTINGS"  # how serve.py hands its settings to each worker process
 API_KEY_HEADER = "X-API-Key"
@@ -53,10 +56,17 @@ class ServiceSettings:
     queue_size: int = 32
     batch_wait_ms: float = 5.0
     retry_after_s: int = 1
+    learn: bool = False  # POST /feedback: photos confirmed good update the model file (runtime.learning)
+    learn_batch: int = 16
+    learn_wait_s: float = 60.0
+    keep_scored: int = 256  # recent uploads /feedback can name
+    events_jsonl: str | None = None  # drift warnings and model updates, one JSON line each
 
     def __post_init__(self) -> None:
         if self.max_upload_mb <= 0 or self.queue_size < 1 or self.batch_wait_ms < 0 or self.retry_after_s < 1:
             raise ValueError("--max-upload-mb must be > 0, --queue-size >= 1, --batch-wait-ms >= 0, --retry-after >= 1")
+        if self.learn_batch < 1 or self.learn_wait_s < 0 or self.keep_scored < 1:
+            raise ValueError("--learn-batch must be >= 1, --learn-wait-s >= 0, --keep-scored >= 1")
 
     @property
     def max_upload_bytes(self) -> int:
@@ -84,6 +94,8 @@ class Batcher:
         self.batch_wait_s = batch_wait_s
         self.scratch = scratch
         self.scored = 0
+        # called with (upload name, scratch file, record) after each photo's answer, before its file is removed
+        self.on_scored: Callable[[str, Path, dict[str, Any]], None] | None = None
         self._thread = threading.Thread(target=self._run, name="scoring", daemon=True)
         self._thread.start()
 
@@ -125,16 +137,20 @@ class Batcher:
             self._score(batch)
 
     def _score(self, batch: list[_Job]) -> None:
+        model = self.model  # a model update swaps self.model; it takes effect from the next batch
         for heatmap in (False, True):
             jobs = [job for job in batch if job.heatmap == heatmap]
             if not jobs:
                 continue
             try:
                 results = score_batch(
-                    self.model, [Photo(job.path.name, job.path) for job in jobs], self.scratch if heatmap else None
+                    model, [Photo(job.path.name, job.path) for job in jobs], self.scratch if heatmap else None
                 )
                 for job, result in zip(jobs, results):
-                    job.done.set_result(self._record(job, result.record))
+                    record = self._record(job, result.record)
+                    job.done.set_result(record)
+                    if self.on_scored is not None:
+                        self.on_scored(job.name, job.path, record)
             except Exception as error:  # a bug must fail these requests, never the scoring thread
                 for job in jobs:
                     if not job.done.done():
@@ -178,6 +194,7 @@ def model_summary(model: PatchCore, path: Path) -> dict[str, Any]:
         "n_train": model.n_train,
         "fit_seconds": model.fit_seconds,
         "decisions": getattr(model, "preprocessing", None),
+        "updates": getattr(model, "updates", []),
         "config": config.to_dict(),
     }
 
@@ -186,16 +203,18 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     """The service for one model file: loaded once here, before the first request."""
     model_path = Path(settings.model)
     model = PatchCore.load(model_path, device=settings.device, runtime=settings.runtime)
-    summary = json.loads(json.dumps(model_summary(model, model_path), default=str))
     size = model.config.image_size
     model.predict([np.zeros((size, size, 3), np.uint8)])  # open the extractor and build the index before serving
     scratch = tempfile.TemporaryDirectory(prefix="fastener_service_")
     batcher = Batcher(model, settings.queue_size, settings.batch_wait_ms / 1000, Path(scratch.name))
+    drift, learner = watch_the_line(batcher, settings, model_path, Path(scratch.name))
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         yield
         batcher.stop()
+        if learner is not None:
+            learner.stop()
         scratch.cleanup()
 
     app = FastAPI(title="fastener-anomaly-detection", lifespan=lifespan)
@@ -211,11 +230,11 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     @app.get("/health")
     def health() -> dict[str, Any]:
         return {"status": "ok", "queued": batcher.queue.qsize(), "queue_size": settings.queue_size,
-                "scored": batcher.scored}
+                "scored": batcher.scored, "drift": drift.status()}
 
     @app.get("/model")
     def model_info(request: Request) -> Any:
-        return refused(request) or summary
+        return refused(request) or json.loads(json.dumps(model_summary(batcher.model, model_path), default=str))
 
     @app.post("/score")
     async def score(request: Request, heatmap: bool = False) -> JSONResponse:
@@ -241,7 +260,27 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         record = await asyncio.wrap_future(done)
         return JSONResponse(record, status_code=422 if "error" in record else 200)
 
+    if learner is not None:
+        add_feedback_route(app, learner, refused, _upload, settings.max_upload_bytes)
     return app
+
+
+def watch_the_line(
+    batcher: Batcher, settings: ServiceSettings, model_path: Path, scratch: Path
+) -> tuple[DriftMonitor, Learner | None]:
+    """Drift warnings on every scored photo and, with ``learn``, the learner behind POST /feedback."""
+    drift, events = DriftMonitor(batcher.model), EventLog(settings.events_jsonl)
+    learner = Learner(batcher, model_path, drift, events, scratch, settings.keep_scored, settings.learn_batch,
+                      settings.learn_wait_s) if settings.learn else None
+
+    def scored(name: str, path: Path, record: dict[str, Any]) -> None:
+        for event in drift.observe(record):
+            events(event)
+        if learner is not None:
+            learner.remember(name, path, record)
+
+    batcher.on_scored = scored
+    return drift, learner
 
 
 async def _upload(request: Request) -> tuple[str, bytes]:

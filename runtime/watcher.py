@@ -7,6 +7,12 @@ in ``--jsonl`` and/or one CSV row in ``--csv``, appended and flushed to disk bef
 counts as done, and with ``--sort-into OUT`` it is moved to ``OUT/ok``, ``OUT/anomalous`` or
 ``OUT/unreadable``; with ``--visualize`` its heatmap overlay is written before its record. Restart-safe: the photos named in the result files are not scored again, and
 photos that arrived while the watcher was down are found by a scan at start.
+
+Learning on the line: photos an operator moves into ``OUT/confirmed_good`` are added to the model
+(``PatchCore.add_good``), which is saved over its file (the file it replaces kept beside it) and
+scores from the next batch on; they then move to ``OUT/learned``, or to ``OUT/not_learned`` when
+they score too far above the threshold to be taken as good. A rolling window of verdicts warns of
+drift (runtime.drift). Updates and drift warnings are JSON lines with an ``event`` field in ``--jsonl``.
 """
 
 from __future__ import annotations
@@ -22,8 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from config import UserError
+from models.patchcore import keep_previous
 from preprocessing.io import IMAGE_SUFFIXES
 from inspection.scoring import Photo, records_csv, score_batch
+from runtime.drift import DriftMonitor
+
+CONFIRMED, LEARNED, NOT_LEARNED = "confirmed_good", "learned", "not_learned"  # folders under --sort-into
 
 
 @dataclass
@@ -82,12 +93,17 @@ class FolderWatcher:
     """Scores the photos that appear in ``folder`` (not its subfolders) with ``model``."""
 
     def __init__(self, model: Any, folder: Path, outputs: WatchOutputs, settle_s: float = 0.5,
-                 poll_s: float = 0.1, on_record: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 poll_s: float = 0.1, on_record: Callable[[dict[str, Any]], None] | None = None,
+                 model_path: Path | None = None, on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder}: no such folder to watch")
         self.model, self.folder, self.outputs = model, folder, outputs
         self.settle_s, self.poll_s = settle_s, poll_s
         self.on_record = on_record or (lambda record: None)
+        self.on_event = on_event or (lambda event: None)
+        self.drift = DriftMonitor(model)
+        self.model_path = model_path  # where learnt photos are saved; no learning without it
+        self.confirmed = outputs.sort_into / CONFIRMED if outputs.sort_into and model_path else None
         self.done = already_scored(outputs)
         self._pending: dict[Path, _Seen | None] = {}
         self._lock = threading.Lock()
@@ -98,7 +114,8 @@ class FolderWatcher:
 
     def notice(self, path: Path) -> None:
         """Something happened to ``path``: look at it again until it has settled."""
-        if path.parent == self.folder and path.suffix.lower() in IMAGE_SUFFIXES and str(path) not in self.done:
+        watched = path.parent == self.folder or (self.confirmed is not None and path.parent == self.confirmed)
+        if watched and path.suffix.lower() in IMAGE_SUFFIXES and str(path) not in self.done:
             with self._lock:
                 self._pending[path] = None
 
@@ -130,15 +147,25 @@ class FolderWatcher:
                     watcher.notice(Path(os.fsdecode(path)))
 
         observer = Observer()
-        observer.schedule(Handler(), str(self.folder), recursive=False)
+        folders = [self.folder]
+        if self.confirmed is not None:
+            self.confirmed.mkdir(parents=True, exist_ok=True)
+            folders.append(self.confirmed)
+        for folder in folders:
+            observer.schedule(Handler(), str(folder), recursive=False)
         observer.start()
         try:
-            for path in sorted(self.folder.iterdir()):  # what arrived while the watcher was down
-                self.notice(path)
+            for folder in folders:
+                for path in sorted(folder.iterdir()):  # what arrived while the watcher was down
+                    self.notice(path)
             while not stop.is_set():
                 ready = self._settled()
-                for start in range(0, len(ready), self.model.config.batch_size):
-                    self._score(ready[start : start + self.model.config.batch_size])
+                photos = [path for path in ready if path.parent == self.folder]
+                for start in range(0, len(photos), self.model.config.batch_size):
+                    self._score(photos[start : start + self.model.config.batch_size])
+                confirmed = [path for path in ready if path.parent != self.folder]
+                if confirmed:
+                    self._learn(confirmed)
                 stop.wait(self.poll_s)
         finally:
             observer.stop()
@@ -177,9 +204,39 @@ class FolderWatcher:
                 (self.outputs.sort_into / verdict).mkdir(parents=True, exist_ok=True)
                 shutil.move(str(path), str(self.outputs.sort_into / verdict / path.name))
             self.on_record(record)
+            for event in self.drift.observe(record):
+                self._event(event)
+
+    def _learn(self, paths: list[Path]) -> None:
+        """Add photos confirmed good to the model, save it (keeping the file it replaces), score on with it."""
+        assert self.confirmed is not None and self.model_path is not None and self.outputs.sort_into is not None
+        candidate = self.model.copy()
+        try:
+            update = candidate.add_good(paths, progress=False, source=str(self.confirmed), skip_refused=True,
+                                        labels=[path.name for path in paths])
+        except (UserError, ValueError, OSError) as error:  # an unreadable photo: nothing is learnt from the batch
+            update = {"photos": 0, "refused": [path.name for path in paths], "error": str(error)}
+        if update["photos"]:
+            keep_previous(self.model_path, len(candidate.updates))
+            candidate.save(self.model_path)
+            self.model = candidate
+            self.drift.reset(candidate)
+        refused = set(update["refused"])
+        for path in paths:
+            folder = self.outputs.sort_into / (NOT_LEARNED if path.name in refused else LEARNED)
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(path), str(folder / path.name))
+        self._event({"event": "update", "model_file": str(self.model_path), **update})
+
+    def _event(self, event: dict[str, Any]) -> None:
+        """A model update or a drift warning: one JSON line in --jsonl, and the caller's on_event."""
+        if self.outputs.jsonl:
+            _append(self.outputs.jsonl, json.dumps(event) + "\n")
+        self.on_event(event)
 
 
-def watch_until_stopped(model: Any, folder: Path, outputs: WatchOutputs, settle_s: float) -> int:
+def watch_until_stopped(model: Any, folder: Path, outputs: WatchOutputs, settle_s: float,
+                        model_path: Path | None = None) -> int:
     """``inference.py --watch``: print one line per photo until Ctrl-C or SIGTERM; exit status 0."""
     import signal
     import sys
@@ -195,7 +252,17 @@ def watch_until_stopped(model: Any, folder: Path, outputs: WatchOutputs, settle_
             verdict = "ANOMALOUS" if record["is_anomalous"] else "ok"
             print(f"{record['path']}  {record['score']:.3f}  {verdict}", flush=True)
 
-    watcher = FolderWatcher(model, folder, outputs, settle_s, on_record=show)
+    def tell(event: dict[str, Any]) -> None:
+        if event["event"] == "drift":
+            print(f"warning: {event['warning']}", file=sys.stderr, flush=True)
+        elif "error" in event:
+            print(f"error: nothing learnt from {CONFIRMED}/: {event['error']}", file=sys.stderr, flush=True)
+        else:
+            refused = f"; not learnt (too far above the threshold): {', '.join(event['refused'])}" if event["refused"] else ""
+            print(f"learnt {event['photos']} photos confirmed good: threshold {event['threshold_before']:.3f} -> "
+                  f"{event['threshold_after']:.3f}, saved to {event['model_file']}{refused}", file=sys.stderr, flush=True)
+
+    watcher = FolderWatcher(model, folder, outputs, settle_s, on_record=show, model_path=model_path, on_event=tell)
     print(f"watching {folder} (Ctrl-C to stop)", file=sys.stderr, flush=True)
     watcher.run(stop)
     return 0

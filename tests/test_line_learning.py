@@ -1,0 +1,168 @@
+"""Learning on the line: drift warnings, the watcher's confirmed_good/ folder and the service's POST /feedback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import httpx
+import numpy as np
+import pytest
+
+from models.patchcore import PatchCore
+from preprocessing.io import read_image, train_images
+from runtime.drift import DriftMonitor
+from inspection.scoring import Photo, score_batch
+from runtime.watcher import FolderWatcher, WatchOutputs
+from test_service import free_port
+from test_watcher import lines, wait_for
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def unseen(screw_dir) -> list[Path]:
+    """Healthy screw photos the small fitted model (the first 12) never saw."""
+    return train_images(screw_dir)[12:32]
+
+
+def brighter(photo: np.ndarray, shift: int = 60) -> np.ndarray:
+    """The same part under stronger lamps."""
+    return np.clip(photo.astype(np.int16) + shift, 0, 255).astype(np.uint8)
+
+
+def drift_events(model: PatchCore, photos: list[np.ndarray]) -> tuple[list[dict], DriftMonitor]:
+    monitor = DriftMonitor(model)
+    events = []
+    for result in score_batch(model, [Photo(f"{n}.png", photo) for n, photo in enumerate(photos)]):
+        events += monitor.observe(result.record)
+    return events, monitor
+
+
+@pytest.fixture(scope="module")
+def small_window_model(fitted_model) -> PatchCore:
+    model = fitted_model.copy()
+    model.config = model.config.replace(drift_window=10)
+    return model
+
+
+def test_a_steady_stream_raises_no_drift_warning(small_window_model, unseen):
+    events, monitor = drift_events(small_window_model, [read_image(path) for path in unseen])
+    assert events == []
+    status = monitor.status()
+    assert status["photos"] == 10 and not status["drift"]
+    assert status["median_passed_score"] < status["healthy_limit"]
+
+
+def test_a_brightness_shift_raises_the_drift_warning_once(small_window_model, unseen):
+    events, monitor = drift_events(small_window_model, [brighter(read_image(path)) for path in unseen])
+    kinds = [event["kind"] for event in events]
+    assert "scores" in kinds and len(kinds) == len(set(kinds))  # raised when it starts, not on every photo
+    scores = next(event for event in events if event["kind"] == "scores")
+    assert scores["median_passed_score"] > scores["healthy_limit"]
+    assert "drift" in scores["warning"] and "--add-good" in scores["warning"]
+    assert monitor.status()["drift"]
+
+
+def test_photos_moved_into_confirmed_good_are_learnt_by_the_watcher(fitted_model, unseen, tmp_path):
+    fitted_model.save(tmp_path / "line.pkl")
+    original = (tmp_path / "line.pkl").read_bytes()
+    model = PatchCore.load(tmp_path / "line.pkl")
+    inbox, out = tmp_path / "inbox", tmp_path / "sorted"
+    inbox.mkdir()
+    outputs = WatchOutputs(jsonl=tmp_path / "results.jsonl", sort_into=out)
+    watcher = FolderWatcher(model, inbox, outputs, settle_s=0.3, model_path=tmp_path / "line.pkl")
+    stop = threading.Event()
+    thread = threading.Thread(target=watcher.run, args=(stop,))
+    thread.start()
+    try:
+        (out / "confirmed_good").mkdir(parents=True, exist_ok=True)
+        for path in unseen[:2]:
+            (out / "confirmed_good" / path.name).symlink_to(path)
+        noise = np.random.default_rng(1).integers(0, 256, (32, 32, 3)).astype(np.uint8)
+        cv2.imwrite(str(out / "confirmed_good" / "noise.png"), cv2.resize(noise, (1024, 1024), interpolation=cv2.INTER_NEAREST))
+        (update,) = wait_for(outputs.jsonl, 1, timeout=240)
+        (inbox / "after.png").symlink_to(unseen[5])
+        records = wait_for(outputs.jsonl, 2, timeout=240)
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert update["event"] == "update" and update["photos"] == 2 and update["refused"] == ["noise.png"]
+    assert sorted(path.name for path in (out / "learned").iterdir()) == sorted(path.name for path in unseen[:2])
+    assert [path.name for path in (out / "not_learned").iterdir()] == ["noise.png"]
+    assert (tmp_path / "line.before-update-1.pkl").read_bytes() == original
+    saved = PatchCore.load(tmp_path / "line.pkl")
+    assert [u["photos"] for u in saved.updates] == [2] and saved.n_train == fitted_model.n_train + 2
+    assert records[1]["path"].endswith("after.png")
+    assert records[1]["threshold"] == pytest.approx(saved.threshold, abs=1e-4)  # scored by the updated model
+
+
+def test_feedback_round_trip(fitted_model, unseen, tmp_path):
+    """Score a photo, confirm it and a sent one as good; the service updates, saves and scores with the new model."""
+    model_file = tmp_path / "served.pkl"
+    fitted_model.save(model_file)
+    original = model_file.read_bytes()
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "serve.py", "--model", str(model_file), "--port", str(port), "--learn", "--learn-batch", "2",
+         "--learn-wait-s", "1", "--events-jsonl", str(tmp_path / "events.jsonl")],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert process.poll() is None, process.stderr.read()
+            assert time.monotonic() < deadline, "serve.py did not answer /health"
+            try:
+                health = httpx.get(f"{url}/health", timeout=2)
+                break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        assert health.json()["drift"]["drift"] is False
+        scored = httpx.post(f"{url}/score?name=a.png", content=unseen[0].read_bytes(), timeout=120)
+        assert scored.status_code == 200
+        assert httpx.post(f"{url}/feedback?verdict=bad&name=a.png", timeout=30).status_code == 400
+        assert httpx.post(f"{url}/feedback?verdict=good&name=never.png", timeout=30).status_code == 404
+        named = httpx.post(f"{url}/feedback?verdict=good&name=a.png", timeout=30)
+        assert named.status_code == 202 and named.json()["queued"] == "a.png"
+        sent = httpx.post(f"{url}/feedback?verdict=good&name=b.png", content=unseen[1].read_bytes(), timeout=30)
+        assert sent.status_code == 202
+        deadline = time.monotonic() + 240
+        while not (updates := httpx.get(f"{url}/model", timeout=30).json()["updates"]):
+            assert time.monotonic() < deadline, "no update within 240 s"
+            time.sleep(0.5)
+        assert updates[0]["photos"] == 2 and updates[0]["source"] == "POST /feedback"
+        threshold = httpx.get(f"{url}/model", timeout=30).json()["threshold"]
+        assert threshold == pytest.approx(updates[0]["threshold_after"])
+        again = httpx.post(f"{url}/score?name=c.png", content=unseen[2].read_bytes(), timeout=120).json()
+        assert again["threshold"] == pytest.approx(threshold, abs=1e-4)
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+    assert PatchCore.load(model_file).updates == updates
+    assert (tmp_path / "served.before-update-1.pkl").read_bytes() == original
+    (event,) = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert event["event"] == "update" and event["photos"] == 2
+
+
+def test_a_named_photo_that_looks_defective_is_refused_as_good(fitted_model, tmp_path):
+    """An operator's wrong click: the service answers 409 and learns nothing without force=true."""
+    from fastapi.testclient import TestClient
+
+    from runtime.service import ServiceSettings, create_app
+
+    fitted_model.save(tmp_path / "served.pkl")
+    noise = np.random.default_rng(1).integers(0, 256, (32, 32, 3)).astype(np.uint8)
+    ok, png = cv2.imencode(".png", cv2.resize(noise, (1024, 1024), interpolation=cv2.INTER_NEAREST))
+    app = create_app(ServiceSettings(model=str(tmp_path / "served.pkl"), learn=True, learn_wait_s=0))
+    with TestClient(app) as client:
+        assert client.post("/score?name=noise.png", content=png.tobytes()).status_code == 200
+        answer = client.post("/feedback?verdict=good&name=noise.png")
+        assert answer.status_code == 409 and "looks defective" in answer.json()["error"]
+        assert client.get("/model").json()["updates"] == []
