@@ -123,6 +123,63 @@ def number(value: Any, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def update_lines(updates: list[dict[str, Any]]) -> list[str]:
+    """One line per update since the fit (train.py --add-good, POST /feedback, the watcher's confirmed_good/)."""
+    lines = []
+    for count, update in enumerate(updates, 1):
+        line = (f"update {count} ({update.get('time', '?')}): added {update['photos']} photos confirmed good"
+                f"{' from ' + update['source'] if update.get('source') else ''}; memory bank {update.get('bank_before')} "
+                f"-> {update.get('bank_after')} patches, threshold {number(update.get('threshold_before'), 3)} -> "
+                f"{number(update.get('threshold_after'), 3)}")
+        if update.get("refused"):
+            line += f"; refused as too far above the threshold: {', '.join(update['refused'])}"
+        if update.get("forced"):
+            line += f"; added although far above the threshold (forced): {', '.join(update['forced'])}"
+        lines.append(line)
+    return lines
+
+
+def score_timeline_svg(scores: list[float], threshold: float, healthy_limit: float | None, window: int) -> str:
+    """Scores in processing order as an inline SVG chart: passed and flagged photos, the threshold,
+    the calibration's healthy limit and the rolling median of passed photos (drift shows as that
+    median climbing over the limit)."""
+    width, height, margin = 760, 260, 44
+    values = np.asarray(scores, dtype=np.float64)
+    top = max(float(values.max()), threshold, healthy_limit or 0.0) * 1.05
+    bottom = min(float(values.min()), healthy_limit or np.inf) * 0.95
+
+    def x(i: float) -> float:
+        return margin + (width - 2 * margin) * (i / max(1, len(values) - 1))
+
+    def y(v: float) -> float:
+        return height - margin - (height - 2 * margin) * (v - bottom) / max(top - bottom, 1e-12)
+
+    dots = "".join(
+        f'<circle cx="{x(i):.1f}" cy="{y(v):.1f}" r="2.5" fill="{"#c62828" if v > threshold else "#1f77b4"}"/>'
+        for i, v in enumerate(values)
+    )
+    passed = np.where(values > threshold, np.nan, values)
+    span = max(1, min(window, len(values)))
+    medians = [(i, np.nanmedian(part)) for i in range(len(values))
+               if np.isfinite(part := passed[max(0, i + 1 - span) : i + 1]).any()]
+    median_line = " ".join(f"{x(i):.1f},{y(m):.1f}" for i, m in medians)
+
+    def level(v: float, colour: str, dash: str, label: str) -> str:
+        return (f'<line x1="{margin}" x2="{width - margin}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="{colour}" '
+                f'stroke-dasharray="{dash}"/><text x="{width - margin}" y="{y(v) - 4:.1f}" text-anchor="end" '
+                f'font-size="11" fill="{colour}">{html.escape(label)}</text>')
+
+    limit = "" if healthy_limit is None else level(healthy_limit, "#ef6c00", "2,3", f"healthy limit {healthy_limit:.3f}")
+    return (f'<svg class="plot" role="img" aria-label="score over time" width="{width}" height="{height}" '
+            f'xmlns="http://www.w3.org/2000/svg">{dots}'
+            f'<polyline points="{median_line}" fill="none" stroke="#333" stroke-width="1.5"/>'
+            f'{level(threshold, "black", "6,4", f"threshold {threshold:.3f}")}{limit}'
+            f'<text x="{width / 2}" y="{height - 10}" text-anchor="middle" font-size="12">photo, in processing order '
+            f'(red: flagged; line: median of the last {span} passed)</text>'
+            f'<text x="{margin - 6}" y="{y(top) + 10:.1f}" text-anchor="end" font-size="11">{top:.1f}</text>'
+            f'<text x="{margin - 6}" y="{y(bottom):.1f}" text-anchor="end" font-size="11">{bottom:.1f}</text></svg>')
+
+
 def data_uri(data: bytes, mime: str) -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
@@ -203,11 +260,25 @@ def write_batch_report(
 <tr><th>Threshold</th><td>{number(model.threshold)}</td><td>{html.escape(origin)}</td></tr>
 </table>
 {f'<h2>Unreadable files</h2><ul class="skipped">{unreadable}</ul>' if unreadable else ''}
+{_timeline(model, records)}
 {gallery("Scored photos, highest score first", scored, VERDICTS, model.threshold, calibration_stats(model)[0])}"""
     meta = (f"{html.escape(str(source))} · generated {datetime.now():%Y-%m-%d %H:%M} · "
             f"backbone {html.escape(str(model.config.backbone))} · threshold {number(model.threshold)}")
     write_atomically(out_path, page(f"Scored photos: {source.name}", meta, body))
     return out_path
+
+
+def _timeline(model: Model, records: list[dict[str, Any]]) -> str:
+    """Score over time for a batch processed in order (a folder's photos sorted by name), and the
+    model's update history: where a line drifts, its healthy scores climb towards the threshold."""
+    scores = [record["score"] for record in records if "error" not in record]
+    if len(scores) < 2:
+        return ""
+    config = model.config
+    limit = float(np.percentile(model.calibration_scores, config.drift_percentile)) if len(model.calibration_scores) else None
+    updates = "".join(f"<li>{html.escape(line)}</li>" for line in update_lines(list(getattr(model, "updates", []))))
+    return (f"<h2>Score over time</h2>\n{score_timeline_svg(scores, model.threshold, limit, config.drift_window)}"
+            + (f"<h2>Model updates since the fit</h2><ul>{updates}</ul>" if updates else ""))
 
 
 def page(title: str, meta: str, body: str) -> str:

@@ -43,6 +43,7 @@ from evaluation.gallery import (
     page,
     png_img,
     scored_image,
+    update_lines,
 )
 from evaluation.mvtec import LabelledImage, load_test_split
 from evaluation.visualize import Tile, figure_bytes, pro_figure, roc_figure, score_histogram_figure, tiles_figure
@@ -189,6 +190,7 @@ def _metrics(
         preprocessing=model.config.preprocess,
         preprocessing_decisions=list(model.preprocessing.get("reasons", [])),
         n_train=int(model.n_train),
+        updates=list(getattr(model, "updates", [])),
         n_test=len(scored),
         n_test_good=int((~labels).sum()),
         n_test_defective=int(labels.sum()),
@@ -218,6 +220,7 @@ def _setup_section(metrics: dict[str, Any]) -> str:
     ]
     items += [f"left out of the fit as unlike the rest: {html.escape(photo)}"
               for photo in metrics["calibration"]["left_out"]]
+    items += [html.escape(line) for line in update_lines(metrics.get("updates", []))]
     return "<h2>How this model was set up</h2>\n<ul>" + "".join(f"<li>{item}</li>" for item in items) + "</ul>"
 
 
@@ -256,6 +259,7 @@ def format_summary(metrics: dict[str, Any]) -> str:
         + f") · train {metrics.get('n_train')} · fit {'n/a' if fit is None else f'{fit:.1f} s'}"
         + f" · {metrics.get('backbone')} · pixel metrics at {metrics.get('eval_size')} px"
     )
+    lines += update_lines(metrics.get("updates", []))
     return "\n".join(lines)
 
 

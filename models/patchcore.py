@@ -336,9 +336,12 @@ class PatchCore:
         ones were taken against the smaller bank, so it errs high. Returns the update's record,
         which ``updates`` (saved in the model file) gains; ``labels`` name the photos in it.
         """
-        import torch
+        try:
+            import torch
 
-        from models.coreset import StreamingCoreset
+            from models.coreset import StreamingCoreset
+        except ImportError as error:  # requirements-runtime.txt scores, it does not build banks
+            raise UserError(f"adding photos to the memory bank needs torch (requirements.txt): {error}") from None
 
         if self.memory_bank is None or not self.calibration_scores.size:
             raise RuntimeError("add_good needs a fitted, calibrated model")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import importlib.util
 import json
 import os
 import queue
@@ -32,6 +33,7 @@ from fastapi.responses import JSONResponse
 
 import numpy as np
 
+from config import UserError
 from models.backend import resolve_runtime
 from models.calibration import promise
 from models.patchcore import PatchCore
@@ -269,6 +271,8 @@ def watch_the_line(
     batcher: Batcher, settings: ServiceSettings, model_path: Path, scratch: Path
 ) -> tuple[DriftMonitor, Learner | None]:
     """Drift warnings on every scored photo and, with ``learn``, the learner behind POST /feedback."""
+    if settings.learn and importlib.util.find_spec("torch") is None:
+        raise UserError("--learn needs torch (requirements.txt) to add photos to the memory bank")
     drift, events = DriftMonitor(batcher.model), EventLog(settings.events_jsonl)
     learner = Learner(batcher, model_path, drift, events, scratch, settings.keep_scored, settings.learn_batch,
                       settings.learn_wait_s) if settings.learn else None

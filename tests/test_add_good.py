@@ -155,3 +155,18 @@ def test_known_patches_count_as_kept_so_greedy_picks_what_they_do_not_cover():
     assert len(picks) == 40  # ratio x new patches, the known ones not counted
     assert (np.linalg.norm(picks, axis=1) > 2).sum() >= 38  # nearly all from the cluster the bank lacks
     assert coreset.covering_radius < 0.5  # every new patch lies near the known bank or a pick
+
+
+def test_the_batch_report_plots_score_over_time_and_lists_the_updates(half_model, small_screw_dir, tmp_path):
+    from inference import main as inference_main
+
+    model = fresh(half_model, tmp_path)
+    model.add_good(train_images(small_screw_dir)[6:8], progress=False, source="line 1")
+    model.save(tmp_path / "updated.pkl")
+    folder = small_screw_dir / "test"
+    code = inference_main(["--model", str(tmp_path / "updated.pkl"), "--dir", str(folder), "--report", "--quiet",
+                           "--output-dir", str(tmp_path / "out")])
+    assert code == 0
+    page = (tmp_path / "out" / "batch_report.html").read_text()
+    assert "Score over time" in page and "aria-label=\"score over time\"" in page
+    assert "update 1 (" in page and "added 2 photos confirmed good from line 1" in page
