@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -19,10 +20,30 @@ from preprocessing.io import read_image, train_images
 from runtime.drift import DriftMonitor
 from inspection.scoring import Photo, score_batch
 from runtime.watcher import FolderWatcher, WatchOutputs
-from test_service import free_port
-from test_watcher import lines, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for(path: Path, count: int, timeout: float) -> list[dict]:
+    """The first ``count`` JSON lines of ``path``, once written (a torn last line is not one)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        records = []
+        for line in path.read_text().splitlines() if path.is_file() else []:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+        if len(records) >= count:
+            return records[:count]
+        time.sleep(0.2)
+    pytest.fail(f"{path}: fewer than {count} records after {timeout} s")
 
 
 @pytest.fixture(scope="module")
