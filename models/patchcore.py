@@ -398,7 +398,7 @@ class PatchCore:
         if not scores:
             return {**record, "threshold_after": record["threshold_before"], "bank_after": record["bank_before"]}
         added = coreset.result()
-        old_scores, old_method = self.calibration_scores, self.calibration_method
+        old_scores, old_method, left_out = self.calibration_scores, self.calibration_method, self.calibration.get("left_out")
         self.memory_bank = np.concatenate([self.memory_bank, added])
         self._index = None
         self.coverage_radius = max(self.coverage_radius, coreset.covering_radius)
@@ -408,6 +408,8 @@ class PatchCore:
             np.concatenate([old_scores, np.asarray(scores, dtype=np.float32)]),
             f"{old_method.split(' + ')[0]} + {total} photos added on the line, each scored by the bank before it joined",
         )
+        if left_out is not None:  # the fit's record of the photos it left out stays true
+            self.calibration["left_out"] = left_out
         record.update(threshold_after=float(self.threshold), bank_after=int(len(self.memory_bank)),
                       seconds=round(time.perf_counter() - start, 2))
         self.updates = [*self.updates, record]

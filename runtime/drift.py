@@ -22,7 +22,7 @@ from models.patchcore import PatchCore
 
 def expected_false_alarm_rate(model: PatchCore) -> float:
     """The share of healthy photos the calibrated threshold flags by design."""
-    return 1.0 - model.config.threshold_percentile / 100
+    return model.config.false_alarm_rate
 
 
 class DriftMonitor:

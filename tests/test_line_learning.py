@@ -97,16 +97,17 @@ def test_photos_moved_into_confirmed_good_are_learnt_by_the_watcher(fitted_model
     inbox, out = tmp_path / "inbox", tmp_path / "sorted"
     inbox.mkdir()
     outputs = WatchOutputs(jsonl=tmp_path / "results.jsonl", sort_into=out)
+    # moved in while the watcher was down: its start-up scan takes the three as one update
+    (out / "confirmed_good").mkdir(parents=True)
+    for path in unseen[:2]:
+        (out / "confirmed_good" / path.name).symlink_to(path)
+    noise = np.random.default_rng(1).integers(0, 256, (32, 32, 3)).astype(np.uint8)
+    cv2.imwrite(str(out / "confirmed_good" / "noise.png"), cv2.resize(noise, (1024, 1024), interpolation=cv2.INTER_NEAREST))
     watcher = FolderWatcher(model, inbox, outputs, settle_s=0.3, model_path=tmp_path / "line.pkl")
     stop = threading.Event()
     thread = threading.Thread(target=watcher.run, args=(stop,))
     thread.start()
     try:
-        (out / "confirmed_good").mkdir(parents=True, exist_ok=True)
-        for path in unseen[:2]:
-            (out / "confirmed_good" / path.name).symlink_to(path)
-        noise = np.random.default_rng(1).integers(0, 256, (32, 32, 3)).astype(np.uint8)
-        cv2.imwrite(str(out / "confirmed_good" / "noise.png"), cv2.resize(noise, (1024, 1024), interpolation=cv2.INTER_NEAREST))
         (update,) = wait_for(outputs.jsonl, 1, timeout=240)
         (inbox / "after.png").symlink_to(unseen[5])
         records = wait_for(outputs.jsonl, 2, timeout=240)
