@@ -13,7 +13,8 @@ from config import UserError
 from conftest import small_config
 from models.coreset import StreamingCoreset
 from models.patchcore import ModelFileError, PatchCore
-from preprocessing.io import load_test_split, read_image, train_images
+from evaluation.mvtec import load_test_split, train_images
+from preprocessing.io import read_image
 from train import main as train_main
 
 

@@ -15,10 +15,11 @@ import httpx
 import numpy as np
 import pytest
 
-from models.patchcore import PatchCore
-from preprocessing.io import read_image, train_images
-from runtime.drift import DriftMonitor
+from evaluation.mvtec import train_images
 from inspection.scoring import Photo, score_batch
+from models.patchcore import PatchCore
+from preprocessing.io import read_image
+from runtime.drift import DriftMonitor
 from runtime.watcher import FolderWatcher, WatchOutputs
 
 ROOT = Path(__file__).resolve().parents[1]
