@@ -30,7 +30,6 @@ demo: setup
 	$(PY) train.py --data-dir $(DEMO_DATA) --backbone efficientnet_lite0 --output $(DEMO_MODEL)
 	$(PY) inference.py --model $(DEMO_MODEL) --dir $(DEMO_DATA)/test --visualize --json --quiet \
 		> outputs/demo_predictions.json
-	@echo "heatmaps:    outputs/patchcore_synthetic_fasteners/heatmaps/"
 	@echo "predictions: outputs/demo_predictions.json"
 	@echo "report:      outputs/patchcore_synthetic_fasteners/report.html"
 
