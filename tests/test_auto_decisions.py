@@ -1,0 +1,175 @@
+"""preprocess auto: every decision rule on both sides of its cut-off, and the pipeline ranking on
+sets where the better pipeline is known (one where the measured steps win, one where 'off' wins)."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import small_config
+from config import Config
+from models.pipeline_selection import choose_preprocessing
+from preprocessing.auto import MAX_AREA_VARIATION, MIN_GLARE, decide_steps, measure_photos
+
+CONFIG = Config(image_size=64, preprocess="on")
+
+
+def part_photo(elongation: float = 2.0, degrees: float = 0.0, short: float = 40, size: int = 200,
+               centre: tuple[float, float] = (100, 100), colour: tuple[int, int, int] = (170, 170, 170),
+               table: tuple[int, int, int] = (40, 40, 40)) -> np.ndarray:
+    """A flat rectangular part of a given axis ratio, angle and size on a plain table."""
+    image = np.full((size, size, 3), table, np.uint8)
+    box = cv2.boxPoints((centre, (short * elongation, short), degrees)).astype(np.int32)
+    cv2.fillPoly(image, [box], colour)
+    return image
+
+
+def same_area(elongation: float) -> float:
+    """The short side that gives a part of this elongation a 2,400-pixel area (a steady mask)."""
+    return float(np.sqrt(2400 / elongation))
+
+
+def decided(photos: list[np.ndarray]):
+    return decide_steps(measure_photos(photos, CONFIG), CONFIG)
+
+
+# ----------------------------------------------------------------------------- rotation
+def test_rotation_needs_every_elongation_to_clear_the_cutoff_not_just_some():
+    """Most parts are long, a few are stubby: a per-set rule that looked at any photo would turn on."""
+    elongations = [3.0] * 9 + [1.3, 1.35, 1.4]
+    photos = [part_photo(e, a, short=same_area(e)) for e, a in zip(elongations, np.linspace(0, 165, 12))]
+    decision = decided(photos)
+    assert decision.numbers["elongation_max"] > 2.5 and decision.numbers["elongation_min"] < 1.5
+    assert decision.changes["align_rotation"] is False
+
+
+@pytest.mark.parametrize("least, on", [(1.55, False), (1.85, True)])
+def test_rotation_cutoff_is_the_least_elongation_against_1_5_with_a_10_percent_margin(least, on):
+    """1.5 x 1.1 = 1.65: a set whose stubbiest part is 1.55 stays unturned, one at 1.85 is turned."""
+    elongations = np.linspace(least, 3.0, 10)
+    photos = [part_photo(e, a, short=same_area(e)) for e, a in zip(elongations, np.linspace(0, 160, 10))]
+    decision = decided(photos)
+    assert decision.numbers["elongation_min"] == pytest.approx(least, abs=0.08)
+    assert decision.changes["align_rotation"] is on
+
+
+# ----------------------------------------------------------------------------- the mask
+@pytest.mark.parametrize("spread, reliable", [(0.05, True), (0.6, False)])
+def test_mask_area_stability_is_relative_to_the_parts_size(spread, reliable):
+    """Small parts (1-4 % of the frame) whose area varies by half are not a stable mask, though
+    the area's absolute spread is tiny; parts of nearly one size are."""
+    scales = 1 + spread * np.linspace(-1, 1, 10)
+    photos = [part_photo(1.5, 20 * i, short=14 * s) for i, s in enumerate(scales)]
+    decision = decided(photos)
+    variation = decision.numbers["area_variation"]
+    assert decision.numbers["area_median"] < 0.05
+    assert (variation <= MAX_AREA_VARIATION) is reliable
+    assert decision.changes["zero_background"] is reliable and decision.changes["segment"] is reliable
+
+
+@pytest.mark.parametrize("blank, reliable", [(1, True), (2, False)])
+def test_the_part_must_be_found_in_95_percent_of_photos(blank, reliable):
+    photos = [part_photo(2.0, 15 * i) for i in range(20 - blank)] + [np.full((200, 200, 3), 40, np.uint8)] * blank
+    decision = decided(photos)
+    assert decision.numbers["part_found"] == pytest.approx((20 - blank) / 20)
+    assert decision.changes["zero_background"] is reliable
+
+
+@pytest.mark.parametrize("on_border, reliable", [(2, True), (3, False)])
+def test_at_most_a_fifth_of_the_parts_may_touch_the_frame(on_border, reliable):
+    photos = [part_photo(1.5, 10 * i, centre=(12 if i < on_border else 100, 100)) for i in range(10)]
+    decision = decided(photos)
+    assert decision.numbers["on_border"] == pytest.approx(on_border / 10)
+    assert decision.changes["zero_background"] is reliable
+
+
+@pytest.mark.parametrize("side, reliable", [(150, True), (184, False)])
+def test_a_part_filling_most_of_the_frame_leaves_no_background_to_zero(side, reliable):
+    """56 % of the frame: the mask is used; 85 %: the photo is used whole."""
+    photos = [part_photo(1.0, 0.5 * i, short=side, centre=(100 + i % 3 - 1, 100)) for i in range(8)]
+    decision = decided(photos)
+    assert decision.numbers["area_median"] == pytest.approx((side / 200) ** 2, abs=0.04)
+    assert decision.changes["zero_background"] is reliable
+
+
+# ----------------------------------------------------------------------------- colour and glare
+def test_a_steady_colour_cast_leaves_white_balance_off_and_a_changing_one_turns_it_on():
+    warm = [part_photo(2.0, 20 * i, colour=(200, 150, 100), table=(60, 45, 30)) for i in range(8)]
+    steady = decided(warm)
+    assert steady.numbers["cast_median"] > 0.5  # a strong cast, the same in every photo
+    assert steady.changes["white_balance"] is False
+    changing = [np.clip(photo * np.array([1.0, 1.0, 0.6 + 0.08 * i]), 0, 255).astype(np.uint8)
+                for i, photo in enumerate(warm)]
+    assert decided(changing).changes["white_balance"] is True
+
+
+@pytest.mark.parametrize("radius, on", [(0, False), (3, True)])
+def test_glare_on_a_share_of_the_part_turns_inpainting_on(radius, on):
+    photos = [part_photo(2.0, 20 * i) for i in range(8)]
+    for photo in photos:
+        if radius:
+            cv2.circle(photo, (100, 100), radius, (255, 255, 255), -1)
+    decision = decided(photos)
+    assert (decision.numbers["glare_median"] >= MIN_GLARE) is on
+    assert decision.changes["inpaint_specular"] is on
+
+
+def test_a_small_highlight_on_a_small_part_counts_against_the_part():
+    """A 3 x 3 highlight (5 x 5 with its halo) is 0.06 % of a 200 x 200 photo, under the 0.1 % cut-off,
+    but 1.6 % of a 20 x 80 part: inpainting must turn on."""
+    photos = [part_photo(4.0, 20 * i, short=20) for i in range(8)]
+    for photo in photos:
+        photo[99:102, 99:102] = 255
+    decision = decided(photos)
+    assert decision.numbers["glare_median"] > 0.01
+    assert decision.changes["inpaint_specular"] is True
+
+
+def test_glare_is_not_inpainted_without_a_reliable_part_mask():
+    photos = [part_photo(1.5, 10 * i, centre=(12 if i % 2 else 100, 100)) for i in range(10)]
+    for photo in photos:
+        cv2.circle(photo, (100, 100), 6, (255, 255, 255), -1)
+    decision = decided(photos)
+    assert decision.changes["zero_background"] is False
+    assert decision.changes["inpaint_specular"] is False
+
+
+# ----------------------------------------------------------------------------- the ranking
+def noisy_parts(angles: np.ndarray, seed: int) -> list[np.ndarray]:
+    """128-px photos of a 3:1 bar at the given angles, shifted a little, with sensor noise."""
+    rng = np.random.default_rng(seed)
+    photos = []
+    for angle in angles:
+        image = np.full((128, 128, 3), 40, np.float32)
+        centre = (64 + rng.uniform(-15, 15), 64 + rng.uniform(-15, 15))
+        cv2.fillPoly(image, [cv2.boxPoints((centre, (66, 22), float(angle))).astype(np.int32)], (170, 170, 170))
+        photos.append(np.clip(image + rng.normal(0, 6, image.shape), 0, 255).astype(np.uint8))
+    return photos
+
+
+def test_the_ranking_picks_the_measured_steps_where_parts_lie_at_any_angle():
+    """Bars at any angle: aligned by the measured steps, every photo looks alike; fed whole, a bank of
+    8 photos cannot cover the angles of 8 others, so 'off' tells healthy from painted defects badly.
+    The healthy photos scored are not the bank's (a bank scoring its own photos gives 'off' a
+    perfect separation)."""
+    photos = noisy_parts(np.random.default_rng(0).uniform(0, 180, 16), seed=0)
+    config, record = choose_preprocessing(photos, small_config(preprocess="auto", image_size=64, coreset_sampling_ratio=1.0))
+    scores = record["candidates"]
+    assert record["chosen"] == "decided" and config.preprocess == "on" and config.align_rotation
+    assert scores["decided"]["image_auroc"] > 0.75
+    assert scores["off"]["image_auroc"] < 0.7
+    assert scores["decided"]["rank_score"] > scores["off"]["rank_score"] + 0.1
+
+
+def test_the_ranking_picks_off_where_the_measured_steps_wreck_the_photos():
+    """The same bars lying still, with CLAHE at its harshest (a setting 'auto' keeps): it blows the
+    sensor noise up into texture on every photo the measured steps feed the network, which then
+    separates painted defects far worse than the photos fed whole."""
+    photos = noisy_parts(np.zeros(16), seed=0)
+    harsh = small_config(preprocess="auto", image_size=64, coreset_sampling_ratio=1.0, clahe=True, clahe_clip_limit=100.0, clahe_tile_grid=64)
+    config, record = choose_preprocessing(photos, harsh)
+    scores = record["candidates"]
+    assert record["chosen"] == "off" and config.preprocess == "off"
+    assert scores["off"]["image_auroc"] > scores["decided"]["image_auroc"] + 0.1
+    assert scores["off"]["rank_score"] > scores["decided"]["rank_score"] + 0.05
