@@ -1,0 +1,137 @@
+"""The line's doors from the outside: where the service listens, its upload limit whatever the request
+says about its length, and the model's own pixel limit at the service and at inference.py."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import httpx
+import pytest
+
+from models.patchcore import PatchCore
+from preprocessing.io import read_image, train_images
+
+ROOT = Path(__file__).resolve().parents[1]
+PIXEL_LIMIT = 500_000  # the model's own max_image_pixels: a 1024 x 1024 screw photo is over it, 512 x 512 under
+UPLOAD_LIMIT = 2**20  # --max-upload-mb 1
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def limited_model(fitted_model, tmp_path_factory) -> Path:
+    """The shared small model, saved with a pixel limit of its own."""
+    path = tmp_path_factory.mktemp("doors") / "limited.pkl"
+    fitted_model.save(path)
+    model = PatchCore.load(path)
+    model.config = model.config.replace(max_image_pixels=PIXEL_LIMIT)
+    model.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def photos(small_screw_dir, tmp_path_factory) -> dict[str, Path]:
+    """A 1024 x 1024 screw photo (over the model's pixel limit) and the same photo at 512 x 512 (under it)."""
+    large = train_images(small_screw_dir)[0]
+    small = tmp_path_factory.mktemp("photos") / "small.png"
+    image = read_image(large)
+    assert image.shape[0] * image.shape[1] > PIXEL_LIMIT
+    cv2.imwrite(str(small), cv2.cvtColor(cv2.resize(image, (512, 512), interpolation=cv2.INTER_AREA), cv2.COLOR_RGB2BGR))
+    assert small.stat().st_size < UPLOAD_LIMIT
+    return {"large": large, "small": small}
+
+
+@pytest.fixture(scope="module")
+def service(limited_model) -> Iterator[int]:
+    """serve.py with nothing but a model, a port and a 1 MiB upload limit: the address is its default."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "serve.py", "--model", str(limited_model), "--port", str(port), "--max-upload-mb", "1"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"serve.py exited with {process.returncode}: {process.stderr.read()}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.5)
+    else:
+        process.kill()
+        pytest.fail("serve.py did not answer /health within 300 s")
+    yield port
+    process.terminate()
+    process.wait(timeout=60)
+
+
+def reaches(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=5):
+            return True
+    except OSError:
+        return False
+
+
+def test_by_default_the_service_answers_this_machine_only(service):
+    """Bound to 127.0.0.1, it is not reachable at another address of the machine (127.0.0.2 stands
+    in for the network card: a socket bound to every interface answers there)."""
+    with socket.socket() as everywhere:
+        everywhere.bind(("0.0.0.0", 0))
+        everywhere.listen()
+        if not reaches("127.0.0.2", everywhere.getsockname()[1]):
+            pytest.skip("this machine does not route 127.0.0.2 to its loopback")
+    assert reaches("127.0.0.1", service)
+    assert not reaches("127.0.0.2", service)
+
+
+def test_a_body_without_content_length_cannot_pass_the_upload_limit(service):
+    """A chunked upload states no length: it is refused (411 or 413), never read past the limit and scored."""
+
+    def chunks() -> Iterator[bytes]:
+        for _ in range(32):
+            yield b"\0" * (UPLOAD_LIMIT // 16)
+
+    response = httpx.post(f"http://127.0.0.1:{service}/score", content=chunks(), timeout=120)
+    assert response.status_code in (411, 413), response.text
+    assert "error" in response.json() and "score" not in response.json()
+
+
+def test_the_upload_limit_is_in_mebibytes_and_a_photo_under_it_is_scored(service, photos):
+    url = f"http://127.0.0.1:{service}/score"
+    over = httpx.post(url, content=b"\0" * (UPLOAD_LIMIT + 1), timeout=120)
+    assert over.status_code == 413 and "limit" in over.json()["error"]
+    at_limit = httpx.post(url, content=b"\0" * UPLOAD_LIMIT, params={"name": "zeros.png"}, timeout=300)
+    assert at_limit.status_code == 422 and "zeros.png" in at_limit.json()["error"]  # read, then found unreadable
+    under = httpx.post(url, content=photos["small"].read_bytes(), params={"name": "small.png"}, timeout=300)
+    assert under.status_code == 200, under.text
+    assert under.json()["score"] > 0
+
+
+def test_the_service_holds_the_models_own_pixel_limit(service, photos):
+    url = f"http://127.0.0.1:{service}/score"
+    large = httpx.post(url, files={"file": ("large.png", photos["large"].read_bytes(), "image/png")}, timeout=300)
+    assert large.status_code == 422, large.text
+    assert "max_image_pixels" in large.json()["error"] and "score" not in large.json()
+
+
+def test_inference_holds_the_models_own_pixel_limit(limited_model, photos, capsys):
+    import inference
+    from config import run_cli
+
+    assert run_cli(lambda: inference.main(["--model", str(limited_model), "--image", str(photos["small"]), "--quiet"])) == 0
+    capsys.readouterr()
+    code = run_cli(lambda: inference.main(["--model", str(limited_model), "--image", str(photos["large"]), "--json"]))
+    assert code == 1
+    assert '"unreadable": 1' in capsys.readouterr().out
