@@ -61,4 +61,47 @@ def test_more_probes_find_more_true_neighbours_and_all_cells_find_them_all(bank_
         index = build_index(bank, Config(knn_index="ivf", ivf_nprobe=nprobe, device="cpu"))
         recall[nprobe] = float(np.mean(index.search(queries, 1)[1][:, 0] == truth))
     assert recall[10_000] == 1.0  # every cell searched: the exact answer
-    assert recall[1] < 0.8 < recall[8], recall
+    assert recall[1] < 0.5 < recall[8], recall
+
+
+def clustered(n: int, dim: int = 32, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(scale=4.0, size=(30, dim))
+    return (centres[rng.integers(0, 30, n)] + rng.normal(size=(n, dim))).astype(np.float32)
+
+
+def stream(points: np.ndarray, ratio: float, chunk_size: int, oversampling: float = 1.0):
+    import torch
+
+    from models.coreset import StreamingCoreset
+
+    coreset = StreamingCoreset(ratio, 64, chunk_size, 0, oversampling=oversampling)
+    for start in range(0, len(points), 500):
+        coreset.add(torch.from_numpy(points[start : start + 500]))
+    return coreset.result(), coreset
+
+
+def test_a_bank_streamed_in_many_chunks_keeps_its_share_and_knows_where_each_patch_came_from():
+    points = clustered(4037)
+    kept, coreset = stream(points, 0.1, 1000)  # 100 picks a chunk: chunked, not one exact pass
+    assert len(kept) == round(0.1 * 4037) == 404
+    assert np.array_equal(points[coreset.kept_indices], kept)
+    assert max(coreset.kept_indices) >= 3000  # the last chunk's patches are named by their place in the stream
+
+
+def test_oversampling_changes_which_patches_are_kept_and_covers_about_as_well():
+    """Where chunks get 64-128 picks, oversampling keeps more candidates per chunk and a global pass
+    picks the bank from them: another bank, of the same size, covering the patches about as well."""
+    points = clustered(20030)
+    plain, _ = stream(points, 0.02, 4096)
+    oversampled, _ = stream(points, 0.02, 4096, oversampling=8)
+    assert len(plain) == len(oversampled) == round(0.02 * 20030) == 401
+    assert not np.array_equal(plain, oversampled)
+    flat = faiss.IndexFlatL2(points.shape[1])
+
+    def radius(bank: np.ndarray) -> float:
+        flat.reset()
+        flat.add(bank)
+        return float(np.sqrt(flat.search(points, 1)[0].max()))
+
+    assert radius(oversampled) <= 1.3 * radius(plain)
