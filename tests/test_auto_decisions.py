@@ -10,7 +10,7 @@ import pytest
 from conftest import small_config
 from config import Config
 from models.pipeline_selection import choose_preprocessing
-from preprocessing.auto import MAX_AREA_VARIATION, MIN_GLARE, decide_steps, measure_photos
+from preprocessing.auto import decide_steps, measure_photos
 
 CONFIG = Config(image_size=64, preprocess="on")
 
@@ -55,16 +55,16 @@ def test_rotation_cutoff_is_the_least_elongation_against_1_5_with_a_10_percent_m
 
 
 # ----------------------------------------------------------------------------- the mask
-@pytest.mark.parametrize("spread, reliable", [(0.05, True), (0.6, False)])
+@pytest.mark.parametrize("spread, reliable", [(0.1, True), (0.3, False)])
 def test_mask_area_stability_is_relative_to_the_parts_size(spread, reliable):
-    """Small parts (1-4 % of the frame) whose area varies by half are not a stable mask, though
-    the area's absolute spread is tiny; parts of nearly one size are."""
+    """Small parts (1-3 % of the frame) whose area varies by 37 % (over the 25 % cut-off) are not a
+    stable mask, though the area's absolute spread is tiny; parts varying by 12 % are."""
     scales = 1 + spread * np.linspace(-1, 1, 10)
     photos = [part_photo(1.5, 20 * i, short=14 * s) for i, s in enumerate(scales)]
     decision = decided(photos)
     variation = decision.numbers["area_variation"]
     assert decision.numbers["area_median"] < 0.05
-    assert (variation <= MAX_AREA_VARIATION) is reliable
+    assert variation == pytest.approx(0.12 if reliable else 0.37, abs=0.03)
     assert decision.changes["zero_background"] is reliable and decision.changes["segment"] is reliable
 
 
@@ -111,7 +111,7 @@ def test_glare_on_a_share_of_the_part_turns_inpainting_on(radius, on):
         if radius:
             cv2.circle(photo, (100, 100), radius, (255, 255, 255), -1)
     decision = decided(photos)
-    assert (decision.numbers["glare_median"] >= MIN_GLARE) is on
+    assert (decision.numbers["glare_median"] >= 0.001) is on
     assert decision.changes["inpaint_specular"] is on
 
 
