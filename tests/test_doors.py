@@ -135,3 +135,24 @@ def test_inference_holds_the_models_own_pixel_limit(limited_model, photos, capsy
     code = run_cli(lambda: inference.main(["--model", str(limited_model), "--image", str(photos["large"]), "--json"]))
     assert code == 1
     assert '"unreadable": 1' in capsys.readouterr().out
+
+
+def test_overlays_start_their_colour_scale_at_the_healthy_mean(fitted_model, tmp_path):
+    """Every door draws through one overlay: a map at the healthy mean is drawn exactly like a map at
+    zero (a healthy part looks calm), while a map at the threshold is not."""
+    import numpy as np
+
+    from models.patchcore import Prediction
+    from runtime.scoring import write_overlay
+
+    image = np.full((96, 96, 3), 90, np.uint8)
+
+    def overlay(level: float, name: str) -> np.ndarray:
+        anomaly_map = np.full((96, 96), level, np.float32)
+        prediction = Prediction(score=5.0, threshold=fitted_model.threshold, anomaly_map=anomaly_map,
+                                is_anomalous=False, sigma=0.0, anomaly_confidence=0.0)
+        return cv2.imread(str(write_overlay(fitted_model, image, prediction, tmp_path / name)))
+
+    at_zero = overlay(0.0, "zero.png")
+    assert np.array_equal(overlay(fitted_model.calibration_mean, "mean.png"), at_zero)
+    assert not np.array_equal(overlay(fitted_model.threshold, "threshold.png"), at_zero)
