@@ -156,3 +156,18 @@ def test_overlays_start_their_colour_scale_at_the_healthy_mean(fitted_model, tmp
     at_zero = overlay(0.0, "zero.png")
     assert np.array_equal(overlay(fitted_model.calibration_mean, "mean.png"), at_zero)
     assert not np.array_equal(overlay(fitted_model.threshold, "threshold.png"), at_zero)
+
+
+def test_an_empty_upload_is_a_400_naming_it(service):
+    response = httpx.post(f"http://127.0.0.1:{service}/score", content=b"", params={"name": "nothing.png"}, timeout=60)
+    assert response.status_code == 400
+    assert response.json() == {"path": "nothing.png", "error": "nothing.png: empty upload"}
+
+
+def test_get_model_describes_the_model_file_that_decides(service, limited_model):
+    model = PatchCore.load(limited_model)
+    summary = httpx.get(f"http://127.0.0.1:{service}/model", timeout=60).json()
+    assert summary["threshold"] == pytest.approx(model.threshold)
+    assert summary["weights_identity"] == model.weights_identity and summary["backbone"] == model.config.backbone
+    assert summary["n_train"] == model.n_train and summary["config"]["max_image_pixels"] == PIXEL_LIMIT
+    assert summary["calibration"]["std"] == pytest.approx(model.calibration_std)
