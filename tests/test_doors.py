@@ -171,3 +171,32 @@ def test_get_model_describes_the_model_file_that_decides(service, limited_model)
     assert summary["weights_identity"] == model.weights_identity and summary["backbone"] == model.config.backbone
     assert summary["n_train"] == model.n_train and summary["config"]["max_image_pixels"] == PIXEL_LIMIT
     assert summary["calibration"]["std"] == pytest.approx(model.calibration_std)
+
+
+def test_the_watched_folder_waits_for_an_empty_file_to_be_written_and_sorts_flagged_photos(
+    fitted_model, photos, tmp_path
+):
+    """A camera that creates its file first and writes it later gets its photo scored, not an error
+    for the empty file; a flagged photo goes to anomalous/; a photo in a subfolder is left alone."""
+    import shutil
+
+    from runtime.watcher import WatchOutputs
+    from test_watcher import wait_for, watching
+
+    saved = tmp_path / "strict.pkl"
+    fitted_model.save(saved)
+    strict = PatchCore.load(saved)
+    strict.threshold = 1e-3  # every photo is flagged
+    inbox, out = tmp_path / "inbox", tmp_path / "sorted"
+    (inbox / "line2").mkdir(parents=True)
+    shutil.copy(photos["small"], inbox / "line2" / "elsewhere.png")
+    outputs = WatchOutputs(jsonl=tmp_path / "results.jsonl", sort_into=out)
+    with watching(strict, inbox, outputs):
+        (inbox / "late.png").touch()
+        time.sleep(1.5)  # three times the settle time: an empty file is not a photo yet
+        (inbox / "late.png").write_bytes(photos["small"].read_bytes())
+        (record,) = wait_for(outputs.jsonl, 1)
+        time.sleep(1.0)
+    assert "error" not in record and record["is_anomalous"] is True
+    assert (out / "anomalous" / "late.png").is_file()
+    assert (inbox / "line2" / "elsewhere.png").is_file() and len(wait_for(outputs.jsonl, 1)) == 1
