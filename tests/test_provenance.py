@@ -36,6 +36,15 @@ def test_a_model_fitted_with_other_backbone_weights_is_refused(fitted_model, sma
     assert line.startswith("error:") and "weights differ" in line
 
 
+def test_a_model_file_fitted_on_no_photos_is_refused(fitted_model, tmp_path):
+    fitted_model.save(tmp_path / "model.pkl")
+    state = pickle.loads((tmp_path / "model.pkl").read_bytes())
+    state["n_train"] = 0
+    (tmp_path / "model.pkl").write_bytes(pickle.dumps(state))
+    with pytest.raises(ModelFileError, match="n_train"):
+        PatchCore.load(tmp_path / "model.pkl")
+
+
 def tiny_graph(path: Path, metadata: dict[str, str]) -> Path:
     """A valid ONNX graph named as the extractor's (``images`` in, ``features`` out) carrying ``metadata``."""
     onnx = pytest.importorskip("onnx")
