@@ -1,0 +1,89 @@
+"""train.py's choices before any fitting: the defaults a folder's name selects, and where its model and
+report go; --recalibrate checks its output and its photos before scoring anything."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from config import run_cli
+from models.patchcore import PatchCore
+from preprocessing.io import train_images
+
+
+class Stop(Exception):
+    """Raised in place of a fit: what matters here is what the fit was given."""
+
+
+def link_folder(source: Path, target: Path, n_train: int = 3, with_test: bool = False) -> Path:
+    (target / "train" / "good").mkdir(parents=True)
+    for image in train_images(source)[:n_train]:
+        (target / "train" / "good" / image.name).symlink_to(image.resolve())
+    if with_test:
+        (target / "test" / "good").mkdir(parents=True)
+        (target / "test" / "good" / "000.png").symlink_to(train_images(source)[-1].resolve())
+    return target
+
+
+@pytest.fixture()
+def fit_configs(monkeypatch) -> list:
+    configs = []
+
+    def recording_fit(self, *args, **kwargs):
+        configs.append(self.config)
+        raise Stop
+
+    monkeypatch.setattr(PatchCore, "fit", recording_fit)
+    return configs
+
+
+@pytest.mark.parametrize("folder, preprocess, clahe", [("screw", "on", False), ("fasteners", "auto", False)])
+def test_a_data_folder_named_after_a_category_gets_that_categorys_defaults(
+    small_screw_dir, tmp_path, monkeypatch, fit_configs, folder, preprocess, clahe
+):
+    import train
+
+    link_folder(small_screw_dir, tmp_path / folder)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(Stop):
+        train.main(["--data-dir", folder, "--backbone", "efficientnet_lite0"])
+    (config,) = fit_configs
+    assert (config.preprocess, config.clahe) == (preprocess, clahe)
+
+
+def test_the_report_of_a_fit_goes_to_outputs_named_after_its_output_file(
+    small_screw_dir, tmp_path, monkeypatch, capsys, fit_configs
+):
+    """Checked before the fit: a file where outputs/bolts_v2/ must go stops it, naming that path."""
+    import train
+
+    link_folder(small_screw_dir, tmp_path / "bolts", with_test=True)
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "outputs" / "bolts_v2").write_text("in the way")
+    monkeypatch.chdir(tmp_path)
+    argv = ["--data-dir", "bolts", "--backbone", "efficientnet_lite0", "--output", "models/bolts_v2.pkl"]
+    assert run_cli(lambda: train.main(argv)) == 2
+    assert "outputs/bolts_v2/metrics.json" in capsys.readouterr().err
+    assert fit_configs == []
+
+
+def test_recalibrate_checks_its_output_and_every_photo_before_scoring(
+    fitted_model, small_screw_dir, tmp_path, monkeypatch, capsys
+):
+    import train
+
+    model_file = tmp_path / "model.pkl"
+    fitted_model.save(model_file)
+    before = model_file.read_bytes()
+    photos = link_folder(small_screw_dir, tmp_path / "new_light")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(PatchCore, "recalibrate", lambda *a, **k: pytest.fail("scored before the checks"))
+    (tmp_path / "taken").mkdir()
+    common = ["--recalibrate", "--model", str(model_file), "--data-dir", str(photos), "--quiet"]
+    assert run_cli(lambda: train.main([*common, "--output", "taken"])) == 2
+    assert "taken: is a folder" in capsys.readouterr().err
+    (photos / "train" / "good" / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    assert run_cli(lambda: train.main(common)) == 2
+    assert "cut.png" in capsys.readouterr().err
+    assert model_file.read_bytes() == before
