@@ -93,3 +93,27 @@ def test_an_onnx_export_of_other_weights_is_refused_beside_the_model(fitted_mode
     model = PatchCore.load(model_file, runtime="onnx")
     with pytest.raises(ModelFileError, match="backbone weights differ"):
         model.predict([train_images(small_screw_dir)[0]])
+
+
+def test_a_bank_wider_than_its_target_dim_is_refused(fitted_model, tmp_path):
+    """lite0 gives 152 features per patch, reduced to target_dim when that is smaller."""
+    fitted_model.save(tmp_path / "model.pkl")
+    state = pickle.loads((tmp_path / "model.pkl").read_bytes())
+    state["config"]["target_dim"] = 64
+    (tmp_path / "model.pkl").write_bytes(pickle.dumps(state))
+    with pytest.raises(ModelFileError, match="152 features per patch, but efficientnet_lite0 with target_dim 64 gives 64"):
+        PatchCore.load(tmp_path / "model.pkl")
+
+
+def test_runtime_auto_scores_through_the_export_beside_the_model_and_torch_without_one(
+    fitted_model, small_screw_dir, tmp_path
+):
+    """The export beside the model decides (here one of other weights, so using it is refused)."""
+    model_file = tmp_path / "line4.pkl"
+    fitted_model.save(model_file)
+    photo = train_images(small_screw_dir)[0]
+    assert PatchCore.load(model_file).predict([photo])[0].score == pytest.approx(fitted_model.predict([photo])[0].score)
+    tiny_graph(tmp_path / "line4.onnx", export_metadata(fitted_model.config, "sha256:other-weights"))
+    with pytest.raises(ModelFileError, match="backbone weights differ"):
+        PatchCore.load(model_file).predict([photo])
+    assert PatchCore.load(model_file, runtime="torch").predict([photo])[0].score > 0
