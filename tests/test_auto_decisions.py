@@ -9,6 +9,7 @@ import pytest
 
 from conftest import small_config
 from config import Config
+from models.patchcore import PatchCore
 from models.pipeline_selection import choose_preprocessing
 from preprocessing.auto import decide_steps, measure_photos
 
@@ -154,7 +155,9 @@ def test_the_ranking_picks_the_measured_steps_where_parts_lie_at_any_angle():
     The healthy photos scored are not the bank's (a bank scoring its own photos gives 'off' a
     perfect separation)."""
     photos = noisy_parts(np.random.default_rng(0).uniform(0, 180, 16), seed=0)
-    config, record = choose_preprocessing(photos, small_config(preprocess="auto", image_size=64, coreset_sampling_ratio=1.0))
+    config, record = choose_preprocessing(
+        photos, small_config(preprocess="auto", image_size=64, coreset_sampling_ratio=1.0), PatchCore
+    )
     scores = record["candidates"]
     assert record["chosen"] == "decided" and config.preprocess == "on" and config.align_rotation
     assert scores["decided"]["image_auroc"] > 0.75
@@ -168,7 +171,7 @@ def test_the_ranking_picks_off_where_the_measured_steps_wreck_the_photos():
     separates painted defects far worse than the photos fed whole."""
     photos = noisy_parts(np.zeros(16), seed=0)
     harsh = small_config(preprocess="auto", image_size=64, coreset_sampling_ratio=1.0, clahe=True, clahe_clip_limit=100.0, clahe_tile_grid=64)
-    config, record = choose_preprocessing(photos, harsh)
+    config, record = choose_preprocessing(photos, harsh, PatchCore)
     scores = record["candidates"]
     assert record["chosen"] == "off" and config.preprocess == "off"
     assert scores["off"]["image_auroc"] > scores["decided"]["image_auroc"] + 0.1

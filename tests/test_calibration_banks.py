@@ -12,7 +12,8 @@ import pytest
 from conftest import small_config
 from models.patchcore import PatchCore
 from preprocessing import io as photo_io
-from preprocessing.io import read_image, train_images
+from evaluation.mvtec import train_images
+from preprocessing.io import read_image
 
 
 def test_each_photo_is_scored_by_a_bank_as_dense_as_the_final_bank(small_screw_dir, monkeypatch):

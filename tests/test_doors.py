@@ -15,7 +15,8 @@ import httpx
 import pytest
 
 from models.patchcore import PatchCore
-from preprocessing.io import read_image, train_images
+from evaluation.mvtec import train_images
+from preprocessing.io import read_image
 
 ROOT = Path(__file__).resolve().parents[1]
 PIXEL_LIMIT = 500_000  # the model's own max_image_pixels: a 1024 x 1024 screw photo is over it, 512 x 512 under
@@ -137,13 +138,13 @@ def test_inference_holds_the_models_own_pixel_limit(limited_model, photos, capsy
     assert '"unreadable": 1' in capsys.readouterr().out
 
 
-def test_overlays_start_their_colour_scale_at_the_healthy_mean(fitted_model, tmp_path):
-    """Every door draws through one overlay: a map at the healthy mean is drawn exactly like a map at
+def test_overlays_start_their_colour_scale_at_the_healthy_median(fitted_model, tmp_path):
+    """Every door draws through one overlay: a map at the healthy median is drawn exactly like a map at
     zero (a healthy part looks calm), while a map at the threshold is not."""
     import numpy as np
 
     from models.patchcore import Prediction
-    from runtime.scoring import write_overlay
+    from inspection.scoring import write_overlay
 
     image = np.full((96, 96, 3), 90, np.uint8)
 
@@ -154,7 +155,7 @@ def test_overlays_start_their_colour_scale_at_the_healthy_mean(fitted_model, tmp
         return cv2.imread(str(write_overlay(fitted_model, image, prediction, tmp_path / name)))
 
     at_zero = overlay(0.0, "zero.png")
-    assert np.array_equal(overlay(fitted_model.calibration_mean, "mean.png"), at_zero)
+    assert np.array_equal(overlay(fitted_model.calibration_median, "median.png"), at_zero)
     assert not np.array_equal(overlay(fitted_model.threshold, "threshold.png"), at_zero)
 
 
@@ -170,7 +171,7 @@ def test_get_model_describes_the_model_file_that_decides(service, limited_model)
     assert summary["threshold"] == pytest.approx(model.threshold)
     assert summary["weights_identity"] == model.weights_identity and summary["backbone"] == model.config.backbone
     assert summary["n_train"] == model.n_train and summary["config"]["max_image_pixels"] == PIXEL_LIMIT
-    assert summary["calibration"]["std"] == pytest.approx(model.calibration_std)
+    assert summary["calibration"]["median"] == pytest.approx(model.calibration_median)
 
 
 def test_the_watched_folder_waits_for_an_empty_file_to_be_written_and_sorts_flagged_photos(

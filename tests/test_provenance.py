@@ -9,7 +9,7 @@ import pytest
 
 from models.onnx_extractor import OnnxExtractorError, OnnxFeatureExtractor, export_metadata
 from models.patchcore import ModelFileError, PatchCore
-from preprocessing.io import train_images
+from evaluation.mvtec import train_images
 
 
 def with_weights_identity(model: PatchCore, path: Path, identity: str) -> Path:

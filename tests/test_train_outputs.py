@@ -9,7 +9,7 @@ import pytest
 
 from config import run_cli
 from models.patchcore import PatchCore
-from preprocessing.io import train_images
+from evaluation.mvtec import train_images
 
 
 class Stop(Exception):

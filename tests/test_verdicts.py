@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from models.patchcore import PatchCore
-from preprocessing.io import load_test_split
+from evaluation.mvtec import load_test_split
 
 
 @pytest.fixture()
