@@ -99,3 +99,21 @@ def test_a_fit_writes_its_model_to_output_and_nowhere_else(small_screw_dir, tmp_
                "--output", "models_here/bolts_v2.pkl"], monkeypatch, tmp_path)
     assert PatchCore.load(tmp_path / "models_here" / "bolts_v2.pkl").n_train == 4
     assert not (tmp_path / "saved_models").exists()
+
+
+def test_add_good_with_output_writes_there_and_leaves_the_input_model_untouched(
+    fitted_model, small_screw_dir, tmp_path, monkeypatch
+):
+    original = tmp_path / "line5.pkl"
+    fitted_model.save(original)
+    before = original.read_bytes()
+    confirmed = tmp_path / "confirmed"
+    confirmed.mkdir()
+    for image in train_images(small_screw_dir)[:3]:
+        (confirmed / image.name).symlink_to(image.resolve())
+    run_train(["--add-good", "--model", str(original), "--data-dir", str(confirmed), "--output", "grown/line5.pkl",
+               "--quiet"], monkeypatch, tmp_path)
+    assert original.read_bytes() == before
+    grown = PatchCore.load(tmp_path / "grown" / "line5.pkl")
+    assert [update["photos"] for update in grown.updates] == [3]
+    assert sorted(path.name for path in tmp_path.glob("*.pkl")) == ["line5.pkl"]  # nothing written beside the input
