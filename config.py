@@ -10,6 +10,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
+import reprlib
+import stat
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -38,6 +41,77 @@ RENAMED_SETTINGS: dict[str, tuple[str, Callable[[Any], Any]]] = {
 
 class ConfigError(ValueError):
     """One or more settings out of their allowed range or of the wrong type; the message names each."""
+
+
+_BRIEF = reprlib.Repr()
+_BRIEF.maxlevel, _BRIEF.maxstring, _BRIEF.maxother, _BRIEF.maxlong = 3, 60, 60, 40
+
+
+def brief(value: Any) -> str:
+    """``repr`` cut to a few dozen characters: an error message never formats an unbounded value
+    (a megabyte string, or a structure of shared references that expands to billions of items)."""
+    return _BRIEF.repr(value)
+
+
+MAX_PLAIN_ITEMS = 1_000_000  # values and characters of text in a settings or model file, counted as written out
+MAX_PLAIN_DEPTH = 64  # nesting of lists and mappings; a model file's state is four deep
+
+
+def check_plain_data(value: Any, what: str, max_items: int = MAX_PLAIN_ITEMS, max_depth: int = MAX_PLAIN_DEPTH) -> None:
+    """Refuse data whose written-out size or nesting is beyond any settings or model file.
+
+    YAML aliases and pickle's memo let a few hundred bytes name the same list a billion times
+    over; anything that walks the value (formatting, JSON, a deep copy) would then run for hours.
+    The size is counted as if every shared reference were written out, in time linear in the
+    distinct objects (each one's size is computed once), and a value that contains itself is refused.
+    Bytes count as one item: they are array data, never walked.
+    """
+    sizes: dict[int, tuple[int, int]] = {}  # id -> (items, depth) of a finished container
+    on_path: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(value, False)]
+    keep_alive = []  # ids stay unique only while their objects live
+    while stack:
+        node, children_done = stack.pop()
+        if not isinstance(node, (dict, list, tuple, set, frozenset)):
+            continue
+        key = id(node)
+        children = [*node.keys(), *node.values()] if isinstance(node, dict) else list(node)
+        if children_done:
+            on_path.discard(key)
+            items, depth = 1, 1
+            for child in children:
+                child_items, child_depth = _plain_size(child, sizes)
+                items, depth = items + child_items, max(depth, child_depth + 1)
+            if items > max_items:
+                raise ValueError(
+                    f"{what} holds more than {max_items:_} values once its shared references are written out; "
+                    "no settings or model file is that large"
+                )
+            if depth > max_depth:
+                raise _too_deep(what, max_depth)
+            sizes[key] = (items, depth)
+            continue
+        if key in sizes:
+            continue
+        if key in on_path:
+            raise ValueError(f"{what} holds a list or mapping that contains itself")
+        if len(on_path) >= max_depth:
+            raise _too_deep(what, max_depth)
+        on_path.add(key)
+        keep_alive.append(node)
+        stack.append((node, True))
+        stack.extend((child, False) for child in children)
+
+
+def _too_deep(what: str, max_depth: int) -> ValueError:
+    return ValueError(f"{what} holds lists or mappings nested more than {max_depth} deep, deeper than any settings or model file")
+
+
+def _plain_size(value: Any, sizes: dict[int, tuple[int, int]]) -> tuple[int, int]:
+    """(items, depth) of a value whose containers ``check_plain_data`` has sized already."""
+    if isinstance(value, (dict, list, tuple, set, frozenset)):
+        return sizes[id(value)]
+    return (1 + len(value), 0) if isinstance(value, str) else (1, 0)
 
 
 def _number(value: float | None) -> str:
@@ -246,9 +320,10 @@ class Config:
             if old_name in values and new_name not in values:
                 values[new_name] = convert(values.pop(old_name))
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(set(values) - known, key=str)
         if unknown:
-            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+            names = ", ".join(key if isinstance(key, str) and len(key) <= 60 else brief(key) for key in unknown[:10])
+            raise ConfigError(f"unknown config key(s): {names}{', ...' if len(unknown) > 10 else ''}")
         return cls(**values)
 
     def replace(self, **changes: Any) -> Config:
@@ -264,24 +339,24 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
     if hint is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{name} must be true or false, got {value!r}")
+        raise ConfigError(f"{name} must be true or false, got {brief(value)}")
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{name} must be a whole number, got {value!r}")
+        raise ConfigError(f"{name} must be a whole number, got {brief(value)}")
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
-        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+        raise ConfigError(f"{name} must be a finite number, got {brief(value)}")
     if hint == list[str]:
         if isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value):
             return list(value)
-        raise ConfigError(f"{name} must be a list of names, got {value!r}")
+        raise ConfigError(f"{name} must be a list of names, got {brief(value)}")
     if value is None and type(None) in get_args(hint):
         return None
     if isinstance(value, str):
         return value
-    raise ConfigError(f"{name} must be text, got {value!r}")
+    raise ConfigError(f"{name} must be text, got {brief(value)}")
 
 
 def validate(config: Config) -> None:
@@ -300,7 +375,7 @@ def validate(config: Config) -> None:
         setattr(config, item.name, value)
         violation = None if value is None else rule_of(item).violation(value)
         if violation:
-            problems.append(f"{item.name} {violation}, got {value!r}")
+            problems.append(f"{item.name} {violation}, got {brief(value)}")
     if problems:
         raise ConfigError("invalid settings: " + "; ".join(problems))
 
@@ -317,17 +392,28 @@ CATEGORY_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+MAX_YAML_BYTES = 2**20  # a config file is a few dozen lines
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping of config overrides; anything but a mapping is an error."""
+    """Read a YAML mapping of config overrides; anything but a small, plain mapping is an error."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle) or {}
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):  # a FIFO or a device never ends
+                raise ValueError(f"{path}: a config file must be a regular file")
+            text = handle.read(MAX_YAML_BYTES + 1)
+        if len(text) > MAX_YAML_BYTES:
+            raise ValueError(f"{path}: more than {MAX_YAML_BYTES:_} bytes; a config file is a few dozen lines")
+        data = yaml.safe_load(text) or {}
     except OSError as error:
         raise ValueError(f"{path}: cannot read config file ({error.strerror})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: nested too deeply to be a config file") from None
     except yaml.YAMLError as error:
-        raise ValueError(f"{path}: not valid YAML ({error})") from None
+        raise ValueError(f"{path}: not valid YAML ({brief(str(error))})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a config file must be a mapping of setting: value")
+    check_plain_data(data, str(path))
     return data
 
 

@@ -2,12 +2,17 @@ from __future__ import annotations
 
 import argparse
 import errno
+import subprocess
+import sys
 from dataclasses import fields
+from pathlib import Path
 from typing import get_type_hints
 
 import pytest
 
 from config import Config, ConfigError, add_config_arguments, config_from_args, fail, help_text, rule_of, run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -187,3 +192,29 @@ def test_run_cli_lets_a_bug_show_its_traceback():
 
     with pytest.raises(RuntimeError, match="a bug"):
         run_cli(bug)
+
+
+LAUGHS = "a: &a [ha, ha, ha, ha, ha, ha, ha, ha, ha]\n" + "".join(
+    f"{name}: &{name} [{', '.join(['*' + previous] * 9)}]\n" for previous, name in zip("abcdefgh", "bcdefghi")
+) + "layers: *i\n"
+
+
+@pytest.mark.parametrize("text, reason", [
+    (LAUGHS, "holds more than 1_000_000 values once its shared references are written out"),
+    ("layers: " + "[" * 300_000 + "]" * 300_000 + "\n", "nested too deeply to be a config file"),
+], ids=["shared-references", "deep-nesting"])
+def test_a_small_yaml_file_that_expands_without_bound_is_one_line(tmp_path, text, reason):
+    """A billion-laughs YAML (1 KB, 387 million items written out) or 300,000-deep brackets: one line, at once."""
+    path = tmp_path / "bomb.yaml"
+    path.write_text(text)
+    code = f"from config import load_yaml, run_cli\nimport sys\nsys.exit(run_cli(lambda: load_yaml({str(path)!r}) and 0))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"error: {path}") and reason in line
+
+
+def test_an_error_never_formats_an_unbounded_value():
+    with pytest.raises(ConfigError) as raised:
+        Config.from_dict({"backbone": "x" * 10_000_000, "layers": [["deep"] * 1000] * 1000})
+    assert len(str(raised.value)) < 600
