@@ -28,7 +28,7 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from config import Config, UserError
+from config import Config, UserError, brief, check_plain_data
 from models.backbones import PatchFeatureExtractor, feature_width
 from models.backend import onnx_path_for, open_extractor, resolve_runtime
 from models.calibration import fit_tail, rate_interval, too_few_photos, unlike_the_rest
@@ -681,7 +681,7 @@ class PatchCore:
         version = state["format_version"]
         if type(version) is not int or version != FORMAT_VERSION:
             raise ValueError(
-                f"model format version {version!r} is not supported by this version "
+                f"model format version {brief(version)} is not supported by this version "
                 f"(expects {FORMAT_VERSION}); refit the model with train.py"
             )
         missing = sorted(set(_STATE_TYPES) - set(state))
@@ -761,7 +761,7 @@ def _read_state(path: Path) -> Any:
         raise ModelFileError(f"{path}: not a regular file (a device, FIFO or socket)")
     try:
         with open(path, "rb") as handle:
-            return _PlainDataUnpickler(handle).load()
+            state = _PlainDataUnpickler(handle).load()
     except PermissionError:
         raise ModelFileError(f"{path}: permission denied") from None
     except OSError as error:
@@ -771,26 +771,55 @@ def _read_state(path: Path) -> Any:
     except (MemoryError, OverflowError):  # a length field claiming far more than the file holds
         raise ModelFileError(f"{path}: corrupt, it declares a value larger than the whole file") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError) as error:
-        raise ModelFileError(f"{path}: not a model file or truncated ({error})") from None
+        raise ModelFileError(f"{path}: not a model file or truncated ({brief(str(error))})") from None
+    try:  # before anything walks it: a few hundred bytes of shared references can expand to billions
+        check_plain_data(state, "the file")
+    except ValueError as error:
+        raise ModelFileError(f"{path}: refused, {error}") from None
+    return state
+
+
+# A backbone's features are of order 1 to 100; up to a million, every squared distance between
+# patches stays finite in float32, so no score can overflow to infinity or NaN.
+MAX_FEATURE_MAGNITUDE = 1e6
+THRESHOLD_SPAN = 1000  # a threshold more than this many times the largest healthy score is no calibration
 
 
 def _check_fitted_values(model: PatchCore) -> None:
-    """Refuse what no fit writes: a NaN threshold would pass every part, an empty bank scores nothing."""
+    """Refuse what no fit writes: a NaN or zero threshold, an empty bank, values so large that scores overflow.
+
+    Types are not enough: a bank with one patch of 3e38 loads as floats, yet every distance to it
+    overflows and every photo would score NaN, which is below no threshold and so "ok".
+    """
     bank, scores = model.memory_bank, model.calibration_scores
-    if not math.isfinite(model.threshold):
-        raise ValueError(f"threshold is {model.threshold}, not a finite number")
+    if not (math.isfinite(model.threshold) and model.threshold > 0):
+        raise ValueError(f"threshold is {model.threshold:g}, not a finite number above 0")
     if bank.ndim != 2 or bank.shape[0] == 0 or bank.shape[1] == 0:
         raise ValueError(f"memory_bank must be a non-empty (patches, features) array, got shape {bank.shape}")
     if not np.isfinite(bank).all():
         raise ValueError("memory_bank holds NaN or infinite values")
+    largest = float(np.abs(bank).max())
+    if largest > MAX_FEATURE_MAGNITUDE:
+        raise ValueError(
+            f"memory_bank holds a value of {largest:.3g}; a backbone's features stay below "
+            f"{MAX_FEATURE_MAGNITUDE:g}, and distances to it would overflow"
+        )
     width = feature_width(model.config)
     if width is not None and bank.shape[1] != width:
         raise ValueError(
             f"memory_bank has {bank.shape[1]} features per patch, but {model.config.backbone} with "
             f"target_dim {model.config.target_dim} gives {width}"
         )
-    if scores.ndim != 1 or scores.size == 0 or not np.isfinite(scores).all():
-        raise ValueError("calibration_scores must be a non-empty list of finite numbers")
+    if scores.ndim != 1 or scores.size == 0 or not np.isfinite(scores).all() or scores.min() < 0:
+        raise ValueError("calibration_scores must be a non-empty list of finite distances (0 or more)")
+    if scores.max() > 0 and model.threshold > THRESHOLD_SPAN * scores.max():
+        raise ValueError(
+            f"threshold {model.threshold:.4g} is over {THRESHOLD_SPAN} times the largest healthy calibration "
+            f"score ({scores.max():.4g}); it would pass every defect"
+        )
+    floor = model.calibration.get("spread_floor", 0.0)
+    if not (isinstance(floor, (int, float)) and not isinstance(floor, bool) and math.isfinite(floor) and floor >= 0):
+        raise ValueError(f"calibration spread_floor is {brief(floor)}, not a finite number of 0 or more")
     if model.n_train < 1:
         raise ValueError(f"n_train must be at least 1, got {model.n_train}")
 
@@ -806,12 +835,12 @@ def _unpack_array(packed: dict[str, Any], name: str) -> np.ndarray:
     if set(packed) != {"dtype", "shape", "data"} or not isinstance(packed["data"], bytes):
         raise ValueError(f"{name} is not a packed array")
     if packed["dtype"] != np.dtype(np.float32).str:
-        raise ValueError(f"{name} must be float32, got dtype {packed['dtype']!r}")
+        raise ValueError(f"{name} must be float32, got dtype {brief(packed['dtype'])}")
     shape = packed["shape"]
     if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
-        raise ValueError(f"{name} has an invalid shape {shape!r}")
+        raise ValueError(f"{name} has an invalid shape {brief(shape)}")
     if math.prod(shape) * 4 != len(packed["data"]):
-        raise ValueError(f"{name}: shape {shape} does not match its {len(packed['data'])} bytes")
+        raise ValueError(f"{name}: shape {brief(shape)} does not match its {len(packed['data'])} bytes")
     return np.frombuffer(packed["data"], dtype=np.float32).reshape(shape).copy()
 
 
@@ -823,4 +852,4 @@ class _PlainDataUnpickler(pickle.Unpickler):
     """Refuses every global: a model file holds dicts, lists, strings, numbers and bytes only."""
 
     def find_class(self, module: str, name: str) -> Any:
-        raise _GlobalRefused(f"the file asks to load {module}.{name}; model files hold plain data only")
+        raise _GlobalRefused(f"the file asks to load {f'{module}.{name}'[:100]}; model files hold plain data only")

@@ -457,6 +457,17 @@ CORRUPTIONS = {
     "text threshold": (lambda s: s.update(threshold="0.5"), "threshold has the wrong type"),
     "bad setting inside": (lambda s: s["config"].update(target_dim=0), "invalid settings: target_dim must be"),
     "unknown setting inside": (lambda s: s["config"].update(tuning=1), "unknown config key"),
+    # finite values no fit writes: every photo would score NaN (judged "ok"), or divide by zero
+    "one huge finite patch": (
+        lambda s: s.update(memory_bank=packed(np.vstack([np.ones((9, 152)), np.full((1, 152), 3e38)]).astype(np.float32))),
+        "memory_bank holds a value of 3e+38",
+    ),
+    "zero threshold": (lambda s: s.update(threshold=0.0), "threshold is 0, not a finite number above 0"),
+    "negative threshold": (lambda s: s.update(threshold=-1.0), "threshold is -1, not a finite number above 0"),
+    "threshold far above every healthy score": (lambda s: s.update(threshold=1e30), "over 1000 times the largest healthy"),
+    "negative calibration score": (
+        lambda s: s.update(calibration_scores=packed(np.array([1.0, -2.0], np.float32))), "finite distances (0 or more)"
+    ),
 }
 
 
@@ -589,3 +600,54 @@ def _saved(model: PatchCore, folder: Path) -> Path:
     path = folder / "copy.pkl"
     model.save(path)
     return path
+
+
+def load_in_subprocess(path: Path, timeout: float = 60) -> subprocess.CompletedProcess:
+    """``inference.py`` loading ``path`` as a user runs it, killed if it runs longer than ``timeout``."""
+    from test_io import ROOT
+
+    command = [sys.executable, "inference.py", "--model", str(path), "--image", str(path)]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def billion_laughs(levels: int = 40) -> list:
+    """A list that names one list twice, that one names another twice, ...: 2**40 items once written out."""
+    laughs: list = ["ha"]
+    for _ in range(levels):
+        laughs = [laughs, laughs]
+    return laughs
+
+
+DEEP = "<300,000 nested lists>"  # written into the pickle as opcodes: pickle.dumps itself would recurse
+
+
+def deeply_nested() -> str:
+    return DEEP
+
+
+def pickled(state: dict) -> bytes:
+    data = pickle.dumps(state, protocol=3)  # no frames, whose lengths the splice would break
+    text = DEEP.encode()
+    return data.replace(b"X" + len(text).to_bytes(4, "little") + text, b"(" * 300_000 + b"l" * 300_000)
+
+
+@pytest.mark.parametrize("where", ["layers", "calibration"])
+@pytest.mark.parametrize("shape, reason", [
+    (billion_laughs, "holds more than 1_000_000 values once its shared references are written out"),
+    (deeply_nested, "nested more than 64 deep"),
+], ids=["shared-references", "deep-nesting"])
+def test_a_small_model_file_that_expands_without_bound_is_refused_at_once(fitted_model, tmp_path, where, shape, reason):
+    """A few hundred bytes of pickle: refused in seconds with one line, not minutes of formatting or a RecursionError."""
+    state = saved_state(fitted_model, tmp_path)
+    if where == "layers":
+        state["config"]["layers"] = shape()
+    else:
+        state["calibration"] = {**state["calibration"], "method": shape()}
+    path = tmp_path / "bomb.pkl"
+    path.write_bytes(pickled(state))
+    started = time.monotonic()
+    result = load_in_subprocess(path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {path}: refused, the file ") and reason in line
+    assert "Traceback" not in result.stderr and time.monotonic() - started < 60
