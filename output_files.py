@@ -20,7 +20,8 @@ class OutputError(UserError, OSError):
 
 
 def check_writable(path: str | Path) -> None:
-    """Refuse, before any long work, an output file that is a folder, a device or FIFO, or cannot be created."""
+    """Refuse, before any long work, an output file that is a folder, a device or FIFO, or cannot be
+    created or written (a read-only or full disk)."""
     path = Path(path)
     _check_output_kind(path)
     _probe(path.parent, path)
@@ -31,17 +32,27 @@ def check_output_folder(folder: str | Path) -> None:
     _probe(Path(folder), Path(folder))
 
 
+PROBE_BYTES = 2**20  # what the probe writes and syncs: a full disk (or quota) refuses it at once
+
+
 def _probe(folder: Path, named: Path) -> None:
-    """Create ``folder`` and a temporary file in it: finds read-only disks and missing permissions.
+    """Create ``folder`` and write and sync a 1 MiB temporary file in it: finds read-only and full
+    disks and missing permissions before any long work.
 
     A disk that fills up later is still reported when it happens, with the previous file intact.
     """
+    probe = None
     try:
         probe, descriptor = _create_temporary(folder / "write-check")
-        os.close(descriptor)
-        probe.unlink()
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(bytes(PROBE_BYTES))
+            handle.flush()
+            os.fsync(handle.fileno())
     except OSError as error:
         raise _output_error(named, error) from None
+    finally:
+        if probe is not None:
+            probe.unlink(missing_ok=True)
 
 
 def json_document(value: Any) -> str:
@@ -107,8 +118,9 @@ def _check_output_kind(path: Path) -> None:
         raise OutputError(f"{path}: is a device, FIFO or socket, not a file; give a file name")
 
 
-# Our temporaries: ``.<name>.<pid>.<8 hex digits>.tmp``; the pid tells whether the writer still lives.
-TEMPORARY_NAME = re.compile(r"\..+\.(\d+)\.[0-9a-f]{8}\.tmp")
+# Our temporaries: ``.<name>.fastener-<pid>-<8 hex digits>.tmp``; the pid tells whether the writer
+# still lives, and the tag keeps other programs' ``.*.tmp`` files out of the cleanup.
+TEMPORARY_NAME = re.compile(r"\..+\.fastener-(\d+)-[0-9a-f]{8}\.tmp")
 _folders_cleaned: set[Path] = set()  # each folder is swept once per process: listing it per write would cost O(n²)
 
 
@@ -116,7 +128,7 @@ def _create_temporary(path: Path) -> tuple[Path, int]:
     """A new temporary file beside ``path``, created with mode 0666 so that the umask applies as to any new file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        temporary = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"  # see TEMPORARY_NAME
+        temporary = path.parent / f".{path.name}.fastener-{os.getpid()}-{secrets.token_hex(4)}.tmp"  # see TEMPORARY_NAME
         try:
             return temporary, os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
         except FileExistsError:
@@ -138,11 +150,11 @@ def _remove_stale_temporaries(folder: Path) -> None:
         return
     for name in names:
         match = TEMPORARY_NAME.fullmatch(name)
-        if match and not _process_alive(int(match.group(1))):
+        if match and not process_alive(int(match.group(1))):
             (folder / name).unlink(missing_ok=True)
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """Whether process ``pid`` exists (signal 0 only asks)."""
     try:
         os.kill(pid, 0)

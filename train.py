@@ -22,7 +22,7 @@ from pathlib import Path
 from config import CATEGORY_DEFAULTS, Config, add_config_arguments, config_from_args, fail, run_cli
 from evaluation.mvtec import load_test_split, train_images
 from output_files import check_writable
-from preprocessing.io import ImageReadError, find_images, read_image, read_images
+from preprocessing.io import ImageReadError, find_images, read_image, read_images, training_photo_problem
 
 if TYPE_CHECKING:  # fitting imports torch: loaded only when a command fits or scores
     from models.patchcore import PatchCore
@@ -258,13 +258,17 @@ def fit_model(paths: list[Path], config: Config, data_dir: Path, quiet: bool) ->
 
 
 def refuse_unusable_photos(paths: list[Path], config: Config) -> None:
-    """Decode every training photo first: a truncated or corrupt one must not enter the memory bank.
+    """Decode every training photo first: a truncated, corrupt, tiny or blank one must not enter the memory bank.
 
     The fit is refused with the list of bad files rather than run without them, so a model never
     silently learns from fewer photos than its folder holds.
     """
-    bad = [str(image) for _, image in read_images(paths, config.num_workers, config.max_image_pixels)
-           if isinstance(image, ImageReadError)]
+    bad = []
+    for path, image in read_images(paths, config.num_workers, config.max_image_pixels):
+        if isinstance(image, ImageReadError):
+            bad.append(str(image))
+        elif problem := training_photo_problem(image):
+            bad.append(f"{path}: {problem}")
     if bad:
         fail(f"{len(bad)} of {len(paths)} training photos cannot be used; remove or replace them: {'; '.join(bad)}")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import stat
 from collections.abc import Iterator, Sequence
@@ -36,20 +37,65 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, keep_grey
     takes: three identical channels would only triple its work (a mono camera's photos).
     The photo comes upright as a viewer shows it (EXIF orientation applied), so heatmaps drawn on
     it match what the user sees. Anything that cannot be used raises ImageReadError naming the
-    file and the reason; nothing is decoded before the declared size is known to be within limits.
+    file and the reason; nothing is decoded before its decoded size is known to be within limits.
     """
-    return to_rgb8(_decode(Path(path), max_pixels), keep_grey)
+    return to_rgb8(_decode(read_photo_bytes(path, max_pixels), str(path), max_pixels), keep_grey)
 
 
-def _decode(path: Path, max_pixels: int) -> np.ndarray:
-    """The photo as OpenCV decodes it, upright, after every check that avoids a costly or misleading decode."""
-    data = _read_photo_file(path)
+def read_photo_bytes(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
+    """A photo file's bytes, refused (ImageReadError) when it is no regular file or larger than any
+    photo within ``max_pixels`` could be: a 10 GB file named ``.png`` is never read into memory."""
+    return _read_photo_file(Path(path), max_file_bytes(max_pixels))
+
+
+def decode_image(data: bytes, label: str, max_pixels: int = DEFAULT_MAX_PIXELS, keep_grey: bool = False) -> np.ndarray:
+    """``read_image`` for a photo already in memory (an upload, a file read once); errors name it ``label``."""
+    if len(data) > max_file_bytes(max_pixels):
+        raise ImageReadError(f"{label}: {len(data):_} bytes is larger than any photo within the limit could be")
+    return to_rgb8(_decode(data, label, max_pixels), keep_grey)
+
+
+def max_file_bytes(max_pixels: int) -> int:
+    """The largest file a photo within ``max_pixels`` can be: uncompressed 8-bit RGB, plus room for metadata."""
+    return 3 * max_pixels + 64 * 2**20
+
+
+def decoded_bytes(header: Image.Image, data: bytes) -> int:
+    """Bytes the decoded photo takes: width x height x channels (3 at least: it becomes RGB) x bytes per sample.
+
+    Pillow reports a 16-bit colour PNG as 8-bit, so a PNG's bit depth is read from its IHDR chunk.
+    """
+    width, height = header.size
+    channels = max(3, len(header.getbands()))
+    if header.format == "PNG" and data[12:16] == b"IHDR":
+        sample_bytes = 2 if data[24] == 16 else 1
+    elif header.format == "TIFF":
+        bits = header.tag_v2.get(258, 8)  # BitsPerSample: one number, or one per channel
+        sample_bytes = max(1, math.ceil(max(bits if isinstance(bits, tuple) else (bits,)) / 8))
+    else:
+        sample_bytes = 4 if header.mode in ("I", "F") else 2 if header.mode.startswith("I;16") else 1
+    return width * height * channels * sample_bytes
+
+
+def _decode(data: bytes, label: str, max_pixels: int) -> np.ndarray:
+    """The photo as OpenCV decodes it, upright, after every check that avoids a costly or misleading decode.
+
+    The limit is a byte budget: ``max_pixels`` photos of 8-bit RGB, so a 16-bit or four-channel
+    photo counts in proportion to the bytes its pixels take.
+    """
     try:
         with Image.open(BytesIO(data)) as header:  # reads only the header
             width, height = header.size
+            size = decoded_bytes(header, data)
             if width * height > max_pixels:
                 raise ImageReadError(
-                    f"{path}: {width}x{height} pixels is more than the limit of {max_pixels:_} "
+                    f"{label}: {width}x{height} pixels is more than the limit of {max_pixels:_} "
+                    "(setting max_image_pixels); refused before decoding"
+                )
+            if size > 3 * max_pixels:
+                raise ImageReadError(
+                    f"{label}: {width}x{height} pixels take {size / 2**20:_.0f} MiB decoded (16-bit or extra "
+                    f"channels), more than the {3 * max_pixels / 2**20:_.0f} MiB of {max_pixels:_} 8-bit RGB pixels "
                     "(setting max_image_pixels); refused before decoding"
                 )
             # A PNG's EXIF may follow the pixels, and Pillow would decode them all to find it.
@@ -57,42 +103,54 @@ def _decode(path: Path, max_pixels: int) -> np.ndarray:
             orientation = header.getexif().get(ORIENTATION_TAG, 1) if has_exif_in_header else 1
     except ImageReadError:
         raise
-    except (OSError, ValueError, SyntaxError) as error:  # Pillow's ways of saying "not an image I know"
-        raise ImageReadError(f"{path}: not a readable image (corrupt or unsupported format)") from error
+    except (OSError, ValueError, SyntaxError, IndexError, TypeError) as error:  # Pillow's "not an image I know"
+        raise ImageReadError(f"{label}: not a readable image (corrupt or unsupported format)") from error
     truncated = _truncation(data)
     if truncated:
-        raise ImageReadError(f"{path}: {truncated}; the file is incomplete, re-copy or re-take it")
+        raise ImageReadError(f"{label}: {truncated}; the file is incomplete, re-copy or re-take it")
     try:
         raw = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)  # EXIF ignored: applied below
     except (cv2.error, MemoryError) as error:
-        raise ImageReadError(f"{path}: cannot be decoded ({str(error).strip().splitlines()[-1]})") from None
+        raise ImageReadError(f"{label}: cannot be decoded ({str(error).strip().splitlines()[-1]})") from None
     if raw is None or raw.size == 0:
-        raise ImageReadError(f"{path}: not a readable image (corrupt or unsupported format)")
+        raise ImageReadError(f"{label}: not a readable image (corrupt or unsupported format)")
     return upright(raw, orientation)
 
 
-def _read_photo_file(path: Path) -> bytes:
-    """The file's bytes, or an ImageReadError that says why not: missing, broken link, folder, FIFO, permissions."""
+def _read_photo_file(path: Path, max_bytes: int | None = None) -> bytes:
+    """The file's bytes, or an ImageReadError that says why not: missing, broken link, folder, FIFO,
+    device, permissions, or larger than ``max_bytes``.
+
+    The file is opened without blocking and checked on the open descriptor, so a FIFO (or a name
+    swapped for one after a check) is refused instead of waiting for a writer forever.
+    """
     try:
-        status = path.stat()
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         if path.is_symlink():
             target = os.readlink(path)
             raise ImageReadError(f"{path}: broken symbolic link (its target {target} does not exist)") from None
         raise ImageReadError(f"{path}: no such file") from None
-    except OSError as error:  # a symlink loop, a name too long, a folder on the way that cannot be entered
-        raise ImageReadError(f"{path}: cannot be opened ({error.strerror})") from None
-    if stat.S_ISDIR(status.st_mode):
-        raise ImageReadError(f"{path}: is a folder, not a photo")
-    if not stat.S_ISREG(status.st_mode):
-        raise ImageReadError(f"{path}: not a regular file (a device, FIFO or socket)")
-    try:
-        with open(path, "rb") as handle:
-            return handle.read()
     except PermissionError:
         raise ImageReadError(f"{path}: permission denied") from None
-    except OSError as error:
-        raise ImageReadError(f"{path}: cannot be read ({error.strerror})") from None
+    except OSError as error:  # a symlink loop, a name too long, a folder on the way that cannot be entered
+        raise ImageReadError(f"{path}: cannot be opened ({error.strerror})") from None
+    status = os.fstat(descriptor)
+    if not stat.S_ISREG(status.st_mode) or (max_bytes is not None and status.st_size > max_bytes):
+        os.close(descriptor)
+        if stat.S_ISDIR(status.st_mode):
+            raise ImageReadError(f"{path}: is a folder, not a photo")
+        if not stat.S_ISREG(status.st_mode):
+            raise ImageReadError(f"{path}: not a regular file (a device, FIFO or socket)")
+        raise ImageReadError(f"{path}: {status.st_size:_} bytes is larger than any photo within the limit could be")
+    with os.fdopen(descriptor, "rb") as handle:
+        try:
+            data = handle.read() if max_bytes is None else handle.read(max_bytes + 1)
+        except OSError as error:
+            raise ImageReadError(f"{path}: cannot be read ({error.strerror})") from None
+    if max_bytes is not None and len(data) > max_bytes:  # it grew while it was read
+        raise ImageReadError(f"{path}: larger than any photo within the limit could be")
+    return data
 
 
 def _truncation(data: bytes) -> str | None:
@@ -146,8 +204,8 @@ def upright(raw: np.ndarray, orientation: int) -> np.ndarray:
 def to_rgb8(raw: np.ndarray, keep_grey: bool = False) -> np.ndarray:
     """Bring an OpenCV-decoded array (BGR order) of any depth and channel count to 8-bit RGB
     (a single channel to 8-bit (H, W) with ``keep_grey``)."""
-    if raw.dtype == np.uint16:
-        raw = (raw / 257.0).round().astype(np.uint8)
+    if raw.dtype == np.uint16:  # v / 257, rounded, computed in place of a float64 copy 4x the photo's size
+        raw = cv2.convertScaleAbs(raw, alpha=1 / 257)
     elif raw.dtype != np.uint8:
         raw = cv2.normalize(raw.astype(np.float32), None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
     if raw.ndim == 3 and raw.shape[2] == 1:
@@ -161,7 +219,7 @@ def to_rgb8(raw: np.ndarray, keep_grey: bool = False) -> np.ndarray:
 
 def read_mask(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """A ground-truth mask as a boolean array (any non-zero colour pixel is defective), upright like its photo."""
-    raw = _decode(Path(path), max_pixels)
+    raw = _decode(read_photo_bytes(path, max_pixels), str(path), max_pixels)
     colour = raw if raw.ndim == 2 else raw[:, :, :3]
     return colour > 0 if colour.ndim == 2 else (colour > 0).any(axis=2)
 
@@ -179,6 +237,25 @@ def read_images(
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         yield from pool.map(attempt, paths)
+
+
+MIN_TRAINING_SIDE = 32  # the smallest model input: a smaller photo cannot show a part at patch scale
+MIN_TRAINING_SPREAD = 1.0  # standard deviation of the pixel values, in 8-bit grey levels
+
+
+def training_photo_problem(image: np.ndarray) -> str | None:
+    """Why a decoded photo cannot teach the memory bank what a healthy part looks like, or None.
+
+    A tiny or blank frame (a camera that fired in the dark, a placeholder file) would teach the
+    bank that an empty view is healthy, and every blank frame on the line would then pass.
+    """
+    height, width = image.shape[:2]
+    if min(height, width) < MIN_TRAINING_SIDE:
+        return f"{width}x{height} pixels is too small to show a part (at least {MIN_TRAINING_SIDE} on each side)"
+    spread = float(image.std())
+    if spread < MIN_TRAINING_SPREAD:
+        return f"blank: its pixels vary by {spread:.2f} grey levels (standard deviation), less than {MIN_TRAINING_SPREAD:g}"
+    return None
 
 
 def find_images(folder: str | Path, recursive: bool = True) -> list[Path]:

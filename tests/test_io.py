@@ -214,8 +214,9 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
 def test_stale_temporaries_of_a_dead_writer_are_removed_a_live_one_is_kept(tmp_path):
     finished = subprocess.Popen(["true"])
     finished.wait()
-    stale = [tmp_path / f".report.html.{finished.pid}.0badc0de.tmp", tmp_path / f".model.pkl.{finished.pid}.12345678.tmp"]
-    kept = [tmp_path / f".report.html.{os.getpid()}.c0ffee00.tmp", tmp_path / "notes.tmp", tmp_path / ".cache.tmp"]
+    stale = [tmp_path / f".report.html.fastener-{finished.pid}-0badc0de.tmp", tmp_path / f".model.pkl.fastener-{finished.pid}-12345678.tmp"]
+    kept = [tmp_path / f".report.html.fastener-{os.getpid()}-c0ffee00.tmp", tmp_path / "notes.tmp", tmp_path / ".cache.tmp",
+            tmp_path / f".editor.{finished.pid}.0badc0de.tmp"]  # another program's temporary, its writer gone
     for path in stale + kept:
         path.write_text("partial")
     write_atomically(tmp_path / "report.html", "<html></html>")
@@ -285,3 +286,43 @@ def test_a_grey_photo_can_stay_one_channel_and_a_colour_one_stays_rgb(tmp_path):
         assert np.array_equal(one_channel, grey)
         assert np.array_equal(read_image(tmp_path / name), np.dstack([grey] * 3))  # RGB unless asked
     assert np.array_equal(read_image(tmp_path / "colour.png", keep_grey=True), colour[..., ::-1])
+
+
+# ----------------------------------------------------------------------------- budgets and full disks
+def test_the_decode_limit_counts_bytes_so_a_16_bit_rgba_photo_counts_for_more(tmp_path, monkeypatch):
+    """100x100 pixels is within 15,000, but 16-bit RGBA takes 80,000 bytes, more than 15,000 8-bit RGB pixels."""
+    path = tmp_path / "deep.png"
+    cv2.imwrite(str(path), np.full((100, 100, 4), 40000, np.uint16))
+    assert read_image(path, max_pixels=30_000).shape == (100, 100, 3)  # 90,000 bytes allowed
+    monkeypatch.setattr(photo_io.cv2, "imdecode", lambda *_: pytest.fail("decoded despite the budget"))
+    with pytest.raises(ImageReadError, match=r"deep.png: 100x100 pixels take 0 MiB decoded \(16-bit or extra channels\)"):
+        read_image(path, max_pixels=15_000)
+
+
+def test_16_bit_photos_become_8_bit_as_rounding_by_257_does():
+    raw = np.random.default_rng(0).integers(0, 65536, (64, 48, 4), dtype=np.uint16)
+    expected = (raw / 257.0).round().astype(np.uint8)
+    assert np.array_equal(photo_io.to_rgb8(raw), cv2.cvtColor(expected, cv2.COLOR_BGRA2RGB))
+
+
+def test_a_file_larger_than_any_photo_within_the_limit_is_not_read(tmp_path, monkeypatch):
+    path = tmp_path / "huge.png"
+    with open(path, "wb") as handle:  # sparse: no disk used
+        handle.truncate(photo_io.max_file_bytes(1000) + 1)
+    monkeypatch.setattr(photo_io.os, "fdopen", lambda *a, **k: pytest.fail("the file was read"))
+    with pytest.raises(ImageReadError, match="huge.png: 67_111_865 bytes is larger than any photo within the limit"):
+        read_image(path, max_pixels=1000)
+
+
+def test_a_full_disk_is_found_before_any_work(tmp_path):
+    """The file-size limit makes the kernel refuse the probe's write, as a full disk or a quota would."""
+    code = (
+        "import resource, signal\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))\n"
+        "from output_files import check_writable\n"
+        f"try:\n    check_writable({str(tmp_path / 'model.pkl')!r})\nexcept Exception as e:\n    print(e)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.stdout.strip() == f"{tmp_path / 'model.pkl'}: cannot be written (File too large); any previous file is unchanged", result.stderr
+    assert os.listdir(tmp_path) == []

@@ -273,3 +273,43 @@ def test_a_training_photo_unlike_the_rest_is_listed_with_its_heatmap_and_drop_un
     refitted = PatchCore.load(model_path)
     assert refitted.n_train == len(train_images(small_screw_dir))
     assert [Path(photo).name for photo in refitted.calibration["left_out"]] == ["odd.png"]
+
+
+def test_a_blank_or_tiny_training_photo_is_refused_naming_each(tmp_path, small_screw_dir, monkeypatch, capsys):
+    """A 1x1 frame or a blank one would teach the bank that an empty view is a healthy part."""
+    import cv2
+
+    import train
+    from config import run_cli
+    from models.patchcore import PatchCore
+
+    good = tmp_path / "parts" / "train" / "good"
+    good.mkdir(parents=True)
+    for image in sorted((small_screw_dir / "train" / "good").iterdir())[:4]:
+        (good / image.name).symlink_to(image.resolve())
+    cv2.imwrite(str(good / "dot.png"), np.zeros((1, 1, 3), np.uint8))
+    cv2.imwrite(str(good / "blank.png"), np.full((256, 256, 3), 128, np.uint8))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(PatchCore, "fit", lambda *a, **k: pytest.fail("fitted on a blank photo"))
+    assert run_cli(lambda: train.main(["--data-dir", "parts", "--backbone", "efficientnet_lite0"])) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: 2 of 6 training photos cannot be used; remove or replace them: ")
+    assert "parts/train/good/dot.png: 1x1 pixels is too small to show a part (at least 32 on each side)" in line
+    assert "parts/train/good/blank.png: blank: its pixels vary by 0.00 grey levels" in line
+
+
+def test_a_full_disk_for_the_model_file_is_refused_before_the_fit(tmp_path, small_screw_dir):
+    """The file-size limit makes the kernel refuse writes as a full disk would: found before fitting."""
+    code = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import train\nfrom config import run_cli\n"
+        f"sys.exit(run_cli(lambda: train.main(['--data-dir', {str(small_screw_dir)!r}, '--backbone', "
+        "'efficientnet_lite0', '--output', 'model.pkl'])))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    line = one_line_error(result)
+    assert line == "error: model.pkl: cannot be written (File too large); any previous file is unchanged"
+    assert "fitting" not in result.stdout
