@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -18,7 +20,7 @@ import numpy as np
 
 from inspection.overlay import save_overlay
 from models.patchcore import PatchCore, Prediction
-from preprocessing.io import ImageReadError, read_images
+from preprocessing.io import ImageReadError, decode_image, read_image
 
 RECORD_FIELDS = ("path", "score", "normalized_score", "threshold", "is_anomalous", "sigma", "anomaly_confidence",
                  "warnings", "heatmap", "error")
@@ -26,14 +28,14 @@ RECORD_FIELDS = ("path", "score", "normalized_score", "threshold", "is_anomalous
 
 @dataclass(frozen=True)
 class Photo:
-    """One photo to score: a file to read, or an 8-bit RGB array already in memory.
+    """One photo to score: a file to read, its encoded bytes (an upload), or an 8-bit RGB array.
 
     ``name`` is its relative name (``line1/cam/P1.JPG``): the overlay is written at that path
     under the heatmap folder, so photos with one file name in different folders never collide.
     """
 
     name: str
-    source: Path | np.ndarray
+    source: Path | bytes | np.ndarray
 
     @property
     def label(self) -> str:
@@ -66,8 +68,9 @@ def prediction_record(label: str, prediction: Prediction) -> dict[str, Any]:
 
 
 def error_record(label: str, error: Exception) -> dict[str, Any]:
-    """A photo that could not be scored: its name and why."""
-    return {"path": label, "error": str(error)}
+    """A photo that could not be scored: its name and why (the message is prefixed with the name when it lacks it)."""
+    message = str(error)
+    return {"path": label, "error": message if message.startswith(label) else f"{label}: {message}"}
 
 
 def heatmap_path(heatmap_dir: Path, name: str) -> Path:
@@ -96,29 +99,57 @@ def write_overlay(model: PatchCore, image: np.ndarray, prediction: Prediction, o
 
 
 def score_batch(model: PatchCore, photos: Sequence[Photo], heatmap_dir: Path | None = None) -> list[Scored]:
-    """Read, check, score and (with ``heatmap_dir``) draw one batch; an unreadable photo gets an error record.
+    """Read, check, score and (with ``heatmap_dir``) draw one batch; a photo that cannot be scored gets an error record.
 
     Pass at most ``model.config.batch_size`` photos at a time to keep memory flat; ``score_files``
-    does that for a list of any length.
+    does that for a list of any length. A batch that runs out of memory is scored again photo by
+    photo, so only the photo too large to score fails. A score that is not a finite number is
+    never a verdict: NaN is below every threshold and would read as "ok".
     """
-    files = [photo.source for photo in photos if isinstance(photo.source, Path)]
-    decoded = iter(read_images(files, model.config.num_workers, model.config.max_image_pixels))
-    images: list[np.ndarray | ImageReadError] = [
-        next(decoded)[1] if isinstance(photo.source, Path) else photo.source for photo in photos
-    ]
+    with ThreadPoolExecutor(max_workers=max(1, model.config.num_workers)) as pool:
+        images = list(pool.map(lambda photo: _decoded(photo, model.config.max_image_pixels), photos))
     readable = [image for image in images if not isinstance(image, ImageReadError)]
-    predictions = iter(model.predict(readable) if readable else [])
+    predictions = iter(_predict_isolating_memory_errors(model, readable))
     results = []
     for photo, image in zip(photos, images):
-        if isinstance(image, ImageReadError):
-            results.append(Scored(photo, error_record(photo.label, image)))
+        prediction = None if isinstance(image, ImageReadError) else next(predictions)
+        if isinstance(image, ImageReadError) or isinstance(prediction, Exception):
+            results.append(Scored(photo, error_record(photo.label, image if prediction is None else prediction)))
             continue
-        prediction = next(predictions)
+        if not math.isfinite(prediction.score):
+            problem = ValueError(f"{photo.label}: the score is {prediction.score}, not a number a verdict can rest on; "
+                                 "the model file may be damaged")
+            results.append(Scored(photo, error_record(photo.label, problem)))
+            continue
         record = prediction_record(photo.label, prediction)
         if heatmap_dir is not None:
             record["heatmap"] = str(write_overlay(model, image, prediction, heatmap_path(heatmap_dir, photo.name)))
         results.append(Scored(photo, record, image, prediction))
     return results
+
+
+def _decoded(photo: Photo, max_pixels: int) -> np.ndarray | ImageReadError:
+    """The photo as 8-bit RGB, or the reason it cannot be read (returned, so one bad photo never stops a batch)."""
+    try:
+        if isinstance(photo.source, Path):
+            return read_image(photo.source, max_pixels)
+        if isinstance(photo.source, bytes):
+            return decode_image(photo.source, photo.label, max_pixels)
+        return photo.source
+    except ImageReadError as error:
+        return error
+
+
+def _predict_isolating_memory_errors(model: PatchCore, images: list[np.ndarray]) -> list[Prediction | MemoryError]:
+    """``model.predict``; when the batch runs out of memory, each photo alone, the one that still does
+    getting a MemoryError that names it in place of its prediction."""
+    try:
+        return model.predict(images) if images else []
+    except MemoryError:
+        if len(images) == 1:
+            height, width = images[0].shape[:2]
+            return [MemoryError(f"{width}x{height} pixels: too large to score with the memory available")]
+    return [prediction for image in images for prediction in _predict_isolating_memory_errors(model, [image])]
 
 
 def score_files(model: PatchCore, photos: Sequence[Photo], heatmap_dir: Path | None = None) -> Iterator[list[Scored]]:
@@ -143,11 +174,21 @@ def summary(records: Sequence[dict[str, Any]]) -> dict[str, int]:
     }
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet reads as the start of a formula
+
+
+def csv_cell(value: Any) -> Any:
+    """A value as a CSV cell a spreadsheet shows as text: a file named ``=HYPERLINK(...).png`` gets a
+    leading apostrophe instead of becoming a formula (numbers are left as they are)."""
+    return f"'{value}" if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
+
+
 def records_csv(records: Sequence[dict[str, Any]]) -> str:
     """The records as CSV, one row per photo and every field a column (warnings joined by '; ')."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=RECORD_FIELDS, lineterminator="\n")
     writer.writeheader()
     for record in records:
-        writer.writerow({**record, "warnings": "; ".join(record.get("warnings", []))})
+        row = {**record, "warnings": "; ".join(record.get("warnings", []))}
+        writer.writerow({key: csv_cell(value) for key, value in row.items()})
     return buffer.getvalue()

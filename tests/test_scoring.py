@@ -83,3 +83,46 @@ def test_every_flagged_screw_photo_shows_where(fitted_model, screw_dir):
             drawn = overlay_rgb(np.zeros_like(card.thumbnail), card.eval_map, card.threshold, highlight=card.highlight)
             assert (drawn == THRESHOLD_RGB).all(axis=-1).any(), f"{scored.photo.name}: thumbnail outlines nothing"
     assert len(photos) == 160 and flagged > 0
+
+
+def test_a_file_name_that_starts_like_a_formula_stays_text_in_the_csv():
+    records = [{"path": '=HYPERLINK("http://x","click").png', "error": '=HYPERLINK("http://x","click").png: not readable'},
+               {"path": "+1.png", "score": -0.5, "normalized_score": 0.1, "threshold": 2.0, "is_anomalous": False,
+                "sigma": -1.0, "anomaly_confidence": 0.0, "warnings": ["@risk"]}]
+    rows = list(csv.DictReader(io.StringIO(records_csv(records))))
+    assert rows[0]["path"] == "'" + records[0]["path"] and rows[0]["error"].startswith("'=HYPERLINK")
+    assert rows[1]["path"] == "'+1.png" and rows[1]["warnings"] == "'@risk"
+    assert rows[1]["score"] == "-0.5" and rows[1]["sigma"] == "-1.0"  # numbers are numbers
+
+
+def test_a_score_that_is_not_a_number_is_an_error_record_never_a_verdict(fitted_model, small_screw_dir):
+    """A bank with one huge but finite patch overflows every distance: NaN would read as "ok"."""
+    import copy
+
+    photo = load_test_split(small_screw_dir)[0].path
+    spoiled = copy.copy(fitted_model)
+    spoiled.memory_bank = fitted_model.memory_bank.copy()
+    spoiled.memory_bank[0] = 3e38
+    spoiled._index = None  # the index is built from the spoiled bank
+    (result,) = score_batch(spoiled, [Photo(photo.name, photo)])
+    assert result.prediction is None and set(result.record) == {"path", "error"}
+    assert result.record["error"].startswith(f"{photo}: the score is nan, not a number a verdict can rest on")
+
+
+def test_a_photo_too_large_for_memory_fails_alone(fitted_model, small_screw_dir, monkeypatch):
+    """Under a memory cap the batch that holds a huge photo runs out of memory: only that photo may fail."""
+    first, second = (s.path for s in load_test_split(small_screw_dir)[:2])
+    huge = np.zeros((3000, 3000, 3), np.uint8)
+    real_predict = type(fitted_model).predict
+
+    def capped(self, images, *args, **kwargs):
+        if any(image.shape[0] >= 3000 for image in images):
+            raise MemoryError
+        return real_predict(self, images, *args, **kwargs)
+
+    monkeypatch.setattr(type(fitted_model), "predict", capped)
+    results = score_batch(fitted_model, [Photo("a.png", first), Photo("huge.png", huge), Photo("b.png", second)])
+    assert [("error" in r.record) for r in results] == [False, True, False]
+    assert results[1].record["error"] == "huge.png: 3000x3000 pixels: too large to score with the memory available"
+    expected = [round(p.score, 4) for p in real_predict(fitted_model, [first, second])]
+    assert [results[0].record["score"], results[2].record["score"]] == expected
