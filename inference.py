@@ -70,17 +70,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="with --watch: move each photo to OUT/ok, OUT/anomalous or OUT/unreadable; photos "
                              "moved into OUT/confirmed_good are added to the model (docs/learning-on-the-line.md)")
     parser.add_argument("--settle-seconds", type=float, default=0.5,
-                        help="with --watch: a photo counts as written once unchanged this long")
+                        help="with --watch: a photo is read once unchanged this long")
+    parser.add_argument("--retry-seconds", type=float, default=30.0,
+                        help="with --watch: a photo that cannot be read is read again whenever it changes, and gets "
+                             "its error record once unchanged this long (a slow camera pauses between pieces)")
+    parser.add_argument("--state", type=Path, metavar="FILE",
+                        help="with --watch: the journal that makes restarts safe (default <jsonl or csv>.state, "
+                             "else OUT/.watch-state)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    if (args.jsonl or args.sort_into) and not args.watch:
-        parser.error("--jsonl and --sort-into go with --watch")
+    if (args.jsonl or args.sort_into or args.state) and not args.watch:
+        parser.error("--jsonl, --sort-into and --state go with --watch")
     if args.watch and not (args.jsonl or args.csv or args.sort_into):
         parser.error("--watch needs somewhere to put results: --jsonl, --csv and/or --sort-into")
     if args.watch and (args.report or args.json or args.threshold is not None):
         parser.error("--watch writes records to --jsonl/--csv; --report, --json and --threshold are for --image/--dir")
-    if args.settle_seconds < 0:
-        parser.error("--settle-seconds must be >= 0")
+    if not (0 <= args.settle_seconds <= args.retry_seconds and math.isfinite(args.retry_seconds)):
+        parser.error("--settle-seconds must be >= 0 and --retry-seconds at least as long")
     if args.evaluate and not args.dir:
         parser.error("--evaluate needs --dir (an MVTec-layout folder with test/)")
     if args.evaluate and args.threshold is not None:
@@ -116,21 +122,25 @@ def summary_line(counts: dict[str, int]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.watch and not args.watch.is_dir():
-        fail(f"{args.watch}: no such folder to watch")
+    if args.watch:
+        if not args.watch.is_dir():
+            fail(f"{args.watch}: no such folder to watch")
+        from runtime.watcher import WatchOutputs
+
+        heatmaps = (args.output_dir or Path("outputs") / args.model.stem) / "heatmaps" if args.visualize else None
+        outputs = WatchOutputs(jsonl=args.jsonl, csv=args.csv, sort_into=args.sort_into, heatmaps=heatmaps,
+                               state=args.state)
+        outputs.check(args.watch)  # before the model loads: a read-only or full output stops nothing later
     from models.patchcore import PatchCore
 
     model = PatchCore.load(args.model, device=args.device, runtime=args.runtime)
     out_dir = args.output_dir or Path("outputs") / args.model.stem
 
     if args.watch:
-        from runtime.watcher import WatchOutputs, watch_until_stopped
+        from runtime.watcher import watch_until_stopped
 
-        heatmaps = out_dir / "heatmaps" if args.visualize else None
-        if heatmaps is not None:
-            check_output_folder(heatmaps)
-        outputs = WatchOutputs(jsonl=args.jsonl, csv=args.csv, sort_into=args.sort_into, heatmaps=heatmaps)
-        return watch_until_stopped(model, args.watch, outputs, args.settle_seconds, model_path=args.model)
+        return watch_until_stopped(model, args.watch, outputs, args.settle_seconds, args.retry_seconds,
+                                   model_path=args.model)
 
     if args.evaluate:
         from evaluation.report import evaluate, format_summary

@@ -36,11 +36,12 @@ class Photo:
 
     name: str
     source: Path | bytes | np.ndarray
+    origin: str | None = None  # the file the bytes were read from, when there was one
 
     @property
     def label(self) -> str:
-        """How records name the photo: the file path as given, else the name."""
-        return str(self.source) if isinstance(self.source, Path) else self.name
+        """How records name the photo: the file path as given (or its bytes came from), else the name."""
+        return str(self.source) if isinstance(self.source, Path) else self.origin or self.name
 
 
 @dataclass

@@ -1,65 +1,136 @@
-"""A watched folder (``inference.py --watch DIR``): score each photo a camera writes there, once.
+"""A watched folder (``inference.py --watch DIR``): score each photo a camera writes there, exactly once.
 
-A photo is scored only once it is completely written: watchdog reports that something changed,
-and the file must then keep the same size and modification time for ``settle_s`` seconds. Photos go
-through the one scoring path (``inspection.scoring.score_batch``) in batches; each gets one JSON line
-in ``--jsonl`` and/or one CSV row in ``--csv``, appended and flushed to disk before the photo
-counts as done, and with ``--sort-into OUT`` it is moved to ``OUT/ok``, ``OUT/anomalous`` or
-``OUT/unreadable``; with ``--visualize`` its heatmap overlay is written before its record. Restart-safe: the photos named in the result files are not scored again, and
-photos that arrived while the watcher was down are found by a scan at start.
+A photo is known by what it is, not by its name: its device, inode, size and modification time
+(``identity``). A camera that reuses a name (``frame.jpg``, a counter reset) writes a new photo,
+and it is scored; restarting on the same folder under another spelling (a symlink, a relative
+path) scores nothing twice.
+
+A photo is read once it has kept the same identity for ``settle_s`` seconds. A photo that cannot
+be read or decoded is read again each time it changes (a camera writing over FTP or SMB pauses
+between pieces) and gets its error record only once it has stayed unchanged for ``retry_s``.
+Photos go through the one scoring path (``runtime.scoring.score_batch``) in batches.
+
+Each batch is journalled in a state file before its records are appended: the records, and where
+``--jsonl``/``--csv`` ended before them. A crash or a failed write (full disk, read-only folder)
+is repaired by cutting the result files back to that point and appending the batch again, so
+every photo ends with exactly one record. A write that fails is retried every ``RETRY_WRITE_S``
+with an ``error:`` line each time, and scoring waits meanwhile; the watcher never exits on it.
+With ``--sort-into OUT`` each photo then moves to ``OUT/ok``, ``OUT/anomalous`` or
+``OUT/unreadable``, under a free name (``frame_2.jpg``) when one is taken; a move that fails is
+retried the same way, and photos recorded but not yet moved are moved at the next start. With
+``--visualize`` each photo's heatmap overlay is written before its record.
 
 Learning on the line: photos an operator moves into ``OUT/confirmed_good`` are added to the model
 (``PatchCore.add_good``), which is saved over its file (the file it replaces kept beside it) and
 scores from the next batch on; they then move to ``OUT/learned``, or to ``OUT/not_learned`` when
 they score too far above the threshold to be taken as good. A rolling window of verdicts warns of
-drift (runtime.drift). Updates and drift warnings are JSON lines with an ``event`` field in ``--jsonl``.
+drift (runtime.drift). Updates and drift warnings are JSON lines with an ``event`` field in
+``--jsonl``, journalled with the batch that raised them.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from config import UserError
+from inspection.scoring import Photo, error_record, records_csv, score_batch
 from models.patchcore import keep_previous
-from preprocessing.io import IMAGE_SUFFIXES
-from inspection.scoring import Photo, records_csv, score_batch
+from output_files import check_output_folder, check_writable, write_atomically
+from preprocessing.io import IMAGE_SUFFIXES, ImageReadError, read_photo_bytes
 from runtime.drift import DriftMonitor
 
+VERDICTS = ("ok", "anomalous", "unreadable")
 CONFIRMED, LEARNED, NOT_LEARNED = "confirmed_good", "learned", "not_learned"  # folders under --sort-into
-
-
-@dataclass
-class _Seen:
-    size: int
-    mtime_ns: int
-    stable_since: float
+RETRY_WRITE_S = 5.0  # how often a failed write or move is tried again
 
 
 @dataclass
 class WatchOutputs:
-    """Where results go; at least one of jsonl, csv and sort_into must be given."""
+    """Where results go (at least one of jsonl, csv, sort_into) and the state file that makes restarts safe.
+
+    The state file defaults to ``<jsonl>.state``, else ``<csv>.state``, else ``OUT/.watch-state``.
+    """
 
     jsonl: Path | None = None
     csv: Path | None = None
     sort_into: Path | None = None
     heatmaps: Path | None = None  # a heatmap overlay per photo, named as the photo
+    state: Path | None = None
 
     def __post_init__(self) -> None:
         if not (self.jsonl or self.csv or self.sort_into):
             raise ValueError("--watch needs somewhere to put results: --jsonl, --csv and/or --sort-into")
+        if self.state is None:
+            first = self.jsonl or self.csv
+            self.state = first.with_name(first.name + ".state") if first else self.sort_into / ".watch-state"
+
+    def check(self, folder: Path) -> None:
+        """Refuse, before the model scores anything, an output that cannot be written (OutputError)."""
+        for path in (self.jsonl, self.csv, self.state):
+            if path:
+                check_writable(path)
+        if self.heatmaps:
+            check_output_folder(self.heatmaps)
+        if self.sort_into:
+            for verdict in VERDICTS:
+                check_output_folder(self.sort_into / verdict)
+            if not os.access(folder, os.W_OK):  # moving a photo out removes its name from the folder
+                raise PermissionError(13, "cannot move photos out of it (read-only)", str(folder))
+
+
+def identity(path: Path) -> str | None:
+    """What the name ``path`` holds now: device, inode, size and modification time (a symbolic link:
+    its own device and inode, its target's size and time); None when nothing is there."""
+    try:
+        link = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    try:
+        target = os.stat(path)
+    except OSError:  # a broken link or a loop: the link itself
+        target = link
+    return f"{link.st_dev}:{link.st_ino}:{target.st_size}:{target.st_mtime_ns}"
+
+
+def verdict_of(record: dict[str, Any]) -> str:
+    return "unreadable" if "error" in record else "anomalous" if record["is_anomalous"] else "ok"
+
+
+def _write_at(path: Path, offset: int, text: str) -> int:
+    """Cut ``path`` back to ``offset`` bytes and append ``text``, synced; returns the new size.
+
+    Whatever a failed or interrupted earlier attempt left after ``offset`` is dropped, so writing
+    a batch again never doubles it or leaves half a line.
+    """
+    data = text.encode("utf-8")
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        os.ftruncate(descriptor, offset)
+        os.lseek(descriptor, offset, os.SEEK_SET)
+        written = 0
+        while written < len(data):
+            written += os.write(descriptor, data[written:])
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+    return offset + len(data)
+
+
+def _size(path: Path | None) -> int | None:
+    return None if path is None else path.stat().st_size if path.is_file() else 0
 
 
 def _ensure_line_start(path: Path) -> None:
-    """A crash mid-append can leave a last line without its newline; start the next one on a fresh line."""
+    """A line torn outside the journal (an edit, an older writer) must not swallow the next record."""
     if path.is_file() and path.stat().st_size:
         with open(path, "rb+") as handle:
             handle.seek(-1, os.SEEK_END)
@@ -67,26 +138,34 @@ def _ensure_line_start(path: Path) -> None:
                 handle.write(b"\n")
 
 
-def already_scored(outputs: WatchOutputs) -> set[str]:
-    """Paths named in earlier results (a torn last line is ignored): these are not scored again."""
-    done: set[str] = set()
-    if outputs.jsonl and outputs.jsonl.is_file():
-        for line in outputs.jsonl.read_text(encoding="utf-8").splitlines():
-            try:
-                done.add(json.loads(line)["path"])
-            except (ValueError, KeyError, TypeError):
-                continue
-    if outputs.csv and outputs.csv.is_file():
-        with open(outputs.csv, encoding="utf-8", newline="") as handle:
-            done.update(row["path"] for row in csv.DictReader(handle) if row.get("path"))
-    return done
+@dataclass
+class _Batch:
+    """Records of photos scored together, where the result files ended before them, and each photo's identity."""
+
+    records: list[dict[str, Any]]
+    photos: list[dict[str, str]]  # {"id", "path", "verdict"}
+    events: list[dict[str, Any]] = field(default_factory=list)  # model updates and drift warnings (JSON lines only)
+    jsonl: int | None = None
+    csv: int | None = None
+    journalled: bool = False
+    recorded: bool = False
 
 
-def _append(path: Path, text: str) -> None:
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
+@dataclass
+class _Pending:
+    """A name the watcher keeps looking at until its photo is recorded."""
+
+    identity: str | None = None
+    changed_at: float = 0.0
+    failed: dict[str, Any] | None = None  # the error record of the last read, while the photo stays as it was
+    failed_identity: str | None = None
+
+
+@dataclass
+class _Unsorted:
+    identity: str
+    verdict: str
+    since: float = field(default_factory=time.monotonic)
 
 
 class FolderWatcher:
@@ -94,30 +173,100 @@ class FolderWatcher:
 
     def __init__(self, model: Any, folder: Path, outputs: WatchOutputs, settle_s: float = 0.5,
                  poll_s: float = 0.1, on_record: Callable[[dict[str, Any]], None] | None = None,
-                 model_path: Path | None = None, on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 retry_s: float = 30.0, model_path: Path | None = None,
+                 on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder}: no such folder to watch")
+        outputs.check(folder)
         self.model, self.folder, self.outputs = model, folder, outputs
-        self.settle_s, self.poll_s = settle_s, poll_s
+        self.settle_s, self.poll_s, self.retry_s = settle_s, poll_s, retry_s
         self.on_record = on_record or (lambda record: None)
         self.on_event = on_event or (lambda event: None)
         self.drift = DriftMonitor(model)
         self.model_path = model_path  # where learnt photos are saved; no learning without it
         self.confirmed = outputs.sort_into / CONFIRMED if outputs.sort_into and model_path else None
-        self.done = already_scored(outputs)
-        self._pending: dict[Path, _Seen | None] = {}
+        self.done: dict[str, str] = {}  # identity -> verdict of every recorded photo still in the folder
+        self._pending: dict[Path, _Pending] = {}
+        self._unsorted: dict[Path, _Unsorted] = {}
+        self._outbox: _Batch | None = None
+        self._retry_at = 0.0  # when a failed write is tried again
+        self._sort_retry_at = 0.0  # when a failed move is tried again
         self._lock = threading.Lock()
-        for path in (outputs.jsonl, outputs.csv):
+        self._state_size = 0
+        self._recover()
+
+    # ------------------------------------------------------------------------- the state file
+    def _recover(self) -> None:
+        """Read the journal, finish a batch a crash or a failed write left half done, move what was
+        recorded but not sorted, and rewrite the journal with the photos still in the folder."""
+        state = self.outputs.state
+        unfinished: _Batch | None = None
+        journal = state.read_bytes() if state.is_file() else b""
+        self._state_size = journal.rfind(b"\n") + 1  # a torn last line is written over
+        if journal:
+            for line in journal.decode("utf-8", errors="replace").splitlines():
+                try:
+                    entry = json.loads(line)
+                except ValueError:  # a torn last line: its batch was never appended
+                    continue
+                if "batch" in entry:
+                    unfinished = _Batch(**entry["batch"], journalled=True)
+                elif entry.get("written") and unfinished is not None:
+                    self._finish(unfinished)
+                    unfinished = None
+        if unfinished is not None:
+            self._write_batch(unfinished)
+            self._finish(unfinished)
+        for path in (self.outputs.jsonl, self.outputs.csv):
             if path:
-                path.parent.mkdir(parents=True, exist_ok=True)
                 _ensure_line_start(path)
+        here = {identity(path): path for path in self.folder.iterdir() if self._is_photo(path)}
+        self.done = {photo_id: verdict for photo_id, verdict in self.done.items() if photo_id in here}
+        if self.outputs.sort_into:
+            for photo_id, verdict in list(self.done.items()):
+                self._unsorted[here[photo_id]] = _Unsorted(photo_id, verdict)
+            self._sort_waiting()
+        kept = [{"id": photo_id, "path": str(here[photo_id]), "verdict": verdict} for photo_id, verdict in self.done.items()]
+        lines = json.dumps({"batch": {"records": [], "photos": kept}}) + "\n" + json.dumps({"written": True}) + "\n"
+        write_atomically(state, lines)
+        self._state_size = state.stat().st_size
+
+    def _finish(self, batch: _Batch) -> None:
+        for photo in batch.photos:
+            self.done[photo["id"]] = photo["verdict"]
+
+    def _write_batch(self, batch: _Batch) -> None:
+        """Journal the batch, append its records at the recorded ends of the result files, mark it written.
+
+        Each step starts again from a known size, so calling this again after any failure is safe.
+        """
+        if not batch.journalled:
+            batch.jsonl, batch.csv = _size(self.outputs.jsonl), _size(self.outputs.csv)
+            entry = {"batch": {"records": batch.records, "photos": batch.photos, "events": batch.events,
+                               "jsonl": batch.jsonl, "csv": batch.csv}}
+            self._state_size = _write_at(self.outputs.state, self._state_size, json.dumps(entry) + "\n")
+            batch.journalled = True
+        if not batch.recorded:  # a result file given only since the batch was journalled is left alone
+            if self.outputs.jsonl and batch.jsonl is not None:
+                lines = [json.dumps(line) + "\n" for line in (*batch.records, *batch.events)]
+                _write_at(self.outputs.jsonl, batch.jsonl, "".join(lines))
+            if self.outputs.csv and batch.csv is not None and batch.records:
+                rows = records_csv(batch.records)  # header line first: only a new file gets it
+                _write_at(self.outputs.csv, batch.csv, rows if batch.csv == 0 else rows.split("\n", 1)[1])
+            self._state_size = _write_at(self.outputs.state, self._state_size, json.dumps({"written": True}) + "\n")
+            batch.recorded = True
+
+    # ------------------------------------------------------------------------- watching
+    def _is_photo(self, path: Path) -> bool:
+        """A photo in the watched folder, or one an operator confirmed good (learning on the line)."""
+        watched = path.parent == self.folder or (self.confirmed is not None and path.parent == self.confirmed)
+        return watched and path.suffix.lower() in IMAGE_SUFFIXES
 
     def notice(self, path: Path) -> None:
-        """Something happened to ``path``: look at it again until it has settled."""
-        watched = path.parent == self.folder or (self.confirmed is not None and path.parent == self.confirmed)
-        if watched and path.suffix.lower() in IMAGE_SUFFIXES and str(path) not in self.done:
+        """Something happened to ``path``: look at it again until its photo is recorded."""
+        if self._is_photo(path):
             with self._lock:
-                self._pending[path] = None
+                self._pending.setdefault(path, _Pending())
 
     def run(self, stop: threading.Event) -> None:
         """Watch until ``stop`` is set; photos already there when it starts are scored first."""
@@ -159,57 +308,119 @@ class FolderWatcher:
                 for path in sorted(folder.iterdir()):  # what arrived while the watcher was down
                     self.notice(path)
             while not stop.is_set():
-                ready = self._settled()
-                photos = [path for path in ready if path.parent == self.folder]
-                for start in range(0, len(photos), self.model.config.batch_size):
-                    self._score(photos[start : start + self.model.config.batch_size])
-                confirmed = [path for path in ready if path.parent != self.folder]
-                if confirmed:
-                    self._learn(confirmed)
+                self.step()
                 stop.wait(self.poll_s)
         finally:
             observer.stop()
             observer.join()
 
-    def _settled(self) -> list[Path]:
-        """Pending photos whose size and modification time have not changed for ``settle_s``."""
-        now, ready = time.monotonic(), []
+    def step(self) -> None:
+        """One look at the folder: retry what failed to be written or moved, then score what is ready."""
+        if self._outbox is not None and (time.monotonic() < self._retry_at or not self._deliver(self._outbox)):
+            return  # nothing new is scored while a batch waits to be written
+        self._sort_waiting()
+        ready, given_up = self._look()
+        self._record(given_up)
+        photos = [(path, photo_id) for path, photo_id in ready if path.parent == self.folder]
+        size = max(1, self.model.config.batch_size)
+        for start in range(0, len(photos), size):
+            if self._outbox is not None:
+                return
+            self._score(photos[start : start + size])
+        confirmed = [path for path, _ in ready if path.parent != self.folder]
+        if confirmed and self._outbox is None:
+            self._learn(confirmed)
+
+    def _look(self) -> tuple[list[tuple[Path, str]], list[tuple[Path, str, dict[str, Any]]]]:
+        """(photos to read now, photos whose error record is final) among the pending names."""
+        now, ready, given_up = time.monotonic(), [], []
         with self._lock:
             for path, seen in list(self._pending.items()):
-                try:
-                    stat = path.stat()
-                except FileNotFoundError:  # moved away or deleted before it settled
+                current = identity(path)
+                if current is None or current in self.done:  # gone, or recorded already
                     del self._pending[path]
+                elif current != seen.identity:
+                    seen.identity, seen.changed_at = current, now
+                elif now - seen.changed_at < self.settle_s:
                     continue
-                if seen is None or (stat.st_size, stat.st_mtime_ns) != (seen.size, seen.mtime_ns):
-                    self._pending[path] = _Seen(stat.st_size, stat.st_mtime_ns, now)
-                elif stat.st_size and now - seen.stable_since >= self.settle_s:
-                    del self._pending[path]
-                    ready.append(path)
-        return sorted(ready)
+                elif seen.failed_identity != current:
+                    ready.append((path, current))
+                elif now - seen.changed_at >= self.retry_s:  # unreadable, and unchanged for retry_s
+                    given_up.append((path, current, seen.failed))
+        return sorted(ready), given_up
 
-    def _score(self, paths: list[Path]) -> None:
-        results = score_batch(self.model, [Photo(path.name, path) for path in paths], self.outputs.heatmaps)
-        records = [result.record for result in results]
-        if self.outputs.jsonl:
-            _append(self.outputs.jsonl, "".join(json.dumps(record) + "\n" for record in records))
-        if self.outputs.csv:
-            rows = records_csv(records)  # header line first: only a new file gets it
-            fresh = not (self.outputs.csv.is_file() and self.outputs.csv.stat().st_size)
-            _append(self.outputs.csv, rows if fresh else rows.split("\n", 1)[1])
-        for path, record in zip(paths, records):
-            self.done.add(str(path))
+    def _score(self, ready: list[tuple[Path, str]]) -> None:
+        """Read each photo once, check it is still the one that settled, score the batch, record the results."""
+        max_pixels = self.model.config.max_image_pixels
+        photos, sources = [], []
+        for path, photo_id in ready:
+            try:
+                source: bytes | ImageReadError = read_photo_bytes(path, max_pixels)
+            except ImageReadError as error:
+                source = error
+            if identity(path) != photo_id:  # changed while it was read: look again once it settles
+                continue
+            photos.append((path, photo_id))
+            sources.append(source)
+        readable = [Photo(path.name, source, origin=str(path))
+                    for (path, _), source in zip(photos, sources) if isinstance(source, bytes)]
+        scored = iter(score_batch(self.model, readable, self.outputs.heatmaps))
+        records = [error_record(str(path), source) if isinstance(source, ImageReadError) else next(scored).record
+                   for (path, _), source in zip(photos, sources)]
+        finished = []
+        with self._lock:
+            for (path, photo_id), record in zip(photos, records):
+                seen = self._pending.get(path)
+                if "error" in record and seen is not None and time.monotonic() - seen.changed_at < self.retry_s:
+                    seen.failed, seen.failed_identity = record, photo_id  # read again when it changes
+                else:
+                    finished.append((path, photo_id, record))
+        self._record(finished)
+
+    def _record(self, finished: list[tuple[Path, str, dict[str, Any]]]) -> None:
+        if not finished:
+            return
+        with self._lock:
+            for path, _, _ in finished:
+                self._pending.pop(path, None)
+        records = [record for _, _, record in finished]
+        batch = _Batch(
+            records=records,
+            photos=[{"id": photo_id, "path": str(path), "verdict": verdict_of(record)} for path, photo_id, record in finished],
+            events=[event for record in records for event in self.drift.observe(record)],
+        )
+        for path, photo_id, record in finished:
+            self.done[photo_id] = verdict_of(record)
             if self.outputs.sort_into:
-                verdict = "unreadable" if "error" in record else "anomalous" if record["is_anomalous"] else "ok"
-                (self.outputs.sort_into / verdict).mkdir(parents=True, exist_ok=True)
-                shutil.move(str(path), str(self.outputs.sort_into / verdict / path.name))
+                self._unsorted[path] = _Unsorted(photo_id, verdict_of(record))
+        if self._deliver(batch):
+            self._sort_waiting()
+
+    def _deliver(self, batch: _Batch) -> bool:
+        """Write the batch; on failure keep it to retry, say so loudly, and report False."""
+        try:
+            self._write_batch(batch)
+        except OSError as error:
+            self._outbox, self._retry_at = batch, time.monotonic() + RETRY_WRITE_S
+            where = f"{error.filename}: " if error.filename else ""
+            _say(f"error: {where}results cannot be written ({error.strerror or error}); "
+                 f"{len(batch.records)} records kept, retrying in {RETRY_WRITE_S:g} s")
+            return False
+        if self._outbox is batch:
+            _say(f"results written again after a failed write ({len(batch.records)} records)")
+        self._outbox = None
+        for record in batch.records:
             self.on_record(record)
-            for event in self.drift.observe(record):
-                self._event(event)
+        for event in batch.events:
+            self.on_event(event)
+        return True
 
     def _learn(self, paths: list[Path]) -> None:
         """Add photos confirmed good to the model, save it (keeping the file it replaces), score on with it."""
         assert self.confirmed is not None and self.model_path is not None and self.outputs.sort_into is not None
+        with self._lock:
+            for path in paths:
+                self._pending.pop(path, None)
         candidate = self.model.copy()
         try:
             update = candidate.add_good(paths, progress=False, source=str(self.confirmed), skip_refused=True,
@@ -223,23 +434,55 @@ class FolderWatcher:
             self.drift.reset(candidate)
         refused = set(update["refused"])
         for path in paths:
-            folder = self.outputs.sort_into / (NOT_LEARNED if path.name in refused else LEARNED)
-            folder.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(path), str(folder / path.name))
-        self._event({"event": "update", "model_file": str(self.model_path), **update})
+            try:
+                _move_to_free_name(path, self.outputs.sort_into / (NOT_LEARNED if path.name in refused else LEARNED))
+            except OSError as error:
+                _say(f"error: {path}: cannot be moved out of {CONFIRMED}/ ({error.strerror or error})")
+        self._deliver(_Batch(records=[], photos=[], events=[{"event": "update", "model_file": str(self.model_path),
+                                                             **update}]))
 
-    def _event(self, event: dict[str, Any]) -> None:
-        """A model update or a drift warning: one JSON line in --jsonl, and the caller's on_event."""
-        if self.outputs.jsonl:
-            _append(self.outputs.jsonl, json.dumps(event) + "\n")
-        self.on_event(event)
+    def _sort_waiting(self) -> None:
+        """Move each recorded photo into OUT/<verdict>, unless the name now holds another photo."""
+        if time.monotonic() < self._sort_retry_at:
+            return
+        failed = False
+        for path, unsorted in list(self._unsorted.items()):
+            if identity(path) != unsorted.identity:  # moved away, or replaced by a new photo: nothing to move
+                del self._unsorted[path]
+                continue
+            try:
+                _move_to_free_name(path, self.outputs.sort_into / unsorted.verdict)
+            except OSError as error:
+                failed = True
+                _say(f"error: {path}: cannot be moved to {self.outputs.sort_into / unsorted.verdict} "
+                     f"({error.strerror or error}); its record is written, retrying in {RETRY_WRITE_S:g} s")
+                continue
+            del self._unsorted[path]
+            self.done.pop(unsorted.identity, None)  # out of the folder: only the journal remembers it
+        if failed:
+            self._sort_retry_at = time.monotonic() + RETRY_WRITE_S
 
 
-def watch_until_stopped(model: Any, folder: Path, outputs: WatchOutputs, settle_s: float,
+def _move_to_free_name(path: Path, folder: Path) -> Path:
+    """Move ``path`` into ``folder`` under its own name, or ``<stem>_2<suffix>``, ... when that is taken."""
+    folder.mkdir(parents=True, exist_ok=True)
+    number = 1
+    while True:
+        target = folder / (path.name if number == 1 else f"{path.stem}_{number}{path.suffix}")
+        if not os.path.lexists(target):  # only the watcher writes here
+            shutil.move(str(path), str(target))
+            return target
+        number += 1
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def watch_until_stopped(model: Any, folder: Path, outputs: WatchOutputs, settle_s: float, retry_s: float,
                         model_path: Path | None = None) -> int:
     """``inference.py --watch``: print one line per photo until Ctrl-C or SIGTERM; exit status 0."""
     import signal
-    import sys
 
     stop = threading.Event()
     for stopping in (signal.SIGINT, signal.SIGTERM):  # finish the batch in hand, then stop
@@ -247,7 +490,7 @@ def watch_until_stopped(model: Any, folder: Path, outputs: WatchOutputs, settle_
 
     def show(record: dict[str, Any]) -> None:
         if "error" in record:
-            print(f"{record['path']}  error: {record['error']}", file=sys.stderr, flush=True)
+            print(f"error: {record['error']}", file=sys.stderr, flush=True)
         else:
             verdict = "ANOMALOUS" if record["is_anomalous"] else "ok"
             print(f"{record['path']}  {record['score']:.3f}  {verdict}", flush=True)
@@ -262,7 +505,8 @@ def watch_until_stopped(model: Any, folder: Path, outputs: WatchOutputs, settle_
             print(f"learnt {event['photos']} photos confirmed good: threshold {event['threshold_before']:.3f} -> "
                   f"{event['threshold_after']:.3f}, saved to {event['model_file']}{refused}", file=sys.stderr, flush=True)
 
-    watcher = FolderWatcher(model, folder, outputs, settle_s, on_record=show, model_path=model_path, on_event=tell)
-    print(f"watching {folder} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+    watcher = FolderWatcher(model, folder, outputs, settle_s, on_record=show, retry_s=retry_s, model_path=model_path,
+                            on_event=tell)
+    print(f"watching {folder} (Ctrl-C to stop); state: {outputs.state}", file=sys.stderr, flush=True)
     watcher.run(stop)
     return 0

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import resource
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -18,13 +23,13 @@ from runtime.watcher import FolderWatcher, WatchOutputs
 
 
 @contextmanager
-def watching(model, folder: Path, outputs: WatchOutputs) -> Iterator[None]:
+def watching(model, folder: Path, outputs: WatchOutputs, retry_s: float = 3.0, on_record=None) -> Iterator[FolderWatcher]:
     stop = threading.Event()
-    watcher = FolderWatcher(model, folder, outputs, settle_s=0.5)
+    watcher = FolderWatcher(model, folder, outputs, settle_s=0.5, retry_s=retry_s, on_record=on_record)
     thread = threading.Thread(target=watcher.run, args=(stop,))
     thread.start()
     try:
-        yield
+        yield watcher
     finally:
         stop.set()
         thread.join(timeout=60)
@@ -130,3 +135,156 @@ def test_watch_with_visualize_writes_each_photos_heatmap_before_its_record(fitte
         (record,) = wait_for(outputs.jsonl, 1)
     assert record["heatmap"] == str(tmp_path / "heatmaps" / "part.png_heatmap.png")
     assert Path(record["heatmap"]).read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_reused_name_is_a_new_photo_and_a_folder_spelled_otherwise_scores_nothing_twice(fitted_model, photos, tmp_path):
+    """A camera that overwrites frame.png writes a new photo each time; a restart through a symlink
+    to the same folder knows the photos by what they are, not by how the path is spelled."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    outputs = WatchOutputs(jsonl=tmp_path / "results.jsonl")
+    with watching(fitted_model, inbox, outputs):
+        shutil.copy(photos["good"], inbox / "frame.png")
+        wait_for(outputs.jsonl, 1)
+        shutil.copy(photos["defect"], inbox / "frame.png")  # the same name, another photo
+        first, second = wait_for(outputs.jsonl, 2)
+    assert Path(first["path"]).name == Path(second["path"]).name == "frame.png"
+    (defect,) = fitted_model.predict([photos["defect"]])
+    assert second["score"] == pytest.approx(defect.score, abs=2e-4) != first["score"]
+    (tmp_path / "alias").symlink_to(inbox)
+    with watching(fitted_model, tmp_path / "alias", outputs):
+        time.sleep(3)  # time enough to (wrongly) score frame.png again
+    assert len(lines(outputs.jsonl)) == 2
+
+
+def test_a_photo_replaced_after_scoring_is_scored_and_the_new_one_never_sorted_under_the_old_verdict(
+        fitted_model, photos, tmp_path):
+    inbox, out = tmp_path / "inbox", tmp_path / "sorted"
+    inbox.mkdir()
+    outputs = WatchOutputs(jsonl=tmp_path / "results.jsonl", sort_into=out)
+    replaced = []
+
+    def camera_overwrites(record: dict) -> None:  # between the record and the move: the overwrite race
+        if not replaced:
+            shutil.copy(photos["defect"], inbox / "frame.png")
+            replaced.append(record)
+
+    with watching(fitted_model, inbox, outputs, on_record=camera_overwrites):
+        shutil.copy(photos["good"], inbox / "frame.png")
+        first, second = wait_for(outputs.jsonl, 2)
+        deadline = time.monotonic() + 30
+        while any(inbox.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    (defect,) = fitted_model.predict([photos["defect"]])
+    assert second["score"] == pytest.approx(defect.score, abs=2e-4)
+    sorted_files = list(out.glob("*/frame*.png"))
+    assert len(sorted_files) == 1 and sorted_files[0].read_bytes() == photos["defect"].read_bytes()
+    assert sorted_files[0].parent.name == ("anomalous" if second["is_anomalous"] else "ok")
+
+
+def test_reused_names_are_sorted_side_by_side_never_over_each_other(fitted_model, photos, tmp_path):
+    inbox, out = tmp_path / "inbox", tmp_path / "sorted"
+    inbox.mkdir()
+    outputs = WatchOutputs(jsonl=tmp_path / "results.jsonl", sort_into=out)
+    with watching(fitted_model, inbox, outputs):
+        for count, kind in enumerate(("good", "good", "good"), start=1):
+            shutil.copy(photos[kind], inbox / "IMG_0001.png")
+            wait_for(outputs.jsonl, count)
+            while (inbox / "IMG_0001.png").exists():
+                time.sleep(0.1)
+    assert sorted(path.name for path in out.glob("*/*.png")) == ["IMG_0001.png", "IMG_0001_2.png", "IMG_0001_3.png"]
+
+
+def test_a_photo_written_in_pieces_with_pauses_longer_than_the_settle_time_is_scored_whole(fitted_model, photos, tmp_path):
+    """FTP and SMB cameras pause between pieces: 1 s pauses against a 0.5 s settle time."""
+    inbox, out = tmp_path / "inbox", tmp_path / "sorted"
+    inbox.mkdir()
+    outputs = WatchOutputs(jsonl=tmp_path / "results.jsonl", sort_into=out)
+    with watching(fitted_model, inbox, outputs, retry_s=10):
+        write_slowly(photos["defect"], inbox / "slow.png", pieces=4, pause=1.0)
+        (record,) = wait_for(outputs.jsonl, 1)
+        time.sleep(1)
+    (slow,) = fitted_model.predict([photos["defect"]])
+    assert "error" not in record and record["score"] == pytest.approx(slow.score, abs=2e-4)
+    assert not (out / "unreadable").exists() or not any((out / "unreadable").iterdir())
+    assert len(lines(outputs.jsonl)) == 1
+
+
+def test_links_to_a_fifo_or_a_device_and_empty_files_each_get_one_error_record(fitted_model, tmp_path):
+    inbox, out = tmp_path / "inbox", tmp_path / "sorted"
+    inbox.mkdir()
+    os.mkfifo(tmp_path / "pipe")
+    (inbox / "pipe.png").symlink_to(tmp_path / "pipe")
+    (inbox / "zero.png").symlink_to("/dev/zero")
+    (inbox / "empty.png").write_bytes(b"")
+    outputs = WatchOutputs(jsonl=tmp_path / "results.jsonl", sort_into=out)
+    with watching(fitted_model, inbox, outputs, retry_s=1):
+        records = {Path(r["path"]).name: r for r in wait_for(outputs.jsonl, 3, timeout=60)}
+        time.sleep(2)
+    assert set(records) == {"pipe.png", "zero.png", "empty.png"} and len(lines(outputs.jsonl)) == 3
+    assert "not a regular file" in records["pipe.png"]["error"] and "not a regular file" in records["zero.png"]["error"]
+    assert sorted(path.name for path in (out / "unreadable").iterdir()) == ["empty.png", "pipe.png", "zero.png"]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_read_only_sort_folder_is_refused_before_the_model_loads(fitted_model, tmp_path):
+    from test_io import without_root_powers
+
+    model_file = tmp_path / "model.pkl"
+    fitted_model.save(model_file)
+    (tmp_path / "inbox").mkdir()
+    (tmp_path / "sorted").mkdir()
+    (tmp_path / "sorted").chmod(0o555)
+    command = [sys.executable, str(ROOT / "inference.py"), "--model", str(model_file), "--watch", "inbox",
+               "--sort-into", "sorted"]
+    result = subprocess.run(without_root_powers(command), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("error: sorted/") and line.endswith(": cannot be written (Permission denied); any previous file is unchanged")
+
+
+def test_a_full_disk_is_retried_loudly_and_every_photo_still_gets_exactly_one_record(fitted_model, photos, tmp_path):
+    """The file-size limit refuses writes as a full disk would; once it is lifted, the watcher carries on."""
+    model_file = tmp_path / "model.pkl"
+    fitted_model.save(model_file)
+    inbox, out = tmp_path / "inbox", tmp_path / "sorted"
+    inbox.mkdir()
+    jsonl = tmp_path / "results.jsonl"
+
+    def survive_full_files() -> None:  # a write past the limit fails with EFBIG instead of killing the process
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    command = [sys.executable, str(ROOT / "inference.py"), "--model", str(model_file), "--watch", str(inbox),
+               "--jsonl", str(jsonl), "--sort-into", str(out), "--retry-seconds", "2", "--runtime", "torch"]
+    with open(tmp_path / "stderr", "w") as stderr:
+        watcher = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr, preexec_fn=survive_full_files)
+    try:
+        deadline = time.monotonic() + 300
+        while "watching" not in (tmp_path / "stderr").read_text() and time.monotonic() < deadline:
+            assert watcher.poll() is None, (tmp_path / "stderr").read_text()
+            time.sleep(0.5)
+        # the disk fills up once it runs: in the watcher's process, writes past 1.5 KB fail from now on
+        resource.prlimit(watcher.pid, resource.RLIMIT_FSIZE, (1500, resource.RLIM_INFINITY))
+        names = [f"p{index:02d}.png" for index in range(12)]
+        for index, name in enumerate(names):
+            shutil.copy(photos[("good", "defect", "other")[index % 3]], inbox / name)
+        full_until = time.monotonic() + 60
+        while "cannot be written" not in (tmp_path / "stderr").read_text() and time.monotonic() < full_until:
+            time.sleep(0.5)
+        time.sleep(6)  # at least one retry fails too
+        assert watcher.poll() is None, "the watcher exited on a full disk"
+        resource.prlimit(watcher.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        records = wait_for(jsonl, len(names), timeout=120)
+        while any(inbox.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        time.sleep(2)
+    finally:
+        watcher.terminate()
+        watcher.wait(timeout=60)
+    log = (tmp_path / "stderr").read_text()
+    assert log.count("results cannot be written (File too large)") >= 2 and "written again after a failed write" in log
+    assert sorted(Path(record["path"]).name for record in lines(jsonl)) == names  # exactly once each
+    assert sorted(path.name for path in out.glob("*/*.png")) == names
+    assert jsonl.read_text().endswith("\n") and len(jsonl.read_text().splitlines()) == len(names)
