@@ -4,8 +4,9 @@
     curl --data-binary @part.png 'http://127.0.0.1:8000/score?heatmap=true&name=part.png'
     curl http://127.0.0.1:8000/health ; curl http://127.0.0.1:8000/model   # docs: /docs
 
-Binds to 127.0.0.1 unless ``--host`` opens it; give ``--api-key`` (clients send it as the X-API-Key
-header) before opening it to a network. The model is loaded once per worker process; one bounded
+Binds to 127.0.0.1 unless ``--host`` opens it; give an API key before opening it to a network:
+``--api-key-file FILE`` or ``$FASTENER_API_KEY`` (never on the command line, where ``ps`` shows
+it); clients send it as the X-API-Key header. The model is loaded once per worker process; one bounded
 queue per process scores requests in micro-batches and answers 503 + Retry-After when full.
 Stateless apart from the model file: run N replicas behind any load balancer, or ``--workers N``.
 """
@@ -24,13 +25,16 @@ WORKER_START_S = 300  # how long a worker process may take to load the model on 
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # no abbreviations: "--api-key SECRET" must never be taken as --api-key-file (and a key never typed on the line)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--model", type=Path, required=True, help="model file written by train.py")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--workers", type=int, default=1, help="processes, each with its own model and queue")
-    parser.add_argument("--api-key", default=os.environ.get("FASTENER_API_KEY"),
-                        help="require this X-API-Key header on /score and /model (default: $FASTENER_API_KEY)")
+    parser.add_argument("--api-key-file", type=Path, metavar="FILE",
+                        help="require the key in FILE (its first line) as the X-API-Key header on /score and /model; "
+                             "default: $FASTENER_API_KEY")
     parser.add_argument("--runtime", choices=("auto", "torch", "onnx"), default="auto",
                         help="feature extractor back end; auto = ONNX Runtime when <model>.onnx exists")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override the model's device")
@@ -47,7 +51,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="with --learn: recent uploads that /feedback can name")
     parser.add_argument("--events-jsonl", type=Path, metavar="FILE",
                         help="append drift warnings and model updates to FILE, one JSON line each")
+    parser.add_argument("--body-timeout", type=float, default=15.0, metavar="S",
+                        help="an upload must arrive within S seconds (408 after); trickling clients hold nothing longer")
     return parser.parse_args(argv)
+
+
+def api_key(key_file: Path | None) -> str | None:
+    """The key from ``--api-key-file`` (first line) or ``$FASTENER_API_KEY``; set but empty is an error, never "no auth"."""
+    if key_file is not None:
+        try:
+            lines = key_file.read_text(encoding="utf-8").splitlines()
+        except OSError as error:
+            fail(f"{key_file}: cannot read the API key file ({error.strerror})")
+        key = lines[0].strip() if lines else ""
+        if not key:
+            fail(f"{key_file}: the API key file is empty")
+        return key
+    key = os.environ.get("FASTENER_API_KEY")
+    if key is not None and not key.strip():
+        fail("FASTENER_API_KEY is set but empty; an empty key would turn authentication off. Unset it or give a key")
+    return key
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,10 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.learn and args.workers > 1:
         fail("--learn updates one model in one process; run it with --workers 1")
     settings = ServiceSettings(
-        model=str(args.model), runtime=args.runtime, device=args.device, api_key=args.api_key,
+        model=str(args.model), runtime=args.runtime, device=args.device, api_key=api_key(args.api_key_file),
         max_upload_mb=args.max_upload_mb, queue_size=args.queue_size, batch_wait_ms=args.batch_wait_ms,
         learn=args.learn, learn_batch=args.learn_batch, learn_wait_s=args.learn_wait_s, keep_scored=args.keep_scored,
         events_jsonl=str(args.events_jsonl) if args.events_jsonl else None,
+        body_timeout_s=args.body_timeout,
     )
     if args.workers == 1:
         uvicorn.run(create_app(settings), host=args.host, port=args.port, access_log=False)

@@ -87,12 +87,12 @@ class Learner:
         self._thread = threading.Thread(target=self._run, name="learning", daemon=True)
         self._thread.start()
 
-    def remember(self, name: str, path: Path, record: dict[str, Any]) -> None:
-        """Keep a scored upload (called on the scoring thread before its file is removed)."""
+    def remember(self, name: str, data: bytes, record: dict[str, Any]) -> None:
+        """Keep a scored upload on disk, so that /feedback can name it (called on the scoring thread)."""
         if "error" in record:
             return
         kept = self._new_path(name)
-        os.replace(path, kept)
+        kept.write_bytes(data)
         with self._changed:
             replaced = self._kept.pop(name, None)  # the latest photo of a name is the one it names
             self._kept[name] = (kept, float(record["normalized_score"]))

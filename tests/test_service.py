@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 import socket
 import subprocess
 import sys
@@ -28,13 +29,15 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def service(fitted_model, tmp_path_factory) -> Iterator[str]:
-    """The service on 127.0.0.1 with an API key, a 1 MiB upload limit and a queue of 4 photos."""
+    """The service on 127.0.0.1 with an API key, a 1 MiB upload limit, a 3 s body timeout and a queue of 4 photos."""
     model_file = tmp_path_factory.mktemp("service") / "patchcore_small.pkl"
     fitted_model.save(model_file)
     port = free_port()
+    key_file = model_file.with_name("api-key")
+    key_file.write_text(KEY + "\n")
     process = subprocess.Popen(
-        [sys.executable, "serve.py", "--model", str(model_file), "--port", str(port), "--api-key", KEY,
-         "--max-upload-mb", "1", "--queue-size", "4"],
+        [sys.executable, "serve.py", "--model", str(model_file), "--port", str(port), "--api-key-file", str(key_file),
+         "--max-upload-mb", "1", "--queue-size", "4", "--body-timeout", "3"],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     url = f"http://127.0.0.1:{port}"
@@ -137,3 +140,78 @@ def test_a_concurrent_burst_is_bounded_and_every_photo_is_scored_once_retried(se
     assert set(statuses) <= {200, 503}
     assert 503 in statuses  # the queue of 4 refused the overflow
     assert all(record["score"] == pytest.approx(expected, abs=2e-4) for record in records)
+
+
+def raw_request(url: str, head: str, body_pieces, pause: float = 0.0, timeout: float = 30) -> bytes:
+    """Send ``head`` and the body pieces over one socket, as an attacker's client would; return what comes back."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as connection:
+        connection.sendall(head.encode())
+        try:
+            for piece in body_pieces:
+                connection.sendall(piece)
+                time.sleep(pause)
+        except OSError:  # the service stopped reading and closed the connection
+            pass
+        answer = b""
+        try:
+            while chunk := connection.recv(65536):
+                answer += chunk
+        except OSError:
+            pass
+    return answer
+
+
+def test_a_chunked_body_under_a_small_content_length_is_cut_off_at_the_limit(service):
+    """Content-Length: 10 with Transfer-Encoding: chunked: the bytes are counted as they come, whatever the headers say."""
+    head = (f"POST /score HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}\r\nContent-Length: 10\r\n"
+            "Transfer-Encoding: chunked\r\nContent-Type: application/octet-stream\r\n\r\n")
+    chunk = b"\0" * 65536
+    pieces = [f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n" for _ in range(48)] + [b"0\r\n\r\n"]  # 3 MiB
+    answer = raw_request(service, head, pieces)
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+    assert b"over the limit of 1_048_576 bytes" in answer
+
+
+def test_a_trickling_upload_is_dropped_after_the_body_timeout(service):
+    head = (f"POST /score?name=slow.png HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}\r\nContent-Length: 100000\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n")
+    started = time.monotonic()
+    answer = raw_request(service, head, (b"x" for _ in range(40)), pause=0.25)
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    assert time.monotonic() - started < 8  # the 3 s timeout, not the 10 s the client would take
+    assert httpx.get(f"{service}/health", timeout=30).json()["status"] == "ok"
+
+
+def test_an_empty_api_key_is_refused_never_taken_as_no_authentication(tmp_path):
+    model_file = tmp_path / "model.pkl"
+    model_file.write_bytes(b"not read: the key is checked first")
+    result = subprocess.run([sys.executable, "serve.py", "--model", str(model_file)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "FASTENER_API_KEY": ""})
+    assert result.returncode == 2 and result.stderr.startswith("error: FASTENER_API_KEY is set but empty"), result.stderr
+    (tmp_path / "key").write_text("\n")
+    result = subprocess.run([sys.executable, "serve.py", "--model", str(model_file), "--api-key-file", str(tmp_path / "key")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip() == f"error: {tmp_path / 'key'}: the API key file is empty"
+
+
+def test_the_api_key_is_never_a_command_line_argument(tmp_path):
+    """``ps`` shows every process's arguments to every user of the machine."""
+    result = subprocess.run([sys.executable, "serve.py", "--model", "m.pkl", "--api-key", "secret"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "unrecognized arguments: --api-key secret" in result.stderr
+
+
+def test_scratch_folders_of_a_killed_service_are_removed_at_the_next_start(tmp_path):
+    from runtime.service import SCRATCH_PREFIX, remove_stale_scratch
+
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    stale, live = tmp_path / f"{SCRATCH_PREFIX}{finished.pid}_abc", tmp_path / f"{SCRATCH_PREFIX}{os.getpid()}_def"
+    for folder in (stale, live):
+        folder.mkdir()
+        (folder / "overlay.png").write_bytes(b"a photo's overlay")
+    other = tmp_path / "fastener_other"
+    other.mkdir()
+    remove_stale_scratch(tmp_path)
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([live.name, other.name])
