@@ -244,7 +244,8 @@ class Config:
         minimum=0, maximum=2**32 - 1,
     )
     max_image_pixels: int = setting(
-        100_000_000, "largest photo (width x height) read; larger ones are refused before decoding",
+        100_000_000, "largest photo read, in 8-bit RGB pixels (width x height; a 16-bit or four-channel photo "
+        "counts in proportion to its bytes); larger ones are refused before decoding",
         minimum=1, maximum=2**30,
     )
     # --- calibration ---------------------------------------------------------------------------
