@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from evaluation.mvtec import load_test_split
-from runtime.watcher import FolderWatcher, WatchOutputs
+from runtime.watcher import FolderWatcher, WatchOutputs, identity
 
 
 @contextmanager
@@ -190,7 +190,8 @@ def test_reused_names_are_sorted_side_by_side_never_over_each_other(fitted_model
         for count, kind in enumerate(("good", "good", "good"), start=1):
             shutil.copy(photos[kind], inbox / "IMG_0001.png")
             wait_for(outputs.jsonl, count)
-            while (inbox / "IMG_0001.png").exists():
+            deadline = time.monotonic() + 30
+            while (inbox / "IMG_0001.png").exists() and time.monotonic() < deadline:
                 time.sleep(0.1)
     assert sorted(path.name for path in out.glob("*/*.png")) == ["IMG_0001.png", "IMG_0001_2.png", "IMG_0001_3.png"]
 
@@ -288,3 +289,26 @@ def test_a_full_disk_is_retried_loudly_and_every_photo_still_gets_exactly_one_re
     assert sorted(Path(record["path"]).name for record in lines(jsonl)) == names  # exactly once each
     assert sorted(path.name for path in out.glob("*/*.png")) == names
     assert jsonl.read_text().endswith("\n") and len(jsonl.read_text().splitlines()) == len(names)
+
+
+def test_a_batch_cut_short_by_a_crash_is_written_once_at_the_next_start(fitted_model, photos, tmp_path):
+    """Killed after journalling a batch and appending part of it: the restart cuts the torn tail off,
+    writes the batch's records once, and does not score its photo again."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    outputs = WatchOutputs(jsonl=tmp_path / "results.jsonl")
+    with watching(fitted_model, inbox, outputs):
+        shutil.copy(photos["good"], inbox / "first.png")
+        (first,) = wait_for(outputs.jsonl, 1)
+    shutil.copy(photos["defect"], inbox / "second.png")
+    second = {**first, "path": str(inbox / "second.png"), "score": 1.2345}  # what the journal says was scored
+    batch = {"records": [second], "photos": [{"id": identity(inbox / "second.png"), "path": second["path"],
+                                              "verdict": "ok"}], "jsonl": outputs.jsonl.stat().st_size, "csv": None}
+    with open(outputs.state, "a") as journal:
+        journal.write(json.dumps({"batch": batch}) + "\n")
+    with open(outputs.jsonl, "a") as results:  # the kill came mid-append, after a longer torn write
+        results.write(json.dumps(second)[:40] + "x" * 2000)
+    with watching(fitted_model, inbox, outputs):
+        time.sleep(3)  # time enough to (wrongly) score second.png again
+    assert [record["score"] for record in lines(outputs.jsonl)] == [first["score"], 1.2345]
+    assert outputs.jsonl.read_text().count("\n") == 2
