@@ -26,9 +26,9 @@ def auto_fit(nut_dir: Path) -> tuple[PatchCore, list[str]]:
     opened: list[str] = []
     real_read = photo_io._read_photo_file  # where every photo and mask is read from disk
 
-    def recording_read(path):
+    def recording_read(path, *limits):
         opened.append(str(Path(path).resolve()))
-        return real_read(path)
+        return real_read(path, *limits)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(photo_io, "_read_photo_file", recording_read)
