@@ -69,8 +69,10 @@ def resident_mib(pid: int) -> float:
     return float("nan")
 
 
-def count_lines(path: Path) -> int:
-    return path.read_bytes().count(b"\n") if path.is_file() else 0
+def photo_records(path: Path) -> list[dict]:
+    """The per-photo records of a JSON-lines file (drift warnings and model updates are ``event`` lines)."""
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return [record for record in map(json.loads, lines) if "event" not in record]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def sample() -> None:
         while not sampling.wait(1.0):
-            memory.append((count_lines(jsonl), resident_mib(watcher.pid)))
+            memory.append((len(photo_records(jsonl)), resident_mib(watcher.pid)))
 
     threading.Thread(target=sample, daemon=True).start()
 
@@ -142,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         writer.join()
     written_s = time.monotonic() - started
     deadline = started + args.timeout
-    while (count_lines(jsonl) < args.photos or any(inbox.iterdir())) and time.monotonic() < deadline:
+    while (len(photo_records(jsonl)) < args.photos or any(inbox.iterdir())) and time.monotonic() < deadline:
         if watcher.poll() is not None:
             break
         time.sleep(0.5)
@@ -153,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     watcher.wait(timeout=60)
     log.close()
 
-    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    records = photo_records(jsonl)
+    events = len(jsonl.read_text().splitlines()) - len(records)
     recorded = Counter(Path(record["path"]).name for record in records)
     files = [path for path in sorted_dir.glob("*/*") if path.is_file()]
     unreadable = {path.name for path in (sorted_dir / "unreadable").glob("*")}
@@ -169,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         "unreadable_written": sum(1 for kind in kinds.values() if kind == "unreadable"),
         "unreadable_records": sum("error" in record for record in records),
         "left_in_inbox": len(list(inbox.iterdir())),
+        "event_lines": events,
         "seconds_writing": round(written_s, 1),
         "seconds_until_all_recorded_and_sorted": round(finished_s, 1),
         "resident_mib_after_first_tenth": round(steady[0], 1) if steady else None,

@@ -64,9 +64,9 @@ def run_train(argv: list[str], monkeypatch, tmp_path: Path) -> list[Path]:
     opened: list[Path] = []
     real_read = photo_io._read_photo_file
 
-    def recording_read(path):
+    def recording_read(path, *limits):
         opened.append(Path(path).resolve())
-        return real_read(path)
+        return real_read(path, *limits)
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(photo_io, "_read_photo_file", recording_read)
