@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 
 from config import Config
@@ -69,3 +78,72 @@ def fitted_model(small_screw_dir: Path):
     model = PatchCore(small_config())
     model.fit(train_images(small_screw_dir), progress=False)
     return model
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def running_service(*args: str) -> Iterator[int]:
+    """serve.py with ``args`` on a free local port, once it answers /health; stopped afterwards."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "serve.py", *args, "--port", str(port)], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"serve.py exited with {process.returncode}: {process.stderr.read()}")
+            if time.monotonic() > deadline:
+                pytest.fail("serve.py did not answer /health within 300 s")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def json_lines(path: Path) -> list[dict]:
+    """The records of a JSON-lines file, skipping a torn last line."""
+    records = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
+def wait_for_lines(path: Path, count: int, timeout: float = 240) -> list[dict]:
+    """Every JSON line of ``path`` once there are at least ``count``, or a test failure after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        records = json_lines(path)
+        if len(records) >= count:
+            return records
+        time.sleep(0.2)
+    pytest.fail(f"{path}: {len(json_lines(path))} records after {timeout} s, expected {count}")
+
+
+@contextmanager
+def watching(model, folder: Path, outputs, retry_s: float = 3.0, on_record=None) -> Iterator:
+    """A FolderWatcher on ``folder`` running on a thread for the length of the block, then stopped."""
+    from runtime.watcher import FolderWatcher
+
+    stop = threading.Event()
+    watcher = FolderWatcher(model, folder, outputs, settle_s=0.5, retry_s=retry_s, on_record=on_record)
+    thread = threading.Thread(target=watcher.run, args=(stop,))
+    thread.start()
+    try:
+        yield watcher
+    finally:
+        stop.set()
+        thread.join(timeout=60)

@@ -4,8 +4,6 @@ says about its length, and the model's own pixel limit at the service and at inf
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,19 +12,13 @@ import cv2
 import httpx
 import pytest
 
+from conftest import running_service, wait_for_lines, watching
 from models.patchcore import PatchCore
 from evaluation.mvtec import train_images
 from preprocessing.io import read_image
 
-ROOT = Path(__file__).resolve().parents[1]
 PIXEL_LIMIT = 500_000  # the model's own max_image_pixels: a 1024 x 1024 screw photo is over it, 512 x 512 under
 UPLOAD_LIMIT = 2**20  # --max-upload-mb 1
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -55,26 +47,8 @@ def photos(small_screw_dir, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def service(limited_model) -> Iterator[int]:
     """serve.py with nothing but a model, a port and a 1 MiB upload limit: the address is its default."""
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "serve.py", "--model", str(limited_model), "--port", str(port), "--max-upload-mb", "1"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"serve.py exited with {process.returncode}: {process.stderr.read()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail("serve.py did not answer /health within 300 s")
-    yield port
-    process.terminate()
-    process.wait(timeout=60)
+    with running_service("--model", str(limited_model), "--max-upload-mb", "1") as port:
+        yield port
 
 
 def reaches(host: str, port: int) -> bool:
@@ -182,7 +156,6 @@ def test_the_watched_folder_waits_for_an_empty_file_to_be_written_and_sorts_flag
     import shutil
 
     from runtime.watcher import WatchOutputs
-    from test_watcher import wait_for, watching
 
     saved = tmp_path / "strict.pkl"
     fitted_model.save(saved)
@@ -196,8 +169,8 @@ def test_the_watched_folder_waits_for_an_empty_file_to_be_written_and_sorts_flag
         (inbox / "late.png").touch()
         time.sleep(1.5)  # three times the settle time: an empty file is not a photo yet
         (inbox / "late.png").write_bytes(photos["small"].read_bytes())
-        (record,) = wait_for(outputs.jsonl, 1)
+        (record,) = wait_for_lines(outputs.jsonl, 1)
         time.sleep(1.0)
     assert "error" not in record and record["is_anomalous"] is True
     assert (out / "anomalous" / "late.png").is_file()
-    assert (inbox / "line2" / "elsewhere.png").is_file() and len(wait_for(outputs.jsonl, 1)) == 1
+    assert (inbox / "line2" / "elsewhere.png").is_file() and len(wait_for_lines(outputs.jsonl, 1)) == 1

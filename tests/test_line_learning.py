@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -15,37 +12,13 @@ import httpx
 import numpy as np
 import pytest
 
+from conftest import running_service, wait_for_lines
 from evaluation.mvtec import train_images
 from inspection.scoring import Photo, score_batch
 from models.patchcore import PatchCore
 from preprocessing.io import read_image
 from runtime.drift import DriftMonitor
 from runtime.watcher import FolderWatcher, WatchOutputs
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_for(path: Path, count: int, timeout: float) -> list[dict]:
-    """The first ``count`` JSON lines of ``path``, once written (a torn last line is not one)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        records = []
-        for line in path.read_text().splitlines() if path.is_file() else []:
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                continue
-        if len(records) >= count:
-            return records[:count]
-        time.sleep(0.2)
-    pytest.fail(f"{path}: fewer than {count} records after {timeout} s")
-
 
 @pytest.fixture(scope="module")
 def unseen(screw_dir) -> list[Path]:
@@ -109,9 +82,9 @@ def test_photos_moved_into_confirmed_good_are_learnt_by_the_watcher(fitted_model
     thread = threading.Thread(target=watcher.run, args=(stop,))
     thread.start()
     try:
-        (update,) = wait_for(outputs.jsonl, 1, timeout=240)
+        (update,) = wait_for_lines(outputs.jsonl, 1, timeout=240)
         (inbox / "after.png").symlink_to(unseen[5])
-        records = wait_for(outputs.jsonl, 2, timeout=240)
+        records = wait_for_lines(outputs.jsonl, 2, timeout=240)
     finally:
         stop.set()
         thread.join(timeout=60)
@@ -130,23 +103,10 @@ def test_feedback_round_trip(fitted_model, unseen, tmp_path):
     model_file = tmp_path / "served.pkl"
     fitted_model.save(model_file)
     original = model_file.read_bytes()
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "serve.py", "--model", str(model_file), "--port", str(port), "--learn", "--learn-batch", "2",
-         "--learn-wait-s", "1", "--events-jsonl", str(tmp_path / "events.jsonl")],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert process.poll() is None, process.stderr.read()
-            assert time.monotonic() < deadline, "serve.py did not answer /health"
-            try:
-                health = httpx.get(f"{url}/health", timeout=2)
-                break
-            except httpx.TransportError:
-                time.sleep(0.5)
+    with running_service("--model", str(model_file), "--learn", "--learn-batch", "2", "--learn-wait-s", "1",
+                         "--events-jsonl", str(tmp_path / "events.jsonl")) as port:
+        url = f"http://127.0.0.1:{port}"
+        health = httpx.get(f"{url}/health", timeout=30)
         assert health.json()["drift"]["drift"] is False
         scored = httpx.post(f"{url}/score?name=a.png", content=unseen[0].read_bytes(), timeout=120)
         assert scored.status_code == 200
@@ -165,9 +125,6 @@ def test_feedback_round_trip(fitted_model, unseen, tmp_path):
         assert threshold == pytest.approx(updates[0]["threshold_after"])
         again = httpx.post(f"{url}/score?name=c.png", content=unseen[2].read_bytes(), timeout=120).json()
         assert again["threshold"] == pytest.approx(threshold, abs=1e-4)
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
     assert PatchCore.load(model_file).updates == updates
     assert (tmp_path / "served.before-update-1.pkl").read_bytes() == original
     (event,) = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]

@@ -15,16 +15,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from conftest import running_service
 from evaluation.mvtec import load_test_split
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "line-7-secret"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -32,30 +27,11 @@ def service(fitted_model, tmp_path_factory) -> Iterator[str]:
     """The service on 127.0.0.1 with an API key, a 1 MiB upload limit, a 3 s body timeout and a queue of 4 photos."""
     model_file = tmp_path_factory.mktemp("service") / "patchcore_small.pkl"
     fitted_model.save(model_file)
-    port = free_port()
     key_file = model_file.with_name("api-key")
     key_file.write_text(KEY + "\n")
-    process = subprocess.Popen(
-        [sys.executable, "serve.py", "--model", str(model_file), "--port", str(port), "--api-key-file", str(key_file),
-         "--max-upload-mb", "1", "--queue-size", "4", "--body-timeout", "3"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"serve.py exited with {process.returncode}: {process.stderr.read()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail("serve.py did not answer /health within 300 s")
-    yield url
-    process.terminate()
-    process.wait(timeout=60)
+    with running_service("--model", str(model_file), "--api-key-file", str(key_file), "--max-upload-mb", "1",
+                         "--queue-size", "4", "--body-timeout", "3") as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")

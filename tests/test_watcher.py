@@ -10,50 +10,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from conftest import json_lines, wait_for_lines, watching
 from evaluation.mvtec import load_test_split
-from runtime.watcher import FolderWatcher, WatchOutputs, identity
-
-
-@contextmanager
-def watching(model, folder: Path, outputs: WatchOutputs, retry_s: float = 3.0, on_record=None) -> Iterator[FolderWatcher]:
-    stop = threading.Event()
-    watcher = FolderWatcher(model, folder, outputs, settle_s=0.5, retry_s=retry_s, on_record=on_record)
-    thread = threading.Thread(target=watcher.run, args=(stop,))
-    thread.start()
-    try:
-        yield watcher
-    finally:
-        stop.set()
-        thread.join(timeout=60)
-
-
-def lines(path: Path) -> list[dict]:
-    """The records of a JSON-lines file, skipping a torn line."""
-    records = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue
-    return records
-
-
-def wait_for(path: Path, count: int, timeout: float = 240) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        records = lines(path)
-        if len(records) >= count:
-            return records
-        time.sleep(0.2)
-    pytest.fail(f"{path}: {len(lines(path))} records after {timeout} s, expected {count}")
+from runtime.watcher import WatchOutputs, identity
 
 
 def write_slowly(source: Path, target: Path, pieces: int = 6, pause: float = 0.3) -> None:
@@ -86,7 +50,7 @@ def test_dropped_photos_are_scored_once_written_and_sorted(fitted_model, photos,
         shutil.copy(photos["good"], inbox / "good.png")
         (inbox / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 100)
         write_slowly(photos["defect"], inbox / "slow.png")
-        records = {Path(r["path"]).name: r for r in wait_for(outputs.jsonl, 4)}
+        records = {Path(r["path"]).name: r for r in wait_for_lines(outputs.jsonl, 4)}
     assert set(records) == {"before_start.png", "good.png", "corrupt.png", "slow.png"}
     assert "error" in records["corrupt.png"]
     (slow,) = fitted_model.predict([photos["defect"]])  # the whole photo, not the half first seen
@@ -107,14 +71,14 @@ def test_a_restart_scores_what_arrived_meanwhile_and_nothing_twice(fitted_model,
     outputs = WatchOutputs(jsonl=tmp_path / "results.jsonl")
     with watching(fitted_model, inbox, outputs):
         shutil.copy(photos["good"], inbox / "first.png")
-        wait_for(outputs.jsonl, 1)
+        wait_for_lines(outputs.jsonl, 1)
     shutil.copy(photos["defect"], inbox / "while_down.png")
     with open(outputs.jsonl, "a") as handle:
         handle.write('{"path": "torn')  # a crash in the middle of an append
     with watching(fitted_model, inbox, outputs):
-        wait_for(outputs.jsonl, 2)
+        wait_for_lines(outputs.jsonl, 2)
         time.sleep(2)  # time enough to (wrongly) score first.png again
-    assert [Path(record["path"]).name for record in lines(outputs.jsonl)] == ["first.png", "while_down.png"]
+    assert [Path(record["path"]).name for record in json_lines(outputs.jsonl)] == ["first.png", "while_down.png"]
 
 
 def test_watch_needs_somewhere_to_put_results():
@@ -132,7 +96,7 @@ def test_watch_with_visualize_writes_each_photos_heatmap_before_its_record(fitte
     outputs = WatchOutputs(jsonl=tmp_path / "results.jsonl", heatmaps=tmp_path / "heatmaps")
     with watching(fitted_model, inbox, outputs):
         shutil.copy(photos["defect"], inbox / "part.png")
-        (record,) = wait_for(outputs.jsonl, 1)
+        (record,) = wait_for_lines(outputs.jsonl, 1)
     assert record["heatmap"] == str(tmp_path / "heatmaps" / "part.png_heatmap.png")
     assert Path(record["heatmap"]).read_bytes().startswith(b"\x89PNG")
 
@@ -145,16 +109,16 @@ def test_a_reused_name_is_a_new_photo_and_a_folder_spelled_otherwise_scores_noth
     outputs = WatchOutputs(jsonl=tmp_path / "results.jsonl")
     with watching(fitted_model, inbox, outputs):
         shutil.copy(photos["good"], inbox / "frame.png")
-        wait_for(outputs.jsonl, 1)
+        wait_for_lines(outputs.jsonl, 1)
         shutil.copy(photos["defect"], inbox / "frame.png")  # the same name, another photo
-        first, second = wait_for(outputs.jsonl, 2)
+        first, second = wait_for_lines(outputs.jsonl, 2)
     assert Path(first["path"]).name == Path(second["path"]).name == "frame.png"
     (defect,) = fitted_model.predict([photos["defect"]])
     assert second["score"] == pytest.approx(defect.score, abs=2e-4) != first["score"]
     (tmp_path / "alias").symlink_to(inbox)
     with watching(fitted_model, tmp_path / "alias", outputs):
         time.sleep(3)  # time enough to (wrongly) score frame.png again
-    assert len(lines(outputs.jsonl)) == 2
+    assert len(json_lines(outputs.jsonl)) == 2
 
 
 def test_a_photo_replaced_after_scoring_is_scored_and_the_new_one_never_sorted_under_the_old_verdict(
@@ -171,7 +135,7 @@ def test_a_photo_replaced_after_scoring_is_scored_and_the_new_one_never_sorted_u
 
     with watching(fitted_model, inbox, outputs, on_record=camera_overwrites):
         shutil.copy(photos["good"], inbox / "frame.png")
-        first, second = wait_for(outputs.jsonl, 2)
+        first, second = wait_for_lines(outputs.jsonl, 2)
         deadline = time.monotonic() + 30
         while any(inbox.iterdir()) and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -189,7 +153,7 @@ def test_reused_names_are_sorted_side_by_side_never_over_each_other(fitted_model
     with watching(fitted_model, inbox, outputs):
         for count, kind in enumerate(("good", "good", "good"), start=1):
             shutil.copy(photos[kind], inbox / "IMG_0001.png")
-            wait_for(outputs.jsonl, count)
+            wait_for_lines(outputs.jsonl, count)
             deadline = time.monotonic() + 30
             while (inbox / "IMG_0001.png").exists() and time.monotonic() < deadline:
                 time.sleep(0.1)
@@ -203,12 +167,12 @@ def test_a_photo_written_in_pieces_with_pauses_longer_than_the_settle_time_is_sc
     outputs = WatchOutputs(jsonl=tmp_path / "results.jsonl", sort_into=out)
     with watching(fitted_model, inbox, outputs, retry_s=10):
         write_slowly(photos["defect"], inbox / "slow.png", pieces=4, pause=1.0)
-        (record,) = wait_for(outputs.jsonl, 1)
+        (record,) = wait_for_lines(outputs.jsonl, 1)
         time.sleep(1)
     (slow,) = fitted_model.predict([photos["defect"]])
     assert "error" not in record and record["score"] == pytest.approx(slow.score, abs=2e-4)
     assert not (out / "unreadable").exists() or not any((out / "unreadable").iterdir())
-    assert len(lines(outputs.jsonl)) == 1
+    assert len(json_lines(outputs.jsonl)) == 1
 
 
 def test_links_to_a_fifo_or_a_device_and_empty_files_each_get_one_error_record(fitted_model, tmp_path):
@@ -220,9 +184,9 @@ def test_links_to_a_fifo_or_a_device_and_empty_files_each_get_one_error_record(f
     (inbox / "empty.png").write_bytes(b"")
     outputs = WatchOutputs(jsonl=tmp_path / "results.jsonl", sort_into=out)
     with watching(fitted_model, inbox, outputs, retry_s=1):
-        records = {Path(r["path"]).name: r for r in wait_for(outputs.jsonl, 3, timeout=60)}
+        records = {Path(r["path"]).name: r for r in wait_for_lines(outputs.jsonl, 3, timeout=60)}
         time.sleep(2)
-    assert set(records) == {"pipe.png", "zero.png", "empty.png"} and len(lines(outputs.jsonl)) == 3
+    assert set(records) == {"pipe.png", "zero.png", "empty.png"} and len(json_lines(outputs.jsonl)) == 3
     assert "not a regular file" in records["pipe.png"]["error"] and "not a regular file" in records["zero.png"]["error"]
     assert sorted(path.name for path in (out / "unreadable").iterdir()) == ["empty.png", "pipe.png", "zero.png"]
 
@@ -277,7 +241,7 @@ def test_a_full_disk_is_retried_loudly_and_every_photo_still_gets_exactly_one_re
         time.sleep(6)  # at least one retry fails too
         assert watcher.poll() is None, "the watcher exited on a full disk"
         resource.prlimit(watcher.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
-        records = wait_for(jsonl, len(names), timeout=120)
+        wait_for_lines(jsonl, len(names), timeout=120)
         while any(inbox.iterdir()) and time.monotonic() < deadline:
             time.sleep(0.5)
         time.sleep(2)
@@ -286,7 +250,7 @@ def test_a_full_disk_is_retried_loudly_and_every_photo_still_gets_exactly_one_re
         watcher.wait(timeout=60)
     log = (tmp_path / "stderr").read_text()
     assert log.count("results cannot be written (File too large)") >= 2 and "written again after a failed write" in log
-    assert sorted(Path(record["path"]).name for record in lines(jsonl)) == names  # exactly once each
+    assert sorted(Path(record["path"]).name for record in json_lines(jsonl)) == names  # exactly once each
     assert sorted(path.name for path in out.glob("*/*.png")) == names
     assert jsonl.read_text().endswith("\n") and len(jsonl.read_text().splitlines()) == len(names)
 
@@ -299,7 +263,7 @@ def test_a_batch_cut_short_by_a_crash_is_written_once_at_the_next_start(fitted_m
     outputs = WatchOutputs(jsonl=tmp_path / "results.jsonl")
     with watching(fitted_model, inbox, outputs):
         shutil.copy(photos["good"], inbox / "first.png")
-        (first,) = wait_for(outputs.jsonl, 1)
+        (first,) = wait_for_lines(outputs.jsonl, 1)
     shutil.copy(photos["defect"], inbox / "second.png")
     second = {**first, "path": str(inbox / "second.png"), "score": 1.2345}  # what the journal says was scored
     batch = {"records": [second], "photos": [{"id": identity(inbox / "second.png"), "path": second["path"],
@@ -310,5 +274,5 @@ def test_a_batch_cut_short_by_a_crash_is_written_once_at_the_next_start(fitted_m
         results.write(json.dumps(second)[:40] + "x" * 2000)
     with watching(fitted_model, inbox, outputs):
         time.sleep(3)  # time enough to (wrongly) score second.png again
-    assert [record["score"] for record in lines(outputs.jsonl)] == [first["score"], 1.2345]
+    assert [record["score"] for record in json_lines(outputs.jsonl)] == [first["score"], 1.2345]
     assert outputs.jsonl.read_text().count("\n") == 2
