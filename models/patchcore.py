@@ -99,6 +99,7 @@ class PatchCore:
         self.weights_identity = ""
         self.runtime = "torch"  # feature extractor back end: torch | onnx | auto (models/backend.py)
         self.onnx_file: Path | None = None
+        self.model_file: Path | None = None  # the file it was loaded from, named in its errors
         self.updates: list[dict[str, Any]] = []  # confirmed-good photos added since the fit (add_good)
         # Seconds per stage, summed since the last fit started: the fit's own stages, and predict_*
         # over the predict calls since; scripts/benchmark.py reads them.
@@ -571,8 +572,9 @@ class PatchCore:
         if self._extractor is None:
             self._extractor = open_extractor(self.config, self.runtime, self.onnx_file)
             if self.weights_identity and self.weights_identity != self._extractor.weights_identity:
+                where = f"{self.model_file}: " if self.model_file else ""
                 raise ModelFileError(
-                    f"the backbone weights differ from those the model was fitted with "
+                    f"{where}the backbone weights differ from those the model was fitted with "
                     f"({self._extractor.weights_identity} != {self.weights_identity})"
                 )
             self.weights_identity = self._extractor.weights_identity
@@ -665,6 +667,7 @@ class PatchCore:
         except (ValueError, TypeError, KeyError) as error:
             raise ModelFileError(f"{path}: {error}") from None
         model.runtime = runtime
+        model.model_file = path
         model.onnx_file = onnx_path_for(path)
         if resolve_runtime(runtime, model.onnx_file) == "onnx" and not model.onnx_file.is_file():
             raise ModelFileError(

@@ -33,7 +33,7 @@ def test_a_model_fitted_with_other_backbone_weights_is_refused(fitted_model, sma
         PatchCore.load(other).predict([photo])
     assert run_cli(lambda: inference.main(["--model", str(other), "--image", str(photo), "--quiet"])) == 2
     (line,) = capsys.readouterr().err.splitlines()
-    assert line.startswith("error:") and "weights differ" in line
+    assert line.startswith(f"error: {other}: ") and "weights differ" in line
 
 
 def test_a_model_file_fitted_on_no_photos_is_refused(fitted_model, tmp_path):
