@@ -188,9 +188,9 @@ class PatchCore:
         # The coresets run on a thread of their own, up to CORESET_BACKLOG batches behind the
         # backbone, so that their mostly single-threaded steps overlap the network instead of
         # leaving a core idle. A backlog of 3 (~4 MB of features at batch 8) lets a slow chunk
-        # catch up while the network goes on (screw fit 15.5 -> 14.4 s; a 3,000-photo fit waited
-        # 5 s, not 17 s). One worker takes the batches in order: the bank is the same as if they
-        # ran in line. The "coreset" clock is the time the backbone waits for them.
+        # catch up while the network goes on, so the backbone rarely waits. One worker takes the
+        # batches in order: the bank is the same as if they ran in line. The "coreset" clock is
+        # the time the backbone waits for them.
         with ThreadPoolExecutor(max_workers=1) as coreset_worker:
             waiting: deque[Future[None]] = deque()
             for batch in self._clocked(self._batches(images, progress, "memory bank"), "load_preprocess"):
