@@ -29,7 +29,7 @@ FLAG_ALIASES = {"weights_path": ["--weights"]}  # short spellings the README use
 def _percentile_as_rate(percentile: Any) -> Any:
     """threshold_percentile P (older files) is the false-alarm rate 1 - P/100."""
     if isinstance(percentile, (int, float)) and not isinstance(percentile, bool):
-        return 1.0 - percentile / 100.0
+        return round(1.0 - percentile / 100.0, 12)  # 99 -> 0.01, not 0.010000000000000009
     return percentile  # a mistyped value is refused by validation under the new name
 
 
