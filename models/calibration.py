@@ -48,15 +48,21 @@ class TailFit:
         return -np.expm1(-np.exp(-(np.asarray(score, dtype=np.float64) - self.location) / self.scale))
 
 
+def _law_through(at_low: Any, at_high: Any, scale_floor: float) -> TailFit:
+    """The Gumbel law whose FIT_QUANTILES are ``at_low`` and ``at_high`` (numbers, or arrays of them for
+    many resamples at once), its scale at least ``scale_floor``."""
+    low_z, high_z = (_gumbel_reduced(p) for p in FIT_QUANTILES)
+    scale = np.maximum((at_high - at_low) / (high_z - low_z), max(scale_floor, 1e-12))
+    return TailFit(location=at_low - scale * low_z, scale=scale)
+
+
 def fit_tail(scores: np.ndarray, scale_floor: float = 0.0) -> TailFit:
     """The Gumbel law through the scores' lower quartile and 90th percentile, its scale at least ``scale_floor``."""
     values = np.asarray(scores, dtype=np.float64)
     if values.size == 0 or not np.isfinite(values).all():
         raise ValueError("calibration needs at least one finite healthy score")
-    low, high = FIT_QUANTILES
-    at_low, at_high = np.quantile(values, FIT_QUANTILES)
-    scale = max((at_high - at_low) / (_gumbel_reduced(high) - _gumbel_reduced(low)), scale_floor, 1e-12)
-    return TailFit(location=float(at_low - scale * _gumbel_reduced(low)), scale=float(scale))
+    law = _law_through(*np.quantile(values, FIT_QUANTILES), scale_floor)
+    return TailFit(location=float(law.location), scale=float(law.scale))
 
 
 def rate_interval(
@@ -73,13 +79,10 @@ def rate_interval(
     if values.size < 2:
         return 0.0, 1.0
     reference = fit_tail(values, scale_floor)
-    low_z, high_z = (_gumbel_reduced(p) for p in FIT_QUANTILES)
 
     def rate_of_resample(sample: np.ndarray, axis: int = -1) -> np.ndarray:
-        at_low, at_high = np.quantile(sample, FIT_QUANTILES, axis=axis)
-        scale = np.maximum((at_high - at_low) / (high_z - low_z), max(scale_floor, 1e-12))
-        threshold = at_low - scale * low_z + scale * _gumbel_reduced(1.0 - false_alarm_rate)
-        return np.asarray(reference.exceedance(threshold))
+        resampled = _law_through(*np.quantile(sample, FIT_QUANTILES, axis=axis), scale_floor)
+        return np.asarray(reference.exceedance(resampled.threshold(false_alarm_rate)))
 
     result = bootstrap(
         (values,), rate_of_resample, n_resamples=BOOTSTRAP_RESAMPLES, confidence_level=INTERVAL_CONFIDENCE,
