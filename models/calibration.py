@@ -9,8 +9,7 @@ extrapolates the tail as maxima do, and odd photos (up to a tenth of the set) ca
 ``docs/calibration.md`` compares this rule with others on held-out training photos
 (``scripts/check_calibration.py``).
 
-This module needs NumPy alone at scoring time; SciPy is imported only to bootstrap the interval,
-which is computed when a model is calibrated.
+This module needs NumPy alone.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ import numpy as np
 FIT_QUANTILES = (0.25, 0.9)  # the two healthy-score quantiles the Gumbel fit passes through
 SCREEN_FALSE_LISTING = 0.001  # chance that a set of healthy photos has any photo listed as unlike the rest
 BOOTSTRAP_RESAMPLES = 2000
+SETS_AT_ONCE = 250  # simulated sets drawn at a time: a model grown by years of updates stays within memory
 INTERVAL_CONFIDENCE = 0.95
 
 
@@ -70,25 +70,25 @@ def rate_interval(
 ) -> tuple[float, float]:
     """A 95 % interval for the false-alarm rate the threshold really has, from how many photos set it.
 
-    The scores are resampled with replacement (bootstrap); each resample's threshold is read off
-    the full set's law. Few photos move the fit's two quantiles a lot, so the interval is wide.
+    A parametric bootstrap: ``BOOTSTRAP_RESAMPLES`` healthy sets of the same size are drawn from
+    the fitted law, each set's threshold is placed by the same rule, and its false-alarm rate is read
+    off the fitted law. Resampling the scores themselves instead holds the true rate only 80-87 % of
+    the time on Gumbel scores (40-320 photos): a quantile of a resample can take only the few values
+    near it. Few photos move the fit's two quantiles a lot, so the interval is wide.
     """
-    from scipy.stats import bootstrap
-
     values = np.asarray(scores, dtype=np.float64)
     if values.size < 2:
         return 0.0, 1.0
     reference = fit_tail(values, scale_floor)
-
-    def rate_of_resample(sample: np.ndarray, axis: int = -1) -> np.ndarray:
-        resampled = _law_through(*np.quantile(sample, FIT_QUANTILES, axis=axis), scale_floor)
-        return np.asarray(reference.exceedance(resampled.threshold(false_alarm_rate)))
-
-    result = bootstrap(
-        (values,), rate_of_resample, n_resamples=BOOTSTRAP_RESAMPLES, confidence_level=INTERVAL_CONFIDENCE,
-        method="percentile", vectorized=True, random_state=np.random.default_rng(seed),
-    )
-    low, high = result.confidence_interval
+    generator = np.random.default_rng(seed)
+    rates = []
+    for start in range(0, BOOTSTRAP_RESAMPLES, SETS_AT_ONCE):
+        count = min(SETS_AT_ONCE, BOOTSTRAP_RESAMPLES - start)
+        healthy_sets = generator.gumbel(reference.location, reference.scale, (count, values.size))
+        refitted = _law_through(*np.quantile(healthy_sets, FIT_QUANTILES, axis=1), scale_floor)
+        rates.append(reference.exceedance(refitted.threshold(false_alarm_rate)))
+    tail = (1 - INTERVAL_CONFIDENCE) / 2
+    low, high = np.quantile(np.concatenate(rates), [tail, 1 - tail])
     return float(low), float(high)
 
 

@@ -7,7 +7,7 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
-from models.calibration import fit_tail, promise, rate_interval, too_few_photos, unlike_the_rest
+from models.calibration import TailFit, fit_tail, promise, rate_interval, too_few_photos, unlike_the_rest
 
 
 def healthy_scores(count: int, seed: int) -> np.ndarray:
@@ -63,6 +63,20 @@ def test_the_interval_holds_the_rate_and_narrows_with_more_photos():
     many = rate_interval(healthy_scores(1000, seed=5), 0.01)
     assert few[0] < 0.01 < few[1] and many[0] < 0.01 < many[1]
     assert many[1] - many[0] < (few[1] - few[0]) / 2
+
+
+@pytest.mark.parametrize("count", [40, 320])
+def test_the_95_percent_interval_holds_the_true_rate_about_95_times_in_100(count):
+    """Over many healthy sets, the interval from each set holds the rate its threshold really has on
+    the law the scores came from about as often as it claims (resampling the scores: 80-87 times)."""
+    truth = TailFit(location=15.0, scale=0.8)  # healthy_scores' law
+    held = 0
+    for number in range(100):
+        scores = healthy_scores(count, seed=100 + number)
+        true_rate = truth.exceedance(fit_tail(scores).threshold(0.01))
+        low, high = rate_interval(scores, 0.01, seed=number)
+        held += low <= true_rate <= high
+    assert held >= 89
 
 
 def test_the_interval_is_reproducible_with_its_seed():
