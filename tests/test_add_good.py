@@ -65,6 +65,17 @@ def test_an_update_keeps_every_old_patch_grows_the_bank_in_proportion_and_record
     assert PatchCore.load(tmp_path / "updated.pkl").updates == [update]
 
 
+def test_each_update_joins_the_history_and_starts_from_the_last_one(half_model, small_screw_dir, tmp_path):
+    model = fresh(half_model, tmp_path)
+    new = train_images(small_screw_dir)[6:]
+    first = model.add_good(new[:3], progress=False, source="morning")
+    second = model.add_good(new[3:], progress=False, source="evening")
+    assert [update["source"] for update in model.updates] == ["morning", "evening"]
+    assert second["threshold_before"] == first["threshold_after"]
+    assert second["bank_before"] == first["bank_after"]
+    assert "6 photos added on the line" in model.calibration_method
+
+
 def test_an_update_is_reproducible_with_a_seed(half_model, small_screw_dir, tmp_path):
     new = train_images(small_screw_dir)[6:]
     first, second = fresh(half_model, tmp_path), fresh(half_model, tmp_path)

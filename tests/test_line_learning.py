@@ -64,6 +64,19 @@ def test_a_brightness_shift_raises_the_drift_warning_once(small_window_model, un
     assert monitor.status()["drift"]
 
 
+def test_flagged_photos_raise_the_flag_share_not_the_median_of_passed_ones(small_window_model):
+    """A run of defective parts is flagged: the share warns, but the healthy ones between them are steady."""
+    monitor = DriftMonitor(small_window_model)
+    healthy = float(np.median(small_window_model.calibration_scores))
+    far = 10 * small_window_model.threshold
+    events = []
+    for number in range(40):
+        flagged = number % 2 == 1
+        events += monitor.observe({"score": far if flagged else healthy, "is_anomalous": flagged})
+    assert [event["kind"] for event in events] == ["flagged"]
+    assert monitor.status()["median_passed_score"] == pytest.approx(healthy)
+
+
 def test_photos_moved_into_confirmed_good_are_learnt_by_the_watcher(fitted_model, unseen, tmp_path):
     fitted_model.save(tmp_path / "line.pkl")
     original = (tmp_path / "line.pkl").read_bytes()
