@@ -33,17 +33,36 @@ class HeldOutFold:
 
 
 def held_out_folds(
-    photos: Sequence[Path], test_good: Sequence[Path], config: Config, folds: int, progress: bool = True
+    photos: Sequence[Path],
+    test_good: Sequence[Path],
+    config: Config,
+    folds: int,
+    progress: bool = True,
+    fit_photos: int | None = None,
 ) -> list[HeldOutFold]:
-    """Fit one model per fold on the other folds' photos and score the held-out ones."""
-    if folds < 2 or folds > len(photos) // 2:
-        raise ValueError(f"folds must be 2 to {len(photos) // 2} for {len(photos)} training photos, got {folds}")
-    fold_of = np.random.default_rng(config.seed).permutation(len(photos)) % folds
+    """Fit one model per fold on the other folds' photos and score the held-out ones.
+
+    With ``fit_photos``, each of the ``folds`` models is fitted on that many seeded photos instead
+    and scores all the others: how the promise holds for a set that small. A photo may then be
+    held out by several models, so the counts are over scorings, not distinct photos.
+    """
+    if fit_photos is None:
+        if folds < 2 or folds > len(photos) // 2:
+            raise ValueError(f"folds must be 2 to {len(photos) // 2} for {len(photos)} training photos, got {folds}")
+        fold_of = np.random.default_rng(config.seed).permutation(len(photos)) % folds
+        splits = [fold_of != fold for fold in range(folds)]
+    else:
+        if not 2 <= fit_photos < len(photos):
+            raise ValueError(f"fit_photos must be 2 to {len(photos) - 1} for {len(photos)} training photos, got {fit_photos}")
+        if folds < 1:
+            raise ValueError(f"folds must be at least 1, got {folds}")
+        splits = [np.random.default_rng(config.seed + split).permutation(len(photos)) < fit_photos
+                  for split in range(folds)]
     results = []
-    for fold in tqdm(range(folds), desc="calibration check", unit="fold", disable=not progress):
+    for fitted in tqdm(splits, desc="calibration check", unit="fold", disable=not progress):
         model = PatchCore(config)
-        model.fit([photo for photo, owner in zip(photos, fold_of) if owner != fold], progress=False)
-        held_out = [photo for photo, owner in zip(photos, fold_of) if owner == fold]
+        model.fit([photo for photo, fit in zip(photos, fitted) if fit], progress=False)
+        held_out = [photo for photo, fit in zip(photos, fitted) if not fit]
         results.append(HeldOutFold(
             model=model,
             held_out=np.array([p.score for p in model.predict(held_out)]),

@@ -8,6 +8,9 @@ photos are scored against it; every training photo is held out once. Each false-
 ``--rates`` (default 0.01 and 0.05) is then set by the model's own calibration rule, and the table
 shows how many held-out photos, and how many ``test/good`` photos if the folder has them, it flags.
 The intervals are 95 % Wilson intervals over the photos counted. ``--json FILE`` writes the table.
+
+``--fit-photos N`` asks how the promise holds for a set of N photos: each of ``--folds`` models is
+fitted on N seeded photos of ``train/good`` and scores all the others.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from config import CATEGORY_DEFAULTS, add_config_arguments, config_from_args, run_cli  # noqa: E402
+from config import CATEGORY_DEFAULTS, add_config_arguments, config_from_args, fail, run_cli  # noqa: E402
 from evaluation.mvtec import load_test_split, train_images  # noqa: E402
 from output_files import check_writable, write_atomically  # noqa: E402
 
@@ -28,6 +31,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, required=True, help="folder with train/good (test/good optional)")
     parser.add_argument("--folds", type=int, default=5, help="folds of train/good; each is held out once (default 5)")
+    parser.add_argument("--fit-photos", type=int, metavar="N",
+                        help="fit each of --folds models on N seeded training photos and count on all the others")
     parser.add_argument("--rates", type=float, nargs="+", default=[0.01, 0.05], metavar="RATE",
                         help="promised false-alarm rates to check (default 0.01 0.05)")
     parser.add_argument("--json", type=Path, help="also write the table as JSON to this file")
@@ -56,16 +61,21 @@ def main(argv: list[str] | None = None) -> int:
     test_good = [sample.path for sample in load_test_split(args.data_dir) if not sample.is_defective]
     if args.json:
         check_writable(args.json)  # before the fits, not after them
-    folds = held_out_folds(photos, test_good, config, args.folds, progress=not args.quiet)
+    try:
+        folds = held_out_folds(photos, test_good, config, args.folds, not args.quiet, args.fit_photos)
+    except ValueError as error:
+        fail(f"{args.data_dir}: {error}")
     table = promised_and_observed(folds, args.rates)
-    print(f"{name}: {len(photos)} training photos in {args.folds} folds, each held out once; "
-          f"{len(test_good)} test/good photos scored by every fold's model")
+    split = (f"{args.folds} models, each fitted on {args.fit_photos} seeded photos and scoring the others"
+             if args.fit_photos else f"{args.folds} folds, each held out once")
+    print(f"{name}: {len(photos)} training photos in {split}; "
+          f"{len(test_good)} test/good photos scored by every model")
     print(f"{'promised':>9}  {'held-out training photos flagged':<36}  test/good photos flagged")
     for row in table:
         print(f"{row['promised']:>9.1%}  {_cell(row['held_out_training']):<36}  {_cell(row['test_good'])}")
     if args.json:
-        write_atomically(args.json, json.dumps({"data_dir": str(args.data_dir), "folds": args.folds, "rows": table},
-                                               indent=2))
+        record = {"data_dir": str(args.data_dir), "folds": args.folds, "fit_photos": args.fit_photos, "rows": table}
+        write_atomically(args.json, json.dumps(record, indent=2))
     return 0
 
 
