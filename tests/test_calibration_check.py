@@ -1,0 +1,98 @@
+"""The calibration check (evaluation/calibration_check.py, scripts/check_calibration.py): every training
+photo is held out exactly once from a model that never saw it, test/good photos are counted by every
+fold's model, and each promised rate is set by the model's own rule and counted strictly above."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import evaluation.calibration_check as calibration_check
+from evaluation.calibration_check import HeldOutFold, held_out_folds, promised_and_observed
+from evaluation.metrics import wilson_interval
+from evaluation.mvtec import load_test_split, train_images
+from conftest import small_config
+
+
+class RecordingModel:
+    """Stands in for PatchCore: records what it is fitted on; a photo's score is its number."""
+
+    fitted: list[list[str]] = []
+
+    def __init__(self, config) -> None:
+        self.config = config
+
+    def fit(self, photos, progress=True) -> None:
+        RecordingModel.fitted.append([str(photo) for photo in photos])
+
+    def predict(self, photos):
+        return [SimpleNamespace(score=float(Path(photo).stem)) for photo in photos]
+
+
+def test_every_training_photo_is_held_out_exactly_once_by_a_model_fitted_without_it(monkeypatch):
+    monkeypatch.setattr(calibration_check, "PatchCore", RecordingModel)
+    RecordingModel.fitted = []
+    photos = [Path(f"{number}.png") for number in range(11)]
+    test_good = [Path("100.png"), Path("101.png")]
+    folds = held_out_folds(photos, test_good, small_config(), folds=3, progress=False)
+    assert len(folds) == 3 == len(RecordingModel.fitted)
+    held_out = [sorted(fold.held_out.astype(int).tolist()) for fold in folds]
+    assert sorted(number for fold in held_out for number in fold) == list(range(11))  # each photo exactly once
+    for fold, fitted_on in zip(held_out, RecordingModel.fitted):
+        assert fold and sorted(int(Path(photo).stem) for photo in fitted_on) == sorted(set(range(11)) - set(fold))
+    assert all(fold.test_good.tolist() == [100.0, 101.0] for fold in folds)  # scored by every fold's model
+
+
+@pytest.mark.parametrize("folds", [1, 6])
+def test_fold_counts_that_leave_a_fold_under_two_held_out_photos_are_refused(folds):
+    with pytest.raises(ValueError, match="folds must be 2 to 5 for 11 training photos"):
+        held_out_folds([Path(f"{number}.png") for number in range(11)], [], small_config(), folds, progress=False)
+
+
+def test_each_promised_rate_is_set_by_the_models_rule_and_counts_scores_strictly_above():
+    """Threshold 3 for 1 %, 2 for 5 % (not the model's own threshold 5): a score equal to it passes."""
+    model = SimpleNamespace(threshold=5.0, threshold_for={0.01: 3.0, 0.05: 2.0}.__getitem__)
+    folds = [HeldOutFold(model, np.array([1.0, 2.0, 3.0, 4.0]), np.array([3.5])),
+             HeldOutFold(model, np.array([2.5, 3.0]), np.array([1.0]))]
+    one, five = promised_and_observed(folds, [0.01, 0.05])
+    assert one["promised"] == 0.01 and five["promised"] == 0.05
+    assert one["held_out_training"] == {"flagged": 1, "photos": 6, "rate": 1 / 6, "interval": wilson_interval(1, 6)}
+    assert one["test_good"] == {"flagged": 1, "photos": 2, "rate": 0.5, "interval": wilson_interval(1, 2)}
+    assert (five["held_out_training"]["flagged"], five["test_good"]["flagged"]) == (4, 1)
+
+
+def test_the_script_scores_train_good_held_out_and_test_good_alone(small_screw_dir, tmp_path, monkeypatch, capsys):
+    """Two real folds on the screw subset: 12 training photos each held out once, the 2 test/good
+    photos scored by both fold models; no defective test photo is read."""
+    import scripts.check_calibration as script
+
+    given = {}
+    real = calibration_check.held_out_folds
+
+    def recording(photos, test_good, config, folds, progress=True):
+        given.update(photos=list(photos), test_good=list(test_good))
+        return real(photos, test_good, config, folds, progress)
+
+    monkeypatch.setattr(calibration_check, "held_out_folds", recording)
+    out = tmp_path / "check.json"
+    assert script.main(["--data-dir", str(small_screw_dir), "--folds", "2", "--backbone", "efficientnet_lite0",
+                        "--image-size", "64", "--preprocess", "off", "--quiet", "--json", str(out)]) == 0
+    assert given["photos"] == train_images(small_screw_dir)
+    assert given["test_good"] == [s.path for s in load_test_split(small_screw_dir) if s.kind == "good"]
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["promised"] for row in rows] == [0.01, 0.05]
+    assert all(row["held_out_training"]["photos"] == 12 and row["test_good"]["photos"] == 4 for row in rows)
+    assert "12 training photos in 2 folds, each held out once; 2 test/good photos" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("rate", ["0", "0.5"])
+def test_the_script_refuses_rates_outside_zero_to_a_half(rate, capsys):
+    import scripts.check_calibration as script
+
+    with pytest.raises(SystemExit) as stopped:
+        script.parse_args(["--data-dir", "x", "--rates", "0.01", rate])
+    assert stopped.value.code == 2 and "--rates must lie between 0 and 0.5" in capsys.readouterr().err
