@@ -43,6 +43,12 @@ def test_image_metrics_hand_computed() -> None:
     assert result["image_f1_max_threshold"] == pytest.approx(0.5)
 
 
+def test_f1_at_the_threshold_flags_scores_strictly_above_it() -> None:
+    # 0.41 (defect) is flagged, 0.4 (healthy) is not, 0.2 (defect) is missed: P = 1, R = 1/2 -> F1 = 2/3.
+    result = image_metrics([False, True, True], [0.4, 0.41, 0.2], threshold=0.4)
+    assert result["image_f1_at_threshold"] == pytest.approx(2 / 3)
+
+
 def test_image_metrics_one_class_gives_none() -> None:
     result = image_metrics([False, False], [0.1, 0.9], threshold=0.5)
     assert all(value is None for value in result.values())
@@ -175,6 +181,8 @@ def test_rates_at_the_threshold_count_false_alarms_escapes_and_recall_per_kind()
     assert rates["recall_per_defect"] == {"rust": pytest.approx(0.5), "scratch": pytest.approx(2 / 3)}
     low, high = rates["false_alarm_rate_interval"]
     assert low < 0.25 < high
+    assert rates["false_alarm_rate_interval"] == wilson_interval(1, 4)  # 1 of the 4 healthy photos
+    assert rates["escape_rate_interval"] == wilson_interval(2, 5)  # 2 of the 5 defective photos
 
 
 def test_wilson_interval_matches_the_formula_and_stays_inside_zero_to_one() -> None:
