@@ -119,6 +119,14 @@ def test_a_model_file_percentile_is_read_as_the_false_alarm_rate_it_meant():
     assert "threshold_percentile" not in Config().to_dict()
 
 
+def test_an_old_percentile_beside_the_new_rate_or_not_a_number_is_refused():
+    """Both names at once is ambiguous: neither silently wins. A switch is no percentile."""
+    with pytest.raises(ConfigError, match="unknown config key.*threshold_percentile"):
+        Config.from_dict({"threshold_percentile": 99, "false_alarm_rate": 0.05})
+    with pytest.raises(ConfigError, match="false_alarm_rate must be a finite number, got True"):
+        Config.from_dict({"threshold_percentile": True})
+
+
 def test_replace_goes_through_the_same_validation():
     with pytest.raises(ConfigError, match="target_dim"):
         Config().replace(target_dim=0)
