@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from config import Config
-from evaluation.metrics import image_metrics
+from evaluation.metrics import image_metrics, rates_at_threshold
 from evaluation.report import evaluate, format_summary
 from models.patchcore import Prediction
 
@@ -33,11 +33,12 @@ class FakeModel:
     """Stand-in for PatchCore: the anomaly map is how much redder than grey each pixel is."""
 
     def __init__(self) -> None:
-        self.config = Config(batch_size=4, num_workers=1)
+        self.config = Config(batch_size=4, num_workers=1, false_alarm_rate=0.02)
         self.threshold = 0.3
         self.calibration_scores = np.array([0.12, 0.15, 0.18, 0.2, 0.22, 0.25], dtype=np.float32)
         self.calibration_method = "six healthy photos"
-        self.calibration = {"method": self.calibration_method, "count": 6, "warnings": ["only six photos"]}
+        self.calibration = {"method": self.calibration_method, "count": 6, "warnings": ["only six photos"],
+                            "left_out": ["train/good/odd.png"]}
         self.preprocessing = {"reasons": ["rotation off (a test decision)"]}
         self.n_train = 20
         self.fit_seconds = 1.5
@@ -121,8 +122,10 @@ def test_metrics_match_direct_computation(report: tuple[dict, Path, FakeModel]) 
     images = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in paths]
     scores = [p.score for p in FakeModel().predict(images)]
     expected = image_metrics([p.parent.name != "good" for p in paths], scores, model.threshold)
+    expected.update(rates_at_threshold([p.parent.name for p in paths], scores, model.threshold))
     for key, value in expected.items():
         assert metrics[key] == pytest.approx(value)
+    assert (metrics["false_alarms"], metrics["escapes"]) == (1, 1)  # the faint speck on a good photo, the faint hole
 
 
 def test_report_says_how_the_model_was_set_up(report: tuple[dict, Path, FakeModel]) -> None:
@@ -132,6 +135,9 @@ def test_report_says_how_the_model_was_set_up(report: tuple[dict, Path, FakeMode
     page = (out_dir / "report.html").read_text()
     setup = page.split("How this model was set up", 1)[1].split("</ul>", 1)[0]
     assert "rotation off (a test decision)" in setup and "six healthy photos" in setup and "only six photos" in setup
+    assert metrics["calibration"]["left_out"] == ["train/good/odd.png"]
+    assert "left out of the fit as unlike the rest: train/good/odd.png" in setup
+    assert metrics["promised_false_alarm_rate"] == 0.02 and "the threshold promises at most 2.0%" in page
 
 
 def test_the_healthy_statistics_have_one_name_everywhere(report: tuple[dict, Path, FakeModel]) -> None:
@@ -194,6 +200,9 @@ def test_format_summary(report: tuple[dict, Path, FakeModel]) -> None:
     summary = format_summary(report[0])
     assert "image AUROC" in summary and "oracle" in summary and "AUPRO" in summary
     assert "AUROC scratch" in summary and "1 skipped" in summary
+    assert re.search(r"false alarms @ threshold +1/6\n", summary) and re.search(r"escapes @ threshold +1/5\n", summary)
+    other = format_summary({**report[0], "false_alarms": 2, "escapes": 3})  # each count on its own line
+    assert re.search(r"false alarms @ threshold +2/6\n", other) and re.search(r"escapes @ threshold +3/5\n", other)
     assert "n/a" in format_summary({**report[0], "aupro": None, "fit_seconds": None})
 
 
