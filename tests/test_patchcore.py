@@ -14,6 +14,7 @@ import pytest
 
 from config import Config, UserError
 from conftest import small_config
+from models.calibration import rate_interval
 from models.patchcore import FORMAT_VERSION, ModelFileError, PatchCore, anomaly_confidence_from_sigma
 from evaluation.mvtec import load_test_split, train_images
 from preprocessing.io import read_image
@@ -58,6 +59,10 @@ def test_threshold_is_the_false_alarm_rate_quantile_of_a_gumbel_law_through_two_
     assert fitted_model.calibration["false_alarm_rate"] == fitted_model.config.false_alarm_rate == 0.01
     low_per_1000, high_per_1000 = fitted_model.calibration["interval_per_1000"]
     assert low_per_1000 < 10 < high_per_1000
+    assert fitted_model.calibration["false_alarms_per_1000"] == pytest.approx(10)
+    # the interval is the one for this rate (1 %), from these scores and this seed
+    low, high = rate_interval(scores, 0.01, fitted_model.calibration["spread_floor"], fitted_model.config.seed)
+    assert (low_per_1000, high_per_1000) == pytest.approx((1000 * low, 1000 * high))
 
 
 def test_one_odd_healthy_photo_does_not_move_the_threshold(fitted_model):
@@ -109,6 +114,35 @@ def test_past_the_calibration_sample_photos_share_the_bank_and_scored_photos_sti
     assert bank_sizes and all(0.8 * final <= size <= 1.2 * final for size in bank_sizes), (bank_sizes, final)
     others = np.delete(model.calibration_scores, list(sampled).index(odd))
     assert model.calibration_scores[list(sampled).index(odd)] > 1.4 * np.median(others)
+
+
+def _with_a_noise_patch(photo: Path, out: Path) -> Path:
+    """The photo with a 400-pixel square of coarse colour noise on the part: unlike any healthy screw."""
+    image = cv2.imread(str(photo))
+    noise = np.random.default_rng(0).integers(0, 256, (24, 24, 3)).astype(np.uint8)
+    image[300:700, 300:700] = cv2.resize(noise, (400, 400), interpolation=cv2.INTER_NEAREST)
+    cv2.imwrite(str(out), image)
+    return out
+
+
+def test_a_sampled_photo_unlike_the_rest_is_listed_under_its_own_name_with_its_held_out_map(
+    small_screw_dir, monkeypatch, tmp_path
+):
+    """With only a sample scored, the listing still names the photo that scored high (not the one at
+    its place in the sample), and its held-out map is kept to show it."""
+    import models.patchcore as patchcore
+
+    monkeypatch.setattr(patchcore, "MAX_CALIBRATION_PHOTOS", 10)
+    photos = list(train_images(small_screw_dir)[:12])
+    config = small_config()
+    sampled = np.flatnonzero(np.random.default_rng(config.seed).permutation(len(photos)) < 10)
+    odd = next(int(photo) for place, photo in enumerate(sampled) if place != photo)
+    photos[odd] = _with_a_noise_patch(photos[odd], tmp_path / "odd.png")
+    model = PatchCore(config)
+    model.fit(photos, progress=False)
+    assert [entry["photo"] for entry in model.calibration["unlike_the_rest"]] == [str(photos[odd])]
+    assert list(model.held_out_maps) == [str(photos[odd])]
+    assert model.held_out_maps[str(photos[odd])].max() == pytest.approx(model.calibration["unlike_the_rest"][0]["score"])
 
 
 def test_nearly_identical_photos_give_a_finite_sigma(small_screw_dir):
@@ -651,3 +685,26 @@ def test_a_small_model_file_that_expands_without_bound_is_refused_at_once(fitted
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith(f"error: {path}: refused, the file ") and reason in line
     assert "Traceback" not in result.stderr and time.monotonic() - started < 60
+
+
+def test_threshold_for_follows_the_models_own_rule_and_spread_floor(fitted_model):
+    """The calibration check sets other rates with this: at the model's own rate it is the model's
+    threshold, at 1 in 10 the 90th percentile the law passes through, and a spread floor that binds
+    (identical scores) applies to it as to the threshold."""
+    assert fitted_model.threshold_for(fitted_model.config.false_alarm_rate) == pytest.approx(fitted_model.threshold)
+    assert fitted_model.threshold_for(0.1) == pytest.approx(float(np.quantile(fitted_model.calibration_scores, 0.9)),
+                                                            rel=1e-5)
+    model = PatchCore(fitted_model.config)
+    model.memory_bank = fitted_model.memory_bank
+    model.set_calibration(np.full(5, 10.0), "identical healthy scores")
+    assert model.threshold > 10 and model.threshold_for(model.config.false_alarm_rate) == pytest.approx(model.threshold)
+
+
+def test_recalibration_needs_photos_and_names_a_photo_unlike_the_rest(fitted_model, small_screw_dir, tmp_path):
+    model = PatchCore.load(_saved(fitted_model, tmp_path))
+    with pytest.raises(ValueError, match="at least one healthy photo"):
+        model.recalibrate([], progress=False)
+    healthy = train_images(small_screw_dir)
+    odd = _with_a_noise_patch(healthy[0], tmp_path / "odd.png")
+    model.recalibrate([*healthy, odd], progress=False)  # the odd photo last, as the last one scored
+    assert [entry["photo"] for entry in model.calibration["unlike_the_rest"]] == [str(odd)]
