@@ -70,15 +70,23 @@ def test_unknown_setting_in_yaml_is_refused(tmp_path):
 
 
 def test_fit_writes_the_model_file_named_after_the_folder(tmp_path, small_screw_dir):
+    from models.patchcore import PatchCore
+
     parts = tmp_path / "my_screws" / "train" / "good"
     parts.mkdir(parents=True)
     for image in sorted((small_screw_dir / "train" / "good").iterdir())[:6]:
         (parts / image.name).symlink_to(image.resolve())
-    result = run_train(
-        "--data-dir", "my_screws", "--backbone", "efficientnet_lite0", "--image-size", "128", "--quiet", cwd=tmp_path
+    result = run_train(  # --drop-unlike with no photo listed: one fit, nothing left out
+        "--data-dir", "my_screws", "--backbone", "efficientnet_lite0", "--image-size", "128", "--quiet", "--drop-unlike",
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "saved_models" / "patchcore_my_screws.pkl").is_file()
+    model = PatchCore.load(tmp_path / "saved_models" / "patchcore_my_screws.pkl")
+    assert "fitting again" not in result.stdout and "left_out" not in model.calibration
+    # what the threshold promises, then why 6 photos cannot pin 1 in 100
+    assert f"threshold {model.threshold:.3f}: expect 10 false alarms per 1,000 healthy parts" in result.stdout
+    assert "warning: the threshold rests on 6 healthy photos, fewer than the 100" in result.stdout
     assert "model saved to saved_models/patchcore_my_screws.pkl" in result.stdout
     assert result.stderr == ""  # --quiet: no progress bars
     pipeline = next(line for line in result.stdout.splitlines() if line.startswith("preprocessing: pipeline:"))
@@ -236,7 +244,9 @@ def test_recalibrate_moves_the_threshold_and_keeps_the_memory_bank(tmp_path, fit
 
 @pytest.mark.parametrize("args", [["--recalibrate", "--data-dir", "x"], ["--recalibrate", "--model", "m.pkl"],
                                   ["--recalibrate", "--model", "m.pkl", "--data-dir", "x", "--image-size", "128"],
-                                  ["--data-dir", "x", "--model", "m.pkl"]])
+                                  ["--data-dir", "x", "--model", "m.pkl"],
+                                  ["--recalibrate", "--model", "m.pkl", "--data-dir", "x", "--config", "s.yaml"],
+                                  ["--recalibrate", "--model", "m.pkl", "--data-dir", "x", "--drop-unlike"]])
 def test_recalibrate_usage_errors(args, tmp_path):
     result = run_train(*args, cwd=tmp_path)
     assert result.returncode == 2 and "usage:" in result.stderr
