@@ -83,6 +83,7 @@ def test_fit_writes_the_model_file_named_after_the_folder(tmp_path, small_screw_
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "saved_models" / "patchcore_my_screws.pkl").is_file()
     model = PatchCore.load(tmp_path / "saved_models" / "patchcore_my_screws.pkl")
+    assert "check these" not in result.stdout  # no photo to check: no list, not an empty one
     assert "fitting again" not in result.stdout and "left_out" not in model.calibration
     # what the threshold promises, then why 6 photos cannot pin 1 in 100
     assert f"threshold {model.threshold:.3f}: expect 10 false alarms per 1,000 healthy parts" in result.stdout
