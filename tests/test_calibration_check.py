@@ -47,6 +47,21 @@ def test_every_training_photo_is_held_out_exactly_once_by_a_model_fitted_without
     assert all(fold.test_good.tolist() == [100.0, 101.0] for fold in folds)  # scored by every fold's model
 
 
+def test_with_fit_photos_each_model_is_fitted_on_that_many_photos_and_scores_all_the_others(monkeypatch):
+    monkeypatch.setattr(calibration_check, "PatchCore", RecordingModel)
+    RecordingModel.fitted = []
+    photos = [Path(f"{number}.png") for number in range(11)]
+    folds = held_out_folds(photos, [Path("100.png")], small_config(), 3, False, fit_photos=4)
+    assert len(folds) == 3 == len(RecordingModel.fitted)
+    for fold, fitted_on in zip(folds, RecordingModel.fitted):
+        fitted = {int(Path(photo).stem) for photo in fitted_on}
+        assert len(fitted) == 4 and sorted(fold.held_out.astype(int).tolist()) == sorted(set(range(11)) - fitted)
+        assert fold.test_good.tolist() == [100.0]
+    assert len({tuple(fitted_on) for fitted_on in RecordingModel.fitted}) == 3  # a seeded sample per model
+    with pytest.raises(ValueError, match="fit_photos must be 2 to 10 for 11 training photos, got 11"):
+        held_out_folds(photos, [], small_config(), 3, False, fit_photos=11)
+
+
 @pytest.mark.parametrize("folds", [1, 6])
 def test_fold_counts_that_leave_a_fold_under_two_held_out_photos_are_refused(folds):
     with pytest.raises(ValueError, match="folds must be 2 to 5 for 11 training photos"):
@@ -73,9 +88,9 @@ def test_the_script_scores_train_good_held_out_and_test_good_alone(small_screw_d
     given = {}
     real = calibration_check.held_out_folds
 
-    def recording(photos, test_good, config, folds, progress=True):
+    def recording(photos, test_good, *args):
         given.update(photos=list(photos), test_good=list(test_good))
-        return real(photos, test_good, config, folds, progress)
+        return real(photos, test_good, *args)
 
     monkeypatch.setattr(calibration_check, "held_out_folds", recording)
     out = tmp_path / "check.json"
@@ -87,6 +102,7 @@ def test_the_script_scores_train_good_held_out_and_test_good_alone(small_screw_d
     assert [row["promised"] for row in rows] == [0.01, 0.05]
     assert all(row["held_out_training"]["photos"] == 12 and row["test_good"]["photos"] == 4 for row in rows)
     assert "12 training photos in 2 folds, each held out once; 2 test/good photos" in capsys.readouterr().out
+    assert json.loads(out.read_text())["fit_photos"] is None
 
 
 @pytest.mark.parametrize("rate", ["0", "0.5"])
