@@ -302,3 +302,18 @@ def test_report_page_for_photos_without_labels(model_file, small_screw_dir, tmp_
     assert f"threshold {threshold:.4f}" in page and "broken.png" in page
     assert "White contour: where the anomaly map is above the threshold" in page
     assert "oracle" not in page and "AUROC" not in page  # no label, no metric
+
+
+@pytest.mark.parametrize("photos_in_it", [None, []], ids=["missing", "no-photos"])
+def test_a_folder_that_is_missing_or_holds_no_photos_is_one_error_line_and_exit_2(model_file, tmp_path, capsys,
+                                                                                  photos_in_it):
+    from config import run_cli
+
+    folder = tmp_path / "photos"
+    if photos_in_it is not None:
+        folder.mkdir()
+        (folder / "notes.txt").write_text("not a photo")
+    assert run_cli(lambda: inference.main(["--model", str(model_file), "--dir", str(folder)])) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    reason = "no such folder" if photos_in_it is None else "no images found (png, jpg, jpeg, bmp, tif, tiff)"
+    assert line == f"error: {folder}: {reason}"

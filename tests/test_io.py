@@ -268,9 +268,10 @@ def test_a_parent_that_is_a_file_is_an_output_error(tmp_path):
 
 
 def test_json_document_never_holds_nan_or_infinity():
-    text = json_document({"score": float("nan"), "nested": [1.5, float("inf"), {"x": -float("inf")}]})
+    text = json_document({"score": float("nan"), "nested": [1.5, float("inf"), {"x": -float("inf")}],
+                          "interval": (0.5, float("nan"))})
     assert json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in JSON")) == {
-        "score": None, "nested": [1.5, None, {"x": None}]
+        "score": None, "nested": [1.5, None, {"x": None}], "interval": [0.5, None]
     }
 
 
@@ -326,3 +327,29 @@ def test_a_full_disk_is_found_before_any_work(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.stdout.strip() == f"{tmp_path / 'model.pkl'}: cannot be written (File too large); any previous file is unchanged", result.stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_the_data_is_synced_before_the_rename_and_the_rename_is_synced(tmp_path, monkeypatch):
+    """What survives a power cut: the new bytes reach the disk before the name points at them, and the
+    rename itself is then made durable by syncing the folder. Each fsync is recorded by what it syncs."""
+    import output_files
+
+    events: list[tuple[str, Path]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(descriptor: int) -> None:
+        events.append(("fsync", Path(os.readlink(f"/proc/self/fd/{descriptor}"))))
+        real_fsync(descriptor)
+
+    def replace(source, target) -> None:
+        events.append(("rename", Path(target).resolve()))
+        real_replace(source, target)
+
+    monkeypatch.setattr(output_files.os, "fsync", fsync)
+    monkeypatch.setattr(output_files.os, "replace", replace)
+    path = tmp_path.resolve() / "metrics.json"
+    write_atomically(path, "{}")
+    assert [kind for kind, _ in events] == ["fsync", "rename", "fsync"]
+    (_, data), (_, renamed), (_, folder) = events
+    assert data.parent == path.parent and data.name.startswith(".metrics.json.fastener-")  # the temporary's bytes
+    assert renamed == path and folder == path.parent

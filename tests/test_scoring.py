@@ -88,11 +88,13 @@ def test_every_flagged_screw_photo_shows_where(fitted_model, screw_dir):
 def test_a_file_name_that_starts_like_a_formula_stays_text_in_the_csv():
     records = [{"path": '=HYPERLINK("http://x","click").png', "error": '=HYPERLINK("http://x","click").png: not readable'},
                {"path": "+1.png", "score": -0.5, "normalized_score": 0.1, "threshold": 2.0, "is_anomalous": False,
-                "sigma": -1.0, "anomaly_confidence": 0.0, "warnings": ["@risk"]}]
+                "sigma": -1.0, "anomaly_confidence": 0.0, "warnings": ["@risk"]},
+               {"path": "-2+3.png", "error": "-2+3.png: not readable"}]
     rows = list(csv.DictReader(io.StringIO(records_csv(records))))
     assert rows[0]["path"] == "'" + records[0]["path"] and rows[0]["error"].startswith("'=HYPERLINK")
     assert rows[1]["path"] == "'+1.png" and rows[1]["warnings"] == "'@risk"
     assert rows[1]["score"] == "-0.5" and rows[1]["sigma"] == "-1.0"  # numbers are numbers
+    assert rows[2]["path"] == "'-2+3.png"
 
 
 def test_a_score_that_is_not_a_number_is_an_error_record_never_a_verdict(fitted_model, small_screw_dir):
@@ -126,3 +128,17 @@ def test_a_photo_too_large_for_memory_fails_alone(fitted_model, small_screw_dir,
     assert results[1].record["error"] == "huge.png: 3000x3000 pixels: too large to score with the memory available"
     expected = [round(p.score, 4) for p in real_predict(fitted_model, [first, second])]
     assert [results[0].record["score"], results[2].record["score"]] == expected
+
+
+def test_each_record_carries_its_own_photos_numbers_and_warnings(fitted_model, small_screw_dir):
+    """sigma, anomaly_confidence and warnings are what a reader acts on: each comes from its own field
+    of the prediction (an overexposed white frame gets the preprocessing's warning)."""
+    photo = load_test_split(small_screw_dir)[-1].path
+    white = np.full((256, 256, 3), 255, np.uint8)
+    results = score_batch(fitted_model, [Photo("part.png", photo), Photo("white.png", white)])
+    expected = fitted_model.predict([photo, white])
+    for result, prediction in zip(results, expected):
+        assert result.record["sigma"] == round(prediction.sigma, 2)
+        assert result.record["anomaly_confidence"] == round(prediction.anomaly_confidence, 4)
+        assert result.record["warnings"] == prediction.warnings
+    assert results[1].record["warnings"], "an all-white frame is scored without a warning"

@@ -103,13 +103,15 @@ def test_a_concurrent_burst_is_bounded_and_every_photo_is_scored_once_retried(se
     statuses: list[int] = []
 
     def client(_: int) -> dict:
-        while True:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
             response = post(service, photos["defect"])
             statuses.append(response.status_code)
             if response.status_code != 503:
                 return response.json()
             assert int(response.headers["Retry-After"]) >= 1
             time.sleep(0.2)
+        pytest.fail("still 503 after 120 s of retries: the queue or the upload budget never frees up")
 
     with ThreadPoolExecutor(max_workers=24) as pool:
         records = list(pool.map(client, range(24)))
@@ -191,3 +193,38 @@ def test_scratch_folders_of_a_killed_service_are_removed_at_the_next_start(tmp_p
     other.mkdir()
     remove_stale_scratch(tmp_path)
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted([live.name, other.name])
+
+
+@pytest.mark.parametrize("setting", [{"max_upload_mb": 0}, {"queue_size": 0}, {"batch_wait_ms": -1}, {"retry_after_s": 0},
+                                     {"body_timeout_s": 0}, {"body_timeout_s": float("inf")}, {"learn_batch": 0},
+                                     {"keep_scored": 0}], ids=str)
+def test_settings_that_would_disable_a_limit_are_refused(setting):
+    from runtime.service import ServiceSettings
+
+    with pytest.raises(ValueError, match="must be"):
+        ServiceSettings(model="m.pkl", **setting)
+
+
+def test_the_body_budget_holds_up_to_its_limit_and_what_is_given_back_is_free_again():
+    from runtime.service import ByteBudget
+
+    budget = ByteBudget(100)
+    assert budget.take(60) and budget.take(40)  # exactly the limit
+    assert not budget.take(1) and budget.held == 100  # a refusal takes nothing
+    budget.give(60)
+    assert budget.take(60) and not budget.take(1)
+
+
+def test_heatmap_overlays_leave_nothing_in_the_scratch_folder_and_every_photo_is_counted(fitted_model, photos, tmp_path):
+    """The overlay travels in the answer, so the scratch folder stays empty; /health counts every photo scored."""
+    from runtime.service import Batcher
+
+    batcher = Batcher(fitted_model, queue_size=4, batch_wait_s=0.005, scratch=tmp_path)
+    try:
+        answers = [batcher.submit(name, photos["defect"].read_bytes(), heatmap=True).result(timeout=120)
+                   for name in ("a.png", "a.png")]  # one after the other: two batches
+    finally:
+        batcher.stop()
+    assert [status for status, _ in answers] == [200, 200] and batcher.scored == 2
+    assert all(record["heatmap_png_base64"] and "heatmap" not in record for _, record in answers)
+    assert list(tmp_path.rglob("*")) == []

@@ -276,3 +276,66 @@ def test_a_batch_cut_short_by_a_crash_is_written_once_at_the_next_start(fitted_m
         time.sleep(3)  # time enough to (wrongly) score second.png again
     assert [record["score"] for record in json_lines(outputs.jsonl)] == [first["score"], 1.2345]
     assert outputs.jsonl.read_text().count("\n") == 2
+
+
+def test_photos_recorded_before_sorting_was_asked_for_are_sorted_at_the_next_start_and_never_recorded_twice(
+        fitted_model, photos, tmp_path):
+    """The journal remembers what was recorded: a restart with --sort-into moves those photos at once.
+    Cameras that write upper-case suffixes (CAM1.PNG) are watched like any other."""
+    inbox, out = tmp_path / "inbox", tmp_path / "sorted"
+    inbox.mkdir()
+    jsonl = tmp_path / "results.jsonl"
+    with watching(fitted_model, inbox, WatchOutputs(jsonl=jsonl)):
+        shutil.copy(photos["defect"], inbox / "CAM1.PNG")
+        (record,) = wait_for_lines(jsonl, 1, timeout=60)
+    assert (inbox / "CAM1.PNG").is_file()  # recorded, not sorted: no --sort-into yet
+    with watching(fitted_model, inbox, WatchOutputs(jsonl=jsonl, sort_into=out)):  # the same journal, <jsonl>.state
+        deadline = time.monotonic() + 10
+        while (inbox / "CAM1.PNG").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    verdict = "anomalous" if record["is_anomalous"] else "ok"
+    assert (out / verdict / "CAM1.PNG").read_bytes() == photos["defect"].read_bytes()
+    assert not any(inbox.iterdir()) and len(json_lines(jsonl)) == 1
+
+
+def test_a_photo_overwritten_while_it_is_read_is_scored_as_it_ends_up_once(fitted_model, photos, tmp_path, monkeypatch):
+    """The camera writes the next frame under the name while the watcher reads the first: the bytes read
+    belong to neither photo that settled, so the photo is read again, and recorded once."""
+    import runtime.watcher as watcher_module
+
+    real_read = watcher_module.read_photo_bytes
+    overwritten: list[Path] = []
+
+    def read_then_overwrite(path: Path, max_pixels: int) -> bytes:
+        data = real_read(path, max_pixels)
+        if not overwritten:
+            overwritten.append(path)
+            shutil.copy(photos["defect"], path)
+        return data
+
+    monkeypatch.setattr(watcher_module, "read_photo_bytes", read_then_overwrite)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    outputs = WatchOutputs(jsonl=tmp_path / "results.jsonl")
+    with watching(fitted_model, inbox, outputs):
+        shutil.copy(photos["good"], inbox / "frame.png")
+        wait_for_lines(outputs.jsonl, 1, timeout=60)
+        time.sleep(1.5)  # three settle times: time enough to (wrongly) record the new frame a second time
+    (defect,) = fitted_model.predict([photos["defect"]])
+    (record,) = json_lines(outputs.jsonl)
+    assert overwritten and record["score"] == pytest.approx(defect.score, abs=2e-4)
+
+
+def test_a_read_only_watched_folder_is_refused_before_the_model_loads_when_photos_are_to_be_sorted(tmp_path):
+    """Sorting moves each photo out of the folder, which needs write permission on it."""
+    from test_io import without_root_powers
+
+    model_file = tmp_path / "model.pkl"
+    model_file.write_bytes(b"never read: the folders are checked first")
+    (tmp_path / "inbox").mkdir()
+    (tmp_path / "inbox").chmod(0o555)
+    command = [sys.executable, str(ROOT / "inference.py"), "--model", str(model_file), "--watch", "inbox",
+               "--sort-into", "sorted"]
+    result = subprocess.run(without_root_powers(command), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == ["error: inbox: cannot move photos out of it (read-only)"]
