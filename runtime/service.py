@@ -138,7 +138,7 @@ class Batcher:
         self.batch_wait_s = batch_wait_s
         self.scratch = scratch  # heatmap overlays only, each removed once it is in the answer
         self.scored = 0
-        # called with (upload name, its bytes, record) after each photo's answer
+        # called with (upload name, its bytes, record) for each photo, before its answer is given
         self.on_scored: Callable[[str, bytes, dict[str, Any]], None] | None = None
         self._thread = threading.Thread(target=self._run, name="scoring", daemon=True)
         self._thread.start()
@@ -188,9 +188,9 @@ class Batcher:
                 )
                 for job, token, result in zip(jobs, tokens, results):
                     record = self._record(job, token, result.record)
-                    job.done.set_result((422 if "error" in record else 200, record))
-                    if self.on_scored is not None:
+                    if self.on_scored is not None:  # before the answer: a /feedback naming the photo may follow at once
                         self.on_scored(job.name, job.data, record)
+                    job.done.set_result((422 if "error" in record else 200, record))
             except Exception as error:  # a bug must fail these requests with a JSON answer, never the scoring thread
                 for job in jobs:
                     if not job.done.done():
