@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-upload-mb", type=float, default=20.0, help="larger uploads are refused (413)")
     parser.add_argument("--queue-size", type=int, default=32, help="photos waiting at most; beyond, 503")
     parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits for company")
+    parser.add_argument("--retry-after", type=int, default=1, metavar="S",
+                        help="seconds a 503 (queue full) asks the client to wait before it tries again")
     parser.add_argument("--learn", action="store_true",
                         help="POST /feedback?verdict=good adds photos confirmed good to the model and saves it over "
                              "--model, keeping the file it replaces (docs/learning-on-the-line.md); one worker only")
@@ -86,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = ServiceSettings(
         model=str(args.model), runtime=args.runtime, device=args.device, api_key=api_key(args.api_key_file),
         max_upload_mb=args.max_upload_mb, queue_size=args.queue_size, batch_wait_ms=args.batch_wait_ms,
-        learn=args.learn, learn_batch=args.learn_batch, learn_wait_s=args.learn_wait_s, keep_scored=args.keep_scored,
+        retry_after_s=args.retry_after, learn=args.learn, learn_batch=args.learn_batch,
+        learn_wait_s=args.learn_wait_s, keep_scored=args.keep_scored,
         events_jsonl=str(args.events_jsonl) if args.events_jsonl else None,
         body_timeout_s=args.body_timeout,
     )

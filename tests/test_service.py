@@ -24,13 +24,14 @@ KEY = "line-7-secret"
 
 @pytest.fixture(scope="module")
 def service(fitted_model, tmp_path_factory) -> Iterator[str]:
-    """The service on 127.0.0.1 with an API key, a 1 MiB upload limit, a 3 s body timeout and a queue of 4 photos."""
+    """The service on 127.0.0.1 with an API key, a 1 MiB upload limit, a 3 s body timeout and a queue of 4
+    photos whose overflow is told to retry after 2 s."""
     model_file = tmp_path_factory.mktemp("service") / "patchcore_small.pkl"
     fitted_model.save(model_file)
     key_file = model_file.with_name("api-key")
     key_file.write_text(KEY + "\n")
     with running_service("--model", str(model_file), "--api-key-file", str(key_file), "--max-upload-mb", "1",
-                         "--queue-size", "4", "--body-timeout", "3") as port:
+                         "--queue-size", "4", "--body-timeout", "3", "--retry-after", "2") as port:
         yield f"http://127.0.0.1:{port}"
 
 
@@ -109,8 +110,8 @@ def test_a_concurrent_burst_is_bounded_and_every_photo_is_scored_once_retried(se
             statuses.append(response.status_code)
             if response.status_code != 503:
                 return response.json()
-            assert int(response.headers["Retry-After"]) >= 1
-            time.sleep(0.2)
+            assert response.headers["Retry-After"] == "2"  # serve.py --retry-after
+            time.sleep(0.2)  # sooner than told: the queue of 4 frees up within a batch
         pytest.fail("still 503 after 120 s of retries: the queue or the upload budget never frees up")
 
     with ThreadPoolExecutor(max_workers=24) as pool:
@@ -228,3 +229,22 @@ def test_heatmap_overlays_leave_nothing_in_the_scratch_folder_and_every_photo_is
     assert [status for status, _ in answers] == [200, 200] and batcher.scored == 2
     assert all(record["heatmap_png_base64"] and "heatmap" not in record for _, record in answers)
     assert list(tmp_path.rglob("*")) == []
+
+
+def test_a_photo_is_remembered_before_its_answer_so_feedback_can_name_it_at_once(fitted_model, photos, tmp_path):
+    """A client that gets its verdict and at once sends /feedback naming the photo must find it remembered."""
+    from runtime.service import Batcher
+
+    remembered: list[str] = []
+
+    def slow_remember(name: str, data: bytes, record: dict) -> None:
+        time.sleep(0.5)  # a busy machine
+        remembered.append(name)
+
+    batcher = Batcher(fitted_model, queue_size=4, batch_wait_s=0.005, scratch=tmp_path)
+    batcher.on_scored = slow_remember
+    try:
+        status, _ = batcher.submit("part.png", photos["good"].read_bytes(), heatmap=False).result(timeout=120)
+        assert status == 200 and remembered == ["part.png"]
+    finally:
+        batcher.stop()
