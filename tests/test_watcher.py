@@ -194,19 +194,25 @@ def test_links_to_a_fifo_or_a_device_and_empty_files_each_get_one_error_record(f
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_a_read_only_sort_folder_is_refused_before_the_model_loads(tmp_path):
+def watch_refused(tmp_path: Path, read_only: str) -> list[str]:
+    """The error lines of ``inference.py --watch inbox --sort-into sorted`` with ``read_only`` unwritable;
+    the model file is never read: the folders are checked first."""
     from test_io import without_root_powers
 
     model_file = tmp_path / "model.pkl"
-    model_file.write_bytes(b"never read: the outputs are checked first")
-    (tmp_path / "inbox").mkdir()
-    (tmp_path / "sorted").mkdir()
-    (tmp_path / "sorted").chmod(0o555)
+    model_file.write_bytes(b"never read: the folders are checked first")
+    for folder in ("inbox", "sorted"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / read_only).chmod(0o555)
     command = [sys.executable, str(ROOT / "inference.py"), "--model", str(model_file), "--watch", "inbox",
                "--sort-into", "sorted"]
     result = subprocess.run(without_root_powers(command), cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
-    (line,) = result.stderr.splitlines()
+    return result.stderr.splitlines()
+
+
+def test_a_read_only_sort_folder_is_refused_before_the_model_loads(tmp_path):
+    (line,) = watch_refused(tmp_path, "sorted")
     assert line.startswith("error: sorted/") and line.endswith(": cannot be written (Permission denied); any previous file is unchanged")
 
 
@@ -328,14 +334,4 @@ def test_a_photo_overwritten_while_it_is_read_is_scored_as_it_ends_up_once(fitte
 
 def test_a_read_only_watched_folder_is_refused_before_the_model_loads_when_photos_are_to_be_sorted(tmp_path):
     """Sorting moves each photo out of the folder, which needs write permission on it."""
-    from test_io import without_root_powers
-
-    model_file = tmp_path / "model.pkl"
-    model_file.write_bytes(b"never read: the folders are checked first")
-    (tmp_path / "inbox").mkdir()
-    (tmp_path / "inbox").chmod(0o555)
-    command = [sys.executable, str(ROOT / "inference.py"), "--model", str(model_file), "--watch", "inbox",
-               "--sort-into", "sorted"]
-    result = subprocess.run(without_root_powers(command), cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.splitlines() == ["error: inbox: cannot move photos out of it (read-only)"]
+    assert watch_refused(tmp_path, "inbox") == ["error: inbox: cannot move photos out of it (read-only)"]
