@@ -53,7 +53,9 @@ def held_out_folds(
         splits = [fold_of != fold for fold in range(folds)]
     else:
         if not 2 <= fit_photos < len(photos):
-            raise ValueError(f"fit_photos must be 2 to {len(photos) - 1} for {len(photos)} training photos, got {fit_photos}")
+            raise ValueError(
+                f"fit_photos must be 2 to {len(photos) - 1} for {len(photos)} training photos, got {fit_photos}"
+            )
         if folds < 1:
             raise ValueError(f"folds must be at least 1, got {folds}")
         splits = [np.random.default_rng(config.seed + split).permutation(len(photos)) < fit_photos
