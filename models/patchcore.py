@@ -31,7 +31,14 @@ from tqdm import tqdm
 from config import Config, UserError, brief, check_plain_data
 from models.backbones import PatchFeatureExtractor, feature_width
 from models.backend import onnx_path_for, open_extractor, resolve_runtime
-from models.calibration import fit_tail, rate_interval, too_few_photos, unlike_the_rest
+from models.calibration import (
+    fit_tail,
+    promised_threshold,
+    rate_interval,
+    read_at,
+    too_few_photos,
+    unlike_the_rest,
+)
 from models.knn_index import CellIndex, build_index
 from output_files import write_atomically
 from preprocessing.io import read_image
@@ -262,9 +269,10 @@ class PatchCore:
     def set_calibration(self, scores: np.ndarray, method: str, photos: Sequence[str] = ()) -> None:
         """Threshold from healthy scores that their own photos did not help to make (models/calibration.py).
 
-        The threshold is the ``false_alarm_rate`` quantile of a Gumbel law fitted through the
-        scores' lower quartile and 90th percentile, its scale never below a small share of the memory
-        bank's own patch spacing (nearly identical photos must not give a zero-width law). The
+        The threshold is read off a Gumbel law fitted through the scores' lower quartile and 90th
+        percentile where it flags ``false_alarm_rate`` of healthy parts on average over sets of this
+        many photos (``read_at``), the law's scale never below a small share of the memory bank's
+        own patch spacing (nearly identical photos must not give a zero-width law). The
         calibration record states the rate, a 95 % interval for it from the number of photos,
         a warning when they are too few for the rate, and the photos (of ``photos``, the names in
         score order) scoring so far above the rest that they should be looked at.
@@ -285,22 +293,23 @@ class PatchCore:
             "method": method,
             "count": int(scores.size),
             "false_alarm_rate": rate,
-            "rule": "Gumbel law through the lower quartile and 90th percentile of the healthy scores",
+            "rule": "Gumbel law through the lower quartile and 90th percentile of the healthy scores, read where "
+                    "it flags the rate on average over calibration sets of this many photos",
             "location": tail.location,
             "scale": tail.scale,
             "spread_floor": floor,
-            "false_alarms_per_1000": 1000 * rate,
+            "read_at": read_at(scores.size, rate)[0],
+            "false_alarms_per_1000": round(1000 * read_at(scores.size, rate)[1], 1),
             "interval_per_1000": [1000 * low, 1000 * high],
             "unlike_the_rest": unlike,
             "warnings": [warning] if warning else [],
         }
-        self.threshold = tail.threshold(rate)
+        self.threshold = promised_threshold(tail, scores.size, rate)
 
     def threshold_for(self, false_alarm_rate: float) -> float:
-        """The threshold this model's healthy scores give another false-alarm rate (same law, same floor)."""
-        return fit_tail(self.calibration_scores, float(self.calibration.get("spread_floor", 0.0))).threshold(
-            false_alarm_rate
-        )
+        """The threshold this model's healthy scores give another false-alarm rate (same rule, same floor)."""
+        law = fit_tail(self.calibration_scores, float(self.calibration.get("spread_floor", 0.0)))
+        return promised_threshold(law, self.calibration_scores.size, false_alarm_rate)
 
     def recalibrate(self, images: Sequence[str | Path], progress: bool = True, source: str = "") -> None:
         """Move the threshold to new healthy photos (a new camera, new light) without touching the memory bank.

@@ -7,7 +7,16 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
-from models.calibration import TailFit, fit_tail, promise, rate_interval, too_few_photos, unlike_the_rest
+from models.calibration import (
+    TailFit,
+    fit_tail,
+    promise,
+    promised_threshold,
+    rate_interval,
+    read_at,
+    too_few_photos,
+    unlike_the_rest,
+)
 
 
 def healthy_scores(count: int, seed: int) -> np.ndarray:
@@ -73,10 +82,28 @@ def test_the_95_percent_interval_holds_the_true_rate_about_95_times_in_100(count
     held = 0
     for number in range(100):
         scores = healthy_scores(count, seed=100 + number)
-        true_rate = truth.exceedance(fit_tail(scores).threshold(0.01))
+        true_rate = truth.exceedance(promised_threshold(fit_tail(scores), count, 0.01))
         low, high = rate_interval(scores, 0.01, seed=number)
         held += low <= true_rate <= high
     assert held >= 89
+
+
+@pytest.mark.parametrize(("count", "rate"), [(53, 0.01), (53, 0.05), (320, 0.01)])
+def test_over_many_calibration_sets_the_threshold_flags_the_promised_rate_on_average(count, rate):
+    """Read at the promised rate itself, a law fitted to 53 photos flags 1.5 % on average for a
+    1 % promise; read where ``read_at`` says, it flags the promise."""
+    truth = TailFit(location=15.0, scale=0.8)
+    laws = [fit_tail(healthy_scores(count, seed=1000 + number)) for number in range(2000)]
+    promised = np.mean([truth.exceedance(promised_threshold(law, count, rate)) for law in laws])
+    assert rate * 0.93 < promised < rate * 1.07
+    if count == 53:
+        assert np.mean([truth.exceedance(law.threshold(rate)) for law in laws]) > rate * 1.15
+
+
+def test_a_set_too_small_for_the_rate_says_what_it_flags_on_average():
+    exceedance, average = read_at(5, 0.01)
+    assert exceedance == 0.001 and average > 0.02  # read at most 10 times further out, and honest about it
+    assert read_at(320, 0.01)[1] == 0.01 and 0.009 < read_at(320, 0.01)[0] < 0.01
 
 
 def test_the_interval_is_reproducible_with_its_seed():
