@@ -83,6 +83,7 @@ def test_photos_moved_into_confirmed_good_are_learnt_by_the_watcher(fitted_model
     model = PatchCore.load(tmp_path / "line.pkl")
     inbox, out = tmp_path / "inbox", tmp_path / "sorted"
     inbox.mkdir()
+    (inbox / "before.png").symlink_to(unseen[4])
     outputs = WatchOutputs(jsonl=tmp_path / "results.jsonl", sort_into=out)
     # moved in while the watcher was down: its start-up scan takes the three as one update
     (out / "confirmed_good").mkdir(parents=True)
@@ -95,20 +96,28 @@ def test_photos_moved_into_confirmed_good_are_learnt_by_the_watcher(fitted_model
     thread = threading.Thread(target=watcher.run, args=(stop,))
     thread.start()
     try:
-        (update,) = wait_for_lines(outputs.jsonl, 1, timeout=240)
+        first = wait_for_lines(outputs.jsonl, 2, timeout=240)
+        (update,) = [line for line in first if line.get("event") == "update"]
+        updated = (tmp_path / "line.pkl").read_bytes()
         (inbox / "after.png").symlink_to(unseen[5])
-        records = wait_for_lines(outputs.jsonl, 2, timeout=240)
+        after = wait_for_lines(outputs.jsonl, 3, timeout=240)[2]
+        # moved in while it runs: refused, and an update that learns nothing leaves the files as they are
+        (out / "confirmed_good" / "noise2.png").write_bytes((out / "not_learned" / "noise.png").read_bytes())
+        again = wait_for_lines(outputs.jsonl, 4, timeout=240)[3]
     finally:
         stop.set()
         thread.join(timeout=60)
     assert update["event"] == "update" and update["photos"] == 2 and update["refused"] == ["noise.png"]
     assert sorted(path.name for path in (out / "learned").iterdir()) == sorted(path.name for path in unseen[:2])
-    assert [path.name for path in (out / "not_learned").iterdir()] == ["noise.png"]
+    assert sorted(path.name for path in (out / "not_learned").iterdir()) == ["noise.png", "noise2.png"]
+    assert again["event"] == "update" and again["photos"] == 0 and again["refused"] == ["noise2.png"]
     assert (tmp_path / "line.before-update-1.pkl").read_bytes() == original
+    assert (tmp_path / "line.pkl").read_bytes() == updated and not (tmp_path / "line.before-update-2.pkl").exists()
     saved = PatchCore.load(tmp_path / "line.pkl")
     assert [u["photos"] for u in saved.updates] == [2] and saved.n_train == fitted_model.n_train + 2
-    assert records[1]["path"].endswith("after.png")
-    assert records[1]["threshold"] == pytest.approx(saved.threshold, abs=1e-4)  # scored by the updated model
+    assert after["path"].endswith("after.png")
+    assert after["threshold"] == pytest.approx(saved.threshold, abs=1e-4)  # scored by the updated model
+    assert watcher.drift.status()["photos"] == 1  # the drift window starts again with the updated model
 
 
 def test_feedback_round_trip(fitted_model, unseen, tmp_path):
@@ -159,3 +168,83 @@ def test_a_named_photo_that_looks_defective_is_refused_as_good(fitted_model, tmp
         answer = client.post("/feedback?verdict=good&name=noise.png")
         assert answer.status_code == 409 and "looks defective" in answer.json()["error"]
         assert client.get("/model").json()["updates"] == []
+
+
+def noise_png(seed: int = 1) -> bytes:
+    """Coarse colour noise at a screw photo's size, as PNG bytes: it scores far above the threshold."""
+    noise = np.random.default_rng(seed).integers(0, 256, (32, 32, 3)).astype(np.uint8)
+    return cv2.imencode(".png", cv2.resize(noise, (1024, 1024), interpolation=cv2.INTER_NEAREST))[1].tobytes()
+
+
+def test_feedback_names_only_the_last_photos_kept_each_once_and_answers_busy_when_the_queue_is_full(
+    fitted_model, unseen, tmp_path, monkeypatch
+):
+    """keep_scored=2: the two latest names are kept (a name scored again is the latest), a confirmed one is
+    queued once, force=true overrides the limit, and a full queue answers 503 without keeping the upload."""
+    import tempfile
+
+    from fastapi.testclient import TestClient
+
+    from runtime.service import ServiceSettings, create_app
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    fitted_model.save(tmp_path / "served.pkl")
+    app = create_app(ServiceSettings(model=str(tmp_path / "served.pkl"), learn=True, keep_scored=2, learn_wait_s=600))
+    with TestClient(app) as client:
+        for name, data in [("a.png", unseen[0].read_bytes()), ("b.png", unseen[1].read_bytes()),
+                           ("a.png", unseen[2].read_bytes()), ("noise.png", noise_png())]:
+            assert client.post(f"/score?name={name}", content=data).status_code == 200
+        assert client.post("/score?name=broken.png", content=b"not a photo").status_code == 422
+        assert client.post("/feedback?verdict=good&name=b.png").status_code == 404  # the oldest, gone
+        assert client.post("/feedback?verdict=good&name=broken.png").status_code == 404
+        assert client.post("/feedback?verdict=good&name=a.png").json() == {"queued": "a.png", "waiting": 1}
+        assert client.post("/feedback?verdict=good&name=a.png").status_code == 404  # queued already
+        assert client.post("/feedback?verdict=good&name=noise.png").status_code == 409
+        assert client.post("/feedback?verdict=good&name=noise.png&force=true").json() == {"queued": "noise.png",
+                                                                                         "waiting": 2}
+        empty = client.post("/feedback?verdict=good", files={"photo": ("e.png", b"", "image/png")})
+        assert empty.status_code == 400 and "empty" in empty.json()["error"]
+        busy = client.post("/feedback?verdict=good&name=d.png", content=unseen[3].read_bytes())
+        assert busy.status_code == 503
+        (folder,) = tmp_path.glob("fastener_service_*/feedback_*")
+        assert len(list(folder.iterdir())) == 2  # the two queued photos; the refused upload is not kept
+        assert client.get("/model").json()["updates"] == []
+
+
+def test_feedback_updates_at_once_when_the_batch_is_full_learns_forced_photos_and_restarts_the_drift_window(
+    fitted_model, unseen, tmp_path, monkeypatch
+):
+    """learn_batch=1: each confirmation is an update of its own, without waiting learn_wait_s. A refused
+    photo leaves the model file as it is; a forced one is learnt and its update names it."""
+    import tempfile
+
+    from fastapi.testclient import TestClient
+
+    from runtime.service import ServiceSettings, create_app
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    model_file, events = tmp_path / "served.pkl", tmp_path / "events.jsonl"
+    fitted_model.save(model_file)
+    original = model_file.read_bytes()
+    app = create_app(ServiceSettings(model=str(model_file), learn=True, learn_batch=1, learn_wait_s=600,
+                                     events_jsonl=str(events)))
+    with TestClient(app) as client:
+        assert client.post("/score?name=before.png", content=unseen[0].read_bytes()).status_code == 200
+        assert client.get("/health").json()["drift"]["photos"] == 1
+        sent = client.post("/feedback?verdict=good&name=noise.png", files={"photo": ("camera-1.png", noise_png())})
+        assert sent.json() == {"queued": "noise.png", "waiting": 1}
+        (refused,) = wait_for_lines(events, 1, timeout=60)
+        assert refused["photos"] == 0 and refused["refused"] == ["noise.png"]
+        assert model_file.read_bytes() == original and list(tmp_path.glob("served.before-update-*")) == []
+        forced = client.post("/feedback?verdict=good&name=forced.png&force=true", content=noise_png(2))
+        assert forced.status_code == 202
+        update = wait_for_lines(events, 2, timeout=60)[1]
+        assert update["photos"] == 1 and update["forced"] == ["forced.png"]
+        saved = PatchCore.load(model_file)
+        drift = client.get("/health").json()["drift"]
+        assert drift["photos"] == 0  # a new window for the new model
+        assert drift["healthy_limit"] == pytest.approx(
+            np.percentile(saved.calibration_scores, saved.config.drift_percentile))
+        (folder,) = tmp_path.glob("fastener_service_*/feedback_*")
+        assert len(list(folder.iterdir())) == 1  # before.png, kept for /feedback; the learnt uploads are gone
+    assert (tmp_path / "served.before-update-1.pkl").read_bytes() == original
