@@ -60,9 +60,13 @@ def test_an_update_keeps_every_old_patch_grows_the_bank_in_proportion_and_record
     assert update["photos"] == 6 and update["source"] == "line 1"
     assert update["bank_before"] == len(old_bank) and update["bank_after"] == len(model.memory_bank)
     assert update["threshold_after"] == model.threshold
-    # the history survives a save and a load
+    # the history survives a save and a load, and the model scores with its new bank at once
     model.save(tmp_path / "updated.pkl")
-    assert PatchCore.load(tmp_path / "updated.pkl").updates == [update]
+    reloaded = PatchCore.load(tmp_path / "updated.pkl")
+    assert reloaded.updates == [update]
+    after = [p.score for p in model.predict(new)]
+    np.testing.assert_allclose(after, [p.score for p in reloaded.predict(new)], rtol=1e-4)
+    assert max(after) < min(p.score for p in before)  # the photos it learnt now lie in the bank
 
 
 def test_each_update_joins_the_history_and_starts_from_the_last_one(half_model, small_screw_dir, tmp_path):
@@ -94,9 +98,9 @@ def test_a_photo_far_above_the_threshold_is_refused_unless_forced(half_model, sm
     assert "noise.png" in str(refused.value) and "good.png" not in str(refused.value)
     np.testing.assert_array_equal(model.memory_bank, bank)  # nothing learnt from a refused update
     assert model.updates == []
-    skipped = model.add_good([good, noise_photo()], progress=False, labels=["good.png", "noise.png"],
-                             skip_refused=True)
-    assert skipped["photos"] == 1 and skipped["refused"] == ["noise.png"]
+    skipped = model.add_good([noise_photo(), good, np.flipud(noise_photo())], progress=False,
+                             labels=["noise.png", "good.png", "flipped.png"], skip_refused=True)
+    assert skipped["photos"] == 1 and skipped["refused"] == ["noise.png", "flipped.png"]
     forced = fresh(half_model, tmp_path).add_good([noise_photo()], progress=False, labels=["noise.png"], force=True)
     assert forced["photos"] == 1 and forced["forced"] == ["noise.png"]
 
@@ -117,10 +121,20 @@ def test_a_model_file_without_an_update_history_loads(half_model, tmp_path):
     del state["updates"]
     (tmp_path / "older.pkl").write_bytes(pickle.dumps(state))
     assert PatchCore.load(tmp_path / "older.pkl").updates == []
-    state["updates"] = [{"photos": "six"}]
-    (tmp_path / "bad.pkl").write_bytes(pickle.dumps(state))
-    with pytest.raises(ModelFileError, match="updates"):
-        PatchCore.load(tmp_path / "bad.pkl")
+    for bad in ([{"photos": "six"}], {}):
+        state["updates"] = bad
+        (tmp_path / "bad.pkl").write_bytes(pickle.dumps(state))
+        with pytest.raises(ModelFileError, match="updates"):
+            PatchCore.load(tmp_path / "bad.pkl")
+
+
+def test_an_update_needs_a_photo_and_keeps_the_record_of_photos_the_fit_left_out(half_model, tmp_path, small_screw_dir):
+    model = fresh(half_model, tmp_path)
+    with pytest.raises(UserError, match="at least one photo"):
+        model.add_good([], progress=False)
+    model.calibration["left_out"] = ["train/good/odd.png"]  # as a fit with --drop-unlike records it
+    model.add_good(train_images(small_screw_dir)[6:7], progress=False)
+    assert model.calibration["left_out"] == ["train/good/odd.png"]
 
 
 def test_add_good_on_the_command_line_keeps_the_previous_file(half_model, small_screw_dir, tmp_path, capsys):
@@ -139,11 +153,38 @@ def test_add_good_on_the_command_line_keeps_the_previous_file(half_model, small_
     assert updated.updates[0]["source"] == str(folder)
 
 
-def test_add_good_takes_no_settings(tmp_path, capsys):
+def test_add_good_writes_to_output_and_force_adds_a_photo_that_looks_defective(half_model, small_screw_dir,
+                                                                                tmp_path, capsys):
+    half_model.save(tmp_path / "line.pkl")
+    original = (tmp_path / "line.pkl").read_bytes()
+    folder = tmp_path / "confirmed"
+    folder.mkdir()
+    (folder / "good.png").symlink_to(train_images(small_screw_dir)[6].resolve())
+    cv2.imwrite(str(folder / "odd.png"), noise_photo())
+    args = ["--add-good", "--model", str(tmp_path / "line.pkl"), "--data-dir", str(folder), "--quiet",
+            "--output", str(tmp_path / "new.pkl")]
+    with pytest.raises(UserError, match="odd.png"):  # refused: it looks defective
+        train_main(args)
+    assert not (tmp_path / "new.pkl").exists()
+    assert train_main([*args, "--force"]) == 0
+    assert "odd.png scores above" in capsys.readouterr().out
+    assert (tmp_path / "line.pkl").read_bytes() == original  # --output leaves --model as it is
+    assert list(tmp_path.glob("*.before-update-*")) == []  # nothing was replaced, so nothing is kept
+    (update,) = PatchCore.load(tmp_path / "new.pkl").updates
+    assert update["photos"] == 2 and update["forced"] == [str(folder / "odd.png")]
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--add-good", "--model", "m.pkl", "--data-dir", ".", "--coreset-sampling-ratio", "0.5"], "takes no settings"),
+    (["--add-good", "--data-dir", "."], "--add-good needs --model"),
+    (["--add-good", "--model", "m.pkl", "--category", "screw"], "--add-good needs --model"),
+    (["--model", "m.pkl", "--data-dir", ".", "--force"], "--force goes with --add-good"),
+])
+def test_add_good_usage_errors(args, says, capsys):
     with pytest.raises(SystemExit) as usage:
-        train_main(["--add-good", "--model", "m.pkl", "--data-dir", str(tmp_path), "--coreset-sampling-ratio", "0.5"])
+        train_main(args)
     assert usage.value.code == 2
-    assert "takes no settings" in capsys.readouterr().err
+    assert says in capsys.readouterr().err
 
 
 def test_a_defect_photo_scores_higher_after_the_update_than_a_healthy_one(half_model, small_screw_dir, tmp_path):
@@ -182,3 +223,29 @@ def test_the_batch_report_plots_score_over_time_and_lists_the_updates(half_model
     page = (tmp_path / "out" / "batch_report.html").read_text()
     assert "Score over time" in page and "aria-label=\"score over time\"" in page
     assert "update 1 (" in page and "added 2 photos confirmed good from line 1" in page
+
+
+UPDATE = {"time": "2026-01-02T03:04:05+0000", "photos": 2, "source": "line 1", "refused": ["odd.png"],
+          "forced": ["dark.png"], "threshold_before": 1.0, "threshold_after": 1.25, "bank_before": 10, "bank_after": 12}
+
+
+def test_an_update_line_names_the_photos_refused_and_forced():
+    from evaluation.gallery import update_lines
+
+    (line,) = update_lines([UPDATE])
+    assert line.startswith("update 1 (2026-01-02T03:04:05+0000): added 2 photos confirmed good from line 1")
+    assert "memory bank 10 -> 12 patches, threshold 1.000 -> 1.250" in line
+    assert "refused as too far above the threshold: odd.png" in line
+    assert "added although far above the threshold (forced): dark.png" in line
+    assert "refused" not in update_lines([{**UPDATE, "refused": [], "forced": []}])[0]
+
+
+def test_score_over_time_colours_flagged_photos_and_follows_the_median_of_passed_ones():
+    import re
+
+    from evaluation.gallery import score_timeline_svg
+
+    svg = score_timeline_svg([1.0, 9.0, 1.0], threshold=5.0, healthy_limit=2.0, window=3)
+    assert re.findall(r'<circle [^>]*fill="(#\w+)"', svg) == ["#1f77b4", "#c62828", "#1f77b4"]  # red: flagged
+    points = re.search(r'<polyline points="([^"]+)"', svg).group(1).split()
+    assert len({point.split(",")[1] for point in points}) == 1  # the flagged 9.0 never moves the median line

@@ -77,6 +77,33 @@ def test_flagged_photos_raise_the_flag_share_not_the_median_of_passed_ones(small
     assert monitor.status()["median_passed_score"] == pytest.approx(healthy)
 
 
+def test_a_drift_warning_waits_for_a_full_window_and_error_records_do_not_count(small_window_model):
+    monitor = DriftMonitor(small_window_model)
+    high = (monitor.healthy_limit + small_window_model.threshold) / 2  # above the healthy range, still passed
+    assert monitor.healthy_limit < high < small_window_model.threshold
+    assert monitor.observe({"path": "broken.png", "error": "cannot be read"}) == []
+    for _ in range(9):
+        assert monitor.observe({"score": high, "is_anomalous": False}) == []
+    assert monitor.status()["photos"] == 9 and not monitor.status()["drift"]
+    (event,) = monitor.observe({"score": high, "is_anomalous": False})
+    assert event["kind"] == "scores" and monitor.status()["drift"]
+
+
+def test_flags_within_drift_flag_factor_times_the_expected_false_alarms_raise_no_warning(fitted_model):
+    model = fitted_model.copy()
+    model.config = model.config.replace(drift_window=100)  # 3 x 1 % false alarms: up to 3 of 100 flagged
+    monitor = DriftMonitor(model)
+    healthy = float(np.median(model.calibration_scores))
+    events = []
+    for number in range(100):
+        flagged = number in (10, 60)
+        events += monitor.observe({"score": 10 * model.threshold if flagged else healthy, "is_anomalous": flagged})
+    assert events == [] and monitor.status()["flagged_share"] == pytest.approx(0.02)
+    flag = {"score": 10 * model.threshold, "is_anomalous": True}
+    more = monitor.observe(flag) + monitor.observe(flag)  # 4 of the last 100
+    assert [event["kind"] for event in more] == ["flagged"]
+
+
 def test_photos_moved_into_confirmed_good_are_learnt_by_the_watcher(fitted_model, unseen, tmp_path):
     fitted_model.save(tmp_path / "line.pkl")
     original = (tmp_path / "line.pkl").read_bytes()

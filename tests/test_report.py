@@ -266,3 +266,14 @@ def test_batch_page_renders_in_chromium(batch_page: Path, tmp_path: Path) -> Non
     attributes = dict(re.findall(r'data-([\w-]+)="([^"]*)"', re.search(r"<html[^>]*>", result.stdout).group(0)))
     assert attributes.get("errors") == "0" and attributes["images-loaded"] == attributes["images-total"]
     assert int(attributes["images-total"]) == 11 + 1  # cards + colour bar
+
+
+def test_the_report_and_the_summary_list_the_model_updates(report: tuple[dict, Path, FakeModel]) -> None:
+    from evaluation.report import _setup_section
+
+    update = {"time": "2026-01-02T03:04:05+0000", "photos": 2, "source": "POST /feedback", "refused": [],
+              "forced": [], "threshold_before": 1.0, "threshold_after": 1.25, "bank_before": 10, "bank_after": 12}
+    metrics = {**report[0], "updates": [update]}
+    line = "update 1 (2026-01-02T03:04:05+0000): added 2 photos confirmed good from POST /feedback"
+    assert line in format_summary(metrics) and line in _setup_section(metrics)
+    assert "update 1" not in format_summary(report[0])
