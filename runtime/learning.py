@@ -111,8 +111,9 @@ class Learner:
                     f"{name} scored {normalized:.2f} x the threshold, above the {limit:g} x a photo confirmed "
                     "good may score: it looks defective; check it, or send force=true to add it anyway"
                 )
+            waiting = self._queue(_Confirmed(name, path, force))  # on Busy the photo stays kept, to name again
             del self._kept[name]
-            return self._queue(_Confirmed(name, path, force))
+            return waiting
 
     def confirm_upload(self, name: str, data: bytes, force: bool) -> int:
         """Queue a photo sent with the confirmation (the update itself checks how far above the threshold it scores)."""
@@ -134,7 +135,6 @@ class Learner:
     def _queue(self, confirmed: _Confirmed) -> int:
         """Add to the queue (the caller holds the lock); the number waiting, or Busy when it is full."""
         if len(self._pending) >= self.keep:
-            confirmed.path.unlink(missing_ok=True)
             raise Busy
         if not self._pending:
             self._first_at = time.monotonic()

@@ -233,8 +233,11 @@ def test_feedback_names_only_the_last_photos_kept_each_once_and_answers_busy_whe
         assert empty.status_code == 400 and "empty" in empty.json()["error"]
         busy = client.post("/feedback?verdict=good&name=d.png", content=unseen[3].read_bytes())
         assert busy.status_code == 503
+        assert client.post("/score?name=e.png", content=unseen[4].read_bytes()).status_code == 200
+        for _ in range(2):  # a named photo stays kept while the queue is full: the retry a 503 asks for can name it
+            assert client.post("/feedback?verdict=good&name=e.png").status_code == 503
         (folder,) = tmp_path.glob("fastener_service_*/feedback_*")
-        assert len(list(folder.iterdir())) == 2  # the two queued photos; the refused upload is not kept
+        assert len(list(folder.iterdir())) == 3  # the two queued photos and e.png; the refused upload is not kept
         assert client.get("/model").json()["updates"] == []
 
 
