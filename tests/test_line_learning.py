@@ -135,6 +135,7 @@ def test_photos_moved_into_confirmed_good_are_learnt_by_the_watcher(fitted_model
         stop.set()
         thread.join(timeout=60)
     assert update["event"] == "update" and update["photos"] == 2 and update["refused"] == ["noise.png"]
+    assert update["source"] == str(out / "confirmed_good")
     assert sorted(path.name for path in (out / "learned").iterdir()) == sorted(path.name for path in unseen[:2])
     assert sorted(path.name for path in (out / "not_learned").iterdir()) == ["noise.png", "noise2.png"]
     assert again["event"] == "update" and again["photos"] == 0 and again["refused"] == ["noise2.png"]
