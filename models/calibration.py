@@ -75,16 +75,17 @@ def fit_tail(scores: np.ndarray, scale_floor: float = 0.0) -> TailFit:
     return TailFit(location=float(law.location), scale=float(law.scale))
 
 
-def _standard_refits(count: int, sets: int, seed: int) -> Iterator[TailFit]:
-    """The rule's law fitted to ``sets`` simulated sets of ``count`` standard Gumbel scores
-    (location and scale arrays), ``SETS_AT_ONCE`` sets at a time so memory stays bounded.
+def _standard_quantiles(count: int, sets: int, seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The FIT_QUANTILES of ``sets`` simulated sets of ``count`` standard Gumbel scores (an array
+    each), ``SETS_AT_ONCE`` sets at a time so memory stays bounded.
 
     The rule is location-scale equivariant: a set drawn from any Gumbel law is a standard set moved
-    and stretched, and so is its fitted law, so standard sets serve every law."""
+    and stretched, and so are its quantiles, so standard sets serve every law."""
     generator = np.random.default_rng(seed)
     for start in range(0, sets, SETS_AT_ONCE):
         sample = generator.gumbel(0.0, 1.0, (min(SETS_AT_ONCE, sets - start), count))
-        yield _law_through(*np.quantile(sample, FIT_QUANTILES, axis=1), 0.0)
+        at_low, at_high = np.quantile(sample, FIT_QUANTILES, axis=1)
+        yield at_low, at_high
 
 
 _STANDARD = TailFit(location=0.0, scale=1.0)
@@ -97,18 +98,17 @@ def read_at(count: int, false_alarm_rate: float) -> tuple[float, float]:
     Returns (the law's exceedance to place the threshold at, the false-alarm rate such thresholds
     have on average over calibration sets of ``count`` photos). The second is ``false_alarm_rate``
     unless the set is too small to keep it reading at most ``MOST_CORRECTION`` times further out.
-    Depends on the count and the rate alone (``_standard_refits``), so it is worked out once.
+    Depends on the count and the rate alone (``_standard_quantiles``), so it is worked out once.
     """
-    refits = list(_standard_refits(count, CORRECTION_SETS, seed=0))
-    location = np.concatenate([law.location for law in refits])
-    scale = np.concatenate([law.scale for law in refits])
+    at_low, at_high = (np.concatenate(points) for points in zip(*_standard_quantiles(count, CORRECTION_SETS, 0)))
+    laws = _law_through(at_low, at_high, 0.0)
 
     def average_rate(exceedance: float) -> float:
-        return float(np.mean(_STANDARD.exceedance(location + scale * _gumbel_reduced(1.0 - exceedance))))
+        return float(np.mean(_STANDARD.exceedance(laws.threshold(exceedance))))
 
     low, high = false_alarm_rate / MOST_CORRECTION, false_alarm_rate
-    if average_rate(low) >= false_alarm_rate:
-        return low, average_rate(low)
+    if (farthest := average_rate(low)) >= false_alarm_rate:
+        return low, farthest
     for _ in range(40):  # the average rate rises with the exceedance: bisect (on a log scale)
         middle = math.sqrt(low * high)
         low, high = (middle, high) if average_rate(middle) <= false_alarm_rate else (low, middle)
@@ -137,10 +137,9 @@ def rate_interval(
     reference = fit_tail(values, scale_floor)
     exceedance = read_at(values.size, false_alarm_rate)[0]
     rates = []
-    for standard in _standard_refits(values.size, BOOTSTRAP_RESAMPLES, seed):
-        refitted = TailFit(
-            location=reference.location + reference.scale * standard.location,
-            scale=np.maximum(reference.scale * standard.scale, max(scale_floor, 1e-12)),
+    for at_low, at_high in _standard_quantiles(values.size, BOOTSTRAP_RESAMPLES, seed):
+        refitted = _law_through(
+            reference.location + reference.scale * at_low, reference.location + reference.scale * at_high, scale_floor
         )
         rates.append(reference.exceedance(refitted.threshold(exceedance)))
     tail = (1 - INTERVAL_CONFIDENCE) / 2

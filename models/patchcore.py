@@ -281,6 +281,7 @@ class PatchCore:
         rate = self.config.false_alarm_rate
         floor = SPREAD_FLOOR * self._patch_spacing()
         tail = fit_tail(scores, floor)
+        exceedance, expected_rate = read_at(scores.size, rate)
         low, high = rate_interval(scores, rate, floor, self.config.seed)
         unlike = [
             {"photo": str(photos[index]), "score": float(scores[index])}
@@ -298,13 +299,12 @@ class PatchCore:
             "location": tail.location,
             "scale": tail.scale,
             "spread_floor": floor,
-            "read_at": read_at(scores.size, rate)[0],
-            "false_alarms_per_1000": round(1000 * read_at(scores.size, rate)[1], 1),
+            "false_alarms_per_1000": round(1000 * expected_rate, 1),
             "interval_per_1000": [1000 * low, 1000 * high],
             "unlike_the_rest": unlike,
             "warnings": [warning] if warning else [],
         }
-        self.threshold = promised_threshold(tail, scores.size, rate)
+        self.threshold = tail.threshold(exceedance)
 
     def threshold_for(self, false_alarm_rate: float) -> float:
         """The threshold this model's healthy scores give another false-alarm rate (same rule, same floor)."""
