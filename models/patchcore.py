@@ -372,13 +372,7 @@ class PatchCore:
         far: list[str] = []  # above the limit: refused
         forced: list[str] = []  # above the limit, added because of ``force``
         for batch in self._batches(images, progress, "adding good photos"):
-            features = extractor(np.stack([item.image for item in batch]))
-            n, h, w, d = features.shape
-            keep = self._object_patches(batch, h, w)
-            photos = [
-                (patches[seen], seen.reshape(h, w), replace(item, image=_NO_PIXELS, mask=_NO_PIXELS))
-                for item, patches, seen in zip(batch, features.reshape(n, h * w, d), keep)
-            ]
+            photos = self._seen_patches(batch, extractor(np.stack([item.image for item in batch])))
             for (patches, _, _), anomaly_map in zip(photos, self._anomaly_maps(photos)):
                 name = names[len(scores) + len(far)]
                 score = float(anomaly_map.max())
@@ -472,14 +466,23 @@ class PatchCore:
             features = extractor(np.stack([item.image for item in batch]))
             self._clock("predict_features", stage)
             stage = time.perf_counter()
-            n, h, w, d = features.shape
-            patches = features.reshape(n, h * w, d)
-            keep = self._object_patches(batch, h, w)
-            photos = [(image_patches[seen], seen.reshape(h, w), item) for item, image_patches, seen in zip(batch, patches, keep)]
+            photos = self._seen_patches(batch, features)
             for item, anomaly_map in zip(batch, self._anomaly_maps(photos)):
                 predictions.append(self._prediction(item.warnings, anomaly_map))
             self._clock("predict_knn_map", stage)
         return predictions
+
+    def _seen_patches(
+        self, batch: list[Preprocessed], features: np.ndarray
+    ) -> list[tuple[np.ndarray, np.ndarray, Preprocessed]]:
+        """Each photo of a batch as ``_anomaly_maps`` takes it, from its (n, h, w, d) features: the
+        features of the patches that see the part, which patches those are (h, w), and the photo."""
+        n, h, w, d = features.shape
+        keep = self._object_patches(batch, h, w)
+        return [
+            (patches[seen], seen.reshape(h, w), item)
+            for item, patches, seen in zip(batch, features.reshape(n, h * w, d), keep)
+        ]
 
     def _object_patches(self, batch: list[Preprocessed], height: int, width: int) -> np.ndarray:
         """(n, height*width) bool: the patches that see the part, one patch of margin included.
