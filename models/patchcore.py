@@ -761,6 +761,30 @@ def keep_previous(path: str | Path, update: int) -> Path | None:
     return kept
 
 
+def learn_on_a_copy(
+    model: PatchCore, model_path: Path, photos: Sequence[str | Path], labels: Sequence[str], source: str,
+    force: bool = False,
+) -> tuple[PatchCore | None, dict[str, Any]]:
+    """Photos confirmed good on the line (the service's /feedback, the watcher's confirmed_good/),
+    added to a copy of ``model`` and saved over ``model_path``, keeping the file it replaces.
+
+    Returns the copy to score with from now on (None when nothing was learnt) and the update's
+    record. ``model`` itself is never changed, so scoring goes on with it meanwhile. Photos that
+    look defective are left out (``skip_refused``); an unreadable one leaves the whole batch out.
+    """
+    candidate = model.copy()
+    try:
+        update = candidate.add_good(photos, progress=False, source=source, force=force, skip_refused=True,
+                                    labels=labels)
+    except (UserError, ValueError, OSError) as error:
+        return None, {"photos": 0, "refused": list(labels), "error": str(error)}
+    if not update["photos"]:
+        return None, update
+    keep_previous(model_path, len(candidate.updates))
+    candidate.save(model_path)
+    return candidate, update
+
+
 def _read_state(path: Path) -> Any:
     """Unpickle a model file's plain data, or ModelFileError naming the file and what is wrong with it."""
     try:

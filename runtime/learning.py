@@ -4,7 +4,7 @@ An operator confirms a flagged part as good, naming a photo the service scored (
 ``keep_scored`` uploads) or sending the photo. Confirmed photos wait in a bounded queue; a
 background thread folds them in (``PatchCore.add_good``) on a copy of the model, once
 ``learn_batch`` have gathered or ``learn_wait_s`` after the first, saves it over the model file
-(keeping the file it replaces, ``models.patchcore.keep_previous``) and hands it to the scorer,
+(keeping the file it replaces, ``models.patchcore.learn_on_a_copy``) and hands it to the scorer,
 which takes it up at its next batch: no photo is ever scored by half an update. Every scored photo
 also feeds a ``DriftMonitor``. Updates and drift warnings are logged and, with ``events_jsonl``,
 appended to a JSON-lines file.
@@ -28,7 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from config import UserError
-from models.patchcore import PatchCore, keep_previous
+from models.patchcore import PatchCore, learn_on_a_copy
 from preprocessing.io import IMAGE_SUFFIXES
 from runtime.drift import DriftMonitor
 
@@ -175,17 +175,11 @@ class Learner:
 
     def _learn(self, group: list[_Confirmed], force: bool) -> None:
         """One update on a copy of the model: saved, then swapped in for the scorer's next batch."""
-        candidate = self.scorer.model.copy()
-        try:
-            update = candidate.add_good([item.path for item in group], progress=False, source="POST /feedback",
-                                        force=force, skip_refused=True, labels=[item.name for item in group])
-        except (UserError, ValueError) as error:  # an unreadable upload: nothing is learnt from this group
-            update = {"photos": 0, "refused": [item.name for item in group], "error": str(error)}
-        if update["photos"]:
-            keep_previous(self.model_path, len(candidate.updates))
-            candidate.save(self.model_path)
-            self.scorer.model = candidate
-            self.drift.reset(candidate)
+        updated, update = learn_on_a_copy(self.scorer.model, self.model_path, [item.path for item in group],
+                                          [item.name for item in group], "POST /feedback", force)
+        if updated is not None:
+            self.scorer.model = updated
+            self.drift.reset(updated)
         self.events({"event": "update", "model_file": str(self.model_path), **update})
 
 

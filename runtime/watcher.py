@@ -41,9 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from config import UserError
 from inspection.scoring import Photo, error_record, records_csv, score_batch
-from models.patchcore import keep_previous
+from models.patchcore import learn_on_a_copy
 from output_files import check_output_folder, check_writable, write_atomically
 from preprocessing.io import IMAGE_SUFFIXES, ImageReadError, read_photo_bytes
 from runtime.drift import DriftMonitor
@@ -421,17 +420,11 @@ class FolderWatcher:
         with self._lock:
             for path in paths:
                 self._pending.pop(path, None)
-        candidate = self.model.copy()
-        try:
-            update = candidate.add_good(paths, progress=False, source=str(self.confirmed), skip_refused=True,
-                                        labels=[path.name for path in paths])
-        except (UserError, ValueError, OSError) as error:  # an unreadable photo: nothing is learnt from the batch
-            update = {"photos": 0, "refused": [path.name for path in paths], "error": str(error)}
-        if update["photos"]:
-            keep_previous(self.model_path, len(candidate.updates))
-            candidate.save(self.model_path)
-            self.model = candidate
-            self.drift.reset(candidate)
+        updated, update = learn_on_a_copy(self.model, self.model_path, paths, [path.name for path in paths],
+                                          str(self.confirmed))
+        if updated is not None:
+            self.model = updated
+            self.drift.reset(updated)
         refused = set(update["refused"])
         for path in paths:
             try:
