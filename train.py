@@ -22,7 +22,14 @@ from pathlib import Path
 from config import CATEGORY_DEFAULTS, Config, add_config_arguments, config_from_args, fail, run_cli
 from evaluation.mvtec import load_test_split, train_images
 from output_files import check_writable
-from preprocessing.io import ImageReadError, find_images, read_image, read_images, training_photo_problem
+from preprocessing.io import (
+    ImageReadError,
+    find_images,
+    read_image,
+    read_images,
+    training_photo_problem,
+    unusable_photos,
+)
 
 if TYPE_CHECKING:  # fitting imports torch: loaded only when a command fits or scores
     from models.patchcore import PatchCore
@@ -162,7 +169,6 @@ def add_good(args: argparse.Namespace) -> int:
     paths = healthy_photos(args.data_dir)
     output = args.output or args.model
     check_writable(output)  # before scoring, as for a fit
-    refuse_unusable_photos(paths, model.config)
     update = model.add_good(paths, progress=not args.quiet, source=str(args.data_dir), force=args.force)
     kept = keep_previous(output, len(model.updates))
     model.save(output)
@@ -258,10 +264,10 @@ def fit_model(paths: list[Path], config: Config, data_dir: Path, quiet: bool) ->
 
 
 def refuse_unusable_photos(paths: list[Path], config: Config) -> None:
-    """Decode every training photo first: a truncated, corrupt, tiny or blank one must not enter the memory bank.
+    """Decode every training photo before the long work: a truncated, corrupt, tiny or blank one
+    must not enter the memory bank, and a fit must not fail at its end for it.
 
-    The fit is refused with the list of bad files rather than run without them, so a model never
-    silently learns from fewer photos than its folder holds.
+    (``--add-good`` checks its photos in the one pass that scores them: models.patchcore.add_good.)
     """
     bad = []
     for path, image in read_images(paths, config.num_workers, config.max_image_pixels):
@@ -270,7 +276,7 @@ def refuse_unusable_photos(paths: list[Path], config: Config) -> None:
         elif problem := training_photo_problem(image):
             bad.append(f"{path}: {problem}")
     if bad:
-        fail(f"{len(bad)} of {len(paths)} training photos cannot be used; remove or replace them: {'; '.join(bad)}")
+        fail(unusable_photos(bad, len(paths)))
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ from models.calibration import (
 )
 from models.knn_index import CellIndex, build_index
 from output_files import write_atomically
-from preprocessing.io import read_image
+from preprocessing.io import ImageReadError, read_image, training_photo_problem, unusable_photos
 from preprocessing.pipeline import Preprocessed, preprocess, to_original
 
 FORMAT_VERSION = 2  # 2: the image score is read off the anomaly map
@@ -336,8 +336,10 @@ class PatchCore:
     ) -> dict[str, Any]:
         """Fold photos confirmed good into the memory bank without a refit, and re-calibrate.
 
-        Only the new photos go through the network. Each is first scored against the bank as it is,
-        which never saw it: that is its held-out healthy score. One above ``good_score_limit``
+        Only the new photos go through the network, each read once and checked like a training
+        photo (unreadable, tiny, blank): if any fails, the update is refused naming every one, at
+        every door alike. Each is first scored against the bank as it is, which never saw it: that
+        is its held-out healthy score. One above ``good_score_limit``
         thresholds is refused (an operator's wrong click must not teach the bank a defect) unless
         ``force``; ``skip_refused`` leaves such photos out instead of raising. The others' patches
         join the bank by the fit's coreset rule with the bank's patches counted as already kept, so
@@ -371,10 +373,17 @@ class PatchCore:
         scores: list[float] = []
         far: list[str] = []  # above the limit: refused
         forced: list[str] = []  # above the limit, added because of ``force``
-        for batch in self._batches(images, progress, "adding good photos"):
-            photos = self._seen_patches(batch, extractor(np.stack([item.image for item in batch])))
-            for (patches, _, _), anomaly_map in zip(photos, self._anomaly_maps(photos)):
-                name = names[len(scores) + len(far)]
+        unusable: list[str] = []  # unreadable, or failing a training photo's checks: the update is refused
+        position = 0
+        for batch in self._batches(images, progress, "adding good photos", checked_labels=names):
+            batch_names, position = names[position : position + len(batch)], position + len(batch)
+            unusable += [str(item) for item in batch if isinstance(item, ImageReadError)]
+            usable = [(name, item) for name, item in zip(batch_names, batch) if not isinstance(item, ImageReadError)]
+            if not usable or unusable:  # nothing joins a bank the update will not keep
+                continue
+            items = [item for _, item in usable]
+            photos = self._seen_patches(items, extractor(np.stack([item.image for item in items])))
+            for (name, _), (patches, _, _), anomaly_map in zip(usable, photos, self._anomaly_maps(photos)):
                 score = float(anomaly_map.max())
                 if not math.isfinite(score):
                     raise UserError(f"{name}: its score is not a finite number; it cannot join the bank")
@@ -384,6 +393,8 @@ class PatchCore:
                         continue
                 scores.append(score)
                 coreset.add(torch.from_numpy(np.ascontiguousarray(patches)))
+        if unusable:
+            raise UserError(unusable_photos(unusable, len(images), "photos confirmed good"))
         if far and not skip_refused:
             raise UserError(
                 f"{len(far)} of {len(images)} photos score above {config.good_score_limit:g} x the threshold "
@@ -600,17 +611,33 @@ class PatchCore:
         return self._index
 
     def _batches(
-        self, images: Sequence[str | Path | np.ndarray], progress: bool, description: str
-    ) -> Iterator[list[Preprocessed]]:
+        self,
+        images: Sequence[str | Path | np.ndarray],
+        progress: bool,
+        description: str,
+        checked_labels: Sequence[str] | None = None,
+    ) -> Iterator[list[Preprocessed | ImageReadError]]:
         """Preprocessed images in batches; decoding and OpenCV steps run on a thread pool.
 
         The next batch is prepared while the caller runs the backbone on the current one, and no
         more than two batches are ever in flight, so memory does not grow with the image count.
+        Without ``checked_labels`` a photo that cannot be read raises. With them (one per photo), each
+        photo also passes the checks every training photo passes (``training_photo_problem``), and
+        one that fails either comes back as its ``ImageReadError`` in its place, so that the caller
+        can name every unusable photo while reading each file once.
         """
 
-        def prepare(image: str | Path | np.ndarray) -> Preprocessed:
-            is_file = isinstance(image, (str, Path))
-            photo = read_image(image, self.config.max_image_pixels, keep_grey=True) if is_file else image
+        def prepare(position: int) -> Preprocessed | ImageReadError:
+            image = images[position]
+            try:
+                is_file = isinstance(image, (str, Path))
+                photo = read_image(image, self.config.max_image_pixels, keep_grey=True) if is_file else image
+                if checked_labels is not None and (problem := training_photo_problem(photo)):
+                    raise ImageReadError(f"{checked_labels[position]}: {problem}")
+            except ImageReadError as error:
+                if checked_labels is None:
+                    raise
+                return error
             return preprocess(photo, self.config)
 
         size = self.config.batch_size
@@ -618,12 +645,13 @@ class PatchCore:
         with ThreadPoolExecutor(max_workers=max(1, self.config.num_workers)) as pool, tqdm(
             total=len(images), desc=description, unit="img", disable=not progress, leave=False
         ) as bar:
-            in_flight: deque[list[Future[Preprocessed]]] = deque()
+            in_flight: deque[list[Future[Preprocessed | ImageReadError]]] = deque()
 
             def submit_next() -> None:
                 start = next(starts, None)
                 if start is not None:
-                    in_flight.append([pool.submit(prepare, image) for image in images[start : start + size]])
+                    positions = range(start, min(start + size, len(images)))
+                    in_flight.append([pool.submit(prepare, position) for position in positions])
 
             submit_next()
             while in_flight:

@@ -239,6 +239,15 @@ def read_images(
         yield from pool.map(attempt, paths)
 
 
+def unusable_photos(reasons: Sequence[str], total: int, what: str = "training photos") -> str:
+    """The one refusal of a set of photos some of which cannot be used: how many, of how many, and each reason.
+
+    A set is refused whole rather than used without them, so a bank never silently learns from
+    fewer photos than the user gave it.
+    """
+    return f"{len(reasons)} of {total} {what} cannot be used; remove or replace them: {'; '.join(reasons)}"
+
+
 MIN_TRAINING_SIDE = 32  # the smallest model input: a smaller photo cannot show a part at patch scale
 MIN_TRAINING_SPREAD = 1.0  # standard deviation of the pixel values, in 8-bit grey levels
 

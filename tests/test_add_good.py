@@ -249,3 +249,46 @@ def test_score_over_time_colours_flagged_photos_and_follows_the_median_of_passed
     assert re.findall(r'<circle [^>]*fill="(#\w+)"', svg) == ["#1f77b4", "#c62828", "#1f77b4"]  # red: flagged
     points = re.search(r'<polyline points="([^"]+)"', svg).group(1).split()
     assert len({point.split(",")[1] for point in points}) == 1  # the flagged 9.0 never moves the median line
+
+
+def test_add_good_refuses_blank_tiny_or_broken_photos_naming_each_and_reads_every_photo_once(
+    half_model, small_screw_dir, tmp_path, monkeypatch, capsys
+):
+    """An update is checked like a fit: a blank frame would teach the bank that an empty view is healthy."""
+    import models.patchcore as patchcore
+    from config import run_cli
+
+    half_model.save(tmp_path / "line.pkl")
+    folder = tmp_path / "confirmed"
+    folder.mkdir()
+    for image in train_images(small_screw_dir)[6:9]:
+        (folder / image.name).symlink_to(image.resolve())
+    cv2.imwrite(str(folder / "blank.png"), np.full((256, 256, 3), 128, np.uint8))
+    cv2.imwrite(str(folder / "dot.png"), np.zeros((1, 1, 3), np.uint8))
+    (folder / "cut.png").write_bytes((folder / train_images(small_screw_dir)[6].name).read_bytes()[:5000])
+    reads: list[str] = []
+    counting = patchcore.read_image
+    monkeypatch.setattr(patchcore, "read_image", lambda path, *a, **k: reads.append(str(path)) or counting(path, *a, **k))
+    args = ["--add-good", "--model", str(tmp_path / "line.pkl"), "--data-dir", str(folder), "--quiet", "--force",
+            "--output", str(tmp_path / "new.pkl")]
+    assert run_cli(lambda: train_main(args)) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: 3 of 6 photos confirmed good cannot be used; remove or replace them: ")
+    assert f"{folder / 'blank.png'}: blank: its pixels vary by 0.00 grey levels" in line
+    assert f"{folder / 'dot.png'}: 1x1 pixels is too small" in line and f"{folder / 'cut.png'}: " in line
+    assert not (tmp_path / "new.pkl").exists()
+    assert sorted(reads) == sorted(str(path) for path in folder.iterdir())  # each once: no separate pre-check pass
+
+
+def test_a_blank_photo_confirmed_at_a_door_is_refused_even_when_forced(half_model, tmp_path):
+    """The service's /feedback and the watcher's confirmed_good/ both update through learn_on_a_copy."""
+    from models.patchcore import learn_on_a_copy
+
+    half_model.save(tmp_path / "line.pkl")
+    original = (tmp_path / "line.pkl").read_bytes()
+    cv2.imwrite(str(tmp_path / "blank.png"), np.zeros((1024, 1024, 3), np.uint8))
+    updated, update = learn_on_a_copy(half_model, tmp_path / "line.pkl", [tmp_path / "blank.png"], ["blank.png"],
+                                      "POST /feedback", force=True)
+    assert updated is None and update["photos"] == 0 and update["refused"] == ["blank.png"]
+    assert "blank.png: blank" in update["error"]
+    assert (tmp_path / "line.pkl").read_bytes() == original
