@@ -261,11 +261,11 @@ def training_photo_problem(image: np.ndarray) -> str | None:
     height, width = image.shape[:2]
     if min(height, width) < MIN_TRAINING_SIDE:
         return f"{width}x{height} pixels is too small to show a part (at least {MIN_TRAINING_SIDE} on each side)"
-    # The spread of every value, from OpenCV's one pass per channel (NumPy's std converts the whole
-    # photo to float64 twice: 5 ms of a 1-megapixel photo's 8). Total variance = mean of the
-    # channels' variances + variance of their means.
-    means, deviations = cv2.meanStdDev(image)
-    spread = math.sqrt(float(np.mean(deviations**2) + np.var(means)))
+    # The spread within the channels, from OpenCV's one pass per channel (NumPy's std converts the
+    # whole photo to float64 twice: 5 ms of a 1-megapixel photo's 8). The channels' means do not
+    # count: a frame of one flat colour (the green of an empty camera buffer) is as blank as a grey one.
+    _, deviations = cv2.meanStdDev(image)
+    spread = math.sqrt(float(np.mean(deviations**2)))
     if spread < MIN_TRAINING_SPREAD:
         return f"blank: its pixels vary by {spread:.2f} grey levels (standard deviation), less than {MIN_TRAINING_SPREAD:g}"
     return None

@@ -104,6 +104,46 @@ def test_truncated_png_is_an_error(tmp_path):
         read_image(path)
 
 
+def test_a_truncated_jpeg_is_found_past_an_embedded_preview_and_its_end_marker(tmp_path):
+    """Cameras store a preview JPEG (with its own end marker) in an application segment before the photo's data."""
+    preview = jpeg_bytes(photo(16, 16))
+    body = b"preview\x00" + preview
+    main = jpeg_bytes(photo(200, 300))
+    data = main[:2] + b"\xff\xe3" + struct.pack(">H", len(body) + 2) + body + main[2:]
+    whole, cut = tmp_path / "whole.jpg", tmp_path / "cut.jpg"
+    whole.write_bytes(data)
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    assert read_image(whole).shape == (200, 300, 3)
+    with pytest.raises(ImageReadError, match="cut.jpg: truncated JPEG"):
+        read_image(cut)
+
+
+def test_a_png_with_corrupt_pixel_data_is_one_reason_not_a_crash(tmp_path):
+    ok, encoded = cv2.imencode(".png", photo(200, 300))
+    data = bytearray(encoded.tobytes())
+    start = data.find(b"IDAT") + 20
+    data[start : start + 400] = bytes(byte ^ 0x5A for byte in data[start : start + 400])  # IEND is still there
+    path = tmp_path / "corrupt.png"
+    path.write_bytes(bytes(data))
+    with pytest.raises(ImageReadError, match=r"corrupt.png: not a readable image \(corrupt or unsupported format\)"):
+        read_image(path)
+
+
+def test_an_upload_larger_than_any_photo_within_the_limit_is_refused_undecoded(monkeypatch):
+    monkeypatch.setattr(photo_io.Image, "open", lambda *_: pytest.fail("the upload was opened"))
+    with pytest.raises(ImageReadError, match="upload.png: 67_111_865 bytes is larger than any photo within the limit"):
+        photo_io.decode_image(bytes(photo_io.max_file_bytes(1000) + 1), "upload.png", max_pixels=1000)
+
+
+def test_an_alpha_channel_counts_in_the_decode_limit(tmp_path):
+    """100x100 8-bit RGBA takes 40,000 bytes: within 13,334 RGB pixels' 40,002 bytes, not within 13,000's 39,000."""
+    path = tmp_path / "alpha.png"
+    cv2.imwrite(str(path), np.full((100, 100, 4), 200, np.uint8))
+    assert read_image(path, max_pixels=13_334).shape == (100, 100, 3)
+    with pytest.raises(ImageReadError, match=r"alpha.png: 100x100 pixels take 0 MiB decoded"):
+        read_image(path, max_pixels=13_000)
+
+
 @pytest.mark.parametrize("orientation", range(1, 9))
 @pytest.mark.parametrize("suffix", [".png", ".jpg"])
 def test_exif_orientation_gives_the_photo_as_a_viewer_shows_it(tmp_path, orientation, suffix):
@@ -167,6 +207,64 @@ def test_folder_listing_keeps_broken_links_so_they_are_reported(tmp_path):
     (tmp_path / "c.png").mkdir()
     (tmp_path / "notes.txt").write_text("x")
     assert [p.name for p in find_images(tmp_path)] == ["a.png", "b.png"]
+
+
+def test_folder_listing_takes_upper_case_suffixes_and_sub_folders(tmp_path):
+    (tmp_path / "line2" / "shift1").mkdir(parents=True)
+    for name in ("IMG_0001.JPG", "line2/shift1/part.Png", "line2/b.tiff", "line2/readme.md"):
+        (tmp_path / name).write_bytes(b"x")
+    assert [p.relative_to(tmp_path).as_posix() for p in find_images(tmp_path)] == [
+        "IMG_0001.JPG", "line2/b.tiff", "line2/shift1/part.Png"
+    ]
+    assert [p.name for p in find_images(tmp_path, recursive=False)] == ["IMG_0001.JPG"]
+
+
+def test_a_batch_read_returns_each_bad_file_as_its_error_in_order(tmp_path):
+    cv2.imwrite(str(tmp_path / "a.png"), photo())
+    (tmp_path / "b.png").write_text("not a photo")
+    cv2.imwrite(str(tmp_path / "c.png"), photo(30, 40))
+    paths = [tmp_path / "a.png", tmp_path / "b.png", tmp_path / "missing.png", tmp_path / "c.png"]
+    results = list(photo_io.read_images(paths, workers=2))
+    assert [path for path, _ in results] == paths
+    assert results[0][1].shape == (60, 80, 3) and results[3][1].shape == (30, 40, 3)
+    assert str(results[1][1]) == f"{paths[1]}: not a readable image (corrupt or unsupported format)"
+    assert str(results[2][1]) == f"{paths[2]}: no such file"
+
+
+def test_a_mask_marked_in_any_colour_is_defective_there(tmp_path):
+    mask = np.zeros((60, 80, 3), np.uint8)
+    mask[:10, :20] = (0, 0, 255)  # red, stored BGR
+    mask[-10:, -20:] = (0, 255, 0)  # green
+    path = tmp_path / "drawn_mask.png"
+    cv2.imwrite(str(path), mask)
+    marked = read_mask(path)
+    assert marked[:10, :20].all() and marked[-10:, -20:].all() and marked.sum() == 400
+
+
+# ----------------------------------------------------------------------------- photos that cannot teach the bank
+def textured(height: int, width: int) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize(
+    "image, problem",
+    [
+        (textured(32, 32), None),
+        (textured(31, 400), "400x31 pixels is too small to show a part (at least 32 on each side)"),
+        (textured(1000, 8), "8x1000 pixels is too small to show a part (at least 32 on each side)"),
+        (np.full((64, 64, 3), 128, np.uint8), "blank: its pixels vary by 0.00 grey levels (standard deviation), less than 1"),
+        (np.full((64, 64, 3), (0, 135, 0), np.uint8), "blank: its pixels vary by 0.00 grey levels (standard deviation), less than 1"),
+        (np.full((64, 64), 128, np.uint8) + np.eye(64, dtype=np.uint8) * 12, None),
+    ],
+    ids=["32-px", "31-px", "strip", "grey-frame", "green-frame", "faint-line"],
+)
+def test_a_tiny_or_blank_photo_is_no_training_photo(image, problem):
+    assert photo_io.training_photo_problem(image) == problem
+
+
+def test_a_set_with_unusable_photos_is_refused_naming_how_many_and_each_reason():
+    message = photo_io.unusable_photos(["a.png: no such file", "b.png: blank"], 7)
+    assert message == "2 of 7 training photos cannot be used; remove or replace them: a.png: no such file; b.png: blank"
 
 
 # ----------------------------------------------------------------------------- writing results
