@@ -34,6 +34,21 @@ def test_gray_world_warns_on_missing_channel() -> None:
     assert np.array_equal(result.image, red) and result.warnings
 
 
+def test_gray_world_refuses_a_gain_above_its_limit_for_a_faint_channel() -> None:
+    """Blue at 10 beside red and green at 100 would need a gain of 7: a missing channel, not a tint."""
+    faint = np.dstack([np.full((8, 8), 100, np.uint8), np.full((8, 8), 100, np.uint8), np.full((8, 8), 10, np.uint8)])
+    faint[0, 0] = (101, 99, 11)  # not grey
+    result = gray_world(faint)
+    assert np.array_equal(result.image, faint) and result.warnings == ["white balance skipped: a colour channel is almost empty"]
+
+
+def test_a_pixel_at_the_specular_threshold_counts_as_glare() -> None:
+    image = np.full((64, 64, 3), 120, np.uint8)
+    image[:, :, 1] = np.linspace(100, 140, 64).astype(np.uint8)
+    cv2.circle(image, (32, 32), 3, (255, 255, 255), -1)
+    assert inpaint_specular(image, threshold=255).image.max() < 255  # threshold 255: pure white is glare
+
+
 def test_inpainting_removes_saturated_spot() -> None:
     image = np.full((64, 64, 3), 120, np.uint8)
     image[:, :, 1] = np.linspace(100, 140, 64).astype(np.uint8)  # texture to inpaint from

@@ -340,3 +340,47 @@ def test_a_colour_photo_with_one_odd_pixel_is_not_taken_for_grey():
     tinted = rgb.copy()
     tinted[101, 37, 2] += 1  # off the sparse grid the quick check looks at
     assert not is_grayscale(tinted)
+
+
+def test_a_plain_resize_of_a_wide_photo_puts_its_corners_on_the_input_corners_and_maps_back() -> None:
+    photo = np.random.default_rng(0).integers(0, 256, (90, 240, 3), dtype=np.uint8)
+    result = preprocess(photo, CONFIG.replace(preprocess="off"))
+    assert np.array_equal(result.image, cv2.resize(photo, (SIZE, SIZE), interpolation=cv2.INTER_AREA))
+    assert map_point(result.transform, (-0.5, -0.5)) == pytest.approx((-0.5, -0.5))
+    assert map_point(result.transform, (239.5, 89.5)) == pytest.approx((SIZE - 0.5, SIZE - 0.5))
+    anomaly = np.zeros((SIZE, SIZE), np.float32)
+    anomaly[96, 32] = 1.0  # a quarter across, three quarters down
+    back = to_original(cv2.GaussianBlur(anomaly, (0, 0), 2.0), result)
+    assert back.shape == (90, 240)
+    peak = np.unravel_index(np.argmax(back), back.shape)
+    assert abs(peak[1] - 240 * 32.5 / SIZE) <= 2 and abs(peak[0] - 90 * 96.5 / SIZE) <= 2
+
+
+def test_background_zeroed_says_whether_the_table_was_blacked_out() -> None:
+    """The model keeps only patches near the part when (and only when) the table is black."""
+    photo, _ = screw_photo(30)
+    assert preprocess(photo, CONFIG).background_zeroed
+    for changes in ({"zero_background": False}, {"segment": False}, {"preprocess": "off"}):
+        assert not preprocess(photo, CONFIG.replace(**changes)).background_zeroed, changes
+
+
+def test_glare_on_the_part_is_filled_and_a_bright_spot_on_the_table_is_left_alone() -> None:
+    photo = screw_photo(0)[0].copy()
+    on_part, on_table = (200, 180), (190, 80)
+    for spot in (on_part, on_table):
+        cv2.circle(photo, spot, 4, (255, 255, 255), -1)
+    result = preprocess(photo, CONFIG.replace(white_balance=False, clahe=False, zero_background=False))
+    level = {spot: result.image[round(y), round(x)] for spot in (on_part, on_table)
+             for x, y in [map_point(result.transform, spot)]}
+    assert (level[on_part] < 100).all() and (level[on_table] == 255).all()
+    assert not result.warnings
+
+
+def test_glare_biting_into_the_part_s_edge_does_not_bite_its_mask() -> None:
+    """The mask is taken from a glare-filled copy: Otsu would give the saturated bite to the bright table."""
+    config = CONFIG.replace(white_balance=False, clahe=False, mask_dilation=0)
+    clean = preprocess(screw_photo(0)[0], config)
+    photo = screw_photo(0)[0].copy()
+    cv2.circle(photo, (200, 168), 14, (255, 255, 255), -1)  # centred on the shaft's upper edge
+    glared = preprocess(photo, config)
+    assert (glared.mask != clean.mask).sum() <= 0.005 * clean.mask.sum()

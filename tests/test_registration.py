@@ -49,6 +49,13 @@ def test_round_shape_is_not_rotated() -> None:
     assert canonical_rotation(ellipse_mask(33, axes=(50, 48)), min_elongation=1.5) == 0.0
 
 
+def test_a_part_with_ends_of_equal_mass_is_not_turned_end_over_end() -> None:
+    """A symmetric bar has no head: it keeps the direction needing the smaller turn, never a half turn."""
+    bar = np.zeros((100, 200), bool)
+    bar[40:60, 20:180] = True
+    assert canonical_rotation(bar, min_elongation=1.5) == pytest.approx(0.0, abs=1e-9)
+
+
 def test_crop_transform_centres_and_fills_long_axis() -> None:
     mask = ellipse_mask(30)
     angle = principal_axis(mask).axis_angle
@@ -78,4 +85,9 @@ def test_warp_image_antialiases_a_strong_shrink() -> None:
     stripes = np.zeros((512, 512, 3), np.uint8)
     stripes[:, ::2] = 255  # one-pixel stripes: pure aliasing when sampled without a low-pass
     matrix = crop_transform(image_outline(512, 512), 0.0, 64, padding=0.0, keep_aspect=True)
+    assert warp_image(stripes, matrix, 64).astype(float).std() < 20
+    # 500 -> 64 puts the samples at varying phases of the stripes: without the low-pass they alias.
+    stripes = stripes[:500, :500]
+    matrix = crop_transform(image_outline(500, 500), 0.0, 64, padding=0.0, keep_aspect=True)
+    assert cv2.warpAffine(stripes, matrix[:2], (64, 64), flags=cv2.INTER_LINEAR).astype(float).std() > 50
     assert warp_image(stripes, matrix, 64).astype(float).std() < 20

@@ -83,3 +83,28 @@ def test_working_mask_is_the_full_mask_at_working_size_and_gives_the_same_pose()
     enlarged = cv2.resize(found.working_mask.astype(np.uint8), (768, 1024), interpolation=cv2.INTER_NEAREST) > 0
     assert np.array_equal(enlarged, found.mask)
     assert abs(canonical_rotation(found.working_mask, 1.5) - canonical_rotation(found.mask, 1.5)) < 1e-3
+
+
+def test_a_speck_of_dust_on_an_empty_table_is_no_part() -> None:
+    """A dark spot of 150 pixels (under 0.1 % of the frame) survives the clean-up but is not taken for the part."""
+    image = np.full((512, 512, 3), 200, np.uint8)
+    cv2.circle(image, (256, 256), 7, (60, 60, 60), -1)
+    result = segment_object(image)
+    assert result.mask is None and result.warnings == ["no object found by thresholding; using the whole image"]
+
+
+def test_a_mask_covering_almost_the_whole_frame_is_taken_for_the_background() -> None:
+    image = np.full((300, 300, 3), 60, np.uint8)
+    image[:3], image[-3:], image[:, :3], image[:, -3:] = 200, 200, 200, 200  # a light rim round a dark frame
+    result = segment_object(image)
+    assert result.mask is None and "object mask covers 96% of the photo" in result.warnings[0]
+
+
+def test_grabcut_finds_a_part_both_darker_and_lighter_than_the_table() -> None:
+    """Half the part is darker than the table, half lighter: Otsu gets one half, GrabCut the whole part."""
+    image = np.clip(np.random.default_rng(0).normal(140, 6, (240, 320, 3)), 0, 255).astype(np.uint8)
+    image[80:160, 60:160], image[80:160, 160:260] = (40, 40, 150), (230, 200, 40)
+    truth = np.zeros((240, 320), bool)
+    truth[80:160, 60:260] = True
+    assert iou(segment_object(image, method="otsu").mask, truth) < 0.6
+    assert iou(segment_object(image, method="grabcut").mask, truth) > 0.95
