@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import subprocess
 import sys
 from dataclasses import fields
@@ -33,6 +34,7 @@ def test_weights_alias_and_boolean_flags():
     config = config_from_args(parse(["--weights", "w.pth", "--score-reweighting", "off"]))
     assert config.weights_path == "w.pth"
     assert config.score_reweighting is False
+    assert config_from_args(parse(["--clahe", "on"])).clahe is True
 
 
 def from_yaml(tmp_path, text: str) -> Config:
@@ -49,6 +51,29 @@ def test_unknown_yaml_key_is_an_error(tmp_path):
 def test_yaml_must_be_a_mapping(tmp_path):
     with pytest.raises(ValueError, match="mapping"):
         from_yaml(tmp_path, "- 1\n- 2\n")
+
+
+@pytest.mark.parametrize("text", ["", "# every setting at its default\n"], ids=["empty", "comments-only"])
+def test_an_empty_settings_file_gives_the_defaults(tmp_path, text):
+    assert from_yaml(tmp_path, text) == config_from_args(parse([]))
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda p: None, "cannot read config file (No such file or directory)"),
+        (lambda p: p.mkdir(), "cannot read config file (Is a directory)"),
+        (lambda p: os.mkfifo(p), "a config file must be a regular file"),  # reading it would wait or read nothing
+        (lambda p: p.write_text("# padding\n" * 200_000), "more than 1_048_576 bytes; a config file is a few dozen lines"),
+    ],
+    ids=["missing", "folder", "fifo", "huge"],
+)
+def test_a_settings_file_that_cannot_be_one_is_refused_naming_it(tmp_path, make, reason):
+    path = tmp_path / "settings.yaml"
+    make(path)
+    with pytest.raises(ValueError) as raised:
+        config_from_args(parse(["--config", str(path)]))
+    assert str(raised.value) == f"{path}: {reason}"
 
 
 @pytest.mark.parametrize(
@@ -76,6 +101,7 @@ def test_round_trip_through_dict():
         ("batch_size", 0, "batch_size must be 1 to 1024, got 0"),
         ("batch_size", -4, "batch_size must be 1 to 1024, got -4"),
         ("mask_dilation", -5, "mask_dilation must be 0 to 255, got -5"),
+        ("crop_padding", -0.1, "crop_padding must be 0 to 1, got -0.1"),
         ("num_neighbors", 0, "num_neighbors must be 1 to 1024, got 0"),
         ("false_alarm_rate", 0.5, "false_alarm_rate must be between 0 and 0.5, both excluded, got 0.5"),
         ("false_alarm_rate", 0, "false_alarm_rate must be between 0 and 0.5, both excluded, got 0.0"),
