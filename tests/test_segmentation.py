@@ -108,3 +108,11 @@ def test_grabcut_finds_a_part_both_darker_and_lighter_than_the_table() -> None:
     truth[80:160, 60:260] = True
     assert iou(segment_object(image, method="otsu").mask, truth) < 0.6
     assert iou(segment_object(image, method="grabcut").mask, truth) > 0.95
+
+
+def test_a_thin_fibre_lying_across_part_and_table_does_not_join_the_mask() -> None:
+    """A 2-pixel fibre from the part out to near the frame's edge would stretch the crop to frame it too."""
+    image, truth = disc_photo(60, 200)
+    cv2.line(image, (100, 100), (190, 20), (60, 60, 60), 2)
+    mask = segment_object(image).mask
+    assert not mask[20:60, 160:195].any() and iou(mask, truth) > 0.95
