@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics = evaluate(model, args.dir, out_dir, fit_seconds=model.fit_seconds, quiet=args.quiet)
         print(json_document(metrics) if args.json else format_summary(metrics))
         print(f"metrics: {out_dir / 'metrics.json'}  report: {out_dir / 'report.html'}", file=sys.stderr)
-        return 0
+        return 3 if metrics["n_skipped"] else 0
 
     from inspection.scoring import Photo, folder_photos, records_csv, summary
 

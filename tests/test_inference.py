@@ -95,6 +95,21 @@ def test_evaluating_a_saved_model_repeats_the_fit_time_numbers(fitted_model, mod
     assert (tmp_path / "saved" / "report.html").is_file()
 
 
+def test_evaluate_with_an_unreadable_photo_scores_the_rest_and_exits_3(model_file, screw_dir, tmp_path, capsys):
+    from conftest import link_subset
+
+    data = link_subset(screw_dir, tmp_path / "data", n_train=0, n_test_per_kind=1)
+    (data / "test" / "good" / "999.png").write_bytes(b"not a png")
+    code, out, err = run(["--model", str(model_file), "--dir", str(data), "--evaluate", "--json", "--quiet",
+                          "--output-dir", str(tmp_path / "out")], capsys)
+    assert code == 3
+    metrics = json.loads(out)
+    assert metrics["n_skipped"] == 1 and metrics["skipped"][0]["path"].endswith("999.png")
+    assert (metrics["n_test"], metrics["n_test_good"], metrics["n_test_defective"]) == (6, 1, 5)
+    assert "warning: skipped:" in err and "999.png" in err
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text()) == metrics
+
+
 # ----------------------------------------------------------------------------- hardening
 def test_a_batch_with_every_kind_of_bad_file_scores_the_rest(model_file, small_screw_dir, tmp_path):
     """Bomb, truncated JPEG, broken link, text named .png, unreadable file: each one error record, exit 3."""
