@@ -110,6 +110,21 @@ def test_evaluate_with_an_unreadable_photo_scores_the_rest_and_exits_3(model_fil
     assert json.loads((tmp_path / "out" / "metrics.json").read_text()) == metrics
 
 
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--dir", "d", "--threshold", "5"], "--evaluate reports the model's calibrated threshold"),
+        (["--image", "x.png"], "--evaluate needs --dir"),
+    ],
+    ids=["threshold", "image"],
+)
+def test_evaluate_refuses_what_it_cannot_honour(tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as exit_info:
+        inference.main(["--model", str(tmp_path / "m.pkl"), "--evaluate", *extra])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- hardening
 def test_a_batch_with_every_kind_of_bad_file_scores_the_rest(model_file, small_screw_dir, tmp_path):
     """Bomb, truncated JPEG, broken link, text named .png, unreadable file: each one error record, exit 3."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from evaluation.maps import eval_shape
+from evaluation.maps import eval_shape, shrink_map
 from evaluation.metrics import (
     area_under_pro,
     aupro,
@@ -41,6 +41,19 @@ def test_image_metrics_hand_computed() -> None:
     # Best threshold is 0.5 (P=2/3, R=1 -> 0.8) which beats 0.9 (P=1, R=.5 -> 2/3).
     assert result["image_f1_max"] == pytest.approx(0.8)
     assert result["image_f1_max_threshold"] == pytest.approx(0.5)
+
+
+def test_auroc_ap_and_f1_max_rank_the_scores_whatever_the_threshold() -> None:
+    # The hand-computed case of the test above at thresholds flagging 5, 3, 2 and 0 photos: only F1 at the
+    # threshold moves (4/7, 0.8, 1/2, 0); the ranking figures stay those of the scores.
+    labels = [False, False, False, True, True]
+    scores = [0.1, 0.2, 0.6, 0.5, 0.9]
+    for threshold, f1 in ((0.0, 4 / 7), (0.4, 0.8), (0.55, 0.5), (1.0, 0.0)):
+        result = image_metrics(labels, scores, threshold)
+        assert result["image_auroc"] == pytest.approx(5 / 6), threshold
+        assert result["image_ap"] == pytest.approx(0.5 + 0.5 * 2 / 3), threshold
+        assert (result["image_f1_max"], result["image_f1_max_threshold"]) == (pytest.approx(0.8), pytest.approx(0.5))
+        assert result["image_f1_at_threshold"] == pytest.approx(f1), threshold
 
 
 def test_f1_at_the_threshold_flags_scores_strictly_above_it() -> None:
@@ -164,6 +177,18 @@ def test_downsample_keeps_thin_and_tiny_regions() -> None:
     assert eval_shape(mask.shape, 24) == (16, 24) == small_map.shape == labels.shape
     assert sorted(np.unique(labels).tolist()) == [0, 1, 2]  # both regions survive, each still one region
     assert small_map.mean() == pytest.approx(anomaly_map.mean(), rel=1e-5)  # area averaging
+
+
+def test_shrinking_a_map_averages_each_cell_so_a_hot_pixel_is_not_skipped() -> None:
+    rng = np.random.default_rng(3)
+    anomaly_map = rng.random((64, 96)).astype(np.float32)
+    # 64x96 to a longer side of 24: each evaluation cell is the mean of its 4x4 block.
+    blocks = anomaly_map.reshape(16, 4, 24, 4).mean(axis=(1, 3))
+    np.testing.assert_allclose(shrink_map(anomaly_map, 24), blocks, atol=1e-6)
+    spike = np.zeros((64, 96), np.float32)
+    spike[0, 0] = 16.0  # one hot pixel in the corner of its cell: a sampling resize would miss it
+    small = shrink_map(spike, 24)
+    assert small[0, 0] == pytest.approx(1.0) and small.sum() == pytest.approx(1.0)
 
 
 def test_downsample_healthy_and_enlarging() -> None:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from config import Config
-from evaluation.metrics import image_metrics, rates_at_threshold
+from evaluation.metrics import aupro, downsample_for_eval, image_metrics, pixel_roc, rates_at_threshold, wilson_interval
 from evaluation.report import evaluate, format_summary
 from models.patchcore import Prediction
 
@@ -126,6 +126,55 @@ def test_metrics_match_direct_computation(report: tuple[dict, Path, FakeModel]) 
     for key, value in expected.items():
         assert metrics[key] == pytest.approx(value)
     assert (metrics["false_alarms"], metrics["escapes"]) == (1, 1)  # the faint speck on a good photo, the faint hole
+
+
+def test_pixel_metrics_match_direct_computation(report: tuple[dict, Path, FakeModel]) -> None:
+    """Pixel AUROC and AUPRO (to FPR 0.3) of the same maps and masks at the evaluation size, healthy photos included."""
+    metrics, out_dir, _ = report
+    maps, regions = [], []
+    for path in sorted((out_dir.parent / "data" / "test").glob("*/[0-8]*.png")):
+        image = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+        (prediction,) = FakeModel().predict([image])
+        mask_file = out_dir.parent / "data" / "ground_truth" / path.parent.name / f"{path.stem}_mask.png"
+        mask = cv2.imread(str(mask_file), cv2.IMREAD_GRAYSCALE) > 0 if mask_file.is_file() else None
+        small_map, small_regions = downsample_for_eval(prediction.anomaly_map, mask, eval_size=64)
+        maps.append(small_map)
+        regions.append(small_regions)
+    assert metrics["aupro_max_fpr"] == 0.3 and metrics["n_pixel_eval_images"] == 11
+    assert metrics["pixel_auroc"] == pytest.approx(pixel_roc(maps, regions)[0])
+    assert metrics["aupro"] == pytest.approx(aupro(maps, regions, max_fpr=0.3))
+
+
+def test_the_figures_at_the_threshold_follow_the_models_threshold(tmp_path: Path) -> None:
+    """Moved to 0.5, the threshold passes the healthy photo with the faint speck (score 0.34) and still
+    misses the faint hole (0.15); the other healthy photos score 0.10, the other defects 0.69 to 0.90."""
+    model = FakeModel()
+    model.threshold = 0.5
+    metrics = evaluate(model, make_dataset(tmp_path / "data"), tmp_path / "out", quiet=True, eval_size=32,
+                       fit_seconds=12.5)
+    assert metrics["threshold"] == 0.5 and metrics["fit_seconds"] == 12.5
+    assert (metrics["false_alarms"], metrics["escapes"]) == (0, 1)
+    assert metrics["recall_per_defect"] == {"hole": 0.5, "scratch": 1.0}
+    assert metrics["image_f1_at_threshold"] == pytest.approx(8 / 9)  # 4 found, none wrongly: 2*4 / (2*4 + 1)
+
+
+def _table_row(page: str, name: str) -> str:
+    """The value cell of a row of the report's metrics table."""
+    found = re.search(rf"<tr><th>{re.escape(name)}</th><td>([^<]*)</td>", page)
+    assert found, name
+    return found.group(1)
+
+
+def test_the_report_table_gives_counts_rates_intervals_and_recall(report: tuple[dict, Path, FakeModel]) -> None:
+    page = (report[1] / "report.html").read_text()
+
+    def rate(hits: int, trials: int) -> str:
+        low, high = wilson_interval(hits, trials)
+        return f"{hits} of {trials} ({hits / trials:.1%}, 95 % interval {low:.1%}–{high:.1%})"
+
+    assert _table_row(page, "False alarms at threshold") == rate(1, 6)  # the faint speck on a healthy photo
+    assert _table_row(page, "Escapes at threshold") == rate(1, 5)  # the faint hole
+    assert _table_row(page, "Recall hole") == "50.0%" and _table_row(page, "Recall scratch") == "100.0%"
 
 
 def test_report_says_how_the_model_was_set_up(report: tuple[dict, Path, FakeModel]) -> None:
