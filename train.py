@@ -1,7 +1,8 @@
 """Fit a PatchCore model on healthy photos: ``python train.py --category screw``.
 
 Reads ``data/mvtec_ad/<category>`` or any folder with ``train/good`` (``--data-dir``), writes the
-model file, and, when the folder has a ``test`` split, evaluates it and writes a report.
+model file, and, when the folder has a ``test`` split, evaluates it and writes a report (exit 3
+when some test photos cannot be read: each is named, the rest are evaluated).
 
 ``--recalibrate --model M --data-dir D`` moves a saved model's threshold to the healthy photos of
 D (``D/train/good`` when it exists, else every photo under D) without refitting its memory bank.
@@ -247,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics = evaluate(model, data_dir, report_dir, fit_seconds=model.fit_seconds, quiet=args.quiet)
         print(format_summary(metrics))
         print(f"metrics: {report_dir / 'metrics.json'}  report: {report_dir / 'report.html'}")
+        return 3 if metrics["n_skipped"] else 0  # the model is saved; some test photos could not be read
     return 0
 
 

@@ -231,8 +231,13 @@ def _heatmap_image(path: str | None) -> str:
     return f'<br><img class="plot" src="{data_uri(Path(path).read_bytes(), "image/png")}" alt="{html.escape(path)}">'
 
 
-def _count(metrics: dict[str, Any], count: str, total: str) -> str:
-    return f"{metrics.get(count)}/{metrics.get(total)}" if metrics.get(total) else "n/a"
+def _count_and_rate(metrics: dict[str, Any], count: str, total: str) -> str:
+    """'2 of 27 (7.4 %, 95 % interval 2.1–23.4 %)' for a count at the threshold."""
+    if not metrics[total]:
+        return "n/a"
+    rate_key = count[:-1] + "_rate" if count.endswith("s") else count
+    low, high = metrics[f"{rate_key}_interval"]
+    return f"{metrics[count]} of {metrics[total]} ({metrics[rate_key]:.1%}, 95 % interval {low:.1%}–{high:.1%})"
 
 
 def format_summary(metrics: dict[str, Any]) -> str:
@@ -246,8 +251,9 @@ def format_summary(metrics: dict[str, Any]) -> str:
         ("pixel AUROC", number(metrics.get("pixel_auroc"))),
         (f"AUPRO (FPR <= {metrics.get('aupro_max_fpr', DEFAULT_MAX_FPR):g})", number(metrics.get("aupro"))),
         *((f"  AUROC {kind}", number(value)) for kind, value in metrics.get("per_defect_auroc", {}).items()),
-        ("false alarms @ threshold", _count(metrics, "false_alarms", "n_test_good")),
-        ("escapes @ threshold", _count(metrics, "escapes", "n_test_defective")),
+        ("false alarms @ threshold", _count_and_rate(metrics, "false_alarms", "n_test_good")),
+        ("escapes @ threshold", _count_and_rate(metrics, "escapes", "n_test_defective")),
+        *((f"  recall {kind}", f"{value:.1%}") for kind, value in metrics.get("recall_per_defect", {}).items()),
     ]
     width = max(len(name) for name, _ in rows)
     lines = [f"{name:<{width}}  {value:>7}" for name, value in rows]
@@ -300,15 +306,6 @@ def _metric_rows(metrics: dict[str, Any]) -> str:
          f"maps and masks resized to this longer side; {metrics['n_pixel_eval_images']} photos with known masks"),
     ]
     return "\n".join(f"<tr><th>{name}</th><td>{value}</td><td>{meaning}</td></tr>" for name, value, meaning in rows)
-
-
-def _count_and_rate(metrics: dict[str, Any], count: str, total: str) -> str:
-    """'2 of 27 (7.4 %, 95 % interval 2.1–23.4 %)' for a count at the threshold."""
-    if not metrics[total]:
-        return "n/a"
-    rate_key = count[:-1] + "_rate" if count.endswith("s") else count
-    low, high = metrics[f"{rate_key}_interval"]
-    return f"{metrics[count]} of {metrics[total]} ({metrics[rate_key]:.1%}, 95 % interval {low:.1%}–{high:.1%})"
 
 
 def _worst_cases(scored: list[ScoredImage], threshold: float, vmin: float | None) -> str:

@@ -249,9 +249,15 @@ def test_format_summary(report: tuple[dict, Path, FakeModel]) -> None:
     summary = format_summary(report[0])
     assert "image AUROC" in summary and "oracle" in summary and "AUPRO" in summary
     assert "AUROC scratch" in summary and "1 skipped" in summary
-    assert re.search(r"false alarms @ threshold +1/6\n", summary) and re.search(r"escapes @ threshold +1/5\n", summary)
-    other = format_summary({**report[0], "false_alarms": 2, "escapes": 3})  # each count on its own line
-    assert re.search(r"false alarms @ threshold +2/6\n", other) and re.search(r"escapes @ threshold +3/5\n", other)
+    # the console gives what metrics.json and the report give: count, rate, Wilson interval, recall per kind
+    metrics = report[0]
+    low, high = metrics["false_alarm_rate_interval"]
+    assert re.search(rf"false alarms @ threshold +1 of 6 \(16.7%, 95 % interval {low:.1%}–{high:.1%}\)\n", summary)
+    assert re.search(r"escapes @ threshold +1 of 5 \(20.0%, ", summary)
+    for kind, recall in metrics["recall_per_defect"].items():
+        assert re.search(rf"\n  recall {kind} +{recall:.1%}\n", summary)
+    other = format_summary({**metrics, "false_alarms": 2, "escapes": 3})  # each count on its own line
+    assert re.search(r"false alarms @ threshold +2 of 6 ", other) and re.search(r"escapes @ threshold +3 of 5 ", other)
     assert "n/a" in format_summary({**report[0], "aupro": None, "fit_seconds": None})
 
 

@@ -31,6 +31,23 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+def test_an_unreadable_test_photo_is_named_the_rest_evaluated_and_the_exit_is_3(tmp_path, screw_dir):
+    """As in any batch: the model is saved and evaluated on what can be read; exit 3 says a photo was left out."""
+    import json
+
+    from conftest import link_subset
+
+    data = link_subset(screw_dir, tmp_path / "parts", n_train=4, n_test_per_kind=1)
+    (data / "test" / "good" / "999.png").write_bytes(b"not a png")
+    result = run_train("--data-dir", "parts", "--backbone", "efficientnet_lite0", "--image-size", "128", "--quiet",
+                       cwd=tmp_path)
+    assert result.returncode == 3, result.stderr
+    assert (tmp_path / "saved_models" / "patchcore_parts.pkl").is_file()
+    assert "999.png: not a readable image" in result.stderr
+    metrics = json.loads((tmp_path / "outputs" / "patchcore_parts" / "metrics.json").read_text())
+    assert metrics["n_skipped"] == 1 and metrics["n_test_good"] == 1
+
+
 def test_missing_category_data_says_how_to_get_it(tmp_path):
     message = one_line_error(run_train("--category", "screw", cwd=tmp_path))
     assert "data/mvtec_ad/screw" in message and "download_datasets.py" in message and "--data-dir" in message
