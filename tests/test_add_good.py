@@ -210,6 +210,21 @@ def test_known_patches_count_as_kept_so_greedy_picks_what_they_do_not_cover():
     assert coreset.covering_radius < 0.5  # every new patch lies near the known bank or a pick
 
 
+def test_with_oversampling_the_global_pass_also_counts_the_known_patches_as_kept():
+    """Where a global pass picks the bank from the chunks' candidates, it too starts from the known
+    bank: the candidates near it are left, the picks go to the cluster the bank lacks."""
+    rng = np.random.default_rng(0)
+    covered = rng.normal(0, 0.01, (2000, 16)).astype(np.float32)
+    uncovered = rng.normal(5, 0.01, (2000, 16)).astype(np.float32) + np.eye(16, dtype=np.float32)[rng.integers(0, 16, 2000)]
+    points = np.concatenate([covered, uncovered])[rng.permutation(4000)]
+    coreset = StreamingCoreset(0.05, 128, 2000, seed=0, oversampling=8, known=covered[:50])
+    assert coreset.share > coreset.ratio  # two chunks of 256 candidates, 200 picked from them
+    coreset.add(torch.from_numpy(points))
+    picks = coreset.result()
+    assert len(picks) == 200
+    assert (np.linalg.norm(picks, axis=1) > 2).sum() >= 195
+
+
 def test_the_batch_report_plots_score_over_time_and_lists_the_updates(half_model, small_screw_dir, tmp_path):
     from inference import main as inference_main
 

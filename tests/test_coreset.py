@@ -116,6 +116,17 @@ def test_covering_radius_is_measured_on_the_training_patches():
     assert bigger.covering_radius < coreset.covering_radius
 
 
+def test_the_covering_radius_sample_is_drawn_from_the_whole_stream_not_its_start():
+    """Past ``RADIUS_SAMPLE`` patches the radius is measured on a sample: one of every chunk, so a
+    stream whose first chunks repeat a few patches (all kept: radius 0 there) still reports how far
+    its varied later patches lie from the bank."""
+    same = np.repeat(clustered_points(n=4, seed=2), 1000, axis=0)
+    varied = clustered_points(n=4000, seed=3)
+    points = np.concatenate([same, varied])
+    kept, coreset = streamed(points, 0.05, 2000)
+    assert 0.8 * covering_radius(points, kept) < coreset.covering_radius <= covering_radius(points, kept) + 1e-4
+
+
 def test_model_file_keeps_the_covering_radius_and_older_files_still_load(fitted_model, tmp_path):
     from models.patchcore import PatchCore
 
