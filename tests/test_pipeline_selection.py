@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from conftest import small_config
 from models.patchcore import PatchCore
+from models.pipeline_selection import choose_preprocessing
 from preprocessing import io as photo_io
 from evaluation.mvtec import train_images
 from scripts.synthetic_fasteners import SyntheticSettings, generate
@@ -55,3 +58,42 @@ def test_auto_resolves_into_switches_recorded_in_the_model_file(auto_fit, tmp_pa
     model.save(tmp_path / "nut.pkl")
     loaded = PatchCore.load(tmp_path / "nut.pkl")
     assert loaded.preprocessing == record and loaded.config == model.config
+
+
+class NearestPhotoModel:
+    """A stand-in candidate that needs no backbone: a photo's map is its pixel difference from the
+    nearest bank photo. The 'off' candidate reads it as is; the other one reads it upside down, so it
+    ranks every painted defect below its healthy photo. It records what it was fitted on and scored."""
+
+    def __init__(self, config) -> None:
+        self.sign = 1.0 if config.preprocess == "off" else -1.0
+        self.bank: list[np.ndarray] = []
+        self.scored: list[np.ndarray] = []
+
+    def fit(self, images, progress: bool = True, calibrate: bool = True) -> None:
+        self.bank = [np.asarray(image, np.float32) for image in images]
+        FITTED.append(self)
+
+    def predict(self, images):
+        self.scored = list(images)
+        predictions = []
+        for image in images:
+            differences = [np.abs(np.asarray(image, np.float32) - photo).mean(axis=2) for photo in self.bank]
+            anomaly_map = self.sign * min(differences, key=lambda difference: difference.mean())
+            predictions.append(SimpleNamespace(score=float(anomaly_map.mean()), anomaly_map=anomaly_map))
+        return predictions
+
+
+FITTED: list[NearestPhotoModel] = []
+
+
+def test_the_candidate_that_separates_the_painted_defects_wins_and_is_never_scored_on_its_own_bank(nut_dir):
+    FITTED.clear()
+    config = small_config(preprocess="auto", image_size=64)
+    chosen, record = choose_preprocessing(train_images(nut_dir), config, NearestPhotoModel)
+    assert record["chosen"] == "off" and chosen.preprocess == "off"
+    assert record["candidates"]["off"]["image_auroc"] > record["candidates"]["decided"]["image_auroc"]
+    assert len(FITTED) == 2
+    for model in FITTED:
+        healthy = model.scored[: len(model.scored) // 2]
+        assert healthy and not any(np.array_equal(photo, kept) for photo in healthy for kept in model.bank)
