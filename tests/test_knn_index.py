@@ -55,6 +55,8 @@ def test_each_cells_bound_is_never_more_than_the_distance_to_its_nearest_patch(b
         bound = bounds[np.arange(len(queries)), position]
         nearest_member = np.sqrt(flat_search(bank[members], queries, 1)[0][:, 0])
         assert np.all(bound <= nearest_member * (1 + 1e-5) + 1e-4)
+    # in ascending order: the search stops at the first cell left whose bound exceeds the k-th distance
+    assert np.all(np.diff(bounds, axis=1) >= 0)
     # and the bounds are useful: most queries could skip most cells
     assert np.median(np.sum(bounds > 0, axis=1)) > 0.5 * len(index._cells)
 

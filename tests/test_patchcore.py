@@ -119,6 +119,36 @@ def test_past_the_calibration_sample_photos_share_the_bank_and_scored_photos_sti
     assert model.calibration_scores[list(sampled).index(odd)] > 1.4 * np.median(others)
 
 
+def test_every_photo_is_scored_against_as_many_bank_patches_as_the_final_bank_holds(small_screw_dir, monkeypatch):
+    """Each fold's coreset keeps n/(n-1) of the ratio, so the other folds together hold as many
+    patches as the final bank: a healthy photo's calibration score is not inflated by a sparser bank."""
+    bank_sizes = []
+    anomaly_maps = PatchCore._anomaly_maps
+    monkeypatch.setattr(
+        PatchCore, "_anomaly_maps", lambda self, batch: bank_sizes.append(len(self.memory_bank)) or anomaly_maps(self, batch)
+    )
+    model = PatchCore(small_config(preprocess="off", calibration_folds=3))
+    model.fit(train_images(small_screw_dir), progress=False)
+    final = len(model.memory_bank)
+    assert len(bank_sizes) == 3 and all(0.9 * final <= size <= 1.1 * final for size in bank_sizes), (bank_sizes, final)
+
+
+def test_the_patches_kept_are_those_touching_the_part_and_one_patch_of_margin():
+    """A patch that sees any of the part is kept, and so is the ring around them (its features still
+    see the part's edge); farther patches are table alone."""
+    from preprocessing.pipeline import Preprocessed
+
+    mask = np.zeros((64, 64), bool)
+    mask[26:30, 26:30] = True  # within patch (3, 3) of the 8 x 8 grid of 8-pixel patches
+    item = Preprocessed(np.zeros((64, 64, 3), np.uint8), np.eye(3), mask, (64, 64), background_zeroed=True)
+    kept = PatchCore(small_config())._object_patches([item], 8, 8).reshape(8, 8)
+    expected = np.zeros((8, 8), bool)
+    expected[2:5, 2:5] = True
+    np.testing.assert_array_equal(kept, expected)
+    unzeroed = Preprocessed(item.image, item.transform, mask, (64, 64), background_zeroed=False)
+    assert PatchCore(small_config())._object_patches([unzeroed], 8, 8).all()  # nothing blacked out: every patch
+
+
 def _with_a_noise_patch(photo: Path, out: Path) -> Path:
     """The photo with a 400-pixel square of coarse colour noise on the part: unlike any healthy screw."""
     image = cv2.imread(str(photo))
