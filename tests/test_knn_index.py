@@ -61,6 +61,34 @@ def test_each_cells_bound_is_never_more_than_the_distance_to_its_nearest_patch(b
     assert np.median(np.sum(bounds > 0, axis=1)) > 0.5 * len(index._cells)
 
 
+def test_a_patch_just_across_a_cell_border_is_still_found(monkeypatch):
+    """The stopping rule errs towards searching: a query whose best distance so far is only a hair
+    (0.04 %) above a cell's bound still searches that cell, and finds the nearer patch just inside it.
+
+    Worked out on paper, with the cells' centroids fixed at o = (0, 0) and c = (2, 0): the query at o
+    is 1 from their bisector x = 1 (the bound of c's cell); its own cell's nearest patches are
+    1.0004 away, and c's cell holds a patch 1.0002 away, just across the border."""
+
+    class FixedCentroids:
+        centroids = np.array([[0, 0], [2, 0]], np.float32)
+
+        def __init__(self, *_args, **_kwargs) -> None: ...
+
+        def train(self, _bank: np.ndarray) -> None: ...
+
+    monkeypatch.setattr("models.knn_index.faiss.Kmeans", FixedCentroids)
+    monkeypatch.setattr("models.knn_index.MIN_PATCHES_FOR_CELLS", 1)
+    monkeypatch.setattr("models.knn_index.CELL_ROUNDS", (1,))  # the own cell first, then a stop or the rest
+    own = [[0, 1.0004], [0, -1.0004]] + [[-5, 0]] * 20
+    across = [[1.0002, 0]] + [[7, 0]] * 20
+    bank = np.array(own + across, np.float32)
+    index = CellIndex(bank, seed=0)
+    assert len(index._cells) == 2 and len(index._cells[0][0]) == len(own)
+    distances, ids = index.search(np.zeros((1, 2), np.float32), 1)
+    assert ids[0, 0] == len(own)  # the patch across the border
+    assert np.sqrt(distances[0, 0]) == pytest.approx(1.0002, abs=1e-6)
+
+
 def test_a_small_bank_is_one_cell_searched_flat():
     bank = clustered(MIN_PATCHES_FOR_CELLS - 1)
     queries = clustered(200, seed=5)
