@@ -532,6 +532,10 @@ CORRUPTIONS = {
     "zero threshold": (lambda s: s.update(threshold=0.0), "threshold is 0, not a finite number above 0"),
     "negative threshold": (lambda s: s.update(threshold=-1.0), "threshold is -1, not a finite number above 0"),
     "threshold far above every healthy score": (lambda s: s.update(threshold=1e30), "over 1000 times the largest healthy"),
+    # the healthy spread's floor: a NaN one would turn every threshold_for() and sigma into NaN
+    "NaN spread floor": (lambda s: s["calibration"].update(spread_floor=float("nan")), "spread_floor is nan"),
+    "negative spread floor": (lambda s: s["calibration"].update(spread_floor=-1.0), "spread_floor is -1.0"),
+    "text spread floor": (lambda s: s["calibration"].update(spread_floor="0.1"), "spread_floor is '0.1'"),
     "negative calibration score": (
         lambda s: s.update(calibration_scores=packed(np.array([1.0, -2.0], np.float32))), "finite distances (0 or more)"
     ),
