@@ -121,7 +121,7 @@ def test_a_model_file_without_an_update_history_loads(half_model, tmp_path):
     del state["updates"]
     (tmp_path / "older.pkl").write_bytes(pickle.dumps(state))
     assert PatchCore.load(tmp_path / "older.pkl").updates == []
-    for bad in ([{"photos": "six"}], {}):
+    for bad in ([{"photos": "six"}], {}, [{"photos": 1, "source": {"nested": "record"}}], [{"photos": 1, 2: "x"}], ["one"]):
         state["updates"] = bad
         (tmp_path / "bad.pkl").write_bytes(pickle.dumps(state))
         with pytest.raises(ModelFileError, match="updates"):
