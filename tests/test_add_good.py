@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from config import UserError
+from config import Config, UserError
 from conftest import small_config
 from models.coreset import StreamingCoreset
 from models.patchcore import ModelFileError, PatchCore
@@ -223,6 +223,33 @@ def test_with_oversampling_the_global_pass_also_counts_the_known_patches_as_kept
     picks = coreset.result()
     assert len(picks) == 200
     assert (np.linalg.norm(picks, axis=1) > 2).sum() >= 195
+
+
+class HalfCoveredFeatures:
+    """Stands in for the backbone: each photo's 8 x 8 patches are the bank's own 32 patches (a part
+    the bank covers) and 32 patches of a cluster it lacks, 10 away."""
+
+    weights_identity = "hand-made"
+    device = "cpu"
+    covered = np.random.default_rng(0).normal(0, 0.5, (32, 2)).astype(np.float32)
+    lacking = (np.random.default_rng(1).normal(0, 0.5, (32, 2)) + [10, 0]).astype(np.float32)
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        grid = np.concatenate([self.covered, self.lacking]).reshape(8, 8, 2)
+        return np.repeat(grid[None], len(images), axis=0)
+
+
+def test_an_update_adds_patches_where_the_bank_lacks_them_not_copies_of_what_it_holds(monkeypatch):
+    monkeypatch.setattr("models.patchcore.open_extractor", lambda *_args: HalfCoveredFeatures())
+    model = PatchCore(Config(backbone="efficientnet_lite0", image_size=64, preprocess="off", device="cpu",
+                             coreset_sampling_ratio=0.1))
+    model.memory_bank = HalfCoveredFeatures.covered.copy()
+    model.calibration_scores, model.threshold = np.linspace(1.0, 2.0, 20, dtype=np.float32), 3.0
+    photo = np.random.default_rng(2).integers(0, 256, (64, 64, 3)).astype(np.uint8)
+    update = model.add_good([photo], progress=False, force=True)
+    added = model.memory_bank[len(HalfCoveredFeatures.covered):]
+    assert update["photos"] == 1 and len(added) == round(0.1 * 64)
+    assert np.all(added[:, 0] > 5)  # every pick from the cluster the bank lacked
 
 
 def test_the_batch_report_plots_score_over_time_and_lists_the_updates(half_model, small_screw_dir, tmp_path):
