@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import shutil
 
 import cv2
 import numpy as np
@@ -76,6 +77,21 @@ def test_local_weights_file_is_used_and_a_bad_one_is_refused(tmp_path):
     garbage.write_bytes(b"not weights")
     with pytest.raises(BackboneWeightsError, match="garbage.pth"):
         build_backbone("efficientnet_lite0", weights_path=str(garbage))
+
+
+def test_the_weights_identity_follows_the_files_content_not_its_name(tmp_path):
+    """A model file records which weights it was fitted with: fine-tuned weights saved under the
+    same name must read as other weights, and a copy of the file under another name as the same."""
+    model, _ = build_backbone("efficientnet_lite0", pretrained=False)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    torch.save(model.state_dict(), tmp_path / "a" / "lite0.pth")
+    shutil.copyfile(tmp_path / "a" / "lite0.pth", tmp_path / "b" / "renamed.pth")
+    tuned = {name: value + 0.01 if value.is_floating_point() else value for name, value in model.state_dict().items()}
+    torch.save(tuned, tmp_path / "b" / "lite0.pth")
+    identity = {path: build_backbone("efficientnet_lite0", weights_path=str(tmp_path / path))[1]
+                for path in ("a/lite0.pth", "b/renamed.pth", "b/lite0.pth")}
+    assert identity["a/lite0.pth"] == identity["b/renamed.pth"] != identity["b/lite0.pth"]
 
 
 @pytest.mark.parametrize(
