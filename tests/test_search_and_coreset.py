@@ -70,14 +70,14 @@ def clustered(n: int, dim: int = 32, seed: int = 0) -> np.ndarray:
     return (centres[rng.integers(0, 30, n)] + rng.normal(size=(n, dim))).astype(np.float32)
 
 
-def stream(points: np.ndarray, ratio: float, chunk_size: int, oversampling: float = 1.0):
+def stream(points: np.ndarray, ratio: float, chunk_size: int, oversampling: float = 1.0, batch: int = 500):
     import torch
 
     from models.coreset import StreamingCoreset
 
     coreset = StreamingCoreset(ratio, 64, chunk_size, 0, oversampling=oversampling)
-    for start in range(0, len(points), 500):
-        coreset.add(torch.from_numpy(points[start : start + 500]))
+    for start in range(0, len(points), batch):
+        coreset.add(torch.from_numpy(points[start : start + batch]))
     return coreset.result(), coreset
 
 
@@ -87,6 +87,15 @@ def test_a_bank_streamed_in_many_chunks_keeps_its_share_and_knows_where_each_pat
     assert len(kept) == round(0.1 * 4037) == 404
     assert np.array_equal(points[coreset.kept_indices], kept)
     assert max(coreset.kept_indices) >= 3000  # the last chunk's patches are named by their place in the stream
+
+
+def test_batches_that_straddle_chunk_borders_lose_no_patch():
+    """A photo's patches that overflow a chunk start the next one: every patch is offered to greedy once."""
+    points = clustered(4037)
+    kept, coreset = stream(points, 0.1, 1000, batch=300)  # 300-patch batches: a chunk ends mid-batch
+    aligned, _ = stream(points, 0.1, 1000, batch=1000)
+    assert len(kept) == 404 and np.array_equal(points[coreset.kept_indices], kept)
+    assert np.array_equal(kept, aligned)  # the same bank however the patches were batched
 
 
 def test_oversampling_changes_which_patches_are_kept_and_covers_about_as_well():
