@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from config import Config
 from conftest import small_config
 from models.patchcore import PatchCore
 from models.pipeline_selection import choose_preprocessing
@@ -65,16 +66,15 @@ class NearestPhotoModel:
     nearest bank photo. The 'off' candidate reads it as is; the other one reads it upside down, so it
     ranks every painted defect below its healthy photo. It records what it was fitted on and scored."""
 
-    def __init__(self, config) -> None:
+    def __init__(self, config: Config) -> None:
         self.sign = 1.0 if config.preprocess == "off" else -1.0
         self.bank: list[np.ndarray] = []
         self.scored: list[np.ndarray] = []
 
-    def fit(self, images, progress: bool = True, calibrate: bool = True) -> None:
+    def fit(self, images: list[np.ndarray], progress: bool = True, calibrate: bool = True) -> None:
         self.bank = [np.asarray(image, np.float32) for image in images]
-        FITTED.append(self)
 
-    def predict(self, images):
+    def predict(self, images: list[np.ndarray]) -> list[SimpleNamespace]:
         self.scored = list(images)
         predictions = []
         for image in images:
@@ -84,16 +84,17 @@ class NearestPhotoModel:
         return predictions
 
 
-FITTED: list[NearestPhotoModel] = []
-
-
 def test_the_candidate_that_separates_the_painted_defects_wins_and_is_never_scored_on_its_own_bank(nut_dir):
-    FITTED.clear()
-    config = small_config(preprocess="auto", image_size=64)
-    chosen, record = choose_preprocessing(train_images(nut_dir), config, NearestPhotoModel)
+    built: list[NearestPhotoModel] = []
+
+    def new_model(config: Config) -> NearestPhotoModel:
+        built.append(NearestPhotoModel(config))
+        return built[-1]
+
+    chosen, record = choose_preprocessing(train_images(nut_dir), small_config(preprocess="auto", image_size=64), new_model)
     assert record["chosen"] == "off" and chosen.preprocess == "off"
     assert record["candidates"]["off"]["image_auroc"] > record["candidates"]["decided"]["image_auroc"]
-    assert len(FITTED) == 2
-    for model in FITTED:
+    assert len(built) == 2
+    for model in built:
         healthy = model.scored[: len(model.scored) // 2]
         assert healthy and not any(np.array_equal(photo, kept) for photo in healthy for kept in model.bank)
