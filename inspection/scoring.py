@@ -185,9 +185,13 @@ def csv_cell(value: Any) -> Any:
 
 
 def records_csv(records: Sequence[dict[str, Any]]) -> str:
-    """The records as CSV, one row per photo and every field a column (warnings joined by '; ')."""
+    """The records as CSV, one row per photo and every field a column (warnings joined by '; ').
+
+    Rows end in CRLF (RFC 4180): the writer quotes a field holding either character of its line end,
+    so a carriage return in a file name stays inside its cell instead of starting a row (a formula).
+    """
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=RECORD_FIELDS, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=RECORD_FIELDS, lineterminator="\r\n")
     writer.writeheader()
     for record in records:
         row = {**record, "warnings": "; ".join(record.get("warnings", []))}

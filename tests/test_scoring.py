@@ -6,11 +6,12 @@ import csv
 import io
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
 from evaluation.gallery import scored_image
-from inspection.overlay import THRESHOLD_RGB, highlighted_region, overlay_rgb
+from inspection.overlay import THRESHOLD_RGB, TITLE_HEIGHT, VERDICT_RGB, highlighted_region, overlay_image, overlay_rgb
 from evaluation.mvtec import load_test_split
 from preprocessing.io import find_images, read_image
 from inspection.scoring import Photo, RECORD_FIELDS, folder_photos, heatmap_path, records_csv, score_batch, score_files, summary
@@ -142,3 +143,57 @@ def test_each_record_carries_its_own_photos_numbers_and_warnings(fitted_model, s
         assert result.record["anomaly_confidence"] == round(prediction.anomaly_confidence, 4)
         assert result.record["warnings"] == prediction.warnings
     assert results[1].record["warnings"], "an all-white frame is scored without a warning"
+
+
+@pytest.mark.parametrize("start", ["=", "+", "-", "@", "\t", "\r"])
+def test_every_character_a_spreadsheet_reads_as_a_formula_start_is_made_text(start):
+    """OWASP's list of formula starts: a tab or carriage return before '=' still runs the formula."""
+    name = f"{start}=cmd|' /C calc'!A0.png"
+    rows = list(csv.DictReader(io.StringIO(records_csv([{"path": name, "error": f"{name}: not readable"}]), newline="")))
+    assert rows[0]["path"] == "'" + name and rows[0]["error"].startswith("'" + start)
+
+
+def test_a_carriage_return_in_a_file_name_never_starts_a_row():
+    """A spreadsheet ends a row at a bare CR: unquoted, the name's tail would be a new row that starts with '='."""
+    name = "a\r=cmd|' /C calc'!A0.png"
+    text = records_csv([{"path": name, "error": "not readable"}, {"path": "b.png", "error": "not readable"}])
+    rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    assert [row["path"] for row in rows] == [name, "b.png"]
+
+
+def test_each_saved_overlay_is_its_photo_on_the_models_colour_scale_with_its_verdict(fitted_model, small_screw_dir,
+                                                                                     tmp_path):
+    """The heatmap file of a photo: its own map, outlined at the model's threshold, coloured on the model's
+    scale (from the healthy median, shared by every photo), titled with the photo's own verdict."""
+    import copy
+
+    paths = [sample.path for sample in load_test_split(small_screw_dir)]
+    model = copy.copy(fitted_model)  # a threshold in the middle of the scores: both verdicts occur
+    model.threshold = float(np.median([prediction.score for prediction in fitted_model.predict(paths)]))
+    photos = [Photo(f"line/cam/{index}.png", path) for index, path in enumerate(paths)]
+    results = score_batch(model, photos, heatmap_dir=tmp_path / "heatmaps")
+    verdicts = set()
+    for index, result in enumerate(results):
+        prediction = result.prediction
+        assert result.record["heatmap"] == str(tmp_path / "heatmaps" / "line" / "cam" / f"{index}.png_heatmap.png")
+        written = cv2.cvtColor(cv2.imread(result.record["heatmap"]), cv2.COLOR_BGR2RGB)
+        verdict = "ANOMALOUS" if prediction.is_anomalous else "OK"
+        verdicts.add(verdict)
+        expected = overlay_image(result.image, prediction.anomaly_map, model.threshold, prediction.score,
+                                 verdict, vmin=model.calibration_median)
+        np.testing.assert_array_equal(written, expected, err_msg=result.photo.name)
+        title = written[:TITLE_HEIGHT]
+        other = "OK" if prediction.is_anomalous else "ANOMALOUS"
+        assert (title == VERDICT_RGB[verdict]).all(-1).any() and not (title == VERDICT_RGB[other]).all(-1).any()
+    assert verdicts == {"ANOMALOUS", "OK"}
+
+
+def test_any_number_of_photos_is_scored_in_batches_each_once_in_order(fitted_model, small_screw_dir):
+    import copy
+
+    paths = [sample.path for sample in load_test_split(small_screw_dir)][:5]
+    model = copy.copy(fitted_model)
+    model.config = fitted_model.config.replace(batch_size=2)
+    batches = list(score_files(model, [Photo(path.name, path) for path in paths]))
+    assert [len(batch) for batch in batches] == [2, 2, 1]
+    assert [scored.record["path"] for batch in batches for scored in batch] == [str(path) for path in paths]
