@@ -12,6 +12,7 @@ import pytest
 
 from evaluation.visualize import Tile, figure_bytes, pro_figure, roc_figure, score_histogram_figure, tiles_figure
 from inspection.overlay import (
+    BAR_WIDTH,
     GROUND_TRUTH_RGB,
     MARGIN,
     PANEL_SIDE,
@@ -130,3 +131,72 @@ def test_shrinking_keeps_a_one_pixel_region_that_averaging_would_lose() -> None:
     drawn = overlay_rgb(image, calm_map, threshold=2.0, highlight=region)  # ...the full-size region still shows
     assert (drawn == THRESHOLD_RGB).all(axis=-1).any()
     assert not (overlay_rgb(image, calm_map, threshold=2.0) == THRESHOLD_RGB).all(axis=-1).any()
+
+
+def _overlay_panel(picture: np.ndarray, photo_shape: tuple[int, int]) -> np.ndarray:
+    """The right-hand panel of an ``overlay_image`` (the overlay itself) for a photo of ``photo_shape``."""
+    height, width = photo_shape
+    scale = PANEL_SIDE / max(height, width)
+    size = (round(width * scale), round(height * scale))
+    left = 2 * MARGIN + size[0]
+    return picture[TITLE_HEIGHT : TITLE_HEIGHT + size[1], left : left + size[0]]
+
+
+def test_a_map_that_only_reaches_the_threshold_is_not_outlined() -> None:
+    """A score equal to the threshold passes (OK), so a map that reaches but never exceeds it has no contour."""
+    image = np.zeros((80, 80, 3), np.uint8)
+    anomaly_map = np.zeros((80, 80), np.float32)
+    anomaly_map[30:50, 30:50] = 2.0
+    assert not (overlay_rgb(image, anomaly_map, threshold=2.0) == THRESHOLD_RGB).all(-1).any()
+    anomaly_map[40, 40] = np.nextafter(np.float32(2.0), np.float32(3.0))
+    assert (overlay_rgb(image, anomaly_map, threshold=2.0) == THRESHOLD_RGB).all(-1).any()
+
+
+def test_a_one_pixel_peak_of_a_large_photo_is_outlined_on_its_saved_overlay() -> None:
+    """The saved overlay is drawn at PANEL_SIDE; the region above the threshold is taken at full size first."""
+    photo = np.zeros((1024, 1024, 3), np.uint8)
+    anomaly_map = np.zeros((1024, 1024), np.float32)
+    anomaly_map[517, 300] = 5.0
+    panel = _overlay_panel(overlay_image(photo, anomaly_map, 2.0, 5.0, "ANOMALOUS"), photo.shape[:2])
+    assert (panel == THRESHOLD_RGB).all(-1).any()
+
+
+def test_a_healthy_photo_looks_calm_on_its_saved_overlay() -> None:
+    """With vmin at the healthy median, a map at that median leaves the photo uncoloured on the saved overlay too."""
+    photo = np.random.default_rng(1).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    calm = np.full((300, 400), 1.0, np.float32)
+    picture = overlay_image(photo, calm, 2.0, 1.0, "OK", vmin=1.0)
+    shown = picture[TITLE_HEIGHT : TITLE_HEIGHT + 384, MARGIN : MARGIN + PANEL_SIDE]  # the photo panel
+    np.testing.assert_array_equal(_overlay_panel(picture, photo.shape[:2]), shown)
+
+
+def test_the_colour_bar_marks_the_threshold_a_third_of_the_way_up() -> None:
+    """Scale (vmin, threshold + 2 (threshold - vmin)): the black threshold mark sits a third up the bar."""
+    photo = np.zeros((100, 100, 3), np.uint8)
+    picture = overlay_image(photo, np.zeros((100, 100), np.float32), 2.0, 1.0, "OK", vmin=1.0)
+    bar_left = 3 * MARGIN + 2 * PANEL_SIDE
+    bar = picture[TITLE_HEIGHT : TITLE_HEIGHT + PANEL_SIDE, bar_left : bar_left + BAR_WIDTH]
+    rows = np.nonzero((bar == 0).all(-1).all(-1))[0]
+    assert rows.size and abs(rows.mean() - 2 / 3 * (PANEL_SIDE - 1)) <= 2
+
+
+def test_plots_draw_what_their_legends_say() -> None:
+    """The ROC curve reaches (1, 1) after resampling, the PRO shading stops at max_fpr, and the histogram's
+    threshold line stands at the threshold."""
+    fpr = np.linspace(0, 1, 50_000)
+    (curve, *_) = roc_figure({"image": (fpr, np.sqrt(fpr), 0.67)}).axes[0].get_lines()
+    assert curve.get_xdata()[-1] == 1.0 and curve.get_ydata()[-1] == 1.0 and len(curve.get_xdata()) <= 2000
+    shaded = pro_figure(fpr, fpr ** 0.3, 0.5, 0.3).axes[0].collections[0].get_paths()[0].vertices
+    assert shaded[:, 0].min() == 0.0 and shaded[:, 0].max() <= 0.3
+    histogram = score_histogram_figure([1.0, 1.2, 1.1], [2.5, 3.0], 1.6, [1.0, 1.1, 1.05], (1.1, 0.05))
+    (line,) = [line for line in histogram.axes[0].get_lines() if line.get_label().startswith("threshold")]
+    assert list(line.get_xdata()) == [1.6, 1.6]
+
+
+def test_tiles_use_the_models_colour_scale() -> None:
+    """A tile whose map sits at the healthy median (vmin) shows the photo uncoloured."""
+    image = np.random.default_rng(2).integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    tile = Tile(image, np.full((60, 80), 1.0, np.float32), "good/000.png")
+    figure = tiles_figure({"healthy": [tile]}, threshold=2.0, vmin=1.0, columns=2)
+    shown = [ax.get_images()[0].get_array() for sub in figure.subfigs for ax in sub.axes if ax.get_images()]
+    np.testing.assert_array_equal(np.asarray(shown[0]), image)
