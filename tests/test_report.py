@@ -332,3 +332,76 @@ def test_the_report_and_the_summary_list_the_model_updates(report: tuple[dict, P
     line = "update 1 (2026-01-02T03:04:05+0000): added 2 photos confirmed good from POST /feedback"
     assert line in format_summary(metrics) and line in _setup_section(metrics)
     assert "update 1" not in format_summary(report[0])
+
+
+def _gallery_items(model: FakeModel, names: list[str], strengths: list[int]) -> list:
+    """Scored gallery items of grey discs with red spots of the given strengths (0: healthy)."""
+    from evaluation.gallery import scored_image
+
+    rng = np.random.default_rng(3)
+    images = [_photo(rng, (48, 48, 6, strength) if strength else None)[0] for strength in strengths]
+    return [scored_image(name, image, prediction)
+            for name, image, prediction in zip(names, images, model.predict(images))]
+
+
+def test_the_gallery_lists_photos_highest_score_first_with_score_over_threshold() -> None:
+    from evaluation.gallery import VERDICTS, gallery
+
+    model = FakeModel()
+    items = _gallery_items(model, ["a.png", "b.png", "c.png", "d.png"], [40, 0, 200, 100])
+    page = gallery("photos", items, VERDICTS, model.threshold, model.calibration_median)
+    cards = re.findall(r"<b>([\d.]+)</b> \(([\d.]+) × threshold\) (\w+)</div><div class=\"name\">([^<]*)<", page)
+    scores = [float(score) for score, *_ in cards]
+    assert scores == sorted(scores, reverse=True) and len(cards) == 4
+    for score, ratio, verdict, _ in cards:
+        assert float(ratio) == pytest.approx(float(score) / model.threshold, abs=2e-3)
+        assert verdict == ("ANOMALOUS" if float(score) > model.threshold else "OK")
+
+
+def test_a_photo_name_is_shown_as_text_never_run_as_markup() -> None:
+    from evaluation.gallery import VERDICTS, gallery
+
+    model = FakeModel()
+    name = '<img src=x onerror="alert(1)">.png'
+    page = gallery("photos", _gallery_items(model, [name], [0]), VERDICTS, model.threshold, None)
+    assert name not in page and "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;.png" in page
+
+
+def test_a_healthy_card_shows_its_photo_uncoloured_on_the_models_scale() -> None:
+    """With the model's scale (from the healthy median), a map at that median adds no colour to the thumbnail."""
+    from evaluation.gallery import VERDICTS, gallery, jpeg_uri
+
+    model = FakeModel()
+    (item,) = _gallery_items(model, ["calm.png"], [0])
+    item.eval_map = np.full_like(item.eval_map, model.calibration_median)
+    item.highlight = np.zeros_like(item.highlight)
+    page = gallery("photos", [item], VERDICTS, model.threshold, model.calibration_median)
+    assert jpeg_uri(item.thumbnail) in page
+
+
+def test_the_timeline_colours_only_scores_above_the_threshold_as_flagged() -> None:
+    from evaluation.gallery import score_timeline_svg
+
+    svg = score_timeline_svg([0.2, 0.3, 0.31, 0.25], threshold=0.3, healthy_limit=0.28, window=3)
+    assert re.findall(r'<circle [^>]*fill="(#[0-9a-f]+)"', svg) == ["#1f77b4", "#1f77b4", "#c62828", "#1f77b4"]
+
+
+def test_each_card_names_its_outcome_from_its_label_and_verdict(report: tuple[dict, Path, FakeModel]) -> None:
+    """The data set holds one false alarm (a faint speck on a healthy part) and one missed defect (the faint hole)."""
+    page = (report[1] / "report.html").read_text()
+    names: dict[str, list[str]] = {}
+    for outcome, name in re.findall(r'data-outcome="(\w+)">.*?<div class="name">([^<]*)</div>', page):
+        names.setdefault(outcome, []).append(name)
+    assert names["FP"] == ["good/005.png"] and names["FN"] == ["hole/001.png"]
+    assert len(names["TP"]) == 4 and len(names["TN"]) == 5
+
+
+def test_a_one_pixel_peak_stays_highlighted_on_the_report_thumbnail() -> None:
+    """The region above the threshold is taken from the full-size map, then shrunk: the peak cannot vanish."""
+    from evaluation.gallery import scored_image
+
+    anomaly_map = np.zeros((1024, 1024), np.float32)
+    anomaly_map[517, 300] = 5.0
+    prediction = Prediction(5.0, 2.0, anomaly_map, True, 0.0, 0.5, [])
+    item = scored_image("peak.png", np.zeros((1024, 1024, 3), np.uint8), prediction)
+    assert item.highlight.sum() == 1
