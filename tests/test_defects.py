@@ -142,3 +142,11 @@ def test_defects_on_real_screw_photos(screw_dir: Path) -> None:
         part = segment_object(image).mask
         for kind in DEFECT_KINDS:
             check_painted(image, part, kind, index)
+
+
+def test_a_scratch_on_dark_metal_is_a_bright_line() -> None:
+    """A dark groove on dark metal would be invisible: on a dark part the scratch is burnished bright."""
+    image, part = photo_of_part((240, 320), (160, 120), (80, 40), 20, part_level=70.0)
+    for seed in range(3):
+        painted, mask = check_painted(image, part, "scratch", seed)
+        assert painted[mask & part].astype(int).max() > 150

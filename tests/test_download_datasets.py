@@ -13,7 +13,9 @@ import pytest
 
 from conftest import find_screw_dir
 from scripts.download_datasets import main
-from scripts.synthetic_fasteners import PART_DEFECTS, PARTS, TABLES, SyntheticSettings, generate, render_sample
+from scripts.synthetic_fasteners import (
+    PART_DEFECTS, PARTS, TABLES, SyntheticSettings, generate, planned_files, render_sample,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -274,3 +276,24 @@ def test_scene_flags_reach_the_generator_and_bad_ones_are_refused(
             main([*args, *bad, "--out", str(tmp_path / "bad")])
         assert stopped.value.code == 2
         assert "error:" in capsys.readouterr().err and not (tmp_path / "bad").exists(), reason
+
+
+def test_no_test_photo_repeats_a_training_photo() -> None:
+    """Healthy test photos are rendered from scenes of their own: a repeat would score as trained-on."""
+    train = [render_sample(SMALL, key, None)[0] for _, key, _ in planned_files(SMALL) if key[0] == 0]
+    test = [render_sample(SMALL, key, defect)[0] for name, key, defect in planned_files(SMALL)
+            if name.startswith("test/good/")]
+    assert len(test) == SMALL.n_test_per_kind
+    assert not any(np.array_equal(photo, seen) for photo in test for seen in train)
+
+
+def test_a_rerun_never_deletes_outside_its_folder_whatever_the_marker_lists(tmp_path: Path) -> None:
+    out = tmp_path / "set"
+    generate(SMALL, out)
+    outside = tmp_path / "keep.txt"
+    outside.write_text("mine")
+    marker = json.loads((out / "synthetic.json").read_text(encoding="utf-8"))
+    marker["files"].append("../keep.txt")
+    (out / "synthetic.json").write_text(json.dumps(marker), encoding="utf-8")
+    generate(SMALL, out)
+    assert outside.read_text() == "mine"

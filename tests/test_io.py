@@ -444,3 +444,15 @@ def test_the_data_is_synced_before_the_rename_and_the_rename_is_synced(tmp_path,
     (_, data), (_, renamed), (_, folder) = events
     assert data.parent == path.parent and data.name.startswith(".metrics.json.fastener-")  # the temporary's bytes
     assert renamed == path and folder == path.parent
+
+
+def test_a_temporary_of_a_live_writer_run_by_another_user_is_kept(tmp_path, monkeypatch):
+    """Signal 0 to another user's process is refused (EPERM): that writer lives, its file is mid-write."""
+    def refused(pid, signal):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "kill", refused)
+    theirs = tmp_path / ".report.html.fastener-4242-0badc0de.tmp"
+    theirs.write_text("partial")
+    write_atomically(tmp_path / "report.html", "<html></html>")
+    assert sorted(os.listdir(tmp_path)) == sorted(["report.html", theirs.name])

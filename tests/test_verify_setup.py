@@ -188,6 +188,28 @@ def test_selftest_fits_and_scores_for_real():
     assert "fitted on 6 synthetic photos" in result.detail
 
 
+def test_a_selftest_that_scores_nan_fails(monkeypatch):
+    """A NaN score is below every threshold: a self-test that gets one must not pass the machine."""
+    import dataclasses
+
+    from models.patchcore import PatchCore
+
+    real_fit, real_predict, depth = PatchCore.fit, PatchCore.predict, []
+
+    def fit_then_damage(self, *args, **kwargs):
+        """The model the self-test fits (not the candidates its preprocessing choice fits) scores NaN afterwards."""
+        depth.append(self)
+        real_fit(self, *args, **kwargs)
+        depth.pop()
+        if not depth:
+            self.predict = lambda images, *a, **k: [dataclasses.replace(p, score=float("nan"))
+                                                    for p in real_predict(self, images, *a, **k)]
+
+    monkeypatch.setattr(PatchCore, "fit", fit_then_damage)
+    result = verify_setup.check_selftest()
+    assert result.status is Status.FAILED and "score nan" in result.detail
+
+
 def test_runtime_mode_checks_the_line_pc_set_alone(capsys, monkeypatch, tmp_path):
     for heavy in ("torch", "torchvision", "sklearn", "scipy", "matplotlib"):  # absent on a line PC
         monkeypatch.setitem(sys.modules, heavy, None)
