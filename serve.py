@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -75,6 +76,21 @@ def api_key(key_file: Path | None) -> str | None:
     return key
 
 
+def check_address(host: str, port: int) -> None:
+    """Bind the address once before the model loads, as uvicorn will (with SO_REUSEADDR): a port out of
+    range, in use or not ours to take, or a host this machine does not have, is one ``error:`` line at
+    once instead of a traceback or a log line after the start."""
+    if not 0 <= port <= 65535:
+        fail(f"--port must be between 0 and 65535, got {port}")
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as error:  # socket.gaierror too: a host name that does not resolve
+        fail(f"cannot listen on {host}:{port}: {error.strerror or error}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import uvicorn
@@ -85,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         fail("--workers must be at least 1")
     if args.learn and args.workers > 1:
         fail("--learn updates one model in one process; run it with --workers 1")
+    check_address(args.host, args.port)
     settings = ServiceSettings(
         model=str(args.model), runtime=args.runtime, device=args.device, api_key=api_key(args.api_key_file),
         max_upload_mb=args.max_upload_mb, queue_size=args.queue_size, batch_wait_ms=args.batch_wait_ms,

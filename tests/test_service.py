@@ -175,6 +175,22 @@ def test_an_empty_api_key_is_refused_never_taken_as_no_authentication(tmp_path):
     assert result.returncode == 2 and result.stderr.strip() == f"error: {tmp_path / 'key'}: the API key file is empty"
 
 
+def test_a_port_in_use_or_out_of_range_is_one_error_line_before_the_model_loads(tmp_path):
+    import socket
+
+    model_file = tmp_path / "model.pkl"
+    model_file.write_bytes(b"not read: the address is checked first")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for bad_port, says in ((str(port), f"error: cannot listen on 127.0.0.1:{port}: Address already in use"),
+                               ("70000", "error: --port must be between 0 and 65535, got 70000")):
+            result = subprocess.run([sys.executable, "serve.py", "--model", str(model_file), "--port", bad_port],
+                                    cwd=ROOT, capture_output=True, text=True, timeout=120)
+            assert result.returncode == 2 and result.stderr.strip() == says, result.stderr
+
+
 def test_the_api_key_is_never_a_command_line_argument(tmp_path):
     """``ps`` shows every process's arguments to every user of the machine."""
     result = subprocess.run([sys.executable, "serve.py", "--model", "m.pkl", "--api-key", "secret"], cwd=ROOT,
