@@ -164,7 +164,8 @@ def print_unlike_the_rest(model: PatchCore, heatmap_dir: Path) -> list[str]:
 
 def add_good(args: argparse.Namespace) -> int:
     """Add photos confirmed good to a saved model's bank and re-calibrate, keeping the file it replaces."""
-    from models.patchcore import PatchCore, keep_previous
+    from models.model_file import keep_previous
+    from models.patchcore import PatchCore
 
     model = PatchCore.load(args.model)
     paths = healthy_photos(args.data_dir)

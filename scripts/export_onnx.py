@@ -43,7 +43,8 @@ def export(model_path: Path, output: Path) -> float:
     import torch
 
     from models.feature_extractor import FeatureExtractor, onnx_graph
-    from models.patchcore import ModelFileError, PatchCore
+    from models.model_file import ModelFileError
+    from models.patchcore import PatchCore
 
     model = PatchCore.load(model_path, device="cpu", runtime="torch")
     extractor = FeatureExtractor(model.config)

@@ -12,7 +12,8 @@ import torch
 from config import Config, UserError
 from conftest import small_config
 from models.coreset import StreamingCoreset
-from models.patchcore import ModelFileError, PatchCore
+from models.model_file import ModelFileError
+from models.patchcore import PatchCore
 from evaluation.mvtec import load_test_split, train_images
 from preprocessing.io import read_image
 from train import main as train_main

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from models.onnx_extractor import OnnxExtractorError
-from models.patchcore import ModelFileError, PatchCore
+from models.model_file import ModelFileError
+from models.patchcore import PatchCore
 from evaluation.mvtec import load_test_split
 
 ROOT = Path(__file__).resolve().parents[1]

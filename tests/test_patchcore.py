@@ -15,7 +15,8 @@ import pytest
 from config import Config, UserError
 from conftest import small_config
 from models.calibration import fit_tail, rate_interval, read_at
-from models.patchcore import FORMAT_VERSION, ModelFileError, PatchCore, anomaly_confidence_from_sigma
+from models.model_file import FORMAT_VERSION, ModelFileError
+from models.patchcore import PatchCore, anomaly_confidence_from_sigma
 from evaluation.mvtec import load_test_split, train_images
 from preprocessing.io import read_image
 

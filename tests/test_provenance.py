@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from models.onnx_extractor import OnnxExtractorError, OnnxFeatureExtractor, export_metadata
-from models.patchcore import ModelFileError, PatchCore
+from models.model_file import ModelFileError
+from models.patchcore import PatchCore
 from evaluation.mvtec import train_images
 
 

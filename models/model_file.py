@@ -1,0 +1,200 @@
+"""The model file: plain data on disk, read without running any code from it.
+
+A model file is a pickle of builtins only (dicts, lists, strings, numbers, bytes): arrays are packed
+as bytes with their dtype and shape, and the unpickler refuses every global, so loading a file never
+executes code. What it reads is then checked against what a fit can write (types, shapes, finite
+values, a threshold that can flag something); anything else is a ``ModelFileError`` naming the file.
+Updates made on the line keep the file they replace beside it, so an update can be undone.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import stat
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from config import Config, UserError, brief, check_plain_data
+from models.backbones import feature_width
+from output_files import write_atomically
+
+FORMAT_VERSION = 2  # 2: the image score is read off the anomaly map
+
+
+class ModelFileError(UserError, ValueError):
+    """A model file that cannot be loaded; the message names the file and the reason."""
+
+
+def write_state(path: str | Path, state: dict[str, Any]) -> None:
+    """Write a model's plain-data state atomically: a crash never leaves a half-written file under ``path``."""
+    write_atomically(path, pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def check_state(state: Any) -> dict[str, Any]:
+    """An unpickled state whose format version, keys and value types are those a fit writes, or ValueError."""
+    if not isinstance(state, dict) or "format_version" not in state:
+        raise ValueError("not a fastener-anomaly-detection model file")
+    version = state["format_version"]
+    if type(version) is not int or version != FORMAT_VERSION:
+        raise ValueError(
+            f"model format version {brief(version)} is not supported by this version "
+            f"(expects {FORMAT_VERSION}); refit the model with train.py"
+        )
+    missing = sorted(set(STATE_TYPES) - set(state))
+    if missing:
+        raise ValueError(f"incomplete model file, missing {', '.join(missing)}")
+    for key, types in STATE_TYPES.items():
+        if not isinstance(state[key], types) or isinstance(state[key], bool):
+            raise ValueError(f"{key} has the wrong type ({type(state[key]).__name__})")
+    return state
+
+
+STATE_TYPES: dict[str, type | tuple[type, ...]] = {
+    "config": dict,
+    "memory_bank": dict,
+    "calibration_scores": dict,
+    "threshold": (int, float),
+    "n_train": int,
+    "fit_seconds": (int, float),
+    "weights_identity": str,
+}
+
+
+_UPDATE_VALUE_TYPES = (str, int, float, bool, list)
+
+
+def checked_updates(updates: Any) -> list[dict[str, Any]]:
+    """The update history as add_good writes it: a list of records of plain values, or ValueError."""
+    if not isinstance(updates, list) or not all(
+        isinstance(update, dict)
+        and all(isinstance(key, str) and isinstance(value, _UPDATE_VALUE_TYPES) for key, value in update.items())
+        and isinstance(update.get("photos"), int)
+        for update in updates
+    ):
+        raise ValueError("updates must be a list of update records")
+    return [dict(update) for update in updates]
+
+
+def keep_previous(path: str | Path, update: int) -> Path | None:
+    """Copy the model file about to be replaced by update number ``update`` to
+    ``<name>.before-update-<update>.pkl`` (atomically), so the update can be undone; None when
+    there is no file to keep."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    kept = path.with_name(f"{path.stem}.before-update-{update}{path.suffix}")
+    write_atomically(kept, path.read_bytes())
+    return kept
+
+
+def read_state(path: Path) -> Any:
+    """Unpickle a model file's plain data, or ModelFileError naming the file and what is wrong with it."""
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        reason = "broken symbolic link" if path.is_symlink() else "model file not found"
+        raise ModelFileError(f"{path}: {reason}") from None
+    except OSError as error:  # a symlink loop, a folder on the way that cannot be entered
+        raise ModelFileError(f"{path}: cannot be opened ({error.strerror})") from None
+    if stat.S_ISDIR(status.st_mode):
+        raise ModelFileError(f"{path}: is a folder, not a model file")
+    if not stat.S_ISREG(status.st_mode):  # opening a FIFO would wait for a writer forever
+        raise ModelFileError(f"{path}: not a regular file (a device, FIFO or socket)")
+    try:
+        with open(path, "rb") as handle:
+            state = _PlainDataUnpickler(handle).load()
+    except PermissionError:
+        raise ModelFileError(f"{path}: permission denied") from None
+    except OSError as error:
+        raise ModelFileError(f"{path}: cannot be read ({error.strerror})") from None
+    except _GlobalRefused as error:
+        raise ModelFileError(f"{path}: refused, {error}") from None
+    except (MemoryError, OverflowError):  # a length field claiming far more than the file holds
+        raise ModelFileError(f"{path}: corrupt, it declares a value larger than the whole file") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError) as error:
+        raise ModelFileError(f"{path}: not a model file or truncated ({brief(str(error))})") from None
+    try:  # before anything walks it: a few hundred bytes of shared references can expand to billions
+        check_plain_data(state, "the file")
+    except ValueError as error:
+        raise ModelFileError(f"{path}: refused, {error}") from None
+    return state
+
+
+# A backbone's features are of order 1 to 100; up to a million, every squared distance between
+# patches stays finite in float32, so no score can overflow to infinity or NaN.
+MAX_FEATURE_MAGNITUDE = 1e6
+THRESHOLD_SPAN = 1000  # a threshold more than this many times the largest healthy score is no calibration
+
+
+def check_fitted_values(
+    config: Config, threshold: float, bank: np.ndarray, scores: np.ndarray, calibration: dict[str, Any], n_train: int
+) -> None:
+    """Refuse what no fit writes: a NaN or zero threshold, an empty bank, values so large that scores overflow.
+
+    Types are not enough: a bank with one patch of 3e38 loads as floats, yet every distance to it
+    overflows and every photo would score NaN, which is below no threshold and so "ok".
+    """
+    if not (math.isfinite(threshold) and threshold > 0):
+        raise ValueError(f"threshold is {threshold:g}, not a finite number above 0")
+    if bank.ndim != 2 or bank.shape[0] == 0 or bank.shape[1] == 0:
+        raise ValueError(f"memory_bank must be a non-empty (patches, features) array, got shape {bank.shape}")
+    if not np.isfinite(bank).all():
+        raise ValueError("memory_bank holds NaN or infinite values")
+    largest = float(np.abs(bank).max())
+    if largest > MAX_FEATURE_MAGNITUDE:
+        raise ValueError(
+            f"memory_bank holds a value of {largest:.3g}; a backbone's features stay below "
+            f"{MAX_FEATURE_MAGNITUDE:g}, and distances to it would overflow"
+        )
+    width = feature_width(config)
+    if width is not None and bank.shape[1] != width:
+        raise ValueError(
+            f"memory_bank has {bank.shape[1]} features per patch, but {config.backbone} with "
+            f"target_dim {config.target_dim} gives {width}"
+        )
+    if scores.ndim != 1 or scores.size == 0 or not np.isfinite(scores).all() or scores.min() < 0:
+        raise ValueError("calibration_scores must be a non-empty list of finite distances (0 or more)")
+    if scores.max() > 0 and threshold > THRESHOLD_SPAN * scores.max():
+        raise ValueError(
+            f"threshold {threshold:.4g} is over {THRESHOLD_SPAN} times the largest healthy calibration "
+            f"score ({scores.max():.4g}); it would pass every defect"
+        )
+    floor = calibration.get("spread_floor", 0.0)
+    if not (isinstance(floor, (int, float)) and not isinstance(floor, bool) and math.isfinite(floor) and floor >= 0):
+        raise ValueError(f"calibration spread_floor is {brief(floor)}, not a finite number of 0 or more")
+    if n_train < 1:
+        raise ValueError(f"n_train must be at least 1, got {n_train}")
+
+
+def pack_array(array: np.ndarray) -> dict[str, Any]:
+    """An array as builtins only, so the pickle never has to name a NumPy function."""
+    array = np.ascontiguousarray(array)
+    return {"dtype": array.dtype.str, "shape": list(array.shape), "data": array.tobytes()}
+
+
+def unpack_array(packed: dict[str, Any], name: str) -> np.ndarray:
+    """A float32 array from ``pack_array``'s dict, checking that shape and data length agree."""
+    if set(packed) != {"dtype", "shape", "data"} or not isinstance(packed["data"], bytes):
+        raise ValueError(f"{name} is not a packed array")
+    if packed["dtype"] != np.dtype(np.float32).str:
+        raise ValueError(f"{name} must be float32, got dtype {brief(packed['dtype'])}")
+    shape = packed["shape"]
+    if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
+        raise ValueError(f"{name} has an invalid shape {brief(shape)}")
+    if math.prod(shape) * 4 != len(packed["data"]):
+        raise ValueError(f"{name}: shape {brief(shape)} does not match its {len(packed['data'])} bytes")
+    return np.frombuffer(packed["data"], dtype=np.float32).reshape(shape).copy()
+
+
+class _GlobalRefused(pickle.UnpicklingError):
+    """The file names a Python object: loading it could run code."""
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Refuses every global: a model file holds dicts, lists, strings, numbers and bytes only."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise _GlobalRefused(f"the file asks to load {f'{module}.{name}'[:100]}; model files hold plain data only")
