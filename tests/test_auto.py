@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from config import Config
-from preprocessing.auto import angle_spread, decide, decide_steps, measure_photos
+from preprocessing.auto import MAX_MEASURED_PHOTOS, angle_spread, decide, decide_steps, measure_photos
 from preprocessing.pipeline import preprocess
 from preprocessing.registration import principal_axis
 
@@ -62,10 +62,20 @@ def test_parts_in_a_fixture_are_not_rotated() -> None:
     assert any("orientation spread" in reason for reason in decision.reasons)
 
 
+def test_stubby_parts_in_a_fixture_are_not_rotated_for_their_elongation_first():
+    """Both rules fail; the reason names the cut-off, the rule a user would tune (min_elongation)."""
+    photos = [plate_photo(1.2, a) for a in np.linspace(-2, 2, 8)]
+    decision = decide_steps(measure_photos(photos, CONFIG), CONFIG)
+    assert decision.changes["align_rotation"] is False
+    (rotation,) = [reason for reason in decision.reasons if reason.startswith("rotation")]
+    assert "does not clear the cut-off 1.5" in rotation
+
+
 def test_parts_on_the_border_turn_the_mask_off() -> None:
     photos = [plate_photo(1.5, 10 * i, centre=(12 if i % 2 else 100, 100)) for i in range(10)]
     decision = decide_steps(measure_photos(photos, CONFIG), CONFIG)
-    assert decision.changes["zero_background"] is False and decision.changes["segment"] is False
+    switches = ("segment", "crop", "align_rotation", "normalize_scale", "zero_background")
+    assert {name: decision.changes[name] for name in switches} == dict.fromkeys(switches, False)  # what runs is what is recorded
     assert decision.numbers["on_border"] == pytest.approx(0.5)
 
 
@@ -83,9 +93,21 @@ def test_convex_parts_get_the_hull_mask_and_an_l_shape_its_outline() -> None:
 
 def test_white_balance_only_where_the_cast_changes_between_photos() -> None:
     grey = [plate_photo(2.0, 20 * i) for i in range(8)]
-    assert decide_steps(measure_photos(grey, CONFIG), CONFIG).changes["white_balance"] is False
+    neutral = decide_steps(measure_photos(grey, CONFIG), CONFIG)
+    assert neutral.changes["white_balance"] is False and neutral.numbers["cast_median"] == pytest.approx(0)
+    assert any(reason.startswith("white balance off (colour cast 0.00, steady") for reason in neutral.reasons)
     tinted = [np.clip(photo * np.array([1.0, 1.0, 0.6 + 0.05 * i]), 0, 255).astype(np.uint8) for i, photo in enumerate(grey)]
-    assert decide_steps(measure_photos(tinted, CONFIG), CONFIG).changes["white_balance"] is True
+    changing = decide_steps(measure_photos(tinted, CONFIG), CONFIG)
+    assert changing.changes["white_balance"] is True
+    assert any(reason.startswith("white balance on") and "varies" in reason for reason in changing.reasons)
+
+
+def test_white_balance_is_decided_from_every_photo_also_where_no_part_is_found():
+    """Frames filled by the surface (no part mask) still tell whether the colour cast changes."""
+    frames = [np.full((100, 100, 3), (150, 150, int(100 + 10 * i)), np.uint8) for i in range(8)]
+    decision = decide_steps(measure_photos(frames, CONFIG), CONFIG)
+    assert decision.numbers["part_found"] == 0 and decision.changes["zero_background"] is False
+    assert decision.changes["white_balance"] is True
 
 
 def test_glare_on_the_part_turns_inpainting_on() -> None:
@@ -113,6 +135,26 @@ def test_angle_spread_wraps_at_180_degrees() -> None:
     assert angle_spread(np.linspace(0, 180, 36, endpoint=False)) > 40
 
 
+def test_angle_spread_is_in_degrees_of_the_axis():
+    """Axes at +-5 degrees (also across the 180 wrap) spread 5 degrees: the 5-degree fixture rule reads it so."""
+    assert angle_spread(np.array([85.0, 95.0])) == pytest.approx(5.0, abs=0.02)
+    assert angle_spread(np.array([175.0, 5.0])) == pytest.approx(5.0, abs=0.02)
+
+
+def test_at_most_60_photos_are_measured_as_an_even_sample_of_the_whole_set():
+    """121 photos, the part growing from the first to the last: every third is measured (41), first and last included."""
+    photos = []
+    for index in range(121):
+        image = np.full((100, 100, 3), 40, np.uint8)
+        cv2.rectangle(image, (10, 40), (10 + 20 + index // 2, 59), (170, 170, 170), -1)
+        photos.append(image)
+    measures = measure_photos(photos, CONFIG)
+    assert len(measures) == 41 <= MAX_MEASURED_PHOTOS
+    areas = [measure.area for measure in measures]
+    last = measure_photos(photos[-1:], CONFIG)[0].area
+    assert min(areas) == measure_photos(photos[:1], CONFIG)[0].area and max(areas) == last
+
+
 def test_grabcut_takes_over_where_otsu_splits_a_shaded_part_on_a_light_table() -> None:
     from scripts.synthetic_fasteners import SyntheticSettings, render_sample
 
@@ -121,3 +163,19 @@ def test_grabcut_takes_over_where_otsu_splits_a_shaded_part_on_a_light_table() -
     decision = decide(photos, CONFIG)
     assert decision.changes["zero_background"] is True and decision.changes["segmentation_method"] == "grabcut"
     assert decision.reasons[0].startswith("part mask by GrabCut")
+
+
+def test_otsu_is_kept_where_its_mask_is_reliable():
+    photos = [plate_photo(2.0, 20 * i) for i in range(6)]
+    decision = decide(photos, CONFIG)
+    assert decision.changes["zero_background"] is True and decision.changes["segmentation_method"] == "otsu"
+    assert not any("GrabCut" in reason for reason in decision.reasons)
+
+
+def test_where_grabcut_is_no_better_the_decision_and_its_figures_are_otsus():
+    """Parts on the frame defeat both masks: the mask is off and the reasons quote Otsu's measurements."""
+    photos = [plate_photo(1.5, 10 * i, centre=(12 if i % 2 else 100, 100)) for i in range(6)]
+    decision = decide(photos, CONFIG)
+    otsu = decide_steps(measure_photos(photos, CONFIG), CONFIG)
+    assert decision.changes["zero_background"] is False
+    assert decision.numbers == otsu.numbers and decision.reasons == otsu.reasons

@@ -11,7 +11,7 @@ from conftest import small_config
 from config import Config
 from models.patchcore import PatchCore
 from models.pipeline_selection import choose_preprocessing
-from preprocessing.auto import decide_steps, measure_photos
+from preprocessing.auto import PhotoMeasure, decide_steps, measure_photos
 
 CONFIG = Config(image_size=64, preprocess="on")
 
@@ -94,6 +94,36 @@ def test_a_part_filling_most_of_the_frame_leaves_no_background_to_zero(side, rel
     assert decision.changes["zero_background"] is reliable
 
 
+def test_the_border_share_counts_among_the_photos_where_a_part_was_found():
+    """4 of the 19 parts found touch the frame (21 %, over the 20 % cut-off); the blank photo is not a part."""
+    photos = [part_photo(1.5, 10 * i, centre=(12 if i < 4 else 100, 100)) for i in range(19)]
+    decision = decided(photos + [np.full((200, 200, 3), 40, np.uint8)])
+    assert decision.numbers["on_border"] == pytest.approx(4 / 19)
+    assert decision.changes["zero_background"] is False
+
+
+def test_the_area_cut_off_applies_to_the_median_photo():
+    """Six photos at 78 % of the frame and four close-ups at 95 %: the median photo leaves background to zero."""
+    measures = [PhotoMeasure(found=True, area=area, solidity=1.0, elongation=3.0, axis_degrees=30.0 * i)
+                for i, area in enumerate([0.78] * 6 + [0.95] * 4)]
+    decision = decide_steps(measures, CONFIG)
+    assert decision.numbers["area_median"] == pytest.approx(0.78)
+    assert decision.changes["zero_background"] is True
+
+
+def test_a_dim_part_with_a_large_highlight_is_masked_whole():
+    """The mask is taken with the glare filled in, as the pipeline takes it: Otsu on the raw photo would
+    separate the highlight from a dim part and measure the highlight's area (1-3 % instead of 10 %)."""
+    photos = []
+    for index, radius in enumerate(np.linspace(10, 18, 8)):
+        photo = part_photo(2.5, 20 * index, colour=(90, 90, 90))
+        cv2.circle(photo, (100, 100), int(radius), (255, 255, 255), -1)
+        photos.append(photo)
+    decision = decided(photos)
+    assert decision.numbers["area_median"] == pytest.approx(2.5 * 40 * 40 / 200**2, abs=0.01)
+    assert decision.changes["zero_background"] is True
+
+
 # ----------------------------------------------------------------------------- colour and glare
 def test_a_steady_colour_cast_leaves_white_balance_off_and_a_changing_one_turns_it_on():
     warm = [part_photo(2.0, 20 * i, colour=(200, 150, 100), table=(60, 45, 30)) for i in range(8)]
@@ -116,6 +146,19 @@ def test_glare_on_a_share_of_the_part_turns_inpainting_on(radius, on):
     assert decision.changes["inpaint_specular"] is on
 
 
+@pytest.mark.parametrize("side, on", [(1, False), (2, True)])
+def test_inpainting_turns_on_at_a_tenth_of_a_percent_of_the_part(side, on):
+    """On a 140 x 70 part a 1-pixel highlight (with its halo) is 0.09 %, a 2 x 2 one 0.16 %."""
+    photos = [part_photo(2.0, 20 * i, short=70) for i in range(8)]
+    for photo in photos:
+        photo[100:100 + side, 100:100 + side] = 255
+    decision = decided(photos)
+    assert decision.numbers["glare_median"] == pytest.approx(0.0009 if side == 1 else 0.0016, abs=0.0003)
+    assert decision.changes["inpaint_specular"] is on
+    (glare,) = [reason for reason in decision.reasons if reason.startswith("glare")]
+    assert glare.startswith("glare inpainting on, on the part only" if on else "glare inpainting off")
+
+
 def test_a_small_highlight_on_a_small_part_counts_against_the_part():
     """A 3 x 3 highlight (5 x 5 with its halo) is 0.06 % of a 200 x 200 photo, under the 0.1 % cut-off,
     but 1.6 % of a 20 x 80 part: inpainting must turn on."""
@@ -134,6 +177,8 @@ def test_glare_is_not_inpainted_without_a_reliable_part_mask():
     decision = decided(photos)
     assert decision.changes["zero_background"] is False
     assert decision.changes["inpaint_specular"] is False
+    (glare,) = [reason for reason in decision.reasons if reason.startswith("glare")]
+    assert glare.startswith("glare inpainting off") and glare.endswith("no reliable part mask)")
 
 
 # ----------------------------------------------------------------------------- the ranking
