@@ -61,6 +61,7 @@ def test_a_brightness_shift_raises_the_drift_warning_once(small_window_model, un
     scores = next(event for event in events if event["kind"] == "scores")
     assert scores["median_passed_score"] > scores["healthy_limit"]
     assert "drift" in scores["warning"] and "--add-good" in scores["warning"]
+    assert f"{scores['median_passed_score']:.3f}" in scores["warning"]  # the warning quotes the window's median
     assert monitor.status()["drift"]
 
 
@@ -89,6 +90,40 @@ def test_a_drift_warning_waits_for_a_full_window_and_error_records_do_not_count(
     assert event["kind"] == "scores" and monitor.status()["drift"]
 
 
+def passed(score: float) -> dict:
+    return {"score": score, "is_anomalous": False}
+
+
+def test_a_warning_lasts_while_the_scores_stay_high_ends_when_they_recover_and_is_raised_again(small_window_model):
+    """One event when drift starts; the warning stays in status() while the rolling window is high,
+    goes when healthy photos fill the window, and a new drift is a new event. A new model starts clean."""
+    monitor = DriftMonitor(small_window_model)
+    healthy = float(np.median(small_window_model.calibration_scores))
+    high = (monitor.healthy_limit + small_window_model.threshold) / 2
+    assert [event["kind"] for _ in range(10) for event in monitor.observe(passed(high))] == ["scores"]
+    assert [event for _ in range(5) for event in monitor.observe(passed(high))] == []
+    assert monitor.status()["drift"] and len(monitor.status()["warnings"]) == 1  # still high: still in force
+    assert [event for _ in range(10) for event in monitor.observe(passed(healthy))] == []
+    assert not monitor.status()["drift"] and monitor.status()["warnings"] == []
+    assert [event["kind"] for _ in range(10) for event in monitor.observe(passed(high))] == ["scores"]
+    monitor.reset(small_window_model)
+    assert not monitor.status()["drift"] and monitor.status()["warnings"] == [] and monitor.status()["photos"] == 0
+
+
+def test_the_score_warning_follows_the_median_so_a_few_high_passed_photos_raise_none(small_window_model):
+    """Three passed photos just under the threshold among seven typical ones leave the median typical;
+    a window whose median sits exactly at the healthy limit is still healthy ("above" it warns)."""
+    monitor = DriftMonitor(small_window_model)
+    healthy = float(np.median(small_window_model.calibration_scores))
+    near_threshold = 0.99 * small_window_model.threshold
+    scores = [healthy] * 7 + [near_threshold] * 3
+    assert np.mean(scores) > monitor.healthy_limit  # a mean would warn
+    assert [event for score in scores for event in monitor.observe(passed(score))] == []
+    assert monitor.status()["median_passed_score"] == pytest.approx(healthy)
+    at_limit = DriftMonitor(small_window_model)
+    assert [event for _ in range(10) for event in at_limit.observe(passed(at_limit.healthy_limit))] == []
+
+
 def test_flags_within_drift_flag_factor_times_the_expected_false_alarms_raise_no_warning(fitted_model):
     model = fitted_model.copy()
     model.config = model.config.replace(drift_window=100)  # 3 x 1 % false alarms: up to 3 of 100 flagged
@@ -99,9 +134,27 @@ def test_flags_within_drift_flag_factor_times_the_expected_false_alarms_raise_no
         flagged = number in (10, 60)
         events += monitor.observe({"score": 10 * model.threshold if flagged else healthy, "is_anomalous": flagged})
     assert events == [] and monitor.status()["flagged_share"] == pytest.approx(0.02)
+    assert monitor.status()["photos"] == 100  # flagged photos count in the window too
     flag = {"score": 10 * model.threshold, "is_anomalous": True}
-    more = monitor.observe(flag) + monitor.observe(flag)  # 4 of the last 100
-    assert [event["kind"] for event in more] == ["flagged"]
+    assert monitor.observe(flag) == []  # 3 of the last 100: exactly the limit, not above it
+    (event,) = monitor.observe(flag)  # 4 of the last 100
+    assert event["kind"] == "flagged" and event["window"] == 100
+    assert event["flagged_share"] == pytest.approx(0.04)
+    assert "4 of the last 100 photos flagged (4.0%)" in event["warning"]
+    assert "3 x the 1.0% false alarms" in event["warning"]
+
+
+def test_the_flag_limit_scales_with_the_false_alarm_rate_the_threshold_was_calibrated_for(fitted_model):
+    """A threshold calibrated to flag 5 % of healthy parts may flag 3 x 5 % = 3 of 20 before drift warns."""
+    model = fitted_model.copy()
+    model.config = model.config.replace(drift_window=20, false_alarm_rate=0.05)
+    monitor = DriftMonitor(model)
+    healthy = float(np.median(model.calibration_scores))
+    flags = [number in (3, 9, 15) for number in range(20)]
+    events = [e for flagged in flags for e in monitor.observe({"score": healthy, "is_anomalous": flagged})]
+    assert events == [] and monitor.status()["expected_false_alarm_rate"] == pytest.approx(0.05)
+    (event,) = monitor.observe({"score": 10 * model.threshold, "is_anomalous": True})  # 4 of the last 20
+    assert event["kind"] == "flagged" and "3 x the 5.0% false alarms" in event["warning"]
 
 
 def test_photos_moved_into_confirmed_good_are_learnt_by_the_watcher(fitted_model, unseen, tmp_path):
