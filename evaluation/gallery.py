@@ -54,6 +54,8 @@ class Model(Protocol):
 
     def predict(self, images: list[np.ndarray], progress: bool = False) -> list[Any]: ...
 
+    def threshold_for(self, false_alarm_rate: float) -> float: ...
+
 
 @dataclass
 class ScoredImage:

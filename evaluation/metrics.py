@@ -98,6 +98,30 @@ def rates_at_threshold(kinds: Sequence[str], scores: Sequence[float] | np.ndarra
     }
 
 
+def operating_points(kinds: Sequence[str], scores: Sequence[float] | np.ndarray,
+                     thresholds: dict[float, float]) -> list[dict[str, Any]]:
+    """What each promised false-alarm rate's threshold does on these photos: the healthy ('good')
+    photos it flags, the defective ones it passes and the F1, one row per rate, lowest rate first.
+
+    ``thresholds`` maps each rate to the threshold the model's healthy scores give it, so a line can
+    see what a stricter or looser setting costs in escapes before choosing it."""
+    good = np.asarray(kinds) == "good"
+    n_defective = int((~good).sum())
+    points = []
+    for rate, threshold in sorted(thresholds.items()):
+        flagged = is_flagged(scores, threshold)
+        false_alarms, escapes = int(flagged[good].sum()), int((~flagged[~good]).sum())
+        caught = n_defective - escapes
+        points.append({
+            "false_alarm_rate": rate,
+            "threshold": float(threshold),
+            "false_alarms": false_alarms,
+            "escapes": escapes,
+            "f1": 2 * caught / (2 * caught + false_alarms + escapes) if n_defective else None,
+        })
+    return points
+
+
 def per_defect_auroc(kinds: Sequence[str], scores: Sequence[float] | np.ndarray) -> dict[str, float | None]:
     """AUROC of healthy ('good') images against each defect kind alone: which defects the model misses."""
     kinds_array = np.asarray(kinds)

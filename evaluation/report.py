@@ -27,6 +27,7 @@ from evaluation.metrics import (
     area_under_pro,
     downsample_for_eval,
     image_metrics,
+    operating_points,
     per_defect_auroc,
     pixel_roc,
     pro_curve,
@@ -54,6 +55,13 @@ from preprocessing.io import ImageReadError, read_mask
 
 WORST_CASES = 6  # false positives / negatives shown in the grid
 F1_MAX_NOTE = "oracle: its threshold is chosen on the test labels, so production cannot reach it"
+COMPARED_RATES = (0.005, 0.01, 0.02, 0.05, 0.1)  # false_alarm_rate settings set side by side, the model's own added
+OPERATING_POINTS_NOTE = (
+    "each threshold is the one the model's own healthy scores give that false_alarm_rate (a fit with "
+    "--false-alarm-rate R sets it); * is the model's setting. What a stricter or looser promise costs in escapes "
+    "on these photos: a few dozen test photos cannot confirm the rate itself"
+)
+
 
 def evaluate(
     model: Model,
@@ -162,7 +170,10 @@ def _metrics(
     scores = np.array([s.score for s in scored])
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     metrics: dict[str, Any] = image_metrics(labels, scores, model.threshold)
-    metrics.update(rates_at_threshold([s.sample.kind for s in scored], scores, model.threshold))
+    kinds = [s.sample.kind for s in scored]
+    metrics.update(rates_at_threshold(kinds, scores, model.threshold))
+    rates = sorted({*COMPARED_RATES, model.config.false_alarm_rate})
+    metrics["operating_points"] = operating_points(kinds, scores, {rate: model.threshold_for(rate) for rate in rates})
     if metrics["image_auroc"] is not None:
         curves["image_roc"] = tuple(roc_curve(labels, scores)[:2])
     with_truth = [s for s in scored if s.eval_regions is not None]
@@ -224,6 +235,17 @@ def _setup_section(metrics: dict[str, Any]) -> str:
     return "<h2>How this model was set up</h2>\n<ul>" + "".join(f"<li>{item}</li>" for item in items) + "</ul>"
 
 
+def _operating_points_table(metrics: dict[str, Any]) -> str:
+    """The compared false_alarm_rate settings as a table, with what each would do on these photos."""
+    cells = _operating_point_cells(metrics)
+    if not cells:
+        return ""
+    header = "".join(f"<th>{name}</th>" for name in ("false_alarm_rate", "threshold", "false alarms", "escapes", "F1"))
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in cells)
+    return (f"<h2>Other false-alarm settings</h2>\n<p>{html.escape(OPERATING_POINTS_NOTE)}.</p>\n"
+            f"<table>\n<tr>{header}</tr>\n{rows}\n</table>")
+
+
 def _heatmap_image(path: str | None) -> str:
     """A written overlay embedded in the page (the report stays one self-contained file), or nothing."""
     if not path or not Path(path).is_file():
@@ -266,7 +288,32 @@ def format_summary(metrics: dict[str, Any]) -> str:
         + f" · {metrics.get('backbone')} · pixel metrics at {metrics.get('eval_size')} px"
     )
     lines += update_lines(metrics.get("updates", []))
+    lines += _operating_lines(metrics)
     return "\n".join(lines)
+
+
+def _operating_point_cells(metrics: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """(rate, threshold, false alarms, escapes, F1) per compared false_alarm_rate; '*' marks the model's."""
+    own = metrics.get("promised_false_alarm_rate")
+    return [
+        (f"{point['false_alarm_rate']:.1%}" + (" *" if point["false_alarm_rate"] == own else ""),
+         number(point["threshold"], 3),
+         f"{point['false_alarms']} of {metrics['n_test_good']}",
+         f"{point['escapes']} of {metrics['n_test_defective']}",
+         number(point["f1"], 3))
+        for point in metrics.get("operating_points", [])
+    ]
+
+
+def _operating_lines(metrics: dict[str, Any]) -> list[str]:
+    cells = _operating_point_cells(metrics)
+    if not cells:
+        return []
+    header = ("false_alarm_rate", "threshold", "false alarms", "escapes", "F1")
+    widths = [max(len(row[column]) for row in (header, *cells)) for column in range(len(header))]
+    return ["other false_alarm_rate settings on these test photos:"] + [
+        "  " + "  ".join(f"{cell:>{width}}" for cell, width in zip(row, widths)) for row in (header, *cells)
+    ]
 
 
 # ----------------------------------------------------------------------------------- HTML page
@@ -352,6 +399,7 @@ def _html(
 <table>
 {_metric_rows(metrics)}
 </table>
+{_operating_points_table(metrics)}
 {_setup_section(metrics)}
 {f'<h2>Unreadable files</h2><ul class="skipped">{skipped}</ul>' if skipped else ''}
 <h2>Plots</h2>

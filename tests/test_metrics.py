@@ -12,6 +12,7 @@ from evaluation.metrics import (
     downsample_for_eval,
     image_metrics,
     is_flagged,
+    operating_points,
     per_defect_auroc,
     pixel_roc,
     pro_curve,
@@ -208,6 +209,17 @@ def test_rates_at_the_threshold_count_false_alarms_escapes_and_recall_per_kind()
     assert low < 0.25 < high
     assert rates["false_alarm_rate_interval"] == wilson_interval(1, 4)  # 1 of the 4 healthy photos
     assert rates["escape_rate_interval"] == wilson_interval(2, 5)  # 2 of the 5 defective photos
+
+
+def test_each_operating_point_counts_what_its_threshold_flags_and_passes() -> None:
+    """Worked on paper: healthy 1-4, defects 2.5, 3.5, 5; a score equal to a threshold is not flagged."""
+    kinds = ["good"] * 4 + ["scratch"] * 3
+    scores = [1.0, 2.0, 3.0, 4.0, 2.5, 3.5, 5.0]
+    points = operating_points(kinds, scores, {0.1: 2.0, 0.01: 4.5, 0.05: 3.5})
+    assert [point["false_alarm_rate"] for point in points] == [0.01, 0.05, 0.1]  # strictest first
+    assert [(point["false_alarms"], point["escapes"]) for point in points] == [(0, 2), (1, 2), (2, 0)]
+    assert [point["f1"] for point in points] == pytest.approx([2 / 4, 2 / 5, 6 / 8])
+    assert operating_points(["good", "good"], [1.0, 3.0], {0.01: 2.0})[0]["f1"] is None  # no defects: no F1
 
 
 def test_wilson_interval_matches_the_formula_and_stays_inside_zero_to_one() -> None:

@@ -46,6 +46,10 @@ class FakeModel:
         self.calibration_median = float(np.median(self.calibration_scores))
         self.calibration_std = 0.05  # the robust spread
 
+    def threshold_for(self, false_alarm_rate: float) -> float:
+        """Lower for a looser promise, the model's own threshold at its own rate."""
+        return self.threshold * (self.config.false_alarm_rate / false_alarm_rate) ** 0.25
+
     def predict(self, images: list[np.ndarray], progress: bool = False) -> list[Prediction]:
         self.batch_sizes.append(len(images))
         predictions = []
@@ -126,6 +130,35 @@ def test_metrics_match_direct_computation(report: tuple[dict, Path, FakeModel]) 
     for key, value in expected.items():
         assert metrics[key] == pytest.approx(value)
     assert (metrics["false_alarms"], metrics["escapes"]) == (1, 1)  # the faint speck on a good photo, the faint hole
+
+
+def test_other_false_alarm_settings_show_what_each_threshold_would_do(report: tuple[dict, Path, FakeModel]) -> None:
+    """metrics.json, the console and the page set the compared rates side by side: each row's threshold is
+    the model's for that rate, its counts are those of the test photos' own scores, and the model's own
+    setting (2 %, added to the list) agrees with the figures at the threshold."""
+    metrics, out_dir, model = report
+    data_dir = out_dir.parent / "data"
+    paths = sorted((data_dir / "test").glob("*/[0-8]*.png"))
+    scores = np.array([p.score for p in FakeModel().predict(
+        [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in paths])])
+    good = np.array([p.parent.name == "good" for p in paths])
+    points = metrics["operating_points"]
+    assert [point["false_alarm_rate"] for point in points] == [0.005, 0.01, 0.02, 0.05, 0.1]
+    for point in points:
+        threshold = model.threshold_for(point["false_alarm_rate"])
+        assert point["threshold"] == pytest.approx(threshold)
+        assert point["false_alarms"] == int((scores[good] > threshold).sum())
+        assert point["escapes"] == int((scores[~good] <= threshold).sum())
+    own = points[2]
+    assert (own["false_alarms"], own["escapes"]) == (metrics["false_alarms"], metrics["escapes"])
+    assert own["f1"] == pytest.approx(metrics["image_f1_at_threshold"])
+    assert points[0]["false_alarms"] == 0 < own["false_alarms"]  # a stricter promise drops the faint speck
+    summary = format_summary(metrics)
+    assert "other false_alarm_rate settings on these test photos:" in summary
+    assert re.search(r"\n +2\.0% \* +0\.300 +1 of 6 +1 of 5 +0\.800$", summary, re.MULTILINE)
+    assert re.search(r"\n +0\.5% +0\.424 +0 of 6 +1 of 5 +0\.889\n", summary)
+    page = (out_dir / "report.html").read_text()
+    assert "<h2>Other false-alarm settings</h2>" in page and "<td>2.0% *</td><td>0.300</td>" in page
 
 
 def test_pixel_metrics_match_direct_computation(report: tuple[dict, Path, FakeModel]) -> None:
