@@ -318,6 +318,8 @@ def page(title: str, meta: str, body: str) -> str:
   th, td {{ text-align: left; padding: 4px 12px; border-bottom: 1px solid #eee; vertical-align: top; }}
   td:nth-child(2) {{ font-variant-numeric: tabular-nums; font-weight: 600; white-space: nowrap; }}
   td:nth-child(3) {{ color: #616161; font-size: 90%; }}
+  table.grid td {{ font-variant-numeric: tabular-nums; font-weight: normal; color: inherit; font-size: inherit;
+                   text-align: right; }}
   .plots {{ display: flex; flex-wrap: wrap; gap: 16px; align-items: flex-start; }}
   .plot {{ max-width: 100%; background: white; border: 1px solid #ddd; }}
   .gallery {{ display: flex; flex-wrap: wrap; gap: 10px; }}

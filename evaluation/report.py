@@ -57,9 +57,9 @@ WORST_CASES = 6  # false positives / negatives shown in the grid
 F1_MAX_NOTE = "oracle: its threshold is chosen on the test labels, so production cannot reach it"
 COMPARED_RATES = (0.005, 0.01, 0.02, 0.05, 0.1)  # false_alarm_rate settings set side by side, the model's own added
 OPERATING_POINTS_NOTE = (
-    "each threshold is the one the model's own healthy scores give that false_alarm_rate (a fit with "
-    "--false-alarm-rate R sets it); * is the model's setting. What a stricter or looser promise costs in escapes "
-    "on these photos: a few dozen test photos cannot confirm the rate itself"
+    "What a stricter or looser promise would cost on these photos. Each threshold is the one the model's healthy "
+    "scores give that false_alarm_rate (a fit with --false-alarm-rate R sets it); * marks the model's own. A few "
+    "dozen healthy test photos cannot confirm a rate of 1 in 100: the promise rests on the training photos"
 )
 
 
@@ -243,7 +243,7 @@ def _operating_points_table(metrics: dict[str, Any]) -> str:
     header = "".join(f"<th>{name}</th>" for name in ("false_alarm_rate", "threshold", "false alarms", "escapes", "F1"))
     rows = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in cells)
     return (f"<h2>Other false-alarm settings</h2>\n<p>{html.escape(OPERATING_POINTS_NOTE)}.</p>\n"
-            f"<table>\n<tr>{header}</tr>\n{rows}\n</table>")
+            f'<table class="grid">\n<tr>{header}</tr>\n{rows}\n</table>')
 
 
 def _heatmap_image(path: str | None) -> str:
