@@ -56,6 +56,7 @@ from preprocessing.io import ImageReadError, read_mask
 WORST_CASES = 6  # false positives / negatives shown in the grid
 F1_MAX_NOTE = "oracle: its threshold is chosen on the test labels, so production cannot reach it"
 COMPARED_RATES = (0.005, 0.01, 0.02, 0.05, 0.1)  # false_alarm_rate settings set side by side, the model's own added
+OPERATING_POINT_COLUMNS = ("false_alarm_rate", "threshold", "false alarms", "escapes", "F1")
 OPERATING_POINTS_NOTE = (
     "What a stricter or looser promise would cost on these photos. Each threshold is the one the model's healthy "
     "scores give that false_alarm_rate (a fit with --false-alarm-rate R sets it); * marks the model's own. A few "
@@ -240,7 +241,7 @@ def _operating_points_table(metrics: dict[str, Any]) -> str:
     cells = _operating_point_cells(metrics)
     if not cells:
         return ""
-    header = "".join(f"<th>{name}</th>" for name in ("false_alarm_rate", "threshold", "false alarms", "escapes", "F1"))
+    header = "".join(f"<th>{name}</th>" for name in OPERATING_POINT_COLUMNS)
     rows = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in cells)
     return (f"<h2>Other false-alarm settings</h2>\n<p>{html.escape(OPERATING_POINTS_NOTE)}.</p>\n"
             f'<table class="grid">\n<tr>{header}</tr>\n{rows}\n</table>')
@@ -296,7 +297,7 @@ def _operating_point_cells(metrics: dict[str, Any]) -> list[tuple[str, str, str,
     """(rate, threshold, false alarms, escapes, F1) per compared false_alarm_rate; '*' marks the model's."""
     own = metrics.get("promised_false_alarm_rate")
     return [
-        (f"{point['false_alarm_rate']:.1%}" + (" *" if point["false_alarm_rate"] == own else ""),
+        (f"{100 * point['false_alarm_rate']:g}%" + (" *" if point["false_alarm_rate"] == own else ""),
          number(point["threshold"], 3),
          f"{point['false_alarms']} of {metrics['n_test_good']}",
          f"{point['escapes']} of {metrics['n_test_defective']}",
@@ -306,10 +307,11 @@ def _operating_point_cells(metrics: dict[str, Any]) -> list[tuple[str, str, str,
 
 
 def _operating_lines(metrics: dict[str, Any]) -> list[str]:
+    """The compared false_alarm_rate settings as a console table, columns right-aligned."""
     cells = _operating_point_cells(metrics)
     if not cells:
         return []
-    header = ("false_alarm_rate", "threshold", "false alarms", "escapes", "F1")
+    header = OPERATING_POINT_COLUMNS
     widths = [max(len(row[column]) for row in (header, *cells)) for column in range(len(header))]
     return ["other false_alarm_rate settings on these test photos:"] + [
         "  " + "  ".join(f"{cell:>{width}}" for cell, width in zip(row, widths)) for row in (header, *cells)

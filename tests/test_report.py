@@ -155,10 +155,10 @@ def test_other_false_alarm_settings_show_what_each_threshold_would_do(report: tu
     assert points[0]["false_alarms"] == 0 < own["false_alarms"]  # a stricter promise drops the faint speck
     summary = format_summary(metrics)
     assert "other false_alarm_rate settings on these test photos:" in summary
-    assert re.search(r"\n +2\.0% \* +0\.300 +1 of 6 +1 of 5 +0\.800$", summary, re.MULTILINE)
+    assert re.search(r"\n +2% \* +0\.300 +1 of 6 +1 of 5 +0\.800$", summary, re.MULTILINE)
     assert re.search(r"\n +0\.5% +0\.424 +0 of 6 +1 of 5 +0\.889\n", summary)
     page = (out_dir / "report.html").read_text()
-    assert "<h2>Other false-alarm settings</h2>" in page and "<td>2.0% *</td><td>0.300</td>" in page
+    assert "<h2>Other false-alarm settings</h2>" in page and "<td>2% *</td><td>0.300</td>" in page
 
 
 def test_pixel_metrics_match_direct_computation(report: tuple[dict, Path, FakeModel]) -> None:
