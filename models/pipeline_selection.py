@@ -69,7 +69,7 @@ def choose_preprocessing(
 
     bank = [photos[i] for i in order[:n_bank]]
     healthy = [photos[i] for i in order[n_bank : n_bank + n_eval]]
-    defective, masks = _paint_defects(healthy, decided.segmentation_method, rng)
+    defective, masks = paint_defects(healthy, decided.segmentation_method, rng)
     candidates = {"decided": decided, "off": config.replace(preprocess="off")}
     results = {
         name: _separation(new_model(candidate), bank, healthy, defective, masks)
@@ -100,10 +100,11 @@ def _as_array(image: str | Path | np.ndarray, max_pixels: int) -> np.ndarray:
     return read_image(image, max_pixels) if isinstance(image, (str, Path)) else image
 
 
-def _paint_defects(
-    photos: Sequence[np.ndarray], method: str, rng: np.random.Generator
+def paint_defects(
+    photos: Sequence[np.ndarray], method: str, rng: np.random.Generator, scale: float = 1.0
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """A defective copy of each photo (kinds taken in turn), on the part where one is found."""
+    """A defective copy of each photo (kinds taken in turn, ``scale`` times their usual size), on the
+    part where one is found."""
     defective, masks = [], []
     for number, photo in enumerate(photos):
         part = segment_object(photo, method=method).mask
@@ -111,7 +112,7 @@ def _paint_defects(
             part = np.zeros(photo.shape[:2], bool)
             height, width = part.shape
             part[height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = True
-        image, mask = paint_defect(photo, part, DEFECT_KINDS[number % len(DEFECT_KINDS)], rng)
+        image, mask = paint_defect(photo, part, DEFECT_KINDS[number % len(DEFECT_KINDS)], rng, scale)
         defective.append(image)
         masks.append(mask)
     return defective, masks

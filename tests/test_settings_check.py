@@ -1,0 +1,135 @@
+"""Comparing settings (evaluation/settings_check.py, scripts/compare_settings.py): every candidate is
+fitted on the same training photos, meets the same held-out photos and painted copies, and is counted
+at its own threshold; a bad candidate is refused before any fit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import cv2
+import numpy as np
+import pytest
+
+import evaluation.settings_check as settings_check
+from config import run_cli
+from conftest import small_config
+from evaluation.metrics import wilson_interval
+from evaluation.settings_check import compare_settings
+
+SIDE = 200
+
+
+def healthy_part() -> np.ndarray:
+    """A grey disc on a dark table: every training photo is this one, so any painted pixel stands out."""
+    image = np.full((SIDE, SIDE, 3), 30, np.uint8)
+    cv2.circle(image, (SIDE // 2, SIDE // 2), 70, (150, 150, 150), -1)
+    return image
+
+
+class DifferenceModel:
+    """Stands in for PatchCore: a photo's score is how far it is from the healthy disc; it records
+    what each instance was fitted on and shown."""
+
+    instances: list[DifferenceModel] = []
+
+    def __init__(self, config) -> None:
+        self.config, self.threshold = config, 0.01
+        self.fitted: list[str] = []
+        self.shown: list[np.ndarray] = []
+        DifferenceModel.instances.append(self)
+
+    def fit(self, photos, progress=True) -> None:
+        self.fitted = [Path(photo).name for photo in photos]
+
+    def predict(self, images):
+        self.shown = list(images)
+        return [SimpleNamespace(score=float(np.abs(image.astype(int) - healthy_part()).mean())) for image in images]
+
+
+@pytest.fixture
+def disc_photos(tmp_path: Path) -> list[Path]:
+    photos = []
+    for number in range(10):
+        photos.append(tmp_path / f"{number:03d}.png")
+        cv2.imwrite(str(photos[-1]), cv2.cvtColor(healthy_part(), cv2.COLOR_RGB2BGR))
+    return photos
+
+
+def test_every_candidate_meets_the_same_photos_and_painted_copies_and_is_counted_at_its_threshold(
+    disc_photos, monkeypatch
+):
+    monkeypatch.setattr(settings_check, "PatchCore", DifferenceModel)
+    DifferenceModel.instances = []
+    candidates = {"as set": small_config(), "larger": small_config(image_size=160)}
+    results = compare_settings(disc_photos, candidates, splits=2, defect_scale=1.0, seed=0, progress=False)
+    first, second, third, fourth = DifferenceModel.instances  # split 1: both candidates, then split 2
+    for same_split in ((first, second), (third, fourth)):
+        one, other = same_split
+        assert one.fitted == other.fitted and len(one.fitted) == 7  # 70 % of 10
+        assert len(one.shown) == 6 and all(np.array_equal(a, b) for a, b in zip(one.shown, other.shown))
+        healthy, painted = one.shown[:3], one.shown[3:]
+        assert all(np.array_equal(image, healthy_part()) for image in healthy)  # held out, as read
+        assert all(not np.array_equal(image, healthy_part()) for image in painted)  # each copy has a defect
+        assert len(set(one.fitted)) == 7 and set(one.fitted) <= {photo.name for photo in disc_photos}
+    assert first.fitted != third.fitted  # another seeded split
+    for result in results.values():
+        assert (result["painted_caught"], result["healthy_flagged"], result["photos"]) == (6, 0, 6)
+        assert result["recall"] == 1.0 and result["recall_interval"] == wilson_interval(6, 6)
+        assert result["auroc"] == 1.0 and result["cpu_seconds"] >= 0
+
+
+def test_a_painted_copy_at_the_threshold_is_not_caught(disc_photos, monkeypatch):
+    """Counted strictly above each model's own threshold, as every verdict is."""
+    monkeypatch.setattr(settings_check, "PatchCore", DifferenceModel)
+    monkeypatch.setattr(DifferenceModel, "predict", lambda self, images: [
+        SimpleNamespace(score=0.01 if number >= len(images) // 2 else 0.0) for number in range(len(images))])
+    result = compare_settings(disc_photos, {"as set": small_config()}, 1, 1.0, 0, progress=False)["as set"]
+    assert (result["painted_caught"], result["healthy_flagged"], result["auroc"]) == (0, 0, 1.0)
+
+
+@pytest.mark.parametrize("count", [4, 2])
+def test_too_few_photos_are_refused(count, disc_photos):
+    with pytest.raises(ValueError, match=f"at least 5 training photos, got {count}"):
+        compare_settings(disc_photos[:count], {"as set": small_config()}, 1, 1.0, 0, progress=False)
+
+
+def test_a_candidate_is_the_settings_given_with_its_changes():
+    from scripts.compare_settings import candidate
+
+    changed = candidate(small_config(), "image_size=320, heatmap_sigma=6,clahe=false")
+    assert (changed.image_size, changed.heatmap_sigma, changed.clahe) == (320, 6.0, False)
+    assert changed.backbone == small_config().backbone  # the rest as given
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("image_size", "expected SETTING=VALUE"),
+    ("imagesize=320", "unknown config key(s): imagesize"),
+    ("image_size=250", "image_size must be 32 to 1024, a multiple of 16, got 250"),
+])
+def test_a_bad_candidate_is_one_error_line_before_any_fit(text, reason, monkeypatch, capsys):
+    import scripts.compare_settings as script
+
+    fitted = []
+    monkeypatch.setattr(settings_check, "compare_settings", lambda *args, **kwargs: fitted.append(args))
+    assert run_cli(lambda: script.main(["--data-dir", "x", "--try", "heatmap_sigma=2", "--try", text])) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: --try {text}: ") and reason in line and not fitted
+
+
+def test_the_script_compares_real_fits_on_training_photos_alone(small_screw_dir, tmp_path, capsys):
+    """Two real settings on the 12-photo screw subset, one split: 4 photos held out, 4 painted copies."""
+    import scripts.compare_settings as script
+
+    out = tmp_path / "settings.json"
+    assert script.main(["--data-dir", str(small_screw_dir), "--splits", "1", "--backbone", "efficientnet_lite0",
+                        "--image-size", "64", "--preprocess", "off", "--quiet", "--try", "heatmap_sigma=2",
+                        "--json", str(out)]) == 0
+    settings = json.loads(out.read_text())["settings"]
+    assert list(settings) == ["as set", "heatmap_sigma=2"]
+    for result in settings.values():
+        assert result["photos"] == 4 and 0 <= result["painted_caught"] <= 4 and 0 <= result["auroc"] <= 1
+    printed = capsys.readouterr().out
+    assert "12 training photos, 1 seeded split, each holding out 4 healthy photos" in printed
+    assert "\nheatmap_sigma=2 " in printed
