@@ -105,19 +105,17 @@ def operating_points(kinds: Sequence[str], scores: Sequence[float] | np.ndarray,
 
     ``thresholds`` maps each rate to the threshold the model's healthy scores give it, so a line can
     see what a stricter or looser setting costs in escapes before choosing it."""
-    good = np.asarray(kinds) == "good"
-    n_defective = int((~good).sum())
+    n_defective = sum(kind != "good" for kind in kinds)
     points = []
     for rate, threshold in sorted(thresholds.items()):
-        flagged = is_flagged(scores, threshold)
-        false_alarms, escapes = int(flagged[good].sum()), int((~flagged[~good]).sum())
-        caught = n_defective - escapes
+        at = rates_at_threshold(kinds, scores, threshold)
+        caught = n_defective - at["escapes"]
         points.append({
             "false_alarm_rate": rate,
             "threshold": float(threshold),
-            "false_alarms": false_alarms,
-            "escapes": escapes,
-            "f1": 2 * caught / (2 * caught + false_alarms + escapes) if n_defective else None,
+            "false_alarms": at["false_alarms"],
+            "escapes": at["escapes"],
+            "f1": 2 * caught / (2 * caught + at["false_alarms"] + at["escapes"]) if n_defective else None,
         })
     return points
 
