@@ -164,7 +164,6 @@ def print_unlike_the_rest(model: PatchCore, heatmap_dir: Path) -> list[str]:
 
 def add_good(args: argparse.Namespace) -> int:
     """Add photos confirmed good to a saved model's bank and re-calibrate, keeping the file it replaces."""
-    from models.model_file import keep_previous
     from models.patchcore import PatchCore
 
     model = PatchCore.load(args.model)
@@ -172,8 +171,7 @@ def add_good(args: argparse.Namespace) -> int:
     output = args.output or args.model
     check_writable(output)  # before scoring, as for a fit
     update = model.add_good(paths, progress=not args.quiet, source=str(args.data_dir), force=args.force)
-    kept = keep_previous(output, len(model.updates))
-    model.save(output)
+    kept = model.save_update(output)
     for name in update["forced"]:
         print(f"warning: {name} scores above {model.config.good_score_limit:g} x the threshold; added because of --force")
     print(f"added {update['photos']} photos confirmed good from {args.data_dir}: memory bank "

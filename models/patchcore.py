@@ -696,6 +696,14 @@ class PatchCore:
         }
         write_state(path, state)
 
+    def save_update(self, path: str | Path) -> Path | None:
+        """Save over ``path`` after an update, first keeping the file it replaces as
+        ``<name>.before-update-<n>.pkl`` so the update can be undone; returns that copy (None when
+        ``path`` did not exist)."""
+        kept = keep_previous(path, len(self.updates))
+        self.save(path)
+        return kept
+
     @classmethod
     def load(cls, path: str | Path, device: str | None = None, runtime: str = "auto") -> PatchCore:
         """Read and check a model file. Only plain data is accepted: a file that names any Python
@@ -763,8 +771,7 @@ def learn_on_a_copy(
         return None, {"photos": 0, "refused": list(labels), "error": str(error)}
     if not update["photos"]:
         return None, update
-    keep_previous(model_path, len(candidate.updates))
-    candidate.save(model_path)
+    candidate.save_update(model_path)
     return candidate, update
 
 
