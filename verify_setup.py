@@ -45,7 +45,7 @@ IMPORT_NAMES = {
     "efficientnet-lite-pytorch": "efficientnet_lite_pytorch",
     "python-multipart": "python_multipart",
 }
-OPTIONAL_PACKAGES = {"pytest", "scikit-image", "httpx"}  # only the test suite needs them
+OPTIONAL_PACKAGES = {"pytest", "scikit-image", "httpx", "httpx2"}  # only the test suite needs them
 
 
 class Status(Enum):

