@@ -27,6 +27,8 @@ def test_a_saved_and_loaded_model_gives_the_same_predictions(fitted_model, small
     assert loaded.threshold == fitted_model.threshold
     assert np.array_equal(loaded.calibration_scores, fitted_model.calibration_scores)
     assert loaded.calibration == fitted_model.calibration  # method, spread floor, warnings
+    # arrays of its own: torch warns of undefined behaviour on read-only ones when an update reads the bank
+    assert loaded.memory_bank.flags.writeable and loaded.calibration_scores.flags.writeable
     test_paths = [s.path for s in load_test_split(small_screw_dir)[:2]]
     for before, after in zip(fitted_model.predict(test_paths), loaded.predict(test_paths), strict=True):
         assert after.score == before.score
@@ -80,6 +82,8 @@ def _payloads(marker: Path) -> dict[str, bytes]:
         "importlib.import_module": _call(_global("importlib.import_module"), _text(MARKER_MODULE)),
         "functools.partial": _call(_call(_global("functools.partial"), _global("os.system"), touch)),
         "operator.methodcaller": _call(_call(_global("operator.methodcaller"), _text("system"), touch), os_module),
+        # any module will do: from protocol 4 on, a global may be an attribute path to eval through a harmless function
+        "functools.wraps.__builtins__.get": b"\x80\x04" + _call(_call(b"cfunctools\nwraps.__builtins__.get\n", _text("exec")), python),
     }
 
 
@@ -141,6 +145,25 @@ def test_a_failed_save_leaves_the_previous_model_file_intact(fitted_model, tmp_p
     assert [p.name for p in tmp_path.iterdir()] == ["model.pkl"]
 
 
+def test_a_kept_copy_cut_short_by_a_full_disk_is_not_left_behind(tmp_path):
+    """Undoing an update restores ``<name>.before-update-<n>.pkl``: half of one would be a broken model.
+
+    The disk fills up (a file size limit of 64 KiB) while the 256 KiB model file is being copied."""
+    from test_io import ROOT
+
+    path = tmp_path / "line.pkl"
+    path.write_bytes(os.urandom(256 * 1024))
+    code = (
+        "import resource, sys\n"
+        "from models.model_file import keep_previous\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY))\n"
+        f"try:\n    keep_previous({str(path)!r}, 1)\nexcept OSError as error:\n    sys.exit(f'refused: {{error}}')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.stderr.startswith("refused: ") and "File too large" in result.stderr, result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["line.pkl"]
+
+
 # ----------------------------------------------------------------------------- model files refused on load
 def saved_state(model: PatchCore, tmp_path) -> dict:
     path = tmp_path / "good.pkl"
@@ -176,15 +199,25 @@ CORRUPTIONS = {
     "missing threshold": (lambda s: s.pop("threshold"), "missing threshold"),
     "missing memory bank": (lambda s: s.pop("memory_bank"), "missing memory_bank"),
     "missing config": (lambda s: s.pop("config"), "missing config"),
+    "missing weights identity": (lambda s: s.pop("weights_identity"), "missing weights_identity"),
+    "no format version": (lambda s: s.pop("format_version"), "not a fastener-anomaly-detection model file"),
+    "fractional format version": (lambda s: s.update(format_version=2.0), "version 2.0 is not supported"),
     "text format version": (lambda s: s.update(format_version="1"), "version '1' is not supported"),
     "boolean format version": (lambda s: s.update(format_version=True), "version True is not supported"),
     "text threshold": (lambda s: s.update(threshold="0.5"), "threshold has the wrong type"),
+    "boolean photo count": (lambda s: s.update(n_train=True), "n_train has the wrong type (bool)"),
+    "fractional photo count": (lambda s: s.update(n_train=11.5), "n_train has the wrong type (float)"),
+    "no training photos": (lambda s: s.update(n_train=0), "n_train must be at least 1, got 0"),
+    "packed array with another field": (lambda s: s["memory_bank"].update(order="F"), "memory_bank is not a packed array"),
     "bad setting inside": (lambda s: s["config"].update(target_dim=0), "invalid settings: target_dim must be"),
     "unknown setting inside": (lambda s: s["config"].update(tuning=1), "unknown config key"),
     # finite values no fit writes: every photo would score NaN (judged "ok"), or divide by zero
     "one huge finite patch": (
         lambda s: s.update(memory_bank=packed(np.vstack([np.ones((9, 152)), np.full((1, 152), 3e38)]).astype(np.float32))),
         "memory_bank holds a value of 3e+38",
+    ),
+    "a feature over a million": (
+        lambda s: s.update(memory_bank=packed(np.full((10, 152), 2e6, np.float32))), "memory_bank holds a value of 2e+06"
     ),
     "zero threshold": (lambda s: s.update(threshold=0.0), "threshold is 0, not a finite number above 0"),
     "negative threshold": (lambda s: s.update(threshold=-1.0), "threshold is -1, not a finite number above 0"),
@@ -212,12 +245,37 @@ def test_a_model_file_no_fit_could_write_is_refused_on_load(fitted_model, tmp_pa
     assert reason in str(raised.value)
 
 
+def lowest_score_zero(state: dict) -> None:
+    scores = np.frombuffer(state["calibration_scores"]["data"], np.float32).copy()
+    scores[scores.argmin()] = 0.0
+    state["calibration_scores"] = packed(scores)
+
+
+# Values a fit can write at the edges of the checks above: refusing them would refuse a good model.
+EDGE_VALUES = {
+    "a feature of exactly a million": lambda s: s.update(memory_bank=packed(np.full((10, 152), 1e6, np.float32))),
+    "a healthy score of 0 (a duplicate photo)": lowest_score_zero,
+    "every healthy score 0 (duplicate photos)": lambda s: s.update(calibration_scores=packed(np.zeros(12, np.float32))),
+    "no spread floor (a file written before it was recorded)": lambda s: s["calibration"].pop("spread_floor"),
+}
+
+
+@pytest.mark.parametrize("name", EDGE_VALUES)
+def test_values_at_the_edge_of_what_a_fit_writes_still_load(fitted_model, tmp_path, name):
+    state = saved_state(fitted_model, tmp_path)
+    EDGE_VALUES[name](state)
+    path = tmp_path / "edge.pkl"
+    path.write_bytes(pickle.dumps(state))
+    assert PatchCore.load(path).threshold == fitted_model.threshold
+
+
+@pytest.mark.parametrize("length", [1 << 40, 2**64 - 1], ids=["terabyte", "beyond-any-size"])
 @pytest.mark.parametrize(
     "opcode", [b"\x8e", b"\x95", b"\x8d", b"\x96"], ids=["BINBYTES8", "FRAME", "BINUNICODE8", "BYTEARRAY8"]
 )
-def test_a_length_claiming_a_terabyte_is_one_error_not_a_memory_error(tmp_path, opcode):
+def test_a_length_claiming_a_terabyte_or_more_is_one_error_not_a_memory_error(tmp_path, opcode, length):
     path = tmp_path / "huge.pkl"
-    path.write_bytes(b"\x80\x05" + opcode + (1 << 40).to_bytes(8, "little") + b"abc")
+    path.write_bytes(b"\x80\x05" + opcode + length.to_bytes(8, "little") + b"abc")
     with pytest.raises(ModelFileError, match="huge.pkl: "):
         PatchCore.load(path)
 
