@@ -148,7 +148,7 @@ def test_add_good_on_the_command_line_keeps_the_previous_file(half_model, small_
     assert train_main(["--add-good", "--model", str(tmp_path / "line.pkl"), "--data-dir", str(folder), "--quiet"]) == 0
     kept = tmp_path / "line.before-update-1.pkl"
     assert kept.read_bytes() == original
-    assert "previous file kept as" in capsys.readouterr().out
+    assert f"previous file kept as {kept}" in capsys.readouterr().out  # the file to restore to undo it
     updated = PatchCore.load(tmp_path / "line.pkl")
     assert [update["photos"] for update in updated.updates] == [3]
     assert updated.updates[0]["source"] == str(folder)
