@@ -4,6 +4,7 @@ at its own threshold; a bad candidate is refused before any fit."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,7 +17,7 @@ import evaluation.settings_check as settings_check
 from config import run_cli
 from conftest import small_config
 from evaluation.metrics import wilson_interval
-from evaluation.settings_check import compare_settings
+from evaluation.settings_check import Trial, compare_settings
 
 SIDE = 200
 
@@ -89,6 +90,45 @@ def test_a_painted_copy_at_the_threshold_is_not_caught(disc_photos, monkeypatch)
     assert (result["painted_caught"], result["healthy_flagged"], result["auroc"]) == (0, 0, 1.0)
 
 
+def test_the_held_out_photos_are_never_among_those_fitted(disc_photos, monkeypatch):
+    """A held-out photo the model also learnt from would pass by memory, and the false alarms would look rarer."""
+    monkeypatch.setattr(settings_check, "PatchCore", DifferenceModel)
+    DifferenceModel.instances = []
+    held_out: list[str] = []
+    reading = settings_check.read_image
+    monkeypatch.setattr(settings_check, "read_image", lambda path: held_out.append(Path(path).name) or reading(path))
+    compare_settings(disc_photos, {"as set": small_config()}, splits=2, defect_scale=1.0, seed=0, progress=False)
+    for model, held in zip(DifferenceModel.instances, (held_out[:3], held_out[3:]), strict=True):
+        assert sorted([*held, *model.fitted]) == [photo.name for photo in disc_photos]  # each photo once: held or fitted
+
+
+def test_counts_add_up_over_the_splits_and_the_auroc_is_their_mean(disc_photos, monkeypatch):
+    """Split 1 flags a healthy photo and catches the 3 copies (AUROC 1); split 2 flags none and misses a copy
+    scoring as the healthy ones do (AUROC (3 x 0.5 + 6) / 9). Each fit and its scoring take 1 s of CPU."""
+    scores = iter([[0.5, 0.0, 0.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0, 1.0, 1.0]])
+    monkeypatch.setattr(settings_check, "PatchCore", DifferenceModel)
+    monkeypatch.setattr(DifferenceModel, "predict", lambda self, images: [SimpleNamespace(score=s) for s in next(scores)])
+    clock = itertools.count()
+    monkeypatch.setattr(settings_check.time, "process_time", lambda: float(next(clock)))
+    result = compare_settings(disc_photos, {"as set": small_config()}, 2, 1.0, 0, progress=False)["as set"]
+    assert (result["painted_caught"], result["healthy_flagged"], result["photos"]) == (5, 1, 6)
+    assert result["recall"] == pytest.approx(5 / 6) and result["false_alarm_rate"] == pytest.approx(1 / 6)
+    assert result["auroc"] == pytest.approx((1.0 + 7.5 / 9) / 2)
+    assert result["cpu_seconds"] == 2.0
+
+
+def test_the_defect_scale_sets_the_size_of_the_painted_defects(disc_photos, monkeypatch):
+    """--defect-scale is how a user makes the synthetic defects harder to catch: smaller ones cover fewer pixels."""
+    monkeypatch.setattr(settings_check, "PatchCore", DifferenceModel)
+    painted_pixels = []
+    for scale in (0.3, 1.0):
+        DifferenceModel.instances = []
+        compare_settings(disc_photos, {"as set": small_config()}, 1, scale, 0, progress=False)
+        (model,) = DifferenceModel.instances
+        painted_pixels.append(sum(int((image != healthy_part()).any(axis=-1).sum()) for image in model.shown[3:]))
+    assert 0 < painted_pixels[0] < painted_pixels[1]
+
+
 @pytest.mark.parametrize("count", [4, 2])
 def test_too_few_photos_are_refused(count, disc_photos):
     with pytest.raises(ValueError, match=f"at least 5 training photos, got {count}"):
@@ -133,3 +173,55 @@ def test_the_script_compares_real_fits_on_training_photos_alone(small_screw_dir,
     printed = capsys.readouterr().out
     assert "12 training photos, 1 seeded split, each holding out 4 healthy photos" in printed
     assert "\nheatmap_sigma=2 " in printed
+
+
+@pytest.fixture
+def screw_folder(disc_photos: list[Path], tmp_path: Path) -> Path:
+    """The disc photos as a part's training photos, in a folder named after the screw category."""
+    folder = tmp_path / "screw"
+    (folder / "train" / "good").mkdir(parents=True)
+    for photo in disc_photos:
+        (folder / "train" / "good" / photo.name).symlink_to(photo)
+    return folder
+
+
+@pytest.mark.parametrize("flags, reason", [
+    (["--splits", "0"], "{folder}: splits must be at least 1, got 0"),
+    (["--defect-scale", "0"], "{folder}: the defect scale must be above 0, got 0.0"),
+    (["--json", "{folder}"], "{folder}: is a folder"),
+])
+def test_a_setting_of_the_comparison_itself_is_one_error_line_before_any_fit(flags, reason, screw_folder, monkeypatch,
+                                                                           capsys):
+    import scripts.compare_settings as script
+
+    monkeypatch.setattr(settings_check, "PatchCore", DifferenceModel)
+    DifferenceModel.instances = []
+    flags = [flag.format(folder=screw_folder) for flag in flags]
+    assert run_cli(lambda: script.main(["--data-dir", str(screw_folder), "--quiet", *flags])) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {reason.format(folder=screw_folder)}") and not DifferenceModel.instances
+
+
+def test_the_script_compares_what_the_user_set_and_says_so(screw_folder, tmp_path, monkeypatch, capsys):
+    """The category's defaults, --seed, --defect-scale, --segmentation-method and a --try spelt like its flag reach
+    the comparison; the table and the JSON say how many photos each split held out and at what defect scale."""
+    import scripts.compare_settings as script
+
+    calls = []
+
+    def compare(photos, candidates, splits, defect_scale, seed, progress, segmentation_method):
+        calls.append((candidates, splits, defect_scale, seed, segmentation_method))
+        return {name: Trial(5, 1, 6, [0.9], 1.0).summary() for name in candidates}  # 2 splits of 3 held-out photos
+
+    monkeypatch.setattr(settings_check, "compare_settings", compare)
+    out = tmp_path / "settings.json"
+    assert script.main(["--data-dir", str(screw_folder), "--splits", "2", "--seed", "7", "--defect-scale", "0.8",
+                        "--segmentation-method", "grabcut", "--quiet", "--try", "image-size=160",
+                        "--json", str(out)]) == 0
+    ((candidates, splits, defect_scale, seed, segmentation_method),) = calls
+    assert (splits, defect_scale, seed, segmentation_method) == (2, 0.8, 7, "grabcut")
+    assert candidates["as set"].preprocess == "on"  # the screw category's default, as train.py gives it
+    assert candidates["image-size=160"].image_size == 160
+    assert "10 training photos, 2 seeded splits, each holding out 3 healthy photos" in capsys.readouterr().out
+    record = json.loads(out.read_text())
+    assert (record["splits"], record["defect_scale"]) == (2, 0.8)
