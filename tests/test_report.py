@@ -15,7 +15,7 @@ import pytest
 
 from config import Config
 from evaluation.metrics import aupro, downsample_for_eval, image_metrics, pixel_roc, rates_at_threshold, wilson_interval
-from evaluation.report import evaluate, format_summary
+from evaluation.report import OPERATING_POINT_COLUMNS, evaluate, format_summary
 from models.patchcore import Prediction
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,6 +159,47 @@ def test_other_false_alarm_settings_show_what_each_threshold_would_do(report: tu
     assert re.search(r"\n +0\.5% +0\.424 +0 of 6 +1 of 5 +0\.889\n", summary)
     page = (out_dir / "report.html").read_text()
     assert "<h2>Other false-alarm settings</h2>" in page and "<td>2% *</td><td>0.300</td>" in page
+
+
+def _console_table(summary: str) -> list[dict[str, str]]:
+    """The console's other-settings rows as {column: cell}, each cell read right-aligned under its heading."""
+    header, *rows = summary.split("other false_alarm_rate settings on these test photos:\n")[1].splitlines()
+    ends = [header.index(name) + len(name) for name in OPERATING_POINT_COLUMNS]
+    for row in rows:
+        assert len(row) == len(header) and all(row[end - 1] != " " for end in ends), f"\n{header}\n{row}"
+    return [{name: row[start:end].strip() for name, start, end in zip(OPERATING_POINT_COLUMNS, [0, *ends], ends)}
+            for row in rows]
+
+
+def test_each_column_of_the_other_settings_table_sits_under_its_heading(report: tuple[dict, Path, FakeModel]) -> None:
+    """Read by heading, as a user reads it: false alarms are of the 6 healthy photos, escapes of the 5 defective."""
+    metrics, out_dir, _ = report
+    table = re.search(r"<h2>Other false-alarm settings</h2>.*?</table>", (out_dir / "report.html").read_text(), re.S)
+    headings = re.findall(r"<th>([^<]*)</th>", table.group(0))
+    page_rows = [dict(zip(headings, re.findall(r"<td>([^<]*)</td>", row), strict=True))
+                 for row in re.findall(r"<tr><td>.*?</tr>", table.group(0))]
+    for rows in (_console_table(format_summary(metrics)), page_rows):
+        assert [row["false_alarm_rate"] for row in rows] == ["0.5%", "1%", "2% *", "5%", "10%"]
+        assert all(row["false alarms"].endswith(" of 6") and row["escapes"].endswith(" of 5") for row in rows)
+        assert (rows[2]["threshold"], rows[2]["F1"]) == ("0.300", "0.800")
+
+
+def test_a_models_own_rate_outside_the_compared_ones_is_added_and_marked(tmp_path: Path) -> None:
+    model = FakeModel()
+    model.config = model.config.replace(false_alarm_rate=0.03)
+    metrics = evaluate(model, make_dataset(tmp_path / "data"), tmp_path / "out", quiet=True, eval_size=32)
+    assert [point["false_alarm_rate"] for point in metrics["operating_points"]] == [0.005, 0.01, 0.02, 0.03, 0.05, 0.1]
+    assert _console_table(format_summary(metrics))[3]["false_alarm_rate"] == "3% *"
+
+
+def test_without_defective_photos_the_other_settings_give_no_f1(tmp_path: Path) -> None:
+    """Healthy photos alone: what each setting catches is unknown (n/a), not nothing (0.000)."""
+    data = make_dataset(tmp_path / "data")
+    for kind in ("scratch", "hole"):
+        shutil.rmtree(data / "test" / kind)
+    metrics = evaluate(FakeModel(), data, tmp_path / "out", quiet=True, eval_size=32)
+    rows = _console_table(format_summary(metrics))
+    assert len(rows) == 5 and all(row["F1"] == "n/a" and row["escapes"] == "0 of 0" for row in rows)
 
 
 def test_pixel_metrics_match_direct_computation(report: tuple[dict, Path, FakeModel]) -> None:
