@@ -70,20 +70,21 @@ def json_document(value: Any) -> str:
     return json.dumps(finite(value), indent=2, allow_nan=False)
 
 
-def write_atomically(path: str | Path, data: bytes | str) -> None:
+def write_atomically(path: str | Path, data: bytes | str, mode: int | None = None) -> None:
     """Write to a temporary file beside ``path``, fsync it, rename it over ``path``, fsync the folder.
 
     A crash, a full disk or a power cut leaves the previous file (or none), never half a model or
-    report, and a failed write removes its temporary file. The new file gets the mode the umask
-    gives a new file, or keeps the mode of the file it replaces.
+    report, and a failed write removes its temporary file. The new file gets ``mode`` when given,
+    else keeps the mode of the file it replaces, else gets the mode the umask gives a new file.
     """
     path = Path(path)
     _check_output_kind(path)
     _remove_stale_temporaries(path.parent)
-    try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)
-    except FileNotFoundError:
-        mode = None
+    if mode is None:
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except FileNotFoundError:
+            pass
     try:
         temporary, descriptor = _create_temporary(path)
     except OSError as error:

@@ -80,13 +80,13 @@ def checked_updates(updates: Any) -> list[dict[str, Any]]:
 
 def keep_previous(path: str | Path, update: int) -> Path | None:
     """Copy the model file about to be replaced by update number ``update`` to
-    ``<name>.before-update-<update>.pkl`` (atomically), so the update can be undone; None when
-    there is no file to keep."""
+    ``<name>.before-update-<update>.pkl`` (atomically, with the file's own mode: a private model
+    stays private), so the update can be undone; None when there is no file to keep."""
     path = Path(path)
     if not path.is_file():
         return None
     kept = path.with_name(f"{path.stem}.before-update-{update}{path.suffix}")
-    write_atomically(kept, path.read_bytes())
+    write_atomically(kept, path.read_bytes(), mode=stat.S_IMODE(path.stat().st_mode))
     return kept
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import stat
 import subprocess
 import sys
 import time
@@ -162,6 +163,23 @@ def test_a_kept_copy_cut_short_by_a_full_disk_is_not_left_behind(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.stderr.startswith("refused: ") and "File too large" in result.stderr, result.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["line.pkl"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask-022", "umask-077"])
+def test_a_kept_copy_has_the_mode_of_the_file_it_keeps(tmp_path, umask):
+    """A model made private (0600) must not gain a world-readable copy beside it, nor become one when restored."""
+    from models.model_file import keep_previous
+
+    path = tmp_path / "line.pkl"
+    path.write_bytes(b"the model before the update")
+    path.chmod(0o600 if umask == 0o022 else 0o644)
+    previous = os.umask(umask)
+    try:
+        kept = keep_previous(path, 1)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(kept.stat().st_mode) == stat.S_IMODE(path.stat().st_mode)
+    assert kept.read_bytes() == path.read_bytes()
 
 
 # ----------------------------------------------------------------------------- model files refused on load
