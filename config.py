@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import math
 import os
+import re
 import reprlib
 import stat
 import sys
@@ -396,6 +397,27 @@ CATEGORY_DEFAULTS: dict[str, dict[str, Any]] = {
 MAX_YAML_BYTES = 2**20  # a config file is a few dozen lines
 
 
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``1e-3`` as the number a user means.
+
+    PyYAML follows YAML 1.1, where a float needs a dot and a signed exponent, so ``1e-3`` (or
+    ``5E-2``) would arrive as text and a rate written that way would be refused. YAML 1.2 reads it
+    as a number; this loader adds that one rule and otherwise stays PyYAML's safe loader.
+    """
+
+
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def yaml_value(text: str) -> Any:
+    """One value as a config file reads it (``SETTING=VALUE`` options of the scripts)."""
+    return yaml.load(text, Loader=ConfigLoader)  # a SafeLoader: plain data, no Python objects
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping of config overrides; anything but a small, plain mapping is an error."""
     try:
@@ -405,7 +427,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
             text = handle.read(MAX_YAML_BYTES + 1)
         if len(text) > MAX_YAML_BYTES:
             raise ValueError(f"{path}: more than {MAX_YAML_BYTES:_} bytes; a config file is a few dozen lines")
-        data = yaml.safe_load(text) or {}
+        data = yaml.load(text, Loader=ConfigLoader) or {}  # a SafeLoader: plain data, no Python objects
     except OSError as error:
         raise ValueError(f"{path}: cannot read config file ({error.strerror})") from None
     except RecursionError:

@@ -21,12 +21,11 @@ from typing import Any
 
 import cv2
 import numpy as np
-import yaml
 from sklearn.metrics import f1_score, roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from config import CATEGORY_DEFAULTS, Config  # noqa: E402
+from config import CATEGORY_DEFAULTS, Config, yaml_value  # noqa: E402
 from models.patchcore import PatchCore  # noqa: E402
 from evaluation.mvtec import LabelledImage, load_test_split, train_images  # noqa: E402
 from output_files import write_atomically  # noqa: E402
@@ -105,7 +104,7 @@ def main() -> None:
     args = parser.parse_args()
 
     category = args.category or Path(args.data_dir).resolve().name
-    common = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)}
+    common = {key: yaml_value(value) for key, value in (item.split("=", 1) for item in args.set)}
     base = Config(backbone=args.backbone, coreset_sampling_ratio=args.coreset_sampling_ratio, **common)
     rows = variants(category)
     if args.variants:

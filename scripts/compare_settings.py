@@ -20,11 +20,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from config import CATEGORY_DEFAULTS, Config, add_config_arguments, config_from_args, fail, run_cli  # noqa: E402
+from config import (  # noqa: E402
+    CATEGORY_DEFAULTS,
+    Config,
+    add_config_arguments,
+    config_from_args,
+    fail,
+    run_cli,
+    yaml_value,
+)
 from evaluation.mvtec import train_images  # noqa: E402
 from output_files import check_writable, write_atomically  # noqa: E402
 
@@ -52,7 +58,7 @@ def candidate(base: Config, text: str) -> Config:
         name, separator, value = pair.partition("=")
         if not separator or not name.strip():
             raise ValueError("expected SETTING=VALUE[,SETTING=VALUE]")
-        changes[name.strip().replace("-", "_")] = yaml.safe_load(value.strip())
+        changes[name.strip().replace("-", "_")] = yaml_value(value.strip())
     return base.replace(**changes)
 
 

@@ -53,6 +53,18 @@ def test_yaml_must_be_a_mapping(tmp_path):
         from_yaml(tmp_path, "- 1\n- 2\n")
 
 
+def test_a_rate_written_with_an_exponent_is_a_number(tmp_path):
+    """``1e-3`` is text to YAML 1.1 (PyYAML), so a rate written the way engineers write it was refused."""
+    config = from_yaml(tmp_path, "false_alarm_rate: 1e-3\ncoreset_sampling_ratio: 5E-2\nheatmap_sigma: 1.5e+0\n")
+    assert (config.false_alarm_rate, config.coreset_sampling_ratio, config.heatmap_sigma) == (0.001, 0.05, 1.5)
+
+
+@pytest.mark.parametrize("text", ["e5", "-e5", "1e", "1e-3x"])
+def test_text_that_only_looks_like_an_exponent_stays_text(tmp_path, text):
+    with pytest.raises(ValueError, match=f"false_alarm_rate must be a finite number, got '{text}'"):
+        from_yaml(tmp_path, f"false_alarm_rate: {text}\n")
+
+
 @pytest.mark.parametrize("text", ["", "# every setting at its default\n"], ids=["empty", "comments-only"])
 def test_an_empty_settings_file_gives_the_defaults(tmp_path, text):
     assert from_yaml(tmp_path, text) == config_from_args(parse([]))

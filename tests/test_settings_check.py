@@ -138,8 +138,9 @@ def test_too_few_photos_are_refused(count, disc_photos):
 def test_a_candidate_is_the_settings_given_with_its_changes():
     from scripts.compare_settings import candidate
 
-    changed = candidate(small_config(), "image_size=320, heatmap_sigma=6,clahe=false")
+    changed = candidate(small_config(), "image_size=320, heatmap_sigma=6,clahe=false,false_alarm_rate=1e-3")
     assert (changed.image_size, changed.heatmap_sigma, changed.clahe) == (320, 6.0, False)
+    assert changed.false_alarm_rate == 0.001  # read as a config file reads it, exponent and all
     assert changed.backbone == small_config().backbone  # the rest as given
 
 
