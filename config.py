@@ -15,7 +15,7 @@ import re
 import reprlib
 import stat
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NoReturn, get_args, get_type_hints
@@ -414,8 +414,24 @@ ConfigLoader.add_implicit_resolver(
 
 
 def yaml_value(text: str) -> Any:
-    """One value as a config file reads it (``SETTING=VALUE`` options of the scripts)."""
-    return yaml.load(text, Loader=ConfigLoader)  # a SafeLoader: plain data, no Python objects
+    """One value as a config file reads it; ValueError, naming it, when YAML cannot read it."""
+    try:
+        return yaml.load(text, Loader=ConfigLoader)  # a SafeLoader: plain data, no Python objects
+    except (yaml.YAMLError, RecursionError) as error:
+        reason = getattr(error, "problem", None) or ("nested too deeply" if isinstance(error, RecursionError) else error)
+        raise ValueError(f"{brief(text)} is not a value YAML can read ({' '.join(str(reason).split())})") from None
+
+
+def settings_from_pairs(pairs: Sequence[str]) -> dict[str, Any]:
+    """``SETTING=VALUE`` texts (the scripts' options) as config overrides, each value read as a
+    config file reads it and ``-`` in a name read as ``_``; ValueError names a text without ``=``."""
+    changes: dict[str, Any] = {}
+    for pair in pairs:
+        name, separator, value = pair.partition("=")
+        if not separator or not name.strip():
+            raise ValueError(f"{brief(pair)}: expected SETTING=VALUE")
+        changes[name.strip().replace("-", "_")] = yaml_value(value.strip())
+    return changes
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from sklearn.metrics import f1_score, roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from config import CATEGORY_DEFAULTS, Config, yaml_value  # noqa: E402
+from config import CATEGORY_DEFAULTS, Config, settings_from_pairs  # noqa: E402
 from models.patchcore import PatchCore  # noqa: E402
 from evaluation.mvtec import LabelledImage, load_test_split, train_images  # noqa: E402
 from output_files import write_atomically  # noqa: E402
@@ -104,8 +104,11 @@ def main() -> None:
     args = parser.parse_args()
 
     category = args.category or Path(args.data_dir).resolve().name
-    common = {key: yaml_value(value) for key, value in (item.split("=", 1) for item in args.set)}
-    base = Config(backbone=args.backbone, coreset_sampling_ratio=args.coreset_sampling_ratio, **common)
+    try:
+        common = settings_from_pairs(args.set)
+        base = Config(backbone=args.backbone, coreset_sampling_ratio=args.coreset_sampling_ratio).replace(**common)
+    except ValueError as error:
+        parser.error(f"--set: {error}")
     rows = variants(category)
     if args.variants:
         unknown = sorted(set(args.variants) - set(rows))

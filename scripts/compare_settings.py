@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,19 +30,21 @@ from config import (  # noqa: E402
     config_from_args,
     fail,
     run_cli,
-    yaml_value,
+    settings_from_pairs,
 )
 from evaluation.mvtec import train_images  # noqa: E402
 from output_files import check_writable, write_atomically  # noqa: E402
 
 BASELINE = "as set"
+PAIR_START = re.compile(r",(?=\s*[A-Za-z_][\w-]*\s*=)")  # a comma before another SETTING=
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, required=True, help="folder with train/good")
     parser.add_argument("--try", dest="tries", action="append", default=[], metavar="SETTING=VALUE[,SETTING=VALUE]",
-                        help="a candidate: settings changed from the ones given, e.g. image_size=320 (repeatable)")
+                        help="a candidate: settings changed from the ones given, values written as in a config "
+                        "file, e.g. image_size=320 or false_alarm_rate=1e-3 (repeatable)")
     parser.add_argument("--splits", type=int, default=3, help="seeded 70/30 splits of train/good (default 3)")
     parser.add_argument("--defect-scale", type=float, default=0.55,
                         help="size of the painted defects, relative to their usual size (default 0.55: small ones)")
@@ -52,14 +55,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def candidate(base: Config, text: str) -> Config:
-    """``base`` with the changes of one ``--try`` (``name=value`` pairs, values read as YAML scalars)."""
-    changes: dict[str, Any] = {}
-    for pair in text.split(","):
-        name, separator, value = pair.partition("=")
-        if not separator or not name.strip():
-            raise ValueError("expected SETTING=VALUE[,SETTING=VALUE]")
-        changes[name.strip().replace("-", "_")] = yaml_value(value.strip())
-    return base.replace(**changes)
+    """``base`` with the changes of one ``--try``: ``SETTING=VALUE`` pairs split at the commas that
+    start another ``SETTING=``, so a list value keeps its own (``layers=[_blocks.3, _blocks.7]``)."""
+    return base.replace(**settings_from_pairs(PAIR_START.split(text)))
 
 
 def _row(name: str, result: dict[str, Any]) -> str:

@@ -25,3 +25,19 @@ def test_help_works_from_the_project_root(script):
     result = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage:") and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("pair, reason", [
+    ("foo=1", "unknown config key(s): foo"),
+    ("image_size", "'image_size': expected SETTING=VALUE"),
+    ("image_size=[1", "'[1' is not a value YAML can read"),
+])
+def test_the_ablation_refuses_a_bad_extra_setting_in_one_line_before_any_fit(pair, reason, monkeypatch, capsys):
+    import scripts.ablate_preprocessing as script
+
+    monkeypatch.setattr(sys, "argv", ["ablate_preprocessing.py", "--data-dir", "x", "--set", pair])
+    monkeypatch.setattr(script, "train_images", lambda *args: pytest.fail("no fit may start"))
+    with pytest.raises(SystemExit) as stopped:
+        script.main()
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"ablate_preprocessing.py: error: --set: {reason}")

@@ -141,6 +141,8 @@ def test_a_candidate_is_the_settings_given_with_its_changes():
     changed = candidate(small_config(), "image_size=320, heatmap_sigma=6,clahe=false,false_alarm_rate=1e-3")
     assert (changed.image_size, changed.heatmap_sigma, changed.clahe) == (320, 6.0, False)
     assert changed.false_alarm_rate == 0.001  # read as a config file reads it, exponent and all
+    listed = candidate(small_config(), "layers=[_blocks.3, _blocks.7], heatmap_sigma=2")
+    assert (listed.layers, listed.heatmap_sigma) == (["_blocks.3", "_blocks.7"], 2.0)  # a list keeps its commas
     assert changed.backbone == small_config().backbone  # the rest as given
 
 
@@ -148,6 +150,8 @@ def test_a_candidate_is_the_settings_given_with_its_changes():
     ("image_size", "expected SETTING=VALUE"),
     ("imagesize=320", "unknown config key(s): imagesize"),
     ("image_size=250", "image_size must be 32 to 1024, a multiple of 16, got 250"),
+    ("false_alarm_rate=[1", "'[1' is not a value YAML can read (expected ',' or ']', but got '<stream end>')"),
+    ("false_alarm_rate=" + "[" * 5000, "is not a value YAML can read (nested too deeply)"),
 ])
 def test_a_bad_candidate_is_one_error_line_before_any_fit(text, reason, monkeypatch, capsys):
     import scripts.compare_settings as script
