@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 
 from config import CATEGORY_DEFAULTS, Config, add_config_arguments, config_from_args, fail, run_cli  # noqa: E402
 from evaluation.mvtec import LabelledImage, load_test_split, train_images  # noqa: E402
-from output_files import write_atomically  # noqa: E402
+from output_files import check_writable, write_atomically  # noqa: E402
 from preprocessing.io import read_image  # noqa: E402
 
 DEFAULT_DATA_DIR = ROOT / "data" / "mvtec_ad" / "screw"
@@ -660,6 +660,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(paths) < 2:
         fail(f"{args.data_dir}: fitting needs at least 2 healthy photos, found {len(paths)}")
     json_out = args.json_out or ROOT / "outputs" / f"benchmark_{config.backbone}.json"
+    for output in (json_out, json_out.with_suffix(".prof")) if args.profile else (json_out,):
+        check_writable(output)  # before the phases (minutes), not after them
     _, note = evaluation_split(args)
     if note and not args.quiet:
         print(f"note: image AUROC {note}", file=sys.stderr)

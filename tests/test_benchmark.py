@@ -89,3 +89,21 @@ def test_missing_folder_is_a_one_line_error(tmp_path):
     result = run_benchmark("--data-dir", str(tmp_path / "nowhere"), cwd=tmp_path)
     assert result.returncode == 2
     assert "no such folder" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("extra", [[], ["--profile"]])
+def test_an_unwritable_output_is_refused_before_any_phase_runs(tmp_path, monkeypatch, capsys, extra):
+    import scripts.benchmark as script
+    from config import run_cli
+
+    data = tmp_path / "parts" / "train" / "good"
+    data.mkdir(parents=True)
+    for name in ("a.png", "b.png"):
+        (data / name).write_bytes(b"")
+    (tmp_path / "out.prof").mkdir()  # with --profile the profile beside the JSON must be writable too
+    target = tmp_path / "out.json" if extra else tmp_path  # a folder given as the JSON file
+    monkeypatch.setattr(script, "spawn", lambda *args: pytest.fail("no phase may start"))
+    monkeypatch.setattr(script, "machine_info", lambda: pytest.fail("no phase may start"))
+    argv = ["--data-dir", str(tmp_path / "parts"), "--json-out", str(target), "--no-auroc", "--quiet", *extra]
+    assert run_cli(lambda: script.main(argv)) == 2
+    assert "is a folder; give a file name" in capsys.readouterr().err
