@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import socket
 import subprocess
@@ -45,8 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--soak-seconds", type=float, default=300.0, help="the bounded soak (issue: 5 minutes)")
     parser.add_argument("--json-out", type=Path, default=ROOT / "outputs" / "benchmark_service.json")
     args = parser.parse_args(argv)
-    if min(args.sequential, args.clients) < 1 or min(args.throughput_seconds, args.soak_seconds) <= 0:
-        parser.error("--sequential and --clients must be at least 1, the durations positive")
+    durations = (args.throughput_seconds, args.soak_seconds)
+    if min(args.sequential, args.clients) < 1 or not all(math.isfinite(s) and s > 0 for s in durations):
+        parser.error("--sequential and --clients must be at least 1, the durations positive")  # nan, inf too
     return args
 
 

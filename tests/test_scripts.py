@@ -41,3 +41,14 @@ def test_the_ablation_refuses_a_bad_extra_setting_in_one_line_before_any_fit(pai
         script.main()
     assert stopped.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"ablate_preprocessing.py: error: --set: {reason}")
+
+
+@pytest.mark.parametrize("flag", ["--throughput-seconds", "--soak-seconds"])
+@pytest.mark.parametrize("value", ["nan", "inf", "1e400"])
+def test_the_service_benchmark_refuses_a_duration_that_is_not_a_finite_number(flag, value, capsys):
+    from scripts.benchmark_service import parse_args
+
+    with pytest.raises(SystemExit) as stopped:  # inf would never end, nan ended at once and crashed on no figures
+        parse_args(["--model", "m.pkl", flag, value])
+    assert stopped.value.code == 2
+    assert "the durations positive" in capsys.readouterr().err
