@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from config import fail, run_cli  # noqa: E402
-from output_files import write_atomically  # noqa: E402
+from output_files import check_writable, write_atomically  # noqa: E402
 from preprocessing.io import find_images  # noqa: E402
 
 DEFAULT_PHOTOS = ROOT / "data" / "mvtec_ad" / "screw" / "test"
@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.model.is_file():
         fail(f"{args.model}: model file not found")
+    check_writable(args.json_out)  # before the runs (minutes), not after them
     paths = find_images(args.photos)
     if not paths:
         fail(f"{args.photos}: no photos to post")

@@ -52,3 +52,16 @@ def test_the_service_benchmark_refuses_a_duration_that_is_not_a_finite_number(fl
         parse_args(["--model", "m.pkl", flag, value])
     assert stopped.value.code == 2
     assert "the durations positive" in capsys.readouterr().err
+
+
+def test_the_service_benchmark_refuses_an_unwritable_output_before_starting_the_service(tmp_path, monkeypatch, capsys):
+    import scripts.benchmark_service as script
+    from config import run_cli
+
+    (tmp_path / "model.pkl").write_bytes(b"")
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.png").write_bytes(b"")
+    monkeypatch.setattr(script, "start_service", lambda *args: pytest.fail("no service may start"))
+    argv = ["--model", str(tmp_path / "model.pkl"), "--photos", str(tmp_path / "photos"), "--json-out", str(tmp_path)]
+    assert run_cli(lambda: script.main(argv)) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path}: is a folder; give a file name"
