@@ -154,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
                 post(session, url, name, data)
             sequential = [post(session, url, *photos[i % len(photos)]) for i in range(args.sequential)]
         times = [seconds for seconds, status in sequential if status == 200]
+        if not times:  # no figures to give: say why instead of failing on empty lists
+            statuses = ", ".join(str(status) for status in sorted({status for _, status in sequential}))
+            fail(f"{args.photos}: none of the {args.sequential} requests one at a time was scored "
+                 f"(HTTP status {statuses}); are the photos readable?")
         one_at_a_time = {
             "requests": args.sequential, "errors": sum(status != 200 for _, status in sequential),
             "latency_ms_p50": 1000 * float(np.median(times)), "latency_ms_p95": 1000 * float(np.percentile(times, 95)),

@@ -65,3 +65,32 @@ def test_the_service_benchmark_refuses_an_unwritable_output_before_starting_the_
     argv = ["--model", str(tmp_path / "model.pkl"), "--photos", str(tmp_path / "photos"), "--json-out", str(tmp_path)]
     assert run_cli(lambda: script.main(argv)) == 2
     assert capsys.readouterr().err.strip() == f"error: {tmp_path}: is a folder; give a file name"
+
+
+def test_the_service_benchmark_says_so_when_no_photo_is_scored(tmp_path, monkeypatch, capsys):
+    import httpx
+
+    import scripts.benchmark_service as script
+    from config import run_cli
+
+    class Service:
+        terminated = False
+
+        def terminate(self):
+            Service.terminated = True
+
+        def wait(self, timeout):
+            return 0
+
+    (tmp_path / "model.pkl").write_bytes(b"")
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "empty.png").write_bytes(b"")  # the service refuses every one
+    monkeypatch.setattr(script, "start_service", lambda *args: (Service(), "http://127.0.0.1:9"))
+    monkeypatch.setattr(httpx, "get", lambda *args, **kwargs: httpx.Response(200, json={"runtime": "torch"}))
+    monkeypatch.setattr(script, "post", lambda *args: (0.01, 422))
+    argv = ["--model", str(tmp_path / "model.pkl"), "--photos", str(tmp_path / "photos"), "--sequential", "2",
+            "--json-out", str(tmp_path / "figures.json")]
+    assert run_cli(lambda: script.main(argv)) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {tmp_path / 'photos'}: none of the 2 requests one at a time "
+                                               "was scored (HTTP status 422); are the photos readable?")
+    assert Service.terminated and not (tmp_path / "figures.json").exists()
