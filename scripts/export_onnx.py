@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 from config import run_cli  # noqa: E402
 from models.backend import onnx_path_for  # noqa: E402
 from models.onnx_extractor import OnnxFeatureExtractor, export_metadata  # noqa: E402
-from output_files import write_atomically  # noqa: E402
+from output_files import check_writable, write_atomically  # noqa: E402
 
 CHECK_TOLERANCE = 1e-3  # largest difference from torch, relative to the largest feature value
 
@@ -74,6 +74,8 @@ def export(model_path: Path, output: Path) -> float:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     output = args.output or onnx_path_for(args.model)
+    if args.model.exists():  # (a missing model is reported at once; the check would create its folder)
+        check_writable(output)  # before loading, exporting and checking the graph, not after
     difference = export(args.model, output)
     print(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB; largest difference from torch "
           f"{difference:.1e} relative)")

@@ -112,3 +112,14 @@ def test_the_line_pc_set_scores_a_folder_with_report_csv_and_overlays(exported_m
     verified = subprocess.run([sys.executable, "-c", WITHOUT_FITTING_PACKAGES, str(ROOT / "verify_setup.py"),
                                "--runtime"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert verified.returncode == 0, verified.stdout[-2000:]
+
+
+def test_the_export_refuses_an_unwritable_output_before_exporting(tmp_path, monkeypatch, capsys):
+    import scripts.export_onnx as script
+    from config import run_cli
+
+    (tmp_path / "model.pkl").write_bytes(b"")
+    monkeypatch.setattr(script, "export", lambda *args: pytest.fail("no export may start"))
+    argv = ["--model", str(tmp_path / "model.pkl"), "--output", str(tmp_path)]
+    assert run_cli(lambda: script.main(argv)) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path}: is a folder; give a file name"
