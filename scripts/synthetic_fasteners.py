@@ -34,7 +34,7 @@ if str(PROJECT_ROOT) not in sys.path:  # run as a script, sys.path holds scripts
 
 from evaluation.mvtec import mask_path  # noqa: E402
 from output_files import write_atomically  # noqa: E402
-from synthetic.defects import SURFACE_DEFECTS, EdgeSite, chip, pick_edge_site, pixel_grid, smooth_noise  # noqa: E402
+from synthetic.defects import MAX_SCALE, SURFACE_DEFECTS, EdgeSite, chip, pick_edge_site, pixel_grid, smooth_noise  # noqa: E402
 
 PARTS = ("screw", "nut", "plate", "washer", "bracket")
 # Defect kinds per part, in folder order (the order also seeds the test photos: keep it).
@@ -49,6 +49,8 @@ TABLES = {"dark": 0.22, "bright": 0.62}  # mean grey level of the table the part
 # Turns a part may lie at before the max_rotation jitter: a nut repeats every 60 degrees, a washer is round.
 BASE_TURNS = {"screw": 0.0, "nut": math.pi / 3, "plate": 0.0, "washer": 2 * math.pi, "bracket": 0.0}
 REFERENCE_SIZE = 256
+MAX_SIZE = 4096  # image side; a larger one needs gigabytes per photo
+MAX_GLARE = 100.0  # 1 already clips the highlights to white; far above, the shading overflows to NaN
 MARKER_NAME = "synthetic.json"  # written into the output folder; lets a rerun replace its own files only
 
 # Screw lying on its side: axis along a (head at negative a), b across it; reference pixels.
@@ -92,14 +94,19 @@ class SyntheticSettings:
             raise ValueError(f"part must be one of {', '.join(PARTS)}, got {self.part!r}")
         if self.n_train < 1 or self.n_test_per_kind < 1:
             raise ValueError("n_train and n_test_per_kind must be at least 1")
-        if self.size < 64:
-            raise ValueError("size must be at least 64 pixels")
-        if self.defect_scale <= 0:
-            raise ValueError("defect_scale must be positive")
+        if not 64 <= self.size <= MAX_SIZE:
+            raise ValueError(f"size must be 64 to {MAX_SIZE} pixels, got {self.size}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be 0 or more, got {self.seed}")
+        # written as "not in range" so that NaN is refused too
+        if not 0 < self.defect_scale <= MAX_SCALE:
+            raise ValueError(f"defect_scale must be above 0, at most {MAX_SCALE:g}, got {self.defect_scale}")
+        if not 0 <= self.max_rotation <= 360:
+            raise ValueError(f"max_rotation must be 0 to 360 degrees, got {self.max_rotation}")
         if self.table not in TABLES:
             raise ValueError(f"table must be one of {', '.join(TABLES)}, got {self.table!r}")
-        if self.glare < 0:
-            raise ValueError("glare must be 0 or more")
+        if not 0 <= self.glare <= MAX_GLARE:
+            raise ValueError(f"glare must be 0 to {MAX_GLARE:g}, got {self.glare}")
         if not 0 <= self.border_touch <= 1:
             raise ValueError("border_touch must be between 0 and 1")
 

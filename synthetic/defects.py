@@ -24,6 +24,7 @@ import numpy as np
 DEFECT_KINDS = ("rust", "corrosion", "scratch", "missing", "dent")
 REFERENCE_PART_SIDE = 100.0
 MIN_UNIT = 0.3  # pixels per reference pixel below which a defect would be ~2 px: no room to draw it
+MAX_SCALE = 1000.0  # largest defect size factor: far past covering any part; beyond it sizes overflow
 HALO = 2  # pixels outside a real photo's mask that still show the part's soft edge
 EDGE_ATTEMPTS = 8  # edge sites tried before an edge defect gives up for lack of room
 

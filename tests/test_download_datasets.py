@@ -297,3 +297,21 @@ def test_a_rerun_never_deletes_outside_its_folder_whatever_the_marker_lists(tmp_
     (out / "synthetic.json").write_text(json.dumps(marker), encoding="utf-8")
     generate(SMALL, out)
     assert outside.read_text() == "mine"
+
+
+@pytest.mark.parametrize(("flag", "value", "reason"), [
+    ("--defect-scale", "nan", "defect_scale"), ("--defect-scale", "1e400", "defect_scale"),
+    ("--defect-scale", "1e9", "defect_scale"), ("--max-rotation", "nan", "max_rotation"),
+    ("--max-rotation", "1e400", "max_rotation"), ("--max-rotation", "-5", "max_rotation"),
+    ("--glare", "nan", "glare"), ("--glare", "1e400", "glare"), ("--seed", "-1", "seed"),
+    ("--size", "100000", "size"),
+])
+def test_synthetic_refuses_a_setting_it_cannot_render_in_one_line(
+        flag: str, value: str, reason: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each crashed mid-set with a traceback (OverflowError, cv2.error, a 40 GB allocation), or for glare
+    wrote photos of NaN garbage with exit 0."""
+    with pytest.raises(SystemExit) as stopped:
+        main(["--synthetic", "--n-train", "1", "--n-test-per-kind", "1", "--size", "64", flag, value,
+              "--out", str(tmp_path / "bad")])
+    assert stopped.value.code == 2
+    assert f"error: {reason} must be" in capsys.readouterr().err and not (tmp_path / "bad").exists()
