@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -315,3 +317,13 @@ def test_synthetic_refuses_a_setting_it_cannot_render_in_one_line(
               "--out", str(tmp_path / "bad")])
     assert stopped.value.code == 2
     assert f"error: {reason} must be" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("action", ["--synthetic", "--setup-custom"])
+def test_an_output_folder_that_cannot_be_made_is_one_error_line(action: str, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("a file, not a folder", encoding="utf-8")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "download_datasets.py"
+    completed = subprocess.run([sys.executable, str(script), action, "--out", str(tmp_path / "file" / "set")],
+                               capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 2 and "Traceback" not in completed.stderr
+    assert completed.stderr.startswith(f"error: {tmp_path / 'file' / 'set'}") and "Not a directory" in completed.stderr
