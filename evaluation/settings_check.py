@@ -26,6 +26,7 @@ from evaluation.metrics import is_flagged, wilson_interval
 from models.patchcore import PatchCore
 from models.pipeline_selection import paint_defects
 from preprocessing.io import read_image
+from synthetic.defects import MAX_SCALE
 
 HELD_OUT_SHARE = 0.3
 
@@ -71,6 +72,8 @@ def compare_settings(
         raise ValueError(f"comparing settings needs at least 5 training photos, got {len(photos)}")
     if not defect_scale > 0:
         raise ValueError(f"the defect scale must be above 0, got {defect_scale}")
+    if not defect_scale <= MAX_SCALE:  # larger sizes overflow the painting (an OverflowError, a cv2.error)
+        raise ValueError(f"the defect scale must be at most {MAX_SCALE:g}, got {defect_scale}")
     trials = {name: Trial() for name in candidates}
     steps = tqdm(total=splits * len(candidates), desc="comparing settings", unit="fit", disable=not progress)
     for split in range(splits):

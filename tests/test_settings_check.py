@@ -193,6 +193,8 @@ def screw_folder(disc_photos: list[Path], tmp_path: Path) -> Path:
 @pytest.mark.parametrize("flags, reason", [
     (["--splits", "0"], "{folder}: splits must be at least 1, got 0"),
     (["--defect-scale", "0"], "{folder}: the defect scale must be above 0, got 0.0"),
+    (["--defect-scale", "1e400"], "{folder}: the defect scale must be at most 1000, got inf"),
+    (["--defect-scale", "1e9"], "{folder}: the defect scale must be at most 1000, got 1000000000.0"),
     (["--json", "{folder}"], "{folder}: is a folder"),
 ])
 def test_a_setting_of_the_comparison_itself_is_one_error_line_before_any_fit(flags, reason, screw_folder, monkeypatch,
