@@ -25,7 +25,7 @@ from sklearn.metrics import f1_score, roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from config import CATEGORY_DEFAULTS, Config, settings_from_pairs  # noqa: E402
+from config import CATEGORY_DEFAULTS, Config, run_cli, settings_from_pairs  # noqa: E402
 from models.patchcore import PatchCore  # noqa: E402
 from evaluation.mvtec import LabelledImage, load_test_split, train_images  # noqa: E402
 from output_files import write_atomically  # noqa: E402
@@ -89,7 +89,7 @@ def markdown_table(results: dict[str, dict[str, float]], settings: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", required=True, help="an MVTec-layout category folder")
     parser.add_argument("--category", help="name for CATEGORY_DEFAULTS and the output file (default: folder name)")
@@ -101,7 +101,7 @@ def main() -> None:
     parser.add_argument(
         "--update", action="store_true", help="keep the other rows of an earlier run with the same settings"
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     category = args.category or Path(args.data_dir).resolve().name
     try:
@@ -139,7 +139,8 @@ def main() -> None:
     write_atomically(output, table)
     write_atomically(record, json.dumps({"settings": settings, "results": results}, indent=1))
     print(f"written to {output}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

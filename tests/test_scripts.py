@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -94,3 +95,17 @@ def test_the_service_benchmark_says_so_when_no_photo_is_scored(tmp_path, monkeyp
     assert capsys.readouterr().err.strip() == (f"error: {tmp_path / 'photos'}: none of the 2 requests one at a time "
                                                "was scored (HTTP status 422); are the photos readable?")
     assert Service.terminated and not (tmp_path / "figures.json").exists()
+
+
+def run_script(script: str, *args: str) -> int:
+    """Run a script as its command line does (its ``__main__`` block), in this process: fast, torch already imported."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", [script, *args])
+        with pytest.raises(SystemExit) as stopped:
+            runpy.run_path(str(ROOT / script), run_name="__main__")
+    return stopped.value.code
+
+
+def test_the_ablation_names_a_missing_data_folder_in_one_line(tmp_path, capsys):
+    assert run_script("scripts/ablate_preprocessing.py", "--data-dir", str(tmp_path / "nowhere")) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'nowhere'}: no such folder"
