@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from config import CATEGORY_DEFAULTS, Config, run_cli, settings_from_pairs  # noqa: E402
 from models.patchcore import PatchCore  # noqa: E402
 from evaluation.mvtec import LabelledImage, load_test_split, train_images  # noqa: E402
-from output_files import write_atomically  # noqa: E402
+from output_files import check_writable, write_atomically  # noqa: E402
 from preprocessing.io import read_image, read_mask  # noqa: E402
 from preprocessing.pipeline import STEP_FLAGS  # noqa: E402
 
@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     output = Path(args.output_dir) / f"ablation_{category}.md"
     record = output.with_suffix(".json")  # the rows as data, so that --update can re-run a few
+    for path in (output, record):
+        check_writable(path)  # before the fits (one per row), not after them
     results: dict[str, dict[str, float]] = {}
     if args.update and record.is_file():
         earlier = json.loads(record.read_text(encoding="utf-8"))

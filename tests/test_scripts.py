@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from config import run_cli
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(  # every file a user can run: it has a __main__ block
     str(path.relative_to(ROOT))
@@ -57,7 +59,6 @@ def test_the_service_benchmark_refuses_a_duration_that_is_not_a_finite_number(fl
 
 def test_the_service_benchmark_refuses_an_unwritable_output_before_starting_the_service(tmp_path, monkeypatch, capsys):
     import scripts.benchmark_service as script
-    from config import run_cli
 
     (tmp_path / "model.pkl").write_bytes(b"")
     (tmp_path / "photos").mkdir()
@@ -72,7 +73,6 @@ def test_the_service_benchmark_says_so_when_no_photo_is_scored(tmp_path, monkeyp
     import httpx
 
     import scripts.benchmark_service as script
-    from config import run_cli
 
     class Service:
         terminated = False
@@ -109,3 +109,15 @@ def run_script(script: str, *args: str) -> int:
 def test_the_ablation_names_a_missing_data_folder_in_one_line(tmp_path, capsys):
     assert run_script("scripts/ablate_preprocessing.py", "--data-dir", str(tmp_path / "nowhere")) == 2
     assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'nowhere'}: no such folder"
+
+
+def test_the_ablation_refuses_an_unwritable_output_folder_before_any_fit(tmp_path, monkeypatch, capsys):
+    import scripts.ablate_preprocessing as script
+
+    (tmp_path / "train" / "good").mkdir(parents=True)
+    (tmp_path / "train" / "good" / "a.png").write_bytes(b"")
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setattr(script, "evaluate", lambda *args: pytest.fail("no fit may start"))
+    argv = ["--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "file"), "--variants", "pipeline off"]
+    assert run_cli(lambda: script.main(argv)) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'file' / 'ablation_'}")
