@@ -33,6 +33,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from config import fail, run_cli  # noqa: E402
+
 
 def synthetic_photo(rng: np.random.Generator, size: int = 96) -> bytes:
     """A dark elongated part on a light, noisy table, as PNG bytes."""
@@ -75,7 +77,7 @@ def photo_records(path: Path) -> list[dict]:
     return [record for record in map(json.loads, lines) if "event" not in record]
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--photos", type=int, default=2000)
     parser.add_argument("--out", type=Path, required=True, help="a new folder for the inbox, results and sorted photos")
@@ -84,8 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slow", type=float, default=0.02, help="share written in pieces with 1 s pauses")
     parser.add_argument("--unreadable", type=float, default=0.02, help="share that are text named .png")
     parser.add_argument("--timeout", type=float, default=1800, help="give up after this many seconds")
-    args = parser.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=False)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.out.exists():
+        fail(f"{args.out}: already exists; --out must be a new folder")
+    args.out.mkdir(parents=True)
     model = args.model or fit_tiny_model(args.out / "model")
     inbox, sorted_dir, jsonl = args.out / "inbox", args.out / "sorted", args.out / "results.jsonl"
     inbox.mkdir()
@@ -192,4 +200,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

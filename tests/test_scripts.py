@@ -121,3 +121,10 @@ def test_the_ablation_refuses_an_unwritable_output_folder_before_any_fit(tmp_pat
     argv = ["--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "file"), "--variants", "pipeline off"]
     assert run_cli(lambda: script.main(argv)) == 2
     assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'file' / 'ablation_'}")
+
+
+def test_the_soak_test_refuses_an_out_folder_it_cannot_make_new_in_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    for out, reason in ((tmp_path, "already exists; --out must be a new folder"), (tmp_path / "file" / "soak", "Not a directory")):
+        assert run_script("scripts/soak_watch.py", "--out", str(out)) == 2
+        assert capsys.readouterr().err.strip() == f"error: {out}: {reason}"
