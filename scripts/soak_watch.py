@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import subprocess
 import sys
@@ -78,6 +79,7 @@ def photo_records(path: Path) -> list[dict]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The options, checked before the tiny model is fitted and the watcher started."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--photos", type=int, default=2000)
     parser.add_argument("--out", type=Path, required=True, help="a new folder for the inbox, results and sorted photos")
@@ -86,7 +88,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--slow", type=float, default=0.02, help="share written in pieces with 1 s pauses")
     parser.add_argument("--unreadable", type=float, default=0.02, help="share that are text named .png")
     parser.add_argument("--timeout", type=float, default=1800, help="give up after this many seconds")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    shares = (args.reused, args.slow, args.unreadable)
+    if args.photos < 1:
+        parser.error("--photos must be at least 1")
+    if not all(0 <= share <= 1 for share in shares) or sum(shares) > 1:  # written so that NaN fails too
+        parser.error("--reused, --slow and --unreadable must be shares from 0 to 1, together at most 1")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        parser.error("--timeout must be a positive number of seconds")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

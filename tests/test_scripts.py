@@ -128,3 +128,17 @@ def test_the_soak_test_refuses_an_out_folder_it_cannot_make_new_in_one_line(tmp_
     for out, reason in ((tmp_path, "already exists; --out must be a new folder"), (tmp_path / "file" / "soak", "Not a directory")):
         assert run_script("scripts/soak_watch.py", "--out", str(out)) == 2
         assert capsys.readouterr().err.strip() == f"error: {out}: {reason}"
+
+
+@pytest.mark.parametrize("flags", [
+    ["--photos", "0"], ["--photos", "-3"], ["--reused", "nan"], ["--slow", "-0.1"], ["--unreadable", "1.5"],
+    ["--slow", "0.6", "--unreadable", "0.6"], ["--timeout", "nan"], ["--timeout", "0"], ["--timeout", "1e400"],
+])
+def test_the_soak_test_refuses_bad_numbers_before_any_work(flags, tmp_path, capsys):
+    """--photos 0 crashed after the watcher started; NaN shares and timeouts were taken without a word."""
+    with pytest.raises(SystemExit) as stopped:
+        from scripts.soak_watch import parse_args
+
+        parse_args(["--out", str(tmp_path / "soak"), *flags])
+    assert stopped.value.code == 2 and "error: --" in capsys.readouterr().err
+    assert not (tmp_path / "soak").exists()
