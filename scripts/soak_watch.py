@@ -112,9 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     log = open(args.out / "watcher.log", "w")
     watcher = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     while "watching" not in (args.out / "watcher.log").read_text():
-        if watcher.poll() is not None:
-            print((args.out / "watcher.log").read_text(), file=sys.stderr)
-            return 1
+        if watcher.poll() is not None:  # e.g. a bad --model: its one error line, and its exit status (2)
+            print((args.out / "watcher.log").read_text(), file=sys.stderr, end="")
+            return watcher.returncode or 1
         time.sleep(0.5)
 
     memory: list[tuple[int, float]] = []  # (records so far, resident MiB)

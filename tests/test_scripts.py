@@ -142,3 +142,21 @@ def test_the_soak_test_refuses_bad_numbers_before_any_work(flags, tmp_path, caps
         parse_args(["--out", str(tmp_path / "soak"), *flags])
     assert stopped.value.code == 2 and "error: --" in capsys.readouterr().err
     assert not (tmp_path / "soak").exists()
+
+
+def test_the_soak_test_passes_on_the_watchers_error_and_exit_status(tmp_path, monkeypatch, capsys):
+    import scripts.soak_watch as script
+
+    class Watcher:  # inference.py --watch refusing the model file, as it does in one line with exit 2
+        returncode = 2
+
+        def __init__(self, command, stdout, stderr):
+            stdout.write("error: bad.pkl: not a model file or truncated\n")
+            stdout.flush()
+
+        def poll(self):
+            return self.returncode
+
+    monkeypatch.setattr(script.subprocess, "Popen", Watcher)
+    assert script.main(["--out", str(tmp_path / "soak"), "--model", "bad.pkl", "--photos", "1"]) == 2
+    assert capsys.readouterr().err == "error: bad.pkl: not a model file or truncated\n"
