@@ -112,3 +112,20 @@ def test_the_script_refuses_rates_outside_zero_to_a_half(rate, capsys):
     with pytest.raises(SystemExit) as stopped:
         script.parse_args(["--data-dir", "x", "--rates", "0.01", rate])
     assert stopped.value.code == 2 and "--rates must lie between 0 and 0.5" in capsys.readouterr().err
+
+
+def test_a_training_folder_that_cannot_be_read_is_named_with_the_reason(tmp_path, monkeypatch, capsys):
+    """It listed as empty ("folder has no images"), which sent the user looking for missing photos."""
+    import evaluation.mvtec as mvtec
+    import scripts.check_calibration as script
+    from config import run_cli
+
+    good = tmp_path / "train" / "good"
+    good.mkdir(parents=True)
+
+    def refused(path):  # what a chmod 000 folder does to a user other than root
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(mvtec.os, "scandir", refused)
+    assert run_cli(lambda: script.main(["--data-dir", str(tmp_path), "--backbone", "efficientnet_lite0"])) == 2
+    assert capsys.readouterr().err.strip() == f"error: {good}: Permission denied"
