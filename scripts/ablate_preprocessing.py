@@ -104,9 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     category = args.category or Path(args.data_dir).resolve().name
+    try:  # apart from --set, so that an error names the flag it came from
+        base = Config(backbone=args.backbone, coreset_sampling_ratio=args.coreset_sampling_ratio)
+    except ValueError as error:
+        parser.error(str(error))
     try:
         common = settings_from_pairs(args.set)
-        base = Config(backbone=args.backbone, coreset_sampling_ratio=args.coreset_sampling_ratio).replace(**common)
+        base = base.replace(**common)
     except ValueError as error:
         parser.error(f"--set: {error}")
     rows = variants(category)

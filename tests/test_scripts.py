@@ -160,3 +160,17 @@ def test_the_soak_test_passes_on_the_watchers_error_and_exit_status(tmp_path, mo
     monkeypatch.setattr(script.subprocess, "Popen", Watcher)
     assert script.main(["--out", str(tmp_path / "soak"), "--model", "bad.pkl", "--photos", "1"]) == 2
     assert capsys.readouterr().err == "error: bad.pkl: not a model file or truncated\n"
+
+
+@pytest.mark.parametrize("flags, reason", [
+    (["--coreset-sampling-ratio", "nan"], "invalid settings: coreset_sampling_ratio must be a finite number"),
+    (["--backbone", "nope"], "invalid settings: backbone must be one of"),
+])
+def test_the_ablation_blames_its_own_flag_not_set(flags, reason, monkeypatch, capsys):
+    import scripts.ablate_preprocessing as script
+
+    monkeypatch.setattr(script, "train_images", lambda *args: pytest.fail("no fit may start"))
+    with pytest.raises(SystemExit) as stopped:
+        script.main(["--data-dir", "x", *flags])
+    assert stopped.value.code == 2
+    assert f"error: {reason}" in capsys.readouterr().err.strip().splitlines()[-1]  # was "error: --set: ..."
