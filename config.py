@@ -417,9 +417,11 @@ def yaml_value(text: str) -> Any:
     """One value as a config file reads it; ValueError, naming it, when YAML cannot read it."""
     try:
         return yaml.load(text, Loader=ConfigLoader)  # a SafeLoader: plain data, no Python objects
-    except (yaml.YAMLError, RecursionError) as error:
-        reason = getattr(error, "problem", None) or ("nested too deeply" if isinstance(error, RecursionError) else error)
-        raise ValueError(f"{brief(text)} is not a value YAML can read ({' '.join(str(reason).split())})") from None
+    except RecursionError:
+        raise ValueError(f"{brief(text)} is not a value YAML can read (nested too deeply)") from None
+    except yaml.YAMLError as error:
+        reason = " ".join(str(getattr(error, "problem", None) or error).split())  # the problem, not the marks
+        raise ValueError(f"{brief(text)} is not a value YAML can read ({reason})") from None
 
 
 def settings_from_pairs(pairs: Sequence[str]) -> dict[str, Any]:

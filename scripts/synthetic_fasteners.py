@@ -34,7 +34,15 @@ if str(PROJECT_ROOT) not in sys.path:  # run as a script, sys.path holds scripts
 
 from evaluation.mvtec import mask_path  # noqa: E402
 from output_files import write_atomically  # noqa: E402
-from synthetic.defects import MAX_SCALE, SURFACE_DEFECTS, EdgeSite, chip, pick_edge_site, pixel_grid, smooth_noise  # noqa: E402
+from synthetic.defects import (  # noqa: E402
+    MAX_SCALE,
+    SURFACE_DEFECTS,
+    EdgeSite,
+    chip,
+    pick_edge_site,
+    pixel_grid,
+    smooth_noise,
+)
 
 PARTS = ("screw", "nut", "plate", "washer", "bracket")
 # Defect kinds per part, in folder order (the order also seeds the test photos: keep it).
