@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +32,6 @@ def train_images(data_dir: str | Path) -> list[Path]:
         raise FileNotFoundError(f"{data_dir}: expected healthy training photos in {good}")
     paths = find_images(good)
     if not paths:
-        os.scandir(good).close()  # a folder we may not read lists as empty: raise its PermissionError instead
         raise FileNotFoundError(f"{good}: folder has no images ({', '.join(IMAGE_SUFFIXES)})")
     return paths
 

@@ -272,9 +272,19 @@ def training_photo_problem(image: np.ndarray) -> str | None:
 
 
 def find_images(folder: str | Path, recursive: bool = True) -> list[Path]:
-    """Image files under a folder, sorted so that runs are reproducible."""
+    """Image files under a folder, sorted so that runs are reproducible.
+
+    Nothing vanishes from a run unnamed. Everything with a photo's name but a folder is listed: a
+    broken link or a FIFO gets its error record. A subfolder that cannot be listed (permissions)
+    is listed in place of its photos, so that reading it gives its error record too, and a folder
+    that cannot be listed at all raises its PermissionError rather than looking empty.
+    """
     folder = Path(folder)
+    if folder.is_dir():
+        os.scandir(folder).close()  # the folder itself: glob would pass over it in silence
     pattern = "**/*" if recursive else "*"
-    # Everything with a photo's name but a folder: a broken link or a FIFO gets its error record instead
-    # of vanishing from the run.
-    return sorted(p for p in folder.glob(pattern) if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
+    found = [p for p in folder.glob(pattern) if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()]
+    if recursive:
+        for _ in os.walk(folder, onerror=lambda error: found.append(Path(error.filename))):
+            pass
+    return sorted(found)

@@ -5,6 +5,7 @@ fold's model, and each promised rate is set by the model's own rule and counted 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -116,7 +117,6 @@ def test_the_script_refuses_rates_outside_zero_to_a_half(rate, capsys):
 
 def test_a_training_folder_that_cannot_be_read_is_named_with_the_reason(tmp_path, monkeypatch, capsys):
     """It listed as empty ("folder has no images"), which sent the user looking for missing photos."""
-    import evaluation.mvtec as mvtec
     import scripts.check_calibration as script
     from config import run_cli
 
@@ -126,6 +126,6 @@ def test_a_training_folder_that_cannot_be_read_is_named_with_the_reason(tmp_path
     def refused(path):  # what a chmod 000 folder does to a user other than root
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(mvtec.os, "scandir", refused)
+    monkeypatch.setattr(os, "scandir", refused)
     assert run_cli(lambda: script.main(["--data-dir", str(tmp_path), "--backbone", "efficientnet_lite0"])) == 2
     assert capsys.readouterr().err.strip() == f"error: {good}: Permission denied"

@@ -212,6 +212,30 @@ def test_folder_listing_takes_upper_case_suffixes_and_sub_folders(tmp_path):
     assert [p.name for p in find_images(tmp_path, recursive=False)] == ["IMG_0001.JPG"]
 
 
+def test_a_folder_that_cannot_be_listed_is_named_not_passed_over(tmp_path):
+    """A listing that skips what it may not read loses photos in silence ("no images found", or a
+    batch a folder short): a locked subfolder is listed so that it gets its error record, and a
+    locked folder given itself raises its PermissionError."""
+    cv2.imwrite(str(tmp_path / "a.png"), photo())
+    locked = tmp_path / "shift2"
+    locked.mkdir()
+    cv2.imwrite(str(locked / "b.png"), photo())
+    code = (
+        "from preprocessing.io import find_images, read_images\n"
+        f"for path, result in read_images(find_images({str(tmp_path)!r})):\n"
+        "    print(path.name, result if isinstance(result, Exception) else 'read')\n"
+        f"try:\n    find_images({str(locked)!r})\nexcept PermissionError as error:\n    print('refused', error.filename)\n"
+    )
+    locked.chmod(0)
+    try:
+        result = subprocess.run(without_root_powers([sys.executable, "-c", code]), cwd=ROOT, capture_output=True, text=True)
+    finally:
+        locked.chmod(0o755)
+    assert result.stdout.splitlines() == ["a.png read", f"shift2 {locked}: permission denied", f"refused {locked}"], (
+        result.stderr
+    )
+
+
 def test_a_batch_read_returns_each_bad_file_as_its_error_in_order(tmp_path):
     cv2.imwrite(str(tmp_path / "a.png"), photo())
     (tmp_path / "b.png").write_text("not a photo")
