@@ -436,15 +436,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="skip fitting a tiny model on synthetic photos (saves a few seconds)")
     parser.add_argument("--runtime", action="store_true",
                         help="check only what scoring on a line PC needs (requirements-runtime.txt, no torch)")
-    parser.add_argument("--data-root", type=Path, default=PROJECT_ROOT / "data",
+    parser.add_argument("--data-root", type=Path,
                         help="folder holding mvtec_ad/, synthetic_fasteners/ and custom_fasteners/ "
                              "(default: data/ of the project)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    checks = planned_checks(args.skip_selftest, args.data_root, args.runtime)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.data_root is not None and not args.data_root.is_dir():  # a typo must not read as "data absent"
+        parser.error(f"--data-root {args.data_root}: no such folder")
+    data_root = args.data_root or PROJECT_ROOT / "data"  # absent on a fresh clone: each set says how to get it
+    checks = planned_checks(args.skip_selftest, data_root, args.runtime)
     width = max(len(name) for name, _ in checks)
     results = report((run_check(name, check) for name, check in checks), sys.stdout, width)
     print(summary(results), flush=True)
@@ -452,4 +456,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # A full disk or a closed pipe for the lines is one error line, as config.run_cli makes it for the
+    # other commands (not imported here: it needs PyYAML, one of the packages this script checks).
+    try:
+        sys.exit(main())
+    except OSError as error:
+        print(f"error: {error.strerror or error}", file=sys.stderr)
+        sys.exit(2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import io
+import subprocess
 import sys
 
 import pytest
@@ -230,3 +231,20 @@ def test_runtime_mode_names_the_runtime_file_when_a_package_is_missing(capsys, m
     code, out = run_main(capsys, "--runtime", "--data-root", str(tmp_path))
     assert code == 1
     assert "pip install -r requirements-runtime.txt" in line_of(out, "faiss-cpu")
+
+
+def test_a_data_root_that_is_not_a_folder_is_a_usage_error(capsys, tmp_path):
+    """A mistyped --data-root read as "every data set absent" and passed with exit 0."""
+    with pytest.raises(SystemExit) as stopped:
+        main(["--skip-selftest", "--data-root", str(tmp_path / "typo")])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip().endswith(f"error: --data-root {tmp_path / 'typo'}: no such folder")
+
+
+def test_lines_that_cannot_be_written_are_one_error_line(tmp_path):
+    """Its report sent to a full disk (/dev/full) ended in a traceback."""
+    result = subprocess.run(
+        f"{sys.executable} verify_setup.py --runtime --data-root {tmp_path} > /dev/full",
+        shell=True, cwd=verify_setup.PROJECT_ROOT, capture_output=True, text=True,
+    )
+    assert (result.returncode, result.stderr.strip()) == (2, "error: No space left on device")
