@@ -252,7 +252,7 @@ def run_setup_custom(out: Path) -> int:
     """Create the folder tree; never delete or overwrite anything already there (safe to rerun)."""
     if out.exists() and not out.is_dir():
         print(f"error: {out} exists and is not a folder", file=sys.stderr)
-        return 1
+        return 2  # a usage error, like every other refusal of an option's value
     folders = ["train/good", "test/good"] + [f"{top}/{kind}" for top in ("test", "ground_truth")
                                              for kind in CUSTOM_DEFECT_KINDS]
     for folder in folders:
@@ -276,9 +276,9 @@ def run_synthetic(settings: SyntheticSettings, out: Path) -> int:
     started = time.perf_counter()
     try:
         written = generate(settings, out)
-    except FileExistsError as error:
+    except FileExistsError as error:  # a folder it did not make: a usage error, nothing written
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return 2
     masks = sum(path.parent.parent.name == "ground_truth" for path in written)
     print(f"wrote {len(written) - masks} photos and {masks} masks of {settings.part}s to {out} "
           f"(seed {settings.seed}, {settings.size} px) in {time.perf_counter() - started:.1f} s\n"

@@ -71,6 +71,12 @@ def test_verify_names_each_broken_file(tmp_path: Path, capsys: pytest.CaptureFix
     assert f"✗ {small_mask}: size 10x10 differs" in output
 
 
+def test_setup_custom_onto_a_file_is_a_usage_error(tmp_path: Path, capsys) -> None:
+    (tmp_path / "photos").write_text("a file", encoding="utf-8")
+    assert main(["--setup-custom", "--out", str(tmp_path / "photos")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'photos'} exists and is not a folder"
+
+
 def test_setup_custom_is_idempotent_and_keeps_user_files(tmp_path: Path) -> None:
     out = tmp_path / "custom"
     assert main(["--setup-custom", "--out", str(out)]) == 0
@@ -115,7 +121,7 @@ def test_synthetic_layout_passes_verify_and_only_defects_have_masks(tmp_path: Pa
 
 def test_synthetic_refuses_a_folder_it_did_not_make(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("keep me", encoding="utf-8")
-    assert main(["--synthetic", "--out", str(tmp_path), "--n-train", "1", "--n-test-per-kind", "1"]) == 1
+    assert main(["--synthetic", "--out", str(tmp_path), "--n-train", "1", "--n-test-per-kind", "1"]) == 2
     assert (tmp_path / "notes.txt").read_text(encoding="utf-8") == "keep me"
 
 
