@@ -523,11 +523,10 @@ def spawn(phase: str, argv: list[str], workdir: Path) -> dict[str, Any]:
     """Run one phase in a fresh interpreter (its peak memory is its own) and read its figures."""
     command = [sys.executable, str(Path(__file__).resolve()), *argv, "--_phase", phase, "--_workdir", str(workdir)]
     completed = subprocess.run(command, stdin=subprocess.DEVNULL)
+    if completed.returncode == 2:  # the phase's own error line (run_cli) says what to fix: no second guess
+        raise SystemExit(2)
     if completed.returncode != 0:
-        hint = ""
-        if "--random-weights" not in argv:
-            hint = " (backbone weights not available offline? --random-weights gives timing-only figures)"
-        fail(f"the {phase} phase failed (exit code {completed.returncode}); its error is printed above{hint}")
+        fail(f"the {phase} phase failed (exit code {completed.returncode}); its error is printed above")
     with open(workdir / f"{phase}.json", encoding="utf-8") as handle:
         return json.load(handle)
 

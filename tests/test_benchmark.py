@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from config import UserError
 from conftest import link_subset
+import scripts.benchmark as benchmark
 from scripts.benchmark import evaluation_split, fit_stages, format_table, parse_args, spread
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,3 +109,23 @@ def test_an_unwritable_output_is_refused_before_any_phase_runs(tmp_path, monkeyp
     argv = ["--data-dir", str(tmp_path / "parts"), "--json-out", str(target), "--no-auroc", "--quiet", *extra]
     assert run_cli(lambda: script.main(argv)) == 2
     assert "is a folder; give a file name" in capsys.readouterr().err
+
+
+
+def phase_exiting_with(code: int, monkeypatch) -> None:
+    monkeypatch.setattr(benchmark.subprocess, "run", lambda *args, **kwargs: subprocess.CompletedProcess(args, code))
+
+
+def test_a_phase_that_said_what_to_fix_gets_no_second_guess(tmp_path, monkeypatch, capsys):
+    """A phase that refused a photo or a setting has said why (its error line, exit 2): a second
+    line guessing at missing weights sent users looking in the wrong place."""
+    phase_exiting_with(2, monkeypatch)
+    with pytest.raises(SystemExit) as stopped:
+        benchmark.spawn("fit", ["--data-dir", "x"], tmp_path)
+    assert stopped.value.code == 2 and capsys.readouterr().err == ""
+
+
+def test_a_phase_that_crashed_is_named(tmp_path, monkeypatch):
+    phase_exiting_with(1, monkeypatch)
+    with pytest.raises(UserError, match=r"^the fit phase failed \(exit code 1\); its error is printed above$"):
+        benchmark.spawn("fit", ["--data-dir", "x"], tmp_path)
