@@ -32,7 +32,6 @@ import os
 import platform
 import pstats
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -684,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
         if profile:
             prof_path = json_out.with_suffix(".prof")
             prof_path.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(Path(workdir) / "fit.prof"), str(prof_path))
+            write_atomically(prof_path, (Path(workdir) / "fit.prof").read_bytes())  # never half a profile
             profile["stats_file"] = str(prof_path)
     machine["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
