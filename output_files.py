@@ -91,7 +91,7 @@ def write_atomically(path: str | Path, data: bytes | str, mode: int | None = Non
         raise _output_error(path, error) from None
     try:
         with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data.encode("utf-8") if isinstance(data, str) else data)
+            handle.write(encoded(data) if isinstance(data, str) else data)
             handle.flush()
             os.fsync(handle.fileno())
         if mode is not None:
@@ -103,6 +103,12 @@ def write_atomically(path: str | Path, data: bytes | str, mode: int | None = Non
         if isinstance(error, OSError):
             raise _output_error(path, error) from None
         raise
+
+
+def encoded(text: str) -> bytes:
+    """UTF-8, with a file name that is not UTF-8 (``os.fsdecode`` keeps its bytes as surrogates)
+    written back as the bytes it has on disk: one such photo must not fail a whole CSV or report."""
+    return text.encode("utf-8", errors="surrogateescape")
 
 
 def _check_output_kind(path: Path) -> None:

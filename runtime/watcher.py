@@ -43,7 +43,7 @@ from typing import Any
 
 from inspection.scoring import Photo, error_record, records_csv, score_batch
 from models.patchcore import learn_on_a_copy
-from output_files import check_output_folder, check_writable, write_atomically
+from output_files import check_output_folder, check_writable, encoded, write_atomically
 from preprocessing.io import IMAGE_SUFFIXES, ImageReadError, read_photo_bytes
 from runtime.drift import DriftMonitor
 
@@ -110,7 +110,7 @@ def _write_at(path: Path, offset: int, text: str) -> int:
     Whatever a failed or interrupted earlier attempt left after ``offset`` is dropped, so writing
     a batch again never doubles it or leaves half a line.
     """
-    data = text.encode("utf-8")
+    data = encoded(text)
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
     try:
         os.ftruncate(descriptor, offset)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -347,3 +348,19 @@ def test_a_folder_that_is_missing_or_holds_no_photos_is_one_error_line_and_exit_
     (line,) = capsys.readouterr().err.splitlines()
     reason = "no such folder" if photos_in_it is None else "no images found (png, jpg, jpeg, bmp, tif, tiff)"
     assert line == f"error: {folder}: {reason}"
+
+
+def test_a_photo_name_that_is_not_utf8_is_written_to_the_csv_and_report_as_its_bytes(
+        model_file, small_screw_dir, tmp_path, capsys):
+    folder = tmp_path / "batch"
+    folder.mkdir()
+    image = load_test_split(small_screw_dir)[0].path.resolve()
+    odd = os.fsencode(folder) + b"/frame\xff.png"  # a camera writing Latin-1 names: not UTF-8
+    os.symlink(image, odd)
+    (folder / "plain.png").symlink_to(image)
+    csv_path = tmp_path / "results.csv"
+    code, _, err = run(["--model", str(model_file), "--dir", str(folder), "--csv", str(csv_path), "--report",
+                        "--output-dir", str(tmp_path / "out"), "--json"], capsys)
+    assert code == 0, err
+    assert odd in csv_path.read_bytes() and b"plain.png" in csv_path.read_bytes()
+    assert b"frame\xff.png" in (tmp_path / "out" / "batch_report.html").read_bytes()

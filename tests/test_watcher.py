@@ -335,3 +335,19 @@ def test_a_photo_overwritten_while_it_is_read_is_scored_as_it_ends_up_once(fitte
 def test_a_read_only_watched_folder_is_refused_before_the_model_loads_when_photos_are_to_be_sorted(tmp_path):
     """Sorting moves each photo out of the folder, which needs write permission on it."""
     assert watch_refused(tmp_path, "inbox") == ["error: inbox: cannot move photos out of it (read-only)"]
+
+def test_a_photo_name_that_is_not_utf8_is_recorded_and_sorted_not_the_end_of_the_watch(fitted_model, photos, tmp_path):
+    inbox, out = tmp_path / "inbox", tmp_path / "sorted"
+    inbox.mkdir()
+    odd = os.fsencode(inbox) + b"/frame\xff.png"  # a camera writing Latin-1 names: not UTF-8
+    shutil.copy(photos["good"], odd)
+    outputs = WatchOutputs(jsonl=tmp_path / "results.jsonl", csv=tmp_path / "results.csv", sort_into=out)
+    with watching(fitted_model, inbox, outputs) as watcher:
+        (record,) = wait_for_lines(outputs.jsonl, 1, timeout=60)
+        shutil.copy(photos["other"], inbox / "next.png")
+        wait_for_lines(outputs.jsonl, 2, timeout=60)
+    assert record["path"] == os.fsdecode(odd) and "error" not in record
+    assert odd in outputs.csv.read_bytes()
+    verdict = "anomalous" if record["is_anomalous"] else "ok"
+    assert os.path.isfile(os.fsencode(out / verdict) + b"/frame\xff.png")
+    assert not watcher.done
