@@ -538,7 +538,12 @@ def run_cli(main: Callable[[], int]) -> int:
 
     Expected: what the user can fix (settings, files, data, weights) and what the system refuses
     (permissions, a full or read-only disk). Anything else is a bug and keeps its traceback.
+    A file name that is not UTF-8 is printed as the bytes it has on disk: a terminal whose locale
+    encodes strictly would otherwise stop a table (or a watcher) at the first such photo.
     """
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="surrogateescape")
     try:
         return main()
     except (UserError, ValueError) as error:

@@ -364,3 +364,18 @@ def test_a_photo_name_that_is_not_utf8_is_written_to_the_csv_and_report_as_its_b
     assert code == 0, err
     assert odd in csv_path.read_bytes() and b"plain.png" in csv_path.read_bytes()
     assert b"frame\xff.png" in (tmp_path / "out" / "batch_report.html").read_bytes()
+
+
+def test_a_photo_name_that_is_not_utf8_is_printed_on_a_strict_terminal_not_a_crash(model_file, small_screw_dir,
+                                                                                    tmp_path):
+    folder = tmp_path / "batch"
+    folder.mkdir()
+    os.symlink(load_test_split(small_screw_dir)[0].path.resolve(), os.fsencode(folder) + b"/frame\xff.png")
+    Path(os.fsdecode(os.fsencode(folder) + b"/broken\xff.png")).write_bytes(b"x")
+    command = [sys.executable, str(Path(inference.__file__)), "--model", str(model_file), "--dir", str(folder), "--quiet"]
+    strict = {**os.environ, "PYTHONIOENCODING": "utf-8:strict"}  # as a terminal in an en_US.UTF-8 locale encodes
+    result = subprocess.run(command, capture_output=True, timeout=600, env=strict)
+    out, err = result.stdout, result.stderr
+    assert result.returncode == 3, err
+    assert out.splitlines()[-1] == b"1 scored, %d anomalous, 1 unreadable" % out.count(b"ANOMALOUS")
+    assert b"frame\xff.png" in out and b"error: " in err and b"broken\xff.png" in err
