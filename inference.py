@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from config import fail, run_cli
-from output_files import check_output_folder, check_writable, json_document, write_atomically
+from output_files import check_not_an_input, check_output_folder, check_writable, json_document, write_atomically
 from preprocessing.io import find_images
 
 ANOMALY_CONFIDENCE_NOTE = (
@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         check_writable(out_dir / "batch_report.html")
     if args.csv:
         check_writable(args.csv)
+        check_not_an_input(args.csv, [photo.source for photo in photos])
     records, gallery = score_all(model, photos, heatmap_dir, args.report, progress=not (args.quiet or args.json))
     if args.csv:  # the records first: whatever happens to the report, the run's results are kept
         write_atomically(args.csv, records_csv(records))

@@ -9,6 +9,7 @@ import os
 import re
 import secrets
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,22 @@ def check_writable(path: str | Path) -> None:
     path = Path(path)
     _check_output_kind(path)
     _probe(path.parent, path)
+
+
+def check_not_an_input(path: str | Path, inputs: Iterable[str | Path]) -> None:
+    """Refuse an output name that holds one of the run's input files (by any spelling: a link to its
+    folder, a relative path): writing the results there would replace a photo with them."""
+    try:
+        target = os.lstat(path)
+    except OSError:
+        return
+    for source in inputs:
+        try:
+            status = os.lstat(source)
+        except OSError:
+            continue
+        if (status.st_dev, status.st_ino) == (target.st_dev, target.st_ino):
+            raise OutputError(f"{path}: is {source}, one of the photos to score; give another file name")
 
 
 def check_output_folder(folder: str | Path) -> None:

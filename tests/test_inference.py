@@ -379,3 +379,19 @@ def test_a_photo_name_that_is_not_utf8_is_printed_on_a_strict_terminal_not_a_cra
     assert result.returncode == 3, err
     assert out.splitlines()[-1] == b"1 scored, %d anomalous, 1 unreadable" % out.count(b"ANOMALOUS")
     assert b"frame\xff.png" in out and b"error: " in err and b"broken\xff.png" in err
+
+
+def test_a_csv_named_as_one_of_the_photos_is_refused_before_scoring_and_the_photo_kept(model_file, small_screw_dir,
+                                                                                      tmp_path, capsys):
+    folder = tmp_path / "batch"
+    folder.mkdir()
+    photo = folder / "a.png"
+    photo.write_bytes(load_test_split(small_screw_dir)[0].path.read_bytes())
+    before = photo.read_bytes()
+    (tmp_path / "link").symlink_to(folder)  # the same photo by another spelling
+    for csv_name in (photo, tmp_path / "link" / "a.png"):
+        code = inference.run_cli(lambda: inference.main(["--model", str(model_file), "--dir", str(tmp_path / "link"),
+                                                         "--csv", str(csv_name)]))
+        out, err = capsys.readouterr()
+        assert code == 2 and err.startswith(f"error: {csv_name}: is ") and "one of the photos" in err
+        assert "scored" not in out and photo.read_bytes() == before
