@@ -10,6 +10,7 @@ Updates made on the line keep the file they replace beside it, so an update can 
 from __future__ import annotations
 
 import math
+import os
 import pickle
 import stat
 from pathlib import Path
@@ -76,6 +77,16 @@ def checked_updates(updates: Any) -> list[dict[str, Any]]:
     ):
         raise ValueError("updates must be a list of update records")
     return [dict(update) for update in updates]
+
+
+def file_identity(path: str | Path) -> tuple[int, int, int, int] | None:
+    """What the file at ``path`` is now (device, inode, size, modification time), None when absent:
+    tells whether a model file was replaced on disk since it was loaded."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns
 
 
 def keep_previous(path: str | Path, update: int) -> Path | None:

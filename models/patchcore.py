@@ -44,6 +44,7 @@ from models.model_file import (
     check_fitted_values,
     check_state,
     checked_updates,
+    file_identity,
     keep_previous,
     pack_array,
     read_state,
@@ -111,6 +112,7 @@ class PatchCore:
         self.runtime = "torch"  # feature extractor back end: torch | onnx | auto (models/backend.py)
         self.onnx_file: Path | None = None
         self.model_file: Path | None = None  # the file it was loaded from, named in its errors
+        self.file_identity: tuple[int, int, int, int] | None = None  # that file as loaded or last saved
         self.updates: list[dict[str, Any]] = []  # confirmed-good photos added since the fit (add_good)
         # Seconds per stage, summed since the last fit started: the fit's own stages, and predict_*
         # over the predict calls since; scripts/benchmark.py reads them.
@@ -702,6 +704,7 @@ class PatchCore:
         ``path`` did not exist)."""
         kept = keep_previous(path, len(self.updates))
         self.save(path)
+        self.file_identity = file_identity(path)
         return kept
 
     @classmethod
@@ -713,6 +716,7 @@ class PatchCore:
         ``scripts/export_onnx.py`` has written ``<model>.onnx`` beside the file, through torch otherwise.
         """
         path = Path(path)
+        identity = file_identity(path)  # before reading: a file replaced meanwhile reads as replaced later
         state = read_state(path)
         try:
             model = cls._from_state(state, device)
@@ -720,6 +724,7 @@ class PatchCore:
             raise ModelFileError(f"{path}: {error}") from None
         model.runtime = runtime
         model.model_file = path
+        model.file_identity = identity
         model.onnx_file = onnx_path_for(path)
         if resolve_runtime(runtime, model.onnx_file) == "onnx" and not model.onnx_file.is_file():
             raise ModelFileError(
@@ -762,7 +767,19 @@ def learn_on_a_copy(
     Returns the copy to score with from now on (None when nothing was learnt) and the update's
     record. ``model`` itself is never changed, so scoring goes on with it meanwhile. Photos that
     look defective are left out (``skip_refused``); an unreadable one leaves the whole batch out.
+    A model file replaced on disk since ``model`` was loaded (a new fit put in place) is never
+    saved over: nothing is learnt, and the update's record says to restart on the new file.
     """
+
+    def replaced() -> dict[str, Any] | None:
+        if model.file_identity is None or file_identity(model_path) == model.file_identity:
+            return None
+        return {"photos": 0, "refused": list(labels),
+                "error": f"{model_path}: replaced on disk since it was loaded; nothing learnt and the new file is "
+                         "kept: restart to score with it, then confirm these photos again"}
+
+    if (refusal := replaced()) is not None:
+        return None, refusal
     candidate = model.copy()
     try:
         update = candidate.add_good(photos, progress=False, source=source, force=force, skip_refused=True,
@@ -771,6 +788,8 @@ def learn_on_a_copy(
         return None, {"photos": 0, "refused": list(labels), "error": str(error)}
     if not update["photos"]:
         return None, update
+    if (refusal := replaced()) is not None:  # replaced while the photos were added
+        return None, refusal
     candidate.save_update(model_path)
     return candidate, update
 

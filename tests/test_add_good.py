@@ -335,3 +335,21 @@ def test_a_blank_photo_confirmed_at_a_door_is_refused_even_when_forced(half_mode
     assert updated is None and update["photos"] == 0 and update["refused"] == ["blank.png"]
     assert "blank.png: blank" in update["error"]
     assert (tmp_path / "line.pkl").read_bytes() == original
+
+
+def test_a_model_file_replaced_on_disk_since_it_was_loaded_is_never_saved_over(half_model, small_screw_dir, tmp_path):
+    """A new fit put in place while the service or the watcher runs: learning on the old bank must not overwrite it."""
+    from models.patchcore import learn_on_a_copy
+
+    serving = fresh(half_model, tmp_path, "line.pkl")
+    photos = train_images(small_screw_dir)[6:8]
+    updated, _ = learn_on_a_copy(serving, tmp_path / "line.pkl", photos, [p.name for p in photos], "POST /feedback")
+    assert updated is not None  # an update of the file it loaded (and saved) goes through, again and again
+    half_model.save(tmp_path / "new_fit.pkl")
+    (tmp_path / "new_fit.pkl").replace(tmp_path / "line.pkl")
+    new_fit = (tmp_path / "line.pkl").read_bytes()
+    kept_before = sorted(tmp_path.glob("line.before-update-*"))
+    again, update = learn_on_a_copy(updated, tmp_path / "line.pkl", photos, [p.name for p in photos], "POST /feedback")
+    assert again is None and update["photos"] == 0 and update["refused"] == [p.name for p in photos]
+    assert update["error"].startswith(f"{tmp_path / 'line.pkl'}: replaced on disk since it was loaded")
+    assert (tmp_path / "line.pkl").read_bytes() == new_fit and sorted(tmp_path.glob("line.before-update-*")) == kept_before
