@@ -403,7 +403,19 @@ class ConfigLoader(yaml.SafeLoader):
     PyYAML follows YAML 1.1, where a float needs a dot and a signed exponent, so ``1e-3`` (or
     ``5E-2``) would arrive as text and a rate written that way would be refused. YAML 1.2 reads it
     as a number; this loader adds that one rule and otherwise stays PyYAML's safe loader.
+    A key given twice is an error, as YAML 1.2 has it: PyYAML keeps the last in silence, so one of
+    two values written for a setting would be dropped unseen.
     """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[str] = set()
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.value in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key.value!r} is given twice (line {key.start_mark.line + 1})")
+            if isinstance(key, yaml.ScalarNode):
+                seen.add(key.value)
+        return super().construct_mapping(node, deep)
 
 
 ConfigLoader.add_implicit_resolver(

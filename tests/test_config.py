@@ -264,3 +264,10 @@ def test_an_error_never_formats_an_unbounded_value():
     with pytest.raises(ConfigError) as raised:
         Config.from_dict({"backbone": "x" * 10_000_000, "layers": [["deep"] * 1000] * 1000})
     assert len(str(raised.value)) < 600
+
+
+def test_a_setting_given_twice_in_yaml_is_an_error_not_one_value_dropped(tmp_path):
+    """A BOM and CRLF line ends are read as YAML reads them; a merged mapping may still override its keys."""
+    with pytest.raises(ValueError, match=r"'false_alarm_rate' is given twice \(line 3\)"):
+        from_yaml(tmp_path, "\ufefffalse_alarm_rate: 0.01\r\nimage_size: 256\r\nfalse_alarm_rate: 0.001\r\n")
+    assert from_yaml(tmp_path, "\ufeffimage_size: 256\r\n").image_size == 256
