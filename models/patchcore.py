@@ -323,8 +323,11 @@ class PatchCore:
         The photos are scored against the existing bank, exactly as production would score them,
         and become the calibration set; the bank, and so every score, stays the same.
         """
-        if not images:
-            raise ValueError("re-calibration needs at least one healthy photo")
+        if len(images) < 2:  # as a fit: the scores of one photo have no spread to read a tail from
+            raise UserError(
+                f"re-calibration needs at least 2 healthy photos (got {len(images)}): a threshold is read off "
+                "the spread of their scores"
+            )
         scores = [p.score for p in self.predict(images, progress=progress, description="re-calibration")]
         origin = f" from {source}" if source else ""
         self.set_calibration(

@@ -432,9 +432,10 @@ def test_threshold_for_follows_the_models_own_rule_and_spread_floor(fitted_model
 
 def test_recalibration_needs_photos_and_names_a_photo_unlike_the_rest(fitted_model, small_screw_dir, tmp_path):
     model = PatchCore.load(_saved(fitted_model, tmp_path))
-    with pytest.raises(ValueError, match="at least one healthy photo"):
-        model.recalibrate([], progress=False)
     healthy = train_images(small_screw_dir)
+    for too_few in ([], healthy[:1]):  # as a fit: one photo's score has no spread (it promised 497 in 1,000)
+        with pytest.raises(UserError, match=f"at least 2 healthy photos \\(got {len(too_few)}\\)"):
+            model.recalibrate(too_few, progress=False)
     odd = _with_a_noise_patch(healthy[0], tmp_path / "odd.png")
     model.recalibrate([*healthy, odd], progress=False)  # the odd photo last, as the last one scored
     assert [entry["photo"] for entry in model.calibration["unlike_the_rest"]] == [str(odd)]
