@@ -36,7 +36,9 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 import numpy as np
@@ -272,6 +274,8 @@ def create_app(settings: ServiceSettings) -> FastAPI:
 
     app = FastAPI(title="fastener-anomaly-detection", lifespan=lifespan)
     app.add_exception_handler(UploadRefused, lambda _request, refusal: refusal.response)
+    app.add_exception_handler(HTTPException, _framework_refusal)
+    app.add_exception_handler(RequestValidationError, _invalid_query)
 
     def refused(request: Request) -> JSONResponse | None:
         """401 for a missing or wrong API key (when the service has one)."""
@@ -381,6 +385,21 @@ def watch_the_line(
 
     batcher.on_scored = scored
     return drift, learner
+
+
+def _framework_refusal(_request: Request, error: HTTPException) -> JSONResponse:
+    """What the framework itself refuses (a malformed multipart body, too many files or fields, an
+    unknown route) in the service's one answer shape, ``{"error": ...}``, that clients read."""
+    return JSONResponse({"error": str(error.detail)}, status_code=error.status_code, headers=error.headers)
+
+
+def _invalid_query(_request: Request, error: RequestValidationError) -> JSONResponse:
+    """A query value of the wrong type (``heatmap=maybe``) is the client's mistake: 400 with the
+    service's answer shape, not the framework's 422, which here means a photo that cannot be read."""
+    problems = "; ".join(
+        f"{'.'.join(str(part) for part in problem['loc'][1:])}: {problem['msg']}" for problem in error.errors()
+    )
+    return JSONResponse({"error": problems}, status_code=400)
 
 
 async def _upload(request: Request, body: bytes) -> tuple[str, bytes]:

@@ -72,6 +72,24 @@ def test_raw_bytes_and_a_heatmap(service, photos):
     assert base64.b64decode(record["heatmap_png_base64"]).startswith(b"\x89PNG\r\n\x1a\n")
 
 
+def test_what_the_framework_refuses_is_answered_in_the_services_error_shape(service, photos):
+    """A client reads "error" from every refusal: the framework's own answers ({"detail": ...}) said
+    nothing to it, and a bad query value got 422, which here means a photo that cannot be read."""
+    key = {"X-API-Key": KEY}
+    bad_query = httpx.post(f"{service}/score", content=photos["good"].read_bytes(),
+                           params={"heatmap": "maybe", "name": "p.png"}, headers=key, timeout=60)
+    assert bad_query.status_code == 400 and bad_query.json()["error"].startswith("heatmap: "), bad_query.text
+    no_boundary = httpx.post(f"{service}/score", content=b"--x\r\n", timeout=60,
+                             headers={**key, "Content-Type": "multipart/form-data"})
+    assert no_boundary.status_code == 400 and no_boundary.json()["error"], no_boundary.text
+    two_files = httpx.post(f"{service}/score", headers=key, timeout=60, files=[
+        ("a", ("a.png", photos["good"].read_bytes(), "image/png")), ("b", ("b.png", b"x", "image/png"))])
+    assert two_files.status_code == 400 and "files" in two_files.json()["error"], two_files.text
+    unknown = httpx.get(f"{service}/nowhere", timeout=60)
+    assert unknown.status_code == 404 and unknown.json() == {"error": "Not Found"}
+    assert post(service, photos["good"]).status_code == 200  # and it carries on
+
+
 def test_corrupt_upload_is_a_422_record_and_the_service_carries_on(service, photos):
     broken = httpx.post(f"{service}/score", files={"file": ("broken.png", b"\x89PNG not really", "image/png")},
                         headers={"X-API-Key": KEY}, timeout=300)
