@@ -54,6 +54,16 @@ def brief(value: Any) -> str:
     return _BRIEF.repr(value)
 
 
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` with its control characters written as escapes (``\\n``, ``\\x1b``): a photo's name
+    printed in a table or an error line can neither break the line nor send the terminal an
+    escape sequence (clear the screen, or overwrite a verdict)."""
+    return _CONTROL_CHARACTERS.sub(lambda found: found.group().encode("unicode_escape").decode("ascii"), text)
+
+
 MAX_PLAIN_ITEMS = 1_000_000  # values and characters of text in a settings or model file, counted as written out
 MAX_PLAIN_DEPTH = 64  # nesting of lists and mappings; a model file's state is four deep
 
@@ -559,11 +569,11 @@ def run_cli(main: Callable[[], int]) -> int:
     try:
         return main()
     except (UserError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {printable(str(error))}", file=sys.stderr)
         return 2
     except OSError as error:
         where = f"{error.filename}: " if error.filename else ""
-        print(f"error: {where}{error.strerror or error}", file=sys.stderr)
+        print(printable(f"error: {where}{error.strerror or error}"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

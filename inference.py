@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from config import fail, run_cli
+from config import fail, printable, run_cli
 from output_files import check_not_an_input, check_output_folder, check_writable, json_document, write_atomically
 from preprocessing.io import find_images
 
@@ -99,20 +99,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def print_table(records: list[dict[str, Any]]) -> None:
-    width = max(len(r["path"]) for r in records)
+    """One row per photo; names and messages with their control characters escaped (config.printable)."""
+    names = [printable(record["path"]) for record in records]
+    width = max(map(len, names))
     print(f"{'image':<{width}}  {'score':>8}  {'score/thr':>9}  {'threshold':>9}  {'verdict':<9}  {'sigma':>6}  "
           "anomaly confidence")
-    for record in records:
+    for name, record in zip(names, records):
         if "error" in record:
-            print(f"{record['path']:<{width}}  error: {record['error']}")
+            print(f"{name:<{width}}  error: {printable(record['error'])}")
             continue
         verdict = "ANOMALOUS" if record["is_anomalous"] else "ok"
         print(
-            f"{record['path']:<{width}}  {record['score']:>8.3f}  {record['normalized_score']:>9.3f}  "
+            f"{name:<{width}}  {record['score']:>8.3f}  {record['normalized_score']:>9.3f}  "
             f"{record['threshold']:>9.3f}  {verdict:<9}  {record['sigma']:>6.1f}  {record['anomaly_confidence']:>18.1%}"
         )
         for warning in record["warnings"]:
-            print(f"{'':<{width}}  warning: {warning}")
+            print(f"{'':<{width}}  warning: {printable(warning)}")
     print(f"({ANOMALY_CONFIDENCE_NOTE})")
 
 

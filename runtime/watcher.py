@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from config import printable
 from inspection.scoring import Photo, error_record, records_csv, score_batch
 from models.patchcore import learn_on_a_copy
 from output_files import check_output_folder, check_writable, encoded, write_atomically
@@ -469,7 +470,7 @@ def _move_to_free_name(path: Path, folder: Path) -> Path:
 
 
 def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    print(printable(message), file=sys.stderr, flush=True)
 
 
 def watch_until_stopped(model: Any, folder: Path, outputs: WatchOutputs, settle_s: float, retry_s: float,
@@ -481,22 +482,22 @@ def watch_until_stopped(model: Any, folder: Path, outputs: WatchOutputs, settle_
     for stopping in (signal.SIGINT, signal.SIGTERM):  # finish the batch in hand, then stop
         signal.signal(stopping, lambda *_: stop.set())
 
-    def show(record: dict[str, Any]) -> None:
+    def show(record: dict[str, Any]) -> None:  # names with their control characters escaped (printable)
         if "error" in record:
-            print(f"error: {record['error']}", file=sys.stderr, flush=True)
+            _say(f"error: {record['error']}")
         else:
             verdict = "ANOMALOUS" if record["is_anomalous"] else "ok"
-            print(f"{record['path']}  {record['score']:.3f}  {verdict}", flush=True)
+            print(printable(f"{record['path']}  {record['score']:.3f}  {verdict}"), flush=True)
 
     def tell(event: dict[str, Any]) -> None:
         if event["event"] == "drift":
-            print(f"warning: {event['warning']}", file=sys.stderr, flush=True)
+            _say(f"warning: {event['warning']}")
         elif "error" in event:
-            print(f"error: nothing learnt from {CONFIRMED}/: {event['error']}", file=sys.stderr, flush=True)
+            _say(f"error: nothing learnt from {CONFIRMED}/: {event['error']}")
         else:
             refused = f"; not learnt (too far above the threshold): {', '.join(event['refused'])}" if event["refused"] else ""
-            print(f"learnt {event['photos']} photos confirmed good: threshold {event['threshold_before']:.3f} -> "
-                  f"{event['threshold_after']:.3f}, saved to {event['model_file']}{refused}", file=sys.stderr, flush=True)
+            _say(f"learnt {event['photos']} photos confirmed good: threshold {event['threshold_before']:.3f} -> "
+                 f"{event['threshold_after']:.3f}, saved to {event['model_file']}{refused}")
 
     watcher = FolderWatcher(model, folder, outputs, settle_s, on_record=show, retry_s=retry_s, model_path=model_path,
                             on_event=tell)

@@ -11,7 +11,18 @@ from typing import get_type_hints
 
 import pytest
 
-from config import Config, ConfigError, add_config_arguments, config_from_args, fail, help_text, rule_of, run_cli
+from config import (
+    Config,
+    ConfigError,
+    UserError,
+    add_config_arguments,
+    config_from_args,
+    fail,
+    help_text,
+    printable,
+    rule_of,
+    run_cli,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -271,3 +282,16 @@ def test_a_setting_given_twice_in_yaml_is_an_error_not_one_value_dropped(tmp_pat
     with pytest.raises(ValueError, match=r"'false_alarm_rate' is given twice \(line 3\)"):
         from_yaml(tmp_path, "\ufefffalse_alarm_rate: 0.01\r\nimage_size: 256\r\nfalse_alarm_rate: 0.001\r\n")
     assert from_yaml(tmp_path, "\ufeffimage_size: 256\r\n").image_size == 256
+
+
+def test_printable_escapes_control_characters_and_keeps_every_other_character():
+    """What a table or an error line prints of a photo's name: one line, no terminal commands."""
+    assert printable("a\nb\x1b[2Jc\td\x7f\x85é\udcff.png") == "a\\nb\\x1b[2Jc\\td\\x7f\\x85é\udcff.png"
+
+
+def test_an_error_line_stays_one_line_whatever_the_file_name(capsys):
+    def failing() -> int:
+        raise UserError("frame\n1 scored, 0 anomalous.png: not a readable image")
+
+    assert run_cli(failing) == 2
+    assert capsys.readouterr().err == "error: frame\\n1 scored, 0 anomalous.png: not a readable image\n"

@@ -381,6 +381,23 @@ def test_a_photo_name_that_is_not_utf8_is_printed_on_a_strict_terminal_not_a_cra
     assert b"frame\xff.png" in out and b"error: " in err and b"broken\xff.png" in err
 
 
+def test_control_characters_in_a_photo_name_are_printed_as_escapes(model_file, small_screw_dir, tmp_path, capsys):
+    """A name holding a newline split its row in two (a second line that looks like another photo),
+    and one holding an escape sequence reached the terminal as a command: clear the screen, or
+    move the cursor back over "ANOMALOUS"."""
+    folder = tmp_path / "batch"
+    folder.mkdir()
+    image = load_test_split(small_screw_dir)[0].path.resolve()
+    (folder / "frame\nok.png").symlink_to(image)
+    (folder / "clear\x1b[2J.png").write_bytes(b"not a photo")
+    code, out, err = run(["--model", str(model_file), "--dir", str(folder)], capsys)
+    assert code == 3, err
+    rows = out.splitlines()
+    assert len(rows) == 5  # heading, two photos, note, summary: one line each
+    assert rows[1].startswith(f"{folder}/clear\\x1b[2J.png  error: ") and "\x1b" not in out
+    assert rows[2].startswith(f"{folder}/frame\\nok.png ") and rows[2].split()[4] in ("ok", "ANOMALOUS")
+
+
 def test_a_csv_named_as_one_of_the_photos_is_refused_before_scoring_and_the_photo_kept(model_file, small_screw_dir,
                                                                                       tmp_path, capsys):
     folder = tmp_path / "batch"
