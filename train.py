@@ -20,7 +20,7 @@ from dataclasses import fields
 from typing import TYPE_CHECKING
 from pathlib import Path
 
-from config import CATEGORY_DEFAULTS, Config, add_config_arguments, config_from_args, fail, run_cli
+from config import CATEGORY_DEFAULTS, Config, add_config_arguments, config_from_args, fail, printable, run_cli
 from evaluation.mvtec import load_test_split, train_images
 from output_files import check_writable
 from preprocessing.io import (
@@ -158,7 +158,8 @@ def print_unlike_the_rest(model: PatchCore, heatmap_dir: Path) -> list[str]:
             out = heatmap_path(heatmap_dir, Path(entry["photo"]).name)
             entry["heatmap"] = str(write_overlay(model, image, model.prediction_from_map(anomaly_map), out))
             where = f", heatmap {out}"
-        print(f"  {entry['photo']}: score {entry['score']:.3f} ({entry['score'] / model.threshold:.2f} x threshold){where}")
+        print(printable(f"  {entry['photo']}: score {entry['score']:.3f} ({entry['score'] / model.threshold:.2f} x "
+                        f"threshold){where}"))
     return listed
 
 
@@ -173,7 +174,8 @@ def add_good(args: argparse.Namespace) -> int:
     update = model.add_good(paths, progress=not args.quiet, source=str(args.data_dir), force=args.force)
     kept = model.save_update(output)
     for name in update["forced"]:
-        print(f"warning: {name} scores above {model.config.good_score_limit:g} x the threshold; added because of --force")
+        print(printable(f"warning: {name} scores above {model.config.good_score_limit:g} x the threshold; added "
+                        "because of --force"))
     print(f"added {update['photos']} photos confirmed good from {args.data_dir}: memory bank "
           f"{update['bank_before']} -> {update['bank_after']} patches, threshold {update['threshold_before']:.3f} -> "
           f"{update['threshold_after']:.3f} ({update['seconds']:.1f} s); saved to {output}"
