@@ -277,14 +277,21 @@ def find_images(folder: str | Path, recursive: bool = True) -> list[Path]:
     Nothing vanishes from a run unnamed. Everything with a photo's name but a folder is listed: a
     broken link or a FIFO gets its error record. A subfolder that cannot be listed (permissions)
     is listed in place of its photos, so that reading it gives its error record too, and a folder
-    that cannot be listed at all raises its PermissionError rather than looking empty.
+    that cannot be listed at all raises its PermissionError rather than looking empty. One walk
+    (links to folders are not followed, as ``glob("**")`` does not follow them).
     """
     folder = Path(folder)
-    if folder.is_dir():
-        os.scandir(folder).close()  # the folder itself: glob would pass over it in silence
-    pattern = "**/*" if recursive else "*"
-    found = [p for p in folder.glob(pattern) if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()]
-    if recursive:
-        for _ in os.walk(folder, onerror=lambda error: found.append(Path(error.filename))):
-            pass
+    if not folder.is_dir():
+        return []
+    found: list[Path] = []
+
+    def not_listed(error: OSError) -> None:
+        if Path(error.filename) == folder:
+            raise error
+        found.append(Path(error.filename))
+
+    for root, _, files in os.walk(folder, onerror=not_listed):
+        found += [Path(root, name) for name in files if Path(name).suffix.lower() in IMAGE_SUFFIXES]
+        if not recursive:
+            break
     return sorted(found)
