@@ -21,7 +21,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 if str(PROJECT_ROOT) not in sys.path:  # run as a script, sys.path holds scripts/ instead of the root
     sys.path.insert(0, str(PROJECT_ROOT))
 
-from config import run_cli  # noqa: E402
+from config import fail, run_cli  # noqa: E402
 from evaluation.mvtec import mask_path  # noqa: E402
 from output_files import write_atomically  # noqa: E402
 from preprocessing.io import IMAGE_SUFFIXES, ImageReadError, find_images, read_images  # noqa: E402
@@ -251,8 +251,7 @@ def run_verify(args: argparse.Namespace) -> int:
 def run_setup_custom(out: Path) -> int:
     """Create the folder tree; never delete or overwrite anything already there (safe to rerun)."""
     if out.exists() and not out.is_dir():
-        print(f"error: {out} exists and is not a folder", file=sys.stderr)
-        return 2  # a usage error, like every other refusal of an option's value
+        fail(f"{out} exists and is not a folder")
     folders = ["train/good", "test/good"] + [f"{top}/{kind}" for top in ("test", "ground_truth")
                                              for kind in CUSTOM_DEFECT_KINDS]
     for folder in folders:
@@ -277,8 +276,7 @@ def run_synthetic(settings: SyntheticSettings, out: Path) -> int:
     try:
         written = generate(settings, out)
     except FileExistsError as error:  # a folder it did not make: a usage error, nothing written
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        fail(str(error))
     masks = sum(path.parent.parent.name == "ground_truth" for path in written)
     print(f"wrote {len(written) - masks} photos and {masks} masks of {settings.part}s to {out} "
           f"(seed {settings.seed}, {settings.size} px) in {time.perf_counter() - started:.1f} s\n"

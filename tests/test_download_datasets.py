@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
+from config import run_cli
 from conftest import find_screw_dir
 from scripts.download_datasets import main
 from scripts.synthetic_fasteners import (
@@ -73,7 +74,7 @@ def test_verify_names_each_broken_file(tmp_path: Path, capsys: pytest.CaptureFix
 
 def test_setup_custom_onto_a_file_is_a_usage_error(tmp_path: Path, capsys) -> None:
     (tmp_path / "photos").write_text("a file", encoding="utf-8")
-    assert main(["--setup-custom", "--out", str(tmp_path / "photos")]) == 2
+    assert run_cli(lambda: main(["--setup-custom", "--out", str(tmp_path / "photos")])) == 2
     assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'photos'} exists and is not a folder"
 
 
@@ -121,7 +122,7 @@ def test_synthetic_layout_passes_verify_and_only_defects_have_masks(tmp_path: Pa
 
 def test_synthetic_refuses_a_folder_it_did_not_make(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("keep me", encoding="utf-8")
-    assert main(["--synthetic", "--out", str(tmp_path), "--n-train", "1", "--n-test-per-kind", "1"]) == 2
+    assert run_cli(lambda: main(["--synthetic", "--out", str(tmp_path), "--n-train", "1", "--n-test-per-kind", "1"])) == 2
     assert (tmp_path / "notes.txt").read_text(encoding="utf-8") == "keep me"
 
 
