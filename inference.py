@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--runtime",
         choices=("auto", "torch", "onnx"),
         default="auto",
-        help="feature extractor back end; auto = ONNX Runtime when scripts/export_onnx.py wrote <model>.onnx",
+        help="feature extractor back end; auto = ONNX Runtime when <model>.onnx lies beside the model (a fit writes it)",
     )
     parser.add_argument("--jsonl", type=Path, metavar="FILE", help="with --watch: append one JSON line per photo")
     parser.add_argument("--sort-into", type=Path, metavar="OUT",

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from config import CATEGORY_DEFAULTS, Config, add_config_arguments, config_from_args, fail, printable, run_cli
 from evaluation.mvtec import load_test_split, train_images
+from models.backend import onnx_path_for
 from output_files import check_writable
 from preprocessing.io import (
     ImageReadError,
@@ -112,6 +113,13 @@ def healthy_photos(data_dir: Path) -> list[Path]:
     return paths
 
 
+def check_model_output(path: Path) -> None:
+    """The model file and the network's export written beside it (``<model>.onnx``), checked
+    before any long work."""
+    check_writable(path)
+    check_writable(onnx_path_for(path))
+
+
 def recalibrate(args: argparse.Namespace) -> int:
     """Score new healthy photos with the saved bank and make them the model's calibration set."""
     from models.patchcore import PatchCore
@@ -121,7 +129,7 @@ def recalibrate(args: argparse.Namespace) -> int:
         model.config = model.config.replace(false_alarm_rate=args.false_alarm_rate)
     paths = healthy_photos(args.data_dir)
     output = args.output or args.model
-    check_writable(output)  # before scoring, as for a fit
+    check_model_output(output)  # before scoring, as for a fit
     refuse_unusable_photos(paths, model.config)
     before = model.threshold
     model.recalibrate(paths, progress=not args.quiet, source=str(args.data_dir))
@@ -170,7 +178,7 @@ def add_good(args: argparse.Namespace) -> int:
     model = PatchCore.load(args.model)
     paths = healthy_photos(args.data_dir)
     output = args.output or args.model
-    check_writable(output)  # before scoring, as for a fit
+    check_model_output(output)  # before scoring, as for a fit
     update = model.add_good(paths, progress=not args.quiet, source=str(args.data_dir), force=args.force)
     kept = model.save_update(output)
     for name in update["forced"]:
@@ -222,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model_path = args.output or Path("saved_models") / f"patchcore_{name}.pkl"
     report_dir = Path("outputs") / model_path.stem
-    check_writable(model_path)  # before the fit, not after it
+    check_model_output(model_path)  # before the fit, not after it
     has_test_split = bool(load_test_split(data_dir))
     if has_test_split:
         check_writable(report_dir / "metrics.json")
@@ -236,11 +244,13 @@ def main(argv: list[str] | None = None) -> int:
         model.calibration["left_out"] = listed
         print_unlike_the_rest(model, report_dir / "unlike_the_rest")
     print_calibration(model)
-    model.save(model_path)
+    export = model.save(model_path)
     print(
         f"model saved to {model_path} ({model.memory_bank.shape[0]} patches in the memory bank, "
         f"threshold {model.threshold:.3f}, fit {model.fit_seconds:.1f} s)"
     )
+    if export:
+        print(f"network exported beside it to {export}: scoring and learning on the line need no torch")
     print(f"memory bank: every training patch lies within {model.coverage_radius:.3f} of a kept one "
           "(on the scale of the scores)")
     if has_test_split:

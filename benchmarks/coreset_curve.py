@@ -78,17 +78,20 @@ class CachedExtractor:
         """The features as scoring takes them (NumPy)."""
         return self.tensor(images).cpu().numpy()
 
+    def graph(self) -> bytes | None:
+        return self.extractor.graph()
+
 
 class TimedCoreset(StreamingCoreset):
     """The model's coreset, timed, and keeping what it was fed when asked (for the scale run)."""
 
     seconds = 0.0
-    recorded: list[torch.Tensor] | None = None
+    recorded: list[np.ndarray] | None = None
     recorded_seed = -1  # the seed of the coreset whose input is recorded (the calibration folds' differ)
 
-    def add(self, features: torch.Tensor) -> None:
+    def add(self, features: np.ndarray) -> None:
         if TimedCoreset.recorded is not None and self.seed == TimedCoreset.recorded_seed:  # the bank's own coreset
-            TimedCoreset.recorded.append(features.cpu())
+            TimedCoreset.recorded.append(torch.from_numpy(np.array(features)))
         start = time.perf_counter()
         super().add(features)
         TimedCoreset.seconds += time.perf_counter() - start
@@ -193,7 +196,7 @@ def scale_run(args: argparse.Namespace, n_photos: int) -> list[dict[str, Any]]:
             features = batches[(photos // photos_per_batch) % len(batches)]
             noisy = features + 0.05 * spread * torch.randn(features.shape, generator=generator)
             start = time.perf_counter()
-            streaming.add(noisy)
+            streaming.add(noisy.numpy())
             seconds_per_batch.append(time.perf_counter() - start)
             photos += photos_per_batch
             if math.isnan(rss_start) and photos >= SCALE_WINDOW:

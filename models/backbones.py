@@ -47,3 +47,7 @@ class PatchFeatureExtractor(Protocol):
     weights_identity: str
 
     def __call__(self, images: np.ndarray) -> np.ndarray: ...
+
+    def graph(self) -> bytes | None:
+        """The network as the ONNX graph a model file's export holds (None where it does not export)."""
+        ...

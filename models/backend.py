@@ -39,7 +39,7 @@ def keep_freed_memory() -> bool:
 
 
 def onnx_path_for(model_path: str | Path) -> Path:
-    """Where scripts/export_onnx.py puts a model's exported extractor: beside it, suffix .onnx."""
+    """Where a model's exported extractor lies (``PatchCore.save``, scripts/export_onnx.py): beside it, suffix .onnx."""
     return Path(model_path).with_suffix(".onnx")
 
 

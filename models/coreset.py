@@ -34,7 +34,6 @@ import math
 
 import faiss
 import numpy as np
-import torch
 from threadpoolctl import threadpool_limits
 
 ENOUGH_PICKS_PER_CHUNK = 256  # ratio 0.1 gives 410 per 4096-patch chunk and matches exact greedy
@@ -49,12 +48,28 @@ LANDMARKS = 64  # the kept-so-far search orders its queries by the nearest of th
 RADIUS_SAMPLE = 2048  # training patches, sampled uniformly, on which the covering radius is measured
 
 
-def random_projection(in_dim: int, out_dim: int, seed: int) -> torch.Tensor | None:
-    """A fixed Gaussian projection to ``out_dim`` dimensions, or None when no reduction is needed."""
+def random_projection(in_dim: int, out_dim: int, seed: int) -> np.ndarray | None:
+    """A fixed Gaussian projection to ``out_dim`` dimensions, or None when no reduction is needed.
+
+    Drawn by torch's seeded generator, so a fit's bank stays the one every earlier version of this
+    module picked. Only a fit draws it: a model file keeps the projection its bank was picked in,
+    and an update continues in that one (``StreamingCoreset``'s ``projection``), so learning on the
+    line needs no torch.
+    """
     if in_dim <= out_dim:
         return None
+    import torch  # imported by fits alone (see above)
+
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn(in_dim, out_dim, generator=generator) / math.sqrt(out_dim)
+    return (torch.randn(in_dim, out_dim, generator=generator) / math.sqrt(out_dim)).numpy()
+
+
+def first_pick(n_points: int, seed: int) -> int:
+    """Where greedy starts when nothing is covered yet (a fit's first chunk): a seeded draw by
+    torch's generator, as every earlier version drew it. An update always starts from its bank."""
+    import torch  # imported by fits alone
+
+    return int(torch.randint(n_points, (1,), generator=torch.Generator().manual_seed(seed)))
 
 
 def greedy_coreset(
@@ -75,7 +90,7 @@ def greedy_coreset(
     picks = np.empty(n_select, dtype=np.int64)
     if covered is None:
         nearest = np.full(n_points, np.inf, dtype=np.float32)
-        current = int(torch.randint(n_points, (1,), generator=torch.Generator().manual_seed(seed)))
+        current = first_pick(n_points, seed)
     else:
         nearest = 0.5 * covered.astype(np.float32)
         current = int(np.argmax(nearest))
@@ -200,20 +215,22 @@ class StreamingCoreset:
         projection_dim: int,
         chunk_size: int,
         seed: int,
-        device: torch.device | str = "cpu",
         oversampling: float = 1.0,
         known: np.ndarray | None = None,
+        projection: np.ndarray | None = None,
     ) -> None:
         self.ratio = ratio
         self.projection_dim = projection_dim
         self.chunk_size = effective_chunk_size(ratio, chunk_size)
         self.seed = seed
-        self.device = torch.device(device)
         self.share = candidate_share(ratio, oversampling, self.chunk_size)
         self.kept_indices: list[int] = []  # positions, in the order added, of the patches kept
         self.covering_radius = math.nan  # largest distance from a sampled patch to its nearest kept one
-        self._projection: torch.Tensor | None = None
-        self._pending: list[torch.Tensor] = []
+        # The space greedy measures distances in: given (a saved bank's, for an update), or the
+        # seeded random projection drawn at the first features (``random_projection``).
+        self.projection = None if projection is None else np.asarray(projection, dtype=np.float32)
+        self._projection_given = projection is not None
+        self._pending: list[np.ndarray] = []
         self._pending_count = 0
         self._seen = 0
         self._candidates: list[np.ndarray] = []
@@ -226,16 +243,21 @@ class StreamingCoreset:
         # they do not cover, but they are not part of ``result()``'s picks.
         self._known = np.empty((0, 0), dtype=np.float32) if known is None else np.asarray(known, np.float32)
 
-    def add(self, features: torch.Tensor) -> None:
+    def add(self, features: np.ndarray) -> None:
         """Take (n, d) features; reduce whenever a full chunk is buffered."""
+        features = np.asarray(features, dtype=np.float32)
         if self._seen == 0 and not self._pending:
-            projection = random_projection(features.shape[1], self.projection_dim, self.seed)
-            self._projection = None if projection is None else projection.to(self.device)
+            if not self._projection_given:
+                self.projection = random_projection(features.shape[1], self.projection_dim, self.seed)
+            elif self.projection.shape[0] != features.shape[1]:
+                raise ValueError(
+                    f"the projection takes {self.projection.shape[0]} features per patch, got {features.shape[1]}"
+                )
             if len(self._known):
-                known = self._project(torch.from_numpy(self._known))
+                known = self._project(self._known)
                 self._index = CandidateIndex(known.shape[1])
                 self._index.add(known)
-        self._pending.append(features.to(self.device, torch.float32))
+        self._pending.append(features)
         self._pending_count += features.shape[0]
         if self._pending_count < self.chunk_size:
             return  # nothing to reduce yet; setting the thread limit alone costs ~2 ms
@@ -244,7 +266,7 @@ class StreamingCoreset:
         # its threads spun between steps: a 4,096-patch chunk cost twice its wall time in CPU.
         with threadpool_limits(limits=1, user_api="blas"):
             while self._pending_count >= self.chunk_size:
-                buffered = torch.cat(self._pending)
+                buffered = np.concatenate(self._pending)
                 self._reduce(buffered[: self.chunk_size])
                 rest = buffered[self.chunk_size :]
                 self._pending = [rest] if rest.shape[0] else []
@@ -253,7 +275,7 @@ class StreamingCoreset:
     def result(self) -> np.ndarray:
         """The memory bank: (k, d) float32 features of every kept patch."""
         if self._pending_count:
-            self._reduce(torch.cat(self._pending))
+            self._reduce(np.concatenate(self._pending))
             self._pending, self._pending_count = [], 0
         if not self._candidates:
             raise ValueError("no features were added to the coreset")
@@ -275,24 +297,21 @@ class StreamingCoreset:
         self.covering_radius = self._radius_on_sample(whole_bank)
         return candidates
 
-    def _project(self, features: torch.Tensor) -> np.ndarray:
-        """Features in the projected space greedy measures distances in, as a contiguous NumPy array."""
-        features = features.to(self.device, torch.float32)
-        projected = features @ self._projection if self._projection is not None else features
-        return np.ascontiguousarray(projected.cpu().numpy())
+    def _project(self, features: np.ndarray) -> np.ndarray:
+        """Features in the projected space greedy measures distances in, as a contiguous array."""
+        return np.ascontiguousarray(features @ self.projection if self.projection is not None else features)
 
-    def _reduce(self, chunk: torch.Tensor) -> None:
-        projected_cpu = self._project(chunk)
+    def _reduce(self, chunk: np.ndarray) -> None:
+        projected = self._project(chunk)
         if self._index is None:
-            self._index = CandidateIndex(projected_cpu.shape[1])
+            self._index = CandidateIndex(projected.shape[1])
         # patches like the candidates so far are not picked again
-        covered = self._index.nearest(projected_cpu) if len(self._index) else None
+        covered = self._index.nearest(projected) if len(self._index) else None
         n_select = max(1, round(self.share * chunk.shape[0]))
-        picks = greedy_coreset(projected_cpu, n_select, seed=self.seed + self._seen, covered=covered)
-        chunk_cpu = chunk.cpu().numpy()
-        self._sample_patches(chunk_cpu)
-        self._index.add(projected_cpu[picks])
-        self._candidates.append(chunk_cpu[picks])
+        picks = greedy_coreset(projected, n_select, seed=self.seed + self._seen, covered=covered)
+        self._sample_patches(chunk)
+        self._index.add(projected[picks])
+        self._candidates.append(chunk[picks])
         self._positions.append(picks + self._seen)
         self._seen += chunk.shape[0]
 

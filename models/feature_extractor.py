@@ -8,6 +8,7 @@ along channels down to it.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import warnings
@@ -27,6 +28,7 @@ from models.onnx_extractor import (
     OPSET,
     OUTPUT_NAME,
     cpu_session,
+    export_metadata,
     onnxruntime_installed,
     run_in_micro_batches,
 )
@@ -222,6 +224,17 @@ def onnx_graph(module: PatchFeatures, image_size: int) -> bytes:
     return buffer.getvalue()
 
 
+def with_metadata(graph: bytes, config: Config, weights_identity: str) -> bytes:
+    """An exported graph carrying what it was exported from, which the ONNX back end checks
+    against the model file it scores for (models/onnx_extractor.py)."""
+    import onnx
+
+    model = onnx.load_from_string(graph)
+    for key, value in export_metadata(config, weights_identity).items():
+        model.metadata_props.add(key=key, value=value)
+    return model.SerializeToString()
+
+
 def exports_to_onnx(config: Config) -> bool:
     """Whether the extractor's graph exports: the exporter cannot write the channel pooling down
     to ``target_dim`` for a dynamic batch (wide_resnet50_2 at 1536 -> 1024), nor check custom layers."""
@@ -253,9 +266,23 @@ class FeatureExtractor:
         except ValueError as error:
             raise ValueError(f"{config.backbone}: {error}") from None
         self.module = module.to(self.device).to(memory_format=torch.channels_last).eval()
+        self.config = config
         self.session: Any = None
+        self._graph: bytes | None = None
         if self.device.type == "cpu" and exports_to_onnx(config) and onnxruntime_installed():
-            self.session = cpu_session(onnx_graph(self.module, config.image_size))
+            self._graph = onnx_graph(self.module, config.image_size)
+            self.session = cpu_session(self._graph)
+
+    def graph(self) -> bytes | None:
+        """The network as an ONNX graph with its metadata, for the export a saved model keeps beside
+        it (None where it does not export). On a GPU it is exported, on first use, from a CPU copy:
+        the graph the CPU session runs elsewhere, traced the one way the tests check."""
+        if not exports_to_onnx(self.config):
+            return None
+        if self._graph is None:
+            module = self.module if self.device.type == "cpu" else copy.deepcopy(self.module).cpu()
+            self._graph = onnx_graph(module, self.config.image_size)
+        return with_metadata(self._graph, self.config, self.weights_identity)
 
     @torch.inference_mode()
     def tensor(self, images: np.ndarray) -> torch.Tensor:

@@ -180,6 +180,23 @@ def check_fitted_values(
         raise ValueError(f"n_train must be at least 1, got {n_train}")
 
 
+MAX_PROJECTION_MAGNITUDE = 100.0  # a Gaussian projection's entries are a few over sqrt(its width)
+
+
+def check_projection(projection: np.ndarray | None, bank_width: int, projection_dim: int) -> None:
+    """Refuse a coreset projection the bank was not picked in: an update would measure distances in
+    a space of the wrong shape, or one where every distance overflows."""
+    if projection is None:
+        return
+    if projection.shape != (bank_width, projection_dim):
+        raise ValueError(
+            f"coreset_projection has shape {projection.shape}; the bank's {bank_width} features to "
+            f"coreset_projection_dim {projection_dim} needs ({bank_width}, {projection_dim})"
+        )
+    if not np.isfinite(projection).all() or float(np.abs(projection).max()) > MAX_PROJECTION_MAGNITUDE:
+        raise ValueError(f"coreset_projection holds values that are not finite or above {MAX_PROJECTION_MAGNITUDE:g}")
+
+
 def pack_array(array: np.ndarray) -> dict[str, Any]:
     """An array as builtins only, so the pickle never has to name a NumPy function."""
     array = np.ascontiguousarray(array)

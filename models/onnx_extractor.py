@@ -1,8 +1,8 @@
 """The ONNX Runtime back end: the exported feature extractor, run without importing torch.
 
-``scripts/export_onnx.py`` writes ``<model>.onnx`` beside a model file; its metadata records what
-the graph was exported from (backbone, weights identity, input size, layers, target_dim), so a
-graph that does not match the model file is refused instead of giving wrong scores.
+``PatchCore.save`` (and ``scripts/export_onnx.py``) write ``<model>.onnx`` beside a model file; its
+metadata records what the graph was exported from (backbone, weights identity, input size, layers,
+target_dim), so a graph that does not match the model file is refused instead of giving wrong scores.
 """
 
 from __future__ import annotations
@@ -78,7 +78,10 @@ class OnnxFeatureExtractor:
         if not path.is_file():
             raise OnnxExtractorError(f"{path}: no ONNX export here; write it with scripts/export_onnx.py --model M")
         try:
-            self.session = cpu_session(str(path))
+            self._graph = path.read_bytes()
+            self.session = cpu_session(self._graph)
+        except OSError as error:
+            raise OnnxExtractorError(f"{path}: cannot be read ({error.strerror or error})") from None
         except Exception as error:  # onnxruntime raises its own exception types for a bad file
             raise OnnxExtractorError(f"{path}: not a usable ONNX model ({error})") from None
         recorded = self.session.get_modelmeta().custom_metadata_map
@@ -93,3 +96,7 @@ class OnnxFeatureExtractor:
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         return run_in_micro_batches(self.session, images)
+
+    def graph(self) -> bytes:
+        """The graph as read, for the export a model saved from this one keeps beside it."""
+        return self._graph

@@ -11,6 +11,8 @@ runs without it.
 from __future__ import annotations
 
 import copy
+import importlib.metadata
+import importlib.util
 import math
 import platform
 import time
@@ -42,6 +44,7 @@ from models.model_file import (
     FORMAT_VERSION,
     ModelFileError,
     check_fitted_values,
+    check_projection,
     check_state,
     checked_updates,
     file_identity,
@@ -51,6 +54,7 @@ from models.model_file import (
     unpack_array,
     write_state,
 )
+from output_files import write_atomically
 from preprocessing.io import ImageReadError, read_image, training_photo_problem, unusable_photos
 from preprocessing.pipeline import Preprocessed, preprocess, to_original
 
@@ -95,6 +99,9 @@ def anomaly_confidence_from_sigma(sigma: float) -> float:
     return math.erf(max(sigma, 0.0) / math.sqrt(2))
 
 
+PROJECTION_MISSING = "the model file predates the coreset projection models keep: one update with torch adds it"
+
+
 class PatchCore:
     """Fit on healthy photos; score new ones by their distance to the nearest healthy patch."""
 
@@ -108,6 +115,9 @@ class PatchCore:
         self.n_train = 0
         self.fit_seconds = math.nan
         self.coverage_radius = math.nan  # how far a training patch may be from the bank (same units as scores)
+        # the random projection the bank's coreset measured distances in (None: the features as they
+        # are); kept so that add_good continues the same coreset without torch
+        self.coreset_projection: np.ndarray | None = None
         self.weights_identity = ""
         self.runtime = "torch"  # feature extractor back end: torch | onnx | auto (models/backend.py)
         self.onnx_file: Path | None = None
@@ -167,7 +177,6 @@ class PatchCore:
                 config.coreset_projection_dim,
                 config.coreset_chunk_size,
                 seed,
-                extractor.device,
                 config.coreset_oversampling,
             )
 
@@ -185,18 +194,19 @@ class PatchCore:
 
         def take(batch: list[Preprocessed], features: torch.Tensor) -> None:
             """Hand one batch's object patches to the coresets, in photo order."""
+            features = features.cpu().numpy()  # on the CPU, the same memory
             n, h, w, d = features.shape
-            keep = torch.from_numpy(self._object_patches(batch, h, w)).to(features.device)
+            keep = self._object_patches(batch, h, w)
             kept = features.reshape(n, h * w, d)[keep]
             whole.add(kept)
-            per_photo = torch.split(kept, keep.sum(dim=1).tolist())
-            for item, seen, photo_patches in zip(batch, keep.cpu().numpy(), per_photo):
+            per_photo = np.split(kept, np.cumsum(keep.sum(axis=1))[:-1])
+            for item, seen, photo_patches in zip(batch, keep, per_photo):
                 photo = len(patches_of)
                 patch_counts.append(len(photo_patches))
                 if scored[photo]:  # only when calibrating; the folds hold the calibration sample alone
                     by_fold[folds[photo]].add(photo_patches)
                 where = replace(item, image=_NO_PIXELS, mask=_NO_PIXELS)  # the transform back to the photo
-                patches_of.append((photo_patches.cpu().numpy(), seen.reshape(h, w), where) if scored[photo] else None)
+                patches_of.append((photo_patches, seen.reshape(h, w), where) if scored[photo] else None)
 
         # The coresets run on a thread of their own, up to CORESET_BACKLOG batches behind the
         # backbone, so that their mostly single-threaded steps overlap the network instead of
@@ -221,6 +231,7 @@ class PatchCore:
             self._clock("coreset", stage)
         stage = time.perf_counter()
         self.memory_bank = whole.result()
+        self.coreset_projection = whole.projection
         self.coverage_radius = whole.covering_radius
         self._clock("coreset", stage)
         self._index = None
@@ -357,15 +368,12 @@ class PatchCore:
         ones were taken against the smaller bank, so it errs high. Returns the update's record,
         which ``updates`` (saved in the model file) gains; ``labels`` name the photos in it.
         """
-        try:
-            import torch
-
-            from models.coreset import StreamingCoreset
-        except ImportError as error:  # requirements-runtime.txt scores, it does not build banks
-            raise UserError(f"adding photos to the memory bank needs torch (requirements.txt): {error}") from None
+        from models.coreset import StreamingCoreset
 
         if self.memory_bank is None or not self.calibration_scores.size:
             raise RuntimeError("add_good needs a fitted, calibrated model")
+        if self._projection_missing() and importlib.util.find_spec("torch") is None:
+            raise UserError(f"adding photos needs torch (requirements.txt) here: {PROJECTION_MISSING}")
         if not images:
             raise UserError("adding confirmed-good photos needs at least one photo")
         names = [str(label) for label in labels] if labels is not None else [
@@ -377,7 +385,7 @@ class PatchCore:
         limit = config.good_score_limit * self.threshold
         coreset = StreamingCoreset(
             config.coreset_sampling_ratio, config.coreset_projection_dim, config.coreset_chunk_size, config.seed,
-            extractor.device, config.coreset_oversampling, known=self.memory_bank,
+            config.coreset_oversampling, known=self.memory_bank, projection=self.coreset_projection,
         )
         scores: list[float] = []
         far: list[str] = []  # above the limit: refused
@@ -401,7 +409,7 @@ class PatchCore:
                     if not force:
                         continue
                 scores.append(score)
-                coreset.add(torch.from_numpy(np.ascontiguousarray(patches)))
+                coreset.add(patches)
         if unusable:
             raise UserError(unusable_photos(unusable, len(images), "photos confirmed good"))
         if far and not skip_refused:
@@ -424,6 +432,7 @@ class PatchCore:
         added = coreset.result()
         old_scores, old_method, left_out = self.calibration_scores, self.calibration_method, self.calibration.get("left_out")
         self.memory_bank = np.concatenate([self.memory_bank, added])
+        self.coreset_projection = coreset.projection  # an older file's, drawn once, is kept from now on
         self._index = None
         self.coverage_radius = max(self.coverage_radius, coreset.covering_radius)
         self.n_train += len(scores)
@@ -438,6 +447,18 @@ class PatchCore:
                       seconds=round(time.perf_counter() - start, 2))
         self.updates = [*self.updates, record]
         return record
+
+    def why_learning_needs_torch(self) -> str | None:
+        """Why ``add_good`` would import torch, or None where it runs without (ONNX Runtime, NumPy, FAISS)."""
+        if self._projection_missing():
+            return PROJECTION_MISSING
+        if resolve_runtime(self.runtime, self.onnx_file) == "torch":
+            return "the network runs through torch: no ONNX export of it lies beside the model file"
+        return None
+
+    def _projection_missing(self) -> bool:
+        width = self.memory_bank.shape[1] if self.memory_bank is not None else 0
+        return self.coreset_projection is None and width > self.config.coreset_projection_dim
 
     def copy(self) -> PatchCore:
         """A second model sharing this one's feature extractor and arrays, for ``add_good`` to update
@@ -671,16 +692,24 @@ class PatchCore:
                 bar.update(len(batch))
 
     # ----------------------------------------------------------------------------- model files
-    def save(self, path: str | Path) -> None:
-        """Write the model as plain data (models/model_file.py), atomically."""
+    def save(self, path: str | Path) -> Path | None:
+        """Write the model as plain data (models/model_file.py), atomically, with its network's ONNX
+        export beside it (``<model>.onnx``) where it exports; returns that export's path, or None.
+
+        With the export, every later load scores and learns without importing torch (a line PC
+        with requirements-runtime.txt alone, or the cheaper start of any command); it is the graph
+        the bank was built through, not a re-export. It is written first, so a model file never
+        lies beside the export of another network; one that does not export removes an earlier
+        model's export from beside it, which it could never use.
+        """
         if self.memory_bank is None:
             raise RuntimeError("cannot save an unfitted model")
-        import torch  # a fitted model has it loaded already
-
+        export = self._save_export(Path(path))
         state = {
             "format_version": FORMAT_VERSION,
             "config": self.config.to_dict(),
             "memory_bank": pack_array(self.memory_bank),
+            "coreset_projection": None if self.coreset_projection is None else pack_array(self.coreset_projection),
             "calibration_scores": pack_array(self.calibration_scores),
             "calibration": self.calibration,
             "preprocessing": self.preprocessing,
@@ -693,13 +722,25 @@ class PatchCore:
             "seed": self.config.seed,
             "versions": {
                 "python": platform.python_version(),
-                "torch": str(torch.__version__),
+                "torch": _installed_version("torch"),
                 "faiss": faiss.__version__,
                 "numpy": np.__version__,
                 "opencv": cv2.__version__,
             },
         }
         write_state(path, state)
+        return export
+
+    def _save_export(self, path: Path) -> Path | None:
+        if self._extractor is None:  # never opened: nothing is known of the network
+            return None
+        export, graph = onnx_path_for(path), self._extractor.graph()
+        if graph is None:
+            export.unlink(missing_ok=True)
+            return None
+        if not (export.is_file() and export.read_bytes() == graph):
+            write_atomically(export, graph)
+        return export
 
     def save_update(self, path: str | Path) -> Path | None:
         """Save over ``path`` after an update, first keeping the file it replaces as
@@ -716,7 +757,7 @@ class PatchCore:
         object is refused, and so is every value a fitted model could not have written.
 
         ``runtime`` picks the feature extractor back end; ``auto`` scores through ONNX Runtime when
-        ``scripts/export_onnx.py`` has written ``<model>.onnx`` beside the file, through torch otherwise.
+        the network's export ``<model>.onnx`` lies beside the file (``save`` writes it), through torch otherwise.
         """
         path = Path(path)
         identity = file_identity(path)  # before reading: a file replaced meanwhile reads as replaced later
@@ -745,6 +786,11 @@ class PatchCore:
             config_values["device"] = device
         model = cls(Config.from_dict(config_values))
         model.memory_bank = unpack_array(state["memory_bank"], "memory_bank")
+        projection = state.get("coreset_projection")  # absent from older files
+        if projection is not None:
+            if not isinstance(projection, dict):
+                raise ValueError(f"coreset_projection has the wrong type ({type(projection).__name__})")
+            model.coreset_projection = unpack_array(projection, "coreset_projection")
         model.calibration_scores = unpack_array(state["calibration_scores"], "calibration_scores")
         model.calibration = dict(state.get("calibration", {"method": "held-out photos", "warnings": []}))
         model.preprocessing = dict(state.get("preprocessing", {}))
@@ -757,7 +803,16 @@ class PatchCore:
         check_fitted_values(
             model.config, model.threshold, model.memory_bank, model.calibration_scores, model.calibration, model.n_train
         )
+        check_projection(model.coreset_projection, model.memory_bank.shape[1], model.config.coreset_projection_dim)
         return model
+
+
+def _installed_version(package: str) -> str:
+    """A package's version as installed, without importing it (an update through ONNX never loads torch)."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def learn_on_a_copy(

@@ -371,8 +371,9 @@ def watch_the_line(
     batcher: Batcher, settings: ServiceSettings, model_path: Path, scratch: Path
 ) -> tuple[DriftMonitor, Learner | None]:
     """Drift warnings on every scored photo and, with ``learn``, the learner behind POST /feedback."""
-    if settings.learn and importlib.util.find_spec("torch") is None:
-        raise UserError("--learn needs torch (requirements.txt) to add photos to the memory bank")
+    reason = batcher.model.why_learning_needs_torch()
+    if settings.learn and reason and importlib.util.find_spec("torch") is None:
+        raise UserError(f"--learn needs torch (requirements.txt) here: {reason}")
     drift, events = DriftMonitor(batcher.model), EventLog(settings.events_jsonl)
     learner = Learner(batcher, model_path, drift, events, scratch, settings.keep_scored, settings.learn_batch,
                       settings.learn_wait_s) if settings.learn else None

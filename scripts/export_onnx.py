@@ -21,9 +21,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from config import run_cli  # noqa: E402
+from config import UserError, run_cli  # noqa: E402
 from models.backend import onnx_path_for  # noqa: E402
-from models.onnx_extractor import OnnxFeatureExtractor, export_metadata  # noqa: E402
+from models.onnx_extractor import OnnxFeatureExtractor  # noqa: E402
 from output_files import check_writable, write_atomically  # noqa: E402
 
 CHECK_TOLERANCE = 1e-3  # largest difference from torch, relative to the largest feature value
@@ -39,10 +39,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def export(model_path: Path, output: Path) -> float:
     """Write the ONNX graph of the model's extractor to ``output``; return its largest relative
     difference from the torch extractor on random photos."""
-    import onnx
     import torch
 
-    from models.feature_extractor import FeatureExtractor, onnx_graph
+    from models.feature_extractor import FeatureExtractor
     from models.model_file import ModelFileError
     from models.patchcore import PatchCore
 
@@ -57,10 +56,10 @@ def export(model_path: Path, output: Path) -> float:
     photos = np.random.default_rng(0).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
     with tempfile.TemporaryDirectory() as scratch:
         graph_path = Path(scratch) / "extractor.onnx"
-        graph = onnx.load_from_string(onnx_graph(extractor.module, size))
-        for key, value in export_metadata(model.config, extractor.weights_identity).items():
-            graph.metadata_props.add(key=key, value=value)
-        onnx.save(graph, str(graph_path))
+        graph = extractor.graph()
+        if graph is None:
+            raise UserError(f"{model.config.backbone} at target_dim {model.config.target_dim} does not export to ONNX")
+        graph_path.write_bytes(graph)
         with torch.inference_mode():  # the torch module itself, not the extractor (which may run ONNX already)
             expected = extractor.module(torch.from_numpy(photos)).numpy()
         got = OnnxFeatureExtractor(graph_path, model.config)(photos)

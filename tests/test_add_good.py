@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import pickle
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from config import Config, UserError
 from conftest import small_config
@@ -88,6 +89,37 @@ def test_an_update_is_reproducible_with_a_seed(half_model, small_screw_dir, tmp_
     second.add_good(new, progress=False)
     np.testing.assert_array_equal(first.memory_bank, second.memory_bank)
     assert first.threshold == second.threshold
+
+
+def older_file(model: PatchCore, tmp_path) -> Path:
+    """The model as written before model files kept their coreset projection."""
+    model.save(tmp_path / "half.pkl")
+    state = pickle.loads((tmp_path / "half.pkl").read_bytes())
+    del state["coreset_projection"]
+    (tmp_path / "older.pkl").write_bytes(pickle.dumps(state))
+    (tmp_path / "half.onnx").rename(tmp_path / "older.onnx")  # as scripts/export_onnx.py wrote them
+    return tmp_path / "older.pkl"
+
+
+def test_an_update_of_an_older_file_draws_the_fits_projection_once_and_keeps_it(half_model, small_screw_dir, tmp_path):
+    older = PatchCore.load(older_file(half_model, tmp_path))
+    assert older.coreset_projection is None and older.why_learning_needs_torch() is not None
+    new = train_images(small_screw_dir)[6:]
+    older.add_good(new, progress=False)
+    current = fresh(half_model, tmp_path, "current.pkl")
+    current.add_good(new, progress=False)
+    np.testing.assert_array_equal(older.coreset_projection, half_model.coreset_projection)
+    np.testing.assert_array_equal(older.memory_bank, current.memory_bank)
+    older.save(tmp_path / "updated.pkl")
+    np.testing.assert_array_equal(PatchCore.load(tmp_path / "updated.pkl").coreset_projection, half_model.coreset_projection)
+
+
+def test_without_torch_an_older_file_says_why_it_cannot_learn(half_model, small_screw_dir, tmp_path, monkeypatch):
+    older = PatchCore.load(older_file(half_model, tmp_path))
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name == "torch" else find_spec(name, *rest))
+    with pytest.raises(UserError, match="needs torch .*predates the coreset projection"):
+        older.add_good(train_images(small_screw_dir)[6:7], progress=False)
 
 
 def test_a_photo_far_above_the_threshold_is_refused_unless_forced(half_model, small_screw_dir, tmp_path):
@@ -204,7 +236,7 @@ def test_known_patches_count_as_kept_so_greedy_picks_what_they_do_not_cover():
     uncovered = rng.normal(5, 0.01, (400, 16)).astype(np.float32) + np.eye(16, dtype=np.float32)[rng.integers(0, 16, 400)]
     known = covered[:50]
     coreset = StreamingCoreset(0.05, 128, 4096, seed=0, known=known)
-    coreset.add(torch.from_numpy(np.concatenate([covered, uncovered])))
+    coreset.add(np.concatenate([covered, uncovered]))
     picks = coreset.result()
     assert len(picks) == 40  # ratio x new patches, the known ones not counted
     assert (np.linalg.norm(picks, axis=1) > 2).sum() >= 38  # nearly all from the cluster the bank lacks
@@ -220,7 +252,7 @@ def test_with_oversampling_the_global_pass_also_counts_the_known_patches_as_kept
     points = np.concatenate([covered, uncovered])[rng.permutation(4000)]
     coreset = StreamingCoreset(0.05, 128, 2000, seed=0, oversampling=8, known=covered[:50])
     assert coreset.share > coreset.ratio  # two chunks of 256 candidates, 200 picked from them
-    coreset.add(torch.from_numpy(points))
+    coreset.add(points)
     picks = coreset.result()
     assert len(picks) == 200
     assert (np.linalg.norm(picks, axis=1) > 2).sum() >= 195

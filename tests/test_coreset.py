@@ -5,7 +5,6 @@ import pickle
 import faiss
 import numpy as np
 import pytest
-import torch
 
 import models.coreset as coreset
 from models.coreset import CandidateIndex, StreamingCoreset, greedy_coreset
@@ -34,7 +33,7 @@ def drifting_points(n: int = 20000, dim: int = 32, seed: int = 0, varied_first: 
 def streamed(points: np.ndarray, ratio: float, chunk_size: int, projection_dim: int = 128, seed: int = 0, **options):
     coreset = StreamingCoreset(ratio, projection_dim, chunk_size, seed, **options)
     for start in range(0, len(points), 500):  # arrives in batches, like image features
-        coreset.add(torch.from_numpy(points[start : start + 500]))
+        coreset.add(points[start : start + 500])
     return coreset.result(), coreset
 
 
@@ -69,7 +68,7 @@ def test_chunk_that_repeats_an_earlier_one_adds_no_copy_of_a_kept_patch():
     first, second = clustered_points(1000, seed=1), clustered_points(1000, seed=2)
     coreset = StreamingCoreset(0.1, 64, 1000, 0, oversampling=1)
     for chunk in (first, second, second + 1e-4):  # the repeat's picks must go where the second chunk is thin
-        coreset.add(torch.from_numpy(chunk))
+        coreset.add(chunk)
     kept = coreset.result()
     index = faiss.IndexFlatL2(kept.shape[1])
     index.add(kept)
@@ -102,7 +101,7 @@ def test_same_seed_same_bank_and_other_seed_differs():
 def test_kept_indices_point_at_the_kept_rows(ratio):
     points = clustered_points(n=3000)
     coreset = StreamingCoreset(ratio, 128, 500, seed=0, oversampling=8)
-    coreset.add(torch.from_numpy(points))
+    coreset.add(points)
     kept = coreset.result()
     assert len(kept) == round(ratio * len(points))
     assert np.array_equal(points[coreset.kept_indices], kept)
@@ -213,5 +212,5 @@ def test_while_photos_stream_in_the_greedy_steps_use_one_blas_thread(monkeypatch
     monkeypatch.setattr(coreset, "greedy_coreset", recording_greedy)
     streaming = StreamingCoreset(0.1, 32, 1000, seed=0)
     for part in np.array_split(clustered_points(3000), 6):
-        streaming.add(torch.from_numpy(part))
+        streaming.add(part)
     assert seen_threads and set(seen_threads) == {1}

@@ -143,7 +143,7 @@ def test_a_failed_save_leaves_the_previous_model_file_intact(fitted_model, tmp_p
     with pytest.raises(OSError):
         fitted_model.save(path)
     assert path.read_bytes() == before
-    assert [p.name for p in tmp_path.iterdir()] == ["model.pkl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.pkl"]  # no temporary left
 
 
 def test_a_kept_copy_cut_short_by_a_full_disk_is_not_left_behind(tmp_path):
@@ -244,6 +244,18 @@ CORRUPTIONS = {
     "NaN spread floor": (lambda s: s["calibration"].update(spread_floor=float("nan")), "spread_floor is nan"),
     "negative spread floor": (lambda s: s["calibration"].update(spread_floor=-1.0), "spread_floor is -1.0"),
     "text spread floor": (lambda s: s["calibration"].update(spread_floor="0.1"), "spread_floor is '0.1'"),
+    # the space an update's coreset measures distances in: of the bank's width, finite, not overflowing
+    "projection of another width": (
+        lambda s: s.update(coreset_projection=packed(np.ones((151, 128), np.float32))),
+        "coreset_projection has shape (151, 128); the bank's 152 features to coreset_projection_dim 128 needs (152, 128)",
+    ),
+    "NaN in projection": (
+        lambda s: s.update(coreset_projection=packed(nan_in(np.ones((152, 128), np.float32)))), "not finite or above 100"
+    ),
+    "huge projection": (
+        lambda s: s.update(coreset_projection=packed(np.full((152, 128), 1e30, np.float32))), "not finite or above 100"
+    ),
+    "projection not packed": (lambda s: s.update(coreset_projection=[1.0, 2.0]), "coreset_projection has the wrong type"),
     "negative calibration score": (
         lambda s: s.update(calibration_scores=packed(np.array([1.0, -2.0], np.float32))), "finite distances (0 or more)"
     ),

@@ -14,7 +14,7 @@ import pytest
 from models.onnx_extractor import OnnxExtractorError
 from models.model_file import ModelFileError
 from models.patchcore import PatchCore
-from evaluation.mvtec import load_test_split
+from evaluation.mvtec import load_test_split, train_images
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,6 +75,7 @@ def test_an_export_for_other_settings_is_refused(exported_model, fitted_model, s
 def test_runtime_onnx_without_an_export_says_how_to_make_one(fitted_model, tmp_path):
     path = tmp_path / "not_exported.pkl"
     fitted_model.save(path)
+    path.with_suffix(".onnx").unlink()  # as from a GPU fit's copy, or a file from before exports were kept
     with pytest.raises(ModelFileError, match="export_onnx.py"):
         PatchCore.load(path, runtime="onnx")
     completed = subprocess.run(
@@ -83,6 +84,35 @@ def test_runtime_onnx_without_an_export_says_how_to_make_one(fitted_model, tmp_p
     )
     assert completed.returncode == 2
     assert completed.stderr.startswith("error:") and "export_onnx.py" in completed.stderr
+
+
+def test_a_saved_model_keeps_the_graph_its_bank_was_built_through_beside_it(fitted_model, small_screw_dir, tmp_path):
+    path = tmp_path / "model.pkl"
+    assert fitted_model.save(path) == path.with_suffix(".onnx")
+    loaded = PatchCore.load(path)  # runtime auto: the export beside it
+    photos = [str(sample.path) for sample in load_test_split(small_screw_dir)]
+    np.testing.assert_array_equal([p.score for p in loaded.predict(photos)], [p.score for p in fitted_model.predict(photos)])
+    assert type(loaded._extractor).__name__ == "OnnxFeatureExtractor"
+    before = path.with_suffix(".onnx").stat().st_mtime_ns
+    loaded.save(path)  # the same graph is not written again
+    assert path.with_suffix(".onnx").stat().st_mtime_ns == before
+
+
+class _NetworkThatDoesNotExport:
+    """What a backbone the exporter cannot write (wide_resnet50_2 at target_dim 1024) gives a model to save."""
+
+    def graph(self) -> None:
+        return None
+
+
+def test_a_model_whose_network_does_not_export_leaves_no_other_models_export_beside_it(fitted_model, tmp_path):
+    path = tmp_path / "model.pkl"
+    fitted_model.save(path)
+    replacing = fitted_model.copy()
+    replacing._extractor = _NetworkThatDoesNotExport()
+    assert replacing.save(path) is None
+    assert not path.with_suffix(".onnx").exists()
+    assert PatchCore.load(path).why_learning_needs_torch() is not None
 
 
 # Runs a command-line tool as on a line PC set up from requirements-runtime.txt: the packages that
@@ -123,3 +153,21 @@ def test_the_export_refuses_an_unwritable_output_before_exporting(tmp_path, monk
     argv = ["--model", str(tmp_path / "model.pkl"), "--output", str(tmp_path)]
     assert run_cli(lambda: script.main(argv)) == 2
     assert capsys.readouterr().err.strip() == f"error: {tmp_path}: is a folder; give a file name"
+
+
+def test_the_line_pc_set_learns_confirmed_good_photos_like_the_full_set(fitted_model, small_screw_dir, tmp_path):
+    path = tmp_path / "model.pkl"
+    fitted_model.save(path)
+    good = small_screw_dir / "train" / "good"
+    completed = subprocess.run(
+        [sys.executable, "-c", WITHOUT_FITTING_PACKAGES, str(ROOT / "train.py"), "--add-good", "--model", str(path),
+         "--data-dir", str(good), "--output", str(tmp_path / "added.pkl"), "--quiet"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    with_torch = fitted_model.copy()
+    with_torch.add_good(train_images(small_screw_dir), progress=False)
+    added = PatchCore.load(tmp_path / "added.pkl")
+    assert len(added.memory_bank) > len(fitted_model.memory_bank)
+    np.testing.assert_array_equal(added.memory_bank, with_torch.memory_bank)
+    assert added.threshold == with_torch.threshold

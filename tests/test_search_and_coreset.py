@@ -71,13 +71,11 @@ def clustered(n: int, dim: int = 32, seed: int = 0) -> np.ndarray:
 
 
 def stream(points: np.ndarray, ratio: float, chunk_size: int, oversampling: float = 1.0, batch: int = 500):
-    import torch
-
     from models.coreset import StreamingCoreset
 
     coreset = StreamingCoreset(ratio, 64, chunk_size, 0, oversampling=oversampling)
     for start in range(0, len(points), batch):
-        coreset.add(torch.from_numpy(points[start : start + batch]))
+        coreset.add(points[start : start + batch])
     return coreset.result(), coreset
 
 
