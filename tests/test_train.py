@@ -186,26 +186,30 @@ def test_every_bad_training_photo_is_listed_and_nothing_is_fitted(tmp_path, smal
 
 
 @pytest.mark.parametrize(
-    "output, reason",
+    "output, named, reason",
     [
-        ("folder", "is a folder; give a file name"),
-        ("/dev/null", "is a device, FIFO or socket, not a file"),
-        ("blocker/model.pkl", "cannot be written (Not a directory)"),
+        ("folder", "folder", "is a folder; give a file name"),
+        ("/dev/null", "/dev/null", "is a device, FIFO or socket, not a file"),
+        ("blocker/model.pkl", "blocker/model.pkl", "cannot be written (Not a directory)"),
+        ("taken.pkl", "taken.onnx", "is a folder; give a file name"),  # where the network's export goes
     ],
 )
-def test_an_unwritable_output_is_refused_before_the_fit(tmp_path, small_screw_dir, monkeypatch, capsys, output, reason):
+def test_an_unwritable_output_is_refused_before_the_fit(
+    tmp_path, small_screw_dir, monkeypatch, capsys, output, named, reason
+):
     import train
     from config import run_cli
     from models.patchcore import PatchCore
 
     (tmp_path / "folder").mkdir()
+    (tmp_path / "taken.onnx").mkdir()
     (tmp_path / "blocker").write_text("a file where a folder should be")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(PatchCore, "fit", lambda *a, **k: pytest.fail("fitted before checking the output"))
     argv = ["--data-dir", str(small_screw_dir), "--backbone", "efficientnet_lite0", "--output", output]
     assert run_cli(lambda: train.main(argv)) == 2
     (line,) = capsys.readouterr().err.splitlines()
-    assert line.startswith(f"error: {output}: {reason}")
+    assert line.startswith(f"error: {named}: {reason}")
     assert os.stat("/dev/null").st_mode == DEV_NULL_MODE
 
 
