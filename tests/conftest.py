@@ -87,11 +87,25 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+# Runs a command-line tool as on a line PC set up from requirements-runtime.txt: the packages that
+# only fitting needs cannot be imported.
+WITHOUT_FITTING_PACKAGES = """
+import runpy, sys
+for name in ("torch", "torchvision", "sklearn", "scipy", "matplotlib", "skimage"):
+    sys.modules[name] = None
+sys.argv = sys.argv[1:]
+sys.path.insert(0, sys.argv[0].rsplit("/", 1)[0])  # as running the script itself would
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 @contextmanager
-def running_service(*args: str) -> Iterator[int]:
-    """serve.py with ``args`` on a free local port, once it answers /health; stopped afterwards."""
+def running_service(*args: str, line_pc: bool = False) -> Iterator[int]:
+    """serve.py with ``args`` on a free local port, once it answers /health; stopped afterwards.
+    ``line_pc``: as the line PC runs it, without the packages only fitting needs."""
     port = free_port()
-    process = subprocess.Popen([sys.executable, "serve.py", *args, "--port", str(port)], cwd=ROOT,
+    python = [sys.executable, "-c", WITHOUT_FITTING_PACKAGES] if line_pc else [sys.executable]
+    process = subprocess.Popen([*python, str(ROOT / "serve.py"), *args, "--port", str(port)], cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300

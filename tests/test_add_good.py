@@ -230,6 +230,22 @@ def test_a_defect_photo_scores_higher_after_the_update_than_a_healthy_one(half_m
     assert max(p.score for p in model.predict(healthy)) < max(p.score for p in model.predict(defects))
 
 
+def test_an_update_measures_distances_in_the_projection_it_is_given_and_refuses_one_of_another_width():
+    rng = np.random.default_rng(0)
+    known, new = rng.normal(size=(50, 160)).astype(np.float32), rng.normal(size=(400, 160)).astype(np.float32)
+    projection = rng.normal(size=(160, 128)).astype(np.float32)
+    given = StreamingCoreset(0.1, 128, 4096, seed=0, known=known, projection=projection)
+    given.add(new)
+    given.result()
+    np.testing.assert_array_equal(given.projection, projection)
+    drawn = StreamingCoreset(0.1, 128, 4096, seed=0, known=known)
+    drawn.add(new)
+    drawn.result()
+    assert drawn.projection.shape == (160, 128) and not np.array_equal(drawn.projection, projection)
+    with pytest.raises(ValueError, match="takes 152 features per patch, got 160"):
+        StreamingCoreset(0.1, 128, 4096, seed=0, known=known, projection=projection[:152]).add(new)
+
+
 def test_known_patches_count_as_kept_so_greedy_picks_what_they_do_not_cover():
     rng = np.random.default_rng(0)
     covered = rng.normal(0, 0.01, (400, 16)).astype(np.float32)  # one tight cluster the bank holds

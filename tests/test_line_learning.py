@@ -202,12 +202,13 @@ def test_photos_moved_into_confirmed_good_are_learnt_by_the_watcher(fitted_model
 
 
 def test_feedback_round_trip(fitted_model, unseen, tmp_path):
-    """Score a photo, confirm it and a sent one as good; the service updates, saves and scores with the new model."""
+    """Score a photo, confirm it and a sent one as good; the service updates, saves and scores with the
+    new model. It runs as on the line PC: torch and the other fitting packages cannot be imported."""
     model_file = tmp_path / "served.pkl"
     fitted_model.save(model_file)
     original = model_file.read_bytes()
     with running_service("--model", str(model_file), "--learn", "--learn-batch", "2", "--learn-wait-s", "1",
-                         "--events-jsonl", str(tmp_path / "events.jsonl")) as port:
+                         "--events-jsonl", str(tmp_path / "events.jsonl"), line_pc=True) as port:
         url = f"http://127.0.0.1:{port}"
         health = httpx.get(f"{url}/health", timeout=30)
         assert health.json()["drift"]["drift"] is False

@@ -14,6 +14,7 @@ import pytest
 from models.onnx_extractor import OnnxExtractorError
 from models.model_file import ModelFileError
 from models.patchcore import PatchCore
+from conftest import WITHOUT_FITTING_PACKAGES
 from evaluation.mvtec import load_test_split, train_images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,18 +114,6 @@ def test_a_model_whose_network_does_not_export_leaves_no_other_models_export_bes
     assert replacing.save(path) is None
     assert not path.with_suffix(".onnx").exists()
     assert PatchCore.load(path).why_learning_needs_torch() is not None
-
-
-# Runs a command-line tool as on a line PC set up from requirements-runtime.txt: the packages that
-# only fitting needs cannot be imported.
-WITHOUT_FITTING_PACKAGES = """
-import runpy, sys
-for name in ("torch", "torchvision", "sklearn", "scipy", "matplotlib", "skimage"):
-    sys.modules[name] = None
-sys.argv = sys.argv[1:]
-sys.path.insert(0, sys.argv[0].rsplit("/", 1)[0])  # as running the script itself would
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
 
 
 def test_the_line_pc_set_scores_a_folder_with_report_csv_and_overlays(exported_model, small_screw_dir, tmp_path):
