@@ -246,6 +246,23 @@ def test_an_update_measures_distances_in_the_projection_it_is_given_and_refuses_
         StreamingCoreset(0.1, 128, 4096, seed=0, known=known, projection=projection[:152]).add(new)
 
 
+def test_patches_that_differ_only_where_the_given_projection_does_not_look_count_as_covered():
+    """The bank's projection keeps the first 128 of 160 features: new patches unlike the bank in the
+    last 32 alone look like it to greedy, so the picks come from the ones unlike it where it looks."""
+    rng = np.random.default_rng(0)
+    known = rng.normal(0, 0.01, (50, 160)).astype(np.float32)
+    hidden = rng.normal(0, 0.01, (400, 160)).astype(np.float32)
+    hidden[:, 128:] += rng.normal(0, 5, (400, 32))  # far from the bank, but only where the projection is zero
+    seen = rng.normal(0, 0.01, (400, 160)).astype(np.float32)
+    seen[:, :128] += rng.normal(0, 1, (400, 128))  # less far, where the projection looks
+    projection = np.eye(160, 128, dtype=np.float32)
+    coreset = StreamingCoreset(0.05, 128, 4096, seed=0, known=known, projection=projection)
+    coreset.add(np.concatenate([hidden, seen]))
+    picks = coreset.result()
+    assert len(picks) == 40
+    assert (np.abs(picks[:, 128:]).max(axis=1) < 0.1).all()  # none of the patches the projection cannot tell apart
+
+
 def test_known_patches_count_as_kept_so_greedy_picks_what_they_do_not_cover():
     rng = np.random.default_rng(0)
     covered = rng.normal(0, 0.01, (400, 16)).astype(np.float32)  # one tight cluster the bank holds

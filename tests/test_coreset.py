@@ -83,6 +83,17 @@ def test_projection_keeps_coverage_close():
     assert covering_radius(points, projected) <= 1.5 * covering_radius(points, full)
 
 
+def test_a_fit_draws_the_projection_and_first_pick_every_earlier_version_drew():
+    """An older model file keeps no projection: its update draws it again, and must get the one its fit
+    measured distances in. Features no wider than the projection are used as they are."""
+    projection = coreset.random_projection(152, 128, seed=0)
+    assert projection.shape == (152, 128) and projection.dtype == np.float32
+    np.testing.assert_allclose(projection[0, :3], [-0.09951112, -0.10185522, -0.02214823], rtol=1e-6)
+    assert float(projection.sum()) == pytest.approx(-18.2978096, rel=1e-5)
+    assert [coreset.first_pick(n, seed) for n, seed in [(1000, 0), (4096, 0), (4096, 7)]] == [44, 2732, 175]
+    assert coreset.random_projection(128, 128, seed=0) is None and coreset.random_projection(100, 128, seed=0) is None
+
+
 def test_coreset_beats_random_subset():
     points = clustered_points()
     chosen = bank(points, 0.05, chunk_size=1000)
