@@ -249,11 +249,21 @@ CORRUPTIONS = {
         lambda s: s.update(coreset_projection=packed(np.ones((151, 128), np.float32))),
         "coreset_projection has shape (151, 128); the bank's 152 features to coreset_projection_dim 128 needs (152, 128)",
     ),
+    "projection to another dimension": (
+        lambda s: s.update(coreset_projection=packed(np.ones((152, 64), np.float32))),
+        "coreset_projection has shape (152, 64); the bank's 152 features to coreset_projection_dim 128 needs (152, 128)",
+    ),
+    "empty projection": (
+        lambda s: s.update(coreset_projection=packed(np.ones((0, 128), np.float32))), "coreset_projection has shape (0, 128)"
+    ),
     "NaN in projection": (
         lambda s: s.update(coreset_projection=packed(nan_in(np.ones((152, 128), np.float32)))), "not finite or above 100"
     ),
     "huge projection": (
         lambda s: s.update(coreset_projection=packed(np.full((152, 128), 1e30, np.float32))), "not finite or above 100"
+    ),
+    "hugely negative projection": (
+        lambda s: s.update(coreset_projection=packed(np.full((152, 128), -1e30, np.float32))), "not finite or above 100"
     ),
     "projection not packed": (lambda s: s.update(coreset_projection=[1.0, 2.0]), "coreset_projection has the wrong type"),
     "negative calibration score": (
