@@ -122,6 +122,36 @@ def test_without_torch_an_older_file_says_why_it_cannot_learn(half_model, small_
         older.add_good(train_images(small_screw_dir)[6:7], progress=False)
 
 
+def test_a_model_whose_features_need_no_projection_learns_without_torch(small_screw_dir, tmp_path, monkeypatch):
+    """Features no wider than coreset_projection_dim are measured as they are: no projection to keep or draw."""
+    model = PatchCore(small_config(coreset_projection_dim=152))  # lite0's 152 features per patch
+    model.fit(train_images(small_screw_dir)[:6], progress=False)
+    loaded = fresh(model, tmp_path)
+    assert loaded.coreset_projection is None and loaded.why_learning_needs_torch() is None
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name == "torch" else find_spec(name, *rest))
+    assert loaded.add_good(train_images(small_screw_dir)[6:7], progress=False)["photos"] == 1
+
+
+def test_an_update_saves_where_torch_is_not_installed(half_model, small_screw_dir, tmp_path, monkeypatch):
+    """The line PC (requirements-runtime.txt) has no torch at all: the model file records it as such."""
+    import importlib.metadata
+
+    version = importlib.metadata.version
+
+    def without_torch(name):
+        if name == "torch":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return version(name)
+
+    model = fresh(half_model, tmp_path)
+    model.add_good(train_images(small_screw_dir)[6:7], progress=False)
+    monkeypatch.setattr(importlib.metadata, "version", without_torch)
+    model.save(tmp_path / "updated.pkl")
+    assert pickle.loads((tmp_path / "updated.pkl").read_bytes())["versions"]["torch"] == "not installed"
+    assert PatchCore.load(tmp_path / "updated.pkl").updates == model.updates
+
+
 def test_a_photo_far_above_the_threshold_is_refused_unless_forced(half_model, small_screw_dir, tmp_path):
     model = fresh(half_model, tmp_path)
     bank = model.memory_bank.copy()
