@@ -160,3 +160,56 @@ def test_the_line_pc_set_learns_confirmed_good_photos_like_the_full_set(fitted_m
     assert len(added.memory_bank) > len(fitted_model.memory_bank)
     np.testing.assert_array_equal(added.memory_bank, with_torch.memory_bank)
     assert added.threshold == with_torch.threshold
+
+
+def test_a_save_replaces_an_export_of_another_network_beside_it(fitted_model, tmp_path):
+    (tmp_path / "model.onnx").write_bytes(b"the export an earlier model left here")
+    fitted_model.save(tmp_path / "model.pkl")
+    fitted_model.save(tmp_path / "reference.pkl")
+    assert (tmp_path / "model.onnx").read_bytes() == (tmp_path / "reference.onnx").read_bytes()
+
+
+def test_a_save_whose_export_cannot_be_written_leaves_the_model_file_as_it_was(fitted_model, tmp_path):
+    """The export is written first: a model file never lies beside another network's export, or none."""
+    from output_files import OutputError
+
+    path = tmp_path / "model.pkl"
+    path.write_bytes(b"the model file before")
+    path.with_suffix(".onnx").mkdir()  # where the export goes, taken
+    with pytest.raises(OutputError, match="model.onnx: is a folder"):
+        fitted_model.save(path)
+    assert path.read_bytes() == b"the model file before"
+
+
+def test_a_model_whose_network_does_not_export_is_saved_without_one_and_the_export_script_says_why(
+    small_screw_dir, tmp_path, capsys
+):
+    """lite0 pooled from 152 features down to 64 does not export (models/feature_extractor.exports_to_onnx)."""
+    import scripts.export_onnx as script
+    from config import run_cli
+    from conftest import small_config
+
+    model = PatchCore(small_config(target_dim=64))
+    model.fit(train_images(small_screw_dir)[:4], progress=False)
+    assert model._extractor.graph() is None
+    path = tmp_path / "model.pkl"
+    assert model.save(path) is None and not path.with_suffix(".onnx").exists()
+    assert run_cli(lambda: script.main(["--model", str(path)])) == 2
+    assert "efficientnet_lite0 at target_dim 64 does not export to ONNX" in capsys.readouterr().err
+    assert not path.with_suffix(".onnx").exists()
+
+
+def test_an_export_that_cannot_be_read_is_reported_as_unreadable(exported_model, fitted_model, monkeypatch):
+    """Not as "not a usable ONNX model": exporting again would not help, the file's permissions would."""
+    from models.onnx_extractor import OnnxFeatureExtractor
+
+    read_bytes = Path.read_bytes
+
+    def refused(self):
+        if self.suffix == ".onnx":
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", refused)
+    with pytest.raises(OnnxExtractorError, match=r"cannot be read \(Permission denied\)"):
+        OnnxFeatureExtractor(exported_model.with_suffix(".onnx"), fitted_model.config)
