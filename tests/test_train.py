@@ -109,6 +109,8 @@ def test_fit_writes_the_model_file_named_after_the_folder(tmp_path, small_screw_
     assert f"threshold {model.threshold:.3f}: expect {expected:g} false alarms per 1,000 healthy parts" in result.stdout
     assert "warning: the threshold rests on 6 healthy photos, fewer than the 100" in result.stdout
     assert "model saved to saved_models/patchcore_my_screws.pkl" in result.stdout
+    assert "network exported beside it to saved_models/patchcore_my_screws.onnx" in result.stdout
+    assert (tmp_path / "saved_models" / "patchcore_my_screws.onnx").is_file()
     assert result.stderr == ""  # --quiet: no progress bars
     pipeline = next(line for line in result.stdout.splitlines() if line.startswith("preprocessing: pipeline:"))
     assert "of pairs" in pipeline  # the trial of the two pipelines, in plain words
@@ -211,6 +213,24 @@ def test_an_unwritable_output_is_refused_before_the_fit(
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith(f"error: {named}: {reason}")
     assert os.stat("/dev/null").st_mode == DEV_NULL_MODE
+
+
+
+@pytest.mark.parametrize("command, long_work", [("--add-good", "add_good"), ("--recalibrate", "recalibrate")])
+def test_an_update_refuses_an_unwritable_export_path_before_scoring(
+    tmp_path, fitted_model, small_screw_dir, monkeypatch, capsys, command, long_work
+):
+    import train
+    from config import run_cli
+    from models.patchcore import PatchCore
+
+    fitted_model.save(tmp_path / "model.pkl")
+    (tmp_path / "taken.onnx").mkdir()  # where the updated model's export goes
+    monkeypatch.setattr(PatchCore, long_work, lambda *a, **k: pytest.fail("scored before checking the output"))
+    argv = [command, "--model", str(tmp_path / "model.pkl"), "--data-dir", str(small_screw_dir / "train" / "good"),
+            "--output", str(tmp_path / "taken.pkl"), "--quiet"]
+    assert run_cli(lambda: train.main(argv)) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'taken.onnx'}: is a folder; give a file name")
 
 
 DEV_NULL_MODE = os.stat("/dev/null").st_mode
