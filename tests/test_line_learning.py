@@ -333,3 +333,30 @@ def test_feedback_updates_at_once_when_the_batch_is_full_learns_forced_photos_an
         (folder,) = tmp_path.glob("fastener_service_*/feedback_*")
         assert len(list(folder.iterdir())) == 1  # before.png, kept for /feedback; the learnt uploads are gone
     assert (tmp_path / "served.before-update-1.pkl").read_bytes() == original
+
+
+def test_on_the_line_pc_an_older_model_file_is_served_but_refused_for_learning_at_start(
+    fitted_model, unseen, tmp_path, monkeypatch
+):
+    """A file from before models kept their coreset projection needs torch for its first update: the
+    service says so when it starts with --learn, not at the first confirmation; scoring needs no torch."""
+    import importlib.util
+    import pickle
+    import tempfile
+
+    from fastapi.testclient import TestClient
+
+    from config import UserError
+    from runtime.service import ServiceSettings, create_app
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    fitted_model.save(tmp_path / "served.pkl")
+    state = pickle.loads((tmp_path / "served.pkl").read_bytes())
+    del state["coreset_projection"]
+    (tmp_path / "served.pkl").write_bytes(pickle.dumps(state))
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name == "torch" else find_spec(name, *rest))
+    with pytest.raises(UserError, match="--learn needs torch .*predates the coreset projection"):
+        create_app(ServiceSettings(model=str(tmp_path / "served.pkl"), learn=True))
+    with TestClient(create_app(ServiceSettings(model=str(tmp_path / "served.pkl")))) as client:
+        assert client.post("/score?name=a.png", content=unseen[0].read_bytes()).status_code == 200
