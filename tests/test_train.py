@@ -215,7 +215,6 @@ def test_an_unwritable_output_is_refused_before_the_fit(
     assert os.stat("/dev/null").st_mode == DEV_NULL_MODE
 
 
-
 @pytest.mark.parametrize("command, long_work", [("--add-good", "add_good"), ("--recalibrate", "recalibrate")])
 def test_an_update_refuses_an_unwritable_export_path_before_scoring(
     tmp_path, fitted_model, small_screw_dir, monkeypatch, capsys, command, long_work
