@@ -47,7 +47,8 @@ def check_state(state: Any) -> dict[str, Any]:
     missing = sorted(set(STATE_TYPES) - set(state))
     if missing:
         raise ValueError(f"incomplete model file, missing {', '.join(missing)}")
-    for key, types in STATE_TYPES.items():
+    optional = {key: types for key, types in OPTIONAL_STATE_TYPES.items() if key in state}
+    for key, types in {**STATE_TYPES, **optional}.items():
         if not isinstance(state[key], types) or isinstance(state[key], bool):
             raise ValueError(f"{key} has the wrong type ({type(state[key]).__name__})")
     return state
@@ -61,6 +62,9 @@ STATE_TYPES: dict[str, type | tuple[type, ...]] = {
     "n_train": int,
     "fit_seconds": (int, float),
     "weights_identity": str,
+}
+OPTIONAL_STATE_TYPES: dict[str, type | tuple[type, ...]] = {  # keys older files lack
+    "coreset_projection": (dict, type(None)),
 }
 
 

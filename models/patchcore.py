@@ -786,11 +786,8 @@ class PatchCore:
             config_values["device"] = device
         model = cls(Config.from_dict(config_values))
         model.memory_bank = unpack_array(state["memory_bank"], "memory_bank")
-        projection = state.get("coreset_projection")  # absent from older files
-        if projection is not None:
-            if not isinstance(projection, dict):
-                raise ValueError(f"coreset_projection has the wrong type ({type(projection).__name__})")
-            model.coreset_projection = unpack_array(projection, "coreset_projection")
+        if state.get("coreset_projection") is not None:  # absent from older files
+            model.coreset_projection = unpack_array(state["coreset_projection"], "coreset_projection")
         model.calibration_scores = unpack_array(state["calibration_scores"], "calibration_scores")
         model.calibration = dict(state.get("calibration", {"method": "held-out photos", "warnings": []}))
         model.preprocessing = dict(state.get("preprocessing", {}))
