@@ -66,7 +66,7 @@ def export(model_path: Path, output: Path) -> float:
         difference = float(np.abs(got - expected).max() / max(np.abs(expected).max(), 1e-12))
         if difference > CHECK_TOLERANCE:
             raise RuntimeError(f"the ONNX graph differs from torch by {difference:.2e} (relative); not written")
-        write_atomically(output, graph_path.read_bytes())
+        write_atomically(output, graph)
     return difference
 
 
