@@ -456,6 +456,12 @@ class PatchCore:
             return "the network runs through torch: no ONNX export of it lies beside the model file"
         return None
 
+    def why_learning_fails_here(self) -> str | None:
+        """Why ``add_good`` cannot run in this environment (it needs torch, and torch is not installed),
+        or None: what the line's doors check at start, so a line PC is told before an operator confirms a photo."""
+        reason = self.why_learning_needs_torch()
+        return reason if reason and importlib.util.find_spec("torch") is None else None
+
     def _projection_missing(self) -> bool:
         width = self.memory_bank.shape[1] if self.memory_bank is not None else 0
         return self.coreset_projection is None and width > self.config.coreset_projection_dim

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import importlib.util
 import json
 import os
 import queue
@@ -371,8 +370,7 @@ def watch_the_line(
     batcher: Batcher, settings: ServiceSettings, model_path: Path, scratch: Path
 ) -> tuple[DriftMonitor, Learner | None]:
     """Drift warnings on every scored photo and, with ``learn``, the learner behind POST /feedback."""
-    reason = batcher.model.why_learning_needs_torch()
-    if settings.learn and reason and importlib.util.find_spec("torch") is None:
+    if settings.learn and (reason := batcher.model.why_learning_fails_here()):
         raise UserError(f"--learn needs torch (requirements.txt) here: {reason}")
     drift, events = DriftMonitor(batcher.model), EventLog(settings.events_jsonl)
     learner = Learner(batcher, model_path, drift, events, scratch, settings.keep_scored, settings.learn_batch,

@@ -501,6 +501,9 @@ def watch_until_stopped(model: Any, folder: Path, outputs: WatchOutputs, settle_
 
     watcher = FolderWatcher(model, folder, outputs, settle_s, on_record=show, retry_s=retry_s, model_path=model_path,
                             on_event=tell)
+    if watcher.confirmed is not None and (reason := model.why_learning_fails_here()):
+        _say(f"warning: photos moved into {watcher.confirmed} cannot be learnt here, they go to {NOT_LEARNED}/: "
+             f"learning needs torch (requirements.txt): {reason}")
     print(f"watching {folder} (Ctrl-C to stop); state: {outputs.state}", file=sys.stderr, flush=True)
     watcher.run(stop)
     return 0

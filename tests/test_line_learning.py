@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import pickle
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -12,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import running_service, wait_for_lines
+from conftest import ROOT, WITHOUT_FITTING_PACKAGES, running_service, wait_for_lines
 from evaluation.mvtec import train_images
 from inspection.scoring import Photo, score_batch
 from models.patchcore import PatchCore
@@ -335,13 +338,57 @@ def test_feedback_updates_at_once_when_the_batch_is_full_learns_forced_photos_an
     assert (tmp_path / "served.before-update-1.pkl").read_bytes() == original
 
 
+def save_as_older_file(model: PatchCore, path: Path) -> None:
+    """``model`` saved as a file from before models kept their coreset projection (its export beside it)."""
+    model.save(path)
+    state = pickle.loads(path.read_bytes())
+    del state["coreset_projection"]
+    path.write_bytes(pickle.dumps(state))
+
+
+def watcher_start_lines(model_file: Path, tmp_path: Path, line_pc: bool = True) -> list[str]:
+    """What ``inference.py --watch --sort-into`` prints before it watches; ``line_pc``: run as on the
+    line PC, without torch."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir(exist_ok=True)
+    python = [sys.executable, "-c", WITHOUT_FITTING_PACKAGES] if line_pc else [sys.executable]
+    command = [*python, str(ROOT / "inference.py"), "--model", str(model_file),
+               "--watch", str(inbox), "--sort-into", str(tmp_path / "sorted")]
+    log = tmp_path / "stderr"
+    with open(log, "w") as stderr:
+        watcher = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        deadline = time.monotonic() + 120
+        while "watching" not in log.read_text():
+            assert watcher.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+    finally:
+        watcher.terminate()
+        watcher.wait(timeout=60)
+    return log.read_text().splitlines()
+
+
+def test_on_the_line_pc_the_watcher_says_at_start_when_confirmed_photos_cannot_be_learnt(fitted_model, tmp_path):
+    """An older file needs torch for its first update: the watcher scores on, and says so before the
+    first photo is confirmed. Where torch is installed, or with a current file, nothing is said."""
+    save_as_older_file(fitted_model, tmp_path / "older.pkl")
+    warning, watching = watcher_start_lines(tmp_path / "older.pkl", tmp_path)
+    assert warning.startswith(f"warning: photos moved into {tmp_path / 'sorted' / 'confirmed_good'} cannot be learnt "
+                              "here, they go to not_learned/: learning needs torch")
+    assert "predates the coreset projection" in warning and watching.startswith("watching")
+    (watching,) = watcher_start_lines(tmp_path / "older.pkl", tmp_path, line_pc=False)
+    assert watching.startswith("watching")
+    fitted_model.save(tmp_path / "current.pkl")
+    (watching,) = watcher_start_lines(tmp_path / "current.pkl", tmp_path)
+    assert watching.startswith("watching")
+
+
 def test_on_the_line_pc_an_older_model_file_is_served_but_refused_for_learning_at_start(
     fitted_model, unseen, tmp_path, monkeypatch
 ):
     """A file from before models kept their coreset projection needs torch for its first update: the
     service says so when it starts with --learn, not at the first confirmation; scoring needs no torch."""
     import importlib.util
-    import pickle
     import tempfile
 
     from fastapi.testclient import TestClient
@@ -350,10 +397,7 @@ def test_on_the_line_pc_an_older_model_file_is_served_but_refused_for_learning_a
     from runtime.service import ServiceSettings, create_app
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    fitted_model.save(tmp_path / "served.pkl")
-    state = pickle.loads((tmp_path / "served.pkl").read_bytes())
-    del state["coreset_projection"]
-    (tmp_path / "served.pkl").write_bytes(pickle.dumps(state))
+    save_as_older_file(fitted_model, tmp_path / "served.pkl")
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name == "torch" else find_spec(name, *rest))
     with pytest.raises(UserError, match="--learn needs torch .*predates the coreset projection"):
