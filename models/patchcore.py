@@ -519,6 +519,13 @@ class PatchCore:
             self._clock("predict_knn_map", stage)
         return predictions
 
+    def prepare_to_score(self) -> None:
+        """Open the network and build the index now, by scoring a black photo: an always-on door (the
+        service, the watcher) finds a broken export at start rather than at its first photo, and that
+        photo does not wait for the start-up."""
+        size = self.config.image_size
+        self.predict([np.zeros((size, size, 3), np.uint8)])
+
     def _seen_patches(
         self, batch: list[Preprocessed], features: np.ndarray
     ) -> list[tuple[np.ndarray, np.ndarray, Preprocessed]]:

@@ -40,8 +40,6 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-import numpy as np
-
 from config import UserError
 from inspection.scoring import Photo, score_batch
 from models.backend import resolve_runtime
@@ -255,8 +253,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     """The service for one model file: loaded once here, before the first request."""
     model_path = Path(settings.model)
     model = PatchCore.load(model_path, device=settings.device, runtime=settings.runtime)
-    size = model.config.image_size
-    model.predict([np.zeros((size, size, 3), np.uint8)])  # open the extractor and build the index before serving
+    model.prepare_to_score()
     remove_stale_scratch(Path(tempfile.gettempdir()))
     scratch = tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}_")
     batcher = Batcher(model, settings.queue_size, settings.batch_wait_ms / 1000, Path(scratch.name))

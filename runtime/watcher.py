@@ -499,6 +499,7 @@ def watch_until_stopped(model: Any, folder: Path, outputs: WatchOutputs, settle_
             _say(f"learnt {event['photos']} photos confirmed good: threshold {event['threshold_before']:.3f} -> "
                  f"{event['threshold_after']:.3f}, saved to {event['model_file']}{refused}")
 
+    model.prepare_to_score()
     watcher = FolderWatcher(model, folder, outputs, settle_s, on_record=show, retry_s=retry_s, model_path=model_path,
                             on_event=tell)
     if watcher.confirmed is not None and (reason := model.why_learning_fails_here()):

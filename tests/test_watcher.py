@@ -216,6 +216,20 @@ def test_a_read_only_sort_folder_is_refused_before_the_model_loads(tmp_path):
     assert line.startswith("error: sorted/") and line.endswith(": cannot be written (Permission denied); any previous file is unchanged")
 
 
+def test_a_broken_export_beside_the_model_stops_the_watcher_at_start_not_at_its_first_photo(fitted_model, tmp_path):
+    """The watcher opens the network before it watches, as the service does: a photo that arrives is
+    never the first to meet a model that cannot score."""
+    fitted_model.save(tmp_path / "model.pkl")
+    (tmp_path / "model.onnx").write_bytes(b"not an ONNX graph")
+    (tmp_path / "inbox").mkdir()
+    command = [sys.executable, str(ROOT / "inference.py"), "--model", "model.pkl", "--watch", "inbox",
+               "--jsonl", "results.jsonl"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("error: model.onnx: not a usable ONNX model")
+
+
 def test_a_full_disk_is_retried_loudly_and_every_photo_still_gets_exactly_one_record(fitted_model, photos, tmp_path):
     """The file-size limit refuses writes as a full disk would; once it is lifted, the watcher carries on."""
     model_file = tmp_path / "model.pkl"
