@@ -83,7 +83,10 @@ class OnnxFeatureExtractor:
         except OSError as error:
             raise OnnxExtractorError(f"{path}: cannot be read ({error.strerror or error})") from None
         except Exception as error:  # onnxruntime raises its own exception types for a bad file
-            raise OnnxExtractorError(f"{path}: not a usable ONNX model ({error})") from None
+            raise OnnxExtractorError(
+                f"{path}: not a usable ONNX model ({error}); export it again with scripts/export_onnx.py, "
+                "or score with --runtime torch"
+            ) from None
         recorded = self.session.get_modelmeta().custom_metadata_map
         self.weights_identity = recorded.get("weights_identity", "")
         expected = export_metadata(config, self.weights_identity)

@@ -228,6 +228,7 @@ def test_a_broken_export_beside_the_model_stops_the_watcher_at_start_not_at_its_
     assert result.returncode == 2
     (line,) = result.stderr.splitlines()
     assert line.startswith("error: model.onnx: not a usable ONNX model")
+    assert line.endswith("export it again with scripts/export_onnx.py, or score with --runtime torch")
 
 
 def test_a_full_disk_is_retried_loudly_and_every_photo_still_gets_exactly_one_record(fitted_model, photos, tmp_path):
