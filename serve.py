@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from config import fail, run_cli
+from models.backend import RUNTIME_HELP, RUNTIMES
 from runtime.service import SETTINGS_ENV, ServiceSettings, create_app, settings_env
 
 WORKER_START_S = 300  # how long a worker process may take to load the model on a busy machine
@@ -36,8 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--api-key-file", type=Path, metavar="FILE",
                         help="require the key in FILE (its first line) as the X-API-Key header on /score and /model; "
                              "default: $FASTENER_API_KEY")
-    parser.add_argument("--runtime", choices=("auto", "torch", "onnx"), default="auto",
-                        help="feature extractor back end; auto = ONNX Runtime when <model>.onnx exists")
+    parser.add_argument("--runtime", choices=RUNTIMES, default="auto", help=RUNTIME_HELP)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override the model's device")
     parser.add_argument("--max-upload-mb", type=float, default=20.0, help="larger uploads are refused (413)")
     parser.add_argument("--queue-size", type=int, default=32, help="photos waiting at most; beyond, 503")

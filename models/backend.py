@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib.util
 from pathlib import Path
 
 from config import Config, UserError
@@ -16,6 +17,8 @@ from models.backbones import PatchFeatureExtractor
 from models.onnx_extractor import OnnxFeatureExtractor, onnxruntime_installed
 
 RUNTIMES = ("auto", "torch", "onnx")
+RUNTIME_HELP = ("feature extractor back end; auto = ONNX Runtime on the CPU when <model>.onnx lies beside the "
+                "model (a fit writes it), torch on a GPU or without the export")
 MMAP_THRESHOLD = 32 << 20  # glibc's maximum: larger blocks are always mapped afresh
 TRIM_THRESHOLD = 256 << 20  # free memory kept at the heap's top for the next batch, not handed back
 
@@ -43,20 +46,29 @@ def onnx_path_for(model_path: str | Path) -> Path:
     return Path(model_path).with_suffix(".onnx")
 
 
-def resolve_runtime(runtime: str, onnx_file: Path | None) -> str:
-    """``auto`` is ONNX Runtime when the export exists (and is installed), torch otherwise."""
+def gpu_present() -> bool:
+    """Whether torch is installed and an NVIDIA driver loaded, known without importing torch (seconds)."""
+    return Path("/proc/driver/nvidia/version").is_file() and importlib.util.find_spec("torch") is not None
+
+
+def resolve_runtime(runtime: str, onnx_file: Path | None, device: str) -> str:
+    """``auto`` is ONNX Runtime on the CPU when the export exists (and is installed), torch otherwise,
+    and torch where the network can run on a GPU (``device`` auto or cuda, a GPU and torch present):
+    ONNX Runtime here runs on the CPU only. A model fitted with ``device: cuda`` still scores through
+    its export on a line PC without a GPU."""
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     if runtime != "auto":
         return runtime
-    if onnx_file is not None and onnx_file.is_file() and onnxruntime_installed():
+    on_gpu = device != "cpu" and gpu_present()
+    if not on_gpu and onnx_file is not None and onnx_file.is_file() and onnxruntime_installed():
         return "onnx"
     return "torch"
 
 
 def open_extractor(config: Config, runtime: str = "torch", onnx_file: Path | None = None) -> PatchFeatureExtractor:
     keep_freed_memory()  # every fit and every scoring path opens an extractor first
-    if resolve_runtime(runtime, onnx_file) == "onnx":
+    if resolve_runtime(runtime, onnx_file, config.device) == "onnx":
         if onnx_file is None:
             raise ValueError("the ONNX runtime needs the path of the exported extractor")
         return OnnxFeatureExtractor(onnx_file, config)

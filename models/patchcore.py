@@ -452,8 +452,10 @@ class PatchCore:
         """Why ``add_good`` would import torch, or None where it runs without (ONNX Runtime, NumPy, FAISS)."""
         if self._projection_missing():
             return PROJECTION_MISSING
-        if resolve_runtime(self.runtime, self.onnx_file) == "torch":
-            return "the network runs through torch: no ONNX export of it lies beside the model file"
+        if resolve_runtime(self.runtime, self.onnx_file, self.config.device) == "torch":
+            if self.onnx_file is None or not self.onnx_file.is_file():
+                return "the network runs through torch: no ONNX export of it lies beside the model file"
+            return "the network runs through torch here (--runtime torch, or on a GPU)"
         return None
 
     def why_learning_fails_here(self) -> str | None:
@@ -783,7 +785,7 @@ class PatchCore:
         model.model_file = path
         model.file_identity = identity
         model.onnx_file = onnx_path_for(path)
-        if resolve_runtime(runtime, model.onnx_file) == "onnx" and not model.onnx_file.is_file():
+        if resolve_runtime(runtime, model.onnx_file, model.config.device) == "onnx" and not model.onnx_file.is_file():
             raise ModelFileError(
                 f"{model.onnx_file}: no ONNX export of this model; write it with "
                 f"scripts/export_onnx.py --model {path}"

@@ -231,7 +231,7 @@ def model_summary(model: PatchCore, path: Path) -> dict[str, Any]:
         "model_file_modified": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(path.stat().st_mtime)),
         "backbone": config.backbone,
         "weights_identity": model.weights_identity,
-        "runtime": resolve_runtime(model.runtime, model.onnx_file),
+        "runtime": resolve_runtime(model.runtime, model.onnx_file, config.device),
         "image_size": config.image_size,
         "batch_size": config.batch_size,
         "threshold": model.threshold,

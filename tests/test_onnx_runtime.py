@@ -106,6 +106,24 @@ class _NetworkThatDoesNotExport:
         return None
 
 
+def test_runtime_auto_runs_the_network_on_a_gpu_through_torch_and_on_the_cpu_through_the_export(
+    exported_model, monkeypatch
+):
+    """ONNX Runtime runs on the CPU only here: where torch and a GPU are present, auto keeps the GPU,
+    unless the model is set to the CPU; without a GPU (a line PC), even a model fitted with cuda scores
+    through its export."""
+    import models.backend as backend
+
+    export = exported_model.with_suffix(".onnx")
+    for gpu, device, runtime in [(True, "auto", "torch"), (True, "cuda", "torch"), (True, "cpu", "onnx"),
+                                 (False, "auto", "onnx"), (False, "cuda", "onnx")]:
+        monkeypatch.setattr(backend, "gpu_present", lambda gpu=gpu: gpu)
+        assert backend.resolve_runtime("auto", export, device) == runtime, (gpu, device)
+        assert PatchCore.load(exported_model, device=device).why_learning_needs_torch() == (
+            None if runtime == "onnx" else "the network runs through torch here (--runtime torch, or on a GPU)")
+    assert backend.resolve_runtime("onnx", export, "cuda") == "onnx"  # as asked
+
+
 def test_a_model_whose_network_does_not_export_leaves_no_other_models_export_beside_it(fitted_model, tmp_path):
     path = tmp_path / "model.pkl"
     fitted_model.save(path)
