@@ -42,8 +42,13 @@ def keep_freed_memory() -> bool:
 
 
 def onnx_path_for(model_path: str | Path) -> Path:
-    """Where a model's exported extractor lies (``PatchCore.save``, scripts/export_onnx.py): beside it, suffix .onnx."""
-    return Path(model_path).with_suffix(".onnx")
+    """Where a model's exported extractor lies (``PatchCore.save``, scripts/export_onnx.py): beside it,
+    suffix .onnx. A model file named so itself would be written over its own export, or read as one."""
+    export = Path(model_path).with_suffix(".onnx")
+    if export == Path(model_path):
+        raise UserError(f"{model_path}: a model file cannot end in .onnx, the name of its network's export "
+                        "beside it; name it .pkl")
+    return export
 
 
 def gpu_present() -> bool:

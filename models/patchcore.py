@@ -775,6 +775,7 @@ class PatchCore:
         the network's export ``<model>.onnx`` lies beside the file (``save`` writes it), through torch otherwise.
         """
         path = Path(path)
+        onnx_file = onnx_path_for(path)  # refuses a model file named like its own export before reading it
         identity = file_identity(path)  # before reading: a file replaced meanwhile reads as replaced later
         state = read_state(path)
         try:
@@ -784,7 +785,7 @@ class PatchCore:
         model.runtime = runtime
         model.model_file = path
         model.file_identity = identity
-        model.onnx_file = onnx_path_for(path)
+        model.onnx_file = onnx_file
         if resolve_runtime(runtime, model.onnx_file, model.config.device) == "onnx" and not model.onnx_file.is_file():
             raise ModelFileError(
                 f"{model.onnx_file}: no ONNX export of this model; write it with "

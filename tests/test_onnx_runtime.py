@@ -124,6 +124,17 @@ def test_runtime_auto_runs_the_network_on_a_gpu_through_torch_and_on_the_cpu_thr
     assert backend.resolve_runtime("onnx", export, "cuda") == "onnx"  # as asked
 
 
+def test_a_model_file_named_like_its_export_is_neither_saved_nor_read(fitted_model, exported_model, tmp_path):
+    """``m.onnx`` as a model file would be written over its own export, then read as the network."""
+    from config import UserError
+
+    with pytest.raises(UserError, match="a model file cannot end in .onnx"):
+        fitted_model.save(tmp_path / "model.onnx")
+    assert not (tmp_path / "model.onnx").exists()
+    with pytest.raises(UserError, match="a model file cannot end in .onnx"):
+        PatchCore.load(exported_model.with_suffix(".onnx"))
+
+
 def test_a_model_whose_network_does_not_export_leaves_no_other_models_export_beside_it(fitted_model, tmp_path):
     path = tmp_path / "model.pkl"
     fitted_model.save(path)

@@ -194,6 +194,7 @@ def test_every_bad_training_photo_is_listed_and_nothing_is_fitted(tmp_path, smal
         ("/dev/null", "/dev/null", "is a device, FIFO or socket, not a file"),
         ("blocker/model.pkl", "blocker/model.pkl", "cannot be written (Not a directory)"),
         ("taken.pkl", "taken.onnx", "is a folder; give a file name"),  # where the network's export goes
+        ("model.onnx", "model.onnx", "a model file cannot end in .onnx"),  # it would be saved over its export
     ],
 )
 def test_an_unwritable_output_is_refused_before_the_fit(
