@@ -773,9 +773,12 @@ class PatchCore:
 
         ``runtime`` picks the feature extractor back end; ``auto`` scores through ONNX Runtime when
         the network's export ``<model>.onnx`` lies beside the file (``save`` writes it), through torch otherwise.
+        A link to a model file (a line's ``current.pkl``) finds the export beside the file it points to.
         """
         path = Path(path)
         onnx_file = onnx_path_for(path)  # refuses a model file named like its own export before reading it
+        if not onnx_file.exists() and path.is_symlink() and path.is_file():  # not a loop or a dangling link
+            onnx_file = onnx_path_for(path.resolve())
         identity = file_identity(path)  # before reading: a file replaced meanwhile reads as replaced later
         state = read_state(path)
         try:

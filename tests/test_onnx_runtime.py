@@ -124,6 +124,15 @@ def test_runtime_auto_runs_the_network_on_a_gpu_through_torch_and_on_the_cpu_thr
     assert backend.resolve_runtime("onnx", export, "cuda") == "onnx"  # as asked
 
 
+def test_a_link_to_a_model_file_scores_through_the_export_beside_the_file_it_points_to(exported_model, tmp_path):
+    """A line points its service at ``current.pkl``, a link to the fit it runs: that fit's export is found."""
+    (tmp_path / "current.pkl").symlink_to(exported_model)
+    linked = PatchCore.load(tmp_path / "current.pkl")
+    assert linked.onnx_file == exported_model.with_suffix(".onnx") and linked.why_learning_needs_torch() is None
+    (tmp_path / "current.onnx").symlink_to(exported_model.with_suffix(".onnx"))  # one beside the link comes first
+    assert PatchCore.load(tmp_path / "current.pkl").onnx_file == tmp_path / "current.onnx"
+
+
 def test_a_model_file_named_like_its_export_is_neither_saved_nor_read(fitted_model, exported_model, tmp_path):
     """``m.onnx`` as a model file would be written over its own export, then read as the network."""
     from config import UserError
