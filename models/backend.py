@@ -51,9 +51,15 @@ def onnx_path_for(model_path: str | Path) -> Path:
     return export
 
 
+def torch_installed() -> bool:
+    """Whether torch can be imported here, known without importing it (seconds); the line PC's
+    requirements-runtime.txt does not install it."""
+    return importlib.util.find_spec("torch") is not None
+
+
 def gpu_present() -> bool:
-    """Whether torch is installed and an NVIDIA driver loaded, known without importing torch (seconds)."""
-    return Path("/proc/driver/nvidia/version").is_file() and importlib.util.find_spec("torch") is not None
+    """Whether torch is installed and an NVIDIA driver loaded, known without importing torch."""
+    return Path("/proc/driver/nvidia/version").is_file() and torch_installed()
 
 
 def resolve_runtime(runtime: str, onnx_file: Path | None, device: str) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import importlib.metadata
-import importlib.util
 import math
 import platform
 import time
@@ -30,7 +29,7 @@ from tqdm import tqdm
 
 from config import Config, UserError
 from models.backbones import PatchFeatureExtractor
-from models.backend import onnx_path_for, open_extractor, resolve_runtime
+from models.backend import onnx_path_for, open_extractor, resolve_runtime, torch_installed
 from models.calibration import (
     fit_tail,
     promised_threshold,
@@ -372,8 +371,8 @@ class PatchCore:
 
         if self.memory_bank is None or not self.calibration_scores.size:
             raise RuntimeError("add_good needs a fitted, calibrated model")
-        if self._projection_missing() and importlib.util.find_spec("torch") is None:
-            raise UserError(f"adding photos needs torch (requirements.txt) here: {PROJECTION_MISSING}")
+        if reason := self.why_learning_fails_here():
+            raise UserError(f"adding photos needs torch (requirements.txt) here: {reason}")
         if not images:
             raise UserError("adding confirmed-good photos needs at least one photo")
         names = [str(label) for label in labels] if labels is not None else [
@@ -462,7 +461,7 @@ class PatchCore:
         """Why ``add_good`` cannot run in this environment (it needs torch, and torch is not installed),
         or None: what the line's doors check at start, so a line PC is told before an operator confirms a photo."""
         reason = self.why_learning_needs_torch()
-        return reason if reason and importlib.util.find_spec("torch") is None else None
+        return reason if reason and not torch_installed() else None
 
     def _projection_missing(self) -> bool:
         width = self.memory_bank.shape[1] if self.memory_bank is not None else 0
