@@ -80,6 +80,23 @@ def _flagged(folds: list[HeldOutFold], rate: float, scores_of: str) -> dict[str,
             "interval": wilson_interval(flagged, total)}
 
 
+def score_gap(folds: list[HeldOutFold]) -> dict[str, float]:
+    """How new healthy photos score against the calibration scores that set each model's threshold:
+    the mean over the models of (held-out - calibration) at the median and at the 90th percentile.
+
+    Near 0 when the calibration imitates a new photo against the final bank; below 0 the threshold
+    errs towards fewer false alarms than promised (and more escapes), above 0 towards more. The
+    counts of ``promised_and_observed`` test the same thing at the threshold, but a few flagged
+    photos move them; this gap is read from the whole body of the scores.
+    """
+    gaps = np.array([
+        np.quantile(fold.held_out, [0.5, 0.9]) - np.quantile(fold.model.calibration_scores, [0.5, 0.9])
+        for fold in folds
+    ])
+    median, upper = gaps.mean(axis=0)
+    return {"median": float(median), "percentile_90": float(upper)}
+
+
 def promised_and_observed(folds: list[HeldOutFold], rates: Sequence[float]) -> list[dict[str, Any]]:
     """Per promised false-alarm rate: held-out training photos flagged and test/good photos flagged."""
     return [

@@ -7,7 +7,9 @@ fitted on the other folds with the settings given (the same flags as ``train.py`
 photos are scored against it; every training photo is held out once. Each false-alarm rate of
 ``--rates`` (default 0.01 and 0.05) is then set by the model's own calibration rule, and the table
 shows how many held-out photos, and how many ``test/good`` photos if the folder has them, it flags.
-The intervals are 95 % Wilson intervals over the photos counted. ``--json FILE`` writes the table.
+The intervals are 95 % Wilson intervals over the photos counted. A last line gives how far the held-out
+photos' scores lie from the calibration scores at the median and the 90th percentile. ``--json FILE``
+writes the table.
 
 ``--fit-photos N`` asks how the promise holds for a set of N photos: each of ``--folds`` models is
 fitted on N seeded photos of ``train/good`` and scores all the others.
@@ -52,7 +54,7 @@ def _cell(counted: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from evaluation.calibration_check import held_out_folds, promised_and_observed
+    from evaluation.calibration_check import held_out_folds, promised_and_observed, score_gap
 
     args = parse_args(argv)
     name = args.data_dir.resolve().name
@@ -73,8 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'promised':>9}  {'held-out training photos flagged':<36}  test/good photos flagged")
     for row in table:
         print(f"{row['promised']:>9.1%}  {_cell(row['held_out_training']):<36}  {_cell(row['test_good'])}")
+    gap = score_gap(folds)
+    print(f"held-out training photos score {gap['median']:+.3f} at the median and {gap['percentile_90']:+.3f} at the "
+          "90th percentile against the calibration scores (mean over the models; near 0: the calibration scores "
+          "stand in for new photos)")
     if args.json:
-        record = {"data_dir": str(args.data_dir), "folds": args.folds, "fit_photos": args.fit_photos, "rows": table}
+        record = {"data_dir": str(args.data_dir), "folds": args.folds, "fit_photos": args.fit_photos, "rows": table,
+                  "score_gap": gap}
         write_atomically(args.json, json.dumps(record, indent=2))
     return 0
 

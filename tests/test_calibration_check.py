@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import evaluation.calibration_check as calibration_check
-from evaluation.calibration_check import HeldOutFold, held_out_folds, promised_and_observed
+from evaluation.calibration_check import HeldOutFold, held_out_folds, promised_and_observed, score_gap
 from evaluation.metrics import wilson_interval
 from evaluation.mvtec import load_test_split, train_images
 from conftest import small_config
@@ -81,6 +81,17 @@ def test_each_promised_rate_is_set_by_the_models_rule_and_counts_scores_strictly
     assert (five["held_out_training"]["flagged"], five["test_good"]["flagged"]) == (4, 1)
 
 
+def test_the_score_gap_compares_held_out_scores_with_each_models_own_calibration_scores():
+    """Model one: held-out median 3 against calibration median 1 (+2); model two: 1 against 3 (-2)."""
+    low, high = SimpleNamespace(calibration_scores=np.array([0.0, 1.0, 2.0])), SimpleNamespace(
+        calibration_scores=np.array([2.0, 3.0, 4.0]))
+    folds = [HeldOutFold(low, np.array([2.0, 3.0, 4.0]), np.empty(0)),
+             HeldOutFold(high, np.array([0.0, 1.0, 2.0]), np.empty(0))]
+    assert score_gap(folds) == {"median": 0.0, "percentile_90": 0.0}
+    assert score_gap(folds[:1]) == pytest.approx({"median": 2.0, "percentile_90": 2.0})
+    assert score_gap(folds[1:]) == pytest.approx({"median": -2.0, "percentile_90": -2.0})
+
+
 def test_the_script_scores_train_good_held_out_and_test_good_alone(small_screw_dir, tmp_path, monkeypatch, capsys):
     """Two real folds on the screw subset: 12 training photos each held out once, the 2 test/good
     photos scored by both fold models; no defective test photo is read."""
@@ -104,6 +115,7 @@ def test_the_script_scores_train_good_held_out_and_test_good_alone(small_screw_d
     assert all(row["held_out_training"]["photos"] == 12 and row["test_good"]["photos"] == 4 for row in rows)
     assert "12 training photos in 2 folds, each held out once; 2 test/good photos" in capsys.readouterr().out
     assert json.loads(out.read_text())["fit_photos"] is None
+    assert set(json.loads(out.read_text())["score_gap"]) == {"median", "percentile_90"}
 
 
 @pytest.mark.parametrize("rate", ["0", "0.5"])
