@@ -264,7 +264,7 @@ class Config:
         0.01, "share of healthy parts the threshold may flag (0.01 = at most 1 in 100)", above=0, below=0.5
     )
     calibration_folds: int = setting(
-        20, "folds of the cross-fitted calibration: each photo is scored by the bank less its fold's patches",
+        5, "folds of the cross-fitted calibration: each photo is scored by a bank fitted without its fold",
         minimum=2, maximum=100,
     )
     # --- learning on the line (train.py --add-good, /feedback, drift warnings) -----------------

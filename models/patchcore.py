@@ -139,9 +139,9 @@ class PatchCore:
 
         With ``preprocess: auto`` the steps are first decided from these photos alone
         (models.pipeline_selection). Calibration: the photos (a seeded sample of at most
-        ``MAX_CALIBRATION_PHOTOS``) are split into seeded folds, and every photo is scored against
-        the final bank less the patches its own fold gave it, so each healthy score comes from a bank
-        that never saw that photo and is otherwise the bank a new photo meets.
+        ``MAX_CALIBRATION_PHOTOS``) are split into seeded folds, each fold gets its own coreset, and
+        every photo is scored against the coresets of the other folds (with the bank's patches from
+        photos outside the sample), so each healthy score comes from a bank that never saw that photo.
         """
         import torch
 
@@ -170,13 +170,24 @@ class PatchCore:
         extractor = self._feature_extractor()  # building the backbone counts as feature extraction
         self._clock("features", stage)
 
-        whole = StreamingCoreset(
-            config.coreset_sampling_ratio,
-            config.coreset_projection_dim,
-            config.coreset_chunk_size,
-            config.seed,
-            config.coreset_oversampling,
-        )
+        def new_coreset(ratio: float, seed: int) -> StreamingCoreset:
+            return StreamingCoreset(
+                ratio,
+                config.coreset_projection_dim,
+                config.coreset_chunk_size,
+                seed,
+                config.coreset_oversampling,
+            )
+
+        # Each photo is scored by the other folds' coresets together; picking a share n/(n-1) larger
+        # per fold gives that union as many patches as the final bank, so calibration scores are as
+        # low as a new healthy photo's against the final bank, not inflated by a sparser bank.
+        # Photos outside the calibration sample (sets over MAX_CALIBRATION_PHOTOS) join no fold: the
+        # bank's patches from them are shared by every fold's scoring bank, so each of them costs
+        # one coreset, not two, and a long fit does not pay twice for a graph that keeps growing.
+        fold_ratio = min(1.0, config.coreset_sampling_ratio * n_folds / (n_folds - 1))
+        whole = new_coreset(config.coreset_sampling_ratio, config.seed)
+        by_fold = [new_coreset(fold_ratio, config.seed + 1 + fold) for fold in range(n_folds)] if calibrate else []
         patches_of: list[tuple[np.ndarray, np.ndarray, Preprocessed] | None] = []  # what a scored photo's map needs
         patch_counts: list[int] = []  # patches each photo gave the bank's coreset, in order
 
@@ -191,15 +202,17 @@ class PatchCore:
             for item, seen, photo_patches in zip(batch, keep, per_photo):
                 photo = len(patches_of)
                 patch_counts.append(len(photo_patches))
+                if scored[photo]:  # only when calibrating; the folds hold the calibration sample alone
+                    by_fold[folds[photo]].add(photo_patches)
                 where = replace(item, image=_NO_PIXELS, mask=_NO_PIXELS)  # the transform back to the photo
                 patches_of.append((photo_patches, seen.reshape(h, w), where) if scored[photo] else None)
 
-        # The coreset runs on a thread of its own, up to CORESET_BACKLOG batches behind the
-        # backbone, so that its mostly single-threaded steps overlap the network instead of
+        # The coresets run on a thread of their own, up to CORESET_BACKLOG batches behind the
+        # backbone, so that their mostly single-threaded steps overlap the network instead of
         # leaving a core idle. A backlog of 3 (~4 MB of features at batch 8) lets a slow chunk
         # catch up while the network goes on, so the backbone rarely waits. One worker takes the
         # batches in order: the bank is the same as if they ran in line. The "coreset" clock is
-        # the time the backbone waits for it.
+        # the time the backbone waits for them.
         with ThreadPoolExecutor(max_workers=1) as coreset_worker:
             waiting: deque[Future[None]] = deque()
             for batch in self._clocked(self._batches(images, progress, "memory bank"), "load_preprocess"):
@@ -224,44 +237,35 @@ class PatchCore:
         self.n_train = len(images)
         if calibrate:
             owner = np.repeat(np.arange(len(images)), patch_counts)[whole.kept_indices]  # photo of each bank patch
-            fold_of_patch = np.where(scored[owner], folds[owner], -1)  # photos outside the sample join no fold
-            self._cross_fit_calibration(fold_of_patch, folds, scored, patches_of, [str(image) for image in images])
+            shared = self.memory_bank[~scored[owner]]
+            self._cross_fit_calibration(by_fold, shared, folds, scored, patches_of, [str(image) for image in images])
         self.fit_seconds = time.perf_counter() - start
         self.timings["fit"] = self.fit_seconds
 
     def _cross_fit_calibration(
         self,
-        fold_of_patch: np.ndarray,
+        by_fold: list[Any],
+        shared: np.ndarray,
         folds: np.ndarray,
         scored: np.ndarray,
         patches_of: list[tuple[np.ndarray, np.ndarray, Preprocessed] | None],
         names: list[str],
     ) -> None:
-        """Score each scored photo against the final bank less its own fold's patches
-        (``fold_of_patch``), and calibrate on those scores.
-
-        The bank a new photo meets is the final one. Taking out a twentieth of it (the default 20
-        folds) leaves that bank but for holes where the held-out photos' own patches were. A bank
-        fitted on the other folds alone is a coreset of fewer photos: on held-out training photos
-        of a screw, a nut and a plate it scored 0.2-0.4 higher at the median than the final bank
-        scores a new healthy photo, and lifted the threshold with it (docs/calibration.md).
+        """Score each scored photo against the other folds' coresets and the ``shared`` bank patches
+        (those of photos that are not scored) together, and calibrate on those scores.
 
         The held-out maps of the highest-scoring photos are kept, so that a photo listed as unlike
         the rest can be shown with the heatmap of a bank that never saw it.
         """
         stage = time.perf_counter()
-        n_folds = int(folds.max()) + 1
+        n_folds = len(by_fold)
+        fold_banks = [coreset.result() for coreset in by_fold]
         scores = np.empty(len(folds), dtype=np.float32)
         highest: list[tuple[float, int, np.ndarray]] = []  # (score, photo, held-out map), at most KEPT_MAPS
         for fold in range(n_folds):
             scorer = PatchCore(self.config)
-            scorer.memory_bank = self.memory_bank[fold_of_patch != fold]
-            if not len(scorer.memory_bank):
-                raise UserError(
-                    f"the memory bank is too small to set a threshold: all its patches ({len(self.memory_bank)}) "
-                    "come from the same photos, so none is left to score those photos against; raise "
-                    "coreset_sampling_ratio or fit on more photos"
-                )
+            others = [bank for other, bank in enumerate(fold_banks) if other != fold]
+            scorer.memory_bank = np.concatenate([shared, *others])
             members = np.flatnonzero((folds == fold) & scored)
             for group in np.array_split(members, max(1, math.ceil(len(members) / CALIBRATION_BATCH))):
                 maps = scorer._anomaly_maps([patches_of[photo] for photo in group])

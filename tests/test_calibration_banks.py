@@ -1,7 +1,6 @@
-"""Calibration properties that hold whatever the threshold rule: scoring banks that are the final
-bank less the held-out photos' patches, calibration scores on the scale of a prediction, the spread
-floor measured between different bank patches, and re-calibration that reads only healthy training
-photos and honours ``--output``."""
+"""Calibration properties that hold whatever the threshold rule: scoring banks as dense as the final
+bank, calibration scores on the scale of a prediction, the spread floor measured between different
+bank patches, and re-calibration that reads only healthy training photos and honours ``--output``."""
 
 from __future__ import annotations
 
@@ -17,30 +16,22 @@ from evaluation.mvtec import train_images
 from preprocessing.io import read_image
 
 
-def test_each_photo_is_scored_by_the_final_bank_less_its_own_folds_patches(small_screw_dir, monkeypatch):
-    """10 photos in 5 folds: a photo's calibration score comes from the bank a new photo meets, with
-    only its own fold's patches taken out. Its own patches left in would score it near 0; a bank
-    built from the other folds alone covers worse and scores healthy photos higher than the line will."""
+def test_each_photo_is_scored_by_a_bank_as_dense_as_the_final_bank(small_screw_dir, monkeypatch):
+    """10 photos in 5 folds: each photo is scored by the other 4 folds' coresets together. Each fold
+    keeps a 5/4 larger share, so their union holds as many patches as the final bank; a bank 4/5 as
+    dense would score healthy photos higher than production ever will, and inflate the threshold."""
     photos = [read_image(path) for path in train_images(small_screw_dir)[:10]]
-    scorings: list[tuple[np.ndarray, list[np.ndarray]]] = []  # (scoring bank, the scored photos' patches)
+    scoring_banks: list[int] = []
     anomaly_maps = PatchCore._anomaly_maps
     monkeypatch.setattr(
         PatchCore, "_anomaly_maps",
-        lambda self, batch: scorings.append((self.memory_bank, [patches for patches, _, _ in batch]))
-        or anomaly_maps(self, batch),
+        lambda self, batch: scoring_banks.append(len(self.memory_bank)) or anomaly_maps(self, batch),
     )
-    model = PatchCore(small_config(preprocess="off", calibration_folds=5))
+    model = PatchCore(small_config(preprocess="off", calibration_folds=5))  # every photo gives as many patches
     model.fit(photos, progress=False)
-    final = {row.tobytes() for row in model.memory_bank}
-    taken_out = []
-    for bank, scored_photos in scorings:
-        rows = {row.tobytes() for row in bank}
-        assert rows <= final  # nothing but final-bank patches
-        assert not rows & {row.tobytes() for patches in scored_photos for row in patches}  # none of its own
-        taken_out.append(final - rows)
-    assert len(scorings) == 5 and model.calibration["count"] == 10
-    assert all(taken_out) and set().union(*taken_out) == final  # every bank patch is out of exactly one scoring bank
-    assert sum(map(len, taken_out)) == len(final)
+    final = len(model.memory_bank)
+    assert len(scoring_banks) == 5 and model.calibration["count"] == 10
+    assert all(abs(size - final) <= 0.03 * final for size in scoring_banks), (scoring_banks, final)
 
 
 def test_calibration_scores_are_map_maxima_like_a_prediction(fitted_model, small_screw_dir):

@@ -39,10 +39,10 @@ def test_photos_scored_together_get_the_verdicts_they_get_alone(fitted_model, sm
 
 
 def test_calibration_scores_every_training_photo(fitted_model):
-    # 12 training photos, fewer than the 20 folds: each photo is its own fold, and every photo builds the bank and is scored.
+    # 12 training photos, 5 folds: every photo builds the bank and every photo is scored.
     assert fitted_model.n_train == 12
     assert fitted_model.calibration_scores.shape == (12,)
-    assert fitted_model.calibration["count"] == 12 and "12-fold" in fitted_model.calibration["method"]
+    assert fitted_model.calibration["count"] == 12 and "5-fold" in fitted_model.calibration["method"]
 
 
 def test_threshold_is_the_false_alarm_rate_quantile_of_a_gumbel_law_through_two_quantiles(fitted_model):
@@ -115,6 +115,20 @@ def test_past_the_calibration_sample_photos_share_the_bank_and_scored_photos_sti
     assert model.calibration_scores[list(sampled).index(odd)] > 1.4 * np.median(others)
 
 
+def test_every_photo_is_scored_against_as_many_bank_patches_as_the_final_bank_holds(small_screw_dir, monkeypatch):
+    """Each fold's coreset keeps n/(n-1) of the ratio, so the other folds together hold as many
+    patches as the final bank: a healthy photo's calibration score is not inflated by a sparser bank."""
+    bank_sizes = []
+    anomaly_maps = PatchCore._anomaly_maps
+    monkeypatch.setattr(
+        PatchCore, "_anomaly_maps", lambda self, batch: bank_sizes.append(len(self.memory_bank)) or anomaly_maps(self, batch)
+    )
+    model = PatchCore(small_config(preprocess="off", calibration_folds=3))
+    model.fit(train_images(small_screw_dir), progress=False)
+    final = len(model.memory_bank)
+    assert len(bank_sizes) == 3 and all(0.9 * final <= size <= 1.1 * final for size in bank_sizes), (bank_sizes, final)
+
+
 def test_the_patches_kept_are_those_touching_the_part_and_one_patch_of_margin():
     """A patch that sees any of the part is kept, and so is the ring around them (its features still
     see the part's edge); farther patches are table alone."""
@@ -184,14 +198,6 @@ def test_a_failure_while_building_the_bank_stops_the_fit_with_that_error(small_s
 def test_fewer_than_two_photos_are_refused(small_screw_dir):
     with pytest.raises(UserError, match="at least 2 healthy photos"):
         PatchCore(small_config()).fit(train_images(small_screw_dir)[:1], progress=False)
-
-
-def test_a_bank_too_small_to_score_every_photo_by_the_others_is_one_clear_error(small_screw_dir):
-    """Two photos and a bank of one patch: the photo that gave it has no other patch to be scored
-    against, so no honest threshold exists; the error says which setting to change."""
-    config = small_config(preprocess="off", coreset_sampling_ratio=0.0001)
-    with pytest.raises(UserError, match="too small to set a threshold.*raise coreset_sampling_ratio"):
-        PatchCore(config).fit(train_images(small_screw_dir)[:2], progress=False)
 
 
 @pytest.mark.parametrize("sigma, expected", [(-2.0, 0.0), (0.0, 0.0), (1.0, 0.6827), (2.0, 0.9545), (3.0, 0.9973)])
