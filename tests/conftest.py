@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -97,6 +100,20 @@ sys.argv = sys.argv[1:]
 sys.path.insert(0, sys.argv[0].rsplit("/", 1)[0])  # as running the script itself would
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
+
+
+def save_as_older_file(model: Any, path: Path) -> None:
+    """``model`` saved as a file from before models kept their coreset projection (its export beside it)."""
+    model.save(path)
+    state = pickle.loads(path.read_bytes())
+    del state["coreset_projection"]
+    path.write_bytes(pickle.dumps(state))
+
+
+def pretend_torch_is_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In this process, torch looks as it does on the line PC (requirements-runtime.txt): not installed."""
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name == "torch" else find_spec(name, *rest))
 
 
 @contextmanager

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import pickle
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 
 from config import Config, UserError
-from conftest import small_config
+from conftest import pretend_torch_is_not_installed, save_as_older_file, small_config
 from models.coreset import StreamingCoreset
 from models.model_file import ModelFileError
 from models.patchcore import PatchCore
@@ -91,18 +90,9 @@ def test_an_update_is_reproducible_with_a_seed(half_model, small_screw_dir, tmp_
     assert first.threshold == second.threshold
 
 
-def older_file(model: PatchCore, tmp_path) -> Path:
-    """The model as written before model files kept their coreset projection."""
-    model.save(tmp_path / "half.pkl")
-    state = pickle.loads((tmp_path / "half.pkl").read_bytes())
-    del state["coreset_projection"]
-    (tmp_path / "older.pkl").write_bytes(pickle.dumps(state))
-    (tmp_path / "half.onnx").rename(tmp_path / "older.onnx")  # as scripts/export_onnx.py wrote them
-    return tmp_path / "older.pkl"
-
-
 def test_an_update_of_an_older_file_draws_the_fits_projection_once_and_keeps_it(half_model, small_screw_dir, tmp_path):
-    older = PatchCore.load(older_file(half_model, tmp_path))
+    save_as_older_file(half_model, tmp_path / "older.pkl")
+    older = PatchCore.load(tmp_path / "older.pkl")
     assert older.coreset_projection is None and older.why_learning_needs_torch() is not None
     new = train_images(small_screw_dir)[6:]
     older.add_good(new, progress=False)
@@ -115,9 +105,9 @@ def test_an_update_of_an_older_file_draws_the_fits_projection_once_and_keeps_it(
 
 
 def test_without_torch_an_older_file_says_why_it_cannot_learn(half_model, small_screw_dir, tmp_path, monkeypatch):
-    older = PatchCore.load(older_file(half_model, tmp_path))
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name == "torch" else find_spec(name, *rest))
+    save_as_older_file(half_model, tmp_path / "older.pkl")
+    older = PatchCore.load(tmp_path / "older.pkl")
+    pretend_torch_is_not_installed(monkeypatch)
     with pytest.raises(UserError, match="needs torch .*predates the coreset projection"):
         older.add_good(train_images(small_screw_dir)[6:7], progress=False)
 
@@ -128,8 +118,7 @@ def test_a_model_whose_features_need_no_projection_learns_without_torch(small_sc
     model.fit(train_images(small_screw_dir)[:6], progress=False)
     loaded = fresh(model, tmp_path)
     assert loaded.coreset_projection is None and loaded.why_learning_needs_torch() is None
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name == "torch" else find_spec(name, *rest))
+    pretend_torch_is_not_installed(monkeypatch)
     assert loaded.add_good(train_images(small_screw_dir)[6:7], progress=False)["photos"] == 1
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import pickle
 import subprocess
 import sys
 import threading
@@ -15,7 +14,14 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import ROOT, WITHOUT_FITTING_PACKAGES, running_service, wait_for_lines
+from conftest import (
+    ROOT,
+    WITHOUT_FITTING_PACKAGES,
+    pretend_torch_is_not_installed,
+    running_service,
+    save_as_older_file,
+    wait_for_lines,
+)
 from evaluation.mvtec import train_images
 from inspection.scoring import Photo, score_batch
 from models.patchcore import PatchCore
@@ -338,14 +344,6 @@ def test_feedback_updates_at_once_when_the_batch_is_full_learns_forced_photos_an
     assert (tmp_path / "served.before-update-1.pkl").read_bytes() == original
 
 
-def save_as_older_file(model: PatchCore, path: Path) -> None:
-    """``model`` saved as a file from before models kept their coreset projection (its export beside it)."""
-    model.save(path)
-    state = pickle.loads(path.read_bytes())
-    del state["coreset_projection"]
-    path.write_bytes(pickle.dumps(state))
-
-
 def watcher_start_lines(model_file: Path, tmp_path: Path, line_pc: bool = True) -> list[str]:
     """What ``inference.py --watch --sort-into`` prints before it watches; ``line_pc``: run as on the
     line PC, without torch."""
@@ -388,7 +386,6 @@ def test_on_the_line_pc_an_older_model_file_is_served_but_refused_for_learning_a
 ):
     """A file from before models kept their coreset projection needs torch for its first update: the
     service says so when it starts with --learn, not at the first confirmation; scoring needs no torch."""
-    import importlib.util
     import tempfile
 
     from fastapi.testclient import TestClient
@@ -398,8 +395,7 @@ def test_on_the_line_pc_an_older_model_file_is_served_but_refused_for_learning_a
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     save_as_older_file(fitted_model, tmp_path / "served.pkl")
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name == "torch" else find_spec(name, *rest))
+    pretend_torch_is_not_installed(monkeypatch)
     with pytest.raises(UserError, match="--learn needs torch .*predates the coreset projection"):
         create_app(ServiceSettings(model=str(tmp_path / "served.pkl"), learn=True))
     with TestClient(create_app(ServiceSettings(model=str(tmp_path / "served.pkl")))) as client:
