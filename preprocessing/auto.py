@@ -30,7 +30,11 @@ MIN_HULL_SOLIDITY = 0.9  # a part this convex gets its convex hull as mask (shin
 ROTATION_MARGIN = 1.1  # every photo's elongation must clear the cut-off by this factor to align
 MIN_ANGLE_SPREAD = 5.0  # degrees; parts laid in a fixture need no rotation
 MAX_CAST_SPREAD = 0.03  # spread of the colour cast across photos above which white balance runs
-MIN_GLARE = 0.001  # share of the part's pixels saturated, above which glare is inpainted
+# Share of the part's pixels saturated (median photo) from which glare is inpainted. Below it the
+# saturated pixels are the brightest corner of a bright face, crossing the threshold in some photos
+# and not in others: filling them turns a brightness that varies into a shape that varies, and
+# healthy photos score higher (docs/preprocessing.md, "Glare inpainting").
+MIN_GLARE = 0.02
 
 
 @dataclass(frozen=True)
