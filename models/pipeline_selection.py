@@ -1,11 +1,12 @@
 """``preprocess: auto``: choose the preprocessing of a data set by evidence from its training photos.
 
 First the measurements of preprocessing.auto decide each step for the whole set. Where that leaves
-a real choice (run the decided pipeline, or feed the photos to the network unprocessed), both
-candidates are fitted on part of the training photos and ranked by how well they separate the
-remaining healthy photos from copies of those photos with synthetic defects painted on the part
-(rust, corrosion, scratches, dents, missing material). Only training photos are ever read: the
-test split of a data set plays no part in any decision.
+a real choice (run the decided pipeline, or feed the photos to the network unprocessed; and, where a
+little of the part is saturated, inpaint that glare or not), the candidates are fitted on part of
+the training photos and ranked by how well they separate the remaining healthy photos from copies
+of those photos with synthetic defects painted on the part (rust, corrosion, scratches, dents,
+missing material). Only training photos are ever read: the test split of a data set plays no part
+in any decision.
 """
 
 from __future__ import annotations
@@ -28,10 +29,14 @@ from preprocessing.segmentation import segment_object
 from synthetic.defects import DEFECT_KINDS, paint_defect
 
 MIN_PHOTOS_TO_RANK = 6  # fewer cannot be split into a bank and a meaningful evaluation
-MAX_BANK_PHOTOS = 30  # per candidate: keeps the whole choice within about two extra fits
+MAX_BANK_PHOTOS = 30  # per candidate: keeps the whole choice within two or three extra fits
 MAX_EVAL_PHOTOS = 15  # healthy photos scored per candidate; each also gets a defective copy
 PIXEL_EVAL_SIDE = 128  # maps and masks are compared at this long side
-CANDIDATE_WORDS = {"decided": "the measured steps", "off": "no preprocessing"}
+CANDIDATE_WORDS = {
+    "decided": "the measured steps",
+    "inpainted": "the measured steps with glare inpainting",
+    "off": "no preprocessing",
+}
 
 
 class Candidate(Protocol):
@@ -61,7 +66,7 @@ def choose_preprocessing(
     photos = {i: _as_array(images[i], config.max_image_pixels) for i in chosen}
 
     decision = decide(list(photos.values()), config)
-    decided = config.replace(**decision.changes)
+    decided = config.replace(**decision.changes)  # glare left to the trial is not inpainted unless it wins
     record: dict[str, Any] = {"mode": "auto", "reasons": list(decision.reasons), "numbers": decision.numbers}
     if len(images) < MIN_PHOTOS_TO_RANK:
         record["reasons"].append(f"pipeline: the measured steps ({len(images)} photos are too few to compare pipelines)")
@@ -71,6 +76,8 @@ def choose_preprocessing(
     healthy = [photos[i] for i in order[n_bank : n_bank + n_eval]]
     defective, masks = paint_defects(healthy, decided.segmentation_method, rng)
     candidates = {"decided": decided, "off": config.replace(preprocess="off")}
+    if decision.try_inpainting:
+        candidates["inpainted"] = decided.replace(inpaint_specular=True)
     results = {
         name: _separation(new_model(candidate), bank, healthy, defective, masks)
         for name, candidate in tqdm(candidates.items(), desc="auto: comparing pipelines", disable=not progress, leave=False)

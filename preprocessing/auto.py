@@ -30,11 +30,14 @@ MIN_HULL_SOLIDITY = 0.9  # a part this convex gets its convex hull as mask (shin
 ROTATION_MARGIN = 1.1  # every photo's elongation must clear the cut-off by this factor to align
 MIN_ANGLE_SPREAD = 5.0  # degrees; parts laid in a fixture need no rotation
 MAX_CAST_SPREAD = 0.03  # spread of the colour cast across photos above which white balance runs
-# Share of the part's pixels saturated (median photo) from which glare is inpainted. Below it the
-# saturated pixels are the brightest corner of a bright face, crossing the threshold in some photos
-# and not in others: filling them turns a brightness that varies into a shape that varies, and
-# healthy photos score higher (docs/preprocessing.md, "Glare inpainting").
-MIN_GLARE = 0.02
+# Share of the part's pixels saturated (median photo): from MIN_GLARE the glare is worth a look, from
+# SURE_GLARE it is inpainted. In between, the saturated pixels may be glare that moves with the pose
+# (filling it helps) or the brightest corner of a bright face that crosses the threshold in some
+# photos and not in others (filling it turns a brightness that varies into a shape that varies, and
+# healthy photos score higher): the pipeline trial decides, without inpainting where it cannot run
+# (docs/preprocessing.md, "Glare inpainting").
+MIN_GLARE = 0.001
+SURE_GLARE = 0.02
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,7 @@ class Decision:
     changes: dict[str, object]
     reasons: list[str]
     numbers: dict[str, float]
+    try_inpainting: bool = False  # glare between MIN_GLARE and SURE_GLARE: the pipeline trial decides
 
 
 def mask_reliability(found_rate: float, border_rate: float, area_variation: float, area_median: float) -> bool:
@@ -188,10 +192,12 @@ def decide_steps(measures: Sequence[PhotoMeasure], config: Config, method: str =
     )
     glare = float(np.median([m.glare for m in found])) if found else 0.0
     numbers["glare_median"] = glare
-    inpaint = bool(mask_reliable and glare >= MIN_GLARE)
+    inpaint = bool(mask_reliable and glare >= SURE_GLARE)
+    try_inpainting = bool(mask_reliable and MIN_GLARE <= glare < SURE_GLARE)
     changes["inpaint_specular"] = inpaint
+    state = "on, on the part only" if inpaint else "left to the trial" if try_inpainting else "off"
     reasons.append(
-        f"glare inpainting {'on, on the part only' if inpaint else 'off'} "
+        f"glare inpainting {state} "
         f"({glare:.2%} of the part saturated{'' if mask_reliable else ', no reliable part mask'})"
     )
-    return Decision(changes, reasons, numbers)
+    return Decision(changes, reasons, numbers, try_inpainting)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
+import cv2
 import numpy as np
 import pytest
 
@@ -63,11 +65,12 @@ def test_auto_resolves_into_switches_recorded_in_the_model_file(auto_fit, tmp_pa
 
 class NearestPhotoModel:
     """A stand-in candidate that needs no backbone: a photo's map is its pixel difference from the
-    nearest bank photo. The 'off' candidate reads it as is; the other one reads it upside down, so it
-    ranks every painted defect below its healthy photo. It records what it was fitted on and scored."""
+    nearest bank photo. The candidate ``right_way_up`` picks (by default 'off') reads it as is; the
+    others read it upside down, so they rank every painted defect below its healthy photo. It
+    records what it was fitted on and scored."""
 
-    def __init__(self, config: Config) -> None:
-        self.sign = 1.0 if config.preprocess == "off" else -1.0
+    def __init__(self, config: Config, right_way_up: Callable[[Config], bool] = lambda config: config.preprocess == "off") -> None:
+        self.sign = 1.0 if right_way_up(config) else -1.0
         self.bank: list[np.ndarray] = []
         self.scored: list[np.ndarray] = []
 
@@ -98,3 +101,33 @@ def test_the_candidate_that_separates_the_painted_defects_wins_and_is_never_scor
     for model in built:
         healthy = model.scored[: len(model.scored) // 2]
         assert healthy and not any(np.array_equal(photo, kept) for photo in healthy for kept in model.bank)
+
+
+def glinting_bars(count: int = 16) -> list[np.ndarray]:
+    """Bright bars at varied angles, each with a highlight on about 1.5 % of it: glare the trial decides on."""
+    photos = []
+    for index in range(count):
+        photo = np.full((200, 200, 3), 40, np.uint8)
+        cv2.fillPoly(photo, [cv2.boxPoints(((100, 100), (80, 40), 20.0 * index)).astype(np.int32)], (170, 170, 170))
+        cv2.circle(photo, (100, 100), 3, (255, 255, 255), -1)
+        photos.append(photo)
+    return photos
+
+
+@pytest.mark.parametrize("inpainting_wins", [True, False])
+def test_glare_left_to_the_trial_is_inpainted_exactly_when_inpainting_separates_better(inpainting_wins):
+    built: list[NearestPhotoModel] = []
+
+    def right_way_up(config: Config) -> bool:
+        return config.preprocess == "on" and config.inpaint_specular is inpainting_wins
+
+    def new_model(config: Config) -> NearestPhotoModel:
+        built.append(NearestPhotoModel(config, right_way_up))
+        return built[-1]
+
+    chosen, record = choose_preprocessing(glinting_bars(), small_config(preprocess="auto", image_size=64), new_model)
+    assert any(reason.startswith("glare inpainting left to the trial") for reason in record["reasons"])
+    assert set(record["candidates"]) == {"decided", "inpainted", "off"} and len(built) == 3
+    assert record["chosen"] == ("inpainted" if inpainting_wins else "decided")
+    assert chosen.preprocess == "on" and chosen.inpaint_specular is inpainting_wins
+    assert record["switches"]["inpaint_specular"] is inpainting_wins
