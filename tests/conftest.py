@@ -16,7 +16,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import cv2
 import httpx
+import numpy as np
 import pytest
 
 from config import Config
@@ -100,6 +102,16 @@ sys.argv = sys.argv[1:]
 sys.path.insert(0, sys.argv[0].rsplit("/", 1)[0])  # as running the script itself would
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
+
+
+def part_photo(elongation: float = 2.0, degrees: float = 0.0, short: float = 40, size: int = 200,
+               centre: tuple[float, float] = (100, 100), colour: tuple[int, int, int] = (170, 170, 170),
+               table: tuple[int, int, int] = (40, 40, 40)) -> np.ndarray:
+    """A flat rectangular part of a given axis ratio, angle and size on a plain table."""
+    image = np.full((size, size, 3), table, np.uint8)
+    box = cv2.boxPoints((centre, (short * elongation, short), degrees)).astype(np.int32)
+    cv2.fillPoly(image, [box], colour)
+    return image
 
 
 def save_as_older_file(model: Any, path: Path) -> None:

@@ -7,23 +7,13 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import small_config
+from conftest import part_photo, small_config
 from config import Config
 from models.patchcore import PatchCore
 from models.pipeline_selection import choose_preprocessing
 from preprocessing.auto import PhotoMeasure, decide_steps, measure_photos
 
 CONFIG = Config(image_size=64, preprocess="on")
-
-
-def part_photo(elongation: float = 2.0, degrees: float = 0.0, short: float = 40, size: int = 200,
-               centre: tuple[float, float] = (100, 100), colour: tuple[int, int, int] = (170, 170, 170),
-               table: tuple[int, int, int] = (40, 40, 40)) -> np.ndarray:
-    """A flat rectangular part of a given axis ratio, angle and size on a plain table."""
-    image = np.full((size, size, 3), table, np.uint8)
-    box = cv2.boxPoints((centre, (short * elongation, short), degrees)).astype(np.int32)
-    cv2.fillPoly(image, [box], colour)
-    return image
 
 
 def same_area(elongation: float) -> float:

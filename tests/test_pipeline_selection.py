@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from config import Config
-from conftest import small_config
+from conftest import part_photo, small_config
 from models.patchcore import PatchCore
 from models.pipeline_selection import choose_preprocessing
 from preprocessing import io as photo_io
@@ -105,12 +105,9 @@ def test_the_candidate_that_separates_the_painted_defects_wins_and_is_never_scor
 
 def glinting_bars(count: int = 16) -> list[np.ndarray]:
     """Bright bars at varied angles, each with a highlight on about 1.5 % of it: glare the trial decides on."""
-    photos = []
-    for index in range(count):
-        photo = np.full((200, 200, 3), 40, np.uint8)
-        cv2.fillPoly(photo, [cv2.boxPoints(((100, 100), (80, 40), 20.0 * index)).astype(np.int32)], (170, 170, 170))
+    photos = [part_photo(2.0, 20.0 * index) for index in range(count)]
+    for photo in photos:
         cv2.circle(photo, (100, 100), 3, (255, 255, 255), -1)
-        photos.append(photo)
     return photos
 
 

@@ -68,9 +68,7 @@ def test_every_flagged_screw_photo_shows_where(fitted_model, screw_dir):
     """Acceptance (issue 10, item 2), on the FULL screw test set: every photo called ANOMALOUS has a
     highlighted region on its overlay (full size) and on its report thumbnail, and no OK photo has one.
     The small model's threshold is set low, as ``--threshold`` does for one run, so that both kinds occur."""
-    import copy
-
-    model = copy.copy(fitted_model)
+    model = fitted_model.copy()  # the session's model keeps its own threshold
     model.threshold = float(np.quantile(fitted_model.calibration_scores, 0.9))
     photos = folder_photos(screw_dir / "test", find_images(screw_dir / "test"))
     flagged = 0
