@@ -9,21 +9,12 @@ import numpy as np
 import pytest
 
 from config import Config
+from conftest import part_photo
 from preprocessing.auto import MAX_MEASURED_PHOTOS, angle_spread, decide, decide_steps, measure_photos
 from preprocessing.pipeline import preprocess
 from preprocessing.registration import principal_axis
 
 CONFIG = Config(image_size=64, preprocess="on")
-
-
-def plate_photo(elongation: float, degrees: float, size: int = 200, table: int = 40, part: int = 170,
-                centre: tuple[int, int] = (100, 100)) -> np.ndarray:
-    """A flat rectangular part of a given axis ratio and angle on a plain table."""
-    image = np.full((size, size, 3), table, np.uint8)
-    short = 40
-    box = cv2.boxPoints((centre, (short * elongation, short), degrees)).astype(np.int32)
-    cv2.fillPoly(image, [box], (part, part, part))
-    return image
 
 
 def rotation_of(transform: np.ndarray) -> float:
@@ -32,31 +23,31 @@ def rotation_of(transform: np.ndarray) -> float:
 
 
 def test_elongation_spanning_the_cutoff_turns_rotation_off_for_every_photo() -> None:
-    photos = [plate_photo(e, a) for e, a in zip(np.linspace(1.15, 1.55, 12), np.linspace(0, 80, 12))]
+    photos = [part_photo(e, a) for e, a in zip(np.linspace(1.15, 1.55, 12), np.linspace(0, 80, 12))]
     decision = decide_steps(measure_photos(photos, CONFIG), CONFIG)
     assert decision.changes["align_rotation"] is False
     assert any("rotation off" in reason and "cut-off" in reason for reason in decision.reasons)
     decided = CONFIG.replace(**decision.changes)
     # A photo whose plate clears the per-photo cut-off of `preprocess: on` is still not turned: the set's decision holds.
-    elongated = plate_photo(1.7, 35)
+    elongated = part_photo(1.7, 35)
     assert principal_axis(cv2.cvtColor(elongated, cv2.COLOR_RGB2GRAY) > 100).elongation > CONFIG.min_elongation
     assert rotation_of(preprocess(elongated, decided).transform) == pytest.approx(0, abs=1e-6)
     assert abs(rotation_of(preprocess(elongated, CONFIG).transform)) > 10  # 'on' would have turned it
 
 
 def test_elongated_parts_at_any_angle_turn_rotation_on_for_every_photo() -> None:
-    photos = [plate_photo(3.0, a) for a in np.linspace(0, 170, 12)]
+    photos = [part_photo(3.0, a) for a in np.linspace(0, 170, 12)]
     decision = decide_steps(measure_photos(photos, CONFIG), CONFIG)
     assert decision.changes["align_rotation"] is True and decision.changes["min_elongation"] == 0
     decided = CONFIG.replace(**decision.changes)
     # A stubby photo, below that cut-off, is turned like every other photo of the set.
-    stubby = plate_photo(1.3, 40)
+    stubby = part_photo(1.3, 40)
     assert abs(rotation_of(preprocess(stubby, decided).transform)) > 10
     assert rotation_of(preprocess(stubby, CONFIG).transform) == pytest.approx(0, abs=1e-6)
 
 
 def test_parts_in_a_fixture_are_not_rotated() -> None:
-    photos = [plate_photo(3.0, a) for a in np.linspace(-2, 2, 8)]
+    photos = [part_photo(3.0, a) for a in np.linspace(-2, 2, 8)]
     decision = decide_steps(measure_photos(photos, CONFIG), CONFIG)
     assert decision.changes["align_rotation"] is False
     assert any("orientation spread" in reason for reason in decision.reasons)
@@ -64,7 +55,7 @@ def test_parts_in_a_fixture_are_not_rotated() -> None:
 
 def test_stubby_parts_in_a_fixture_are_not_rotated_for_their_elongation_first():
     """Both rules fail; the reason names the cut-off, the rule a user would tune (min_elongation)."""
-    photos = [plate_photo(1.2, a) for a in np.linspace(-2, 2, 8)]
+    photos = [part_photo(1.2, a) for a in np.linspace(-2, 2, 8)]
     decision = decide_steps(measure_photos(photos, CONFIG), CONFIG)
     assert decision.changes["align_rotation"] is False
     (rotation,) = [reason for reason in decision.reasons if reason.startswith("rotation")]
@@ -72,7 +63,7 @@ def test_stubby_parts_in_a_fixture_are_not_rotated_for_their_elongation_first():
 
 
 def test_parts_on_the_border_turn_the_mask_off() -> None:
-    photos = [plate_photo(1.5, 10 * i, centre=(12 if i % 2 else 100, 100)) for i in range(10)]
+    photos = [part_photo(1.5, 10 * i, centre=(12 if i % 2 else 100, 100)) for i in range(10)]
     decision = decide_steps(measure_photos(photos, CONFIG), CONFIG)
     switches = ("segment", "crop", "align_rotation", "normalize_scale", "zero_background")
     assert {name: decision.changes[name] for name in switches} == dict.fromkeys(switches, False)  # what runs is what is recorded
@@ -80,7 +71,7 @@ def test_parts_on_the_border_turn_the_mask_off() -> None:
 
 
 def test_convex_parts_get_the_hull_mask_and_an_l_shape_its_outline() -> None:
-    plates = [plate_photo(1.5, 10 * i) for i in range(8)]
+    plates = [part_photo(1.5, 10 * i) for i in range(8)]
     assert decide_steps(measure_photos(plates, CONFIG), CONFIG).changes["mask_fill"] == "hull"
     brackets = []
     for i in range(8):
@@ -92,7 +83,7 @@ def test_convex_parts_get_the_hull_mask_and_an_l_shape_its_outline() -> None:
 
 
 def test_white_balance_only_where_the_cast_changes_between_photos() -> None:
-    grey = [plate_photo(2.0, 20 * i) for i in range(8)]
+    grey = [part_photo(2.0, 20 * i) for i in range(8)]
     neutral = decide_steps(measure_photos(grey, CONFIG), CONFIG)
     assert neutral.changes["white_balance"] is False and neutral.numbers["cast_median"] == pytest.approx(0)
     assert any(reason.startswith("white balance off (colour cast 0.00, steady") for reason in neutral.reasons)
@@ -111,7 +102,7 @@ def test_white_balance_is_decided_from_every_photo_also_where_no_part_is_found()
 
 
 def test_glare_on_the_part_turns_inpainting_on() -> None:
-    plain = [plate_photo(2.0, 20 * i) for i in range(8)]
+    plain = [part_photo(2.0, 20 * i) for i in range(8)]
     assert decide_steps(measure_photos(plain, CONFIG), CONFIG).changes["inpaint_specular"] is False
     shiny = [photo.copy() for photo in plain]
     for photo in shiny:
@@ -166,7 +157,7 @@ def test_grabcut_takes_over_where_otsu_splits_a_shaded_part_on_a_light_table() -
 
 
 def test_otsu_is_kept_where_its_mask_is_reliable():
-    photos = [plate_photo(2.0, 20 * i) for i in range(6)]
+    photos = [part_photo(2.0, 20 * i) for i in range(6)]
     decision = decide(photos, CONFIG)
     assert decision.changes["zero_background"] is True and decision.changes["segmentation_method"] == "otsu"
     assert not any("GrabCut" in reason for reason in decision.reasons)
@@ -174,7 +165,7 @@ def test_otsu_is_kept_where_its_mask_is_reliable():
 
 def test_where_grabcut_is_no_better_the_decision_and_its_figures_are_otsus():
     """Parts on the frame defeat both masks: the mask is off and the reasons quote Otsu's measurements."""
-    photos = [plate_photo(1.5, 10 * i, centre=(12 if i % 2 else 100, 100)) for i in range(6)]
+    photos = [part_photo(1.5, 10 * i, centre=(12 if i % 2 else 100, 100)) for i in range(6)]
     decision = decide(photos, CONFIG)
     otsu = decide_steps(measure_photos(photos, CONFIG), CONFIG)
     assert decision.changes["zero_background"] is False
