@@ -24,6 +24,7 @@ import yaml
 
 BACKBONES = ("wide_resnet50_2", "efficientnet_lite0")
 PREPROCESS_MODES = ("auto", "on", "off")
+DEVICES = ("auto", "cpu", "cuda")
 FLAG_ALIASES = {"weights_path": ["--weights"]}  # short spellings the README uses
 
 
@@ -248,7 +249,7 @@ class Config:
         8, "photos decoded, preprocessed and searched together (the CPU runs the network 2 at a time)",
         minimum=1, maximum=1024
     )
-    device: str = setting("auto", "where the backbone runs", choices=("auto", "cpu", "cuda"))
+    device: str = setting("auto", "where the backbone runs", choices=DEVICES)
     num_workers: int = setting(2, "threads that decode and preprocess photos", minimum=1, maximum=64)
     seed: int = setting(
         0, "seed of the calibration folds, coreset and projections (recorded in the model file)",
