@@ -135,3 +135,34 @@ def test_the_promise_reads_in_the_lines_words():
     assert promise(calibration) == ("expect 10 false alarms per 1,000 healthy parts (95 % interval 3.2 to 21.0, "
                                     "from 120 healthy photos; 5-fold cross-fitting)")
     assert promise({"method": "held-out photos"}) == "calibrated by held-out photos"
+
+
+def test_a_photo_is_listed_exactly_when_a_healthy_set_of_its_size_shows_so_high_a_score_once_in_1000_sets():
+    truth = TailFit(location=15.0, scale=0.8)  # healthy_scores' law
+    scores = healthy_scores(200, seed=8)
+    assert unlike_the_rest(scores, truth).size == 0
+    for share, listed in [(0.97, True), (1.03, False)]:  # just rarer, just commoner than 1 set in 1000
+        scores[0] = truth.threshold(share * 0.001 / scores.size)
+        assert unlike_the_rest(scores, truth).tolist() == ([0] if listed else []), share
+
+
+def test_too_few_photos_name_the_rate_and_the_whole_number_of_photos_it_needs():
+    warning = too_few_photos(33, 0.03)  # 1 / 0.03 = 33.3 photos: 33 cannot see it once
+    assert warning is not None and "fewer than the 34 a false-alarm rate of 0.03 needs" in warning
+    assert too_few_photos(34, 0.03) is None
+
+
+def test_the_interval_resamples_the_rule_as_it_is_applied_scale_floor_included():
+    scores, floor = np.full(40, 7.0), 0.1  # identical healthy scores: the floor sets the spread
+    reference = fit_tail(scores, floor)
+    rng = np.random.default_rng(0)
+    redrawn = [rng.gumbel(reference.location, reference.scale, 40) for _ in range(2000)]
+    rates = [reference.exceedance(promised_threshold(fit_tail(sample, floor), 40, 0.01)) for sample in redrawn]
+    low, high = rate_interval(scores, 0.01, floor)
+    assert low == pytest.approx(np.quantile(rates, 0.025), rel=0.2)
+    assert high == pytest.approx(np.quantile(rates, 0.975), rel=0.2)
+
+
+def test_two_photos_already_give_an_interval_narrower_than_everything():
+    low, high = rate_interval(np.array([14.0, 16.0]), 0.01)
+    assert 0.0 < low < 0.01 < high < 1.0
