@@ -3,6 +3,8 @@ sets where the better pipeline is known (one where the measured steps win, one w
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import cv2
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ from conftest import part_photo, small_config
 from config import Config
 from models.patchcore import PatchCore
 from models.pipeline_selection import choose_preprocessing
-from preprocessing.auto import PhotoMeasure, decide_steps, measure_photos
+from preprocessing.auto import Decision, PhotoMeasure, decide_steps, measure_photos
 
 CONFIG = Config(image_size=64, preprocess="on")
 
@@ -214,3 +216,70 @@ def test_the_ranking_picks_off_where_the_measured_steps_wreck_the_photos():
     assert record["chosen"] == "off" and config.preprocess == "off"
     assert scores["off"]["image_auroc"] > scores["decided"]["image_auroc"] + 0.1
     assert scores["off"]["rank_score"] > scores["decided"]["rank_score"] + 0.05
+
+
+# ----------------------------------------------------------------------------- cut-offs read off measurements
+def measured(count: int = 10, **fields: float) -> list[PhotoMeasure]:
+    """Measurements of a steady part at varied angles (a reliable mask), with ``fields`` changed."""
+    base = {"found": True, "area": 0.2, "solidity": 1.0, "elongation": 3.0}
+    return [PhotoMeasure(**{**base, "axis_degrees": 18.0 * i, **fields}) for i in range(count)]
+
+
+def alternating(field: str, centre: float, amplitude: float) -> list[PhotoMeasure]:
+    """``measured()`` with ``field`` alternating between ``centre`` plus and minus ``amplitude``."""
+    return [replace(m, **{field: centre + amplitude * (-1) ** i}) for i, m in enumerate(measured())]
+
+
+def glare_reason(decision: Decision) -> str:
+    (reason,) = [reason for reason in decision.reasons if reason.startswith("glare")]
+    return reason
+
+
+@pytest.mark.parametrize("glare, state", [(0.001, "trial"), (0.02, "on")])
+def test_glare_exactly_at_a_cut_off_takes_the_step_above_it(glare, state):
+    decision = decide_steps(measured(glare=glare), CONFIG)
+    assert decision.changes["inpaint_specular"] is (state == "on")
+    assert decision.try_inpainting is (state == "trial")
+    assert f"({glare:.2%} of the part saturated)" in glare_reason(decision)
+
+
+def test_glare_is_decided_by_the_median_photo_not_by_a_few_shiny_ones():
+    measures = measured(8) + measured(2, glare=0.3)  # two photos caught a reflection
+    decision = decide_steps(measures, CONFIG)
+    assert decision.numbers["glare_median"] == 0.0
+    assert decision.changes["inpaint_specular"] is False and decision.try_inpainting is False
+    assert glare_reason(decision).startswith("glare inpainting off (0.00% of the part saturated")
+
+
+def test_the_glare_median_counts_only_the_photos_where_a_part_was_found():
+    measures = measured(10, glare=0.0012) + measured(9, glare=0.0005) + [PhotoMeasure(found=False)]
+    decision = decide_steps(measures, CONFIG)
+    assert decision.numbers["part_found"] == 0.95 and decision.changes["zero_background"] is True
+    assert decision.numbers["glare_median"] == 0.0012 and decision.try_inpainting is True
+
+
+def test_glare_between_the_cut_offs_is_not_tried_without_a_reliable_part_mask():
+    measures = [replace(m, border=i % 2 == 0) for i, m in enumerate(measured(glare=0.01))]
+    decision = decide_steps(measures, CONFIG)
+    assert decision.changes["zero_background"] is False
+    assert decision.try_inpainting is False and decision.changes["inpaint_specular"] is False
+    assert glare_reason(decision).endswith("no reliable part mask)")
+
+
+@pytest.mark.parametrize("variation, reliable", [(0.24, True), (0.26, False)])
+def test_the_mask_is_trusted_while_its_area_varies_by_at_most_25_percent(variation, reliable):
+    decision = decide_steps(alternating("area", 0.2, 0.2 * variation), CONFIG)
+    assert decision.numbers["area_variation"] == pytest.approx(variation)
+    assert decision.changes["zero_background"] is reliable
+
+
+@pytest.mark.parametrize("solidity, fill", [(0.92, "hull"), (0.88, "contour")])
+def test_the_hull_is_the_mask_from_a_median_solidity_of_0_9(solidity, fill):
+    assert decide_steps(measured(solidity=solidity), CONFIG).changes["mask_fill"] == fill
+
+
+@pytest.mark.parametrize("spread, balance", [(0.025, False), (0.035, True)])
+def test_white_balance_runs_where_the_colour_cast_spreads_over_3_percent(spread, balance):
+    decision = decide_steps(alternating("cast", 0.2, spread), CONFIG)
+    assert decision.numbers["cast_spread"] == pytest.approx(spread)
+    assert decision.changes["white_balance"] is balance
