@@ -150,6 +150,12 @@ def test_pixel_roc() -> None:
     assert pixel_roc([scores], [np.zeros_like(mask)]) is None
 
 
+def test_pixel_roc_is_none_when_every_pixel_is_defective() -> None:
+    scores, mask = _two_region_case()
+    # No healthy pixel: the ROC curve is undefined, and a NaN would be written to metrics.json.
+    assert pixel_roc([scores], [np.ones_like(mask)]) is None
+
+
 def test_pixel_auroc_equals_scikit_learn_on_the_same_pixels() -> None:
     from sklearn.metrics import roc_auc_score
 
@@ -192,6 +198,27 @@ def test_shrinking_a_map_averages_each_cell_so_a_hot_pixel_is_not_skipped() -> N
     assert small[0, 0] == pytest.approx(1.0) and small.sum() == pytest.approx(1.0)
 
 
+def test_a_region_too_small_for_the_grid_keeps_the_cell_at_its_centre() -> None:
+    # 64x96 to 16x24 (4x4 cells); pixel (10, 90) lies between sampled columns 88 and 92, in cell
+    # (10 * 16 / 64, 90 * 24 / 96) = (2, 22), so only its centre cell can stand for it.
+    mask = np.zeros((64, 96), bool)
+    mask[10, 90] = True
+    _, labels = downsample_for_eval(np.zeros((64, 96), np.float32), mask, eval_size=24)
+    assert np.argwhere(labels).tolist() == [[2, 22]]
+
+
+def test_a_tiny_region_never_takes_a_cell_from_a_region_the_grid_already_sampled() -> None:
+    big = np.zeros((64, 96), bool)
+    big[:41, :40] = True  # its sampled cells include (10, 0), from pixel (40, 0)
+    mask = big.copy()
+    mask[42, 2] = True  # not 8-connected to the big region; its centre cell is (10, 0)
+    anomaly_map = np.zeros((64, 96), np.float32)
+    _, alone = downsample_for_eval(anomaly_map, big, eval_size=24)
+    _, labels = downsample_for_eval(anomaly_map, mask, eval_size=24)
+    assert alone[10, 0] == 1
+    np.testing.assert_array_equal(labels, alone)  # the big region keeps every one of its cells
+
+
 def test_downsample_healthy_and_enlarging() -> None:
     small_map, labels = downsample_for_eval(np.ones((8, 8), np.float32), None, eval_size=16)
     assert small_map.shape == labels.shape == (16, 16)
@@ -209,6 +236,17 @@ def test_rates_at_the_threshold_count_false_alarms_escapes_and_recall_per_kind()
     assert low < 0.25 < high
     assert rates["false_alarm_rate_interval"] == wilson_interval(1, 4)  # 1 of the 4 healthy photos
     assert rates["escape_rate_interval"] == wilson_interval(2, 5)  # 2 of the 5 defective photos
+
+
+def test_a_rate_without_photos_to_count_is_none_not_zero() -> None:
+    # Only healthy photos: nothing could escape, so metrics.json must not claim an escape rate of 0 %.
+    only_good = rates_at_threshold(["good", "good", "good"], [1.0, 6.0, 2.0], threshold=5.0)
+    assert (only_good["false_alarms"], only_good["false_alarm_rate"]) == (1, pytest.approx(1 / 3))
+    assert (only_good["escapes"], only_good["escape_rate"], only_good["escape_rate_interval"]) == (0, None, None)
+    assert only_good["recall_per_defect"] == {}
+    only_defects = rates_at_threshold(["rust", "rust"], [1.0, 6.0], threshold=5.0)
+    assert only_defects["false_alarm_rate"] is None and only_defects["false_alarm_rate_interval"] is None
+    assert only_defects["escape_rate"] == pytest.approx(0.5)
 
 
 def test_each_operating_point_counts_what_its_threshold_flags_and_passes() -> None:
