@@ -119,6 +119,21 @@ def test_a_warning_lasts_while_the_scores_stay_high_ends_when_they_recover_and_i
     assert not monitor.status()["drift"] and monitor.status()["warnings"] == [] and monitor.status()["photos"] == 0
 
 
+def test_status_shows_the_sentence_of_the_warning_in_force_and_a_new_model_keeps_none_of_the_old_scores(
+        small_window_model):
+    """/health lists the warning as the event worded it; after a model change the old model's high scores
+    are gone: one healthy photo is the whole window, and it warns of nothing."""
+    monitor = DriftMonitor(small_window_model)
+    healthy = float(np.median(small_window_model.calibration_scores))
+    high = (monitor.healthy_limit + small_window_model.threshold) / 2
+    (event,) = [event for _ in range(10) for event in monitor.observe(passed(high))]
+    assert monitor.status()["warnings"] == [event["warning"]]
+    monitor.reset(small_window_model)
+    assert monitor.status()["median_passed_score"] is None
+    assert monitor.observe(passed(healthy)) == []
+    assert monitor.status()["median_passed_score"] == pytest.approx(healthy)
+
+
 def test_the_score_warning_follows_the_median_so_a_few_high_passed_photos_raise_none(small_window_model):
     """Three passed photos just under the threshold among seven typical ones leave the median typical;
     a window whose median sits exactly at the healthy limit is still healthy ("above" it warns)."""
