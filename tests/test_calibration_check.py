@@ -63,6 +63,17 @@ def test_with_fit_photos_each_model_is_fitted_on_that_many_photos_and_scores_all
         held_out_folds(photos, [], small_config(), 3, False, fit_photos=11)
 
 
+def test_with_fit_photos_one_model_is_enough_and_none_is_refused(monkeypatch):
+    """--folds 1 --fit-photos N fits a single model on N photos: the smallest question the check can ask."""
+    monkeypatch.setattr(calibration_check, "PatchCore", RecordingModel)
+    RecordingModel.fitted = []
+    photos = [Path(f"{number}.png") for number in range(11)]
+    (fold,) = held_out_folds(photos, [], small_config(), 1, False, fit_photos=4)
+    assert len(RecordingModel.fitted) == 1 and fold.held_out.size == 7 and fold.test_good.size == 0
+    with pytest.raises(ValueError, match="folds must be at least 1, got 0"):
+        held_out_folds(photos, [], small_config(), 0, False, fit_photos=4)
+
+
 @pytest.mark.parametrize("folds", [1, 6])
 def test_fold_counts_that_leave_a_fold_under_two_held_out_photos_are_refused(folds):
     with pytest.raises(ValueError, match="folds must be 2 to 5 for 11 training photos"):
@@ -90,6 +101,25 @@ def test_the_score_gap_compares_held_out_scores_with_each_models_own_calibration
     assert score_gap(folds) == {"median": 0.0, "percentile_90": 0.0}
     assert score_gap(folds[:1]) == pytest.approx({"median": 2.0, "percentile_90": 2.0})
     assert score_gap(folds[1:]) == pytest.approx({"median": -2.0, "percentile_90": -2.0})
+
+
+def test_without_test_good_photos_the_row_has_no_rate_and_no_interval_rather_than_zero():
+    """No test/good folder: 0 of 0 photos is no observation, so the --json file shows null, not a 0 % rate."""
+    model = SimpleNamespace(threshold=5.0, threshold_for={0.01: 3.0}.__getitem__)
+    (row,) = promised_and_observed([HeldOutFold(model, np.array([1.0, 4.0]), np.empty(0))], [0.01])
+    assert row["test_good"] == {"flagged": 0, "photos": 0, "rate": None, "interval": None}
+    assert row["held_out_training"]["rate"] == 0.5
+
+
+def test_the_score_gap_is_the_mean_over_the_models_of_the_median_and_of_the_90th_percentile_gap():
+    """Calibration 0, 1, 2 (median 1, 90th percentile 1.8) for three models. Held out 1, 2, 3 twice: gaps
+    (+1, +1); held out 0, 1, 12 (median 1, 90th percentile 1 + 0.8 * 11 = 9.8): gaps (0, +8).
+    Means over the three models: median 2/3, 90th percentile 10/3 (a median over the models would give 1, 1)."""
+    model = SimpleNamespace(calibration_scores=np.array([0.0, 1.0, 2.0]))
+    folds = [HeldOutFold(model, np.array([1.0, 2.0, 3.0]), np.empty(0)),
+             HeldOutFold(model, np.array([1.0, 2.0, 3.0]), np.empty(0)),
+             HeldOutFold(model, np.array([0.0, 1.0, 12.0]), np.empty(0))]
+    assert score_gap(folds) == pytest.approx({"median": 2 / 3, "percentile_90": 10 / 3})
 
 
 def test_the_script_scores_train_good_held_out_and_test_good_alone(small_screw_dir, tmp_path, monkeypatch, capsys):
