@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import threading
@@ -17,6 +18,7 @@ import pytest
 from conftest import (
     ROOT,
     WITHOUT_FITTING_PACKAGES,
+    json_lines,
     pretend_torch_is_not_installed,
     running_service,
     save_as_older_file,
@@ -415,3 +417,70 @@ def test_on_the_line_pc_an_older_model_file_is_served_but_refused_for_learning_a
         create_app(ServiceSettings(model=str(tmp_path / "served.pkl"), learn=True))
     with TestClient(create_app(ServiceSettings(model=str(tmp_path / "served.pkl")))) as client:
         assert client.post("/score?name=a.png", content=unseen[0].read_bytes()).status_code == 200
+
+
+def test_a_drift_warning_is_logged_and_appended_to_the_events_file(tmp_path, caplog):
+    from runtime.learning import EventLog
+
+    warning = {"event": "drift", "kind": "scores", "warning": "drift: passed photos score higher than before"}
+    events = EventLog(str(tmp_path / "events.jsonl"))
+    with caplog.at_level(logging.WARNING, logger="fastener.service"):
+        events(warning)
+    assert caplog.messages == [warning["warning"]]
+    assert json_lines(tmp_path / "events.jsonl") == [warning]
+
+
+def test_a_lone_confirmed_photo_is_learnt_learn_wait_s_after_it_without_waiting_for_a_full_batch(
+    fitted_model, unseen, tmp_path, monkeypatch
+):
+    import tempfile
+
+    from fastapi.testclient import TestClient
+
+    from runtime.service import ServiceSettings, create_app
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    fitted_model.save(tmp_path / "served.pkl")
+    events = tmp_path / "events.jsonl"
+    app = create_app(ServiceSettings(model=str(tmp_path / "served.pkl"), learn=True, learn_batch=16, learn_wait_s=0.2,
+                                     events_jsonl=str(events)))
+    with TestClient(app) as client:
+        assert client.post("/feedback?verdict=good&name=a.png", content=unseen[0].read_bytes()).status_code == 202
+        (update,) = wait_for_lines(events, 1, timeout=60)
+        assert update["photos"] == 1 and client.get("/model").json()["updates"][0]["photos"] == 1
+
+
+def test_an_update_that_fails_is_an_error_event_naming_its_photos_and_the_next_update_still_learns(
+    fitted_model, unseen, tmp_path, monkeypatch
+):
+    """A bug in one update costs that update, said in the events file, never the learning thread."""
+    import tempfile
+
+    from fastapi.testclient import TestClient
+
+    import runtime.learning
+    from runtime.service import ServiceSettings, create_app
+
+    real_learn = runtime.learning.learn_on_a_copy
+    calls: list[int] = []
+
+    def fails_the_first_time(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("simulated failure")
+        return real_learn(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(runtime.learning, "learn_on_a_copy", fails_the_first_time)
+    fitted_model.save(tmp_path / "served.pkl")
+    events = tmp_path / "events.jsonl"
+    app = create_app(ServiceSettings(model=str(tmp_path / "served.pkl"), learn=True, learn_batch=1, learn_wait_s=600,
+                                     events_jsonl=str(events)))
+    with TestClient(app) as client:
+        assert client.post("/feedback?verdict=good&name=a.png", content=unseen[0].read_bytes()).status_code == 202
+        (failed,) = wait_for_lines(events, 1, timeout=60)
+        assert failed == {"event": "update", "photos": 0, "error": "simulated failure", "refused": ["a.png"]}
+        assert client.post("/feedback?verdict=good&name=b.png", content=unseen[1].read_bytes()).status_code == 202
+        update = wait_for_lines(events, 2, timeout=60)[1]
+    assert update["photos"] == 1 and "error" not in update
+    assert [u["photos"] for u in PatchCore.load(tmp_path / "served.pkl").updates] == [1]
