@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import pytest
 
 from conftest import json_lines, wait_for_lines, watching
@@ -366,3 +367,104 @@ def test_a_photo_name_that_is_not_utf8_is_recorded_and_sorted_not_the_end_of_the
     verdict = "anomalous" if record["is_anomalous"] else "ok"
     assert os.path.isfile(os.fsencode(out / verdict) + b"/frame\xff.png")
     assert not watcher.done
+
+
+def test_a_photo_renamed_into_the_folder_from_a_temporary_name_is_scored_and_sorted(fitted_model, photos, tmp_path):
+    """FTP servers and many cameras write a photo under a temporary name and rename it once it is whole."""
+    inbox, out = tmp_path / "inbox", tmp_path / "sorted"
+    inbox.mkdir()
+    outputs = WatchOutputs(jsonl=tmp_path / "results.jsonl", sort_into=out)
+    with watching(fitted_model, inbox, outputs):
+        shutil.copy(photos["good"], inbox / "first.png")
+        wait_for_lines(outputs.jsonl, 1, timeout=60)  # watching for certain: the rename is news, not a start-up scan
+        shutil.copy(photos["defect"], inbox / "frame.png.part")
+        os.rename(inbox / "frame.png.part", inbox / "frame.png")
+        records = wait_for_lines(outputs.jsonl, 2, timeout=30)
+        deadline = time.monotonic() + 10
+        while any(inbox.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert [Path(record["path"]).name for record in records] == ["first.png", "frame.png"]
+    assert sorted(path.name for path in out.glob("*/*.png")) == ["first.png", "frame.png"]
+
+
+def test_a_photo_overwritten_by_one_of_the_same_size_is_scored_again(fitted_model, photos, tmp_path):
+    """A camera writing uncompressed frames (BMP) under one name writes the same number of bytes each time."""
+    frames = [cv2.imencode(".bmp", cv2.imread(str(photos[kind])))[1].tobytes() for kind in ("good", "defect")]
+    assert len(frames[0]) == len(frames[1]) and frames[0] != frames[1]
+    (tmp_path / "defect.bmp").write_bytes(frames[1])
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    outputs = WatchOutputs(jsonl=tmp_path / "results.jsonl")
+    with watching(fitted_model, inbox, outputs):
+        (inbox / "frame.bmp").write_bytes(frames[0])
+        wait_for_lines(outputs.jsonl, 1, timeout=60)
+        (inbox / "frame.bmp").write_bytes(frames[1])  # the same name, the same size, another photo
+        first, second = wait_for_lines(outputs.jsonl, 2, timeout=30)
+    (defect,) = fitted_model.predict([tmp_path / "defect.bmp"])
+    assert Path(first["path"]).name == Path(second["path"]).name == "frame.bmp"
+    assert second["score"] == pytest.approx(defect.score, abs=2e-4) != first["score"]
+
+
+def test_a_photo_that_cannot_be_moved_is_moved_once_it_can_with_an_error_line_per_retry(
+        fitted_model, photos, tmp_path, monkeypatch, capsys):
+    """A stray file where OUT/ok should be: the photo stays, its record is written once, the move is
+    tried again every RETRY_WRITE_S (said each time, not at every look) and succeeds once the folder is back."""
+    import runtime.watcher as watcher_module
+
+    monkeypatch.setattr(watcher_module, "RETRY_WRITE_S", 0.5)
+    inbox, out = tmp_path / "inbox", tmp_path / "sorted"
+    inbox.mkdir()
+    outputs = WatchOutputs(jsonl=tmp_path / "results.jsonl", sort_into=out)
+    with watching(fitted_model, inbox, outputs):
+        for verdict in ("ok", "anomalous"):
+            (out / verdict).rmdir()
+            (out / verdict).write_bytes(b"")
+        shutil.copy(photos["good"], inbox / "part.png")
+        (record,) = wait_for_lines(outputs.jsonl, 1, timeout=60)
+        said: list[tuple[float, str]] = []  # (when, line) of each refusal, as it is printed
+        deadline = time.monotonic() + 10
+        while len(said) < 3 and time.monotonic() < deadline:  # the first try and two retries, all refused
+            time.sleep(0.05)
+            lines = capsys.readouterr().err.splitlines()
+            said += [(time.monotonic(), line) for line in lines if "cannot be moved" in line]
+        assert (inbox / "part.png").is_file()
+        for verdict in ("ok", "anomalous"):
+            (out / verdict).unlink()
+            (out / verdict).mkdir()
+        deadline = time.monotonic() + 10
+        while (inbox / "part.png").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    verdict = "anomalous" if record["is_anomalous"] else "ok"
+    assert (out / verdict / "part.png").read_bytes() == photos["good"].read_bytes()
+    assert not any(inbox.iterdir()) and len(json_lines(outputs.jsonl)) == 1
+    assert len(said) == 3, said
+    gaps = [later - earlier for (earlier, _), (later, _) in zip(said, said[1:])]
+    assert min(gaps) > 0.3, gaps  # every RETRY_WRITE_S (0.5 s), not at every look (0.1 s)
+    assert said[0][1].startswith(f"error: {inbox / 'part.png'}: cannot be moved to {out / verdict}")
+
+
+def test_the_watch_command_prints_a_line_per_photo_and_an_error_line_for_an_unreadable_one(
+        fitted_model, photos, tmp_path):
+    model_file = tmp_path / "model.pkl"
+    fitted_model.save(model_file)
+    inbox, jsonl = tmp_path / "inbox", tmp_path / "results.jsonl"
+    inbox.mkdir()
+    shutil.copy(photos["good"], inbox / "good.png")
+    (inbox / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 100)
+    command = [sys.executable, str(ROOT / "inference.py"), "--model", str(model_file), "--watch", str(inbox),
+               "--jsonl", str(jsonl), "--settle-seconds", "0.2", "--retry-seconds", "1", "--runtime", "torch"]
+    stdout, stderr = tmp_path / "stdout", tmp_path / "stderr"
+    with open(stdout, "w") as out, open(stderr, "w") as err:
+        watcher = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=err)
+    try:
+        records = {Path(r["path"]).name: r for r in wait_for_lines(jsonl, 2, timeout=120)}
+        deadline = time.monotonic() + 10  # each line is printed just after its record is written
+        while (not stdout.read_text() or "error: " not in stderr.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        watcher.terminate()
+        assert watcher.wait(timeout=60) == 0
+    good = records["good.png"]
+    assert stdout.read_text().splitlines() == [
+        f"{good['path']}  {good['score']:.3f}  {'ANOMALOUS' if good['is_anomalous'] else 'ok'}"]
+    assert f"error: {records['corrupt.png']['error']}" in stderr.read_text().splitlines()
