@@ -484,3 +484,29 @@ def test_an_update_that_fails_is_an_error_event_naming_its_photos_and_the_next_u
         update = wait_for_lines(events, 2, timeout=60)[1]
     assert update["photos"] == 1 and "error" not in update
     assert [u["photos"] for u in PatchCore.load(tmp_path / "served.pkl").updates] == [1]
+
+
+def test_a_learnt_photo_that_cannot_be_moved_out_of_confirmed_good_says_so_and_stays_there(
+        fitted_model, unseen, tmp_path, capsys):
+    fitted_model.save(tmp_path / "line.pkl")
+    inbox, out = tmp_path / "inbox", tmp_path / "sorted"
+    inbox.mkdir()
+    (out / "confirmed_good").mkdir(parents=True)
+    confirmed = out / "confirmed_good" / unseen[0].name
+    confirmed.symlink_to(unseen[0])
+    (out / "learned").write_bytes(b"")  # a stray file where the folder should be
+    outputs = WatchOutputs(jsonl=tmp_path / "results.jsonl", sort_into=out)
+    watcher = FolderWatcher(PatchCore.load(tmp_path / "line.pkl"), inbox, outputs, settle_s=0.3,
+                            model_path=tmp_path / "line.pkl")
+    stop = threading.Event()
+    thread = threading.Thread(target=watcher.run, args=(stop,))
+    thread.start()
+    try:
+        (update,) = wait_for_lines(outputs.jsonl, 1, timeout=240)
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert update["event"] == "update" and update["photos"] == 1
+    assert confirmed.is_symlink()  # not lost: still where the operator put it
+    errors = capsys.readouterr().err.splitlines()
+    assert f"error: {confirmed}: cannot be moved out of confirmed_good/ (File exists)" in errors
