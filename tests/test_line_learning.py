@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import cv2
 import httpx
@@ -284,20 +285,27 @@ def noise_png(seed: int = 1) -> bytes:
     return cv2.imencode(".png", cv2.resize(noise, (1024, 1024), interpolation=cv2.INTER_NEAREST))[1].tobytes()
 
 
+def learning_service(model: PatchCore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **settings: Any) -> Any:
+    """The service app on ``model`` saved as tmp_path/served.pkl, learning confirmed photos, its events in
+    tmp_path/events.jsonl and its kept uploads under tmp_path."""
+    import tempfile
+
+    from runtime.service import ServiceSettings, create_app
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    model.save(tmp_path / "served.pkl")
+    return create_app(ServiceSettings(model=str(tmp_path / "served.pkl"), learn=True,
+                                      events_jsonl=str(tmp_path / "events.jsonl"), **settings))
+
+
 def test_feedback_names_only_the_last_photos_kept_each_once_and_answers_busy_when_the_queue_is_full(
     fitted_model, unseen, tmp_path, monkeypatch
 ):
     """keep_scored=2: the two latest names are kept (a name scored again is the latest), a confirmed one is
     queued once, force=true overrides the limit, and a full queue answers 503 without keeping the upload."""
-    import tempfile
-
     from fastapi.testclient import TestClient
 
-    from runtime.service import ServiceSettings, create_app
-
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    fitted_model.save(tmp_path / "served.pkl")
-    app = create_app(ServiceSettings(model=str(tmp_path / "served.pkl"), learn=True, keep_scored=2, learn_wait_s=600))
+    app = learning_service(fitted_model, tmp_path, monkeypatch, keep_scored=2, learn_wait_s=600)
     with TestClient(app) as client:
         for name, data in [("a.png", unseen[0].read_bytes()), ("b.png", unseen[1].read_bytes()),
                            ("a.png", unseen[2].read_bytes()), ("noise.png", noise_png())]:
@@ -327,18 +335,11 @@ def test_feedback_updates_at_once_when_the_batch_is_full_learns_forced_photos_an
 ):
     """learn_batch=1: each confirmation is an update of its own, without waiting learn_wait_s. A refused
     photo leaves the model file as it is; a forced one is learnt and its update names it."""
-    import tempfile
-
     from fastapi.testclient import TestClient
 
-    from runtime.service import ServiceSettings, create_app
-
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    app = learning_service(fitted_model, tmp_path, monkeypatch, learn_batch=1, learn_wait_s=600)
     model_file, events = tmp_path / "served.pkl", tmp_path / "events.jsonl"
-    fitted_model.save(model_file)
     original = model_file.read_bytes()
-    app = create_app(ServiceSettings(model=str(model_file), learn=True, learn_batch=1, learn_wait_s=600,
-                                     events_jsonl=str(events)))
     with TestClient(app) as client:
         assert client.post("/score?name=before.png", content=unseen[0].read_bytes()).status_code == 200
         assert client.get("/health").json()["drift"]["photos"] == 1
@@ -433,17 +434,10 @@ def test_a_drift_warning_is_logged_and_appended_to_the_events_file(tmp_path, cap
 def test_a_lone_confirmed_photo_is_learnt_learn_wait_s_after_it_without_waiting_for_a_full_batch(
     fitted_model, unseen, tmp_path, monkeypatch
 ):
-    import tempfile
-
     from fastapi.testclient import TestClient
 
-    from runtime.service import ServiceSettings, create_app
-
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    fitted_model.save(tmp_path / "served.pkl")
+    app = learning_service(fitted_model, tmp_path, monkeypatch, learn_batch=16, learn_wait_s=0.2)
     events = tmp_path / "events.jsonl"
-    app = create_app(ServiceSettings(model=str(tmp_path / "served.pkl"), learn=True, learn_batch=16, learn_wait_s=0.2,
-                                     events_jsonl=str(events)))
     with TestClient(app) as client:
         assert client.post("/feedback?verdict=good&name=a.png", content=unseen[0].read_bytes()).status_code == 202
         (update,) = wait_for_lines(events, 1, timeout=60)
@@ -454,12 +448,9 @@ def test_an_update_that_fails_is_an_error_event_naming_its_photos_and_the_next_u
     fitted_model, unseen, tmp_path, monkeypatch
 ):
     """A bug in one update costs that update, said in the events file, never the learning thread."""
-    import tempfile
-
     from fastapi.testclient import TestClient
 
     import runtime.learning
-    from runtime.service import ServiceSettings, create_app
 
     real_learn = runtime.learning.learn_on_a_copy
     calls: list[int] = []
@@ -470,12 +461,9 @@ def test_an_update_that_fails_is_an_error_event_naming_its_photos_and_the_next_u
             raise RuntimeError("simulated failure")
         return real_learn(*args, **kwargs)
 
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     monkeypatch.setattr(runtime.learning, "learn_on_a_copy", fails_the_first_time)
-    fitted_model.save(tmp_path / "served.pkl")
+    app = learning_service(fitted_model, tmp_path, monkeypatch, learn_batch=1, learn_wait_s=600)
     events = tmp_path / "events.jsonl"
-    app = create_app(ServiceSettings(model=str(tmp_path / "served.pkl"), learn=True, learn_batch=1, learn_wait_s=600,
-                                     events_jsonl=str(events)))
     with TestClient(app) as client:
         assert client.post("/feedback?verdict=good&name=a.png", content=unseen[0].read_bytes()).status_code == 202
         (failed,) = wait_for_lines(events, 1, timeout=60)
