@@ -15,6 +15,7 @@ from preprocessing.registration import (
     object_outline,
     principal_axis,
     warp_image,
+    warp_mask,
 )
 
 
@@ -91,3 +92,31 @@ def test_warp_image_antialiases_a_strong_shrink() -> None:
     matrix = crop_transform(image_outline(500, 500), 0.0, 64, padding=0.0, keep_aspect=True)
     assert cv2.warpAffine(stripes, matrix[:2], (64, 64), flags=cv2.INTER_LINEAR).astype(float).std() > 50
     assert warp_image(stripes, matrix, 64).astype(float).std() < 20
+
+
+def test_a_nut_on_the_shank_does_not_outweigh_the_head_at_the_far_end() -> None:
+    """Only the outer ends decide the head: a bulge part-way along (a nut run onto the shank) is not an end."""
+    mask = np.zeros((200, 200), np.uint8)
+    cv2.rectangle(mask, (40, 95), (160, 105), 1, -1)  # the shank
+    cv2.rectangle(mask, (150, 75), (160, 125), 1, -1)  # the head, on the right
+    cv2.rectangle(mask, (70, 80), (95, 120), 1, -1)  # a nut between the middle and the tip
+    angle = canonical_rotation(mask > 0, min_elongation=1.5)
+    assert math.cos(angle) == pytest.approx(-1, abs=1e-3)  # direction head -> tip points left
+
+
+def test_blurring_only_the_sampled_part_of_a_wide_photo_gives_what_blurring_all_of_it_would() -> None:
+    """The low-pass before a strong shrink runs on a crop for speed: the crop must reach far enough, on any aspect."""
+    photo = np.random.default_rng(0).integers(0, 256, (300, 900, 3), np.uint8)
+    box = np.array([[380.0, 100.0], [620.0, 100.0], [380.0, 200.0], [620.0, 200.0]])
+    matrix = crop_transform(box, 0.0, 64, padding=0.0, keep_aspect=True)
+    sigma = (1 / min(np.linalg.svd(matrix[:2, :2], compute_uv=False)) - 1) / 2
+    blurred = cv2.GaussianBlur(photo, (0, 0), sigma)
+    whole = cv2.warpAffine(blurred, matrix[:2], (64, 64), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+    assert np.abs(warp_image(photo, matrix, 64).astype(int) - whole.astype(int)).max() <= 1
+
+
+def test_a_mask_carried_into_the_model_input_neither_grows_nor_shrinks() -> None:
+    """Edge pixels that the resampling leaves partly covered split evenly, so the part keeps its area at model size."""
+    mask = ellipse_mask(30)
+    matrix = crop_transform(image_outline(240, 240), 0.0, 96, padding=0.0, keep_aspect=True)
+    assert warp_mask(mask, matrix, 96).sum() == pytest.approx(mask.sum() * (96 / 240) ** 2, rel=0.02)

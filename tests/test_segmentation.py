@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
+import pytest
 
+from conftest import part_photo
 from preprocessing.segmentation import segment_object
 
 
@@ -116,3 +118,25 @@ def test_a_thin_fibre_lying_across_part_and_table_does_not_join_the_mask() -> No
     cv2.line(image, (100, 100), (190, 20), (60, 60, 60), 2)
     mask = segment_object(image).mask
     assert not mask[20:60, 160:195].any() and iou(mask, truth) > 0.95
+
+
+@pytest.mark.parametrize(
+    "centre", [(100, 10), (100, 190), (25, 100), (175, 100)], ids=["top", "bottom", "left", "right"]
+)
+def test_a_part_cut_off_by_any_edge_of_the_frame_is_flagged(centre: tuple[int, int]) -> None:
+    result = segment_object(part_photo(centre=centre))
+    assert result.mask is not None and result.touches_border and "border" in result.warnings[0]
+
+
+def test_a_small_part_of_a_third_of_a_percent_of_the_frame_is_still_the_part() -> None:
+    """The dust limit (0.1 % of the frame) must not turn away a small part, such as a washer shot from afar."""
+    result = segment_object(part_photo(short=20, size=512, centre=(256, 256)))
+    assert result.mask is not None and 0.002 < result.mask.mean() < 0.005 and not result.warnings
+
+
+def test_the_part_is_the_blob_of_largest_area_not_a_round_speck_with_a_longer_outline() -> None:
+    """A straight-edged part has a 4-point outline; a round speck beside it has many more points but less area."""
+    image = part_photo()
+    cv2.circle(image, (30, 30), 8, (170, 170, 170), -1)
+    mask = segment_object(image).mask
+    assert mask[100, 100] and not mask[30, 30]
