@@ -27,6 +27,26 @@ def decided(photos: list[np.ndarray]):
     return decide_steps(measure_photos(photos, CONFIG), CONFIG)
 
 
+GLARE_WORDS = {
+    "off": "glare inpainting off",
+    "trial": "glare inpainting left to the trial",
+    "on": "glare inpainting on, on the part only",
+}
+
+
+def glare_reason(decision: Decision) -> str:
+    """The line ``train.py`` prints for the glare decision."""
+    (reason,) = [reason for reason in decision.reasons if reason.startswith("glare")]
+    return reason
+
+
+def assert_glare(decision: Decision, state: str) -> None:
+    """Glare inpainting off, left to the trial or on: in the switches and in the printed reason alike."""
+    assert decision.changes["inpaint_specular"] is (state == "on")
+    assert decision.try_inpainting is (state == "trial")
+    assert glare_reason(decision).startswith(GLARE_WORDS[state])
+
+
 # ----------------------------------------------------------------------------- rotation
 def test_rotation_needs_every_elongation_to_clear_the_cutoff_not_just_some():
     """Most parts are long, a few are stubby: a per-set rule that looked at any photo would turn on."""
@@ -134,12 +154,12 @@ def test_glare_on_a_share_of_the_part_is_inpainted_tried_or_left(radius, state):
     for photo in photos:
         if radius:
             cv2.circle(photo, (100, 100), radius, (255, 255, 255), -1)
-    decision = decided(photos)
-    assert decision.changes["inpaint_specular"] is (state == "on")
-    assert decision.try_inpainting is (state == "trial")
+    assert_glare(decided(photos), state)
 
 
-@pytest.mark.parametrize("side, state, share", [(1, "off", 0.0009), (2, "trial", 0.0016), (11, "trial", 0.0172), (13, "on", 0.0230)])
+@pytest.mark.parametrize(
+    "side, state, share", [(1, "off", 0.0009), (2, "trial", 0.0016), (11, "trial", 0.0172), (13, "on", 0.0230)]
+)
 def test_glare_is_left_under_a_tenth_of_a_percent_tried_up_to_two_percent_and_inpainted_from_there(side, state, share):
     """On a 140 x 70 part a highlight of side 1, 2, 11 or 13 pixels (with its halo) is 0.09, 0.16, 1.7 or 2.3 %."""
     photos = [part_photo(2.0, 20 * i, short=70) for i in range(8)]
@@ -147,11 +167,7 @@ def test_glare_is_left_under_a_tenth_of_a_percent_tried_up_to_two_percent_and_in
         photo[100:100 + side, 100:100 + side] = 255
     decision = decided(photos)
     assert decision.numbers["glare_median"] == pytest.approx(share, abs=0.0003 if side < 3 else 0.001)
-    assert decision.changes["inpaint_specular"] is (state == "on")
-    assert decision.try_inpainting is (state == "trial")
-    (glare,) = [reason for reason in decision.reasons if reason.startswith("glare")]
-    words = {"on": "glare inpainting on, on the part only", "trial": "glare inpainting left to the trial", "off": "glare inpainting off"}
-    assert glare.startswith(words[state])
+    assert_glare(decision, state)
 
 
 def test_a_small_highlight_on_a_small_part_counts_against_the_part():
@@ -171,9 +187,8 @@ def test_glare_is_not_inpainted_without_a_reliable_part_mask():
         cv2.circle(photo, (100, 100), 6, (255, 255, 255), -1)
     decision = decided(photos)
     assert decision.changes["zero_background"] is False
-    assert decision.changes["inpaint_specular"] is False and decision.try_inpainting is False
-    (glare,) = [reason for reason in decision.reasons if reason.startswith("glare")]
-    assert glare.startswith("glare inpainting off") and glare.endswith("no reliable part mask)")
+    assert_glare(decision, "off")
+    assert glare_reason(decision).endswith("no reliable part mask)")
 
 
 # ----------------------------------------------------------------------------- the ranking
@@ -230,16 +245,10 @@ def alternating(field: str, centre: float, amplitude: float) -> list[PhotoMeasur
     return [replace(m, **{field: centre + amplitude * (-1) ** i}) for i, m in enumerate(measured())]
 
 
-def glare_reason(decision: Decision) -> str:
-    (reason,) = [reason for reason in decision.reasons if reason.startswith("glare")]
-    return reason
-
-
 @pytest.mark.parametrize("glare, state", [(0.001, "trial"), (0.02, "on")])
 def test_glare_exactly_at_a_cut_off_takes_the_step_above_it(glare, state):
     decision = decide_steps(measured(glare=glare), CONFIG)
-    assert decision.changes["inpaint_specular"] is (state == "on")
-    assert decision.try_inpainting is (state == "trial")
+    assert_glare(decision, state)
     assert f"({glare:.2%} of the part saturated)" in glare_reason(decision)
 
 
@@ -247,7 +256,7 @@ def test_glare_is_decided_by_the_median_photo_not_by_a_few_shiny_ones():
     measures = measured(8) + measured(2, glare=0.3)  # two photos caught a reflection
     decision = decide_steps(measures, CONFIG)
     assert decision.numbers["glare_median"] == 0.0
-    assert decision.changes["inpaint_specular"] is False and decision.try_inpainting is False
+    assert_glare(decision, "off")
     assert glare_reason(decision).startswith("glare inpainting off (0.00% of the part saturated")
 
 
@@ -262,7 +271,7 @@ def test_glare_between_the_cut_offs_is_not_tried_without_a_reliable_part_mask():
     measures = [replace(m, border=i % 2 == 0) for i, m in enumerate(measured(glare=0.01))]
     decision = decide_steps(measures, CONFIG)
     assert decision.changes["zero_background"] is False
-    assert decision.try_inpainting is False and decision.changes["inpaint_specular"] is False
+    assert_glare(decision, "off")
     assert glare_reason(decision).endswith("no reliable part mask)")
 
 
