@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -174,6 +174,13 @@ def wait_for_lines(path: Path, count: int, timeout: float = 240) -> list[dict]:
             return records
         time.sleep(0.2)
     pytest.fail(f"{path}: {len(json_lines(path))} records after {timeout} s, expected {count}")
+
+
+def wait_until(done: Callable[[], bool], timeout: float) -> None:
+    """Return once ``done()`` holds, or after ``timeout`` s (the assertions that follow say what went wrong)."""
+    deadline = time.monotonic() + timeout
+    while not done() and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 @contextmanager

@@ -16,7 +16,7 @@ from pathlib import Path
 import cv2
 import pytest
 
-from conftest import json_lines, wait_for_lines, watching
+from conftest import json_lines, wait_for_lines, wait_until, watching
 from evaluation.mvtec import load_test_split
 from runtime.watcher import WatchOutputs, identity
 
@@ -137,9 +137,7 @@ def test_a_photo_replaced_after_scoring_is_scored_and_the_new_one_never_sorted_u
     with watching(fitted_model, inbox, outputs, on_record=camera_overwrites):
         shutil.copy(photos["good"], inbox / "frame.png")
         first, second = wait_for_lines(outputs.jsonl, 2)
-        deadline = time.monotonic() + 30
-        while any(inbox.iterdir()) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_until(lambda: not any(inbox.iterdir()), timeout=30)
     (defect,) = fitted_model.predict([photos["defect"]])
     assert second["score"] == pytest.approx(defect.score, abs=2e-4)
     sorted_files = list(out.glob("*/frame*.png"))
@@ -155,9 +153,7 @@ def test_reused_names_are_sorted_side_by_side_never_over_each_other(fitted_model
         for count, kind in enumerate(("good", "good", "good"), start=1):
             shutil.copy(photos[kind], inbox / "IMG_0001.png")
             wait_for_lines(outputs.jsonl, count)
-            deadline = time.monotonic() + 30
-            while (inbox / "IMG_0001.png").exists() and time.monotonic() < deadline:
-                time.sleep(0.1)
+            wait_until(lambda: not (inbox / "IMG_0001.png").exists(), timeout=30)
     assert sorted(path.name for path in out.glob("*/*.png")) == ["IMG_0001.png", "IMG_0001_2.png", "IMG_0001_3.png"]
 
 
@@ -312,9 +308,7 @@ def test_photos_recorded_before_sorting_was_asked_for_are_sorted_at_the_next_sta
         (record,) = wait_for_lines(jsonl, 1, timeout=60)
     assert (inbox / "CAM1.PNG").is_file()  # recorded, not sorted: no --sort-into yet
     with watching(fitted_model, inbox, WatchOutputs(jsonl=jsonl, sort_into=out)):  # the same journal, <jsonl>.state
-        deadline = time.monotonic() + 10
-        while (inbox / "CAM1.PNG").exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until(lambda: not (inbox / "CAM1.PNG").exists(), timeout=10)
     verdict = "anomalous" if record["is_anomalous"] else "ok"
     assert (out / verdict / "CAM1.PNG").read_bytes() == photos["defect"].read_bytes()
     assert not any(inbox.iterdir()) and len(json_lines(jsonl)) == 1
@@ -380,9 +374,7 @@ def test_a_photo_renamed_into_the_folder_from_a_temporary_name_is_scored_and_sor
         shutil.copy(photos["defect"], inbox / "frame.png.part")
         os.rename(inbox / "frame.png.part", inbox / "frame.png")
         records = wait_for_lines(outputs.jsonl, 2, timeout=30)
-        deadline = time.monotonic() + 10
-        while any(inbox.iterdir()) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until(lambda: not any(inbox.iterdir()), timeout=10)
     assert [Path(record["path"]).name for record in records] == ["first.png", "frame.png"]
     assert sorted(path.name for path in out.glob("*/*.png")) == ["first.png", "frame.png"]
 
@@ -431,9 +423,7 @@ def test_a_photo_that_cannot_be_moved_is_moved_once_it_can_with_an_error_line_pe
         for verdict in ("ok", "anomalous"):
             (out / verdict).unlink()
             (out / verdict).mkdir()
-        deadline = time.monotonic() + 10
-        while (inbox / "part.png").exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until(lambda: not (inbox / "part.png").exists(), timeout=10)
     verdict = "anomalous" if record["is_anomalous"] else "ok"
     assert (out / verdict / "part.png").read_bytes() == photos["good"].read_bytes()
     assert not any(inbox.iterdir()) and len(json_lines(outputs.jsonl)) == 1
@@ -458,9 +448,8 @@ def test_the_watch_command_prints_a_line_per_photo_and_an_error_line_for_an_unre
         watcher = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=err)
     try:
         records = {Path(r["path"]).name: r for r in wait_for_lines(jsonl, 2, timeout=120)}
-        deadline = time.monotonic() + 10  # each line is printed just after its record is written
-        while (not stdout.read_text() or "error: " not in stderr.read_text()) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        # each line is printed just after its record is written
+        wait_until(lambda: bool(stdout.read_text()) and "error: " in stderr.read_text(), timeout=10)
     finally:
         watcher.terminate()
         assert watcher.wait(timeout=60) == 0
