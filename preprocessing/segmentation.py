@@ -22,7 +22,11 @@ MAX_OBJECT_FRACTION = 0.95  # larger ones are the background (or a part filling 
 MASK_FILLS = ("contour", "hull")
 SEGMENTATION_METHODS = ("otsu", "grabcut")
 GRABCUT_SIDE = 160  # long side of the copy GrabCut runs on: ~10x cheaper than 512, masks as good for geometry
-GRABCUT_BAND = 2  # pixels of that copy along the frame taken as certain background
+GRABCUT_BAND = 2  # pixels of that copy along the frame taken as certain background, where they look like table
+# A band pixel whose colour lies farther from the band's median colour than this many times the band's
+# median distance (and at least TABLE_OUTLIER_FLOOR grey levels) is not table: a part crossing the edge.
+TABLE_OUTLIER_SPREAD = 3.0
+TABLE_OUTLIER_FLOOR = 2 * MIN_CONTRAST
 GRABCUT_ITERATIONS = 4
 
 
@@ -101,6 +105,28 @@ def touches_border(mask: np.ndarray, within: int = 1) -> bool:
     return bool(mask[:within].any() or mask[-within:].any() or mask[:, :within].any() or mask[:, -within:].any())
 
 
+def frame_band(shape: tuple[int, int], width: int) -> np.ndarray:
+    """The outer ``width`` pixels of a frame of ``shape``, as a boolean mask."""
+    band = np.ones(shape, bool)
+    band[width:-width, width:-width] = False
+    return band
+
+
+def unlike_the_table(image: np.ndarray) -> np.ndarray:
+    """Pixels of the frame's band whose colour stands out from the band's own (the rest are table).
+
+    Seeding a part that crosses the edge as certain table teaches GrabCut the part's colour as
+    table, and it then loses the whole part; left out of the seed, the part keeps its mask and is
+    reported as touching the border. The spread is measured on the band, so a mottled table stays table.
+    """
+    band = frame_band(image.shape[:2], GRABCUT_BAND)
+    colours = image[band].astype(np.float32)
+    distance = np.linalg.norm(colours - np.median(colours, axis=0), axis=1)
+    unlike = np.zeros(image.shape[:2], bool)
+    unlike[band] = distance > max(TABLE_OUTLIER_SPREAD * float(np.median(distance)), TABLE_OUTLIER_FLOOR)
+    return unlike
+
+
 def grabcut_object(image: np.ndarray) -> np.ndarray:
     """Foreground by GrabCut: colour models of part and table, refined by a graph cut.
 
@@ -110,8 +136,7 @@ def grabcut_object(image: np.ndarray) -> np.ndarray:
     the outline instead. Slower than Otsu, so preprocessing.auto picks it per data set.
     """
     mask = np.full(image.shape[:2], cv2.GC_PR_FGD, np.uint8)
-    band = GRABCUT_BAND
-    mask[:band], mask[-band:], mask[:, :band], mask[:, -band:] = cv2.GC_BGD, cv2.GC_BGD, cv2.GC_BGD, cv2.GC_BGD
+    mask[frame_band(image.shape[:2], GRABCUT_BAND) & ~unlike_the_table(image)] = cv2.GC_BGD
     background, foreground = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
     cv2.setRNGSeed(0)  # GrabCut's colour models start from k-means: the same photo gives the same mask
     cv2.grabCut(image, mask, None, background, foreground, GRABCUT_ITERATIONS, cv2.GC_INIT_WITH_MASK)
@@ -139,7 +164,8 @@ def segment_object(image: np.ndarray, fill: str = "contour", method: str = "otsu
     found = largest_object(clean_mask(raw), fill)
     fraction = float(found.mean()) if found is not None else 0.0
     if found is None or fraction < MIN_OBJECT_FRACTION:
-        return Segmentation(None, ["no object found by thresholding; using the whole image"])
+        finder = "GrabCut" if method == "grabcut" else "thresholding"
+        return Segmentation(None, [f"no object found by {finder}; using the whole image"])
     if fraction > MAX_OBJECT_FRACTION:
         warning = f"object mask covers {fraction:.0%} of the photo (background?); using the whole image"
         return Segmentation(None, [warning])

@@ -140,3 +140,33 @@ def test_the_part_is_the_blob_of_largest_area_not_a_round_speck_with_a_longer_ou
     cv2.circle(image, (30, 30), 8, (170, 170, 170), -1)
     mask = segment_object(image).mask
     assert mask[100, 100] and not mask[30, 30]
+
+
+@pytest.mark.parametrize("quarter_turns", [0, 1, 2, 3], ids=["right", "top", "left", "bottom"])
+def test_grabcut_keeps_a_part_cut_off_by_the_frame_and_flags_it(quarter_turns: int) -> None:
+    """The part's pixels on the frame's edge are not table: seeded as table, GrabCut loses the whole part."""
+    noise = np.random.default_rng(0).normal(0, 6, (200, 200, 3))
+    photo = np.clip(part_photo(elongation=3.0, short=40, centre=(160, 100)) + noise, 0, 255).astype(np.uint8)
+    photo = np.ascontiguousarray(np.rot90(photo, quarter_turns))
+    result = segment_object(photo, method="grabcut")
+    assert result.mask is not None and result.touches_border and "border" in result.warnings[0]
+    assert iou(result.mask, segment_object(photo).mask) > 0.9
+
+
+@pytest.mark.parametrize("table", ["dark", "bright"])
+def test_a_mottled_table_along_the_frame_stays_table_to_grabcut(table: str) -> None:
+    """Only colours that stand out from the band's own spread are left unseeded, not the table's mottling."""
+    from scripts.synthetic_fasteners import SyntheticSettings, render_sample
+
+    settings = SyntheticSettings(part="plate", n_train=6, size=160, seed=11, table=table, glare=0.0)
+    for index in range(6):
+        photo = render_sample(settings, (0, index), None)[0]
+        result = segment_object(photo, method="grabcut")
+        assert result.mask is not None and not result.touches_border and not result.warnings
+
+
+def test_a_grabcut_miss_names_grabcut_not_thresholding() -> None:
+    image = np.full((512, 512, 3), 200, np.uint8)
+    cv2.circle(image, (256, 256), 7, (60, 60, 60), -1)
+    result = segment_object(image, method="grabcut")
+    assert result.mask is None and result.warnings == ["no object found by GrabCut; using the whole image"]
