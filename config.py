@@ -25,6 +25,7 @@ import yaml
 BACKBONES = ("wide_resnet50_2", "efficientnet_lite0")
 PREPROCESS_MODES = ("auto", "on", "off")
 DEVICES = ("auto", "cpu", "cuda")
+DEVICE_OVERRIDE_HELP = "override the model's device"  # --device of the scripts that load a fitted model
 FLAG_ALIASES = {"weights_path": ["--weights"]}  # short spellings the README uses
 
 

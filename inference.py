@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from config import DEVICES, fail, printable, run_cli
+from config import DEVICE_OVERRIDE_HELP, DEVICES, fail, printable, run_cli
 from models.backend import RUNTIME_HELP, RUNTIMES
 from output_files import check_not_an_input, check_output_folder, check_writable, json_document, write_atomically
 from preprocessing.io import find_images
@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "highest score first, with threshold and verdicts")
     parser.add_argument("--evaluate", action="store_true", help="--dir is an MVTec-layout folder: write metrics")
     parser.add_argument("--output-dir", type=Path, help="where overlays and reports go (default outputs/<model>)")
-    parser.add_argument("--device", choices=DEVICES, help="override the model's device")
+    parser.add_argument("--device", choices=DEVICES, help=DEVICE_OVERRIDE_HELP)
     parser.add_argument("--runtime", choices=RUNTIMES, default="auto", help=RUNTIME_HELP)
     parser.add_argument("--jsonl", type=Path, metavar="FILE", help="with --watch: append one JSON line per photo")
     parser.add_argument("--sort-into", type=Path, metavar="OUT",

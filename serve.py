@@ -19,7 +19,7 @@ import socket
 import sys
 from pathlib import Path
 
-from config import DEVICES, fail, run_cli
+from config import DEVICE_OVERRIDE_HELP, DEVICES, fail, run_cli
 from models.backend import RUNTIME_HELP, RUNTIMES
 from runtime.service import SETTINGS_ENV, ServiceSettings, create_app, settings_env
 
@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="require the key in FILE (its first line) as the X-API-Key header on /score and /model; "
                              "default: $FASTENER_API_KEY")
     parser.add_argument("--runtime", choices=RUNTIMES, default="auto", help=RUNTIME_HELP)
-    parser.add_argument("--device", choices=DEVICES, help="override the model's device")
+    parser.add_argument("--device", choices=DEVICES, help=DEVICE_OVERRIDE_HELP)
     parser.add_argument("--max-upload-mb", type=float, default=20.0, help="larger uploads are refused (413)")
     parser.add_argument("--queue-size", type=int, default=32, help="photos waiting at most; beyond, 503")
     parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits for company")
