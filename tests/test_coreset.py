@@ -108,6 +108,25 @@ def test_same_seed_same_bank_and_other_seed_differs():
     assert not np.array_equal(same[0], bank(points, 0.01, 1000, seed=4, oversampling=8))
 
 
+def test_a_refit_with_the_same_seed_reports_the_same_covering_radius():
+    """The radius kept in the model file is measured on a sample of the patches: a seeded one, so the
+    same photos and seed give the same number, not one that moves from fit to fit."""
+    points = clustered_points(8000)  # past RADIUS_SAMPLE: a sample is measured, not every patch
+    radii = [streamed(points, 0.01, 1000, seed=3)[1].covering_radius for _ in range(2)]
+    assert radii[0] == radii[1]
+
+
+def test_the_limits_on_picks_per_chunk_and_on_oversampling_are_inclusive():
+    """Exactly ``MIN_PICKS_PER_CHUNK`` picks a chunk is not "under" it: the chunks stay, not one exact
+    pass. Oversampling 2 does double the candidates: the global pass runs and picks another bank."""
+    points = clustered_points(3000)
+    ratio = coreset.MIN_PICKS_PER_CHUNK / 1000  # 64 picks in each 1,000-patch chunk
+    chunked = bank(points, ratio, 1000)
+    assert not np.array_equal(chunked, bank(points, ratio, chunk_size=len(points)))
+    oversampled = bank(points, ratio, 1000, oversampling=2)
+    assert len(oversampled) == len(chunked) and not np.array_equal(oversampled, chunked)
+
+
 @pytest.mark.parametrize("ratio", [0.1, 0.01])  # candidates are the bank / a global pass picks the bank
 def test_kept_indices_point_at_the_kept_rows(ratio):
     points = clustered_points(n=3000)
