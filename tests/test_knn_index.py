@@ -61,6 +61,17 @@ def test_each_cells_bound_is_never_more_than_the_distance_to_its_nearest_patch(b
     assert np.median(np.sum(bounds > 0, axis=1)) > 0.5 * len(index._cells)
 
 
+@pytest.mark.parametrize("scale", [0.01, 100.0])
+def test_the_cell_search_is_exact_whatever_the_scale_of_the_features(scale):
+    """Features a hundredth or a hundred times as large: the bound scales with them, so no cell
+    holding a nearest patch is skipped and every score is the flat search's."""
+    bank, queries = scale * clustered(3000), scale * clustered(500, seed=1)
+    distances, ids = CellIndex(bank, seed=0).search(queries, 1)
+    truth_distances, truth_ids = flat_search(bank, queries, 1)
+    assert np.array_equal(ids, truth_ids)
+    np.testing.assert_allclose(distances, truth_distances, rtol=1e-4)
+
+
 def test_a_patch_just_across_a_cell_border_is_still_found(monkeypatch):
     """The stopping rule errs towards searching: a query whose best distance so far is only a hair
     (0.04 %) above a cell's bound still searches that cell, and finds the nearer patch just inside it.
@@ -109,3 +120,14 @@ def test_the_config_picks_the_index():
     assert isinstance(build_index(bank, Config(knn_index="flat", device="cpu")), CellIndex)
     ivf = build_index(bank, Config(knn_index="ivf", device="cpu"))
     assert isinstance(ivf, faiss.IndexIVFFlat) and ivf.ntotal == len(bank)
+
+
+def test_with_device_cpu_the_search_stays_on_the_cpu_where_faiss_sees_a_gpu(monkeypatch):
+    """``device: cpu`` keeps the bank off the GPU too, e.g. where the GPU is busy with other work."""
+    monkeypatch.setattr(faiss, "StandardGpuResources", object, raising=False)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+    moved = lambda *_args: pytest.fail("the bank was moved to the GPU")  # noqa: E731
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", moved, raising=False)
+    bank = clustered(3000)
+    assert isinstance(build_index(bank, Config(knn_index="flat", device="cpu")), CellIndex)
+    assert build_index(bank, Config(knn_index="ivf", device="cpu")).ntotal == len(bank)

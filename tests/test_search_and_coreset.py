@@ -53,6 +53,15 @@ def test_the_ivf_index_probes_the_cells_the_config_asks_for(bank_and_queries, np
     assert index.nprobe == nprobe
 
 
+def test_the_ivf_cells_are_few_enough_for_faiss_to_train_them_without_a_warning(bank_and_queries, capfd):
+    """4·√N cells would leave under 39 bank patches per cell on a small bank, and FAISS then prints a
+    clustering warning on the console of every fit: the cell count is capped to avoid it."""
+    bank, _ = bank_and_queries
+    index = build_index(bank, Config(knn_index="ivf", device="cpu"))
+    assert index.nlist * 39 <= len(bank)
+    assert "WARNING" not in capfd.readouterr().err
+
+
 def test_more_probes_find_more_true_neighbours_and_all_cells_find_them_all(bank_and_queries):
     bank, queries = bank_and_queries
     truth = exact_ids(bank, queries)
