@@ -9,15 +9,18 @@ import numpy as np
 import pytest
 
 from config import Config
+from conftest import part_photo
 from preprocessing.io import to_rgb8
 from preprocessing.lighting import clahe_lab, gray_world, inpaint_specular
 from preprocessing.pipeline import (
     STEP_FLAGS,
+    dilate,
     preprocess,
     preview_steps,
     resize_transform,
     save_preview_sheet,
     to_original,
+    write_preview_sheets,
 )
 from preprocessing.registration import image_outline, warp_image, warp_mask
 
@@ -283,6 +286,28 @@ def test_preview_lists_every_step_and_renders_a_sheet(tmp_path) -> None:
     assert sheet.shape[0] == 64 and sheet.shape[1] > 64 * 6
 
 
+def test_the_preview_frame_is_drawn_where_the_model_input_lies_on_the_photo() -> None:
+    """The frame on the preview sheet is how a user checks the crop by eye: its corners are the
+    model input's corners carried back onto the photo."""
+    photo = part_photo(degrees=30)
+    result = preprocess(photo, GEOMETRY_BASE)  # no CLAHE: the frame is drawn on the photo itself
+    framed = dict(preview_steps(photo, GEOMETRY_BASE))["5-7 crop, rotation, scale (frame)"]
+    square = np.array([[[-0.5, -0.5], [SIZE - 0.5, -0.5], [SIZE - 0.5, SIZE - 0.5], [-0.5, SIZE - 0.5]]])
+    corners = cv2.perspectiveTransform(square, np.linalg.inv(result.transform))[0]
+    drawn = np.argwhere(np.any(framed != photo, axis=2))[:, ::-1]  # (x, y) of every pixel drawn
+    assert all(np.hypot(*(drawn - corner).T).min() <= 1.5 for corner in corners)
+
+
+def test_preview_sheets_are_written_for_count_evenly_spaced_photos(tmp_path) -> None:
+    paths = []
+    for number in range(10):
+        paths.append(tmp_path / f"photo_{number}.png")
+        cv2.imwrite(str(paths[-1]), part_photo(degrees=10 * number))
+    sheets = write_preview_sheets(paths, CONFIG, tmp_path / "sheets", count=4)
+    assert [sheet.name for sheet in sheets] == [f"photo_{number}_steps.png" for number in (0, 2, 4, 6)]
+    assert all(sheet.is_file() for sheet in sheets)
+
+
 def test_opencv_runs_each_call_on_one_thread_because_the_worker_pool_is_the_parallelism():
     """OpenCV's own threads doubled a photo's CPU cost while the pool and the backbone used the cores."""
     import subprocess
@@ -376,6 +401,15 @@ def test_glare_on_the_part_is_filled_and_a_bright_spot_on_the_table_is_left_alon
     assert not result.warnings
 
 
+def test_a_small_glare_spot_on_the_part_s_edge_leaves_no_bright_rim_in_the_model_input() -> None:
+    """The filling reaches a little past the part's mask: the glare pixels just beyond its edge,
+    within the model's mask, would otherwise stay saturated and score as a defect."""
+    photo = screw_photo(0)[0].copy()
+    cv2.circle(photo, (200, 171), 4, (255, 255, 255), -1)  # 3 inside the shaft's upper edge (y = 168): 1 past it
+    result = preprocess(photo, CONFIG.replace(white_balance=False, clahe=False))
+    assert result.image.max() < 250 and not result.warnings
+
+
 def test_glare_biting_into_the_part_s_edge_does_not_bite_its_mask() -> None:
     """The mask is taken from a glare-filled copy: Otsu would give the saturated bite to the bright table."""
     config = CONFIG.replace(white_balance=False, clahe=False, mask_dilation=0)
@@ -384,3 +418,18 @@ def test_glare_biting_into_the_part_s_edge_does_not_bite_its_mask() -> None:
     cv2.circle(photo, (200, 168), 14, (255, 255, 255), -1)  # centred on the shaft's upper edge
     glared = preprocess(photo, config)
     assert (glared.mask != clean.mask).sum() <= 0.005 * clean.mask.sum()
+
+
+def test_the_mask_grows_by_its_radius_on_every_side() -> None:
+    """Defects on the part's edge stay in view as far beyond it on the left as on the right, above as below."""
+    dot = np.zeros((21, 21), bool)
+    dot[10, 10] = True
+    rows, columns = np.nonzero(dilate(dot, 4))
+    assert (rows.min(), rows.max(), columns.min(), columns.max()) == (6, 14, 6, 14)
+
+
+def test_a_lighting_step_that_cannot_do_its_job_says_so() -> None:
+    """A part and table without blue: white balance would divide by an empty channel, so it is
+    skipped, and the photo's warnings say why."""
+    result = preprocess(part_photo(colour=(170, 170, 0), table=(40, 40, 0)), CONFIG)
+    assert result.warnings == ["white balance skipped: a colour channel is almost empty"]
