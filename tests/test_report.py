@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -16,6 +18,7 @@ import pytest
 from config import Config
 from evaluation.metrics import aupro, downsample_for_eval, image_metrics, pixel_roc, rates_at_threshold, wilson_interval
 from evaluation.report import OPERATING_POINT_COLUMNS, evaluate, format_summary
+from inspection.overlay import png_bytes
 from models.patchcore import Prediction
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -479,3 +482,131 @@ def test_a_one_pixel_peak_stays_highlighted_on_the_report_thumbnail() -> None:
     prediction = Prediction(5.0, 2.0, anomaly_map, True, 0.0, 0.5, [])
     item = scored_image("peak.png", np.zeros((1024, 1024, 3), np.uint8), prediction)
     assert item.highlight.sum() == 1
+
+
+def test_each_figure_in_the_report_is_the_one_in_metrics_json(tmp_path: Path) -> None:
+    """Every headline figure on the page is read from its own metric: none shows another's value. (Without
+    one scratch photo, as with it the image AUROC and average precision happen to be equal.)"""
+    data = make_dataset(tmp_path / "data")
+    (data / "test" / "scratch" / "002.png").unlink()
+    model = FakeModel()
+    metrics = evaluate(model, data, tmp_path / "out", quiet=True, eval_size=32)
+    page = (tmp_path / "out" / "report.html").read_text()
+    rows = {
+        "Image AUROC": metrics["image_auroc"], "Image average precision": metrics["image_ap"],
+        "Image F1 at threshold": metrics["image_f1_at_threshold"], "Image F1-max (oracle)": metrics["image_f1_max"],
+        "Pixel AUROC": metrics["pixel_auroc"], "AUPRO (FPR &le; 0.3)": metrics["aupro"],
+        "AUROC healthy vs hole": metrics["per_defect_auroc"]["hole"],
+        "AUROC healthy vs scratch": metrics["per_defect_auroc"]["scratch"], "Threshold": model.threshold,
+    }
+    assert len({f"{value:.4f}" for value in rows.values()}) == len(rows)  # distinct, so a swap would show
+    for name, value in rows.items():
+        assert _table_row(page, name) == f"{value:.4f}", name
+    assert re.search(r"<tr><th>Test photos</th><td>10</td><td>6 healthy, 4 defective, 1 unreadable</td></tr>", page)
+    assert re.search(r'<p class="meta">.* · threshold 0\.3000</p>', page)
+
+
+def test_file_and_photo_names_in_the_report_are_shown_as_text_never_run_as_markup(tmp_path: Path) -> None:
+    """An unreadable file and the training photos the setup section names are listed by name, escaped."""
+    name = '<img src=x onerror="alert(1)">'
+    data = make_dataset(tmp_path / "data")
+    (data / "test" / "hole" / "999.png").rename(data / "test" / "hole" / f"{name}.png")
+    model = FakeModel()
+    model.calibration = {**model.calibration, "left_out": [f"train/good/{name}.png"],
+                         "unlike_the_rest": [{"photo": f"train/good/{name}2.png", "score": 0.5}]}
+    evaluate(model, data, tmp_path / "out", quiet=True, eval_size=32)
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert name not in page
+    escaped = "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;"
+    setup = page.split("How this model was set up", 1)[1].split("</ul>", 1)[0]
+    assert f"train/good/{escaped}.png" in setup and f"train/good/{escaped}2.png" in setup
+    assert f"{escaped}.png" in page.split("Unreadable files", 1)[1].split("</ul>", 1)[0]
+
+
+def test_a_training_photo_unlike_the_rest_is_shown_with_its_heatmap(tmp_path: Path) -> None:
+    """The setup section embeds the written overlay of a training photo to check, so the page alone shows why."""
+    overlay = png_bytes(np.full((8, 8, 3), 200, np.uint8))
+    (tmp_path / "odd.png").write_bytes(overlay)
+    model = FakeModel()
+    model.calibration = {**model.calibration, "unlike_the_rest": [
+        {"photo": "train/good/odd.png", "score": 0.5, "heatmap": str(tmp_path / "odd.png")}]}
+    evaluate(model, make_dataset(tmp_path / "data"), tmp_path / "out", quiet=True, eval_size=32)
+    setup = (tmp_path / "out" / "report.html").read_text().split("How this model was set up", 1)[1].split("</ul>", 1)[0]
+    assert "check this training photo</strong>, it looks unlike the rest: train/good/odd.png (held-out score 0.500)" in setup
+    assert f'src="data:image/png;base64,{base64.b64encode(overlay).decode()}"' in setup
+
+
+def _drawn(monkeypatch: pytest.MonkeyPatch, name: str) -> list[tuple]:
+    """The arguments of every call to the report's figure function ``name``, which still draws."""
+    import evaluation.report
+
+    calls: list[tuple] = []
+    draw = getattr(evaluation.report, name)
+    monkeypatch.setattr(evaluation.report, name, lambda *args, **kwargs: calls.append(args) or draw(*args, **kwargs))
+    return calls
+
+
+@pytest.mark.parametrize("threshold", [0.05, 0.8], ids=["six false alarms", "three escapes"])
+def test_the_worst_cases_show_the_worst_mistakes_first(threshold: float, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """False alarms highest score first, missed defects lowest first, up to six of each, every mistake counted."""
+    calls = _drawn(monkeypatch, "tiles_figure")
+    model = FakeModel()
+    model.threshold = threshold
+    metrics = evaluate(model, make_dataset(tmp_path / "data"), tmp_path / "out", quiet=True, eval_size=32)
+    ((rows, *_),) = calls
+    false_alarms, escapes = ([tile.caption for tile in tiles] for tiles in rows.values())
+    assert len(false_alarms) == min(6, metrics["false_alarms"]) and len(escapes) == min(6, metrics["escapes"])
+    assert len(false_alarms) + len(escapes) >= 3
+    for captions, worst_first in ((false_alarms, True), (escapes, False)):
+        scores = [float(caption.split()[1]) for caption in captions]
+        assert scores == sorted(scores, reverse=worst_first), captions
+    assert all(caption.startswith("FP ") for caption in false_alarms)
+    assert all(caption.startswith("FN ") for caption in escapes)
+    if threshold < 0.1:
+        assert false_alarms[0].endswith("good/005.png")  # the faint speck scores highest
+    else:
+        assert escapes[0].endswith("hole/001.png")  # the faint hole scores lowest
+
+
+def test_the_score_histogram_separates_healthy_from_defective_photos(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 6 healthy scores (one false alarm at 0.34) are drawn as healthy, the 5 defective as defective."""
+    calls = _drawn(monkeypatch, "score_histogram_figure")
+    evaluate(FakeModel(), make_dataset(tmp_path / "data"), tmp_path / "out", quiet=True, eval_size=32)
+    ((healthy, defective, threshold, *_),) = calls
+    assert len(healthy) == 6 and len(defective) == 5 and threshold == 0.3
+    assert sorted(healthy)[-1] == pytest.approx(0.34, abs=0.01) and max(healthy) < max(defective)
+
+
+def test_a_healthy_photo_in_the_report_shows_uncoloured_on_the_models_scale(report: tuple[dict, Path, FakeModel]) -> None:
+    """The report's heatmaps start at the healthy median: a healthy part below it keeps its own colours."""
+    from evaluation.gallery import THUMB_SIZE, jpeg_uri
+
+    image = cv2.cvtColor(cv2.imread(str(report[1].parent / "data" / "test" / "good" / "000.png")), cv2.COLOR_BGR2RGB)
+    thumbnail = cv2.resize(image, (THUMB_SIZE, THUMB_SIZE), interpolation=cv2.INTER_AREA)
+    assert jpeg_uri(thumbnail) in (report[1] / "report.html").read_text()
+
+
+def assert_replaced_whole(paths: list[Path], write: Callable[[], object]) -> None:
+    """``write`` replaces each file whole, never rewrites it in place: a reader of the previous file (a
+    browser loading the page, a crash or full disk mid-write) sees it complete, never half a file."""
+    before = {path: path.read_bytes() for path in paths}
+    handles = {path: path.open("rb") for path in paths}
+    try:
+        write()
+        for path, handle in handles.items():
+            assert handle.read() == before[path], f"{path.name} was rewritten in place"
+            assert path.read_bytes() != before[path], f"{path.name} was not replaced"
+    finally:
+        for handle in handles.values():
+            handle.close()
+
+
+def test_a_new_evaluation_replaces_the_metrics_and_report_whole(tmp_path: Path) -> None:
+    data, out = make_dataset(tmp_path / "data"), tmp_path / "out"
+    evaluate(FakeModel(), data, out, quiet=True, eval_size=32)
+    model = FakeModel()
+    model.threshold = 0.5
+    assert_replaced_whole([out / "metrics.json", out / "report.html"],
+                          lambda: evaluate(model, data, out, quiet=True, eval_size=32))
