@@ -18,7 +18,7 @@ import pytest
 from config import Config
 from evaluation.metrics import aupro, downsample_for_eval, image_metrics, pixel_roc, rates_at_threshold, wilson_interval
 from evaluation.report import OPERATING_POINT_COLUMNS, evaluate, format_summary
-from inspection.overlay import png_bytes
+from inspection.overlay import colour_scale_image, png_bytes
 from models.patchcore import Prediction
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -610,3 +610,127 @@ def test_a_new_evaluation_replaces_the_metrics_and_report_whole(tmp_path: Path) 
     model.threshold = 0.5
     assert_replaced_whole([out / "metrics.json", out / "report.html"],
                           lambda: evaluate(model, data, out, quiet=True, eval_size=32))
+
+
+def _picture(data: str) -> np.ndarray:
+    """An embedded base64 picture as the browser shows it (RGB)."""
+    encoded = np.frombuffer(base64.b64decode(data), np.uint8)
+    return cv2.cvtColor(cv2.imdecode(encoded, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
+def _card_pictures(page: str) -> dict[str, np.ndarray]:
+    """Each card's picture, by the photo name under it."""
+    cards = re.findall(r'<img src="data:image/jpeg;base64,([^"]+)"[^>]*>.*?<div class="name">([^<]*)</div>', page)
+    return {name: _picture(data) for data, name in cards}
+
+
+def test_a_card_shows_the_heatmap_on_the_defect_of_the_original_photo() -> None:
+    """A wide photo with a red defect up and to the right: the card keeps the photo's shape and colours, and
+    the heatmap and contour sit on the defect, not mirrored or transposed."""
+    from evaluation.gallery import VERDICTS, gallery, scored_image
+
+    model = FakeModel()
+    image = np.full((96, 192, 3), 150, np.uint8)
+    cv2.circle(image, (150, 30), 8, (255, 50, 50), -1)
+    (prediction,) = model.predict([image])
+    item = scored_image("wide.png", image, prediction)
+    card = _card_pictures(gallery("photos", [item], VERDICTS, model.threshold, model.calibration_median))["wide.png"]
+    assert card.shape[:2] == (112, 224)  # 96 x 192 with the longer side at 224
+    changed = np.abs(card.astype(int) - cv2.resize(image, (224, 112), interpolation=cv2.INTER_AREA)).sum(-1) > 60
+    rows, columns = np.nonzero(changed)
+    assert changed.any() and abs(columns.mean() - 175) < 8 and abs(rows.mean() - 35) < 8  # (150, 30) x 224/192
+    red, _, blue = card[35, 175].astype(int)
+    assert red > blue + 80  # a red defect under a hot heatmap stays red
+
+
+def test_each_outcome_is_named_and_coloured_for_what_it_means(report: tuple[dict, Path, FakeModel]) -> None:
+    """The badges say what each outcome means, and a missed defect, a false alarm, a found defect and a
+    healthy pass each have their own colour."""
+    page = (report[1] / "report.html").read_text()
+    badges = dict(re.findall(r'<span class="badge (\w+)">\1 · ([^<]*)</span>', page))
+    assert badges == {"FN": "missed defect", "FP": "false alarm", "TP": "defect found", "TN": "healthy, passed"}
+    colours = dict(re.findall(r"\.badge\.(\w+) \{ background: (#\w+); \}", page))
+    assert len({colours[outcome] for outcome in badges}) == 4
+
+
+def test_defective_cards_outline_the_ground_truth_in_magenta(report: tuple[dict, Path, FakeModel]) -> None:
+    """As the page's legend says: every defective photo with a mask has a magenta contour, no healthy one does."""
+    for name, picture in _card_pictures((report[1] / "report.html").read_text()).items():
+        red, green, blue = np.moveaxis(picture.astype(int), -1, 0)
+        magenta = np.minimum(red, blue) - green > 80  # the thin contour, blurred by JPEG
+        assert magenta.any() == (not name.startswith("good/")), name
+
+
+def test_the_colour_scale_above_the_cards_is_the_one_they_are_drawn_on() -> None:
+    """The legend runs from the healthy median, as the cards' heatmaps do, not from zero."""
+    from evaluation.gallery import VERDICTS, gallery
+
+    model = FakeModel()
+    page = gallery("photos", _gallery_items(model, ["a.png"], [0]), VERDICTS, model.threshold, model.calibration_median)
+    legend = re.search(r'<img class="plot" src="data:image/png;base64,([^"]+)" alt="heatmap colour scale">', page)
+    assert np.array_equal(_picture(legend.group(1)), colour_scale_image(model.threshold, vmin=model.calibration_median))
+
+
+def test_a_one_pixel_peak_is_ringed_on_its_card() -> None:
+    """The card draws the region found at full size: a peak lost when the map is shrunk is still ringed in white."""
+    from evaluation.gallery import VERDICTS, gallery, scored_image
+
+    anomaly_map = np.zeros((1024, 1024), np.float32)
+    anomaly_map[517, 300] = 5.0
+    prediction = Prediction(5.0, 2.0, anomaly_map, True, 0.0, 0.5, [])
+    item = scored_image("peak.png", np.zeros((1024, 1024, 3), np.uint8), prediction)
+    card = _card_pictures(gallery("photos", [item], VERDICTS, 2.0, None))["peak.png"]
+    white = np.nonzero((card > 200).all(-1))
+    assert white[0].size and abs(white[0].mean() - 517 * 224 / 1024) < 4 and abs(white[1].mean() - 300 * 224 / 1024) < 4
+
+
+def test_a_folder_or_file_name_on_the_batch_page_is_shown_as_text_never_run_as_markup(tmp_path: Path) -> None:
+    from evaluation.gallery import write_batch_report
+
+    name = '<img src=x onerror="alert(1)">'
+    model = FakeModel()
+    records = [{"path": "a.png", "score": 0.2}, {"path": f"{name}.png", "error": f"{name}.png: not a readable image"}]
+    page = write_batch_report(model, tmp_path / name, _gallery_items(model, ["a.png"], [0]), records,
+                              tmp_path / "batch_report.html").read_text()
+    assert name not in page
+    escaped = "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;"
+    assert f"<title>Scored photos: {escaped}</title>" in page and f"<h1>Scored photos: {escaped}</h1>" in page
+    assert f"<li>{escaped}.png: not a readable image</li>" in page
+
+
+def test_the_batch_page_counts_what_it_shows(batch_page: Path) -> None:
+    """The flagged count and the filter buttons agree with the cards; the threshold is the model's."""
+    page = batch_page.read_text()
+    outcomes = re.findall(r'<figure class="card (\w+)"', page)
+    flagged = outcomes.count("ANOMALOUS")
+    assert 0 < flagged < len(outcomes)
+    assert f"<tr><th>Flagged ANOMALOUS</th><td>{flagged}</td>" in page
+    assert "<tr><th>Threshold</th><td>0.3000</td>" in page
+    buttons = re.findall(r'<button data-filter="(\w+)"[^>]*>[^<]*\((\d+)\)</button>', page)
+    assert buttons == [("all", "11"), ("ANOMALOUS", str(flagged)), ("OK", str(len(outcomes) - flagged))]
+
+
+def test_the_batch_pages_healthy_limit_is_the_drift_percentile_of_the_healthy_scores(batch_page: Path) -> None:
+    """Config's drift_percentile (90) of the calibration scores: where the drift warning starts."""
+    limit = np.percentile(FakeModel().calibration_scores, Config().drift_percentile)
+    assert f"healthy limit {limit:.3f}</text>" in batch_page.read_text()
+
+
+def test_the_timeline_draws_the_threshold_and_the_healthy_limit_at_their_scores() -> None:
+    """A photo scoring exactly the threshold (or the limit) sits on that line."""
+    from evaluation.gallery import score_timeline_svg
+
+    svg = score_timeline_svg([0.2, 0.3, 0.28, 0.25], threshold=0.3, healthy_limit=0.28, window=3)
+    dots = [float(y) for y in re.findall(r'<circle [^>]*cy="([\d.]+)"', svg)]
+    lines = dict(re.findall(r'<line [^>]*y1="([\d.]+)"[^>]*>.*?>(threshold|healthy limit) [\d.]+</text>', svg))
+    assert {label: float(y) for y, label in lines.items()} == {"threshold": dots[1], "healthy limit": dots[2]}
+
+
+def test_a_new_batch_page_replaces_the_previous_one_whole(tmp_path: Path) -> None:
+    from evaluation.gallery import write_batch_report
+
+    model = FakeModel()
+    path = tmp_path / "batch_report.html"
+    write_batch_report(model, tmp_path, _gallery_items(model, ["a.png"], [0]), [], path)
+    assert_replaced_whole([path], lambda: write_batch_report(model, tmp_path, _gallery_items(model, ["b.png"], [200]),
+                                                             [], path))
