@@ -142,6 +142,7 @@ def test_an_empty_upload_is_a_400_naming_it(service):
 def test_get_model_describes_the_model_file_that_decides(service, limited_model):
     model = PatchCore.load(limited_model)
     summary = httpx.get(f"http://127.0.0.1:{service}/model", timeout=60).json()
+    assert summary["model_file"] == str(limited_model)  # the full path: two lines' files may share a name
     assert summary["threshold"] == pytest.approx(model.threshold)
     assert summary["weights_identity"] == model.weights_identity and summary["backbone"] == model.config.backbone
     assert summary["n_train"] == model.n_train and summary["config"]["max_image_pixels"] == PIXEL_LIMIT

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import running_service
+from conftest import running_service, wait_until
 from evaluation.mvtec import load_test_split
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,6 +58,7 @@ def test_good_and_defect_photos_get_the_same_record_as_inference(service, photos
         assert record["path"] == photos[kind].name
         assert record["score"] == pytest.approx(round(expected.score, 4), abs=2e-4)
         assert record["is_anomalous"] == expected.is_anomalous
+        assert "heatmap_png_base64" not in record  # an overlay only when asked for: it is slow to draw and large
     assert records["defect"].json()["score"] > records["good"].json()["score"]
 
 
@@ -284,3 +285,70 @@ def test_a_photo_is_remembered_before_its_answer_so_feedback_can_name_it_at_once
         assert status == 200 and remembered == ["part.png"]
     finally:
         batcher.stop()
+
+
+def test_health_tells_a_monitor_how_full_the_queue_is_and_counts_every_photo_scored(service, photos):
+    """A load balancer or dashboard reads /health: the queue's size and fill, and one more photo scored per
+    photo answered, a photo without a heatmap too."""
+    before = httpx.get(f"{service}/health", timeout=30).json()
+    assert post(service, photos["good"]).status_code == 200
+    wait_until(lambda: httpx.get(f"{service}/health", timeout=30).json()["scored"] > before["scored"], timeout=30)
+    after = httpx.get(f"{service}/health", timeout=30).json()
+    assert after["status"] == "ok" and after["queue_size"] == 4 and after["queued"] == 0
+    assert after["scored"] == before["scored"] + 1
+
+
+def test_bodies_being_read_share_one_memory_budget_that_a_client_going_away_gives_back(fitted_model, photos, tmp_path):
+    """A queue of 1 x 1 MiB: while a slow client holds 900 kB of an unfinished upload, a photo that would take
+    the service past that budget is told 503 + Retry-After (memory stays bounded); once that client hangs up,
+    its bytes are free again and photos are scored, never 'busy' for good."""
+    model_file = tmp_path / "model.pkl"
+    fitted_model.save(model_file)
+    with running_service("--model", str(model_file), "--queue-size", "1", "--max-upload-mb", "1",
+                         "--body-timeout", "120") as port:
+        url = f"http://127.0.0.1:{port}"
+        head = (f"POST /score?name=slow.png HTTP/1.1\r\nHost: x\r\nContent-Length: {2**20}\r\n"
+                "Content-Type: application/octet-stream\r\n\r\n")
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as slow:
+            slow.sendall(head.encode() + b"\0" * 900_000)
+            wait_until(lambda: post(url, photos["good"], key=None).status_code == 503, timeout=30)
+            refused = post(url, photos["good"], key=None)
+            assert refused.status_code == 503 and refused.headers["Retry-After"] == "1", refused.text
+            assert refused.json()["error"].startswith("busy")
+        wait_until(lambda: post(url, photos["good"], key=None).status_code == 200, timeout=30)
+        assert post(url, photos["good"], key=None).status_code == 200
+
+
+def test_a_bug_while_scoring_is_a_500_answer_and_the_next_photo_is_still_scored(fitted_model, photos, tmp_path,
+                                                                                 monkeypatch):
+    """A bug in one batch fails that batch's requests with an answer the client can read; it must not end the
+    scoring thread, which would leave this and every later request waiting for good."""
+    import runtime.service
+    from runtime.service import Batcher
+
+    real_score_batch = runtime.service.score_batch
+
+    def breaks_on_a_bad_batch(model: object, batch: list, heatmap_dir: Path | None) -> list:
+        if batch[0].source == b"bug":
+            raise RuntimeError("simulated bug")
+        return real_score_batch(model, batch, heatmap_dir)
+
+    monkeypatch.setattr(runtime.service, "score_batch", breaks_on_a_bad_batch)
+    batcher = Batcher(fitted_model, queue_size=4, batch_wait_s=0.005, scratch=tmp_path)
+    try:
+        failed = batcher.submit("a.png", b"bug", heatmap=False).result(timeout=30)
+        status, record = batcher.submit("b.png", photos["good"].read_bytes(), heatmap=False).result(timeout=120)
+    finally:
+        batcher.stop()
+    assert failed == (500, {"path": "a.png", "error": "internal error while scoring: RuntimeError"})
+    assert status == 200 and record["path"] == "b.png" and "score" in record
+
+
+@pytest.mark.parametrize("setting", [{"batch_wait_ms": 0}, {"queue_size": 1}, {"retry_after_s": 1}, {"learn_batch": 1},
+                                     {"learn_wait_s": 0}, {"keep_scored": 1}], ids=str)
+def test_the_smallest_value_of_each_setting_is_accepted(setting):
+    """``--batch-wait-ms 0`` scores each photo at once, ``--queue-size 1`` takes one photo at a time: settings
+    a line may choose, not errors."""
+    from runtime.service import ServiceSettings
+
+    assert ServiceSettings(model="m.pkl", **setting)
