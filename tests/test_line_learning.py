@@ -330,6 +330,19 @@ def test_feedback_names_only_the_last_photos_kept_each_once_and_answers_busy_whe
         assert client.get("/model").json()["updates"] == []
 
 
+def test_photos_sent_with_feedback_leave_the_upload_budget_once_kept(fitted_model, unseen, tmp_path, monkeypatch):
+    """A queue of 1 x 1 MiB of bodies: a confirmed photo is written to disk at once, so its bytes must stop counting
+    against that budget, or three confirmations of 400 kB photos would leave every later upload answered 'busy'."""
+    from fastapi.testclient import TestClient
+
+    app = learning_service(fitted_model, tmp_path, monkeypatch, queue_size=1, max_upload_mb=1, learn_wait_s=600)
+    with TestClient(app) as client:
+        for photo in unseen[:3]:
+            sent = client.post(f"/feedback?verdict=good&name={photo.name}", content=photo.read_bytes())
+            assert sent.status_code == 202, sent.text
+        assert client.post("/score?name=after.png", content=unseen[3].read_bytes()).status_code == 200
+
+
 def test_feedback_updates_at_once_when_the_batch_is_full_learns_forced_photos_and_restarts_the_drift_window(
     fitted_model, unseen, tmp_path, monkeypatch
 ):
