@@ -138,6 +138,7 @@ def test_round_trip_through_dict():
         ("max_image_pixels", 0, "max_image_pixels must be 1 to 1_073_741_824, got 0"),
         ("layers", ["layer2"], "layers must name 0 or 2 items, got ['layer2']"),
         ("layers", "layer2", "layers must be a list of names, got 'layer2'"),
+        ("layers", ["_blocks.3", 7], "layers must be a list of names, got ['_blocks.3', 7]"),
         ("backbone", "resnet9000", "backbone must be one of wide_resnet50_2, efficientnet_lite0, got 'resnet9000'"),
         ("knn_index", 1, "knn_index must be text, got 1"),
         ("object_patches_only", 1, "object_patches_only must be true or false, got 1"),
@@ -147,6 +148,24 @@ def test_every_setting_is_checked_for_type_and_range(setting, value, reason):
     with pytest.raises(ConfigError) as raised:
         Config.from_dict({setting: value})
     assert str(raised.value) == f"invalid settings: {reason}"
+
+
+@pytest.mark.parametrize(
+    "setting, value, choices",
+    [
+        ("knn_index", "hnsw", "flat, ivf"),
+        ("segmentation_method", "watershed", "otsu, grabcut"),
+        ("mask_fill", "convex", "contour, hull"),
+        ("device", "mps", "auto, cpu, cuda"),
+        ("backbone", "resnet18", "wide_resnet50_2, efficientnet_lite0"),
+    ],
+)
+def test_a_choice_the_toolkit_does_not_implement_is_refused(setting, value, choices):
+    """Only the choices the code acts on are offered: any other (knn_index hnsw would quietly search a
+    flat index) is refused up front, and the message lists exactly the choices there are."""
+    with pytest.raises(ConfigError) as raised:
+        Config.from_dict({setting: value})
+    assert str(raised.value) == f"invalid settings: {setting} must be one of {choices}, got {value!r}"
 
 
 def test_all_bad_settings_are_named_in_one_message():
