@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from config import Config, UserError
-from conftest import small_config
+from conftest import part_photo, small_config
 from models.calibration import fit_tail, rate_interval, read_at
 from models.patchcore import PatchCore, anomaly_confidence_from_sigma
 from evaluation.mvtec import load_test_split, train_images
@@ -252,6 +252,62 @@ def test_reweighting_follows_eq7_on_a_bank_worked_out_on_paper(monkeypatch, neig
     model = hand_made_model(monkeypatch, score_reweighting=True, num_neighbors=neighbours)
     (prediction,) = model.predict([np.zeros((32, 32, 3), np.uint8)])
     assert prediction.score == pytest.approx(weight * 4.0, rel=1e-5)
+
+
+def test_a_score_exactly_at_the_threshold_is_not_flagged(monkeypatch):
+    """The verdict is 'score above the threshold': a photo exactly at it passes, one a hair above is flagged."""
+    model = hand_made_model(monkeypatch, score_reweighting=False)
+    photo = np.zeros((32, 32, 3), np.uint8)
+    model.threshold = model.predict([photo])[0].score
+    (at,) = model.predict([photo])
+    assert at.score == model.threshold and not at.is_anomalous
+    model.threshold = float(np.nextafter(np.float32(at.score), np.float32(0)))
+    assert model.predict([photo])[0].is_anomalous
+
+
+def test_the_heatmap_is_blurred_by_heatmap_sigma_around_the_worst_patch(monkeypatch):
+    """heatmap_sigma is how far a defect's heat spreads on the overlay: the map is the unsmoothed one
+    blurred by exactly that sigma, with its peak still on the worst patch (the grid's top-left one)."""
+    photo = np.zeros((32, 32, 3), np.uint8)
+    (sharp,) = hand_made_model(monkeypatch, score_reweighting=False).predict([photo])
+    model = hand_made_model(monkeypatch, score_reweighting=False)
+    model.config = model.config.replace(heatmap_sigma=3.0)
+    (smooth,) = model.predict([photo])
+    np.testing.assert_allclose(smooth.anomaly_map, cv2.GaussianBlur(sharp.anomaly_map, (0, 0), 3.0), atol=1e-5)
+    peak = np.unravel_index(np.argmax(smooth.anomaly_map), smooth.anomaly_map.shape)
+    assert peak[0] < 16 and peak[1] < 16
+
+
+def test_sigma_counts_robust_spreads_above_the_healthy_median(monkeypatch):
+    """One odd healthy photo must not move what a score is compared with: healthy scores 1, 2, 3, 4 and 10
+    have median 3 and median absolute deviation 1, so a score of 4 lies 1 / 1.4826 spreads above the
+    centre, as unusual as the healthy quartile (confidence 0.5)."""
+    model = hand_made_model(monkeypatch, score_reweighting=False)
+    model.set_calibration(np.array([1.0, 2.0, 3.0, 4.0, 10.0]), "five healthy photos")
+    (prediction,) = model.predict([np.zeros((32, 32, 3), np.uint8)])
+    assert prediction.score == pytest.approx(4.0)
+    assert prediction.sigma == pytest.approx(1 / 1.4826, rel=1e-4)
+    assert prediction.anomaly_confidence == pytest.approx(0.5, abs=1e-4)
+
+
+class BrokenFeatures(HandMadeFeatures):
+    """A backbone gone wrong (a broken export, a failing GPU): every feature is NaN."""
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return np.full((len(images), *PATCHES.shape), np.nan, dtype=np.float32)
+
+
+def test_a_photo_confirmed_good_whose_score_is_not_a_number_is_refused_by_name(monkeypatch):
+    """NaN is above no limit: unless refused, it would join the bank and make the threshold NaN, and
+    every later photo would then pass."""
+    model = hand_made_model(monkeypatch, score_reweighting=False)
+    model.set_calibration(np.array([1.0, 2.0, 3.0, 4.0, 10.0]), "five healthy photos")
+    bank, threshold = model.memory_bank.copy(), model.threshold
+    model._extractor = BrokenFeatures()
+    with pytest.raises(UserError, match="part.png: its score is not a finite number"):
+        model.add_good([part_photo()], progress=False, labels=["part.png"])
+    np.testing.assert_array_equal(model.memory_bank, bank)
+    assert model.threshold == threshold and not model.updates
 
 
 def test_sigma_is_measured_against_healthy_calibration(fitted_model, small_screw_dir):
