@@ -310,6 +310,21 @@ def test_a_photo_confirmed_good_whose_score_is_not_a_number_is_refused_by_name(m
     assert model.threshold == threshold and not model.updates
 
 
+@pytest.mark.parametrize("thresholds_above", [1.2, 2.0])
+def test_a_photo_confirmed_good_is_refused_only_above_good_score_limit_thresholds(monkeypatch, thresholds_above):
+    """A borderline part the operator passed (flagged, but under 1.5 thresholds) is what learning is for: it
+    joins the bank. Only one far above, likely a wrong click on a defect, is refused by name."""
+    model = hand_made_model(monkeypatch, score_reweighting=False)  # every photo scores 4.0
+    model.set_calibration(np.array([1.0, 2.0, 3.0, 4.0, 10.0]), "five healthy photos")
+    model.threshold = 4.0 / thresholds_above
+    if thresholds_above < 1.5:
+        record = model.add_good([part_photo()], progress=False, labels=["borderline.png"])
+        assert record["photos"] == 1 and record["refused"] == [] and record["forced"] == []
+    else:
+        with pytest.raises(UserError, match="1 of 1 photos score above 1.5 x the threshold .*far.png"):
+            model.add_good([part_photo()], progress=False, labels=["far.png"])
+
+
 def test_sigma_is_measured_against_healthy_calibration(fitted_model, small_screw_dir):
     (prediction,) = fitted_model.predict([load_test_split(small_screw_dir)[-1].path])
     expected = (prediction.score - fitted_model.calibration_median) / fitted_model.calibration_std
