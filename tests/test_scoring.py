@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import io
+import math
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -118,7 +120,7 @@ def test_a_score_that_is_not_a_number_is_an_error_record_never_a_verdict(fitted_
 def test_a_photo_too_large_for_memory_fails_alone(fitted_model, small_screw_dir, monkeypatch):
     """Under a memory cap the batch that holds a huge photo runs out of memory: only that photo may fail."""
     first, second = (s.path for s in load_test_split(small_screw_dir)[:2])
-    huge = np.zeros((3000, 3000, 3), np.uint8)
+    huge = np.zeros((3000, 2000, 3), np.uint8)  # not square: the message gives width x height
     real_predict = type(fitted_model).predict
 
     def capped(self, images, *args, **kwargs):
@@ -129,7 +131,7 @@ def test_a_photo_too_large_for_memory_fails_alone(fitted_model, small_screw_dir,
     monkeypatch.setattr(type(fitted_model), "predict", capped)
     results = score_batch(fitted_model, [Photo("a.png", first), Photo("huge.png", huge), Photo("b.png", second)])
     assert [("error" in r.record) for r in results] == [False, True, False]
-    assert results[1].record["error"] == "huge.png: 3000x3000 pixels: too large to score with the memory available"
+    assert results[1].record["error"] == "huge.png: 2000x3000 pixels: too large to score with the memory available"
     expected = [round(p.score, 4) for p in real_predict(fitted_model, [first, second])]
     assert [results[0].record["score"], results[2].record["score"]] == expected
 
@@ -200,3 +202,57 @@ def test_any_number_of_photos_is_scored_in_batches_each_once_in_order(fitted_mod
     batches = list(score_files(model, [Photo(path.name, path) for path in paths]))
     assert [len(batch) for batch in batches] == [2, 2, 1]
     assert [scored.record["path"] for batch in batches for scored in batch] == [str(path) for path in paths]
+
+
+def test_an_infinite_score_is_an_error_record_never_a_verdict(fitted_model, small_screw_dir, monkeypatch) -> None:
+    """An overflowing distance can be +inf as well as NaN: "ANOMALOUS, score inf" would rest on a damaged model."""
+    photo = load_test_split(small_screw_dir)[0].path
+    real_predict = type(fitted_model).predict
+
+    def overflowing(self, images, *args, **kwargs):
+        return [replace(prediction, score=math.inf) for prediction in real_predict(self, images, *args, **kwargs)]
+
+    monkeypatch.setattr(type(fitted_model), "predict", overflowing)
+    (result,) = score_batch(fitted_model, [Photo(photo.name, photo)])
+    assert result.prediction is None and set(result.record) == {"path", "error"}
+    assert result.record["error"].startswith(f"{photo}: the score is inf, not a number a verdict can rest on")
+
+
+def test_a_photo_scored_exactly_at_the_threshold_is_ok_on_its_record_and_its_overlay(fitted_model, small_screw_dir,
+                                                                                    tmp_path) -> None:
+    """A score equal to the threshold passes: the overlay's title must say OK (green) as the record does."""
+    import copy
+
+    photo = load_test_split(small_screw_dir)[0].path
+    model = copy.copy(fitted_model)
+    model.threshold = fitted_model.predict([photo])[0].score
+    (result,) = score_batch(model, [Photo("at.png", photo)], heatmap_dir=tmp_path)
+    assert result.record["is_anomalous"] is False and result.record["normalized_score"] == 1.0
+    title = cv2.cvtColor(cv2.imread(result.record["heatmap"]), cv2.COLOR_BGR2RGB)[:TITLE_HEIGHT]
+    assert (title == VERDICT_RGB["OK"]).all(-1).any() and not (title == VERDICT_RGB["ANOMALOUS"]).all(-1).any()
+
+
+def test_photos_of_one_name_in_two_folders_get_their_own_records_and_heatmaps(fitted_model, small_screw_dir,
+                                                                              tmp_path) -> None:
+    """Cameras name files alike (P1.png in line1/ and line2/): each photo keeps its folder, so neither
+    heatmap overwrites the other."""
+    first, second = (sample.path for sample in load_test_split(small_screw_dir)[:2])
+    for line, source in (("line1", first), ("line2", second)):
+        (tmp_path / "photos" / line).mkdir(parents=True)
+        (tmp_path / "photos" / line / "P1.png").symlink_to(source)
+    photos = folder_photos(tmp_path / "photos", find_images(tmp_path / "photos"))
+    results = score_batch(fitted_model, photos, heatmap_dir=tmp_path / "heatmaps")
+    heatmaps = [Path(result.record["heatmap"]) for result in results]
+    assert heatmaps == [tmp_path / "heatmaps" / line / "P1.png_heatmap.png" for line in ("line1", "line2")]
+    assert all(path.is_file() for path in heatmaps) and heatmaps[0].read_bytes() != heatmaps[1].read_bytes()
+
+
+def test_an_upload_read_from_a_file_is_named_by_that_file_in_its_record(fitted_model, small_screw_dir,
+                                                                       tmp_path) -> None:
+    """The watched folder reads a photo's bytes itself: its record, scored or not, names the file it came from."""
+    photo = load_test_split(small_screw_dir)[0].path
+    broken = tmp_path / "cam" / "P2.png"
+    results = score_batch(fitted_model, [Photo("P1.png", photo.read_bytes(), origin=str(photo)),
+                                         Photo("P2.png", b"\x89PNG broken", origin=str(broken))])
+    assert [result.record["path"] for result in results] == [str(photo), str(broken)]
+    assert results[1].record["error"].startswith(f"{broken}: ")
