@@ -200,3 +200,55 @@ def test_tiles_use_the_models_colour_scale() -> None:
     figure = tiles_figure({"healthy": [tile]}, threshold=2.0, vmin=1.0, columns=2)
     shown = [ax.get_images()[0].get_array() for sub in figure.subfigs for ax in sub.axes if ax.get_images()]
     np.testing.assert_array_equal(np.asarray(shown[0]), image)
+
+
+def test_a_defect_is_drawn_red_on_the_photo() -> None:
+    """Jet runs from blue (calm) to red (defect): a map at the top of the scale must tint the photo red, not blue."""
+    image, anomaly_map = _photo_and_map()
+    drawn = overlay_rgb(image, anomaly_map * 2, threshold=2.0).astype(int)  # 10: above the scale's top of 6
+    red, _, blue = drawn[30, 40]
+    assert red >= 120 and blue <= 60
+
+
+def test_the_ground_truth_outline_lies_around_the_defect() -> None:
+    """The magenta outline surrounds the annotated defect, not the rest of the photo."""
+    image = np.zeros((100, 100, 3), np.uint8)
+    gt = np.zeros((100, 100), bool)
+    gt[40:60, 30:50] = True
+    drawn = overlay_rgb(image, np.zeros((100, 100), np.float32), threshold=2.0, gt_mask=gt)
+    rows, cols = np.nonzero((drawn == GROUND_TRUTH_RGB).all(-1))
+    assert rows.size and (rows.min(), rows.max(), cols.min(), cols.max()) == (40, 59, 30, 49)
+
+
+def test_a_small_region_off_the_diagonal_is_ringed_round_itself() -> None:
+    """A 3-pixel-wide peak is as easy to miss as a 1-pixel one: it gets a ring, and the ring is round the peak,
+    not at the mirrored place."""
+    image = np.zeros((200, 200, 3), np.uint8)
+    anomaly_map = np.zeros((200, 200), np.float32)
+    anomaly_map[39:42, 149:152] = 5.0
+    rows, cols = np.nonzero((overlay_rgb(image, anomaly_map, threshold=2.0) == THRESHOLD_RGB).all(-1))
+    assert rows.size and rows.max() - rows.min() >= 12 and cols.max() - cols.min() >= 12
+    assert abs(rows.mean() - 40) <= 2 and abs(cols.mean() - 150) <= 2
+
+
+def test_the_outline_on_a_landscape_photos_saved_overlay_is_on_its_defect() -> None:
+    """Camera photos are wider than tall: the white outline on the saved overlay surrounds the hot region
+    at its own place on the panel (the region is taken at full size, then shrunk to the panel)."""
+    photo = np.zeros((600, 800, 3), np.uint8)
+    anomaly_map = np.zeros((600, 800), np.float32)
+    anomaly_map[100:160, 500:600] = 5.0
+    panel = _overlay_panel(overlay_image(photo, anomaly_map, 2.0, 5.0, "ANOMALOUS"), photo.shape[:2])
+    rows, cols = np.nonzero((panel == THRESHOLD_RGB).all(-1))
+    scale = PANEL_SIDE / 800
+    assert rows.size
+    assert abs(rows.min() - 100 * scale) <= 3 and abs(rows.max() - 160 * scale) <= 3
+    assert abs(cols.min() - 500 * scale) <= 3 and abs(cols.max() - 600 * scale) <= 3
+
+
+@pytest.mark.parametrize(("verdict", "hue"), [("ANOMALOUS", 0), ("OK", 1)])
+def test_the_verdict_is_written_in_red_when_anomalous_and_green_when_ok(verdict: str, hue: int) -> None:
+    """The title's colour is read before its words: ANOMALOUS in red, OK in green."""
+    photo = np.zeros((100, 100, 3), np.uint8)
+    title = overlay_image(photo, np.zeros((100, 100), np.float32), 2.0, 1.0, verdict)[:TITLE_HEIGHT].astype(int)
+    others = [channel for channel in range(3) if channel != hue]
+    assert (title[..., hue] - title[..., others].max(-1) > 60).any()
