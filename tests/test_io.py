@@ -85,12 +85,16 @@ def with_a_preview(data: bytes) -> bytes:
     return data[:2] + b"\xff\xe3" + struct.pack(">H", len(body) + 2) + body + data[2:]
 
 
+@pytest.mark.parametrize(
+    "cut_short", [lambda data: data[: len(data) * 2 // 3], lambda data: data[: data.rfind(b"\xff\xda")]],
+    ids=["in-the-pixels", "in-the-headers"],  # a copy stopped before the photo's data is as incomplete
+)
 @pytest.mark.parametrize("layout", [lambda data: data, with_a_preview], ids=["plain", "with-preview"])
-def test_truncated_jpeg_is_an_error_not_a_grey_photo(tmp_path, layout):
+def test_truncated_jpeg_is_an_error_not_a_grey_photo(tmp_path, layout, cut_short):
     data = layout(jpeg_bytes(photo(200, 300)))
     whole, cut = tmp_path / "whole.jpg", tmp_path / "cut.jpg"
     whole.write_bytes(data)
-    cut.write_bytes(data[: len(data) * 2 // 3])
+    cut.write_bytes(cut_short(data))
     assert read_image(whole).shape == (200, 300, 3)
     with pytest.raises(ImageReadError, match="cut.jpg: truncated JPEG"):
         read_image(cut)
@@ -258,6 +262,17 @@ def test_a_mask_marked_in_any_colour_is_defective_there(tmp_path):
     assert marked[:10, :20].all() and marked[-10:, -20:].all() and marked.sum() == 400
 
 
+def test_a_mask_saved_with_an_opaque_alpha_channel_is_defective_only_where_marked(tmp_path):
+    """Image editors save masks as RGBA: the alpha channel, opaque everywhere, marks no defect."""
+    mask = np.zeros((60, 80, 4), np.uint8)
+    mask[..., 3] = 255
+    mask[:10, :20, :3] = 255
+    path = tmp_path / "edited_mask.png"
+    cv2.imwrite(str(path), mask)
+    marked = read_mask(path)
+    assert marked[:10, :20].all() and marked.sum() == 200
+
+
 # ----------------------------------------------------------------------------- photos that cannot teach the bank
 def textured(height: int, width: int) -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
@@ -413,6 +428,35 @@ def test_the_decode_limit_counts_bytes_so_a_16_bit_rgba_photo_counts_for_more(tm
     monkeypatch.setattr(photo_io.cv2, "imdecode", lambda *_: pytest.fail("decoded despite the budget"))
     with pytest.raises(ImageReadError, match=r"deep.png: 100x100 pixels take 0 MiB decoded \(16-bit or extra channels\)"):
         read_image(path, max_pixels=15_000)
+
+
+@pytest.mark.parametrize(
+    "name, pixels",
+    [("deep.tiff", np.full((100, 100, 4), 40000, np.uint16)), ("mono.pgm", np.full((100, 100), 40000, np.uint16))],
+    ids=["tiff-rgba", "pgm-grey"],
+)
+def test_a_16_bit_photo_of_another_format_than_png_counts_for_more_in_the_decode_limit(
+    tmp_path, monkeypatch, name, pixels
+):
+    """A scanner's TIFF or a mono camera's PGM keeps its depth elsewhere than a PNG: 100x100 16-bit pixels decode
+    to 60,000 bytes or more as RGB, beyond the 45,000 of 15,000 8-bit RGB pixels, so they are refused undecoded."""
+    path = tmp_path / name
+    cv2.imwrite(str(path), pixels)
+    assert read_image(path).shape == (100, 100, 3)
+    monkeypatch.setattr(photo_io.cv2, "imdecode", lambda *_: pytest.fail("decoded despite the budget"))
+    refusal = rf"{name}: 100x100 pixels take 0 MiB decoded \(16-bit or extra channels\)"
+    with pytest.raises(ImageReadError, match=refusal):
+        read_image(path, max_pixels=15_000)
+
+
+def test_a_floating_point_photo_is_spread_over_the_8_bit_range(tmp_path):
+    """A 32-bit float TIFF holds 0.0 to 1.0: cut to 8 bits it would be a black frame; spread, its shading stays."""
+    ramp = np.linspace(0.0, 1.0, 60 * 80, dtype=np.float32).reshape(60, 80)
+    path = tmp_path / "float.tiff"
+    cv2.imwrite(str(path), ramp)
+    decoded = read_image(path, keep_grey=True)
+    assert decoded.min() == 0 and decoded.max() == 255
+    assert (np.diff(decoded.ravel().astype(int)) >= 0).all()  # brighter stays brighter
 
 
 def test_16_bit_photos_become_8_bit_as_rounding_by_257_does():
