@@ -341,6 +341,31 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
     assert os.listdir(tmp_path) == ["model.pkl"]
 
 
+def test_a_write_stopped_by_an_error_other_than_a_disk_error_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    """Text that cannot be encoded (a lone surrogate) fails the write after the temporary exists; it goes too."""
+    path = tmp_path / "report.html"
+    path.write_text("the old report")
+    with pytest.raises(UnicodeEncodeError):
+        write_atomically(path, "<html>\ud800</html>")
+    assert path.read_text() == "the old report"
+    assert os.listdir(tmp_path) == ["report.html"]
+
+
+def test_a_photo_name_that_is_not_utf8_is_written_as_the_bytes_it_has_on_disk(tmp_path):
+    """A CSV or report naming such a photo must name the file a user can find, not a replacement character."""
+    name = os.fsdecode(b"caf\xe9.png")
+    write_atomically(tmp_path / "scores.csv", f"path,score\n{name},0.5\n")
+    assert (tmp_path / "scores.csv").read_bytes() == b"path,score\ncaf\xe9.png,0.5\n"
+
+
+def test_a_stray_temporary_named_with_an_impossible_pid_does_not_stop_writing(tmp_path):
+    """Any file may match our temporaries' pattern: a pid no process can have is a dead writer's, not a crash."""
+    stray = tmp_path / f".report.html.fastener-{2**80}-0badc0de.tmp"
+    stray.write_text("partial")
+    write_atomically(tmp_path / "report.html", "<html></html>")
+    assert os.listdir(tmp_path) == ["report.html"]
+
+
 def test_stale_temporaries_of_a_dead_writer_are_removed_a_live_one_is_kept(tmp_path):
     finished = subprocess.Popen(["true"])
     finished.wait()
@@ -474,17 +499,33 @@ def test_a_file_larger_than_any_photo_within_the_limit_is_not_read(tmp_path, mon
         read_image(path, max_pixels=1000)
 
 
-def test_a_full_disk_is_found_before_any_work(tmp_path):
-    """The file-size limit makes the kernel refuse the probe's write, as a full disk or a quota would."""
+@pytest.mark.parametrize("check, name", [("check_writable", "model.pkl"), ("check_output_folder", "heatmaps")])
+def test_a_full_disk_is_found_before_any_work(tmp_path, check, name):
+    """The file-size limit makes the kernel refuse the probe's write, as a full disk or a quota would: for an
+    output file and for a folder of outputs (heatmaps) alike."""
     code = (
         "import resource, signal\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))\n"
-        "from output_files import check_writable\n"
-        f"try:\n    check_writable({str(tmp_path / 'model.pkl')!r})\nexcept Exception as e:\n    print(e)"
+        f"from output_files import {check}\n"
+        f"try:\n    {check}({str(tmp_path / name)!r})\nexcept Exception as e:\n    print(e)"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
-    assert result.stdout.strip() == f"{tmp_path / 'model.pkl'}: cannot be written (File too large); any previous file is unchanged", result.stderr
+    expected = f"{tmp_path / name}: cannot be written (File too large); any previous file is unchanged"
+    assert result.stdout.strip() == expected, result.stderr
+    assert [path for path in tmp_path.rglob("*") if not path.is_dir()] == []
+
+
+def test_a_full_disk_that_shows_only_when_synced_is_found_before_any_work(tmp_path, monkeypatch):
+    """Network and quota file systems may accept the write and refuse it at fsync: the probe syncs its bytes."""
+    import output_files
+
+    def no_space(_descriptor: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(output_files.os, "fsync", no_space)
+    with pytest.raises(OutputError, match=r"model.pkl: cannot be written \(No space left on device\)"):
+        check_writable(tmp_path / "model.pkl")
     assert os.listdir(tmp_path) == []
 
 
