@@ -82,6 +82,10 @@ def _payloads(marker: Path) -> dict[str, bytes]:
         "subprocess.run": _call(_global("subprocess.run"), _list(_text("touch"), _text(marker))),
         "importlib.import_module": _call(_global("importlib.import_module"), _text(MARKER_MODULE)),
         "functools.partial": _call(_call(_global("functools.partial"), _global("os.system"), touch)),
+        # NumPy's own modules are no safer: a test helper there runs any code it is given
+        "numpy.testing._private.utils.runstring": _call(
+            _global("numpy.testing._private.utils.runstring"), python, b"(d"  # exec(code, {})
+        ),
         "operator.methodcaller": _call(_call(_global("operator.methodcaller"), _text("system"), touch), os_module),
         # any module will do: from protocol 4 on, a global may be an attribute path to eval through a harmless function
         "functools.wraps.__builtins__.get": b"\x80\x04" + _call(_call(b"cfunctools\nwraps.__builtins__.get\n", _text("exec")), python),
@@ -222,6 +226,10 @@ CORRUPTIONS = {
     "fractional format version": (lambda s: s.update(format_version=2.0), "version 2.0 is not supported"),
     "text format version": (lambda s: s.update(format_version="1"), "version '1' is not supported"),
     "boolean format version": (lambda s: s.update(format_version=True), "version True is not supported"),
+    # a file from a newer release may mean its values otherwise: refit rather than misread it
+    "newer format version": (
+        lambda s: s.update(format_version=FORMAT_VERSION + 1), f"version {FORMAT_VERSION + 1} is not supported"
+    ),
     "text threshold": (lambda s: s.update(threshold="0.5"), "threshold has the wrong type"),
     "boolean photo count": (lambda s: s.update(n_train=True), "n_train has the wrong type (bool)"),
     "fractional photo count": (lambda s: s.update(n_train=11.5), "n_train has the wrong type (float)"),
@@ -244,6 +252,9 @@ CORRUPTIONS = {
     "NaN spread floor": (lambda s: s["calibration"].update(spread_floor=float("nan")), "spread_floor is nan"),
     "negative spread floor": (lambda s: s["calibration"].update(spread_floor=-1.0), "spread_floor is -1.0"),
     "text spread floor": (lambda s: s["calibration"].update(spread_floor="0.1"), "spread_floor is '0.1'"),
+    "boolean spread floor": (lambda s: s["calibration"].update(spread_floor=True), "spread_floor is True"),
+    # the next update counts the photos of those before it
+    "update without a photo count": (lambda s: s.update(updates=[{"photos": "6"}]), "updates must be a list of update"),
     # the space an update's coreset measures distances in: of the bank's width, finite, not overflowing
     "projection of another width": (
         lambda s: s.update(coreset_projection=packed(np.ones((151, 128), np.float32))),
