@@ -63,7 +63,8 @@ def max_file_bytes(max_pixels: int) -> int:
 def decoded_bytes(header: Image.Image, data: bytes) -> int:
     """Bytes the decoded photo takes: width x height x channels (3 at least: it becomes RGB) x bytes per sample.
 
-    Pillow reports a 16-bit colour PNG as 8-bit, so a PNG's bit depth is read from its IHDR chunk.
+    Pillow reports 16-bit colour PNG, PPM and JPEG 2000 photos as 8-bit, which OpenCV decodes to
+    16 bits, so their depth is read from their own headers.
     """
     width, height = header.size
     channels = max(3, len(header.getbands()))
@@ -72,9 +73,30 @@ def decoded_bytes(header: Image.Image, data: bytes) -> int:
     elif header.format == "TIFF":
         bits = header.tag_v2.get(258, 8)  # BitsPerSample: one number, or one per channel
         sample_bytes = max(1, math.ceil(max(bits if isinstance(bits, tuple) else (bits,)) / 8))
+    elif header.format == "PPM" and header.tile and isinstance(header.tile[0].args, tuple):
+        sample_bytes = 2 if header.tile[0].args[-1] > 255 else 1  # (mode, maxval): above 255, two bytes a sample
+    elif header.format == "JPEG2000":
+        sample_bytes = 1 if jpeg2000_bits(data) <= 8 else 2
     else:
         sample_bytes = 4 if header.mode in ("I", "F") else 2 if header.mode.startswith("I;16") else 1
     return width * height * channels * sample_bytes
+
+
+def jpeg2000_bits(data: bytes) -> int:
+    """Bits per sample of a JPEG 2000 photo, from the JP2 image header box or a bare codestream's SIZ marker.
+
+    Each stores bits - 1 in its low 7 bits; where the depth varies by component, is hidden or cannot be
+    read, 16 is assumed, so that no photo is decoded past the limit.
+    """
+    box = data.find(b"ihdr", 0, 4096)
+    if box >= 0 and len(data) > box + 14 and data[box + 14] != 0xFF:  # ihdr: height, width, components, depth
+        return (data[box + 14] & 0x7F) + 1
+    if data[:4] == b"\xff\x4f\xff\x51" and len(data) >= 42:  # SOC, SIZ: component count at 40, depths from 42
+        count = int.from_bytes(data[40:42], "big")
+        depths = data[42 : 42 + 3 * count : 3]
+        if depths and len(depths) == count:
+            return max(depth & 0x7F for depth in depths) + 1
+    return 16
 
 
 def _decode(data: bytes, label: str, max_pixels: int) -> np.ndarray:

@@ -457,8 +457,13 @@ def test_the_decode_limit_counts_bytes_so_a_16_bit_rgba_photo_counts_for_more(tm
 
 @pytest.mark.parametrize(
     "name, pixels",
-    [("deep.tiff", np.full((100, 100, 4), 40000, np.uint16)), ("mono.pgm", np.full((100, 100), 40000, np.uint16))],
-    ids=["tiff-rgba", "pgm-grey"],
+    [
+        ("deep.tiff", np.full((100, 100, 4), 40000, np.uint16)),
+        ("mono.pgm", np.full((100, 100), 40000, np.uint16)),
+        ("deep.ppm", np.full((100, 100, 3), 40000, np.uint16)),  # Pillow calls these 8-bit RGB
+        ("deep.jp2", np.full((100, 100, 3), 40000, np.uint16)),
+    ],
+    ids=["tiff-rgba", "pgm-grey", "ppm-rgb", "jpeg2000-rgb"],
 )
 def test_a_16_bit_photo_of_another_format_than_png_counts_for_more_in_the_decode_limit(
     tmp_path, monkeypatch, name, pixels
@@ -472,6 +477,14 @@ def test_a_16_bit_photo_of_another_format_than_png_counts_for_more_in_the_decode
     refusal = rf"{name}: 100x100 pixels take 0 MiB decoded \(16-bit or extra channels\)"
     with pytest.raises(ImageReadError, match=refusal):
         read_image(path, max_pixels=15_000)
+
+
+@pytest.mark.parametrize("name", ["plain.ppm", "plain.jp2"])
+def test_an_8_bit_ppm_or_jpeg2000_photo_right_at_the_limit_is_decoded(tmp_path, name):
+    """Their depth is read from their own headers, so an 8-bit one is not counted as 16-bit and refused."""
+    path = tmp_path / name
+    cv2.imwrite(str(path), photo(100, 150))
+    assert read_image(path, max_pixels=15_000).shape == (100, 150, 3)
 
 
 def test_a_floating_point_photo_is_spread_over_the_8_bit_range(tmp_path):
