@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -352,3 +353,18 @@ def test_the_smallest_value_of_each_setting_is_accepted(setting):
     from runtime.service import ServiceSettings
 
     assert ServiceSettings(model="m.pkl", **setting)
+
+
+def test_a_stop_while_a_batch_gathers_scores_the_batch_and_ends_the_scoring_thread(fitted_model, photos, tmp_path):
+    """The service stops its batcher on shutdown: a stop that arrives while photos gather for a batch must still
+    answer them and end the thread, not leave shutdown waiting for good."""
+    from runtime.service import Batcher
+
+    batcher = Batcher(fitted_model, queue_size=4, batch_wait_s=600, scratch=tmp_path)  # gathers until told to stop
+    answer = batcher.submit("a.png", photos["good"].read_bytes(), heatmap=False)
+    stopping = threading.Thread(target=batcher.stop, daemon=True)
+    stopping.start()
+    status, record = answer.result(timeout=120)
+    stopping.join(timeout=30)  # the answer is in: only the thread's end is left
+    assert not stopping.is_alive(), "stop() still waits for the scoring thread"
+    assert status == 200 and record["path"] == "a.png"
