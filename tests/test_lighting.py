@@ -5,13 +5,20 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from preprocessing.lighting import clahe_lab, gray_world, inpaint_specular
+from preprocessing.lighting import clahe_lab, gray_world, inpaint_specular, specular_mask
 
 
 def tinted_image() -> np.ndarray:
     rng = np.random.default_rng(0)
     base = rng.integers(60, 180, size=(64, 64, 1)).astype(np.float32)
     return np.clip(base * np.array([1.2, 1.0, 0.7]), 0, 255).astype(np.uint8)
+
+
+def noisy_flat_grey() -> np.ndarray:
+    """A flat grey part with faint noise: all CLAHE can do is amplify that noise."""
+    rng = np.random.default_rng(1)
+    flat = (120 + rng.integers(-4, 5, size=(128, 128))).astype(np.uint8)
+    return np.repeat(flat[..., None], 3, axis=2)
 
 
 def test_gray_world_equalises_channel_means() -> None:
@@ -42,6 +49,29 @@ def test_gray_world_refuses_a_gain_above_its_limit_for_a_faint_channel() -> None
     assert np.array_equal(result.image, faint) and result.warnings == ["white balance skipped: a colour channel is almost empty"]
 
 
+def test_gray_world_saturates_a_boosted_highlight_instead_of_wrapping_it_dark() -> None:
+    """Blue needs a gain above 1 here: a near-white pixel must clip at 255, not wrap round to a dark blotch."""
+    image = tinted_image()
+    image[10, 10] = (250, 250, 250)
+    balanced = gray_world(image).image
+    assert balanced[..., 2].mean() > image[..., 2].mean()  # blue was boosted
+    assert balanced[10, 10, 2] == 255
+
+
+def test_gray_world_changes_the_colour_not_the_exposure() -> None:
+    """Balancing to the mean of the channel means keeps the photo's brightness; a brighter target would wash it out."""
+    image = tinted_image()
+    assert abs(gray_world(image).image.mean() - image.mean()) < 1.0
+
+
+def test_a_grey_photo_s_pixel_at_the_specular_threshold_counts_as_glare() -> None:
+    """A single-channel photo takes its own branch: it must treat the threshold as inclusive like a colour one."""
+    grey = np.full((32, 32), 120, np.uint8)
+    grey[16, 16] = 250
+    glare = specular_mask(grey, threshold=250)
+    assert glare[16, 16] and glare[15:18, 15:18].all() and glare.sum() == 9  # the spot and its 1-pixel halo
+
+
 def test_a_pixel_at_the_specular_threshold_counts_as_glare() -> None:
     image = np.full((64, 64, 3), 120, np.uint8)
     image[:, :, 1] = np.linspace(100, 140, 64).astype(np.uint8)
@@ -65,11 +95,17 @@ def test_inpainting_skips_overexposed_photo() -> None:
 
 
 def test_clahe_raises_local_contrast() -> None:
-    rng = np.random.default_rng(1)
-    flat = (120 + rng.integers(-4, 5, size=(128, 128))).astype(np.uint8)
-    image = np.repeat(flat[..., None], 3, axis=2)
+    image = noisy_flat_grey()
     enhanced = clahe_lab(image, clip_limit=4.0, tile_grid=4).image
     assert enhanced[..., 0].std() > 2 * image[..., 0].std()
+
+
+def test_clahe_boosts_contrast_no_more_than_its_clip_limit_allows() -> None:
+    """The clip limit is the user's cap on noise amplification: a low limit must give a mild boost."""
+    image = noisy_flat_grey()
+    for clip_limit in (1.0, 2.0):
+        enhanced = clahe_lab(image, clip_limit=clip_limit, tile_grid=4).image
+        assert enhanced[..., 0].std() < (clip_limit + 1.5) * image[..., 0].std()
 
 
 def test_clahe_keeps_colour_and_skips_tiny_images() -> None:
