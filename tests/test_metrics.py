@@ -198,6 +198,26 @@ def test_shrinking_a_map_averages_each_cell_so_a_hot_pixel_is_not_skipped() -> N
     assert small[0, 0] == pytest.approx(1.0) and small.sum() == pytest.approx(1.0)
 
 
+def test_enlarging_a_map_blends_neighbours_smoothly_within_its_range() -> None:
+    """A coarse map shown at the evaluation size must ramp between cells: blocky steps hide where a defect
+    peaks, and overshoot would report scores the model never gave."""
+    step = np.zeros((4, 4), np.float32)
+    step[:, 2:] = 1.0
+    enlarged = shrink_map(step, 16)
+    assert enlarged.shape == (16, 16)
+    assert enlarged.min() >= 0.0 and enlarged.max() <= 1.0
+    assert ((enlarged > 0.05) & (enlarged < 0.95)).any()
+    assert (np.diff(enlarged, axis=1) >= 0).all()
+
+
+def test_eval_shape_rounds_to_the_nearest_pixel_and_keeps_at_least_one() -> None:
+    """Rounding keeps the aspect ratio closest to the photo's; a sliver thinner than one evaluation cell
+    still gets one pixel instead of an empty map that the resize would refuse."""
+    assert eval_shape((1000, 667), 256) == (256, 171)  # 170.75 px would floor to 170
+    assert eval_shape((2000, 1), 256) == (256, 1)
+    assert shrink_map(np.ones((2000, 1), np.float32), 256).shape == (256, 1)
+
+
 def test_a_region_too_small_for_the_grid_keeps_the_cell_at_its_centre() -> None:
     # 64x96 to 16x24 (4x4 cells); pixel (10, 90) lies between sampled columns 88 and 92, in cell
     # (10 * 16 / 64, 90 * 24 / 96) = (2, 22), so only its centre cell can stand for it.
