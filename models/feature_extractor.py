@@ -145,8 +145,9 @@ def fold_batch_norms(network: nn.Module) -> nn.Module:
 
 
 def resolve_device(requested: str) -> torch.device:
+    """The torch device for the ``device`` setting; a GPU asked for but not there is the user's to fix."""
     if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but PyTorch sees no CUDA GPU")
+        raise UserError("device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu or auto")
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(requested)

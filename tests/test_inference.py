@@ -412,3 +412,18 @@ def test_a_csv_named_as_one_of_the_photos_is_refused_before_scoring_and_the_phot
         out, err = capsys.readouterr()
         assert code == 2 and err.startswith(f"error: {csv_name}: is ") and "one of the photos" in err
         assert "scored" not in out and photo.read_bytes() == before
+
+
+def test_a_gpu_asked_for_where_torch_sees_none_is_one_error_line_and_exit_2(model_file, small_screw_dir, monkeypatch,
+                                                                            capsys):
+    """A line PC without a GPU, run with --device cuda: the user needs the remedy in one line, not a traceback."""
+    import torch
+
+    from config import run_cli
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    image = load_test_split(small_screw_dir)[0].path
+    argv = ["--model", str(model_file), "--image", str(image), "--device", "cuda", "--runtime", "torch", "--quiet"]
+    assert run_cli(lambda: inference.main(argv)) == 2
+    captured = capsys.readouterr()
+    assert captured.err == "error: device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu or auto\n"
