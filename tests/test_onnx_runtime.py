@@ -14,7 +14,7 @@ import pytest
 from models.onnx_extractor import OnnxExtractorError
 from models.model_file import ModelFileError
 from models.patchcore import PatchCore
-from conftest import WITHOUT_FITTING_PACKAGES
+from conftest import WITHOUT_FITTING_PACKAGES, pretend_torch_is_not_installed, small_config
 from evaluation.mvtec import load_test_split, train_images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,6 +122,44 @@ def test_runtime_auto_runs_the_network_on_a_gpu_through_torch_and_on_the_cpu_thr
         assert PatchCore.load(exported_model, device=device).why_learning_needs_torch() == (
             None if runtime == "onnx" else "the network runs through torch here (--runtime torch, or on a GPU)")
     assert backend.resolve_runtime("onnx", export, "cuda") == "onnx"  # as asked
+
+
+def test_a_line_pc_with_an_nvidia_driver_but_no_torch_scores_through_the_export(
+    exported_model, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A GPU driver alone is no GPU back end: without torch (requirements-runtime.txt) auto must not pick
+    torch, which is not there to import, but the export beside the model."""
+    import models.backend as backend
+
+    is_file = Path.is_file
+    monkeypatch.setattr(Path, "is_file", lambda self: str(self) == "/proc/driver/nvidia/version" or is_file(self))
+    export = exported_model.with_suffix(".onnx")
+    assert backend.resolve_runtime("auto", export, "auto") == "torch"  # the driver and torch: the GPU
+    pretend_torch_is_not_installed(monkeypatch)
+    assert not backend.gpu_present()
+    assert backend.resolve_runtime("auto", export, "auto") == "onnx"
+
+
+def test_the_torch_back_end_without_torch_is_one_error_line_saying_how_to_score_through_onnx(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On a line PC ``--runtime torch`` (or a model without its export) must end in the remedy, not an
+    ImportError traceback."""
+    from config import run_cli
+    from models.backend import open_extractor
+
+    monkeypatch.setitem(sys.modules, "models.feature_extractor", None)  # its import of torch fails
+    assert run_cli(lambda: open_extractor(small_config(), "torch")) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: the torch back end is not installed") and "export_onnx.py" in line
+
+
+def test_a_misspelt_runtime_is_refused_rather_than_run_through_torch() -> None:
+    """``runtime="onxx"`` from the API or a service setting would otherwise quietly score through torch."""
+    from models.backend import resolve_runtime
+
+    with pytest.raises(ValueError, match="runtime must be one of auto, torch, onnx, got 'onxx'"):
+        resolve_runtime("onxx", None, "cpu")
 
 
 def test_a_link_to_a_model_file_scores_through_the_export_beside_the_file_it_points_to(exported_model, tmp_path):
