@@ -289,3 +289,12 @@ def test_an_export_that_cannot_be_read_is_reported_as_unreadable(exported_model,
     monkeypatch.setattr(Path, "read_bytes", refused)
     with pytest.raises(OnnxExtractorError, match=r"cannot be read \(Permission denied\)"):
         OnnxFeatureExtractor(exported_model.with_suffix(".onnx"), fitted_model.config)
+
+
+def test_an_export_missing_when_the_network_is_opened_names_the_script_that_writes_it(tmp_path: Path) -> None:
+    """A model opens its network on first use, and the benchmark opens an export by name: a missing file
+    must say how to write it, not only that it cannot be read."""
+    from models.onnx_extractor import OnnxFeatureExtractor
+
+    with pytest.raises(OnnxExtractorError, match="no ONNX export here; write it with scripts/export_onnx.py"):
+        OnnxFeatureExtractor(tmp_path / "model.onnx", small_config())
