@@ -107,6 +107,21 @@ def test_patch_grid_is_stride_8_and_reduced_to_target_dim(backbone, target_dim, 
     assert feature_width(config) == dim  # what a model file's memory bank is checked against on load
 
 
+def test_channels_beyond_target_dim_are_averaged_in_adjacent_groups(monkeypatch: pytest.MonkeyPatch) -> None:
+    """wide_resnet50_2's 1536 channels reach 1024 by adaptive average pooling along channels (PatchCore):
+    a max or a cut instead gives other features than the models already fitted, for the same photos."""
+    random_weights(monkeypatch)
+    image = np.random.default_rng(0).integers(0, 256, (1, 32, 48, 3), dtype=np.uint8)
+    features = {}
+    for target_dim in (4096, 1024):  # all 1536, then reduced; the same random weights each time
+        torch.manual_seed(0)
+        config = Config(backbone="wide_resnet50_2", target_dim=target_dim, device="cpu")
+        features[target_dim] = FeatureExtractor(config)(image)
+    bins = [(i * 1536 // 1024, -(-(i + 1) * 1536 // 1024)) for i in range(1024)]
+    expected = np.stack([features[4096][..., start:end].mean(-1) for start, end in bins], axis=-1)
+    np.testing.assert_allclose(features[1024], expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()))
+
+
 def test_features_are_local():
     """A change in one corner of the photo moves that corner's patch features far more than the
     opposite corner's (squeeze-excitation gives EfficientNet a little global context)."""
