@@ -112,14 +112,13 @@ def frame_band(shape: tuple[int, int], width: int) -> np.ndarray:
     return band
 
 
-def unlike_the_table(image: np.ndarray) -> np.ndarray:
-    """Pixels of the frame's band whose colour stands out from the band's own (the rest are table).
+def unlike_the_table(image: np.ndarray, band: np.ndarray) -> np.ndarray:
+    """Pixels of the frame's ``band`` whose colour stands out from the band's own (the rest are table).
 
     Seeding a part that crosses the edge as certain table teaches GrabCut the part's colour as
     table, and it then loses the whole part; left out of the seed, the part keeps its mask and is
     reported as touching the border. The spread is measured on the band, so a mottled table stays table.
     """
-    band = frame_band(image.shape[:2], GRABCUT_BAND)
     colours = image[band].astype(np.float32)
     distance = np.linalg.norm(colours - np.median(colours, axis=0), axis=1)
     unlike = np.zeros(image.shape[:2], bool)
@@ -136,7 +135,8 @@ def grabcut_object(image: np.ndarray) -> np.ndarray:
     the outline instead. Slower than Otsu, so preprocessing.auto picks it per data set.
     """
     mask = np.full(image.shape[:2], cv2.GC_PR_FGD, np.uint8)
-    mask[frame_band(image.shape[:2], GRABCUT_BAND) & ~unlike_the_table(image)] = cv2.GC_BGD
+    band = frame_band(image.shape[:2], GRABCUT_BAND)
+    mask[band & ~unlike_the_table(image, band)] = cv2.GC_BGD
     background, foreground = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
     cv2.setRNGSeed(0)  # GrabCut's colour models start from k-means: the same photo gives the same mask
     cv2.grabCut(image, mask, None, background, foreground, GRABCUT_ITERATIONS, cv2.GC_INIT_WITH_MASK)
