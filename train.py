@@ -29,7 +29,7 @@ from preprocessing.io import (
     find_images,
     read_image,
     read_images,
-    training_photo_problem,
+    photo_problem,
     unusable_photos,
 )
 
@@ -286,7 +286,7 @@ def refuse_unusable_photos(paths: list[Path], config: Config) -> None:
     for path, image in read_images(paths, config.num_workers, config.max_image_pixels):
         if isinstance(image, ImageReadError):
             bad.append(str(image))
-        elif problem := training_photo_problem(image):
+        elif problem := photo_problem(image):
             bad.append(f"{path}: {problem}")
     if bad:
         fail(unusable_photos(bad, len(paths)))

@@ -20,7 +20,7 @@ import numpy as np
 
 from inspection.overlay import save_overlay
 from models.patchcore import PatchCore, Prediction
-from preprocessing.io import ImageReadError, decode_image, read_image
+from preprocessing.io import ImageReadError, decode_image, photo_problem, read_image
 
 RECORD_FIELDS = ("path", "score", "normalized_score", "threshold", "is_anomalous", "sigma", "anomaly_confidence",
                  "warnings", "heatmap", "error")
@@ -130,15 +130,19 @@ def score_batch(model: PatchCore, photos: Sequence[Photo], heatmap_dir: Path | N
 
 
 def _decoded(photo: Photo, max_pixels: int) -> np.ndarray | ImageReadError:
-    """The photo as 8-bit RGB, or the reason it cannot be read (returned, so one bad photo never stops a batch)."""
+    """The photo as 8-bit RGB, or the reason it cannot be scored (returned, so one bad photo never stops
+    a batch): unreadable, or a frame that cannot show a part (tiny, blank), which gets no verdict."""
     try:
         if isinstance(photo.source, Path):
-            return read_image(photo.source, max_pixels)
-        if isinstance(photo.source, bytes):
-            return decode_image(photo.source, photo.label, max_pixels)
-        return photo.source
+            image = read_image(photo.source, max_pixels)
+        elif isinstance(photo.source, bytes):
+            image = decode_image(photo.source, photo.label, max_pixels)
+        else:
+            image = photo.source
     except ImageReadError as error:
         return error
+    problem = photo_problem(image)
+    return ImageReadError(f"{photo.label}: {problem}") if problem else image
 
 
 def _predict_isolating_memory_errors(model: PatchCore, images: list[np.ndarray]) -> list[Prediction | MemoryError]:

@@ -270,26 +270,28 @@ def unusable_photos(reasons: Sequence[str], total: int, what: str = "training ph
     return f"{len(reasons)} of {total} {what} cannot be used; remove or replace them: {'; '.join(reasons)}"
 
 
-MIN_TRAINING_SIDE = 32  # the smallest model input: a smaller photo cannot show a part at patch scale
-MIN_TRAINING_SPREAD = 1.0  # standard deviation of the pixel values, in 8-bit grey levels
+MIN_PHOTO_SIDE = 32  # the smallest model input: a smaller photo cannot show a part at patch scale
+MIN_PHOTO_SPREAD = 1.0  # standard deviation of the pixel values, in 8-bit grey levels
 
 
-def training_photo_problem(image: np.ndarray) -> str | None:
-    """Why a decoded photo cannot teach the memory bank what a healthy part looks like, or None.
+def photo_problem(image: np.ndarray) -> str | None:
+    """Why a decoded photo cannot show a part, or None; every door asks it (fit, update, scoring).
 
-    A tiny or blank frame (a camera that fired in the dark, a placeholder file) would teach the
-    bank that an empty view is healthy, and every blank frame on the line would then pass.
+    A tiny or blank frame (a camera that fired in the dark, a placeholder file) would teach a
+    memory bank that an empty view is healthy, and every blank frame on the line would then pass.
+    Scored, such a frame would get a verdict on a part it does not show: the line is told what is
+    wrong with the photo instead.
     """
     height, width = image.shape[:2]
-    if min(height, width) < MIN_TRAINING_SIDE:
-        return f"{width}x{height} pixels is too small to show a part (at least {MIN_TRAINING_SIDE} on each side)"
+    if min(height, width) < MIN_PHOTO_SIDE:
+        return f"{width}x{height} pixels is too small to show a part (at least {MIN_PHOTO_SIDE} on each side)"
     # The spread within the channels, from OpenCV's one pass per channel (NumPy's std converts the
     # whole photo to float64 twice: 5 ms of a 1-megapixel photo's 8). The channels' means do not
     # count: a frame of one flat colour (the green of an empty camera buffer) is as blank as a grey one.
     _, deviations = cv2.meanStdDev(image)
     spread = math.sqrt(float(np.mean(deviations**2)))
-    if spread < MIN_TRAINING_SPREAD:
-        return f"blank: its pixels vary by {spread:.2f} grey levels (standard deviation), less than {MIN_TRAINING_SPREAD:g}"
+    if spread < MIN_PHOTO_SPREAD:
+        return f"blank: its pixels vary by {spread:.2f} grey levels (standard deviation), less than {MIN_PHOTO_SPREAD:g}"
     return None
 
 

@@ -8,7 +8,7 @@ path) scores nothing twice.
 A photo is read once it has kept the same identity for ``settle_s`` seconds. A photo that cannot
 be read or decoded is read again each time it changes (a camera writing over FTP or SMB pauses
 between pieces) and gets its error record only once it has stayed unchanged for ``retry_s``.
-Photos go through the one scoring path (``runtime.scoring.score_batch``) in batches.
+Photos go through the one scoring path (``inspection.scoring.score_batch``) in batches.
 
 Each batch is journalled in a state file before its records are appended: the records, and where
 ``--jsonl``/``--csv`` ended before them. A crash or a failed write (full disk, read-only folder)

@@ -291,7 +291,7 @@ def textured(height: int, width: int) -> np.ndarray:
     ids=["32-px", "31-px", "strip", "grey-frame", "green-frame", "faint-line"],
 )
 def test_a_tiny_or_blank_photo_is_no_training_photo(image, problem):
-    assert photo_io.training_photo_problem(image) == problem
+    assert photo_io.photo_problem(image) == problem
 
 
 def test_a_set_with_unusable_photos_is_refused_naming_how_many_and_each_reason():

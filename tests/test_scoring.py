@@ -117,10 +117,25 @@ def test_a_score_that_is_not_a_number_is_an_error_record_never_a_verdict(fitted_
     assert result.record["error"].startswith(f"{photo}: the score is nan, not a number a verdict can rest on")
 
 
+def test_a_frame_that_cannot_show_a_part_gets_its_reason_not_a_verdict(fitted_model, small_screw_dir, tmp_path):
+    """A 2x2 file and a black frame (a camera that fired in the dark) are named with what is wrong with
+    them; a verdict on them would judge a part they do not show. The photo beside them is scored."""
+    part = load_test_split(small_screw_dir)[0].path
+    tiny = tmp_path / "tiny.png"
+    cv2.imwrite(str(tiny), np.full((2, 2, 3), 128, np.uint8))
+    black = np.zeros((480, 640, 3), np.uint8)
+    results = score_batch(fitted_model, [Photo("tiny.png", tiny), Photo("part.png", part), Photo("dark.png", black)])
+    assert results[0].record == {"path": str(tiny), "error": f"{tiny}: 2x2 pixels is too small to show a part "
+                                                               "(at least 32 on each side)"}
+    assert results[1].prediction is not None and "error" not in results[1].record
+    assert results[2].prediction is None
+    assert results[2].record["error"].startswith("dark.png: blank: its pixels vary by 0.00 grey levels")
+
+
 def test_a_photo_too_large_for_memory_fails_alone(fitted_model, small_screw_dir, monkeypatch):
     """Under a memory cap the batch that holds a huge photo runs out of memory: only that photo may fail."""
     first, second = (s.path for s in load_test_split(small_screw_dir)[:2])
-    huge = np.zeros((3000, 2000, 3), np.uint8)  # not square: the message gives width x height
+    huge = np.random.default_rng(0).integers(0, 256, (3000, 2000, 3), np.uint8)  # not square: width x height
     real_predict = type(fitted_model).predict
 
     def capped(self, images, *args, **kwargs):
@@ -141,6 +156,7 @@ def test_each_record_carries_its_own_photos_numbers_and_warnings(fitted_model, s
     of the prediction (an overexposed white frame gets the preprocessing's warning)."""
     photo = load_test_split(small_screw_dir)[-1].path
     white = np.full((256, 256, 3), 255, np.uint8)
+    white[::2] = 250  # not blank: blank frames are refused before scoring
     results = score_batch(fitted_model, [Photo("part.png", photo), Photo("white.png", white)])
     expected = fitted_model.predict([photo, white])
     for result, prediction in zip(results, expected):
