@@ -93,22 +93,44 @@ def test_missing_folder_is_a_one_line_error(tmp_path):
     assert "no such folder" in result.stderr and "Traceback" not in result.stderr
 
 
+def parts_folder(tmp_path: Path) -> Path:
+    """A data folder of two training photos that no phase reads (the refusals come first)."""
+    data = tmp_path / "parts" / "train" / "good"
+    data.mkdir(parents=True)
+    for name in ("a.png", "b.png"):
+        (data / name).write_bytes(b"")
+    return tmp_path / "parts"
+
+
 @pytest.mark.parametrize("extra", [[], ["--profile"]])
 def test_an_unwritable_output_is_refused_before_any_phase_runs(tmp_path, monkeypatch, capsys, extra):
     import scripts.benchmark as script
     from config import run_cli
 
-    data = tmp_path / "parts" / "train" / "good"
-    data.mkdir(parents=True)
-    for name in ("a.png", "b.png"):
-        (data / name).write_bytes(b"")
+    parts = parts_folder(tmp_path)
     (tmp_path / "out.prof").mkdir()  # with --profile the profile beside the JSON must be writable too
     target = tmp_path / "out.json" if extra else tmp_path  # a folder given as the JSON file
     monkeypatch.setattr(script, "spawn", lambda *args: pytest.fail("no phase may start"))
     monkeypatch.setattr(script, "machine_info", lambda: pytest.fail("no phase may start"))
-    argv = ["--data-dir", str(tmp_path / "parts"), "--json-out", str(target), "--no-auroc", "--quiet", *extra]
+    argv = ["--data-dir", str(parts), "--json-out", str(target), "--no-auroc", "--quiet", *extra]
     assert run_cli(lambda: script.main(argv)) == 2
     assert "is a folder; give a file name" in capsys.readouterr().err
+
+
+def test_a_gpu_asked_for_but_absent_is_refused_before_any_phase_in_the_words_of_every_door(
+    tmp_path, monkeypatch, capsys
+):
+    import torch
+
+    import scripts.benchmark as script
+    from config import run_cli
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(script, "spawn", lambda *args: pytest.fail("no phase may start"))
+    argv = ["--data-dir", str(parts_folder(tmp_path)), "--json-out", str(tmp_path / "b.json"), "--no-auroc",
+            "--quiet", "--device", "cuda"]
+    assert run_cli(lambda: script.main(argv)) == 2
+    assert capsys.readouterr().err == "error: device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu or auto\n"
 
 
 
