@@ -15,12 +15,17 @@ SURFACE_KINDS = ("rust", "corrosion", "scratch")
 
 
 def photo_of_part(shape: tuple[int, int], centre: tuple[int, int], axes: tuple[int, int], angle: float,
-                  part_level: float = 200.0) -> tuple[np.ndarray, np.ndarray]:
-    """A bright, slightly textured elliptical part on a dark textured table, blurred like a camera."""
+                  part_level: float = 200.0, hole: int = 0, marks: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """A bright, slightly textured elliptical part on a dark textured table, blurred like a camera;
+    optionally with a round hole of radius `hole` in its middle (a washer) and machining marks of
+    amplitude `marks` across its metal, which the plain table does not have."""
     noise = np.random.default_rng(99)
     mask = np.zeros(shape, np.uint8)
     cv2.ellipse(mask, centre, axes, angle, 0, 360, 1, -1)
-    level = np.where(mask > 0, part_level, 45.0) + noise.normal(0, 6, shape)
+    if hole:
+        cv2.circle(mask, centre, hole, 0, -1)
+    metal = part_level + marks * np.sin(1.3 * np.arange(shape[1]))  # vertical stripes 5 px apart
+    level = np.where(mask > 0, metal, 45.0) + noise.normal(0, 6, shape)
     image = cv2.GaussianBlur(level.astype(np.float32), (0, 0), 0.8)
     rgb = np.clip(np.repeat(image[..., None], 3, axis=2), 0, 255).astype(np.uint8)
     return rgb, mask > 0
@@ -54,11 +59,25 @@ def test_each_kind_changes_exactly_its_mask_on_the_part(kind: str, shape: tuple[
         check_painted(image, part, kind, seed)
 
 
+# Parts the frame cuts off: (image shape, ellipse centre, axes, angle).
+BORDER_CROSSINGS = {
+    "left third outside": ((256, 256), (20, 128), (90, 40), 0),
+    "across the bottom right corner": ((200, 200), (170, 190), (70, 30), 45),
+    "across the top": ((200, 200), (170, 10), (46, 22), 101),
+}
+
+
 @pytest.mark.parametrize("kind", DEFECT_KINDS)
-def test_a_part_crossing_the_border_still_gets_its_defect(kind: str) -> None:
-    image, part = photo_of_part((256, 256), (20, 128), (90, 40), 0)  # the left third is outside the frame
+@pytest.mark.parametrize("crossing", BORDER_CROSSINGS)
+def test_a_part_crossing_the_border_still_gets_its_defect(kind: str, crossing: str) -> None:
+    """Wherever the frame cuts the part, each kind is painted as on a whole part, and a chip or a dent
+    is put where all of it shows: it never reaches the frame, where part of it would be cut off."""
+    image, part = photo_of_part(*BORDER_CROSSINGS[crossing])
     for seed in range(3):
-        check_painted(image, part, kind, seed)
+        _, mask = check_painted(image, part, kind, seed)
+        if kind in EDGE_KINDS:
+            frame = np.concatenate([mask[0], mask[-1], mask[:, 0], mask[:, -1]])
+            assert not frame.any(), f"{kind} (seed {seed}): cut off by the frame"
 
 
 @pytest.mark.parametrize("kind", DEFECT_KINDS)
@@ -97,6 +116,21 @@ def test_missing_chip_shows_the_table_texture_not_a_flat_fill() -> None:
     table = image[~near_part(part)][:, 0].astype(float)
     assert abs(hole.mean() - table.mean()) < 10
     assert hole.std() > 0.5 * table.std()
+
+
+def test_a_chip_out_of_a_washer_shows_table_never_the_metal_across_its_hole() -> None:
+    """On a ring the outward way from its inner rim crosses the hole onto metal again. Every seed still
+    bites a chip out of the washer, and what shows through the bite is table: almost all of its fully
+    bitten-out pixels lie within the plain table's range, not the machined metal's."""
+    image, part = photo_of_part((240, 240), (120, 120), (80, 80), 0, hole=16, marks=30.0)
+    table = image[~near_part(part)][:, 0]
+    lowest, highest = np.percentile(table, [0.5, 99.5])
+    for seed in range(40):
+        painted, mask = check_painted(image, part, "missing", seed)
+        bitten = cv2.erode((mask & part).astype(np.uint8), np.ones((5, 5), np.uint8)) > 0  # past the soft rim
+        hole = painted[bitten][:, 0].astype(float)
+        like_table = ((hole >= lowest - 3) & (hole <= highest + 3)).mean()
+        assert like_table > 0.8, f"seed {seed}: only {like_table:.0%} of the bite looks like the table"
 
 
 def test_rust_shading_follows_the_photo_brightness() -> None:
