@@ -18,6 +18,7 @@ from config import run_cli
 from conftest import small_config
 from evaluation.metrics import wilson_interval
 from evaluation.settings_check import Trial, compare_settings
+from synthetic.defects import MAX_SCALE
 
 SIDE = 200
 
@@ -133,6 +134,75 @@ def test_the_defect_scale_sets_the_size_of_the_painted_defects(disc_photos, monk
 def test_too_few_photos_are_refused(count, disc_photos):
     with pytest.raises(ValueError, match=f"at least 5 training photos, got {count}"):
         compare_settings(disc_photos[:count], {"as set": small_config()}, 1, 1.0, 0, progress=False)
+
+
+@pytest.mark.parametrize(("count", "defect_scale", "held"), [(5, 1.0, 2), (10, MAX_SCALE, 3)],
+                         ids=["5 photos", "largest defect scale"])
+def test_the_limits_the_refusals_name_are_themselves_accepted(count: int, defect_scale: float, held: int,
+                                                              disc_photos: list[Path],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """"needs at least 5 training photos" and "must be at most 1000" mean what they say: 5 photos, and a defect
+    scale of exactly 1000, are compared, not refused."""
+    monkeypatch.setattr(settings_check, "PatchCore", DifferenceModel)
+    result = compare_settings(disc_photos[:count], {"as set": small_config()}, 1, defect_scale, 0, progress=False)
+    assert result["as set"]["photos"] == held
+
+
+def test_the_seed_chooses_which_photos_are_held_out(disc_photos: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """--seed makes a comparison repeatable and another seed another one: the same seed holds out the same
+    photos again, a different seed other photos."""
+    monkeypatch.setattr(settings_check, "PatchCore", DifferenceModel)
+
+    def held_out(seed: int) -> list[str]:
+        DifferenceModel.instances = []
+        compare_settings(disc_photos, {"as set": small_config()}, 1, 1.0, seed, progress=False)
+        (model,) = DifferenceModel.instances
+        return sorted({photo.name for photo in disc_photos} - set(model.fitted))
+
+    assert held_out(3) == held_out(3) != held_out(4)
+
+
+def test_the_defects_are_painted_on_the_part_the_chosen_segmentation_finds(disc_photos: list[Path],
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """--segmentation-method grabcut is the method that finds the part each split's defects are painted on."""
+    monkeypatch.setattr(settings_check, "PatchCore", DifferenceModel)
+    methods: list[str] = []
+    painting = settings_check.paint_defects
+    monkeypatch.setattr(settings_check, "paint_defects",
+                        lambda photos, method, *args: methods.append(method) or painting(photos, method, *args))
+    compare_settings(disc_photos, {"as set": small_config()}, 2, 1.0, 0, progress=False, segmentation_method="grabcut")
+    assert methods == ["grabcut", "grabcut"]
+
+
+def test_the_auroc_over_three_splits_is_their_mean(disc_photos: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over the default 3 splits, AUROCs of 1, 1 and 0.5 (a split whose scores are all equal) show as 0.833,
+    not as the middle one, 1."""
+    scores = iter([[0.0, 0.0, 0.0, 1.0, 1.0, 1.0]] * 2 + [[0.0] * 6])
+    monkeypatch.setattr(settings_check, "PatchCore", DifferenceModel)
+    monkeypatch.setattr(DifferenceModel, "predict", lambda self, images: [SimpleNamespace(score=s) for s in next(scores)])
+    result = compare_settings(disc_photos, {"as set": small_config()}, 3, 1.0, 0, progress=False)["as set"]
+    assert result["auroc"] == pytest.approx(2.5 / 3)
+
+
+def test_the_settings_come_back_in_the_order_given(disc_photos: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The table lists the settings as given, the baseline first and each --try as typed, not sorted by name."""
+    monkeypatch.setattr(settings_check, "PatchCore", DifferenceModel)
+    names = ["as set", "image_size=160", "heatmap_sigma=2"]
+    results = compare_settings(disc_photos, {name: small_config() for name in names}, 1, 1.0, 0, progress=False)
+    assert list(results) == names
+
+
+def test_the_progress_bar_counts_every_fit_and_quiet_hides_it(disc_photos: list[Path], monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Two settings over two splits are four fits: the bar counts up to 4/4; without progress (--quiet) nothing
+    is written."""
+    monkeypatch.setattr(settings_check, "PatchCore", DifferenceModel)
+    candidates = {"as set": small_config(), "larger": small_config(image_size=160)}
+    compare_settings(disc_photos, candidates, 2, 1.0, 0, progress=False)
+    assert capsys.readouterr().err == ""
+    compare_settings(disc_photos, candidates, 2, 1.0, 0, progress=True)
+    bar = capsys.readouterr().err
+    assert "comparing settings" in bar and "4/4" in bar
 
 
 def test_a_candidate_is_the_settings_given_with_its_changes():
