@@ -9,6 +9,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from matplotlib.axes import Axes
+from matplotlib.colors import to_rgb
 
 from evaluation.visualize import Tile, figure_bytes, pro_figure, roc_figure, score_histogram_figure, tiles_figure
 from inspection.overlay import (
@@ -181,16 +183,101 @@ def test_the_colour_bar_marks_the_threshold_a_third_of_the_way_up() -> None:
 
 
 def test_plots_draw_what_their_legends_say() -> None:
-    """The ROC curve reaches (1, 1) after resampling, the PRO shading stops at max_fpr, and the histogram's
-    threshold line stands at the threshold."""
+    """The ROC curve runs from (0, 0) to (1, 1) after resampling, the PRO shading stops at max_fpr, and the
+    histogram's threshold line stands at the threshold."""
     fpr = np.linspace(0, 1, 50_000)
     (curve, *_) = roc_figure({"image": (fpr, np.sqrt(fpr), 0.67)}).axes[0].get_lines()
     assert curve.get_xdata()[-1] == 1.0 and curve.get_ydata()[-1] == 1.0 and len(curve.get_xdata()) <= 2000
+    assert curve.get_xdata()[0] == 0.0 and curve.get_ydata()[0] == 0.0
     shaded = pro_figure(fpr, fpr ** 0.3, 0.5, 0.3).axes[0].collections[0].get_paths()[0].vertices
     assert shaded[:, 0].min() == 0.0 and shaded[:, 0].max() <= 0.3
     histogram = score_histogram_figure([1.0, 1.2, 1.1], [2.5, 3.0], 1.6, [1.0, 1.1, 1.05], (1.1, 0.05))
     (line,) = [line for line in histogram.axes[0].get_lines() if line.get_label().startswith("threshold")]
     assert list(line.get_xdata()) == [1.6, 1.6]
+
+
+def _legend(ax: Axes) -> list[str]:
+    """The texts of the axes' legend, in order."""
+    return [text.get_text() for text in ax.get_legend().get_texts()]
+
+
+def test_the_roc_plot_draws_each_rate_on_its_axis_and_names_each_auroc() -> None:
+    """False-positive rate across, true-positive rate up: a curve better than chance bows above the dotted
+    diagonal from (0, 0) to (1, 1), a worse one below it, and the legend gives each curve's own AUROC."""
+    fpr = np.linspace(0, 1, 50_000)
+    ax = roc_figure({"image": (fpr, np.sqrt(fpr), 0.667), "pixel": (fpr, fpr ** 2, 0.333)}).axes[0]
+    image, pixel, chance = ax.get_lines()
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("false-positive rate", "true-positive rate")
+    np.testing.assert_allclose(image.get_ydata(), np.sqrt(image.get_xdata()))
+    np.testing.assert_allclose(pixel.get_ydata(), pixel.get_xdata() ** 2)
+    assert list(chance.get_xdata()) == [0, 1] and list(chance.get_ydata()) == [0, 1]
+    assert _legend(ax) == ["image (AUROC 0.667)", "pixel (AUROC 0.333)", "chance"]
+
+
+def test_the_pro_plot_follows_the_curve_and_marks_where_its_integral_stops() -> None:
+    """The drawn curve is PRO at each FPR, the dashed line stands at max_fpr, and the legend reads
+    AUPRO@max_fpr = aupro."""
+    fpr = np.linspace(0, 1, 50_000)
+    ax = pro_figure(fpr, np.sqrt(fpr), 0.512, 0.3).axes[0]
+    curve, limit = ax.get_lines()
+    np.testing.assert_allclose(curve.get_ydata(), np.sqrt(curve.get_xdata()), atol=2e-3)
+    assert list(limit.get_xdata()) == [0.3, 0.3]
+    assert _legend(ax) == ["AUPRO@0.3 = 0.512"]
+
+
+def test_the_score_histogram_draws_each_group_in_its_colour_and_counts_it() -> None:
+    """Healthy test photos in green, defective in red, the calibration photos outlined, each counted in the
+    legend with the threshold to three decimals; the outline covers every calibration score even when they all
+    lie below the test scores."""
+    calibration = [0.5, 0.6, 0.7, 0.8]
+    ax = score_histogram_figure([1.0, 1.2, 1.1], [2.5, 3.0], 1.6, calibration).axes[0]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("image anomaly score", "images")
+    assert _legend(ax) == ["test healthy (3)", "test defective (2)", "calibration healthy (4)", "threshold 1.600"]
+    handles, labels = ax.get_legend_handles_labels()
+    colours = {label: to_rgb(handle.get_facecolor()) for handle, label in zip(handles[:2], labels)}
+    assert colours == {"test healthy (3)": to_rgb("tab:green"), "test defective (2)": to_rgb("tab:red")}
+    outline = handles[2].get_path().vertices
+    assert outline[:, 0].min() <= min(calibration) and outline[:, 0].max() >= max(calibration)
+    assert outline[:, 1].max() > 0
+
+
+def test_the_score_histogram_marks_the_healthy_median_and_each_sigma_where_the_model_counts_them() -> None:
+    """Median 0.65 and spread 0.1: the solid line and "median" at 0.65, dotted lines labelled 1σ, 2σ and 3σ at
+    0.75, 0.85 and 0.95."""
+    ax = score_histogram_figure([1.0, 1.2, 1.1], [2.5, 3.0], 1.6, [0.5, 0.6, 0.7, 0.8], (0.65, 0.1)).axes[0]
+    marks = {text.get_text(): text.get_position()[0] for text in ax.texts}
+    assert marks == pytest.approx({"median": 0.65, "1σ": 0.75, "2σ": 0.85, "3σ": 0.95})
+    solid = [line.get_xdata()[0] for line in ax.get_lines() if line.get_linestyle() == "-"]
+    dotted = [line.get_xdata()[0] for line in ax.get_lines() if line.get_linestyle() == ":"]
+    assert solid == pytest.approx([0.65]) and sorted(dotted) == pytest.approx([0.75, 0.85, 0.95])
+
+
+def test_the_worst_cases_grid_shows_each_row_under_its_title_in_the_order_given() -> None:
+    """Each row is titled with its own group; its tiles run left to right in the order given (worst first), each
+    under its caption; a row with no tiles says "none"."""
+    image, anomaly_map = _photo_and_map()
+    rows = {"false positives": [Tile(image, anomaly_map, f"FP {score}") for score in ("9.00", "7.00", "5.00")],
+            "false negatives": []}
+    figure = tiles_figure(rows, threshold=2.0, columns=4)
+    assert [subfig.get_suptitle() for subfig in figure.subfigs] == ["false positives", "false negatives"]
+    assert [ax.get_title() for ax in figure.subfigs[0].axes] == ["FP 9.00", "FP 7.00", "FP 5.00", ""]
+    assert [text.get_text() for text in figure.subfigs[1].axes[0].texts] == ["none"]
+
+
+def test_a_tile_carries_the_threshold_outline_the_ground_truth_and_the_full_size_highlight() -> None:
+    """A tile is drawn as every overlay is: white round the region above the threshold, magenta round the
+    annotated defect, and white round a full-size highlight that the shrunk map no longer reaches."""
+    image, anomaly_map = _photo_and_map()
+    gt = np.zeros(anomaly_map.shape, bool)
+    gt[5:15, 5:15] = True
+    highlight = np.zeros((600, 800), bool)
+    highlight[300, 400] = True  # one pixel of the full-size photo, lost when its map was shrunk
+    tiles = [Tile(image, anomaly_map, "hot", gt_mask=gt), Tile(image, np.zeros_like(anomaly_map), "faint",
+                                                              highlight=highlight)]
+    figure = tiles_figure({"worst": tiles}, threshold=2.0, columns=2)
+    hot, faint = (np.asarray(ax.get_images()[0].get_array()) for ax in figure.subfigs[0].axes)
+    assert _has_colour(hot, THRESHOLD_RGB) and _has_colour(hot, GROUND_TRUTH_RGB)
+    assert _has_colour(faint, THRESHOLD_RGB)
 
 
 def test_tiles_use_the_models_colour_scale() -> None:
