@@ -3,7 +3,7 @@
 For each seeded split the healthy training photos are divided 70/30. Every candidate setting fits a
 model on the 70 % (calibrated as ``train.py`` would), then scores the held-out 30 % and a copy of
 each with a synthetic defect painted on the part (rust, corrosion, a scratch, a chip, a dent, in
-turn; ``synthetic.defects``). Each candidate meets the same photos and the same painted copies, so
+turn; ``synthetic.defects``), where the part has room for it. Each candidate meets the same photos and the same painted copies, so
 the differences are the settings'. Counted at each model's own threshold: painted copies caught,
 healthy photos flagged, and how well the scores separate the two (AUROC). Nothing under ``test/``
 is read: a choice made this way is not tuned to the exam.
@@ -37,7 +37,8 @@ class Trial:
 
     painted_caught: int = 0
     healthy_flagged: int = 0
-    photos: int = 0  # held-out healthy photos, and as many painted copies
+    photos: int = 0  # held-out healthy photos
+    painted: int = 0  # their painted copies: one each, where the part has room for its defect
     aurocs: list[float] = field(default_factory=list)  # one per split
     cpu_seconds: float = 0.0  # fitting and scoring, all splits
 
@@ -46,8 +47,9 @@ class Trial:
             "painted_caught": self.painted_caught,
             "healthy_flagged": self.healthy_flagged,
             "photos": self.photos,
-            "recall": self.painted_caught / self.photos if self.photos else None,
-            "recall_interval": wilson_interval(self.painted_caught, self.photos),
+            "painted": self.painted,
+            "recall": self.painted_caught / self.painted if self.painted else None,
+            "recall_interval": wilson_interval(self.painted_caught, self.painted),
             "false_alarm_rate": self.healthy_flagged / self.photos if self.photos else None,
             "auroc": float(np.mean(self.aurocs)) if self.aurocs else None,
             "cpu_seconds": self.cpu_seconds,
@@ -82,6 +84,9 @@ def compare_settings(
         fitted = [photos[i] for i in sorted(order[held_count:])]
         healthy = [read_image(photos[i]) for i in sorted(order[:held_count])]
         painted, _ = paint_defects(healthy, segmentation_method, rng, defect_scale)
+        if not painted:
+            raise ValueError(f"no synthetic defect at {defect_scale:g} x its usual size fits the parts of split "
+                             f"{split + 1}: nothing to compare; give a --defect-scale nearer 1")
         labels = np.r_[np.zeros(len(healthy)), np.ones(len(painted))]
         for name, config in candidates.items():
             started = time.process_time()
@@ -94,6 +99,7 @@ def compare_settings(
             trial.healthy_flagged += int(flagged[: len(healthy)].sum())
             trial.painted_caught += int(flagged[len(healthy) :].sum())
             trial.photos += len(healthy)
+            trial.painted += len(painted)
             trial.aurocs.append(float(roc_auc_score(labels, scores)))
             steps.update()
     steps.close()

@@ -75,6 +75,9 @@ def choose_preprocessing(
     bank = [photos[i] for i in order[:n_bank]]
     healthy = [photos[i] for i in order[n_bank : n_bank + n_eval]]
     defective, masks = paint_defects(healthy, decided.segmentation_method, rng)
+    if not defective:
+        record["reasons"].append("pipeline: the measured steps (no synthetic defect fits these parts to compare pipelines)")
+        return decided, _finish(record, decided, "decided")
     candidates = {"decided": decided, "off": config.replace(preprocess="off")}
     if decision.try_inpainting:
         candidates["inpainted"] = decided.replace(inpaint_specular=True)
@@ -111,7 +114,8 @@ def paint_defects(
     photos: Sequence[np.ndarray], method: str, rng: np.random.Generator, scale: float = 1.0
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """A defective copy of each photo (kinds taken in turn, ``scale`` times their usual size), on the
-    part where one is found."""
+    part where one is found, with its defect's mask. A photo whose part has no room for its defect
+    gets no copy: an unchanged copy counted as defective would read as a missed defect."""
     defective, masks = [], []
     for number, photo in enumerate(photos):
         part = segment_object(photo, method=method).mask
@@ -120,8 +124,9 @@ def paint_defects(
             height, width = part.shape
             part[height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = True
         image, mask = paint_defect(photo, part, DEFECT_KINDS[number % len(DEFECT_KINDS)], rng, scale)
-        defective.append(image)
-        masks.append(mask)
+        if mask.any():
+            defective.append(image)
+            masks.append(mask)
     return defective, masks
 
 

@@ -62,7 +62,7 @@ def candidate(base: Config, text: str) -> Config:
 
 def _row(name: str, result: dict[str, Any]) -> str:
     low, high = result["recall_interval"]
-    caught = f"{result['painted_caught']} of {result['photos']} ({result['recall']:.1%}, {low:.1%}-{high:.1%})"
+    caught = f"{result['painted_caught']} of {result['painted']} ({result['recall']:.1%}, {low:.1%}-{high:.1%})"
     flagged = f"{result['healthy_flagged']} of {result['photos']}"
     return f"{name:<28}  {caught:<34}  {flagged:<15}  {result['auroc']:>6.3f}  {result['cpu_seconds']:>7.1f} s"
 
@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     splits = f"{args.splits} seeded split{'s' if args.splits != 1 else ''}"
     print(f"{name}: {len(photos)} training photos, {splits}, each holding out {held} healthy "
           f"photos and a painted copy of each (defects at {args.defect_scale:g} x their usual size)")
+    if (unpainted := results[BASELINE]["photos"] - results[BASELINE]["painted"]) > 0:
+        print(f"note: {unpainted} of {results[BASELINE]['photos']} copies left unpainted: their parts have no room "
+              "for the defect at this scale")
     print(f"{'setting':<28}  {'painted copies caught at threshold':<34}  {'healthy flagged':<15}  {'AUROC':>6}  {'CPU':>9}")
     for candidate_name, result in results.items():
         print(_row(candidate_name, result))

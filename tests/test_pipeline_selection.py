@@ -234,11 +234,19 @@ def test_the_painted_defects_take_every_kind_in_turn(monkeypatch):
 def test_where_no_part_is_found_defects_are_painted_within_the_central_half_of_the_frame():
     blank = [np.full((240, 320, 3), 90, np.uint8) for _ in range(2 * len(DEFECT_KINDS))]
     _, masks = paint_defects(blank, "otsu", np.random.default_rng(0))
-    painted = [mask for mask in masks if mask.any()]  # a dent or missing material needs a part's edge and shading
-    assert len(painted) >= len(DEFECT_KINDS)
-    for mask in painted:
+    assert len(DEFECT_KINDS) <= len(masks) < len(blank)  # a dent or missing material needs a part's edge: no copy
+    for mask in masks:
+        assert mask.any(), "a copy without a defect would count as a missed defect"
         rows, cols = np.nonzero(mask)
         assert rows.min() >= 60 and rows.max() < 180 and cols.min() >= 80 and cols.max() < 240
+
+
+def test_where_no_defect_fits_the_parts_auto_keeps_the_measured_steps_and_says_why(nut_dir, monkeypatch):
+    """Unchanged copies would rank every candidate on healthy photos alone: no trial, the measured steps."""
+    monkeypatch.setattr(pipeline_selection, "paint_defect", lambda photo, part, *args: (photo, np.zeros_like(part)))
+    chosen, record = choose_preprocessing(train_images(nut_dir), AUTO, NearestPhotoModel)
+    assert "candidates" not in record and record["chosen"] == "decided" and chosen.preprocess == "on"
+    assert record["reasons"][-1] == "pipeline: the measured steps (no synthetic defect fits these parts to compare pipelines)"
 
 
 def test_defects_are_painted_on_the_part_as_the_decided_mask_finds_it(nut_dir, monkeypatch):

@@ -136,6 +136,22 @@ def test_too_few_photos_are_refused(count, disc_photos):
         compare_settings(disc_photos[:count], {"as set": small_config()}, 1, 1.0, 0, progress=False)
 
 
+def test_a_copy_with_no_room_for_its_defect_is_not_counted_as_a_missed_defect(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """At 3 x their usual size a chip or a dent finds no room on the disc: those copies are left out of the
+    painted ones, so a model that sees every painted pixel catches every painted copy (recall and AUROC 1)."""
+    monkeypatch.setattr(settings_check, "PatchCore", DifferenceModel)
+    photos = []
+    for number in range(20):
+        photos.append(tmp_path / f"{number:03d}.png")
+        cv2.imwrite(str(photos[-1]), cv2.cvtColor(healthy_part(), cv2.COLOR_RGB2BGR))
+    result = compare_settings(photos, {"as set": small_config()}, 1, 3.0, 0, progress=False)["as set"]
+    assert result["photos"] == 6 and 0 < result["painted"] < 6
+    assert result["painted_caught"] == result["painted"] and result["recall"] == 1.0 and result["auroc"] == 1.0
+    with pytest.raises(ValueError, match=r"^no synthetic defect at 0.01 x its usual size fits the parts of split 1"):
+        compare_settings(photos, {"as set": small_config()}, 1, 0.01, 0, progress=False)
+
+
 @pytest.mark.parametrize(("count", "defect_scale", "held"), [(5, 1.0, 2), (10, MAX_SCALE, 3)],
                          ids=["5 photos", "largest defect scale"])
 def test_the_limits_the_refusals_name_are_themselves_accepted(count: int, defect_scale: float, held: int,
@@ -288,7 +304,9 @@ def test_the_script_compares_what_the_user_set_and_says_so(screw_folder, tmp_pat
 
     def compare(photos, candidates, splits, defect_scale, seed, progress, segmentation_method):
         calls.append((candidates, splits, defect_scale, seed, segmentation_method))
-        return {name: Trial(5, 1, 6, [0.9], 1.0).summary() for name in candidates}  # 2 splits of 3 held-out photos
+        # 2 splits of 3 held-out photos; one part had no room for its defect
+        trial = Trial(painted_caught=4, healthy_flagged=1, photos=6, painted=5, aurocs=[0.9], cpu_seconds=1.0)
+        return {name: trial.summary() for name in candidates}
 
     monkeypatch.setattr(settings_check, "compare_settings", compare)
     out = tmp_path / "settings.json"
@@ -299,6 +317,9 @@ def test_the_script_compares_what_the_user_set_and_says_so(screw_folder, tmp_pat
     assert (splits, defect_scale, seed, segmentation_method) == (2, 0.8, 7, "grabcut")
     assert candidates["as set"].preprocess == "on"  # the screw category's default, as train.py gives it
     assert candidates["image-size=160"].image_size == 160
-    assert "10 training photos, 2 seeded splits, each holding out 3 healthy photos" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "10 training photos, 2 seeded splits, each holding out 3 healthy photos" in printed
+    assert "note: 1 of 6 copies left unpainted: their parts have no room for the defect at this scale" in printed
+    assert "\nas set                        4 of 5 (80.0%" in printed
     record = json.loads(out.read_text())
     assert (record["splits"], record["defect_scale"]) == (2, 0.8)
