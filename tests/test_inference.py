@@ -27,9 +27,11 @@ def run(argv: list[str], capsys) -> tuple[int, str, str]:
 
 def test_single_image_json_has_every_field(model_file, small_screw_dir, capsys):
     image = load_test_split(small_screw_dir)[0].path
-    code, out, _ = run(["--model", str(model_file), "--image", str(image), "--json"], capsys)
+    code, out, err = run(["--model", str(model_file), "--image", str(image), "--json"], capsys)
     assert code == 0
+    assert json.loads(out)["model"] == str(model_file)  # the path as given: two lines' files may share a name
     (record,) = json.loads(out)["results"]
+    assert err.splitlines() == [f"1 scored, {int(record['is_anomalous'])} anomalous, 0 unreadable"]  # no progress bar
     assert set(record) == {"path", "score", "normalized_score", "threshold", "is_anomalous", "sigma",
                            "anomaly_confidence", "warnings"}
     assert record["path"] == str(image)
@@ -108,20 +110,26 @@ def test_evaluate_with_an_unreadable_photo_scores_the_rest_and_exits_3(model_fil
     assert metrics["n_skipped"] == 1 and metrics["skipped"][0]["path"].endswith("999.png")
     assert (metrics["n_test"], metrics["n_test_good"], metrics["n_test_defective"]) == (6, 1, 5)
     assert "warning: skipped:" in err and "999.png" in err
+    assert [line.split(":")[0] for line in err.splitlines()] == ["warning", "metrics"]  # --quiet: no progress bar
     assert json.loads((tmp_path / "out" / "metrics.json").read_text()) == metrics
 
 
 @pytest.mark.parametrize(
-    "extra, message",
+    "flags, message",
     [
-        (["--dir", "d", "--threshold", "5"], "--evaluate reports the model's calibrated threshold"),
-        (["--image", "x.png"], "--evaluate needs --dir"),
+        (["--evaluate", "--dir", "d", "--threshold", "5"], "--evaluate reports the model's calibrated threshold"),
+        (["--evaluate", "--image", "x.png"], "--evaluate needs --dir"),
+        (["--watch", "inbox", "--jsonl", "r.jsonl", "--threshold", "5"], "--threshold are for --image/--dir"),
+        (["--watch", "inbox"], "--watch needs somewhere to put results"),
+        (["--dir", "d", "--jsonl", "r.jsonl"], "--jsonl, --sort-into and --state go with --watch"),
+        (["--image", "x.png", "--sort-into", "sorted"], "--jsonl, --sort-into and --state go with --watch"),
     ],
-    ids=["threshold", "image"],
+    ids=["evaluate-threshold", "evaluate-image", "watch-threshold", "watch-nowhere", "jsonl-dir", "sort-into-image"],
 )
-def test_evaluate_refuses_what_it_cannot_honour(tmp_path, capsys, extra, message):
+def test_a_flag_the_run_would_not_honour_is_refused(tmp_path, capsys, flags, message):
+    """A usage error (exit 2) naming the flag, before the model is read: never a run that ignores it."""
     with pytest.raises(SystemExit) as exit_info:
-        inference.main(["--model", str(tmp_path / "m.pkl"), "--evaluate", *extra])
+        inference.main(["--model", str(tmp_path / "m.pkl"), *flags])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
 
@@ -208,8 +216,9 @@ def test_a_bad_model_file_is_one_error_line_and_exit_2(tmp_path, capsys, make, r
         (["--visualize"], "out/heatmaps: cannot be written ("),
         (["--report"], "out/batch_report.html: cannot be written ("),
         (["--csv", "/dev/null"], "/dev/null: is a device, FIFO or socket"),
+        (["--evaluate"], "out: cannot be written ("),
     ],
-    ids=["heatmaps", "report", "csv"],
+    ids=["heatmaps", "report", "csv", "evaluate"],
 )
 def test_an_unwritable_output_is_refused_before_scoring(
     model_file, small_screw_dir, tmp_path, monkeypatch, capsys, flags, named
@@ -220,7 +229,8 @@ def test_an_unwritable_output_is_refused_before_scoring(
     monkeypatch.setattr(PatchCore, "predict", lambda *a, **k: pytest.fail("scored before checking the output"))
     (tmp_path / "out").write_text("a file where the output folder should be")
     image = load_test_split(small_screw_dir)[0].path
-    argv = ["--model", str(model_file), "--image", str(image), "--output-dir", str(tmp_path / "out"), *flags]
+    photos = ["--dir", str(small_screw_dir)] if "--evaluate" in flags else ["--image", str(image)]
+    argv = ["--model", str(model_file), *photos, "--output-dir", str(tmp_path / "out"), *flags]
     assert run_cli(lambda: inference.main(argv)) == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("error: ") and named in line
@@ -427,3 +437,150 @@ def test_a_gpu_asked_for_where_torch_sees_none_is_one_error_line_and_exit_2(mode
     assert run_cli(lambda: inference.main(argv)) == 2
     captured = capsys.readouterr()
     assert captured.err == "error: device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu or auto\n"
+
+
+def test_the_table_shows_each_photos_record_in_the_columns_its_heading_names(model_file, small_screw_dir, tmp_path,
+                                                                            monkeypatch, capsys):
+    """Each row holds the values --json gives the photo, under their headings and lined up with them
+    whatever the length of the name; a photo's warnings follow its row, an unreadable photo's row gives its reason."""
+    from models.patchcore import PatchCore
+
+    real_predict = PatchCore.predict
+
+    def with_a_warning(self: PatchCore, images: list, *args, **kwargs) -> list:
+        predictions = real_predict(self, images, *args, **kwargs)
+        for prediction in predictions:
+            prediction.warnings = ["no part found: the whole photo was scored"]
+        return predictions
+
+    monkeypatch.setattr(PatchCore, "predict", with_a_warning)
+    folder = _folder_of(small_screw_dir, tmp_path / "photos", ["a.png", "a_longer_name.png"])
+    (folder / "b.png").write_bytes(b"nope")
+    base = ["--model", str(model_file), "--dir", str(folder), "--quiet"]
+    _, out, _ = run([*base, "--json"], capsys)
+    records = json.loads(out)["results"]
+    code, out, _ = run(base, capsys)
+    assert code == 3
+    heading, *lines = out.splitlines()
+    assert heading.split() == ["image", "score", "score/thr", "threshold", "verdict", "sigma", "anomaly", "confidence"]
+    rows = iter(lines)
+    for record in records:
+        row = next(rows)
+        name, *cells = row.split()
+        assert name == record["path"]
+        if "error" in record:
+            assert row.split("  error: ", 1)[1] == record["error"]
+            continue
+        score, ratio, threshold, verdict, sigma, confidence = cells
+        assert float(score) == pytest.approx(record["score"], abs=5e-4)
+        assert float(ratio) == pytest.approx(record["normalized_score"], abs=5e-4)
+        assert float(threshold) == pytest.approx(record["threshold"], abs=5e-4)
+        assert verdict == ("ANOMALOUS" if record["is_anomalous"] else "ok")
+        assert float(sigma) == pytest.approx(record["sigma"], abs=0.05)
+        assert confidence == f"{record['anomaly_confidence']:.1%}"
+        assert row.index(verdict, len(name)) == heading.index("verdict")
+        warnings = [next(rows).strip() for _ in record["warnings"]]
+        assert warnings == ["warning: no part found: the whole photo was scored"]
+    assert next(rows).startswith("(anomaly confidence: ")
+
+
+@pytest.mark.parametrize("threshold, verdict", [("0.001", "ANOMALOUS"), ("1e9", "ok")], ids=["below", "above"])
+def test_a_threshold_set_for_the_run_decides_every_verdict_and_the_report_says_so(model_file, small_screw_dir,
+                                                                                 tmp_path, capsys, threshold, verdict):
+    """--threshold below (above) every score: every row flagged (ok) with that threshold in its column, the
+    summary counts them so, and the report's cards and threshold agree and say it was set for this run."""
+    import re
+
+    out_dir = tmp_path / "out"
+    code, out, _ = run(["--model", str(model_file), "--dir", str(small_screw_dir / "test"), "--threshold", threshold,
+                        "--report", "--output-dir", str(out_dir), "--quiet"], capsys)
+    assert code == 0
+    photos = len(load_test_split(small_screw_dir))
+    rows = out.splitlines()[1:-3]  # between the heading and the note, summary and report lines
+    assert len(rows) == photos and all(row.split()[3:5] == [f"{float(threshold):.3f}", verdict] for row in rows)
+    flagged = photos if verdict == "ANOMALOUS" else 0
+    assert f"{photos} scored, {flagged} anomalous, 0 unreadable" in out.splitlines()
+    page = (out_dir / "batch_report.html").read_text()
+    assert re.findall(r'<figure class="card (\w+)"', page) == [verdict.upper()] * photos
+    assert f"threshold {float(threshold):.4f}" in page and "set with --threshold for this run" in page
+
+
+def test_every_file_written_is_named_after_the_summary(model_file, small_screw_dir, tmp_path, capsys):
+    """One photo with --visualize, --report and --csv: after the summary line, one line names each output
+    (the heatmap folder, the report, the CSV), and each is there."""
+    image = load_test_split(small_screw_dir)[0].path
+    out_dir, table = tmp_path / "out", tmp_path / "results.csv"
+    code, out, err = run(["--model", str(model_file), "--image", str(image), "--visualize", "--report", "--csv",
+                          str(table), "--output-dir", str(out_dir), "--quiet"], capsys)
+    assert code == 0, err
+    flagged = out.count("ANOMALOUS")
+    assert out.splitlines()[-4:] == [f"1 scored, {flagged} anomalous, 0 unreadable",
+                                     f"heatmaps: {out_dir / 'heatmaps'}/", f"report: {out_dir / 'batch_report.html'}",
+                                     f"csv: {table}"]
+    assert (out_dir / "heatmaps" / f"{image.name}_heatmap.png").is_file()
+    assert image.name in (out_dir / "batch_report.html").read_text() and str(image) in table.read_text()
+
+
+def test_a_csv_that_cannot_be_written_whole_leaves_the_previous_one(model_file, small_screw_dir, tmp_path,
+                                                                   monkeypatch, capsys):
+    """The disk fails while the CSV is written: one error line naming it, exit 2, and the previous run's
+    CSV as it was, never half of the new one."""
+    import errno
+
+    import inspection.scoring as scoring
+    from config import run_cli
+
+    table = tmp_path / "results.csv"
+    table.write_text("the previous run's results\n")
+    real_records_csv = scoring.records_csv
+
+    def then_the_disk_fails(records: list) -> str:  # after every check: as the CSV is written
+        def full(descriptor: int) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(os, "fsync", full)
+        return real_records_csv(records)
+
+    monkeypatch.setattr(scoring, "records_csv", then_the_disk_fails)
+    image = load_test_split(small_screw_dir)[0].path
+    argv = ["--model", str(model_file), "--image", str(image), "--csv", str(table), "--quiet"]
+    assert run_cli(lambda: inference.main(argv)) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: {table}: cannot be written (No space left on device)")
+    assert table.read_text() == "the previous run's results\n"
+    assert [path.name for path in tmp_path.iterdir()] == ["results.csv"]
+
+
+def test_a_watch_folder_that_does_not_exist_is_one_error_line_and_exit_2(tmp_path, capsys):
+    """Named in the error, before the model file is read."""
+    from config import run_cli
+
+    inbox = tmp_path / "inbox"
+    argv = ["--model", str(tmp_path / "never_read.pkl"), "--watch", str(inbox), "--jsonl", str(tmp_path / "r.jsonl")]
+    assert run_cli(lambda: inference.main(argv)) == 2
+    assert capsys.readouterr().err == f"error: {inbox}: no such folder to watch\n"
+
+
+def test_the_watch_command_hands_the_watcher_its_outputs_and_waits(model_file, tmp_path, monkeypatch):
+    """--visualize with --output-dir, --state, --settle-seconds and --retry-seconds reach the watcher as given:
+    overlays go under <output-dir>/heatmaps, the journal where --state names it, and each wait is its own flag's."""
+    import runtime.watcher
+
+    handed: dict[str, object] = {}
+
+    def watch_until_stopped(model: object, folder: Path, outputs: runtime.watcher.WatchOutputs, settle_s: float,
+                            retry_s: float, model_path: Path | None = None) -> int:
+        handed.update(folder=folder, outputs=outputs, settle_s=settle_s, retry_s=retry_s, model_path=model_path)
+        return 0
+
+    monkeypatch.setattr(runtime.watcher, "watch_until_stopped", watch_until_stopped)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    assert inference.main(["--model", str(model_file), "--watch", str(inbox), "--jsonl", str(tmp_path / "r.jsonl"),
+                           "--visualize", "--output-dir", str(tmp_path / "out"), "--state", str(tmp_path / "journal"),
+                           "--settle-seconds", "0.25", "--retry-seconds", "7"]) == 0
+    outputs = handed["outputs"]
+    assert (outputs.jsonl, outputs.heatmaps, outputs.state) == (tmp_path / "r.jsonl", tmp_path / "out" / "heatmaps",
+                                                                tmp_path / "journal")
+    assert (handed["folder"], handed["settle_s"], handed["retry_s"]) == (inbox, 0.25, 7.0)
+    assert handed["model_path"] == model_file  # where confirmed photos are learnt into
