@@ -87,6 +87,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--evaluate needs --dir (an MVTec-layout folder with test/)")
     if args.evaluate and args.threshold is not None:
         parser.error("--evaluate reports the model's calibrated threshold; to move it use train.py --recalibrate")
+    if args.evaluate and (args.csv or args.visualize or args.report):
+        parser.error("--evaluate writes metrics.json and report.html (its worst cases with heatmaps); --csv, "
+                     "--visualize and --report are for a scoring run of --dir without --evaluate")
     if args.threshold is not None and not (math.isfinite(args.threshold) and args.threshold > 0):
         parser.error(f"--threshold must be a positive number, got {args.threshold}")
     if args.csv and args.csv.is_dir():

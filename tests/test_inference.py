@@ -119,12 +119,15 @@ def test_evaluate_with_an_unreadable_photo_scores_the_rest_and_exits_3(model_fil
     [
         (["--evaluate", "--dir", "d", "--threshold", "5"], "--evaluate reports the model's calibrated threshold"),
         (["--evaluate", "--image", "x.png"], "--evaluate needs --dir"),
+        (["--evaluate", "--dir", "d", "--csv", "r.csv"], "--csv, --visualize and --report are for a scoring run"),
+        (["--evaluate", "--dir", "d", "--visualize"], "--csv, --visualize and --report are for a scoring run"),
+        (["--evaluate", "--dir", "d", "--report"], "--csv, --visualize and --report are for a scoring run"),
         (["--watch", "inbox", "--jsonl", "r.jsonl", "--threshold", "5"], "--threshold are for --image/--dir"),
         (["--watch", "inbox"], "--watch needs somewhere to put results"),
         (["--dir", "d", "--jsonl", "r.jsonl"], "--jsonl, --sort-into and --state go with --watch"),
         (["--image", "x.png", "--sort-into", "sorted"], "--jsonl, --sort-into and --state go with --watch"),
     ],
-    ids=["evaluate-threshold", "evaluate-image", "watch-threshold", "watch-nowhere", "jsonl-dir", "sort-into-image"],
+    ids=["evaluate-threshold", "evaluate-image", "evaluate-csv", "evaluate-visualize", "evaluate-report", "watch-threshold", "watch-nowhere", "jsonl-dir", "sort-into-image"],
 )
 def test_a_flag_the_run_would_not_honour_is_refused(tmp_path, capsys, flags, message):
     """A usage error (exit 2) naming the flag, before the model is read: never a run that ignores it."""
