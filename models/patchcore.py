@@ -54,7 +54,7 @@ from models.model_file import (
     write_state,
 )
 from output_files import write_atomically
-from preprocessing.io import ImageReadError, read_image, photo_problem, unusable_photos
+from preprocessing.io import ImageReadError, photo_problem, read_image, unusable_photos
 from preprocessing.pipeline import Preprocessed, preprocess, to_original
 
 MAX_CALIBRATION_PHOTOS = 500  # more add little to a percentile and would hold all their patches in memory
