@@ -16,7 +16,9 @@ from PIL import Image
 
 from config import Config, UserError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# What cameras and machine-vision software write (PGM/PPM/PNM: the plain formats of many vision
+# libraries; JPEG 2000; WebP), each decoded by OpenCV within the same decode limit.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".pgm", ".ppm", ".pnm", ".jp2", ".webp")
 
 
 class ImageReadError(UserError, ValueError):

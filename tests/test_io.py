@@ -216,6 +216,21 @@ def test_folder_listing_takes_upper_case_suffixes_and_sub_folders(tmp_path):
     assert [p.name for p in find_images(tmp_path, recursive=False)] == ["IMG_0001.JPG"]
 
 
+@pytest.mark.parametrize("suffix", [".pgm", ".ppm", ".pnm", ".jp2", ".webp"])
+def test_photos_in_the_formats_of_vision_software_are_listed_and_read(tmp_path, suffix):
+    """A camera writing PGM, PPM, JPEG 2000 or WebP: its photos are found in the folder (never passed over
+    for their suffix) and read as the photo they hold."""
+    image = photo()[..., 0] if suffix == ".pgm" else photo()  # PGM holds one grey channel
+    written = tmp_path / f"part{suffix}"
+    lossless = [cv2.IMWRITE_WEBP_QUALITY, 101] if suffix == ".webp" else []
+    ok, data = cv2.imencode(".ppm" if suffix == ".pnm" else suffix, image, lossless)
+    assert ok
+    written.write_bytes(data.tobytes())
+    assert find_images(tmp_path) == [written]
+    expected = np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image[..., ::-1]
+    assert np.array_equal(read_image(written), expected)
+
+
 def test_a_folder_that_cannot_be_listed_is_named_not_passed_over(tmp_path):
     """A listing that skips what it may not read loses photos in silence ("no images found", or a
     batch a folder short): a locked subfolder is listed so that it gets its error record, and a
