@@ -231,6 +231,8 @@ def test_add_good_writes_to_output_and_force_adds_a_photo_that_looks_defective(h
     (["--add-good", "--data-dir", "."], "--add-good needs --model"),
     (["--add-good", "--model", "m.pkl", "--category", "screw"], "--add-good needs --model"),
     (["--model", "m.pkl", "--data-dir", ".", "--force"], "--force goes with --add-good"),
+    (["--add-good", "--model", "m.pkl", "--data-dir", ".", "--config", "s.yaml"], "takes no settings"),
+    (["--add-good", "--recalibrate", "--model", "m.pkl", "--data-dir", "."], "two different updates"),
 ])
 def test_add_good_usage_errors(args, says, capsys):
     with pytest.raises(SystemExit) as usage:

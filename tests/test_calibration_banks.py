@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import small_config
+from models.calibration import promise
 from models.patchcore import PatchCore
 from preprocessing import io as photo_io
 from evaluation.mvtec import train_images
@@ -75,9 +76,10 @@ def run_train(argv: list[str], monkeypatch, tmp_path: Path) -> list[Path]:
 
 
 def test_recalibrate_with_output_writes_there_and_leaves_the_input_model_untouched(
-    fitted_model, small_screw_dir, tmp_path, monkeypatch
+    fitted_model, small_screw_dir, tmp_path, monkeypatch, capsys
 ):
-    """And on an MVTec-layout folder it reads train/good only, never test/."""
+    """And on an MVTec-layout folder it reads train/good only, never test/; the result line names the
+    file written."""
     original = tmp_path / "line3.pkl"
     fitted_model.save(original)
     before = original.read_bytes()
@@ -88,6 +90,7 @@ def test_recalibrate_with_output_writes_there_and_leaves_the_input_model_untouch
     assert moved.memory_bank.tobytes() == fitted_model.memory_bank.tobytes()
     assert moved.calibration_method.startswith("re-calibrated on 12 healthy photos")
     assert set(opened) == {path.resolve() for path in train_images(small_screw_dir)}  # test/ is never read
+    assert "; saved to moved/line3_new_light.pkl (memory bank unchanged)" in capsys.readouterr().out
 
 
 def test_a_fit_writes_its_model_to_output_and_nowhere_else(small_screw_dir, tmp_path, monkeypatch):
@@ -102,8 +105,9 @@ def test_a_fit_writes_its_model_to_output_and_nowhere_else(small_screw_dir, tmp_
 
 
 def test_add_good_with_output_writes_there_and_leaves_the_input_model_untouched(
-    fitted_model, small_screw_dir, tmp_path, monkeypatch
+    fitted_model, small_screw_dir, tmp_path, monkeypatch, capsys
 ):
+    """The result line names the file written and what its threshold promises; --quiet: no progress bars."""
     original = tmp_path / "line5.pkl"
     fitted_model.save(original)
     before = original.read_bytes()
@@ -117,3 +121,7 @@ def test_add_good_with_output_writes_there_and_leaves_the_input_model_untouched(
     grown = PatchCore.load(tmp_path / "grown" / "line5.pkl")
     assert [update["photos"] for update in grown.updates] == [3]
     assert sorted(path.name for path in tmp_path.glob("*.pkl")) == ["line5.pkl"]  # nothing written beside the input
+    shown = capsys.readouterr()
+    assert shown.out.splitlines()[0].endswith("; saved to grown/line5.pkl")  # nothing replaced, no backup named
+    assert f"threshold {grown.threshold:.3f}: {promise(grown.calibration)}" in shown.out.splitlines()
+    assert shown.err == ""

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from evaluation.mvtec import load_test_split, train_images
-from models.calibration import fit_tail, read_at
+from models.calibration import fit_tail, promise, read_at
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,6 +46,10 @@ def test_an_unreadable_test_photo_is_named_the_rest_evaluated_and_the_exit_is_3(
     assert "999.png: not a readable image" in result.stderr
     metrics = json.loads((tmp_path / "outputs" / "patchcore_parts" / "metrics.json").read_text())
     assert metrics["n_skipped"] == 1 and metrics["n_test_good"] == 1
+    # the summary says one photo was skipped, and where the metrics and the report are
+    assert (f"test {metrics['n_test']} images (1 good, {metrics['n_test_defective']} defective, 1 skipped)"
+            in result.stdout)
+    assert "metrics: outputs/patchcore_parts/metrics.json  report: outputs/patchcore_parts/report.html" in result.stdout
 
 
 def test_missing_category_data_says_how_to_get_it(tmp_path):
@@ -111,6 +115,8 @@ def test_fit_writes_the_model_file_named_after_the_folder(tmp_path, small_screw_
     assert "model saved to saved_models/patchcore_my_screws.pkl" in result.stdout
     assert "network exported beside it to saved_models/patchcore_my_screws.onnx" in result.stdout
     assert (tmp_path / "saved_models" / "patchcore_my_screws.onnx").is_file()
+    assert (f"memory bank: every training patch lies within {model.coverage_radius:.3f} of a kept one"
+            in result.stdout)
     assert result.stderr == ""  # --quiet: no progress bars
     pipeline = next(line for line in result.stdout.splitlines() if line.startswith("preprocessing: pipeline:"))
     assert "of pairs" in pipeline  # the trial of the two pipelines, in plain words
@@ -289,14 +295,21 @@ def test_recalibrate_moves_the_threshold_and_keeps_the_memory_bank(tmp_path, fit
     assert recalibrated.threshold == pytest.approx(expected, rel=1e-5)
     assert recalibrated.calibration_method == f"re-calibrated on {len(healthy)} healthy photos from {new_camera}"
     assert f"threshold {fitted_model.threshold:.3f} -> {recalibrated.threshold:.3f}" in result.stdout
+    # what the new threshold promises, as after a fit; --quiet: no progress bars
+    assert f"threshold {recalibrated.threshold:.3f}: {promise(recalibrated.calibration)}" in result.stdout
+    assert result.stderr == ""
 
 
 @pytest.mark.parametrize("args", [["--recalibrate", "--data-dir", "x"], ["--recalibrate", "--model", "m.pkl"],
                                   ["--recalibrate", "--model", "m.pkl", "--data-dir", "x", "--image-size", "128"],
                                   ["--data-dir", "x", "--model", "m.pkl"],
                                   ["--recalibrate", "--model", "m.pkl", "--data-dir", "x", "--config", "s.yaml"],
-                                  ["--recalibrate", "--model", "m.pkl", "--data-dir", "x", "--drop-unlike"]])
+                                  ["--recalibrate", "--model", "m.pkl", "--data-dir", "x", "--drop-unlike"],
+                                  ["--recalibrate", "--model", "m.pkl", "--data-dir", "x", "--clahe", "false"],
+                                  ["--data-dir", "x", "--preprocess-only", "--drop-unlike"]])
 def test_recalibrate_usage_errors(args, tmp_path):
+    """A combination train.py cannot honour is a usage error, never a run that ignores part of it
+    (a setting given as false counts as given)."""
     result = run_train(*args, cwd=tmp_path)
     assert result.returncode == 2 and "usage:" in result.stderr
 
@@ -325,7 +338,10 @@ def test_a_training_photo_unlike_the_rest_is_listed_with_its_heatmap_and_drop_un
     listed = [line for line in result.stdout.splitlines() if line.startswith("  ")]
     assert len(listed) == 1 and "odd.png" in listed[0] and "heatmap" in listed[0]
     assert list((tmp_path / "outputs" / "model" / "unlike_the_rest").glob("odd.png_heatmap.png"))
-    assert [Path(e["photo"]).name for e in PatchCore.load(model_path).calibration["unlike_the_rest"]] == ["odd.png"]
+    fitted = PatchCore.load(model_path)
+    (entry,) = fitted.calibration["unlike_the_rest"]
+    assert Path(entry["photo"]).name == "odd.png"
+    assert f": score {entry['score']:.3f} ({entry['score'] / fitted.threshold:.2f} x threshold)" in listed[0]
 
     result = run_train(*args, "--drop-unlike", cwd=tmp_path)
     assert result.returncode == 0, result.stderr

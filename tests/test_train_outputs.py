@@ -52,6 +52,24 @@ def test_a_data_folder_named_after_a_category_gets_that_categorys_defaults(
     assert (config.preprocess, config.clahe) == (preprocess, clahe)
 
 
+@pytest.mark.parametrize("data, where, argv, model_file", [
+    ("data/mvtec_ad/screw", ".", ["--category", "screw"], "saved_models/patchcore_mvtec_screw.pkl"),
+    ("bolts", "bolts", ["--data-dir", "."], "saved_models/patchcore_bolts.pkl"),  # '.': the folder's own name
+])
+def test_without_output_the_model_file_is_named_after_the_category_or_the_folder(
+    small_screw_dir, tmp_path, monkeypatch, capsys, fit_configs, data, where, argv, model_file
+):
+    """Where the README's commands look for it; found before the fit: a folder in its place stops it, named."""
+    import train
+
+    link_folder(small_screw_dir, tmp_path / data)
+    monkeypatch.chdir(tmp_path / where)
+    Path(model_file).mkdir(parents=True)
+    assert run_cli(lambda: train.main([*argv, "--backbone", "efficientnet_lite0"])) == 2
+    assert capsys.readouterr().err.startswith(f"error: {model_file}: is a folder; give a file name")
+    assert fit_configs == []
+
+
 def test_the_report_of_a_fit_goes_to_outputs_named_after_its_output_file(
     small_screw_dir, tmp_path, monkeypatch, capsys, fit_configs
 ):
