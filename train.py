@@ -23,7 +23,7 @@ from pathlib import Path
 from config import CATEGORY_DEFAULTS, Config, add_config_arguments, config_from_args, fail, printable, run_cli
 from evaluation.mvtec import load_test_split, train_images
 from models.backend import onnx_path_for
-from output_files import check_writable
+from output_files import OutputError, check_writable
 from preprocessing.io import (
     ImageReadError,
     find_images,
@@ -98,6 +98,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      "it takes no settings")
     if args.drop_unlike and (args.recalibrate or args.add_good or args.preprocess_only):
         parser.error("--drop-unlike goes with a fit, not with --recalibrate, --add-good or --preprocess-only")
+    if args.preprocess_only and (args.recalibrate or args.add_good or args.output):
+        parser.error("--preprocess-only fits nothing and writes only preview sheets; it goes without "
+                     "--recalibrate, --add-good and --output")
     return args
 
 
@@ -164,8 +167,11 @@ def print_unlike_the_rest(model: PatchCore, heatmap_dir: Path) -> list[str]:
         if anomaly_map is not None:
             image = read_image(entry["photo"], model.config.max_image_pixels)
             out = heatmap_path(heatmap_dir, Path(entry["photo"]).name)
-            entry["heatmap"] = str(write_overlay(model, image, model.prediction_from_map(anomaly_map), out))
-            where = f", heatmap {out}"
+            try:
+                entry["heatmap"] = str(write_overlay(model, image, model.prediction_from_map(anomaly_map), out))
+                where = f", heatmap {out}"
+            except OutputError as error:  # the fit is worth more than its picture: the model is still saved
+                print(printable(f"warning: {error}; listed without its heatmap"), file=sys.stderr)
         print(printable(f"  {entry['photo']}: score {entry['score']:.3f} ({entry['score'] / model.threshold:.2f} x "
                         f"threshold){where}"))
     return listed

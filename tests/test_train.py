@@ -306,7 +306,10 @@ def test_recalibrate_moves_the_threshold_and_keeps_the_memory_bank(tmp_path, fit
                                   ["--recalibrate", "--model", "m.pkl", "--data-dir", "x", "--config", "s.yaml"],
                                   ["--recalibrate", "--model", "m.pkl", "--data-dir", "x", "--drop-unlike"],
                                   ["--recalibrate", "--model", "m.pkl", "--data-dir", "x", "--clahe", "false"],
-                                  ["--data-dir", "x", "--preprocess-only", "--drop-unlike"]])
+                                  ["--data-dir", "x", "--preprocess-only", "--drop-unlike"],
+                                  ["--recalibrate", "--model", "m.pkl", "--data-dir", "x", "--preprocess-only"],
+                                  ["--add-good", "--model", "m.pkl", "--data-dir", "x", "--preprocess-only"],
+                                  ["--data-dir", "x", "--preprocess-only", "--output", "m.pkl"]])
 def test_recalibrate_usage_errors(args, tmp_path):
     """A combination train.py cannot honour is a usage error, never a run that ignores part of it
     (a setting given as false counts as given)."""
@@ -348,6 +351,27 @@ def test_a_training_photo_unlike_the_rest_is_listed_with_its_heatmap_and_drop_un
     refitted = PatchCore.load(model_path)
     assert refitted.n_train == len(train_images(small_screw_dir))
     assert [Path(photo).name for photo in refitted.calibration["left_out"]] == ["odd.png"]
+
+
+def test_a_heatmap_that_cannot_be_written_costs_the_listing_its_picture_not_the_fit(
+    fitted_model, small_screw_dir, tmp_path, capsys
+):
+    """The listed photo is still named with its score, one warning says why its heatmap is missing, and
+    the model file records no heatmap: a blocked outputs folder never throws away a finished fit."""
+    import copy
+
+    import train
+
+    model = copy.copy(fitted_model)
+    photo = str(train_images(small_screw_dir)[0])
+    model.calibration = {**fitted_model.calibration, "unlike_the_rest": [{"photo": photo, "score": 99.0}]}
+    model.held_out_maps = {photo: np.full((1024, 1024), 99.0, np.float32)}
+    (tmp_path / "outputs").write_text("a file where the folder would go")
+    assert train.print_unlike_the_rest(model, tmp_path / "outputs" / "unlike_the_rest") == [photo]
+    shown = capsys.readouterr()
+    assert shown.out.splitlines()[-1] == f"  {photo}: score 99.000 ({99.0 / model.threshold:.2f} x threshold)"
+    assert shown.err.startswith("warning: ") and shown.err.endswith("; listed without its heatmap\n")
+    assert "heatmap" not in model.calibration["unlike_the_rest"][0]
 
 
 def test_a_blank_or_tiny_training_photo_is_refused_naming_each(tmp_path, small_screw_dir, monkeypatch, capsys):
