@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import socket
 import subprocess
@@ -16,8 +17,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+import serve
+from config import UserError, run_cli
 from conftest import running_service, wait_until
 from evaluation.mvtec import load_test_split
+from runtime.service import SETTINGS_ENV, ServiceSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "line-7-secret"
@@ -210,6 +214,87 @@ def test_a_port_in_use_or_out_of_range_is_one_error_line_before_the_model_loads(
             result = subprocess.run([sys.executable, "serve.py", "--model", str(model_file), "--port", bad_port],
                                     cwd=ROOT, capture_output=True, text=True, timeout=120)
             assert result.returncode == 2 and result.stderr.strip() == says, result.stderr
+
+
+@pytest.fixture
+def started(monkeypatch: pytest.MonkeyPatch) -> dict:
+    """serve.main with the model and uvicorn left out: what it would start (the service's settings and
+    uvicorn's arguments) is recorded instead, in-process and in milliseconds."""
+    import uvicorn
+
+    seen: dict = {}
+    monkeypatch.delenv("FASTENER_API_KEY", raising=False)
+    monkeypatch.setenv(SETTINGS_ENV, "")  # so what --workers writes there is removed afterwards
+    monkeypatch.setattr(serve, "create_app", lambda settings: seen.setdefault("settings", settings))
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: seen.update(app=app, **kwargs))
+    return seen
+
+
+def model_file_in(folder: Path) -> Path:
+    """A model file that passes serve.py's own checks; nothing reads it once create_app is left out."""
+    path = folder / "model.pkl"
+    path.write_bytes(b"not read: no model is loaded")
+    return path
+
+
+def test_every_flag_reaches_the_service_on_this_machine_only(started, tmp_path, monkeypatch):
+    """What a line sets on the command line is what the service enforces: each limit, learning, the device and
+    runtime reach its settings, the key comes from $FASTENER_API_KEY, it binds 127.0.0.1 when no --host is
+    given, and a clean stop is exit 0."""
+    model = model_file_in(tmp_path)
+    monkeypatch.setenv("FASTENER_API_KEY", "line-7-secret")
+    argv = ["--model", str(model), "--port", "0", "--runtime", "onnx", "--device", "cpu", "--max-upload-mb", "3",
+            "--queue-size", "7", "--batch-wait-ms", "2", "--retry-after", "4", "--body-timeout", "9", "--learn",
+            "--learn-batch", "5", "--learn-wait-s", "6", "--keep-scored", "8", "--events-jsonl", str(tmp_path / "e.jsonl")]
+    assert run_cli(lambda: serve.main(argv)) == 0
+    assert started["settings"] == ServiceSettings(
+        model=str(model), runtime="onnx", device="cpu", api_key="line-7-secret", max_upload_mb=3, queue_size=7,
+        batch_wait_ms=2, retry_after_s=4, body_timeout_s=9, learn=True, learn_batch=5, learn_wait_s=6, keep_scored=8,
+        events_jsonl=str(tmp_path / "e.jsonl"))
+    assert started["app"] is started["settings"] and (started["host"], started["port"]) == ("127.0.0.1", 0)
+
+
+def test_each_worker_process_builds_the_service_from_the_same_settings(started, tmp_path):
+    """--workers 2 starts two processes, and each reads the settings serve.py hands them, limits included."""
+    model = model_file_in(tmp_path)
+    assert run_cli(lambda: serve.main(["--model", str(model), "--port", "0", "--workers", "2", "--queue-size", "3"])) == 0
+    assert started["app"] == "runtime.service:create_app_from_env" and started["workers"] == 2
+    assert ServiceSettings(**json.loads(os.environ[SETTINGS_ENV])) == ServiceSettings(model=str(model), queue_size=3)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--workers", "0"], "--workers must be at least 1"),
+    (["--learn", "--workers", "2"], "--learn updates one model in one process; run it with --workers 1"),
+    (["--api-key-file", "{tmp}/absent"], "{tmp}/absent: cannot read the API key file (No such file or directory)"),
+    (["--port", "65536"], "--port must be between 0 and 65535, got 65536"),
+    (["--port", "-1"], "--port must be between 0 and 65535, got -1"),
+], ids=["workers-0", "learn-with-2-workers", "absent-key-file", "port-65536", "port-minus-1"])
+def test_a_usage_problem_is_one_error_line_and_nothing_starts(started, args, says, tmp_path, capsys):
+    """Each refusal names what to change, exits 2, and starts nothing (two learning workers would overwrite
+    each other's model file)."""
+    argv = ["--model", str(model_file_in(tmp_path)), "--port", "0", *(arg.format(tmp=tmp_path) for arg in args)]
+    assert run_cli(lambda: serve.main(argv)) == 2
+    assert capsys.readouterr().err == f"error: {says.format(tmp=tmp_path)}\n"
+    assert started == {}
+
+
+@pytest.mark.parametrize("port", [0, 65535])
+def test_the_ends_of_the_port_range_are_never_refused_as_out_of_range(port):
+    """0 (any free port) and 65535 are ports a service may take."""
+    try:
+        serve.check_address("127.0.0.1", port)
+    except UserError as error:  # 65535 held by another program here: a different refusal, and a fair one
+        assert "must be between" not in str(error)
+
+
+def test_the_key_is_the_first_line_of_the_key_file_without_its_spaces(tmp_path, monkeypatch):
+    """A key file an editor wrote (a trailing space, a line of notes below) gives the key clients send; the file
+    wins over $FASTENER_API_KEY, which is read when no file is given."""
+    key_file = tmp_path / "api-key"
+    key_file.write_text("  line-7-secret \nrotated 2026-01 by the line lead\n")
+    monkeypatch.setenv("FASTENER_API_KEY", "from-the-environment")
+    assert serve.api_key(key_file) == "line-7-secret"
+    assert serve.api_key(None) == "from-the-environment"
 
 
 def test_the_api_key_is_never_a_command_line_argument(tmp_path):

