@@ -14,6 +14,7 @@ Stateless apart from the model file: run N replicas behind any load balancer, or
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import socket
 import sys
@@ -76,10 +77,12 @@ def api_key(key_file: Path | None) -> str | None:
     return key
 
 
-def check_address(host: str, port: int) -> None:
+def check_address(host: str, port: int, keyed: bool = False) -> None:
     """Bind the address once before the model loads, as uvicorn will (with SO_REUSEADDR): a port out of
     range, in use or not ours to take, or a host this machine does not have, is one ``error:`` line at
-    once instead of a traceback or a log line after the start."""
+    once instead of a traceback or a log line after the start. An address other machines can reach
+    needs a key (``keyed``): anyone on the network could otherwise score photos and, with --learn,
+    teach the model that a defect is a good part."""
     if not 0 <= port <= 65535:
         fail(f"--port must be between 0 and 65535, got {port}")
     try:
@@ -89,6 +92,9 @@ def check_address(host: str, port: int) -> None:
             probe.bind(address)
     except OSError as error:  # socket.gaierror too: a host name that does not resolve
         fail(f"cannot listen on {host}:{port}: {error.strerror or error}")
+    if not keyed and not ipaddress.ip_address(address[0].split("%")[0]).is_loopback:
+        fail(f"--host {host} lets other machines reach the service: set a key (--api-key-file FILE or "
+             "$FASTENER_API_KEY) so that only the line's clients can score photos and teach the model")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,9 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         fail("--workers must be at least 1")
     if args.learn and args.workers > 1:
         fail("--learn updates one model in one process; run it with --workers 1")
-    check_address(args.host, args.port)
+    key = api_key(args.api_key_file)
+    check_address(args.host, args.port, keyed=key is not None)
     settings = ServiceSettings(
-        model=str(args.model), runtime=args.runtime, device=args.device, api_key=api_key(args.api_key_file),
+        model=str(args.model), runtime=args.runtime, device=args.device, api_key=key,
         max_upload_mb=args.max_upload_mb, queue_size=args.queue_size, batch_wait_ms=args.batch_wait_ms,
         retry_after_s=args.retry_after, learn=args.learn, learn_batch=args.learn_batch,
         learn_wait_s=args.learn_wait_s, keep_scored=args.keep_scored,

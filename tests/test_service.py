@@ -268,7 +268,9 @@ def test_each_worker_process_builds_the_service_from_the_same_settings(started, 
     (["--api-key-file", "{tmp}/absent"], "{tmp}/absent: cannot read the API key file (No such file or directory)"),
     (["--port", "65536"], "--port must be between 0 and 65535, got 65536"),
     (["--port", "-1"], "--port must be between 0 and 65535, got -1"),
-], ids=["workers-0", "learn-with-2-workers", "absent-key-file", "port-65536", "port-minus-1"])
+    (["--host", "0.0.0.0"], "--host 0.0.0.0 lets other machines reach the service: set a key (--api-key-file FILE "
+                            "or $FASTENER_API_KEY) so that only the line's clients can score photos and teach the model"),
+], ids=["workers-0", "learn-with-2-workers", "absent-key-file", "port-65536", "port-minus-1", "open-without-a-key"])
 def test_a_usage_problem_is_one_error_line_and_nothing_starts(started, args, says, tmp_path, capsys):
     """Each refusal names what to change, exits 2, and starts nothing (two learning workers would overwrite
     each other's model file)."""
@@ -276,6 +278,13 @@ def test_a_usage_problem_is_one_error_line_and_nothing_starts(started, args, say
     assert run_cli(lambda: serve.main(argv)) == 2
     assert capsys.readouterr().err == f"error: {says.format(tmp=tmp_path)}\n"
     assert started == {}
+
+
+def test_a_service_other_machines_can_reach_starts_with_a_key(started, tmp_path, monkeypatch):
+    """--host 0.0.0.0 with $FASTENER_API_KEY set: it binds every interface, and every request needs the key."""
+    monkeypatch.setenv("FASTENER_API_KEY", "line-7-secret")
+    assert run_cli(lambda: serve.main(["--model", str(model_file_in(tmp_path)), "--port", "0", "--host", "0.0.0.0"])) == 0
+    assert started["host"] == "0.0.0.0" and started["settings"].api_key == "line-7-secret"
 
 
 @pytest.mark.parametrize("port", [0, 65535])
