@@ -220,6 +220,10 @@ class Config:
         1024, "feature channels after reduction (kept as is when the backbone has fewer)", minimum=1, maximum=8192
     )
     image_size: int = setting(256, "side of the model input in pixels", minimum=32, maximum=1024, multiple_of=16)
+    fine_aggregation: int = setting(
+        3, "patches a side averaged into each fine-stage feature (1: each patch its own, finer heatmaps)",
+        choices=(1, 3),
+    )
     coreset_sampling_ratio: float = setting(0.1, "share of healthy patches kept in the memory bank", above=0, maximum=1)
     coreset_projection_dim: int = setting(
         128, "random-projection width the greedy coreset measures distances in", minimum=1, maximum=4096

@@ -1,9 +1,9 @@
 """Frozen ImageNet backbones turned into locally aware patch features (PatchCore, Sec. 3.1).
 
 Two feature maps are taken at stride 8 and 16 (mid-level: generic enough to transfer from ImageNet,
-fine enough to localise a scratch), each averaged over a 3x3 neighbourhood, the coarser one
-upsampled onto the finer grid, concatenated and, when wider than ``target_dim``, average-pooled
-along channels down to it.
+fine enough to localise a scratch), each averaged over a 3x3 neighbourhood (the finer one over
+``fine_aggregation`` patches a side), the coarser one upsampled onto the finer grid, concatenated and,
+when wider than ``target_dim``, average-pooled along channels down to it.
 """
 
 from __future__ import annotations
@@ -157,11 +157,14 @@ class PatchFeatures(nn.Module):
     """The whole image-to-patch-features computation as one module, so the torch back end and the
     ONNX export (scripts/export_onnx.py) are the same graph: (B, H, W, 3) uint8 -> (B, H/8, W/8, D)."""
 
-    def __init__(self, network: nn.Module, spec: BackboneSpec, layers: tuple[str, str], target_dim: int) -> None:
+    def __init__(
+        self, network: nn.Module, spec: BackboneSpec, layers: tuple[str, str], target_dim: int, fine_aggregation: int = 3
+    ) -> None:
         super().__init__()
         self.network = network
         self.layers = layers
         self.target_dim = target_dim
+        self.fine_aggregation = fine_aggregation
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1) * 255, persistent=False)
         modules = dict(network.named_modules())
@@ -190,7 +193,8 @@ class PatchFeatures(nn.Module):
         except _StopForward:
             pass
         fine, coarse = (self._captured[name] for name in self.layers)
-        fine = F.avg_pool2d(fine, 3, stride=1, padding=1)
+        if self.fine_aggregation > 1:
+            fine = F.avg_pool2d(fine, self.fine_aggregation, stride=1, padding=self.fine_aggregation // 2)
         coarse = F.avg_pool2d(coarse, 3, stride=1, padding=1)
         coarse = F.interpolate(coarse, size=fine.shape[-2:], mode="bilinear", align_corners=False)
         features = torch.cat([fine, coarse], dim=1).permute(0, 2, 3, 1)
@@ -263,7 +267,7 @@ class FeatureExtractor:
         network, self.weights_identity = build_backbone(config.backbone, config.weights_path, pretrained)
         network = fold_batch_norms(network)
         try:
-            module = PatchFeatures(network, spec, layers, config.target_dim)
+            module = PatchFeatures(network, spec, layers, config.target_dim, config.fine_aggregation)
         except ValueError as error:
             raise ValueError(f"{config.backbone}: {error}") from None
         self.module = module.to(self.device).to(memory_format=torch.channels_last).eval()

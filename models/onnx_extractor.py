@@ -32,6 +32,7 @@ def export_metadata(config: Config, weights_identity: str) -> dict[str, str]:
         "image_size": str(config.image_size),
         "layers": ",".join(config.layers),
         "target_dim": str(config.target_dim),
+        "fine_aggregation": str(config.fine_aggregation),
     }
 
 
@@ -87,7 +88,8 @@ class OnnxFeatureExtractor:
                 f"{path}: not a usable ONNX model ({error}); export it again with scripts/export_onnx.py, "
                 "or score with --runtime torch"
             ) from None
-        recorded = self.session.get_modelmeta().custom_metadata_map
+        # graphs exported before fine_aggregation was a setting all averaged over 3x3
+        recorded = {"fine_aggregation": "3", **self.session.get_modelmeta().custom_metadata_map}
         self.weights_identity = recorded.get("weights_identity", "")
         expected = export_metadata(config, self.weights_identity)
         differing = sorted(key for key, value in expected.items() if recorded.get(key) != value)

@@ -60,17 +60,40 @@ def test_onnx_scores_equal_torch_on_every_screw_test_photo_without_importing_tor
     np.testing.assert_allclose(onnx_scores, torch_scores, rtol=1e-3)
 
 
-def test_an_export_for_other_settings_is_refused(exported_model, fitted_model, small_screw_dir, tmp_path):
-    other = tmp_path / "other_size.pkl"
-    changed = PatchCore(fitted_model.config.replace(image_size=fitted_model.config.image_size + 16))
+@pytest.mark.parametrize("change", ["image_size", "fine_aggregation"])
+def test_an_export_for_other_settings_is_refused(exported_model, fitted_model, small_screw_dir, tmp_path, change):
+    """A graph exported for another input size or another fine-stage aggregation would give other
+    features than the bank holds: refused, naming the setting."""
+    other = tmp_path / "other_settings.pkl"
+    config = fitted_model.config
+    changed = PatchCore(config.replace(image_size=config.image_size + 16) if change == "image_size"
+                        else config.replace(fine_aggregation=1))
     changed.memory_bank, changed.calibration_scores = fitted_model.memory_bank, fitted_model.calibration_scores
     changed.threshold, changed.weights_identity = fitted_model.threshold, fitted_model.weights_identity
     changed.n_train = fitted_model.n_train
     changed.save(other)
     shutil.copy(exported_model.with_suffix(".onnx"), other.with_suffix(".onnx"))
     model = PatchCore.load(other, runtime="onnx")
-    with pytest.raises(OnnxExtractorError, match="image_size"):
+    with pytest.raises(OnnxExtractorError, match=f"\\({change} differ\\)"):
         model.predict([load_test_split(small_screw_dir)[0].path])
+
+
+def test_an_export_from_before_fine_aggregation_was_recorded_scores_its_model(exported_model, tmp_path):
+    """Graphs exported before the setting existed all averaged the fine stage over 3x3: such a graph
+    still serves a model with the default, and gives the same scores."""
+    import onnx
+
+    graph = onnx.load(exported_model.with_suffix(".onnx"))
+    kept = [prop for prop in graph.metadata_props if prop.key != "fine_aggregation"]
+    assert len(kept) == len(graph.metadata_props) - 1
+    del graph.metadata_props[:]
+    graph.metadata_props.extend(kept)
+    older = tmp_path / exported_model.name
+    shutil.copy(exported_model, older)
+    onnx.save(graph, older.with_suffix(".onnx"))
+    image = np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    scores = [PatchCore.load(path, runtime="onnx").predict([image])[0].score for path in (older, exported_model)]
+    assert scores[0] == pytest.approx(scores[1])
 
 
 def test_runtime_onnx_without_an_export_says_how_to_make_one(fitted_model, tmp_path):
