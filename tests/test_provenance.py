@@ -70,14 +70,25 @@ def test_an_onnx_graph_without_its_settings_metadata_is_refused_for_any_model(fi
     OnnxFeatureExtractor(tiny_graph(tmp_path / "complete.onnx", complete), config)  # the matching export opens
     with pytest.raises(OnnxExtractorError, match="differ"):
         OnnxFeatureExtractor(tiny_graph(tmp_path / "bare.onnx", {}), config)
-    for key in complete:
+    for key in set(complete) - {"fine_aggregation"}:
         partial = {name: value for name, value in complete.items() if name != key}
         with pytest.raises(OnnxExtractorError, match=key):
             OnnxFeatureExtractor(tiny_graph(tmp_path / f"without_{key}.onnx", partial), config)
 
 
+def test_an_onnx_graph_from_before_fine_aggregation_was_recorded_serves_the_3x3_models_alone(fitted_model, tmp_path):
+    """Exports written before the setting existed all averaged the fine stage over 3x3."""
+    config = fitted_model.config
+    older = {name: value for name, value in export_metadata(config, fitted_model.weights_identity).items()
+             if name != "fine_aggregation"}
+    graph = tiny_graph(tmp_path / "older.onnx", older)
+    OnnxFeatureExtractor(graph, config.replace(fine_aggregation=3))
+    with pytest.raises(OnnxExtractorError, match=r"\(fine_aggregation differ\)"):
+        OnnxFeatureExtractor(graph, config.replace(fine_aggregation=1))
+
+
 @pytest.mark.parametrize("setting, value", [("backbone", "wide_resnet50_2"), ("image_size", 96), ("target_dim", 64),
-                                            ("layers", ["_blocks.2", "_blocks.10"])])
+                                            ("layers", ["_blocks.2", "_blocks.10"]), ("fine_aggregation", 1)])
 def test_an_onnx_graph_exported_for_other_settings_is_refused(fitted_model, tmp_path, setting, value):
     config = fitted_model.config
     assert getattr(config, setting) != value
