@@ -27,9 +27,9 @@ from output_files import OutputError, check_writable
 from preprocessing.io import (
     ImageReadError,
     find_images,
+    photo_problem,
     read_image,
     read_images,
-    photo_problem,
     unusable_photos,
 )
 

@@ -4,9 +4,9 @@ For each seeded split the healthy training photos are divided 70/30. Every candi
 model on the 70 % (calibrated as ``train.py`` would), then scores the held-out 30 % and a copy of
 each with a synthetic defect painted on the part (rust, corrosion, a scratch, a chip, a dent, in
 turn; ``synthetic.defects``), where the part has room for it. Each candidate meets the same photos
-and the same painted copies, so the differences are the settings'. Counted at each model's own threshold: painted copies caught,
-healthy photos flagged, and how well the scores separate the two (AUROC). Nothing under ``test/``
-is read: a choice made this way is not tuned to the exam.
+and the same painted copies, so the differences are the settings'. Counted at each model's own
+threshold: painted copies caught, healthy photos flagged, and how well the scores separate the two
+(AUROC). Nothing under ``test/`` is read: a choice made this way is not tuned to the exam.
 """
 
 from __future__ import annotations

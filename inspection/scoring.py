@@ -20,7 +20,7 @@ import numpy as np
 
 from inspection.overlay import save_overlay
 from models.patchcore import PatchCore, Prediction
-from preprocessing.io import ImageReadError, decode_image, photo_problem, read_image
+from preprocessing.io import ImageReadError, check_photo, decode_image, read_image
 
 RECORD_FIELDS = ("path", "score", "normalized_score", "threshold", "is_anomalous", "sigma", "anomaly_confidence",
                  "warnings", "heatmap", "error")
@@ -139,10 +139,10 @@ def _decoded(photo: Photo, max_pixels: int) -> np.ndarray | ImageReadError:
             image = decode_image(photo.source, photo.label, max_pixels)
         else:
             image = photo.source
+        check_photo(image, photo.label)
     except ImageReadError as error:
         return error
-    problem = photo_problem(image)
-    return ImageReadError(f"{photo.label}: {problem}") if problem else image
+    return image
 
 
 def _predict_isolating_memory_errors(model: PatchCore, images: list[np.ndarray]) -> list[Prediction | MemoryError]:

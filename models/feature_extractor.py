@@ -158,7 +158,7 @@ class PatchFeatures(nn.Module):
     ONNX export (scripts/export_onnx.py) are the same graph: (B, H, W, 3) uint8 -> (B, H/8, W/8, D)."""
 
     def __init__(
-        self, network: nn.Module, spec: BackboneSpec, layers: tuple[str, str], target_dim: int, fine_aggregation: int = 3
+        self, network: nn.Module, spec: BackboneSpec, layers: tuple[str, str], target_dim: int, fine_aggregation: int
     ) -> None:
         super().__init__()
         self.network = network

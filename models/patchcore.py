@@ -54,7 +54,7 @@ from models.model_file import (
     write_state,
 )
 from output_files import write_atomically
-from preprocessing.io import ImageReadError, photo_problem, read_image, unusable_photos
+from preprocessing.io import ImageReadError, check_photo, read_image, unusable_photos
 from preprocessing.pipeline import Preprocessed, preprocess, to_original
 
 MAX_CALIBRATION_PHOTOS = 500  # more add little to a percentile and would hold all their patches in memory
@@ -666,7 +666,7 @@ class PatchCore:
         The next batch is prepared while the caller runs the backbone on the current one, and no
         more than two batches are ever in flight, so memory does not grow with the image count.
         Without ``checked_labels`` a photo that cannot be read raises. With them (one per photo), each
-        photo also passes the checks every training photo passes (``photo_problem``), and
+        photo also passes the checks every training photo passes (``check_photo``), and
         one that fails either comes back as its ``ImageReadError`` in its place, so that the caller
         can name every unusable photo while reading each file once.
         """
@@ -676,8 +676,8 @@ class PatchCore:
             try:
                 is_file = isinstance(image, (str, Path))
                 photo = read_image(image, self.config.max_image_pixels, keep_grey=True) if is_file else image
-                if checked_labels is not None and (problem := photo_problem(photo)):
-                    raise ImageReadError(f"{checked_labels[position]}: {problem}")
+                if checked_labels is not None:
+                    check_photo(photo, checked_labels[position])
             except ImageReadError as error:
                 if checked_labels is None:
                     raise

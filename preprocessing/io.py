@@ -297,6 +297,12 @@ def photo_problem(image: np.ndarray) -> str | None:
     return None
 
 
+def check_photo(image: np.ndarray, label: str) -> None:
+    """Raise ImageReadError naming ``label`` when the decoded photo cannot show a part (``photo_problem``)."""
+    if problem := photo_problem(image):
+        raise ImageReadError(f"{label}: {problem}")
+
+
 def find_images(folder: str | Path, recursive: bool = True) -> list[Path]:
     """Image files under a folder, sorted so that runs are reproducible.
 
