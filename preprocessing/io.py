@@ -30,6 +30,7 @@ class ImageReadError(UserError, ValueError):
 Image.MAX_IMAGE_PIXELS = None
 ORIENTATION_TAG = 0x0112  # EXIF: how the camera was held
 DEFAULT_MAX_PIXELS: int = Config.max_image_pixels
+PAGES_LOOKED_AT = 16  # pages of a multi-page file looked at for a second full-size photo
 
 
 def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, keep_grey: bool = False) -> np.ndarray:
@@ -125,6 +126,11 @@ def _decode(data: bytes, label: str, max_pixels: int) -> np.ndarray:
             # A PNG's EXIF may follow the pixels, and Pillow would decode them all to find it.
             has_exif_in_header = header.format != "PNG" or "exif" in header.info
             orientation = header.getexif().get(ORIENTATION_TAG, 1) if has_exif_in_header else 1
+            if _holds_another_photo(header):
+                raise ImageReadError(
+                    f"{label}: holds more than one {width}x{height} photo (pages of a TIFF or frames of an animation), "
+                    "and only the first would be scored; save each photo as its own file"
+                )
     except ImageReadError:
         raise
     except (OSError, ValueError, SyntaxError, IndexError, TypeError) as error:  # Pillow's "not an image I know"
@@ -139,6 +145,24 @@ def _decode(data: bytes, label: str, max_pixels: int) -> np.ndarray:
     if raw is None or raw.size == 0:
         raise ImageReadError(f"{label}: not a readable image (corrupt or unsupported format)")
     return upright(raw, orientation)
+
+
+def _holds_another_photo(header: Image.Image) -> bool:
+    """Whether a page after the first is a photo as large as the first one.
+
+    OpenCV decodes the first page alone, so a defect on any other page would pass unseen. Smaller
+    pages are the previews and thumbnails that cameras add, and are not counted. Only the first
+    ``PAGES_LOOKED_AT`` pages are looked at, so a file of a million pages costs no more.
+    """
+    first = header.size
+    for page in range(1, PAGES_LOOKED_AT):
+        try:
+            header.seek(page)
+        except (EOFError, OSError, ValueError, SyntaxError, IndexError, TypeError):  # no such page, or one unreadable
+            return False
+        if header.size == first:
+            return True
+    return False
 
 
 def _read_photo_file(path: Path, max_bytes: int | None = None) -> bytes:

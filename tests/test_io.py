@@ -512,6 +512,26 @@ def test_a_floating_point_photo_is_spread_over_the_8_bit_range(tmp_path):
     assert (np.diff(decoded.ravel().astype(int)) >= 0).all()  # brighter stays brighter
 
 
+def save_pages(path: Path, *sizes: tuple[int, int]) -> None:
+    """One file holding a different photo of each (width, height), in the order given; the first is ``photo``."""
+    pages = [Image.fromarray(photo(height, width) // (index + 1)) for index, (width, height) in enumerate(sizes)]
+    pages[0].save(path, save_all=True, append_images=pages[1:])
+
+
+@pytest.mark.parametrize("name", ["stack.tiff", "burst.png", "burst.webp"])
+def test_a_file_holding_two_photos_is_refused_as_only_its_first_would_be_scored(tmp_path, name):
+    """A camera's multi-page TIFF (or an animation) decodes to its first page alone: a defect on the second would
+    pass unseen under an "ok" verdict."""
+    save_pages(tmp_path / name, (100, 80), (100, 80))
+    with pytest.raises(ImageReadError, match=rf"{name}: holds more than one 100x80 photo .* save each photo as its own"):
+        read_image(tmp_path / name)
+
+
+def test_a_tiff_whose_other_pages_are_smaller_previews_is_read_as_its_photo(tmp_path):
+    save_pages(tmp_path / "with_preview.tiff", (100, 80), (50, 40), (25, 20))
+    assert np.array_equal(read_image(tmp_path / "with_preview.tiff"), photo(80, 100))
+
+
 def test_16_bit_photos_become_8_bit_as_rounding_by_257_does():
     raw = np.random.default_rng(0).integers(0, 65536, (64, 48, 4), dtype=np.uint16)
     expected = (raw / 257.0).round().astype(np.uint8)
