@@ -70,11 +70,24 @@ def api_key(key_file: Path | None) -> str | None:
         key = lines[0].strip() if lines else ""
         if not key:
             fail(f"{key_file}: the API key file is empty")
+        check_private(key_file)
         return key
     key = os.environ.get("FASTENER_API_KEY")
     if key is not None and not key.strip():
         fail("FASTENER_API_KEY is set but empty; an empty key would turn authentication off. Unset it or give a key")
     return key
+
+
+def check_private(key_file: Path) -> None:
+    """Refuse a key file every user of the PC may read or replace, as ssh refuses such a private key: anyone
+    holding the key can score photos and, with --learn, teach the model that a defect is a good part.
+    Windows keeps access in ACLs, not mode bits, so the check is for POSIX systems."""
+    if os.name != "posix":
+        return
+    mode = key_file.stat().st_mode & 0o777
+    if mode & 0o006:
+        fail(f"{key_file}: every user of this PC may read or change the API key file (mode {mode:o}); "
+             f"make it yours alone: chmod 600 {key_file}")
 
 
 def check_address(host: str, port: int, keyed: bool = False) -> None:

@@ -35,6 +35,7 @@ def service(fitted_model, tmp_path_factory) -> Iterator[str]:
     fitted_model.save(model_file)
     key_file = model_file.with_name("api-key")
     key_file.write_text(KEY + "\n")
+    key_file.chmod(0o600)
     with running_service("--model", str(model_file), "--api-key-file", str(key_file), "--max-upload-mb", "1",
                          "--queue-size", "4", "--body-timeout", "3", "--retry-after", "2") as port:
         yield f"http://127.0.0.1:{port}"
@@ -301,9 +302,24 @@ def test_the_key_is_the_first_line_of_the_key_file_without_its_spaces(tmp_path, 
     wins over $FASTENER_API_KEY, which is read when no file is given."""
     key_file = tmp_path / "api-key"
     key_file.write_text("  line-7-secret \nrotated 2026-01 by the line lead\n")
+    key_file.chmod(0o640)  # a service group may read it
     monkeypatch.setenv("FASTENER_API_KEY", "from-the-environment")
     assert serve.api_key(key_file) == "line-7-secret"
     assert serve.api_key(None) == "from-the-environment"
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o602])
+def test_a_key_file_every_user_may_read_or_change_is_refused(tmp_path, mode):
+    """As ssh refuses an open private key: whoever reads the key can score photos and teach the model."""
+    key_file = tmp_path / "api-key"
+    key_file.write_text("line-7-secret\n")
+    key_file.chmod(mode)
+    with pytest.raises(UserError) as refused:
+        serve.api_key(key_file)
+    assert str(refused.value) == (
+        f"{key_file}: every user of this PC may read or change the API key file (mode {mode:o}); "
+        f"make it yours alone: chmod 600 {key_file}"
+    )
 
 
 def test_the_api_key_is_never_a_command_line_argument(tmp_path):
