@@ -78,7 +78,9 @@ def test_each_update_joins_the_history_and_starts_from_the_last_one(half_model, 
     assert [update["source"] for update in model.updates] == ["morning", "evening"]
     assert second["threshold_before"] == first["threshold_after"]
     assert second["bank_before"] == first["bank_after"]
-    assert "6 photos added on the line" in model.calibration_method
+    # the promise names the fit's method and every photo added since, once: not one clause per update
+    assert model.calibration_method == (f"{half_model.calibration_method} + 6 photos added on the line, "
+                                        "each scored by the bank before it joined")
 
 
 def test_an_update_is_reproducible_with_a_seed(half_model, small_screw_dir, tmp_path):
@@ -431,6 +433,8 @@ def test_a_model_file_replaced_on_disk_since_it_was_loaded_is_never_saved_over(h
     photos = train_images(small_screw_dir)[6:8]
     updated, _ = learn_on_a_copy(serving, tmp_path / "line.pkl", photos, [p.name for p in photos], "POST /feedback")
     assert updated is not None  # an update of the file it loaded (and saved) goes through, again and again
+    updated, _ = learn_on_a_copy(updated, tmp_path / "line.pkl", photos, [p.name for p in photos], "POST /feedback")
+    assert updated is not None and len(updated.updates) == 2
     half_model.save(tmp_path / "new_fit.pkl")
     (tmp_path / "new_fit.pkl").replace(tmp_path / "line.pkl")
     new_fit = (tmp_path / "line.pkl").read_bytes()
@@ -439,3 +443,17 @@ def test_a_model_file_replaced_on_disk_since_it_was_loaded_is_never_saved_over(h
     assert again is None and update["photos"] == 0 and update["refused"] == [p.name for p in photos]
     assert update["error"].startswith(f"{tmp_path / 'line.pkl'}: replaced on disk since it was loaded")
     assert (tmp_path / "line.pkl").read_bytes() == new_fit and sorted(tmp_path.glob("line.before-update-*")) == kept_before
+
+
+def test_a_door_that_learns_nothing_leaves_the_model_file_as_it_was(half_model, tmp_path):
+    """A confirmed-good photo that looks defective is left out at a door: when it is the only one, nothing
+    is learnt, so the model file is not rewritten and no copy of it is kept to undo an update."""
+    from models.patchcore import learn_on_a_copy
+
+    serving = fresh(half_model, tmp_path, "line.pkl")
+    original = (tmp_path / "line.pkl").read_bytes()
+    cv2.imwrite(str(tmp_path / "noise.png"), noise_photo())
+    updated, update = learn_on_a_copy(serving, tmp_path / "line.pkl", [tmp_path / "noise.png"], ["noise.png"],
+                                      "POST /feedback")
+    assert updated is None and update["photos"] == 0 and update["refused"] == ["noise.png"]
+    assert (tmp_path / "line.pkl").read_bytes() == original and not list(tmp_path.glob("line.before-update-*"))

@@ -58,6 +58,19 @@ def test_the_spread_floor_is_measured_to_the_nearest_other_bank_patch(fitted_mod
     assert model.calibration["spread_floor"] > 0 and model.calibration_std >= model.calibration["spread_floor"]
 
 
+def test_a_large_banks_spread_floor_and_threshold_are_the_same_for_the_same_seed(fitted_model):
+    """The bank's unit of length is measured on a seeded sample of 1,000 of its patches: the same bank and
+    seed give the same spread floor, and so the same threshold where the floor sets the spread."""
+    bank = np.random.default_rng(2).normal(size=(5000, 16)).astype(np.float32)
+    calibrations = []
+    for _ in range(2):
+        model = PatchCore(fitted_model.config)
+        model.memory_bank = bank
+        model.set_calibration(np.full(5, 10.0), "identical healthy scores")
+        calibrations.append((model.calibration["spread_floor"], model.threshold))
+    assert calibrations[0] == calibrations[1] and calibrations[0][1] > 10
+
+
 def run_train(argv: list[str], monkeypatch, tmp_path: Path) -> list[Path]:
     """train.main as a user runs it from ``tmp_path``; returns every photo file it read."""
     import train

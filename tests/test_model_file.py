@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import stat
@@ -120,6 +121,19 @@ def test_a_model_file_that_asks_for_any_global_is_refused_and_runs_nothing(targe
     assert marker.exists()
 
 
+def test_what_preprocess_auto_decided_and_the_covering_radius_come_back_from_the_file(fitted_model, tmp_path):
+    """inference.py's report lists the reasons an auto fit chose its steps, from the model it loads; the
+    covering radius a fit measured stays with the model through its updates."""
+    path = tmp_path / "model.pkl"
+    fitted_model.save(path)
+    model = PatchCore.load(path)
+    model.preprocessing = {"changes": {"clahe": False}, "reasons": ["CLAHE off: the light is even"]}
+    model.save(path)
+    loaded = PatchCore.load(path)
+    assert loaded.preprocessing == model.preprocessing
+    assert math.isfinite(fitted_model.coverage_radius) and loaded.coverage_radius == fitted_model.coverage_radius
+
+
 def test_wrong_format_version_and_truncated_files_are_clear_errors(fitted_model, tmp_path):
     path = tmp_path / "model.pkl"
     fitted_model.save(path)
@@ -135,10 +149,14 @@ def test_wrong_format_version_and_truncated_files_are_clear_errors(fitted_model,
         PatchCore.load(tmp_path / "missing.pkl")
 
 
-def test_a_failed_save_leaves_the_previous_model_file_intact(fitted_model, tmp_path, monkeypatch):
+def test_a_failed_save_leaves_the_previous_model_file_and_its_export_intact(fitted_model, tmp_path, monkeypatch):
+    """Neither file is half-written or replaced alone: the previous model would otherwise lie beside the
+    export of another network (here the earlier export stands for a model of other weights)."""
     path = tmp_path / "model.pkl"
     fitted_model.save(path)
     before = path.read_bytes()
+    export = tmp_path / "model.onnx"
+    export.write_bytes(b"the export the previous model file was saved with")
 
     def disk_full(*_args, **_kwargs):
         raise OSError(28, "No space left on device")
@@ -147,6 +165,7 @@ def test_a_failed_save_leaves_the_previous_model_file_intact(fitted_model, tmp_p
     with pytest.raises(OSError):
         fitted_model.save(path)
     assert path.read_bytes() == before
+    assert export.read_bytes() == b"the export the previous model file was saved with"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.pkl"]  # no temporary left
 
 

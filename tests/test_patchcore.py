@@ -10,7 +10,7 @@ import pytest
 
 from config import Config, UserError
 from conftest import part_photo, small_config
-from models.calibration import fit_tail, rate_interval, read_at
+from models.calibration import fit_tail, promise, rate_interval, read_at
 from models.patchcore import PatchCore, anomaly_confidence_from_sigma
 from evaluation.mvtec import load_test_split, train_images
 from preprocessing.io import read_image
@@ -174,6 +174,26 @@ def test_a_sampled_photo_unlike_the_rest_is_listed_under_its_own_name_with_its_h
     assert model.held_out_maps[str(photos[odd])].max() == pytest.approx(model.calibration["unlike_the_rest"][0]["score"])
 
 
+def test_a_set_under_the_cap_is_scored_whole_and_each_photo_listed_keeps_its_held_out_map(tmp_path):
+    """Sets of up to 500 photos are scored whole (here 60 small ones), and when two photos are listed as unlike
+    the rest, each is shown with the heatmap of a bank that never saw it."""
+    paths = []
+    for number in range(60):
+        photo = part_photo(degrees=3.0 * number, short=40 + number % 5)
+        if number in (7, 31):  # a square of coarse colour noise on the part, at its own place
+            noise = np.random.default_rng(number).integers(0, 256, (8, 8, 3)).astype(np.uint8)
+            at = 40 if number == 7 else 120
+            photo[at : at + 40, at : at + 40] = cv2.resize(noise, (40, 40), interpolation=cv2.INTER_NEAREST)
+        paths.append(tmp_path / f"{number:02d}.png")
+        cv2.imwrite(str(paths[-1]), photo)
+    model = PatchCore(small_config(preprocess="off", image_size=64))
+    model.fit(paths, progress=False)
+    assert model.calibration["count"] == 60 and "60 of 60 training photos scored" in model.calibration["method"]
+    listed = sorted(entry["photo"] for entry in model.calibration["unlike_the_rest"])
+    assert listed == [str(tmp_path / "07.png"), str(tmp_path / "31.png")]
+    assert sorted(model.held_out_maps) == listed
+
+
 def test_nearly_identical_photos_give_a_finite_sigma(small_screw_dir):
     photo = read_image(train_images(small_screw_dir)[0])
     model = PatchCore(small_config(preprocess="off"))
@@ -221,6 +241,10 @@ class HandMadeFeatures:
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         return np.repeat(PATCHES[None], len(images), axis=0)
+
+    def graph(self) -> None:
+        """A network that does not export to ONNX."""
+        return None
 
 
 def hand_made_model(monkeypatch, **changes) -> PatchCore:
@@ -310,19 +334,71 @@ def test_a_photo_confirmed_good_whose_score_is_not_a_number_is_refused_by_name(m
     assert model.threshold == threshold and not model.updates
 
 
-@pytest.mark.parametrize("thresholds_above", [1.2, 2.0])
+@pytest.mark.parametrize("thresholds_above", [1.2, 1.5, 1.6, 2.0])
 def test_a_photo_confirmed_good_is_refused_only_above_good_score_limit_thresholds(monkeypatch, thresholds_above):
-    """A borderline part the operator passed (flagged, but under 1.5 thresholds) is what learning is for: it
-    joins the bank. Only one far above, likely a wrong click on a defect, is refused by name."""
+    """A borderline part the operator passed (flagged, but at most 1.5 thresholds) is what learning is for: it
+    joins the bank. Only one above 1.5 times the threshold, likely a wrong click on a defect, is refused by name."""
     model = hand_made_model(monkeypatch, score_reweighting=False)  # every photo scores 4.0
     model.set_calibration(np.array([1.0, 2.0, 3.0, 4.0, 10.0]), "five healthy photos")
-    model.threshold = 4.0 / thresholds_above
-    if thresholds_above < 1.5:
+    score = model.predict([part_photo()])[0].score
+    model.threshold = score / thresholds_above
+    assert (1.5 * model.threshold == score) == (thresholds_above == 1.5)  # exactly at the limit, or clear of it
+    if thresholds_above <= 1.5:
         record = model.add_good([part_photo()], progress=False, labels=["borderline.png"])
         assert record["photos"] == 1 and record["refused"] == [] and record["forced"] == []
     else:
         with pytest.raises(UserError, match="1 of 1 photos score above 1.5 x the threshold .*far.png"):
             model.add_good([part_photo()], progress=False, labels=["far.png"])
+
+
+def test_the_interval_stated_is_the_one_the_models_seed_draws(monkeypatch):
+    """The seed recorded in the model file reproduces the 95 % interval the promise states: it is drawn
+    with the model's own seed (another seed draws another, equally valid, interval)."""
+    model = hand_made_model(monkeypatch, score_reweighting=False, seed=5)
+    scores = np.random.default_rng(0).gumbel(15.0, 0.8, 40)
+    model.set_calibration(scores, "forty healthy photos")
+    floor = model.calibration["spread_floor"]
+    drawn = {seed: [1000 * end for end in rate_interval(scores, 0.01, floor, seed)] for seed in (0, 5)}
+    assert drawn[0] != drawn[5]
+    assert model.calibration["interval_per_1000"] == pytest.approx(drawn[5], rel=1e-12)
+
+
+def test_an_update_counts_every_healthy_score_in_its_promise_an_odd_one_of_the_fits_included(monkeypatch):
+    """After an update the promise says how many healthy scores the threshold rests on, the fit's and the
+    new ones; and a model whose first healthy photo scored unlike the rest still learns (the model holds
+    no names for the fit's photos, so the update lists none)."""
+    model = hand_made_model(monkeypatch, score_reweighting=False)  # every photo scores 4.0
+    model.set_calibration(np.array([100.0, *range(1, 21)]), "21 healthy photos", [f"{n}.png" for n in range(21)])
+    assert [entry["photo"] for entry in model.calibration["unlike_the_rest"]] == ["0.png"]
+    record = model.add_good([part_photo()], progress=False, labels=["new.png"])
+    assert record["photos"] == 1 and model.calibration["count"] == 22
+    assert "from 22 healthy photos" in promise(model.calibration)
+
+
+def test_the_heatmap_fades_between_patches_instead_of_stepping_at_their_border(monkeypatch):
+    """Unsmoothed (heatmap_sigma 0) the map is the patch grid upsampled linearly: along its top row it falls
+    from the worst patch's 4 to its neighbour's 1 through the values between, not in one step."""
+    (prediction,) = hand_made_model(monkeypatch, score_reweighting=False).predict([np.zeros((32, 32, 3), np.uint8)])
+    top = prediction.anomaly_map[0]
+    assert top[0] == pytest.approx(4.0, abs=1e-6) and top[-1] == pytest.approx(1.0, abs=1e-6)
+    assert np.all(np.diff(top) <= 1e-6) and np.count_nonzero((top > 1.01) & (top < 3.99)) >= 8
+
+
+def test_a_recalibration_without_a_source_names_no_source(monkeypatch):
+    """The method a promise ends with says where the photos came from only when it was told."""
+    model = hand_made_model(monkeypatch, score_reweighting=False)
+    model.recalibrate([part_photo(), part_photo(degrees=30.0)], progress=False)
+    assert model.calibration_method == "re-calibrated on 2 healthy photos"
+
+
+def test_saving_a_model_whose_network_does_not_export_removes_an_earlier_export_beside_it(monkeypatch, tmp_path):
+    """runtime auto scores through the export beside a model file: one left by an earlier model of another
+    network must not stay beside the new one."""
+    model = hand_made_model(monkeypatch, score_reweighting=False)
+    model.predict([np.zeros((32, 32, 3), np.uint8)])  # opens the network
+    (tmp_path / "line.onnx").write_bytes(b"an earlier model's export")
+    assert model.save(tmp_path / "line.pkl") is None
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["line.pkl"]
 
 
 def test_sigma_is_measured_against_healthy_calibration(fitted_model, small_screw_dir):

@@ -129,3 +129,17 @@ def test_runtime_auto_scores_through_the_export_beside_the_model_and_torch_witho
     with pytest.raises(ModelFileError, match="backbone weights differ"):
         PatchCore.load(model_file).predict([photo])
     assert PatchCore.load(model_file, runtime="torch").predict([photo])[0].score > 0
+
+
+def test_a_link_to_a_model_file_scores_through_the_export_beside_the_file_it_points_to(
+    fitted_model, small_screw_dir, tmp_path
+):
+    """A line's current.pkl links to the model in use elsewhere: runtime auto finds that model's export beside
+    the file linked to (here one of other weights, so using it is refused), not beside the link."""
+    (tmp_path / "models").mkdir()
+    model_file = tmp_path / "models" / "line4.pkl"
+    fitted_model.save(model_file)
+    tiny_graph(tmp_path / "models" / "line4.onnx", export_metadata(fitted_model.config, "sha256:other-weights"))
+    (tmp_path / "current.pkl").symlink_to(model_file)
+    with pytest.raises(ModelFileError, match="backbone weights differ"):
+        PatchCore.load(tmp_path / "current.pkl").predict([train_images(small_screw_dir)[0]])
