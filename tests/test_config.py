@@ -3,6 +3,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import re
 import subprocess
 import sys
 from dataclasses import fields
@@ -12,16 +13,21 @@ from typing import get_type_hints
 import pytest
 
 from config import (
+    MAX_YAML_BYTES,
     Config,
     ConfigError,
     UserError,
     add_config_arguments,
+    check_plain_data,
     config_from_args,
     fail,
     help_text,
+    load_yaml,
     printable,
     rule_of,
     run_cli,
+    settings_from_pairs,
+    yaml_value,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +54,20 @@ def test_weights_alias_and_boolean_flags():
     assert config_from_args(parse(["--clahe", "on"])).clahe is True
 
 
+@pytest.mark.parametrize("spelling, value", [("True", True), ("YES", True), ("On", True), ("1", True),
+                                             ("FALSE", False), ("No", False), ("off", False), ("0", False)])
+def test_a_switch_flag_takes_true_and_false_in_any_of_their_spellings_and_cases(spelling: str, value: bool) -> None:
+    """--clahe True, --clahe YES or --clahe no: what a user types for a switch, in any case, is read as meant."""
+    assert parse(["--clahe", spelling]).clahe is value
+
+
+def test_a_list_flag_given_no_names_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    """--layers alone is a mistake, never a silent request for the backbone's own pair."""
+    with pytest.raises(SystemExit):
+        parse(["--layers"])
+    assert "--layers" in capsys.readouterr().err
+
+
 def from_yaml(tmp_path, text: str) -> Config:
     settings = tmp_path / "settings.yaml"
     settings.write_text(text)
@@ -59,6 +79,14 @@ def test_unknown_yaml_key_is_an_error(tmp_path):
         from_yaml(tmp_path, "image_sise: 320\n")
 
 
+def test_unknown_keys_are_named_in_order_ten_at_most() -> None:
+    """Eleven typos: the first ten named, sorted, and '...' for the rest."""
+    names = [f"typo{index:02d}" for index in range(11)]
+    with pytest.raises(ConfigError) as raised:
+        Config.from_dict(dict.fromkeys(reversed(names), 1))
+    assert str(raised.value) == "unknown config key(s): " + ", ".join(names[:10]) + ", ..."
+
+
 def test_yaml_must_be_a_mapping(tmp_path):
     with pytest.raises(ValueError, match="mapping"):
         from_yaml(tmp_path, "- 1\n- 2\n")
@@ -66,14 +94,25 @@ def test_yaml_must_be_a_mapping(tmp_path):
 
 def test_a_rate_written_with_an_exponent_is_a_number(tmp_path):
     """``1e-3`` is text to YAML 1.1 (PyYAML), so a rate written the way engineers write it was refused."""
-    config = from_yaml(tmp_path, "false_alarm_rate: 1e-3\ncoreset_sampling_ratio: 5E-2\nheatmap_sigma: 1.5e+0\n")
+    config = from_yaml(tmp_path, "false_alarm_rate: 1e-3\ncoreset_sampling_ratio: 5E-2\nheatmap_sigma: 1.5e+0\n"
+                                 "drift_flag_factor: 5e1\n")  # the exponent's sign is optional, as in YAML 1.2
     assert (config.false_alarm_rate, config.coreset_sampling_ratio, config.heatmap_sigma) == (0.001, 0.05, 1.5)
+    assert config.drift_flag_factor == 50.0
 
 
 @pytest.mark.parametrize("text", ["e5", "-e5", "1e", "1e-3x"])
 def test_text_that_only_looks_like_an_exponent_stays_text(tmp_path, text):
     with pytest.raises(ValueError, match=f"false_alarm_rate must be a finite number, got '{text}'"):
         from_yaml(tmp_path, f"false_alarm_rate: {text}\n")
+
+
+def test_setting_pairs_read_a_dash_as_an_underscore_and_refuse_a_pair_without_a_name() -> None:
+    """compare_settings.py --try and ablate_preprocessing.py --set: image-size=320 is image_size; =320 names nothing."""
+    assert settings_from_pairs(["image-size=320", " clahe = false "]) == {"image_size": 320, "clahe": False}
+    for pair in ("=320", " =320", "image_size"):
+        with pytest.raises(ValueError) as raised:
+            settings_from_pairs([pair])
+        assert str(raised.value) == f"{pair!r}: expected SETTING=VALUE"
 
 
 @pytest.mark.parametrize("text", ["", "# every setting at its default\n"], ids=["empty", "comments-only"])
@@ -142,6 +181,8 @@ def test_round_trip_through_dict():
         ("backbone", "resnet9000", "backbone must be one of wide_resnet50_2, efficientnet_lite0, got 'resnet9000'"),
         ("knn_index", 1, "knn_index must be text, got 1"),
         ("object_patches_only", 1, "object_patches_only must be true or false, got 1"),
+        ("batch_size", True, "batch_size must be a whole number, got True"),
+        ("weights_path", 5, "weights_path must be text, got 5"),
     ],
 )
 def test_every_setting_is_checked_for_type_and_range(setting, value, reason):
@@ -182,8 +223,8 @@ def test_a_whole_number_for_a_decimal_setting_becomes_a_float():
 
 def test_a_model_file_percentile_is_read_as_the_false_alarm_rate_it_meant():
     """Model and YAML files that name threshold_percentile P keep working: it is the rate 1 - P/100."""
-    assert Config.from_dict({"threshold_percentile": 99}).false_alarm_rate == pytest.approx(0.01)
-    assert Config.from_dict({"threshold_percentile": 95.0}).to_dict()["false_alarm_rate"] == pytest.approx(0.05)
+    assert Config.from_dict({"threshold_percentile": 99}).false_alarm_rate == 0.01  # not 0.010000000000000009
+    assert Config.from_dict({"threshold_percentile": 95.0}).to_dict()["false_alarm_rate"] == 0.05
     assert "threshold_percentile" not in Config().to_dict()
 
 
@@ -235,6 +276,30 @@ def test_help_lists_every_setting_with_its_default_and_allowed_values():
     assert "(default true, false for screw, metal_nut, custom)" in text  # clahe's category defaults
     assert "(default auto, on for screw; one of auto, on, off)" in text
     assert "one of flat, ivf" in text
+    assert "(default 0.1; above 0, at most 1)" in text  # coreset_sampling_ratio: both its bounds
+    assert "(default empty; 0 or 2 names)" in text  # layers
+
+
+def documented_defaults() -> dict[str, object]:
+    """Each setting of docs/configuration.md's table with its default there, read as a config file reads it."""
+    text = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    table = text.split("| setting | default | meaning |", 1)[1].split("\n\n", 1)[0]
+    defaults: dict[str, object] = {}
+    for row in table.splitlines()[2:]:
+        names_cell, default_cell = row.split("|")[1:3]
+        names = re.findall(r"`(\w+)`", names_cell)
+        values = re.split(r" / |, ", re.sub(r"\(.*?\)", "", default_cell).replace("`", "").strip())
+        assert len(names) == len(values), row
+        for name, value in zip(names, values):
+            defaults[name] = {"on": True, "off": False, "none": None}.get(value, yaml_value(value))
+    return defaults
+
+
+def test_the_defaults_the_documentation_states_are_the_defaults() -> None:
+    """docs/configuration.md's table is what a user reads to know a setting's value when it is not set."""
+    documented = documented_defaults()
+    assert len(documented) >= 20
+    assert {name: getattr(Config(), name) for name in documented} == documented
 
 
 def test_bad_flag_values_are_refused(tmp_path):
@@ -260,6 +325,21 @@ def test_run_cli_turns_expected_failures_into_one_line(capsys):
     assert capsys.readouterr().err == "error: /data/model.pkl: No space left on device\n"
     assert run_cli(lambda: fail("the folder has no photos")) == 2
     assert capsys.readouterr().err == "error: the folder has no photos\n"
+
+    def no_file_named() -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    assert run_cli(no_file_named) == 2
+    assert capsys.readouterr().err == "error: No space left on device\n"
+
+
+def test_run_cli_says_interrupted_and_exits_130_on_ctrl_c(capsys: pytest.CaptureFixture[str]) -> None:
+    """130 is what a shell script sees of a command stopped by Ctrl-C (128 + SIGINT)."""
+    def interrupted() -> int:
+        raise KeyboardInterrupt
+
+    assert run_cli(interrupted) == 130
+    assert capsys.readouterr().err == "interrupted\n"
 
 
 def test_run_cli_lets_a_bug_show_its_traceback():
@@ -290,6 +370,27 @@ def test_a_small_yaml_file_that_expands_without_bound_is_one_line(tmp_path, text
     assert line.startswith(f"error: {path}") and reason in line
 
 
+def test_a_small_yaml_file_repeating_a_long_text_counts_every_character_written_out(tmp_path: Path) -> None:
+    """A 4 KB file naming one 1,000-character text a thousand times is a million characters once written out."""
+    path = tmp_path / "repeats.yaml"
+    path.write_text(f"text: &text {'a' * 1000}\nlayers: [{', '.join(['*text'] * 1000)}]\n")
+    with pytest.raises(ValueError, match="holds more than 1_000_000 values once its shared references are written out"):
+        load_yaml(path)
+
+
+def test_the_limits_the_refusals_name_are_themselves_accepted(tmp_path: Path) -> None:
+    """'more than 1_048_576 bytes', 'more than N values', 'nested more than N deep': a file right at a limit is read."""
+    path = tmp_path / "settings.yaml"
+    path.write_text("#" * (MAX_YAML_BYTES - 1) + "\n")
+    assert load_yaml(path) == {}
+    check_plain_data(["a", "b"], "settings", max_items=5)  # the list and two texts of one character: 1 + 2 + 2
+    with pytest.raises(ValueError, match="holds more than 4 values"):
+        check_plain_data(["a", "b"], "settings", max_items=4)
+    check_plain_data([[[]]], "settings", max_depth=3)
+    with pytest.raises(ValueError, match="nested more than 2 deep"):
+        check_plain_data([[[]]], "settings", max_depth=2)
+
+
 def test_an_error_never_formats_an_unbounded_value():
     with pytest.raises(ConfigError) as raised:
         Config.from_dict({"backbone": "x" * 10_000_000, "layers": [["deep"] * 1000] * 1000})
@@ -301,6 +402,8 @@ def test_a_setting_given_twice_in_yaml_is_an_error_not_one_value_dropped(tmp_pat
     with pytest.raises(ValueError, match=r"'false_alarm_rate' is given twice \(line 3\)"):
         from_yaml(tmp_path, "\ufefffalse_alarm_rate: 0.01\r\nimage_size: 256\r\nfalse_alarm_rate: 0.001\r\n")
     assert from_yaml(tmp_path, "\ufeffimage_size: 256\r\n").image_size == 256
+    merged = from_yaml(tmp_path, "<<: {image_size: 128, seed: 3}\nimage_size: 256\n")
+    assert (merged.image_size, merged.seed) == (256, 3)
 
 
 def test_printable_escapes_control_characters_and_keeps_every_other_character():

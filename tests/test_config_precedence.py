@@ -34,8 +34,8 @@ def test_a_yaml_file_overrides_the_category_and_a_flag_overrides_the_yaml(tmp_pa
     assert (flagged.preprocess, flagged.clahe) == ("off", False)
 
 
-@pytest.mark.parametrize("spelling, mode", [("true", "on"), ("yes", "on"), (True, "on"), ("false", "off"),
-                                            ("no", "off"), (False, "off"), ("AUTO", "auto")])
+@pytest.mark.parametrize("spelling, mode", [("true", "on"), ("yes", "on"), (True, "on"), (1, "on"), ("false", "off"),
+                                            ("no", "off"), (False, "off"), (0, "off"), ("AUTO", "auto")])
 def test_preprocess_takes_the_older_true_false_spelling(spelling, mode):
     assert Config(preprocess=spelling).preprocess == mode
     assert Config.from_dict({"preprocess": spelling}).preprocess == mode
