@@ -184,12 +184,13 @@ def wait_until(done: Callable[[], bool], timeout: float) -> None:
 
 
 @contextmanager
-def watching(model, folder: Path, outputs, retry_s: float = 3.0, on_record=None) -> Iterator:
+def watching(model, folder: Path, outputs, retry_s: float = 3.0, on_record=None,
+             settle_s: float = 0.5) -> Iterator:
     """A FolderWatcher on ``folder`` running on a thread for the length of the block, then stopped."""
     from runtime.watcher import FolderWatcher
 
     stop = threading.Event()
-    watcher = FolderWatcher(model, folder, outputs, settle_s=0.5, retry_s=retry_s, on_record=on_record)
+    watcher = FolderWatcher(model, folder, outputs, settle_s=settle_s, retry_s=retry_s, on_record=on_record)
     thread = threading.Thread(target=watcher.run, args=(stop,))
     thread.start()
     try:

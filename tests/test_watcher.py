@@ -18,6 +18,7 @@ import pytest
 
 from conftest import json_lines, wait_for_lines, wait_until, watching
 from evaluation.mvtec import load_test_split
+from output_files import OutputError
 from runtime.watcher import WatchOutputs, identity
 
 
@@ -457,3 +458,43 @@ def test_the_watch_command_prints_a_line_per_photo_and_an_error_line_for_an_unre
     assert stdout.read_text().splitlines() == [
         f"{good['path']}  {good['score']:.3f}  {'ANOMALOUS' if good['is_anomalous'] else 'ok'}"]
     assert f"error: {records['corrupt.png']['error']}" in stderr.read_text().splitlines()
+
+
+def test_a_photo_written_again_within_the_settle_time_is_scored_once_as_it_ends_up(
+        fitted_model: object, photos: dict[str, Path], tmp_path: Path) -> None:
+    """A camera that writes a preview and then the full photo under one name: one record, of the photo it ends up."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    outputs = WatchOutputs(jsonl=tmp_path / "results.jsonl")
+    with watching(fitted_model, inbox, outputs, settle_s=5):
+        shutil.copy(photos["good"], inbox / "frame.png")
+        time.sleep(2)  # the camera's second write, well within the settle time
+        shutil.copy(photos["defect"], inbox / "frame.png")
+        wait_for_lines(outputs.jsonl, 1, timeout=120)
+        time.sleep(1)  # time enough for a (wrong) second record
+    (defect,) = fitted_model.predict([photos["defect"]])
+    (record,) = json_lines(outputs.jsonl)
+    assert record["score"] == pytest.approx(defect.score, abs=2e-4)
+
+
+def test_the_journal_is_beside_the_jsonl_file_else_the_csv_file_else_in_the_sort_folder(tmp_path: Path) -> None:
+    """Adding --csv or --sort-into to a watch that had --jsonl keeps its journal: nothing recorded is scored again."""
+    jsonl, csv_file, out = tmp_path / "results.jsonl", tmp_path / "results.csv", tmp_path / "sorted"
+    assert WatchOutputs(jsonl=jsonl, csv=csv_file, sort_into=out).state == tmp_path / "results.jsonl.state"
+    assert WatchOutputs(csv=csv_file, sort_into=out).state == tmp_path / "results.csv.state"
+    assert WatchOutputs(sort_into=out).state == out / ".watch-state"
+    assert WatchOutputs(jsonl=jsonl, state=tmp_path / "journal").state == tmp_path / "journal"
+
+
+@pytest.mark.parametrize("stray", ["sorted/ok", "sorted/anomalous", "sorted/unreadable", "heatmaps"])
+def test_each_output_folder_that_cannot_be_written_stops_the_watch_at_start(tmp_path: Path, stray: str) -> None:
+    """A stray file where a verdict's folder or the heatmap folder should be: the watch stops at start, naming it."""
+    inbox = tmp_path / "inbox"
+    (tmp_path / "sorted").mkdir(parents=True)
+    inbox.mkdir()
+    (tmp_path / stray).write_bytes(b"")
+    outputs = WatchOutputs(jsonl=tmp_path / "results.jsonl", sort_into=tmp_path / "sorted",
+                           heatmaps=tmp_path / "heatmaps")
+    with pytest.raises(OutputError) as raised:
+        outputs.check(inbox)
+    assert str(raised.value).startswith(f"{tmp_path / stray}: cannot be written")
