@@ -11,6 +11,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -158,13 +160,20 @@ def test_reused_names_are_sorted_side_by_side_never_over_each_other(fitted_model
     assert sorted(path.name for path in out.glob("*/*.png")) == ["IMG_0001.png", "IMG_0001_2.png", "IMG_0001_3.png"]
 
 
-def test_a_photo_written_in_pieces_with_pauses_longer_than_the_settle_time_is_scored_whole(fitted_model, photos, tmp_path):
-    """FTP and SMB cameras pause between pieces: 1 s pauses against a 0.5 s settle time."""
+@pytest.mark.parametrize("through_link", [False, True], ids=["file", "link"])
+def test_a_photo_written_in_pieces_with_pauses_longer_than_the_settle_time_is_scored_whole(
+        fitted_model, photos, tmp_path, through_link: bool) -> None:
+    """FTP and SMB cameras pause between pieces: 1 s pauses against a 0.5 s settle time. A photo linked into the
+    folder is watched as its target is written, not as the link that stays the same."""
     inbox, out = tmp_path / "inbox", tmp_path / "sorted"
     inbox.mkdir()
+    written = inbox / "slow.png"
+    if through_link:
+        written = tmp_path / "camera.png"
+        (inbox / "slow.png").symlink_to(written)
     outputs = WatchOutputs(jsonl=tmp_path / "results.jsonl", sort_into=out)
     with watching(fitted_model, inbox, outputs, retry_s=10):
-        write_slowly(photos["defect"], inbox / "slow.png", pieces=4, pause=1.0)
+        write_slowly(photos["defect"], written, pieces=4, pause=1.0)
         (record,) = wait_for_lines(outputs.jsonl, 1)
         time.sleep(1)
     (slow,) = fitted_model.predict([photos["defect"]])
@@ -434,6 +443,22 @@ def test_a_photo_that_cannot_be_moved_is_moved_once_it_can_with_an_error_line_pe
     assert said[0][1].startswith(f"error: {inbox / 'part.png'}: cannot be moved to {out / verdict}")
 
 
+@contextmanager
+def watch_command(model_file: Path, inbox: Path, jsonl: Path) -> Iterator[tuple[Path, Path]]:
+    """``inference.py --watch inbox --jsonl jsonl`` (settle 0.2 s, retry 1 s) running for the block, then
+    stopped by SIGTERM, on which it exits 0; yields the files its stdout and stderr go to."""
+    command = [sys.executable, str(ROOT / "inference.py"), "--model", str(model_file), "--watch", str(inbox),
+               "--jsonl", str(jsonl), "--settle-seconds", "0.2", "--retry-seconds", "1", "--runtime", "torch"]
+    stdout, stderr = jsonl.with_name("stdout"), jsonl.with_name("stderr")
+    with open(stdout, "w") as out, open(stderr, "w") as err:
+        watcher = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=err)
+    try:
+        yield stdout, stderr
+    finally:
+        watcher.terminate()
+        assert watcher.wait(timeout=60) == 0
+
+
 def test_the_watch_command_prints_a_line_per_photo_and_an_error_line_for_an_unreadable_one(
         fitted_model, photos, tmp_path):
     model_file = tmp_path / "model.pkl"
@@ -442,22 +467,35 @@ def test_the_watch_command_prints_a_line_per_photo_and_an_error_line_for_an_unre
     inbox.mkdir()
     shutil.copy(photos["good"], inbox / "good.png")
     (inbox / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 100)
-    command = [sys.executable, str(ROOT / "inference.py"), "--model", str(model_file), "--watch", str(inbox),
-               "--jsonl", str(jsonl), "--settle-seconds", "0.2", "--retry-seconds", "1", "--runtime", "torch"]
-    stdout, stderr = tmp_path / "stdout", tmp_path / "stderr"
-    with open(stdout, "w") as out, open(stderr, "w") as err:
-        watcher = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=err)
-    try:
+    with watch_command(model_file, inbox, jsonl) as (stdout, stderr):
         records = {Path(r["path"]).name: r for r in wait_for_lines(jsonl, 2, timeout=120)}
         # each line is printed just after its record is written
         wait_until(lambda: bool(stdout.read_text()) and "error: " in stderr.read_text(), timeout=10)
-    finally:
-        watcher.terminate()
-        assert watcher.wait(timeout=60) == 0
+    assert f"watching {inbox} (Ctrl-C to stop); state: {jsonl}.state" in stderr.read_text().splitlines()
     good = records["good.png"]
     assert stdout.read_text().splitlines() == [
         f"{good['path']}  {good['score']:.3f}  {'ANOMALOUS' if good['is_anomalous'] else 'ok'}"]
     assert f"error: {records['corrupt.png']['error']}" in stderr.read_text().splitlines()
+
+
+def test_the_watch_command_prints_a_drift_warning_once_the_window_is_full(
+        fitted_model: object, photos: dict[str, Path], tmp_path: Path) -> None:
+    """Every photo flagged over a window of 5: one 'warning: drift: ...' line, as the --jsonl event says."""
+    model_file = tmp_path / "model.pkl"
+    strict = fitted_model.copy()
+    strict.threshold, strict.config = 1e-3, strict.config.replace(drift_window=5)
+    strict.save(model_file)
+    inbox, jsonl = tmp_path / "inbox", tmp_path / "results.jsonl"
+    inbox.mkdir()
+    for index in range(6):
+        shutil.copy(photos["good"], inbox / f"part{index}.png")
+    with watch_command(model_file, inbox, jsonl) as (_, stderr):
+        wait_for_lines(jsonl, 7, timeout=120)
+        wait_until(lambda: "warning: " in stderr.read_text(), timeout=10)
+    (drift,) = [record for record in json_lines(jsonl) if record.get("event") == "drift"]
+    assert [line for line in stderr.read_text().splitlines() if line.startswith("warning: ")] == [
+        f"warning: {drift['warning']}"]
+    assert drift["warning"].startswith("drift: ")
 
 
 def test_a_photo_written_again_within_the_settle_time_is_scored_once_as_it_ends_up(
@@ -498,3 +536,54 @@ def test_each_output_folder_that_cannot_be_written_stops_the_watch_at_start(tmp_
     with pytest.raises(OutputError) as raised:
         outputs.check(inbox)
     assert str(raised.value).startswith(f"{tmp_path / stray}: cannot be written")
+
+
+def test_a_result_file_that_cannot_be_written_is_retried_every_retry_write_s_and_its_photo_printed_once(
+        fitted_model: object, photos: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A folder where results.jsonl should be: an error line every RETRY_WRITE_S (not at every look) while the
+    record waits, then one line saying it is written, and the photo's own line printed once, after that."""
+    import runtime.watcher as watcher_module
+
+    monkeypatch.setattr(watcher_module, "RETRY_WRITE_S", 1.0)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    outputs = WatchOutputs(jsonl=tmp_path / "results.jsonl")
+    printed: list[dict] = []
+    said: list[str] = []
+
+    def printed_line(text: str) -> bool:
+        said.extend(capsys.readouterr().err.splitlines())
+        return any(text in line for line in said)
+
+    with watching(fitted_model, inbox, outputs, on_record=printed.append):
+        outputs.jsonl.mkdir()  # started: the file could be written then
+        shutil.copy(photos["good"], inbox / "part.png")
+        wait_until(lambda: printed_line("results cannot be written"), timeout=60)
+        time.sleep(3)  # the window in which the refusals are counted: a retry each second, 3 to 5 lines
+        printed_line("")
+        refusals = [line for line in said if "results cannot be written" in line]
+        assert not printed
+        outputs.jsonl.rmdir()
+        (record,) = wait_for_lines(outputs.jsonl, 1, timeout=60)
+        wait_until(lambda: printed_line("written again") and bool(printed), timeout=10)
+    assert 2 <= len(refusals) <= 5, refusals
+    assert refusals[0] == (f"error: {outputs.jsonl}: results cannot be written (Is a directory); 1 records kept, "
+                           "retrying in 1 s")
+    assert "results written again after a failed write (1 records)" in said
+    assert printed == [record]
+
+
+def test_a_photo_sorted_where_a_broken_link_holds_its_name_goes_beside_it(fitted_model: object, tmp_path: Path) -> None:
+    """A link sorted earlier whose target is gone still holds its name in OUT/<verdict>: never overwritten."""
+    inbox, out = tmp_path / "inbox", tmp_path / "sorted"
+    inbox.mkdir()
+    (out / "unreadable").mkdir(parents=True)
+    (out / "unreadable" / "frame.png").symlink_to(tmp_path / "gone.png")
+    (inbox / "frame.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 100)
+    outputs = WatchOutputs(jsonl=tmp_path / "results.jsonl", sort_into=out)
+    with watching(fitted_model, inbox, outputs, retry_s=1):
+        wait_for_lines(outputs.jsonl, 1, timeout=60)
+        wait_until(lambda: not any(inbox.iterdir()), timeout=30)
+    assert (out / "unreadable" / "frame.png").is_symlink()
+    assert (out / "unreadable" / "frame_2.png").read_bytes().startswith(b"\x89PNG")
