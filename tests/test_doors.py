@@ -147,6 +147,7 @@ def test_get_model_describes_the_model_file_that_decides(service, limited_model)
     assert summary["weights_identity"] == model.weights_identity and summary["backbone"] == model.config.backbone
     assert summary["n_train"] == model.n_train and summary["config"]["max_image_pixels"] == PIXEL_LIMIT
     assert summary["calibration"]["median"] == pytest.approx(model.calibration_median)
+    assert (summary["image_size"], summary["batch_size"]) == (model.config.image_size, model.config.batch_size)
 
 
 def test_the_watched_folder_waits_for_an_empty_file_to_be_written_and_sorts_flagged_photos(

@@ -81,7 +81,8 @@ def test_raw_bytes_and_a_heatmap(service, photos):
 
 def test_what_the_framework_refuses_is_answered_in_the_services_error_shape(service, photos):
     """A client reads "error" from every refusal: the framework's own answers ({"detail": ...}) said
-    nothing to it, and a bad query value got 422, which here means a photo that cannot be read."""
+    nothing to it, and a bad query value got 422, which here means a photo that cannot be read. The
+    framework's headers stay: a wrong method's 405 names the one to use."""
     key = {"X-API-Key": KEY}
     bad_query = httpx.post(f"{service}/score", content=photos["good"].read_bytes(),
                            params={"heatmap": "maybe", "name": "p.png"}, headers=key, timeout=60)
@@ -94,6 +95,9 @@ def test_what_the_framework_refuses_is_answered_in_the_services_error_shape(serv
     assert two_files.status_code == 400 and "files" in two_files.json()["error"], two_files.text
     unknown = httpx.get(f"{service}/nowhere", timeout=60)
     assert unknown.status_code == 404 and unknown.json() == {"error": "Not Found"}
+    wrong_method = httpx.get(f"{service}/score", headers=key, timeout=60)  # the framework's Allow header names POST
+    assert wrong_method.status_code == 405 and wrong_method.headers.get("Allow") == "POST", wrong_method.headers
+    assert wrong_method.json() == {"error": "Method Not Allowed"}
     assert post(service, photos["good"]).status_code == 200  # and it carries on
 
 
@@ -105,9 +109,22 @@ def test_corrupt_upload_is_a_422_record_and_the_service_carries_on(service, phot
     assert post(service, photos["good"]).status_code == 200
 
 
+def test_a_file_sent_with_an_empty_file_name_is_scored_as_upload(service, photos) -> None:
+    """A multipart file part with filename="" (as some camera clients send it) is scored, and its record is
+    named "upload", as a raw body without ?name= is, never an empty path."""
+    body = (b'--part\r\nContent-Disposition: form-data; name="file"; filename=""\r\nContent-Type: image/png\r\n\r\n'
+            + photos["good"].read_bytes() + b"\r\n--part--\r\n")
+    response = httpx.post(f"{service}/score", content=body, timeout=300,
+                          headers={"X-API-Key": KEY, "Content-Type": "multipart/form-data; boundary=part"})
+    assert response.status_code == 200 and response.json()["path"] == "upload", response.text
+
+
 def test_oversize_upload_is_refused_before_reading(service):
+    """413 before the body is read, closing the connection: a client must not send its next photo down a
+    connection that still holds the unread rest of this one."""
     response = httpx.post(f"{service}/score", content=b"\0" * (2 * 2**20), headers={"X-API-Key": KEY}, timeout=60)
     assert response.status_code == 413 and "limit" in response.json()["error"]
+    assert response.headers.get("Connection") == "close", response.headers
 
 
 def test_wrong_or_missing_key_is_401_but_health_is_open(service, photos):
@@ -124,9 +141,16 @@ def test_wrong_or_missing_key_is_401_but_health_is_open(service, photos):
     assert set(model["calibration"]) >= {"median", "robust_spread"} and not {"mean", "std"} & set(model["calibration"])
 
 
+def test_a_key_that_only_starts_with_the_services_key_is_refused(service, photos) -> None:
+    """The whole key must match: a client sending the key with more after it scores nothing and reads no model."""
+    assert post(service, photos["good"], key=KEY + "-and-more").status_code == 401
+    assert httpx.get(f"{service}/model", headers={"X-API-Key": KEY + "x"}, timeout=30).status_code == 401
+
+
 def test_a_concurrent_burst_is_bounded_and_every_photo_is_scored_once_retried(service, photos, fitted_model):
     """24 clients at once against a queue of 4: the overflow is told 503 + Retry-After, never queued
-    without bound; clients that retry as told all get the right record."""
+    without bound; clients that retry as told all get the right record, and /health shows the queue filling
+    up to its size of 4, which stays 4."""
     expected = round(fitted_model.predict([photos["defect"]])[0].score, 4)
     statuses: list[int] = []
 
@@ -141,9 +165,24 @@ def test_a_concurrent_burst_is_bounded_and_every_photo_is_scored_once_retried(se
             time.sleep(0.2)  # sooner than told: the queue of 4 frees up within a batch
         pytest.fail("still 503 after 120 s of retries: the queue or the upload budget never frees up")
 
-    with ThreadPoolExecutor(max_workers=24) as pool:
-        records = list(pool.map(client, range(24)))
+    def monitor(stop: threading.Event) -> None:  # what a dashboard polling /health sees during the burst
+        while not stop.is_set():
+            health = httpx.get(f"{service}/health", timeout=30).json()
+            seen.append((health["queued"], health["queue_size"]))
+            time.sleep(0.05)
+
+    seen: list[tuple[int, int]] = []
+    stop = threading.Event()
+    watcher = threading.Thread(target=monitor, args=(stop,))
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(max_workers=24) as pool:
+            records = list(pool.map(client, range(24)))
+    finally:
+        stop.set()
+        watcher.join()
     assert set(statuses) <= {200, 503}
+    assert all(size == 4 and 0 <= queued <= 4 for queued, size in seen) and max(seen)[0] > 0, seen
     assert 503 in statuses  # the queue of 4 refused the overflow
     assert all(record["score"] == pytest.approx(expected, abs=2e-4) for record in records)
 
@@ -427,6 +466,27 @@ def test_bodies_being_read_share_one_memory_budget_that_a_client_going_away_give
             assert refused.status_code == 503 and refused.headers["Retry-After"] == "1", refused.text
             assert refused.json()["error"].startswith("busy")
         wait_until(lambda: post(url, photos["good"], key=None).status_code == 200, timeout=30)
+        assert post(url, photos["good"], key=None).status_code == 200
+
+
+def test_a_body_refused_while_it_is_read_gives_its_bytes_back_to_the_budget(fitted_model, photos, tmp_path) -> None:
+    """A queue of 1 x 1 MiB: an upload cut off at the limit (413) and one that stalls past the body timeout (408)
+    each held most of the budget; once refused, their bytes are free again, so the next photo is scored, not
+    answered 'busy' for good."""
+    model_file = tmp_path / "model.pkl"
+    fitted_model.save(model_file)
+    with running_service("--model", str(model_file), "--queue-size", "1", "--max-upload-mb", "1",
+                         "--body-timeout", "2") as port:
+        url = f"http://127.0.0.1:{port}"
+        chunked = ("POST /score HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                   "Content-Type: application/octet-stream\r\n\r\n")
+        chunk = b"\0" * 65536
+        pieces = [f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n" for _ in range(20)] + [b"0\r\n\r\n"]
+        assert raw_request(url, chunked, pieces).startswith(b"HTTP/1.1 413 ")
+        assert post(url, photos["good"], key=None).status_code == 200
+        stalled = (f"POST /score?name=stalled.png HTTP/1.1\r\nHost: x\r\nContent-Length: {2**20}\r\n"
+                   "Content-Type: application/octet-stream\r\n\r\n")
+        assert raw_request(url, stalled, [b"\0" * 900_000]).startswith(b"HTTP/1.1 408 ")
         assert post(url, photos["good"], key=None).status_code == 200
 
 
