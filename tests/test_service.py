@@ -538,3 +538,61 @@ def test_a_stop_while_a_batch_gathers_scores_the_batch_and_ends_the_scoring_thre
     stopping.join(timeout=30)  # the answer is in: only the thread's end is left
     assert not stopping.is_alive(), "stop() still waits for the scoring thread"
     assert status == 200 and record["path"] == "a.png"
+
+
+def test_photos_that_arrive_together_share_batches_of_the_models_size_and_each_gets_its_answer(
+    fitted_model, photos, tmp_path, monkeypatch
+) -> None:
+    """Three photos at once, batch_size 2: every client gets its own record (a photo left out of a full batch
+    would never be answered), no batch is larger than the model was sized for, and /health counts all three."""
+    import copy
+
+    import runtime.service
+    from runtime.service import Batcher
+
+    model = copy.copy(fitted_model)
+    model.config = fitted_model.config.replace(batch_size=2)
+    sizes: list[int] = []
+    real_score_batch = runtime.service.score_batch
+
+    def counted(model: object, batch: list, heatmap_dir: Path | None) -> list:
+        sizes.append(len(batch))
+        return real_score_batch(model, batch, heatmap_dir)
+
+    monkeypatch.setattr(runtime.service, "score_batch", counted)
+    batcher = Batcher(model, queue_size=4, batch_wait_s=1, scratch=tmp_path)
+    try:
+        photo = photos["good"].read_bytes()
+        answers = [batcher.submit(name, photo, heatmap=False) for name in ("a.png", "b.png", "c.png")]
+        results = [answer.result(timeout=30) for answer in answers]
+    finally:
+        batcher.stop()
+    assert [(status, record["path"]) for status, record in results] == [(200, "a.png"), (200, "b.png"), (200, "c.png")]
+    assert sorted(sizes) == [1, 2] and batcher.scored == 3
+
+
+def test_a_photo_beyond_a_full_queue_is_refused_at_once_never_left_waiting(fitted_model, photos, tmp_path) -> None:
+    """While a batch is scored and the queue of 1 holds the next photo, a third is refused at once (the client
+    gets 503 + Retry-After); waiting for room would hold the request, and the service, until the batch ends."""
+    from runtime.service import Batcher, Busy
+
+    scoring, release = threading.Event(), threading.Event()
+
+    def slow_line(name: str, data: bytes, record: dict) -> None:
+        scoring.set()
+        release.wait(timeout=10)
+
+    batcher = Batcher(fitted_model, queue_size=1, batch_wait_s=0, scratch=tmp_path)
+    batcher.on_scored = slow_line
+    photo = photos["good"].read_bytes()
+    try:
+        first = batcher.submit("a.png", photo, heatmap=False)
+        assert scoring.wait(timeout=120)
+        second = batcher.submit("b.png", photo, heatmap=False)  # the queue of 1 is full now
+        with pytest.raises(Busy):
+            batcher.submit("c.png", photo, heatmap=False)
+        release.set()
+        assert [first.result(timeout=60)[0], second.result(timeout=60)[0]] == [200, 200]
+    finally:
+        release.set()
+        batcher.stop()
