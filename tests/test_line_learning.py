@@ -444,6 +444,21 @@ def test_a_drift_warning_is_logged_and_appended_to_the_events_file(tmp_path, cap
     assert json_lines(tmp_path / "events.jsonl") == [warning]
 
 
+def test_drift_seen_by_the_service_reaches_its_events_file(small_window_model, unseen, tmp_path, monkeypatch):
+    """Photos sent to /score under stronger lamps: the drift warning is appended to the service's events file,
+    where the line's monitoring reads it, not only shown in /health."""
+    from fastapi.testclient import TestClient
+
+    app = learning_service(small_window_model, tmp_path, monkeypatch, learn_wait_s=600)
+    with TestClient(app) as client:
+        for number, path in enumerate(unseen):
+            photo = cv2.imencode(".png", cv2.cvtColor(brighter(read_image(path)), cv2.COLOR_RGB2BGR))[1].tobytes()
+            assert client.post(f"/score?name={number}.png", content=photo).status_code == 200
+        assert client.get("/health").json()["drift"]["drift"]
+    drift = [event for event in json_lines(tmp_path / "events.jsonl") if event["event"] == "drift"]
+    assert [event["kind"] for event in drift].count("scores") == 1
+
+
 def test_a_lone_confirmed_photo_is_learnt_learn_wait_s_after_it_without_waiting_for_a_full_batch(
     fitted_model, unseen, tmp_path, monkeypatch
 ):
