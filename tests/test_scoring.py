@@ -118,18 +118,22 @@ def test_a_score_that_is_not_a_number_is_an_error_record_never_a_verdict(fitted_
 
 
 def test_a_frame_that_cannot_show_a_part_gets_its_reason_not_a_verdict(fitted_model, small_screw_dir, tmp_path):
-    """A 2x2 file and a black frame (a camera that fired in the dark) are named with what is wrong with
-    them; a verdict on them would judge a part they do not show. The photo beside them is scored."""
+    """A 2x2 file and a black frame (a camera that fired in the dark), in memory or uploaded as PNG bytes, are
+    named with what is wrong with them; a verdict on them would judge a part they do not show. The photo beside
+    them is scored."""
     part = load_test_split(small_screw_dir)[0].path
     tiny = tmp_path / "tiny.png"
     cv2.imwrite(str(tiny), np.full((2, 2, 3), 128, np.uint8))
     black = np.zeros((480, 640, 3), np.uint8)
-    results = score_batch(fitted_model, [Photo("tiny.png", tiny), Photo("part.png", part), Photo("dark.png", black)])
+    uploaded = cv2.imencode(".png", black)[1].tobytes()  # the same frame sent to the service
+    results = score_batch(fitted_model, [Photo("tiny.png", tiny), Photo("part.png", part), Photo("dark.png", black),
+                                         Photo("dark-upload.png", uploaded)])
     assert results[0].record == {"path": str(tiny), "error": f"{tiny}: 2x2 pixels is too small to show a part "
                                                                "(at least 32 on each side)"}
     assert results[1].prediction is not None and "error" not in results[1].record
-    assert results[2].prediction is None
-    assert results[2].record["error"].startswith("dark.png: blank: its pixels vary by 0.00 grey levels")
+    for result in results[2:]:
+        assert result.prediction is None
+        assert result.record["error"].startswith(f"{result.photo.name}: blank: its pixels vary by 0.00 grey levels")
 
 
 def test_a_photo_too_large_for_memory_fails_alone(fitted_model, small_screw_dir, monkeypatch):
@@ -272,3 +276,13 @@ def test_an_upload_read_from_a_file_is_named_by_that_file_in_its_record(fitted_m
                                          Photo("P2.png", b"\x89PNG broken", origin=str(broken))])
     assert [result.record["path"] for result in results] == [str(photo), str(broken)]
     assert results[1].record["error"].startswith(f"{broken}: ")
+
+
+def test_the_summary_counts_as_anomalous_only_the_photos_flagged() -> None:
+    """A passed photo with a warning (a dim frame) is scored, not anomalous: the line reads that count as parts to
+    pull off the belt."""
+    passed = {"path": "dim.png", "score": 1.0, "normalized_score": 0.5, "threshold": 2.0, "is_anomalous": False,
+              "sigma": 0.1, "anomaly_confidence": 0.1, "warnings": ["underexposed: median grey 12"]}
+    flagged = {**passed, "path": "dented.png", "score": 3.0, "is_anomalous": True, "warnings": []}
+    records = [passed, flagged, {"path": "b.png", "error": "b.png: not a readable image"}]
+    assert summary(records) == {"scored": 2, "anomalous": 1, "unreadable": 1}
