@@ -119,6 +119,19 @@ def test_a_file_sent_with_an_empty_file_name_is_scored_as_upload(service, photos
     assert response.status_code == 200 and response.json()["path"] == "upload", response.text
 
 
+def test_a_photo_sent_as_a_text_field_is_told_how_to_send_it(service, photos) -> None:
+    """``curl -F "file=<photo.png"`` sends the photo as a text field with no file name: the answer says so and
+    how to send it, not "empty upload" for a body that held the photo."""
+    body = (b'--part\r\nContent-Disposition: form-data; name="file"\r\n\r\n'
+            + photos["good"].read_bytes() + b"\r\n--part--\r\n")
+    response = httpx.post(f"{service}/score", content=body, timeout=300,
+                          headers={"X-API-Key": KEY, "Content-Type": "multipart/form-data; boundary=part"})
+    assert response.status_code == 400 and response.json() == {
+        "error": "upload: the form holds text (file) but no file; send the photo as a file part "
+                 "(curl -F file=@photo.png) or as the raw body"}, response.text
+    assert post(service, photos["good"]).status_code == 200  # and it carries on
+
+
 def test_oversize_upload_is_refused_before_reading(service):
     """413 before the body is read, closing the connection: a client must not send its next photo down a
     connection that still holds the unread rest of this one."""
