@@ -91,6 +91,12 @@ class Prediction:
         return self.score / self.threshold
 
 
+def photo_names(images: Sequence[str | Path | np.ndarray]) -> list[str]:
+    """What each photo is called in listings and records: its path, or "photo N" for one given as an array
+    (an array's text is no name, and two would collide in the list of photos unlike the rest)."""
+    return [str(image) if isinstance(image, (str, Path)) else f"photo {number}" for number, image in enumerate(images)]
+
+
 def anomaly_confidence_from_sigma(sigma: float) -> float:
     """The share of healthy scores within ±sigma of their centre: 1σ -> 68%, 2σ -> 95%, 3σ -> 99.7%;
     0 at or below it. It says how unusual a score is for a healthy part, not how sure the verdict
@@ -238,7 +244,7 @@ class PatchCore:
         if calibrate:
             owner = np.repeat(np.arange(len(images)), patch_counts)[whole.kept_indices]  # photo of each bank patch
             shared = self.memory_bank[~scored[owner]]
-            self._cross_fit_calibration(by_fold, shared, folds, scored, patches_of, [str(image) for image in images])
+            self._cross_fit_calibration(by_fold, shared, folds, scored, patches_of, photo_names(images))
         self.fit_seconds = time.perf_counter() - start
         self.timings["fit"] = self.fit_seconds
 
@@ -341,7 +347,7 @@ class PatchCore:
         scores = [p.score for p in self.predict(images, progress=progress, description="re-calibration")]
         origin = f" from {source}" if source else ""
         self.set_calibration(
-            np.asarray(scores), f"re-calibrated on {len(scores)} healthy photos{origin}", [str(image) for image in images]
+            np.asarray(scores), f"re-calibrated on {len(scores)} healthy photos{origin}", photo_names(images)
         )
 
     def add_good(
@@ -375,9 +381,7 @@ class PatchCore:
             raise UserError(f"adding photos needs torch (requirements.txt) here: {reason}")
         if not images:
             raise UserError("adding confirmed-good photos needs at least one photo")
-        names = [str(label) for label in labels] if labels is not None else [
-            str(image) if isinstance(image, (str, Path)) else f"photo {number}" for number, image in enumerate(images)
-        ]
+        names = [str(label) for label in labels] if labels is not None else photo_names(images)
         start = time.perf_counter()
         config = self.config
         extractor = self._feature_extractor()  # refuses other backbone weights than the fit's

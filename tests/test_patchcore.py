@@ -174,9 +174,11 @@ def test_a_sampled_photo_unlike_the_rest_is_listed_under_its_own_name_with_its_h
     assert model.held_out_maps[str(photos[odd])].max() == pytest.approx(model.calibration["unlike_the_rest"][0]["score"])
 
 
-def test_a_set_under_the_cap_is_scored_whole_and_each_photo_listed_keeps_its_held_out_map(tmp_path):
+@pytest.mark.parametrize("as_arrays", [False, True], ids=["files", "arrays"])
+def test_a_set_under_the_cap_is_scored_whole_and_each_photo_listed_keeps_its_held_out_map(tmp_path, as_arrays):
     """Sets of up to 500 photos are scored whole (here 60 small ones), and when two photos are listed as unlike
-    the rest, each is shown with the heatmap of a bank that never saw it."""
+    the rest, each is shown with the heatmap of a bank that never saw it, under its own name: its path, or
+    "photo N" for a photo given as an array."""
     paths = []
     for number in range(60):
         photo = part_photo(degrees=3.0 * number, short=40 + number % 5)
@@ -187,10 +189,10 @@ def test_a_set_under_the_cap_is_scored_whole_and_each_photo_listed_keeps_its_hel
         paths.append(tmp_path / f"{number:02d}.png")
         cv2.imwrite(str(paths[-1]), photo)
     model = PatchCore(small_config(preprocess="off", image_size=64))
-    model.fit(paths, progress=False)
+    model.fit([read_image(path) for path in paths] if as_arrays else paths, progress=False)
     assert model.calibration["count"] == 60 and "60 of 60 training photos scored" in model.calibration["method"]
     listed = sorted(entry["photo"] for entry in model.calibration["unlike_the_rest"])
-    assert listed == [str(tmp_path / "07.png"), str(tmp_path / "31.png")]
+    assert listed == (["photo 31", "photo 7"] if as_arrays else [str(tmp_path / "07.png"), str(tmp_path / "31.png")])
     assert sorted(model.held_out_maps) == listed
 
 
