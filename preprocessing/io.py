@@ -30,6 +30,7 @@ class ImageReadError(UserError, ValueError):
 Image.MAX_IMAGE_PIXELS = None
 ORIENTATION_TAG = 0x0112  # EXIF: how the camera was held
 DEFAULT_MAX_PIXELS: int = Config.max_image_pixels
+PILLOW_READ_ERRORS = (OSError, ValueError, SyntaxError, IndexError, TypeError)  # Pillow's "not an image I know"
 PAGES_LOOKED_AT = 16  # pages of a multi-page file looked at for a second full-size photo
 
 
@@ -133,7 +134,7 @@ def _decode(data: bytes, label: str, max_pixels: int) -> np.ndarray:
                 )
     except ImageReadError:
         raise
-    except (OSError, ValueError, SyntaxError, IndexError, TypeError) as error:  # Pillow's "not an image I know"
+    except PILLOW_READ_ERRORS as error:
         raise ImageReadError(f"{label}: not a readable image (corrupt or unsupported format)") from error
     truncated = _truncation(data)
     if truncated:
@@ -158,7 +159,7 @@ def _holds_another_photo(header: Image.Image) -> bool:
     for page in range(1, PAGES_LOOKED_AT):
         try:
             header.seek(page)
-        except (EOFError, OSError, ValueError, SyntaxError, IndexError, TypeError):  # no such page, or one unreadable
+        except (EOFError, *PILLOW_READ_ERRORS):  # no such page, or one unreadable
             return False
         if header.size == first:
             return True

@@ -416,7 +416,7 @@ async def _upload(request: Request, body: bytes) -> tuple[str, bytes]:
                 if hasattr(value, "read"):
                     return value.filename or "upload", await value.read()
             if form:  # `curl -F "file=<photo.png"` sends the photo's bytes as text, not as a file
-                fields = ", ".join(sorted(set(form.keys())))
+                fields = ", ".join(sorted(form.keys()))
                 raise HTTPException(400, f"upload: the form holds text ({fields}) but no file; send the photo as a "
                                          "file part (curl -F file=@photo.png) or as the raw body")
         finally:
