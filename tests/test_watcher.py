@@ -306,6 +306,35 @@ def test_a_batch_cut_short_by_a_crash_is_written_once_at_the_next_start(fitted_m
     assert outputs.jsonl.read_text().count("\n") == 2
 
 
+def test_a_disk_that_fails_the_start_up_rewrite_of_the_journal_leaves_the_journal_whole(
+        fitted_model, photos, tmp_path, monkeypatch):
+    """The start rewrites the journal with the photos still in the folder. A disk that fails in that instant
+    must stop the start with the journal as it was: a journal cut short would let the next start score
+    recorded photos again and record them twice."""
+    from runtime.watcher import FolderWatcher
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    outputs = WatchOutputs(jsonl=tmp_path / "results.jsonl")
+    with watching(fitted_model, inbox, outputs):
+        shutil.copy(photos["good"], inbox / "first.png")
+        wait_for_lines(outputs.jsonl, 1)
+    journal = outputs.state.read_bytes()
+
+    def failing_disk(source: object, target: object) -> None:
+        raise OSError(5, "Input/output error")
+
+    with monkeypatch.context() as patch:  # the output check before it passes: the disk fails at the rewrite
+        patch.setattr(os, "replace", failing_disk)
+        with pytest.raises(OutputError, match="Input/output error"):
+            FolderWatcher(fitted_model, inbox, outputs)
+    assert outputs.state.read_bytes() == journal
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["inbox", "results.jsonl", "results.jsonl.state"]
+    with watching(fitted_model, inbox, outputs):
+        time.sleep(2)  # time enough to (wrongly) score first.png again
+    assert len(json_lines(outputs.jsonl)) == 1
+
+
 def test_photos_recorded_before_sorting_was_asked_for_are_sorted_at_the_next_start_and_never_recorded_twice(
         fitted_model, photos, tmp_path):
     """The journal remembers what was recorded: a restart with --sort-into moves those photos at once.
