@@ -45,6 +45,17 @@ def photos(small_screw_dir) -> dict[str, Path]:
     }
 
 
+def one_photo_recorded(model, photos, tmp_path: Path) -> tuple[Path, WatchOutputs, dict]:
+    """A watch of a fresh ``inbox`` that recorded one healthy photo (``first.png``), then stopped."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    outputs = WatchOutputs(jsonl=tmp_path / "results.jsonl")
+    with watching(model, inbox, outputs):
+        shutil.copy(photos["good"], inbox / "first.png")
+        (record,) = wait_for_lines(outputs.jsonl, 1)
+    return inbox, outputs, record
+
+
 def test_dropped_photos_are_scored_once_written_and_sorted(fitted_model, photos, tmp_path):
     inbox, out = tmp_path / "inbox", tmp_path / "sorted"
     inbox.mkdir()
@@ -70,12 +81,7 @@ def test_dropped_photos_are_scored_once_written_and_sorted(fitted_model, photos,
 
 
 def test_a_restart_scores_what_arrived_meanwhile_and_nothing_twice(fitted_model, photos, tmp_path):
-    inbox = tmp_path / "inbox"
-    inbox.mkdir()
-    outputs = WatchOutputs(jsonl=tmp_path / "results.jsonl")
-    with watching(fitted_model, inbox, outputs):
-        shutil.copy(photos["good"], inbox / "first.png")
-        wait_for_lines(outputs.jsonl, 1)
+    inbox, outputs, _ = one_photo_recorded(fitted_model, photos, tmp_path)
     shutil.copy(photos["defect"], inbox / "while_down.png")
     with open(outputs.jsonl, "a") as handle:
         handle.write('{"path": "torn')  # a crash in the middle of an append
@@ -286,12 +292,7 @@ def test_a_full_disk_is_retried_loudly_and_every_photo_still_gets_exactly_one_re
 def test_a_batch_cut_short_by_a_crash_is_written_once_at_the_next_start(fitted_model, photos, tmp_path):
     """Killed after journalling a batch and appending part of it: the restart cuts the torn tail off,
     writes the batch's records once, and does not score its photo again."""
-    inbox = tmp_path / "inbox"
-    inbox.mkdir()
-    outputs = WatchOutputs(jsonl=tmp_path / "results.jsonl")
-    with watching(fitted_model, inbox, outputs):
-        shutil.copy(photos["good"], inbox / "first.png")
-        (first,) = wait_for_lines(outputs.jsonl, 1)
+    inbox, outputs, first = one_photo_recorded(fitted_model, photos, tmp_path)
     shutil.copy(photos["defect"], inbox / "second.png")
     second = {**first, "path": str(inbox / "second.png"), "score": 1.2345}  # what the journal says was scored
     batch = {"records": [second], "photos": [{"id": identity(inbox / "second.png"), "path": second["path"],
@@ -313,12 +314,7 @@ def test_a_disk_that_fails_the_start_up_rewrite_of_the_journal_leaves_the_journa
     recorded photos again and record them twice."""
     from runtime.watcher import FolderWatcher
 
-    inbox = tmp_path / "inbox"
-    inbox.mkdir()
-    outputs = WatchOutputs(jsonl=tmp_path / "results.jsonl")
-    with watching(fitted_model, inbox, outputs):
-        shutil.copy(photos["good"], inbox / "first.png")
-        wait_for_lines(outputs.jsonl, 1)
+    inbox, outputs, _ = one_photo_recorded(fitted_model, photos, tmp_path)
     journal = outputs.state.read_bytes()
 
     def failing_disk(source: object, target: object) -> None:
