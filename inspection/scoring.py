@@ -20,6 +20,7 @@ import numpy as np
 
 from inspection.overlay import save_overlay
 from models.patchcore import PatchCore, Prediction
+from output_files import OutputError
 from preprocessing.io import ImageReadError, check_photo, decode_image, read_image
 
 RECORD_FIELDS = ("path", "score", "normalized_score", "threshold", "is_anomalous", "sigma", "anomaly_confidence",
@@ -105,7 +106,9 @@ def score_batch(model: PatchCore, photos: Sequence[Photo], heatmap_dir: Path | N
     Pass at most ``model.config.batch_size`` photos at a time to keep memory flat; ``score_files``
     does that for a list of any length. A batch that runs out of memory is scored again photo by
     photo, so only the photo too large to score fails. A score that is not a finite number is
-    never a verdict: NaN is below every threshold and would read as "ok".
+    never a verdict: NaN is below every threshold and would read as "ok". A heatmap that cannot be
+    written (a full disk, a name too long for one) is a warning on its record: the verdict stands,
+    and a line that draws heatmaps never stops on one.
     """
     with ThreadPoolExecutor(max_workers=max(1, model.config.num_workers)) as pool:
         images = list(pool.map(lambda photo: _decoded(photo, model.config.max_image_pixels), photos))
@@ -124,7 +127,10 @@ def score_batch(model: PatchCore, photos: Sequence[Photo], heatmap_dir: Path | N
             continue
         record = prediction_record(photo.label, prediction)
         if heatmap_dir is not None:
-            record["heatmap"] = str(write_overlay(model, image, prediction, heatmap_path(heatmap_dir, photo.name)))
+            try:
+                record["heatmap"] = str(write_overlay(model, image, prediction, heatmap_path(heatmap_dir, photo.name)))
+            except OutputError as error:  # the verdict stands without its picture; the next photo is scored
+                record["warnings"].append(f"no heatmap: {error}")
         results.append(Scored(photo, record, image, prediction))
     return results
 

@@ -33,6 +33,20 @@ def test_a_heatmap_never_lands_outside_its_folder(tmp_path, name):
     assert path.name == "P1.png_heatmap.png" or path.name == "passwd.png_heatmap.png"
 
 
+def test_a_heatmap_that_cannot_be_written_is_a_warning_and_the_rest_are_drawn(fitted_model, small_screw_dir, tmp_path):
+    """A photo name of 220 bytes still gets its overlay (the temporary it is written through is named
+    shorter); one of 250 bytes cannot (its overlay's name would pass the 255 bytes a name may have):
+    its verdict stands with a warning, and the photos after it are drawn."""
+    source = load_test_split(small_screw_dir)[0].path
+    names = ["p" * 216 + ".png", "q" * 246 + ".png", "after.png"]
+    photos = [Photo(name, source) for name in names]
+    fitted, too_long, after = score_batch(fitted_model, photos, tmp_path / "heatmaps")
+    assert Path(fitted.record["heatmap"]).is_file() and Path(after.record["heatmap"]).is_file()
+    assert "heatmap" not in too_long.record and too_long.record["score"] == fitted.record["score"]
+    assert [warning.split(":")[0] for warning in too_long.record["warnings"]] == ["no heatmap"]
+    assert "(File name too long)" in too_long.record["warnings"][0]
+
+
 def test_a_batch_mixes_files_arrays_and_unreadable_files(fitted_model, small_screw_dir, tmp_path):
     """What a service calls: photos in memory or on disk; a bad one is an error record, the rest are scored."""
     first, second = (s.path for s in load_test_split(small_screw_dir)[:2])
