@@ -3,7 +3,10 @@
 A photo is known by what it is, not by its name: its device, inode, size and modification time
 (``identity``). A camera that reuses a name (``frame.jpg``, a counter reset) writes a new photo,
 and it is scored; restarting on the same folder under another spelling (a symlink, a relative
-path) scores nothing twice.
+path) scores nothing twice. A recorded photo counts as seen only while its recorded name still
+holds it: a file system hands a deleted photo's inode to the next new file, a camera's uncompressed
+photos share one size and copies keep their times (``cp -p``, ``rsync -t``), so a new photo may
+carry a deleted one's identity under another name, and it is scored.
 
 A photo is read once it has kept the same identity for ``settle_s`` seconds. A photo that cannot
 be read or decoded is read again each time it changes (a camera writing over FTP or SMB pauses
@@ -18,7 +21,9 @@ with an ``error:`` line each time, and scoring waits meanwhile; the watcher neve
 With ``--sort-into OUT`` each photo then moves to ``OUT/ok``, ``OUT/anomalous`` or
 ``OUT/unreadable``, under a free name (``frame_2.jpg``) when one is taken; a move that fails is
 retried the same way, and photos recorded but not yet moved are moved at the next start. With
-``--visualize`` each photo's heatmap overlay is written before its record.
+``--visualize`` each photo's heatmap overlay is written before its record, under a free name too,
+so a reused name never draws over an earlier photo's heatmap; one that cannot be written is a
+warning on the record, never a stop.
 
 Learning on the line: photos an operator moves into ``OUT/confirmed_good`` are added to the model
 (``PatchCore.add_good``), which is saved over its file (the file it replaces kept beside it) and
@@ -30,6 +35,7 @@ drift (runtime.drift). Updates and drift warnings are JSON lines with an ``event
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -42,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from config import printable
-from inspection.scoring import Photo, error_record, records_csv, score_batch
+from inspection.scoring import Photo, error_record, heatmap_path, records_csv, score_batch
 from models.patchcore import learn_on_a_copy
 from output_files import check_output_folder, check_writable, encoded, write_atomically
 from preprocessing.io import IMAGE_SUFFIXES, ImageReadError, read_photo_bytes
@@ -161,6 +167,14 @@ class _Pending:
     failed_identity: str | None = None
 
 
+@dataclass(frozen=True)
+class _Recorded:
+    """A photo recorded while in the watched folder: the file name it had there, and its verdict."""
+
+    name: str
+    verdict: str
+
+
 @dataclass
 class _Unsorted:
     identity: str
@@ -185,7 +199,7 @@ class FolderWatcher:
         self.drift = DriftMonitor(model)
         self.model_path = model_path  # where learnt photos are saved; no learning without it
         self.confirmed = outputs.sort_into / CONFIRMED if outputs.sort_into and model_path else None
-        self.done: dict[str, str] = {}  # identity -> verdict of every recorded photo still in the folder
+        self.done: dict[str, _Recorded] = {}  # identity -> every recorded photo still in the folder
         self._pending: dict[Path, _Pending] = {}
         self._unsorted: dict[Path, _Unsorted] = {}
         self._outbox: _Batch | None = None
@@ -220,20 +234,26 @@ class FolderWatcher:
         for path in (self.outputs.jsonl, self.outputs.csv):
             if path:
                 _ensure_line_start(path)
-        here = {identity(path): path for path in self.folder.iterdir() if self._is_photo(path)}
-        self.done = {photo_id: verdict for photo_id, verdict in self.done.items() if photo_id in here}
+        self.done = {photo_id: seen for photo_id, seen in self.done.items() if self._recorded_already(photo_id)}
         if self.outputs.sort_into:
-            for photo_id, verdict in list(self.done.items()):
-                self._unsorted[here[photo_id]] = _Unsorted(photo_id, verdict)
+            for photo_id, seen in list(self.done.items()):
+                self._unsorted[self.folder / seen.name] = _Unsorted(photo_id, seen.verdict)
             self._sort_waiting()
-        kept = [{"id": photo_id, "path": str(here[photo_id]), "verdict": verdict} for photo_id, verdict in self.done.items()]
+        kept = [{"id": photo_id, "path": str(self.folder / seen.name), "verdict": seen.verdict}
+                for photo_id, seen in self.done.items()]
         lines = json.dumps({"batch": {"records": [], "photos": kept}}) + "\n" + json.dumps({"written": True}) + "\n"
         write_atomically(state, lines)
         self._state_size = state.stat().st_size
 
     def _finish(self, batch: _Batch) -> None:
         for photo in batch.photos:
-            self.done[photo["id"]] = photo["verdict"]
+            self.done[photo["id"]] = _Recorded(Path(photo["path"]).name, photo["verdict"])
+
+    def _recorded_already(self, photo_id: str) -> bool:
+        """Whether the photo ``photo_id`` names was recorded and its recorded name still holds it (the
+        identity alone may be a deleted photo's, handed on to a new file)."""
+        seen = self.done.get(photo_id)
+        return seen is not None and identity(self.folder / seen.name) == photo_id
 
     def _write_batch(self, batch: _Batch) -> None:
         """Journal the batch, append its records at the recorded ends of the result files, mark it written.
@@ -337,7 +357,7 @@ class FolderWatcher:
         with self._lock:
             for path, seen in list(self._pending.items()):
                 current = identity(path)
-                if current is None or current in self.done:  # gone, or recorded already
+                if current is None or self._recorded_already(current):  # gone, or recorded already
                     del self._pending[path]
                 elif current != seen.identity:
                     seen.identity, seen.changed_at = current, now
@@ -362,7 +382,7 @@ class FolderWatcher:
                 continue
             photos.append((path, photo_id))
             sources.append(source)
-        readable = [Photo(path.name, source, origin=str(path))
+        readable = [Photo(self._heatmap_name(path.name), source, origin=str(path))
                     for (path, _), source in zip(photos, sources) if isinstance(source, bytes)]
         scored = iter(score_batch(self.model, readable, self.outputs.heatmaps))
         records = [error_record(str(path), source) if isinstance(source, ImageReadError) else next(scored).record
@@ -377,6 +397,14 @@ class FolderWatcher:
                     finished.append((path, photo_id, record))
         self._record(finished)
 
+    def _heatmap_name(self, name: str) -> str:
+        """The name a photo's overlay is drawn under: a reused name (a camera's ``frame.png``) gets
+        ``frame_2.png_heatmap.png``, so each record's heatmap stays the photo it scored."""
+        heatmaps = self.outputs.heatmaps
+        if heatmaps is None:
+            return name
+        return _free_name(name, lambda candidate: os.path.lexists(heatmap_path(heatmaps, candidate)))
+
     def _record(self, finished: list[tuple[Path, str, dict[str, Any]]]) -> None:
         if not finished:
             return
@@ -390,7 +418,7 @@ class FolderWatcher:
             events=[event for record in records for event in self.drift.observe(record)],
         )
         for path, photo_id, record in finished:
-            self.done[photo_id] = verdict_of(record)
+            self.done[photo_id] = _Recorded(path.name, verdict_of(record))
             if self.outputs.sort_into:
                 self._unsorted[path] = _Unsorted(photo_id, verdict_of(record))
         if self._deliver(batch):
@@ -457,16 +485,19 @@ class FolderWatcher:
             self._sort_retry_at = time.monotonic() + RETRY_WRITE_S
 
 
+def _free_name(name: str, taken: Callable[[str], bool]) -> str:
+    """``name``, or ``<stem>_2<suffix>``, ``<stem>_3<suffix>``, ...: the first that is not ``taken``."""
+    stem, suffix = Path(name).stem, Path(name).suffix
+    numbered = (f"{stem}_{number}{suffix}" for number in itertools.count(2))
+    return next(candidate for candidate in itertools.chain([name], numbered) if not taken(candidate))
+
+
 def _move_to_free_name(path: Path, folder: Path) -> Path:
     """Move ``path`` into ``folder`` under its own name, or ``<stem>_2<suffix>``, ... when that is taken."""
     folder.mkdir(parents=True, exist_ok=True)
-    number = 1
-    while True:
-        target = folder / (path.name if number == 1 else f"{path.stem}_{number}{path.suffix}")
-        if not os.path.lexists(target):  # only the watcher writes here
-            shutil.move(str(path), str(target))
-            return target
-        number += 1
+    target = folder / _free_name(path.name, lambda name: os.path.lexists(folder / name))  # only the watcher writes here
+    shutil.move(str(path), str(target))
+    return target
 
 
 def _say(message: str) -> None:

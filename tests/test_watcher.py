@@ -18,7 +18,7 @@ from pathlib import Path
 import cv2
 import pytest
 
-from conftest import json_lines, wait_for_lines, wait_until, watching
+from conftest import json_lines, part_photo, wait_for_lines, wait_until, watching
 from evaluation.mvtec import load_test_split
 from output_files import OutputError
 from runtime.watcher import WatchOutputs, identity
@@ -329,6 +329,68 @@ def test_a_disk_that_fails_the_start_up_rewrite_of_the_journal_leaves_the_journa
     with watching(fitted_model, inbox, outputs):
         time.sleep(2)  # time enough to (wrongly) score first.png again
     assert len(json_lines(outputs.jsonl)) == 1
+
+
+def test_a_new_photo_that_inherits_a_deleted_photos_inode_size_and_time_is_scored(fitted_model, tmp_path):
+    """A recorded photo deleted by another program frees its inode for the next file; a camera's
+    uncompressed photos share one size and a copy that keeps times (cp -p, rsync -t) shares the time,
+    so a new photo under another name carries the deleted one's identity: it is scored, not skipped."""
+    inbox, stage = tmp_path / "inbox", tmp_path / "stage"
+    inbox.mkdir()
+    stage.mkdir()
+    cv2.imwrite(str(stage / "a.bmp"), part_photo())
+    cv2.imwrite(str(stage / "b.bmp"), part_photo(degrees=45))
+    for path in stage.iterdir():
+        os.utime(path, ns=(1_767_261_600_000_000_000,) * 2)
+    jsonl = tmp_path / "results.jsonl"
+    with watching(fitted_model, inbox, WatchOutputs(jsonl=jsonl)):
+        shutil.copy2(stage / "a.bmp", inbox / "frame.bmp")
+        recorded = identity(inbox / "frame.bmp")
+        wait_for_lines(jsonl, 1, timeout=60)
+        (inbox / "frame.bmp").unlink()
+        shutil.copy2(stage / "b.bmp", inbox / "frame2.bmp")
+        if identity(inbox / "frame2.bmp") != recorded:
+            pytest.skip("this file system did not give the new photo the deleted one's inode")
+        records = wait_for_lines(jsonl, 2, timeout=30)
+    assert [Path(record["path"]).name for record in records] == ["frame.bmp", "frame2.bmp"]
+
+
+def test_a_reused_name_draws_each_photos_own_heatmap(fitted_model, photos, tmp_path):
+    """A camera writing every photo as frame.png: each record's heatmap is the photo it scored, and an
+    earlier photo's overlay is never drawn over."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    outputs = WatchOutputs(jsonl=tmp_path / "results.jsonl", sort_into=tmp_path / "sorted",
+                           heatmaps=tmp_path / "heatmaps")
+    with watching(fitted_model, inbox, outputs):
+        shutil.copy(photos["defect"], inbox / "frame.png")
+        (first,) = wait_for_lines(outputs.jsonl, 1, timeout=60)
+        first_overlay = Path(first["heatmap"]).read_bytes()
+        wait_until(lambda: not (inbox / "frame.png").exists(), timeout=30)
+        shutil.copy(photos["good"], inbox / "frame.png")
+        second = wait_for_lines(outputs.jsonl, 2, timeout=60)[1]
+    assert [Path(record["heatmap"]).name for record in (first, second)] == [
+        "frame.png_heatmap.png", "frame_2.png_heatmap.png"]
+    assert Path(first["heatmap"]).read_bytes() == first_overlay
+
+
+def test_a_heatmap_that_cannot_be_written_never_stops_the_watch(fitted_model, photos, tmp_path):
+    """A photo whose overlay cannot be written (its name leaves no room for "_heatmap.png"; a full disk
+    alike) is recorded and sorted with a warning, and the photos after it are scored."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    outputs = WatchOutputs(jsonl=tmp_path / "results.jsonl", sort_into=tmp_path / "sorted",
+                           heatmaps=tmp_path / "heatmaps")
+    long_name = "p" * 246 + ".png"
+    with watching(fitted_model, inbox, outputs):
+        shutil.copy(photos["good"], inbox / long_name)
+        wait_for_lines(outputs.jsonl, 1, timeout=60)
+        shutil.copy(photos["defect"], inbox / "next.png")
+        records = wait_for_lines(outputs.jsonl, 2, timeout=60)
+        wait_until(lambda: not any(inbox.iterdir()), timeout=10)
+    assert [Path(record["path"]).name for record in records] == [long_name, "next.png"]
+    assert "heatmap" not in records[0] and records[0]["warnings"][0].startswith("no heatmap: ")
+    assert Path(records[1]["heatmap"]).is_file()
 
 
 def test_photos_recorded_before_sorting_was_asked_for_are_sorted_at_the_next_start_and_never_recorded_twice(
