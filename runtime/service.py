@@ -2,9 +2,10 @@
 
 Every upload goes through the one scoring path (``inspection.scoring.score_batch``): its bytes are
 checked, decoded, scored and drawn exactly as ``inference.py`` reads a photo, so a corrupt file or
-a decompression bomb gets the same error record (answered 422). Uploads are held in memory, never
-written to disk. One thread scores: requests that arrive within ``batch_wait_ms`` of each other
-share a batch of up to the model's ``batch_size``; the queue holds at most ``queue_size`` photos.
+a decompression bomb gets the same error record (answered 422). Uploads are held in memory; a
+multipart file part over 1 MB is also kept in the temporary folder while the form is read (507 when
+it cannot be). One thread scores: requests that arrive within ``batch_wait_ms`` of each other share
+a batch of up to the model's ``batch_size``; the queue holds at most ``queue_size`` photos.
 
 Memory is bounded before a body is read: a full queue answers 503 with ``Retry-After`` at once,
 a body is read as a stream that stops at ``max_upload_mb`` whatever its headers claim (413) or
@@ -410,7 +411,12 @@ async def _upload(request: Request, body: bytes) -> tuple[str, bytes]:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
 
-        form = await Request(request.scope, replay).form(max_files=1, max_fields=100)
+        try:
+            form = await Request(request.scope, replay).form(max_files=1, max_fields=100)
+        except OSError as error:  # the framework keeps a file part over 1 MB in the temporary folder
+            raise HTTPException(507, f"upload: the service's temporary folder {tempfile.gettempdir()} cannot hold "
+                                     f"the file part ({error.strerror}); free space there or send the photo as "
+                                     "the raw body") from None
         try:
             for value in form.values():
                 if hasattr(value, "read"):

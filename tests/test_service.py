@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import cv2
 import httpx
+import numpy as np
 import pytest
 
 import serve
@@ -529,6 +533,33 @@ def test_a_bug_while_scoring_is_a_500_answer_and_the_next_photo_is_still_scored(
         batcher.stop()
     assert failed == (500, {"path": "a.png", "error": "internal error while scoring: RuntimeError"})
     assert status == 200 and record["path"] == "b.png" and "score" in record
+
+
+def test_a_file_part_the_temporary_folder_cannot_hold_is_a_507_answer_and_the_next_photo_is_scored(
+        fitted_model, tmp_path, monkeypatch):
+    """The framework keeps a multipart file part over 1 MB in the temporary folder while it reads the form:
+    when that folder is full, the client is told so in the service's answer shape (not a plain-text 500),
+    and once there is room again the same photo is scored."""
+    from fastapi.testclient import TestClient
+
+    from runtime.service import create_app
+
+    def full_disk(_file: tempfile.SpooledTemporaryFile) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    model_file = tmp_path / "model.pkl"
+    fitted_model.save(model_file)
+    noise = np.random.default_rng(0).integers(0, 255, (1024, 1024, 3), dtype=np.uint8)
+    big = {"file": ("big.png", cv2.imencode(".png", noise)[1].tobytes(), "image/png")}  # about 3 MB
+    with TestClient(create_app(ServiceSettings(model=str(model_file))), raise_server_exceptions=False) as client:
+        with monkeypatch.context() as full:
+            full.setattr(tempfile.SpooledTemporaryFile, "rollover", full_disk)
+            refused = client.post("/score", files=big)
+        scored = client.post("/score", files=big)
+    assert refused.status_code == 507 and refused.json() == {
+        "error": f"upload: the service's temporary folder {tempfile.gettempdir()} cannot hold the file part "
+                 "(No space left on device); free space there or send the photo as the raw body"}, refused.text
+    assert scored.status_code == 200 and scored.json()["path"] == "big.png", scored.text
 
 
 @pytest.mark.parametrize("setting", [{"batch_wait_ms": 0}, {"queue_size": 1}, {"retry_after_s": 1}, {"learn_batch": 1},
