@@ -127,10 +127,12 @@ def _decode(data: bytes, label: str, max_pixels: int) -> np.ndarray:
             # A PNG's EXIF may follow the pixels, and Pillow would decode them all to find it.
             has_exif_in_header = header.format != "PNG" or "exif" in header.info
             orientation = header.getexif().get(ORIENTATION_TAG, 1) if has_exif_in_header else 1
-            if _holds_another_photo(header):
+            if (other := _another_photo(header)) is not None:
+                held = (f"more than one {width}x{height} photo" if other == (width, height)
+                        else f"a {other[0]}x{other[1]} photo after a {width}x{height} first page")
                 raise ImageReadError(
-                    f"{label}: holds more than one {width}x{height} photo (pages of a TIFF or frames of an animation), "
-                    "and only the first would be scored; save each photo as its own file"
+                    f"{label}: holds {held} (pages of a TIFF or frames of an animation), and only the first page "
+                    "would be scored; save each photo as its own file"
                 )
     except ImageReadError:
         raise
@@ -148,22 +150,24 @@ def _decode(data: bytes, label: str, max_pixels: int) -> np.ndarray:
     return upright(raw, orientation)
 
 
-def _holds_another_photo(header: Image.Image) -> bool:
-    """Whether a page after the first is a photo as large as the first one.
+def _another_photo(header: Image.Image) -> tuple[int, int] | None:
+    """The (width, height) of a page after the first that holds at least as many pixels, or None.
 
-    OpenCV decodes the first page alone, so a defect on any other page would pass unseen. Smaller
-    pages are the previews and thumbnails that cameras add, and are not counted. Only the first
+    OpenCV decodes the first page alone, so a defect on any other page would pass unseen, and a
+    preview written first would be scored in place of the photo after it. Smaller pages after the
+    first are the previews and thumbnails that cameras add, and are not counted. Only the first
     ``PAGES_LOOKED_AT`` pages are looked at, so a file of a million pages costs no more.
     """
-    first = header.size
+    first_width, first_height = header.size
     for page in range(1, PAGES_LOOKED_AT):
         try:
             header.seek(page)
         except (EOFError, *PILLOW_READ_ERRORS):  # no such page, or one unreadable
-            return False
-        if header.size == first:
-            return True
-    return False
+            return None
+        width, height = header.size
+        if width * height >= first_width * first_height:
+            return width, height
+    return None
 
 
 def _read_photo_file(path: Path, max_bytes: int | None = None) -> bytes:

@@ -532,6 +532,16 @@ def test_a_tiff_whose_other_pages_are_smaller_previews_is_read_as_its_photo(tmp_
     assert np.array_equal(read_image(tmp_path / "with_preview.tiff"), photo(80, 100))
 
 
+@pytest.mark.parametrize("pages", [[(100, 80)], [(25, 20), (100, 80)]], ids=["photo-second", "photo-third"])
+def test_a_tiff_whose_first_page_is_a_preview_of_the_photo_is_refused(tmp_path, pages):
+    """OpenCV decodes the first page: a 50x40 preview written before the photo would get the verdict while the
+    photo itself was never looked at."""
+    save_pages(tmp_path / "preview_first.tiff", (50, 40), *pages)
+    with pytest.raises(ImageReadError, match=r"preview_first.tiff: holds a 100x80 photo after a 50x40 first page "
+                                             r"\(.*\), and only the first page would be scored"):
+        read_image(tmp_path / "preview_first.tiff")
+
+
 def test_16_bit_photos_become_8_bit_as_rounding_by_257_does():
     raw = np.random.default_rng(0).integers(0, 65536, (64, 48, 4), dtype=np.uint16)
     expected = (raw / 257.0).round().astype(np.uint8)
