@@ -47,17 +47,18 @@ def gray_world(image: np.ndarray) -> StepResult:
     """Scale each channel so that all channel means are equal: removes a global colour cast.
 
     Grey input is returned untouched (bit-exact), because rescaling identical channels by the
-    same gain would only add rounding noise.
+    same gain would only add rounding noise. Each channel has 256 levels, so the gains are applied
+    as a lookup table: a float copy of a 100-megapixel photo would take gigabytes.
     """
     if image.size == 0 or is_grayscale(image):
         return StepResult(image)
-    means = image.reshape(-1, 3).mean(axis=0)
+    means = np.array(cv2.sumElems(image)[:3]) / (image.size // 3)  # OpenCV's sums of 8-bit pixels are exact
     target = means.mean()
     if means.min() < 1.0 or target / means.min() > MAX_GRAY_WORLD_GAIN:
         return StepResult(image, ["white balance skipped: a colour channel is almost empty"])
-    gains = target / means
-    balanced = np.clip(image.astype(np.float32) * gains, 0, 255)
-    return StepResult(balanced.round().astype(np.uint8))
+    levels = np.arange(256, dtype=np.float32)[:, None]
+    balanced = np.clip(levels * (target / means), 0, 255).round().astype(np.uint8)  # (level, channel)
+    return StepResult(cv2.LUT(image, balanced.reshape(256, 1, 3)))
 
 
 def specular_mask(image: np.ndarray, threshold: int) -> np.ndarray:

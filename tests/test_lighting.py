@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import cv2
 import numpy as np
+import pytest
 
 from preprocessing.lighting import clahe_lab, gray_world, inpaint_specular, specular_mask
 
@@ -26,6 +29,31 @@ def test_gray_world_equalises_channel_means() -> None:
     means = gray_world(image).image.reshape(-1, 3).mean(axis=0)
     assert means.max() - means.min() < 1.0
     assert np.ptp(image.reshape(-1, 3).mean(axis=0)) > 20  # there was a cast to remove
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_gray_world_scales_each_channel_by_target_over_its_mean_rounded_to_the_nearest_level(seed: int) -> None:
+    """What the step promises, pixel for pixel: level × (mean of the channel means / the channel's mean),
+    clipped to 0..255 and rounded half to even, the gain in double precision."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (97, 131, 3), dtype=np.uint8)
+    image[..., seed % 3] = (image[..., seed % 3] * 0.6).astype(np.uint8)  # a cast to remove
+    means = image.reshape(-1, 3).astype(np.float64).mean(axis=0)
+    expected = np.clip(image.astype(np.float32) * (means.mean() / means), 0, 255).round().astype(np.uint8)
+    assert np.array_equal(gray_world(image).image, expected)
+
+
+def test_gray_world_of_a_large_photo_needs_no_more_memory_than_its_result() -> None:
+    """A float copy of a 100-megapixel photo takes gigabytes; a line PC scoring one must not need them."""
+    image = tinted_image()
+    large = np.tile(image, (32, 32, 1))  # 2048 x 2048
+    tracemalloc.start()
+    try:
+        gray_world(large)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.5 * large.nbytes
 
 
 def test_gray_world_leaves_grey_input_bit_exact() -> None:
