@@ -214,16 +214,15 @@ def score_all(
 
     records, gallery = [], []
     with tqdm(total=len(photos), desc="scoring", unit="img", disable=not progress, leave=False) as bar:
-        for batch in score_files(model, photos, heatmap_dir):
-            for scored in batch:
-                records.append(scored.record)
-                if scored.prediction is None:
-                    tqdm.write(f"error: {scored.record['error']}", file=sys.stderr)
-                elif thumbnails:
-                    from evaluation.gallery import scored_image  # only for a report
+        for scored in score_files(model, photos, heatmap_dir):
+            records.append(scored.record)
+            if scored.prediction is None:
+                tqdm.write(f"error: {scored.record['error']}", file=sys.stderr)
+            elif thumbnails:
+                from evaluation.gallery import scored_image  # only for a report
 
-                    gallery.append(scored_image(scored.photo.name, scored.image, scored.prediction))
-            bar.update(len(batch))
+                gallery.append(scored_image(scored.photo.name, scored.image, scored.prediction))
+            bar.update(1)
     return records, gallery
 
 

@@ -10,14 +10,16 @@ from __future__ import annotations
 import csv
 import io
 import math
+from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 
+from config import Config
 from inspection.overlay import save_overlay
 from models.patchcore import PatchCore, Prediction
 from output_files import OutputError
@@ -100,22 +102,54 @@ def write_overlay(model: PatchCore, image: np.ndarray, prediction: Prediction, o
     )
 
 
-def score_batch(model: PatchCore, photos: Sequence[Photo], heatmap_dir: Path | None = None) -> list[Scored]:
-    """Read, check, score and (with ``heatmap_dir``) draw one batch; a photo that cannot be scored gets an error record.
+def score_batch(model: PatchCore, photos: Sequence[Photo], heatmap_dir: Path | None = None) -> Iterator[Scored]:
+    """Read, check, score and (with ``heatmap_dir``) draw photos, yielding each one's result in order;
+    a photo that cannot be scored gets an error record.
 
-    Pass at most ``model.config.batch_size`` photos at a time to keep memory flat; ``score_files``
-    does that for a list of any length. A batch that runs out of memory is scored again photo by
-    photo, so only the photo too large to score fails. A score that is not a finite number is
-    never a verdict: NaN is below every threshold and would read as "ok". A heatmap that cannot be
-    written (a full disk, a name too long for one) is a warning on its record: the verdict stands,
-    and a line that draws heatmaps never stops on one.
+    Pass at most ``model.config.batch_size`` photos at a time; ``score_files`` does that for a list
+    of any length. Photos are decoded at most ``num_workers`` ahead and scored in groups of at most
+    ``max_image_pixels`` pixels (a batch of ordinary photos is one group, a photo at the limit is
+    scored alone), and a result lives only as long as the caller keeps it: memory stays that of one
+    photo at the limit however many heavy photos arrive together. A group that runs out of memory
+    is scored again photo by photo, so only the photo too large to score fails. A score that is not
+    a finite number is never a verdict: NaN is below every threshold and would read as "ok". A
+    heatmap that cannot be written (a full disk, a name too long for one) is a warning on its
+    record: the verdict stands, and a line that draws heatmaps never stops on one.
     """
-    with ThreadPoolExecutor(max_workers=max(1, model.config.num_workers)) as pool:
-        images = list(pool.map(lambda photo: _decoded(photo, model.config.max_image_pixels), photos))
-    readable = [image for image in images if not isinstance(image, ImageReadError)]
+    budget = model.config.max_image_pixels
+    group: list[tuple[Photo, np.ndarray | ImageReadError]] = []
+    pixels = 0
+    for photo, image in zip(photos, _decoded_in_order(photos, model.config)):
+        size = 0 if isinstance(image, ImageReadError) else image.shape[0] * image.shape[1]
+        if group and pixels + size > budget:
+            yield from _score_group(model, group, heatmap_dir)
+            group, pixels = [], 0
+        group.append((photo, image))
+        pixels += size
+    yield from _score_group(model, group, heatmap_dir)
+
+
+def _decoded_in_order(photos: Sequence[Photo], config: Config) -> Iterator[np.ndarray | ImageReadError]:
+    """Each photo decoded (``_decoded``), in order, by ``num_workers`` threads that run at most that many photos ahead."""
+    workers = max(1, config.num_workers)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        ahead: deque[Future[np.ndarray | ImageReadError]] = deque()
+        for photo in photos:
+            ahead.append(pool.submit(_decoded, photo, config.max_image_pixels))
+            if len(ahead) > workers:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
+
+
+def _score_group(
+    model: PatchCore, group: list[tuple[Photo, np.ndarray | ImageReadError]], heatmap_dir: Path | None
+) -> list[Scored]:
+    """The results of photos decoded together (``score_batch``)."""
+    readable = [image for _, image in group if not isinstance(image, ImageReadError)]
     predictions = iter(_predict_isolating_memory_errors(model, readable))
     results = []
-    for photo, image in zip(photos, images):
+    for photo, image in group:
         prediction = None if isinstance(image, ImageReadError) else next(predictions)
         if isinstance(image, ImageReadError) or isinstance(prediction, Exception):
             results.append(Scored(photo, error_record(photo.label, image if prediction is None else prediction)))
@@ -163,11 +197,11 @@ def _predict_isolating_memory_errors(model: PatchCore, images: list[np.ndarray])
     return [prediction for image in images for prediction in _predict_isolating_memory_errors(model, [image])]
 
 
-def score_files(model: PatchCore, photos: Sequence[Photo], heatmap_dir: Path | None = None) -> Iterator[list[Scored]]:
-    """``score_batch`` over any number of photos, one batch at a time (the caller keeps what it needs)."""
+def score_files(model: PatchCore, photos: Sequence[Photo], heatmap_dir: Path | None = None) -> Iterator[Scored]:
+    """``score_batch`` over any number of photos, ``batch_size`` at a time (the caller keeps what it needs)."""
     size = max(1, model.config.batch_size)
     for start in range(0, len(photos), size):
-        yield score_batch(model, photos[start : start + size], heatmap_dir)
+        yield from score_batch(model, photos[start : start + size], heatmap_dir)
 
 
 def folder_photos(folder: Path, paths: Sequence[Path]) -> list[Photo]:

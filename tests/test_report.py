@@ -374,9 +374,10 @@ def batch_page(tmp_path_factory: pytest.TempPathFactory) -> Path:
     test_dir = make_dataset(root / "data") / "test"
     model = FakeModel()
     records, gallery = [], []
-    for batch in score_files(model, folder_photos(test_dir, find_images(test_dir))):
-        records += [scored.record for scored in batch]
-        gallery += [scored_image(s.photo.name, s.image, s.prediction) for s in batch if s.prediction is not None]
+    for scored in score_files(model, folder_photos(test_dir, find_images(test_dir))):
+        records.append(scored.record)
+        if scored.prediction is not None:
+            gallery.append(scored_image(scored.photo.name, scored.image, scored.prediction))
     return write_batch_report(model, test_dir, gallery, records, root / "out" / "batch_report.html")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from evaluation.gallery import scored_image
 from inspection.overlay import THRESHOLD_RGB, TITLE_HEIGHT, VERDICT_RGB, highlighted_region, overlay_image, overlay_rgb
 from evaluation.mvtec import load_test_split
 from preprocessing.io import find_images, read_image
+import inspection.scoring
 from inspection.scoring import Photo, RECORD_FIELDS, folder_photos, heatmap_path, records_csv, score_batch, score_files, summary
 
 
@@ -53,7 +55,7 @@ def test_a_batch_mixes_files_arrays_and_unreadable_files(fitted_model, small_scr
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG broken")
     photos = [Photo("upload/part.png", read_image(first)), Photo("broken.png", broken), Photo("b.png", second)]
-    results = score_batch(fitted_model, photos, heatmap_dir=tmp_path / "heatmaps")
+    results = list(score_batch(fitted_model, photos, heatmap_dir=tmp_path / "heatmaps"))
     assert [r.record["path"] for r in results] == ["upload/part.png", str(broken), str(second)]
     assert "error" in results[1].record and results[1].prediction is None
     expected = [p.score for p in fitted_model.predict([first, second])]
@@ -88,20 +90,19 @@ def test_every_flagged_screw_photo_shows_where(fitted_model, screw_dir):
     model.threshold = float(np.quantile(fitted_model.calibration_scores, 0.9))
     photos = folder_photos(screw_dir / "test", find_images(screw_dir / "test"))
     flagged = 0
-    for batch in score_files(model, photos):
-        for scored in batch:
-            prediction = scored.prediction
-            region = highlighted_region(prediction.anomaly_map, prediction.threshold)
-            assert region.any() == prediction.is_anomalous, scored.photo.name
-            if not prediction.is_anomalous:
-                continue
-            flagged += 1
-            black = np.zeros_like(scored.image)  # the only white an overlay of a black photo has is the contour
-            drawn = overlay_rgb(black, prediction.anomaly_map, prediction.threshold)
-            assert (drawn == THRESHOLD_RGB).all(axis=-1).any(), f"{scored.photo.name}: flagged, nothing outlined"
-            card = scored_image(scored.photo.name, scored.image, prediction)  # what the report keeps
-            drawn = overlay_rgb(np.zeros_like(card.thumbnail), card.eval_map, card.threshold, highlight=card.highlight)
-            assert (drawn == THRESHOLD_RGB).all(axis=-1).any(), f"{scored.photo.name}: thumbnail outlines nothing"
+    for scored in score_files(model, photos):
+        prediction = scored.prediction
+        region = highlighted_region(prediction.anomaly_map, prediction.threshold)
+        assert region.any() == prediction.is_anomalous, scored.photo.name
+        if not prediction.is_anomalous:
+            continue
+        flagged += 1
+        black = np.zeros_like(scored.image)  # the only white an overlay of a black photo has is the contour
+        drawn = overlay_rgb(black, prediction.anomaly_map, prediction.threshold)
+        assert (drawn == THRESHOLD_RGB).all(axis=-1).any(), f"{scored.photo.name}: flagged, nothing outlined"
+        card = scored_image(scored.photo.name, scored.image, prediction)  # what the report keeps
+        drawn = overlay_rgb(np.zeros_like(card.thumbnail), card.eval_map, card.threshold, highlight=card.highlight)
+        assert (drawn == THRESHOLD_RGB).all(axis=-1).any(), f"{scored.photo.name}: thumbnail outlines nothing"
     assert len(photos) == 160 and 0 < flagged < len(photos)
 
 
@@ -140,8 +141,8 @@ def test_a_frame_that_cannot_show_a_part_gets_its_reason_not_a_verdict(fitted_mo
     cv2.imwrite(str(tiny), np.full((2, 2, 3), 128, np.uint8))
     black = np.zeros((480, 640, 3), np.uint8)
     uploaded = cv2.imencode(".png", black)[1].tobytes()  # the same frame sent to the service
-    results = score_batch(fitted_model, [Photo("tiny.png", tiny), Photo("part.png", part), Photo("dark.png", black),
-                                         Photo("dark-upload.png", uploaded)])
+    results = list(score_batch(fitted_model, [Photo("tiny.png", tiny), Photo("part.png", part), Photo("dark.png", black),
+                                              Photo("dark-upload.png", uploaded)]))
     assert results[0].record == {"path": str(tiny), "error": f"{tiny}: 2x2 pixels is too small to show a part "
                                                                "(at least 32 on each side)"}
     assert results[1].prediction is not None and "error" not in results[1].record
@@ -162,7 +163,7 @@ def test_a_photo_too_large_for_memory_fails_alone(fitted_model, small_screw_dir,
         return real_predict(self, images, *args, **kwargs)
 
     monkeypatch.setattr(type(fitted_model), "predict", capped)
-    results = score_batch(fitted_model, [Photo("a.png", first), Photo("huge.png", huge), Photo("b.png", second)])
+    results = list(score_batch(fitted_model, [Photo("a.png", first), Photo("huge.png", huge), Photo("b.png", second)]))
     assert [("error" in r.record) for r in results] == [False, True, False]
     assert results[1].record["error"] == "huge.png: 2000x3000 pixels: too large to score with the memory available"
     expected = [round(p.score, 4) for p in real_predict(fitted_model, [first, second])]
@@ -175,7 +176,7 @@ def test_each_record_carries_its_own_photos_numbers_and_warnings(fitted_model, s
     photo = load_test_split(small_screw_dir)[-1].path
     white = np.full((256, 256, 3), 255, np.uint8)
     white[::2] = 250  # not blank: blank frames are refused before scoring
-    results = score_batch(fitted_model, [Photo("part.png", photo), Photo("white.png", white)])
+    results = list(score_batch(fitted_model, [Photo("part.png", photo), Photo("white.png", white)]))
     expected = fitted_model.predict([photo, white])
     for result, prediction in zip(results, expected):
         assert result.record["sigma"] == round(prediction.sigma, 2)
@@ -210,7 +211,7 @@ def test_each_saved_overlay_is_its_photo_on_the_models_colour_scale_with_its_ver
     model = copy.copy(fitted_model)  # a threshold in the middle of the scores: both verdicts occur
     model.threshold = float(np.median([prediction.score for prediction in fitted_model.predict(paths)]))
     photos = [Photo(f"line/cam/{index}.png", path) for index, path in enumerate(paths)]
-    results = score_batch(model, photos, heatmap_dir=tmp_path / "heatmaps")
+    results = list(score_batch(model, photos, heatmap_dir=tmp_path / "heatmaps"))
     verdicts = set()
     for index, result in enumerate(results):
         prediction = result.prediction
@@ -227,15 +228,41 @@ def test_each_saved_overlay_is_its_photo_on_the_models_colour_scale_with_its_ver
     assert verdicts == {"ANOMALOUS", "OK"}
 
 
-def test_any_number_of_photos_is_scored_in_batches_each_once_in_order(fitted_model, small_screw_dir):
+def test_any_number_of_photos_is_scored_in_batches_each_once_in_order(fitted_model, small_screw_dir, monkeypatch):
     import copy
 
     paths = [sample.path for sample in load_test_split(small_screw_dir)][:5]
     model = copy.copy(fitted_model)
     model.config = fitted_model.config.replace(batch_size=2)
-    batches = list(score_files(model, [Photo(path.name, path) for path in paths]))
-    assert [len(batch) for batch in batches] == [2, 2, 1]
-    assert [scored.record["path"] for batch in batches for scored in batch] == [str(path) for path in paths]
+    batches: list[int] = []
+
+    def counted(model: object, batch: list, heatmap_dir: Path | None) -> Iterator:
+        batches.append(len(batch))
+        return score_batch(model, batch, heatmap_dir)
+
+    monkeypatch.setattr(inspection.scoring, "score_batch", counted)
+    scored = list(score_files(model, [Photo(path.name, path) for path in paths]))
+    assert batches == [2, 2, 1]
+    assert [result.record["path"] for result in scored] == [str(path) for path in paths]
+
+
+def test_heavy_photos_are_scored_in_groups_of_at_most_max_image_pixels(fitted_model, small_screw_dir):
+    """A batch of photos near the decode limit would hold all their pixels, maps and overlays at once: scored
+    in groups within the limit, memory stays that of one such photo however many arrive together."""
+    paths = [sample.path for sample in load_test_split(small_screw_dir)][:5]
+    height, width = read_image(paths[0]).shape[:2]
+    model = fitted_model.copy()
+    model.config = fitted_model.config.replace(max_image_pixels=int(2.5 * height * width))
+    groups: list[int] = []
+
+    def predict(images: list, **options: object) -> list:
+        groups.append(len(images))
+        return fitted_model.predict(images, **options)
+
+    model.predict = predict
+    results = list(score_batch(model, [Photo(path.name, path) for path in paths]))
+    assert groups == [2, 2, 1]
+    assert [result.record["score"] for result in results] == [round(p.score, 4) for p in fitted_model.predict(paths)]
 
 
 def test_an_infinite_score_is_an_error_record_never_a_verdict(fitted_model, small_screw_dir, monkeypatch) -> None:
@@ -275,7 +302,7 @@ def test_photos_of_one_name_in_two_folders_get_their_own_records_and_heatmaps(fi
         (tmp_path / "photos" / line).mkdir(parents=True)
         (tmp_path / "photos" / line / "P1.png").symlink_to(source)
     photos = folder_photos(tmp_path / "photos", find_images(tmp_path / "photos"))
-    results = score_batch(fitted_model, photos, heatmap_dir=tmp_path / "heatmaps")
+    results = list(score_batch(fitted_model, photos, heatmap_dir=tmp_path / "heatmaps"))
     heatmaps = [Path(result.record["heatmap"]) for result in results]
     assert heatmaps == [tmp_path / "heatmaps" / line / "P1.png_heatmap.png" for line in ("line1", "line2")]
     assert all(path.is_file() for path in heatmaps) and heatmaps[0].read_bytes() != heatmaps[1].read_bytes()
@@ -286,8 +313,8 @@ def test_an_upload_read_from_a_file_is_named_by_that_file_in_its_record(fitted_m
     """The watched folder reads a photo's bytes itself: its record, scored or not, names the file it came from."""
     photo = load_test_split(small_screw_dir)[0].path
     broken = tmp_path / "cam" / "P2.png"
-    results = score_batch(fitted_model, [Photo("P1.png", photo.read_bytes(), origin=str(photo)),
-                                         Photo("P2.png", b"\x89PNG broken", origin=str(broken))])
+    results = list(score_batch(fitted_model, [Photo("P1.png", photo.read_bytes(), origin=str(photo)),
+                                              Photo("P2.png", b"\x89PNG broken", origin=str(broken))]))
     assert [result.record["path"] for result in results] == [str(photo), str(broken)]
     assert results[1].record["error"].startswith(f"{broken}: ")
 
