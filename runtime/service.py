@@ -401,7 +401,8 @@ def _invalid_query(_request: Request, error: RequestValidationError) -> JSONResp
 
 async def _upload(request: Request, body: bytes) -> tuple[str, bytes]:
     """(file name, bytes) of the photo in a multipart form or a raw body (``?name=`` names a raw one)."""
-    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()  # case-insensitive
+    if media_type == "multipart/form-data":
         sent = False
 
         async def replay() -> dict[str, Any]:  # the body already read, handed to Starlette's form parser

@@ -113,12 +113,16 @@ def test_corrupt_upload_is_a_422_record_and_the_service_carries_on(service, phot
     assert post(service, photos["good"]).status_code == 200
 
 
-def post_one_part(service: str, part_headers: str, photo: Path) -> httpx.Response:
+FILE_PART = 'Content-Disposition: form-data; name="file"; filename="part.png"\r\nContent-Type: image/png'
+
+
+def post_one_part(service: str, part_headers: str, photo: Path,
+                  media_type: str = "multipart/form-data") -> httpx.Response:
     """The photo POSTed to /score as a multipart form of one part written by hand under ``part_headers``
     (clients differ there, and httpx writes only the usual form)."""
     body = f"--part\r\n{part_headers}\r\n\r\n".encode() + photo.read_bytes() + b"\r\n--part--\r\n"
     return httpx.post(f"{service}/score", content=body, timeout=300,
-                      headers={"X-API-Key": KEY, "Content-Type": "multipart/form-data; boundary=part"})
+                      headers={"X-API-Key": KEY, "Content-Type": f"{media_type}; boundary=part"})
 
 
 def test_a_file_sent_with_an_empty_file_name_is_scored_as_upload(service, photos) -> None:
@@ -137,6 +141,13 @@ def test_a_photo_sent_as_a_text_field_is_told_how_to_send_it(service, photos) ->
         "error": "upload: the form holds text (file) but no file; send the photo as a file part "
                  "(curl -F file=@photo.png) or as the raw body"}, response.text
     assert post(service, photos["good"]).status_code == 200  # and it carries on
+
+
+def test_a_multipart_media_type_in_any_letter_case_is_read_as_a_form(service, photos) -> None:
+    """Media types are case-insensitive: ``Multipart/Form-Data`` is a form, its file part scored under its
+    file name, not the whole form taken for a raw photo that cannot be read."""
+    response = post_one_part(service, FILE_PART, photos["good"], media_type="Multipart/Form-Data")
+    assert response.status_code == 200 and response.json()["path"] == "part.png", response.text
 
 
 def test_oversize_upload_is_refused_before_reading(service):
