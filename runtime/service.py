@@ -428,6 +428,9 @@ async def _upload(request: Request, body: bytes) -> tuple[str, bytes]:
                                          "file part (curl -F file=@photo.png) or as the raw body")
         finally:
             await form.close()
+        if body:  # the parser drops a part that no boundary line ends: a client that stopped mid-upload
+            raise HTTPException(400, "upload: the multipart form holds no whole part; it is cut short or malformed "
+                                     "(each part ends at a --BOUNDARY line, the form at --BOUNDARY--)")
         return "upload", b""
     return request.query_params.get("name", "upload"), body
 

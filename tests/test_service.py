@@ -116,11 +116,11 @@ def test_corrupt_upload_is_a_422_record_and_the_service_carries_on(service, phot
 FILE_PART = 'Content-Disposition: form-data; name="file"; filename="part.png"\r\nContent-Type: image/png'
 
 
-def post_one_part(service: str, part_headers: str, photo: Path,
-                  media_type: str = "multipart/form-data") -> httpx.Response:
+def post_one_part(service: str, part_headers: str, photo: Path, media_type: str = "multipart/form-data",
+                  end: bytes = b"\r\n--part--\r\n") -> httpx.Response:
     """The photo POSTed to /score as a multipart form of one part written by hand under ``part_headers``
-    (clients differ there, and httpx writes only the usual form)."""
-    body = f"--part\r\n{part_headers}\r\n\r\n".encode() + photo.read_bytes() + b"\r\n--part--\r\n"
+    and ended by ``end`` (clients differ there, and httpx writes only the usual form)."""
+    body = f"--part\r\n{part_headers}\r\n\r\n".encode() + photo.read_bytes() + end
     return httpx.post(f"{service}/score", content=body, timeout=300,
                       headers={"X-API-Key": KEY, "Content-Type": f"{media_type}; boundary=part"})
 
@@ -141,6 +141,14 @@ def test_a_photo_sent_as_a_text_field_is_told_how_to_send_it(service, photos) ->
         "error": "upload: the form holds text (file) but no file; send the photo as a file part "
                  "(curl -F file=@photo.png) or as the raw body"}, response.text
     assert post(service, photos["good"]).status_code == 200  # and it carries on
+
+
+def test_a_form_cut_short_before_its_closing_boundary_is_told_so_not_empty(service, photos) -> None:
+    """A client that stopped mid-upload sent a form whose one part no boundary line ends: the answer says the
+    form is cut short, not that the upload was empty."""
+    response = post_one_part(service, FILE_PART, photos["good"], end=b"")
+    assert response.status_code == 400 and "cut short" in response.json()["error"], response.text
+    assert "empty" not in response.json()["error"]
 
 
 def test_a_multipart_media_type_in_any_letter_case_is_read_as_a_form(service, photos) -> None:
