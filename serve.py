@@ -22,6 +22,7 @@ from pathlib import Path
 
 from config import DEVICE_OVERRIDE_HELP, DEVICES, fail, run_cli
 from models.backend import RUNTIME_HELP, RUNTIMES
+from runtime.connections import http_protocol
 from runtime.service import SETTINGS_ENV, ServiceSettings, create_app, settings_env
 
 WORKER_START_S = 300  # how long a worker process may take to load the model on a busy machine
@@ -56,7 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--events-jsonl", type=Path, metavar="FILE",
                         help="append drift warnings and model updates to FILE, one JSON line each")
     parser.add_argument("--body-timeout", type=float, default=15.0, metavar="S",
-                        help="an upload must arrive within S seconds (408 after); trickling clients hold nothing longer")
+                        help="a request's headers, then its upload, must each arrive within S seconds (408 after); "
+                             "trickling clients hold nothing longer")
     return parser.parse_args(argv)
 
 
@@ -130,13 +132,15 @@ def main(argv: list[str] | None = None) -> int:
         events_jsonl=str(args.events_jsonl) if args.events_jsonl else None,
         body_timeout_s=args.body_timeout,
     )
+    connections = http_protocol(settings.body_timeout_s)
     if args.workers == 1:
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, access_log=False)
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, http=connections, access_log=False)
     else:
         os.environ[SETTINGS_ENV] = settings_env(settings)
         # each worker loads the model before it answers uvicorn's health check (5 s by default)
         uvicorn.run("runtime.service:create_app_from_env", factory=True, host=args.host, port=args.port,
-                    workers=args.workers, access_log=False, timeout_worker_healthcheck=WORKER_START_S)
+                    workers=args.workers, http=connections, access_log=False,
+                    timeout_worker_healthcheck=WORKER_START_S)
     return 0
 
 

@@ -9,10 +9,11 @@ a batch of up to the model's ``batch_size``; the queue holds at most ``queue_siz
 
 Memory is bounded before a body is read: a full queue answers 503 with ``Retry-After`` at once,
 a body is read as a stream that stops at ``max_upload_mb`` whatever its headers claim (413) or
-after ``body_timeout_s`` (408), and all bodies being read or waiting to be scored share a budget
-of ``queue_size`` x ``max_upload_mb`` (503 beyond it). The service keeps no state but the model
-file, so any number of replicas can stand behind a load balancer. Drift warnings and, with
-``learn``, POST /feedback (runtime.learning) watch every scored photo.
+after ``body_timeout_s`` (408; runtime.connections gives its headers as long), and all bodies
+being read or waiting to be scored share a budget of ``queue_size`` x ``max_upload_mb`` (503
+beyond it). The service keeps no state but the model file, so any number of replicas can stand
+behind a load balancer. Drift warnings and, with ``learn``, POST /feedback (runtime.learning)
+watch every scored photo.
 """
 
 from __future__ import annotations

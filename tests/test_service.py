@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import errno
+import http.client
 import json
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -237,13 +239,48 @@ def raw_request(url: str, head: str, body_pieces, pause: float = 0.0, timeout: f
                 time.sleep(pause)
         except OSError:  # the service stopped reading and closed the connection
             pass
-        answer = b""
-        try:
-            while chunk := connection.recv(65536):
-                answer += chunk
-        except OSError:
-            pass
+        return rest_of(connection)
+
+
+def rest_of(connection: socket.socket) -> bytes:
+    """What comes back on ``connection`` until the service closes it (or the socket's timeout passes)."""
+    answer = b""
+    try:
+        while chunk := connection.recv(65536):
+            answer += chunk
+    except OSError:
+        pass
     return answer
+
+
+def test_a_request_whose_headers_never_end_is_closed_at_the_deadline_while_others_are_answered(service, photos):
+    """A slow-loris client sends half a request head and then nothing: past the 3 s --body-timeout it is told 408
+    and its connection closed, so a few hundred such clients cannot hold every file descriptor; a photo sent
+    meanwhile on another connection is scored."""
+    started = time.monotonic()
+    with ThreadPoolExecutor(1) as pool:
+        stalled = pool.submit(raw_request, service, "POST /score HTTP/1.1\r\nHost: x\r\n", [], timeout=10)
+        assert post(service, photos["good"]).status_code == 200
+        answer = stalled.result()
+    assert time.monotonic() - started < 8, answer
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert answer.endswith(b'{"error": "the request headers took longer than 3 s"}'), answer
+
+
+def test_a_kept_alive_connection_whose_next_request_stops_mid_head_is_closed_at_the_deadline(service):
+    """The deadline starts again after each answer: a client that reuses its connection and sends half of its
+    next request head is told 408 and closed, as on a new connection."""
+    host, port = service.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        connection.request("GET", "/health")
+        assert connection.getresponse().read()  # the connection stays open for the next request
+        started = time.monotonic()
+        connection.sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        answer = rest_of(connection.sock)
+    finally:
+        connection.close()
+    assert time.monotonic() - started < 8 and answer.startswith(b"HTTP/1.1 408 "), answer
 
 
 def test_a_chunked_body_under_a_small_content_length_is_cut_off_at_the_limit(service):
@@ -331,14 +368,19 @@ def test_every_flag_reaches_the_service_on_this_machine_only(started, tmp_path, 
         batch_wait_ms=2, retry_after_s=4, body_timeout_s=9, learn=True, learn_batch=5, learn_wait_s=6, keep_scored=8,
         events_jsonl=str(tmp_path / "e.jsonl"))
     assert started["app"] is started["settings"] and (started["host"], started["port"]) == ("127.0.0.1", 0)
+    assert started["http"].keywords == {"headers_timeout_s": 9}  # a request's headers have as long as its body
 
 
 def test_each_worker_process_builds_the_service_from_the_same_settings(started, tmp_path):
-    """--workers 2 starts two processes, and each reads the settings serve.py hands them, limits included."""
+    """--workers 2 starts two processes, and each reads the settings serve.py hands them, limits included, and
+    builds its connections with the same deadline on request headers (uvicorn pickles them to each process)."""
     model = model_file_in(tmp_path)
-    assert run_cli(lambda: serve.main(["--model", str(model), "--port", "0", "--workers", "2", "--queue-size", "3"])) == 0
+    argv = ["--model", str(model), "--port", "0", "--workers", "2", "--queue-size", "3", "--body-timeout", "4"]
+    assert run_cli(lambda: serve.main(argv)) == 0
     assert started["app"] == "runtime.service:create_app_from_env" and started["workers"] == 2
-    assert ServiceSettings(**json.loads(os.environ[SETTINGS_ENV])) == ServiceSettings(model=str(model), queue_size=3)
+    assert ServiceSettings(**json.loads(os.environ[SETTINGS_ENV])) == ServiceSettings(model=str(model), queue_size=3,
+                                                                                     body_timeout_s=4)
+    assert pickle.loads(pickle.dumps(started["http"])).keywords == {"headers_timeout_s": 4}
 
 
 @pytest.mark.parametrize("args, says", [
