@@ -7,7 +7,8 @@ client out before any API key is read. Here each request's headers must arrive w
 deadline (serve.py's ``--body-timeout``) of the connection opening or of the previous answer's end
 (its body then has as long again, counted by the service), else the connection is closed: with a
 408 when part of a request came, silently when nothing did, as uvicorn closes an idle kept-alive
-connection.
+connection. A request uvicorn cannot parse is answered ``{"error": ...}`` like every other
+refusal, not in plain text.
 """
 
 from __future__ import annotations
@@ -60,6 +61,10 @@ class HeadersDeadline(H11Protocol):
             self.refuse(408, f"the request headers took longer than {self.headers_timeout_s:g} s")
         else:
             self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request it cannot parse, in the service's shape."""
+        self.refuse(400, "malformed HTTP request: its request line or headers cannot be read")
 
     def refuse(self, status: int, error: str) -> None:
         """Answer ``{"error": error}`` when no answer has begun on this connection, then close it."""

@@ -283,6 +283,14 @@ def test_a_kept_alive_connection_whose_next_request_stops_mid_head_is_closed_at_
     assert time.monotonic() - started < 8 and answer.startswith(b"HTTP/1.1 408 "), answer
 
 
+def test_a_request_that_cannot_be_parsed_is_answered_in_the_services_error_shape(service, photos):
+    """A request line that is not HTTP gets a JSON 400, as every refusal does, and the connection is closed."""
+    answer = raw_request(service, "NOT HTTP AT ALL\r\n\r\n", [], timeout=10)
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"content-type: application/json" in answer.lower(), answer
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"].startswith("malformed HTTP request"), answer
+    assert post(service, photos["good"]).status_code == 200
+
+
 def test_a_chunked_body_under_a_small_content_length_is_cut_off_at_the_limit(service):
     """Content-Length: 10 with Transfer-Encoding: chunked: the bytes are counted as they come, whatever the headers say."""
     head = (f"POST /score HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}\r\nContent-Length: 10\r\n"
