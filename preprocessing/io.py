@@ -147,6 +147,8 @@ def _decode(data: bytes, label: str, max_pixels: int) -> np.ndarray:
         raise ImageReadError(f"{label}: cannot be decoded ({str(error).strip().splitlines()[-1]})") from None
     if raw is None or raw.size == 0:
         raise ImageReadError(f"{label}: not a readable image (corrupt or unsupported format)")
+    if raw.dtype.kind == "f" and not np.isfinite(raw).all():  # scaled to 8 bits they would pass as black
+        raise ImageReadError(f"{label}: holds pixels that are not numbers (NaN or infinite); the image is damaged")
     return upright(raw, orientation)
 
 

@@ -512,6 +512,18 @@ def test_a_floating_point_photo_is_spread_over_the_8_bit_range(tmp_path):
     assert (np.diff(decoded.ravel().astype(int)) >= 0).all()  # brighter stays brighter
 
 
+@pytest.mark.parametrize("value", [np.nan, np.inf], ids=["nan", "inf"])
+def test_a_floating_point_photo_with_pixels_that_are_not_numbers_is_refused(tmp_path, value):
+    """A float TIFF cut short by its writer or a broken sensor pipeline: spread over 8 bits, its NaN pixels
+    would read as black and the photo would get a verdict."""
+    ramp = np.linspace(0.0, 1.0, 60 * 80, dtype=np.float32).reshape(60, 80)
+    ramp[20:30, 10:40] = value
+    path = tmp_path / "float.tiff"
+    cv2.imwrite(str(path), ramp)
+    with pytest.raises(ImageReadError, match=r"float.tiff: holds pixels that are not numbers \(NaN or infinite\)"):
+        read_image(path)
+
+
 def save_pages(path: Path, *sizes: tuple[int, int]) -> None:
     """One file holding a different photo of each (width, height), in the order given; the first is ``photo``."""
     pages = [Image.fromarray(photo(height, width) // (index + 1)) for index, (width, height) in enumerate(sizes)]
