@@ -57,6 +57,7 @@ from runtime.drift import DriftMonitor
 VERDICTS = ("ok", "anomalous", "unreadable")
 CONFIRMED, LEARNED, NOT_LEARNED = "confirmed_good", "learned", "not_learned"  # folders under --sort-into
 RETRY_WRITE_S = 5.0  # how often a failed write or move is tried again
+NAME_MAX_BYTES = 255  # the longest file name most file systems take
 
 
 @dataclass
@@ -486,10 +487,18 @@ class FolderWatcher:
 
 
 def _free_name(name: str, taken: Callable[[str], bool]) -> str:
-    """``name``, or ``<stem>_2<suffix>``, ``<stem>_3<suffix>``, ...: the first that is not ``taken``."""
+    """``name``, or ``<stem>_2<suffix>``, ``<stem>_3<suffix>``, ...: the first that is not ``taken``; the
+    stem is cut where a number would take the name past the 255 bytes file systems allow."""
     stem, suffix = Path(name).stem, Path(name).suffix
-    numbered = (f"{stem}_{number}{suffix}" for number in itertools.count(2))
-    return next(candidate for candidate in itertools.chain([name], numbered) if not taken(candidate))
+
+    def numbered(number: int) -> str:
+        ending, kept = f"_{number}{suffix}", stem
+        while kept and len(os.fsencode(kept + ending)) > NAME_MAX_BYTES:
+            kept = kept[:-1]
+        return kept + ending
+
+    candidates = itertools.chain([name], map(numbered, itertools.count(2)))
+    return next(candidate for candidate in candidates if not taken(candidate))
 
 
 def _move_to_free_name(path: Path, folder: Path) -> Path:

@@ -393,6 +393,19 @@ def test_a_heatmap_that_cannot_be_written_never_stops_the_watch(fitted_model, ph
     assert Path(records[1]["heatmap"]).is_file()
 
 
+def test_a_reused_name_too_long_to_take_a_number_is_sorted_under_a_shortened_one(fitted_model, photos, tmp_path):
+    """A 255-byte name arriving a second time cannot become name_2.png (past the 255 bytes a name may have):
+    it is sorted as a shortened name with the number, not left in the folder for ever."""
+    inbox, out = tmp_path / "inbox", tmp_path / "sorted"
+    inbox.mkdir()
+    long_name = "p" * 251 + ".png"
+    with watching(fitted_model, inbox, WatchOutputs(jsonl=tmp_path / "results.jsonl", sort_into=out)):
+        for _ in range(2):  # the same healthy part twice: both go to ok/
+            shutil.copy(photos["good"], inbox / long_name)
+            wait_until(lambda: not any(inbox.iterdir()), timeout=60)
+    assert sorted(path.name for path in (out / "ok").iterdir()) == sorted([long_name, "p" * 249 + "_2.png"])
+
+
 def test_photos_recorded_before_sorting_was_asked_for_are_sorted_at_the_next_start_and_never_recorded_twice(
         fitted_model, photos, tmp_path):
     """The journal remembers what was recorded: a restart with --sort-into moves those photos at once.
