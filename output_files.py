@@ -145,7 +145,8 @@ def _check_output_kind(path: Path) -> None:
 # Our temporaries: ``.<name>.fastener-<pid>-<8 hex digits>.tmp``; the pid tells whether the writer
 # still lives, and the tag keeps other programs' ``.*.tmp`` files out of the cleanup.
 TEMPORARY_NAME = re.compile(r"\..+\.fastener-(\d+)-[0-9a-f]{8}\.tmp")
-TEMPORARY_STEM_BYTES = 200  # of the target's name in a temporary's: the dot and tag add at most 35 bytes (a 10-digit pid)
+NAME_MAX_BYTES = 255  # the longest file name most file systems take
+TEMPORARY_STEM_BYTES = 200  # of the target's name in a temporary's; the dot and tag add at most 35 bytes
 _folders_cleaned: set[Path] = set()  # each folder is swept once per process: listing it per write would cost O(n²)
 
 
@@ -156,15 +157,20 @@ def _create_temporary(path: Path) -> tuple[Path, int]:
     a file system allows a name: any name that can be written can be written atomically.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    stem = path.name
-    while len(os.fsencode(stem)) > TEMPORARY_STEM_BYTES:
-        stem = stem[:-1]
+    stem = cut_to_bytes(path.name, TEMPORARY_STEM_BYTES)
     while True:
         temporary = path.parent / f".{stem}.fastener-{os.getpid()}-{secrets.token_hex(4)}.tmp"  # see TEMPORARY_NAME
         try:
             return temporary, os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
         except FileExistsError:
             continue
+
+
+def cut_to_bytes(name: str, limit: int) -> str:
+    """The longest start of ``name`` that takes at most ``limit`` bytes as a file name on this system."""
+    while len(os.fsencode(name)) > limit:
+        name = name[:-1]
+    return name
 
 
 def _output_error(path: Path, error: OSError) -> OutputError:

@@ -130,7 +130,7 @@ def score_batch(model: PatchCore, photos: Sequence[Photo], heatmap_dir: Path | N
 
 
 def _decoded_in_order(photos: Sequence[Photo], config: Config) -> Iterator[np.ndarray | ImageReadError]:
-    """Each photo decoded (``_decoded``), in order, by ``num_workers`` threads that run at most that many photos ahead."""
+    """Each photo decoded (``_decoded``), in order, by ``num_workers`` threads at most that many photos ahead."""
     workers = max(1, config.num_workers)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         ahead: deque[Future[np.ndarray | ImageReadError]] = deque()

@@ -50,14 +50,15 @@ from typing import Any
 from config import printable
 from inspection.scoring import Photo, error_record, heatmap_path, records_csv, score_batch
 from models.patchcore import learn_on_a_copy
-from output_files import check_output_folder, check_writable, encoded, write_atomically
+from output_files import (
+    NAME_MAX_BYTES, check_output_folder, check_writable, cut_to_bytes, encoded, write_atomically
+)
 from preprocessing.io import IMAGE_SUFFIXES, ImageReadError, read_photo_bytes
 from runtime.drift import DriftMonitor
 
 VERDICTS = ("ok", "anomalous", "unreadable")
 CONFIRMED, LEARNED, NOT_LEARNED = "confirmed_good", "learned", "not_learned"  # folders under --sort-into
 RETRY_WRITE_S = 5.0  # how often a failed write or move is tried again
-NAME_MAX_BYTES = 255  # the longest file name most file systems take
 
 
 @dataclass
@@ -492,10 +493,8 @@ def _free_name(name: str, taken: Callable[[str], bool]) -> str:
     stem, suffix = Path(name).stem, Path(name).suffix
 
     def numbered(number: int) -> str:
-        ending, kept = f"_{number}{suffix}", stem
-        while kept and len(os.fsencode(kept + ending)) > NAME_MAX_BYTES:
-            kept = kept[:-1]
-        return kept + ending
+        ending = f"_{number}{suffix}"
+        return cut_to_bytes(stem, NAME_MAX_BYTES - len(os.fsencode(ending))) + ending
 
     candidates = itertools.chain([name], map(numbered, itertools.count(2)))
     return next(candidate for candidate in candidates if not taken(candidate))
