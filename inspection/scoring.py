@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import cv2
 import numpy as np
 
 from config import Config
@@ -185,12 +186,19 @@ def _decoded(photo: Photo, max_pixels: int) -> np.ndarray | ImageReadError:
     return image
 
 
+def _out_of_memory(error: Exception) -> bool:
+    """Whether ``error`` says memory ran out: NumPy raises MemoryError, OpenCV its own error (-4)."""
+    return isinstance(error, MemoryError) or getattr(error, "code", None) == cv2.Error.StsNoMem
+
+
 def _predict_isolating_memory_errors(model: PatchCore, images: list[np.ndarray]) -> list[Prediction | MemoryError]:
     """``model.predict``; when the batch runs out of memory, each photo alone, the one that still does
     getting a MemoryError that names it in place of its prediction."""
     try:
         return model.predict(images) if images else []
-    except MemoryError:
+    except (MemoryError, cv2.error) as error:
+        if not _out_of_memory(error):
+            raise
         if len(images) == 1:
             height, width = images[0].shape[:2]
             return [MemoryError(f"{width}x{height} pixels: too large to score with the memory available")]

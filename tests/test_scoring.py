@@ -151,7 +151,17 @@ def test_a_frame_that_cannot_show_a_part_gets_its_reason_not_a_verdict(fitted_mo
         assert result.record["error"].startswith(f"{result.photo.name}: blank: its pixels vary by 0.00 grey levels")
 
 
-def test_a_photo_too_large_for_memory_fails_alone(fitted_model, small_screw_dir, monkeypatch):
+def run_out_of_memory_in_numpy() -> None:
+    raise MemoryError
+
+
+def run_out_of_memory_in_opencv() -> None:
+    """What a preprocessing step meets under a memory cap: OpenCV's own error (-4), not MemoryError."""
+    cv2.resize(np.zeros((8, 8), np.uint8), (300_000, 300_000))  # 90 GB
+
+
+@pytest.mark.parametrize("run_out", [run_out_of_memory_in_numpy, run_out_of_memory_in_opencv], ids=["numpy", "opencv"])
+def test_a_photo_too_large_for_memory_fails_alone(fitted_model, small_screw_dir, monkeypatch, run_out):
     """Under a memory cap the batch that holds a huge photo runs out of memory: only that photo may fail."""
     first, second = (s.path for s in load_test_split(small_screw_dir)[:2])
     huge = np.random.default_rng(0).integers(0, 256, (3000, 2000, 3), np.uint8)  # not square: width x height
@@ -159,7 +169,7 @@ def test_a_photo_too_large_for_memory_fails_alone(fitted_model, small_screw_dir,
 
     def capped(self, images, *args, **kwargs):
         if any(image.shape[0] >= 3000 for image in images):
-            raise MemoryError
+            run_out()
         return real_predict(self, images, *args, **kwargs)
 
     monkeypatch.setattr(type(fitted_model), "predict", capped)
