@@ -4,9 +4,10 @@ A photo is known by what it is, not by its name: its device, inode, size and mod
 (``identity``). A camera that reuses a name (``frame.jpg``, a counter reset) writes a new photo,
 and it is scored; restarting on the same folder under another spelling (a symlink, a relative
 path) scores nothing twice. A recorded photo counts as seen only while its recorded name still
-holds it: a file system hands a deleted photo's inode to the next new file, a camera's uncompressed
-photos share one size and copies keep their times (``cp -p``, ``rsync -t``), so a new photo may
-carry a deleted one's identity under another name, and it is scored.
+holds it (a rename seen while watching moves the name along): a file system hands a deleted
+photo's inode to the next new file, a camera's uncompressed photos share one size and copies keep
+their times (``cp -p``, ``rsync -t``), so a new photo may carry a deleted one's identity under
+another name, and it is scored. A photo renamed while the watcher is down is scored again.
 
 A photo is read once it has kept the same identity for ``settle_s`` seconds. A photo that cannot
 be read or decoded is read again each time it changes (a camera writing over FTP or SMB pauses
@@ -290,6 +291,18 @@ class FolderWatcher:
             with self._lock:
                 self._pending.setdefault(path, _Pending())
 
+    def renamed(self, source: Path, target: Path) -> None:
+        """A recorded photo renamed within the folder stays recorded, under its new name."""
+        if source.parent != self.folder or target.parent != self.folder:
+            return
+        photo_id = identity(target)
+        with self._lock:
+            seen = self.done.get(photo_id) if photo_id else None
+            if seen is not None and seen.name == source.name:
+                self.done[photo_id] = _Recorded(target.name, seen.verdict)
+            if source in self._unsorted:  # recorded, not yet moved: it moves from its new name
+                self._unsorted[target] = self._unsorted.pop(source)
+
     def run(self, stop: threading.Event) -> None:
         """Watch until ``stop`` is set; photos already there when it starts are scored first."""
         from watchdog.events import FileSystemEvent, FileSystemEventHandler
@@ -310,6 +323,8 @@ class FolderWatcher:
                 self.written(event.src_path, event.is_directory)
 
             def on_moved(self, event: FileSystemEvent) -> None:
+                if not event.is_directory:
+                    watcher.renamed(Path(os.fsdecode(event.src_path)), Path(os.fsdecode(event.dest_path)))
                 self.written(event.dest_path, event.is_directory)
 
             @staticmethod
@@ -384,7 +399,8 @@ class FolderWatcher:
                 continue
             photos.append((path, photo_id))
             sources.append(source)
-        readable = [Photo(self._heatmap_name(path.name), source, origin=str(path))
+        drawn: set[str] = set()  # heatmap names taken in this batch, before any is written
+        readable = [Photo(self._heatmap_name(path.name, drawn), source, origin=str(path))
                     for (path, _), source in zip(photos, sources) if isinstance(source, bytes)]
         scored = iter(score_batch(self.model, readable, self.outputs.heatmaps))
         records = [error_record(str(path), source) if isinstance(source, ImageReadError) else next(scored).record
@@ -399,13 +415,15 @@ class FolderWatcher:
                     finished.append((path, photo_id, record))
         self._record(finished)
 
-    def _heatmap_name(self, name: str) -> str:
-        """The name a photo's overlay is drawn under: a reused name (a camera's ``frame.png``) gets
-        ``frame_2.png_heatmap.png``, so each record's heatmap stays the photo it scored."""
+    def _heatmap_name(self, name: str, drawn: set[str]) -> str:
+        """The name a photo's overlay is drawn under, added to ``drawn``: a reused name (a camera's
+        ``frame.png``) gets ``frame_2.png_heatmap.png``, so each record's heatmap stays the photo it scored."""
         heatmaps = self.outputs.heatmaps
         if heatmaps is None:
             return name
-        return _free_name(name, lambda candidate: os.path.lexists(heatmap_path(heatmaps, candidate)))
+        free = _free_name(name, lambda other: other in drawn or os.path.lexists(heatmap_path(heatmaps, other)))
+        drawn.add(free)
+        return free
 
     def _record(self, finished: list[tuple[Path, str, dict[str, Any]]]) -> None:
         if not finished:

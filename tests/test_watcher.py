@@ -355,6 +355,16 @@ def test_a_new_photo_that_inherits_a_deleted_photos_inode_size_and_time_is_score
     assert [Path(record["path"]).name for record in records] == ["frame.bmp", "frame2.bmp"]
 
 
+def test_a_recorded_photo_renamed_within_the_folder_is_not_recorded_again(fitted_model, photos, tmp_path):
+    """An operator renames a recorded photo (to mark it, or a camera's tool renumbers): it is the same photo."""
+    inbox, outputs, _ = one_photo_recorded(fitted_model, photos, tmp_path)
+    with watching(fitted_model, inbox, outputs):
+        time.sleep(1)  # the start-up scan is done
+        os.rename(inbox / "first.png", inbox / "first_checked.png")
+        time.sleep(2)  # time enough to (wrongly) score it again
+    assert len(json_lines(outputs.jsonl)) == 1
+
+
 def test_a_reused_name_draws_each_photos_own_heatmap(fitted_model, photos, tmp_path):
     """A camera writing every photo as frame.png: each record's heatmap is the photo it scored, and an
     earlier photo's overlay is never drawn over."""
@@ -372,6 +382,23 @@ def test_a_reused_name_draws_each_photos_own_heatmap(fitted_model, photos, tmp_p
     assert [Path(record["heatmap"]).name for record in (first, second)] == [
         "frame.png_heatmap.png", "frame_2.png_heatmap.png"]
     assert Path(first["heatmap"]).read_bytes() == first_overlay
+
+
+def test_photos_of_one_batch_never_share_a_heatmap(fitted_model, photos, tmp_path):
+    """frame.png's overlay is there from an earlier run, so a new frame.png is drawn as frame_2.png; a
+    photo really named frame_2.png, scored in the same batch, must get its own overlay, not that one."""
+    inbox, heatmaps = tmp_path / "inbox", tmp_path / "heatmaps"
+    inbox.mkdir()
+    heatmaps.mkdir()
+    (heatmaps / "frame.png_heatmap.png").write_bytes(b"yesterday's overlay")
+    shutil.copy(photos["good"], inbox / "frame.png")  # both there at the start: one batch
+    shutil.copy(photos["defect"], inbox / "frame_2.png")
+    outputs = WatchOutputs(jsonl=tmp_path / "results.jsonl", heatmaps=heatmaps)
+    with watching(fitted_model, inbox, outputs):
+        records = wait_for_lines(outputs.jsonl, 2, timeout=60)
+    overlays = [Path(record["heatmap"]) for record in records]
+    assert len(set(overlays)) == 2 and all(overlay.is_file() for overlay in overlays)
+    assert (heatmaps / "frame.png_heatmap.png").read_bytes() == b"yesterday's overlay"
 
 
 def test_a_heatmap_that_cannot_be_written_never_stops_the_watch(fitted_model, photos, tmp_path):
