@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from config import (  # noqa: E402
     CATEGORY_DEFAULTS,
     Config,
+    UserError,
     add_config_arguments,
     config_from_args,
     fail,
@@ -67,6 +68,25 @@ def _row(name: str, result: dict[str, Any]) -> str:
     return f"{name:<28}  {caught:<34}  {flagged:<15}  {result['auroc']:>6.3f}  {result['cpu_seconds']:>7.1f} s"
 
 
+def check_networks(base: Config, tries: dict[str, Config]) -> None:
+    """Each ``--try``'s device and backbone weights (a file, a download) are there before the first fit:
+    a missing one would otherwise stop the comparison after the fits before it. The settings as given
+    need no look: their fit comes first."""
+    from models.feature_extractor import build_backbone, resolve_device
+
+    checked = {(base.device, base.backbone, base.weights_path)}
+    for name, settings in tries.items():
+        network = (settings.device, settings.backbone, settings.weights_path)
+        if network in checked:
+            continue
+        checked.add(network)
+        try:
+            resolve_device(settings.device)
+            build_backbone(settings.backbone, settings.weights_path)
+        except UserError as error:
+            fail(f"--try {name}: {error}")
+
+
 def main(argv: list[str] | None = None) -> int:
     from evaluation.settings_check import compare_settings
 
@@ -79,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             candidates[text] = candidate(base, text)
         except ValueError as error:
             fail(f"--try {text}: {error}")
+    check_networks(base, {name: settings for name, settings in candidates.items() if name != BASELINE})
     photos = train_images(args.data_dir)
     if args.json:
         check_writable(args.json)

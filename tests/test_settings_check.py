@@ -295,6 +295,29 @@ def test_a_setting_of_the_comparison_itself_is_one_error_line_before_any_fit(fla
     assert line.startswith(f"error: {reason.format(folder=screw_folder)}") and not DifferenceModel.instances
 
 
+@pytest.mark.parametrize("tried, reason", [
+    ("weights_path={folder}/missing.pth", "{folder}/missing.pth"),
+    ("device=cuda", "device cuda was asked for but PyTorch sees no CUDA GPU"),
+], ids=["weights file", "device"])
+def test_a_candidate_whose_network_cannot_be_built_is_refused_before_any_fit(tried, reason, screw_folder, monkeypatch,
+                                                                          capsys):
+    """A --try naming a weights file that is not there, or a GPU this machine lacks, is one error line before the
+    baseline's fits, not after them (minutes on a real part)."""
+    import torch
+
+    import scripts.compare_settings as script
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(settings_check, "PatchCore", DifferenceModel)
+    DifferenceModel.instances = []
+    argv = ["--data-dir", str(screw_folder), "--backbone", "efficientnet_lite0", "--quiet",
+            "--try", tried.format(folder=screw_folder)]
+    assert run_cli(lambda: script.main(argv)) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: --try {tried.format(folder=screw_folder)}: ") and not DifferenceModel.instances
+    assert reason.format(folder=screw_folder) in line
+
+
 def test_the_script_compares_what_the_user_set_and_says_so(screw_folder, tmp_path, monkeypatch, capsys):
     """The category's defaults, --seed, --defect-scale, --segmentation-method and a --try spelt like its flag reach
     the comparison; the table and the JSON say how many photos each split held out and at what defect scale."""
