@@ -9,6 +9,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
 from pathlib import Path
+from typing import BinaryIO
 
 import cv2
 import numpy as np
@@ -172,7 +173,10 @@ def _another_photo(header: Image.Image) -> tuple[int, int] | None:
     return None
 
 
-def _read_photo_file(path: Path, max_bytes: int | None = None) -> bytes:
+READ_CHUNK_BYTES = 2**20  # what a file that holds more than it reported (growing, or /proc's size 0) is read in
+
+
+def _read_photo_file(path: Path, max_bytes: int) -> bytes:
     """The file's bytes, or an ImageReadError that says why not: missing, broken link, folder, FIFO,
     device, permissions, or larger than ``max_bytes``.
 
@@ -191,7 +195,7 @@ def _read_photo_file(path: Path, max_bytes: int | None = None) -> bytes:
     except OSError as error:  # a symlink loop, a name too long, a folder on the way that cannot be entered
         raise ImageReadError(f"{path}: cannot be opened ({error.strerror})") from None
     status = os.fstat(descriptor)
-    if not stat.S_ISREG(status.st_mode) or (max_bytes is not None and status.st_size > max_bytes):
+    if not stat.S_ISREG(status.st_mode) or status.st_size > max_bytes:
         os.close(descriptor)
         if stat.S_ISDIR(status.st_mode):
             raise ImageReadError(f"{path}: is a folder, not a photo")
@@ -200,12 +204,32 @@ def _read_photo_file(path: Path, max_bytes: int | None = None) -> bytes:
         raise ImageReadError(f"{path}: {status.st_size:_} bytes is larger than any photo within the limit could be")
     with os.fdopen(descriptor, "rb") as handle:
         try:
-            data = handle.read() if max_bytes is None else handle.read(max_bytes + 1)
+            data = _read_at_most(handle, status.st_size, max_bytes)
         except OSError as error:
             raise ImageReadError(f"{path}: cannot be read ({error.strerror})") from None
-    if max_bytes is not None and len(data) > max_bytes:  # it grew while it was read
+    if len(data) > max_bytes:  # it grew while it was read
         raise ImageReadError(f"{path}: larger than any photo within the limit could be")
     return data
+
+
+def _read_at_most(handle: BinaryIO, size: int, max_bytes: int) -> bytes:
+    """Up to ``max_bytes + 1`` bytes of an open file that reported ``size`` bytes.
+
+    ``read(n)`` reserves all n bytes before reading, so the file is asked for what it reported
+    (one byte more, to see its end) and only one that holds more is read on in chunks: a 3 KB
+    photo costs 3 KB, not the hundreds of MiB the limit allows, on every decoder thread.
+    """
+    wanted = min(size, max_bytes) + 1
+    chunks: list[bytes] = []
+    total = 0
+    while wanted > 0:
+        chunk = handle.read(wanted)
+        chunks.append(chunk)
+        total += len(chunk)
+        if len(chunk) < wanted:  # its end
+            break
+        wanted = min(READ_CHUNK_BYTES, max_bytes + 1 - total)
+    return b"".join(chunks)
 
 
 def _truncation(data: bytes) -> str | None:

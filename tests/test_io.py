@@ -9,6 +9,7 @@ import stat
 import struct
 import subprocess
 import sys
+import tracemalloc
 import zlib
 from pathlib import Path
 
@@ -567,6 +568,21 @@ def test_a_file_larger_than_any_photo_within_the_limit_is_not_read(tmp_path, mon
     monkeypatch.setattr(photo_io.os, "fdopen", lambda *a, **k: pytest.fail("the file was read"))
     with pytest.raises(ImageReadError, match="huge.png: 67_111_865 bytes is larger than any photo within the limit"):
         read_image(path, max_pixels=1000)
+
+
+def test_reading_a_small_photo_reserves_its_size_not_the_largest_a_photo_may_be(tmp_path):
+    """Every decoder thread reads a photo at once: had each reserved the file-size limit (hundreds of MiB)
+    to read a 3 KB photo, a line PC with a memory limit would fail a batch of tiny photos."""
+    path = tmp_path / "small.png"
+    cv2.imwrite(str(path), photo(32, 32))
+    tracemalloc.start()
+    try:
+        data = photo_io.read_photo_bytes(path, max_pixels=100_000_000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert data == path.read_bytes()
+    assert peak < 2**20, f"reading a {len(data)} byte photo peaked at {peak:_} bytes"
 
 
 @pytest.mark.parametrize("check, name", [("check_writable", "model.pkl"), ("check_output_folder", "heatmaps")])
