@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from matplotlib.figure import Figure
 
+from config import printable
 from inspection.overlay import overlay_rgb
 
 _PLOT_POINTS = 2000  # curves are resampled to this many points: pixel curves have millions
@@ -21,9 +22,16 @@ class Tile:
 
     image_rgb: np.ndarray
     anomaly_map: np.ndarray
-    caption: str
+    caption: str  # lines of plain text (``drawable``): a photo's name may hold anything a file name can
     gt_mask: np.ndarray | None = None
     highlight: np.ndarray | None = None  # the full-resolution highlighted region, shrunk (see region_at)
+
+
+def drawable(line: str) -> str:
+    """One line of outside text (a photo's name) as matplotlib can draw it: the bytes of a name that is
+    not UTF-8, which Python holds as surrogates and matplotlib refuses (TypeError: no report at all),
+    and control characters are shown as escapes (``\\xff``, ``\\x1b``), as ``config.printable`` does."""
+    return printable(line.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"))
 
 
 def figure_bytes(fig: Figure, image_format: str = "png", dpi: int = 100) -> bytes:
@@ -120,7 +128,7 @@ def tiles_figure(
     tile_inches = 2.0
     fig = Figure(figsize=(columns * tile_inches, len(rows) * (tile_inches + 0.7)), layout="constrained")
     for subfig, (name, tiles) in zip(np.atleast_1d(fig.subfigures(len(rows), 1)), rows.items()):
-        subfig.suptitle(name, x=0.01, ha="left", fontsize=10, fontweight="bold")
+        subfig.suptitle(drawable(name), x=0.01, ha="left", fontsize=10, fontweight="bold", parse_math=False)
         axes = subfig.subplots(1, columns, squeeze=False)[0]
         for ax in axes:
             ax.set_axis_off()
@@ -129,5 +137,6 @@ def tiles_figure(
         for ax, tile in zip(axes, tiles):
             ax.imshow(overlay_rgb(tile.image_rgb, tile.anomaly_map, threshold, gt_mask=tile.gt_mask, vmin=vmin,
                                   highlight=tile.highlight))
-            ax.set_title(tile.caption, fontsize=8)
+            # Drawn as written: a name holding "$" is no mathtext, which would fail the figure or garble the name.
+            ax.set_title("\n".join(map(drawable, tile.caption.split("\n"))), fontsize=8, parse_math=False)
     return fig

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -522,6 +523,18 @@ def test_file_and_photo_names_in_the_report_are_shown_as_text_never_run_as_marku
     setup = page.split("How this model was set up", 1)[1].split("</ul>", 1)[0]
     assert f"train/good/{escaped}.png" in setup and f"train/good/{escaped}2.png" in setup
     assert f"{escaped}.png" in page.split("Unreadable files", 1)[1].split("</ul>", 1)[0]
+
+
+def test_a_test_photo_whose_name_is_not_utf8_is_in_the_report(tmp_path: Path) -> None:
+    """A camera writing Latin-1 names: the worst cases drew the name in a figure, which failed on its
+    undecodable byte after metrics.json was written, and no report.html came."""
+    data = make_dataset(tmp_path / "data")
+    renamed = (("test/good", b"005.png"), ("test/hole", b"001.png"), ("ground_truth/hole", b"001_mask.png"))
+    for folder, name in renamed:  # the false alarm, and the escape with its mask
+        os.rename(bytes(data / folder) + b"/" + name, bytes(data / folder) + b"/\xff" + name)
+    evaluate(FakeModel(), data, tmp_path / "out", quiet=True, eval_size=32)
+    page = (tmp_path / "out" / "report.html").read_bytes()
+    assert b"good/\xff005.png" in page and b"hole/\xff001.png" in page
 
 
 def test_a_training_photo_unlike_the_rest_is_shown_with_its_heatmap(tmp_path: Path) -> None:

@@ -114,6 +114,18 @@ def test_tiles_figure(false_negatives: int) -> None:
     assert figure_bytes(tiles_figure(rows, threshold=2.0, columns=4)).startswith(PNG_MAGIC)
 
 
+@pytest.mark.parametrize("name, shown", [("scratch/\udcff000.png", "scratch/\\xff000.png"),
+                                         ("scratch/a$\\foo$.png", "scratch/a$\\foo$.png")],
+                         ids=["not UTF-8", "dollar signs"])
+def test_a_tile_named_by_any_file_name_is_drawn_with_the_name_as_written(name: str, shown: str) -> None:
+    """A name that is not UTF-8 (its bytes held as surrogates) and one that reads as mathtext are drawn as
+    their text, with undecodable bytes as escapes: either once failed the whole figure, and the report."""
+    image, anomaly_map = _photo_and_map()
+    figure = tiles_figure({"false positives": [Tile(image, anomaly_map, f"FP 5.00\n{name}")]}, threshold=2.0, columns=2)
+    assert figure_bytes(figure).startswith(PNG_MAGIC)
+    assert figure.subfigs[0].axes[0].get_title() == f"FP 5.00\n{shown}"
+
+
 def test_a_tiny_region_above_threshold_is_ringed_so_it_can_be_seen() -> None:
     image = np.zeros((200, 200, 3), np.uint8)
     anomaly_map = np.zeros((200, 200), np.float32)
