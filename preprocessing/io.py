@@ -362,23 +362,39 @@ def find_images(folder: str | Path, recursive: bool = True) -> list[Path]:
     """Image files under a folder, sorted so that runs are reproducible.
 
     Nothing vanishes from a run unnamed. Everything with a photo's name but a folder is listed: a
-    broken link or a FIFO gets its error record. A subfolder that cannot be listed (permissions)
-    is listed in place of its photos, so that reading it gives its error record too, and a folder
-    that cannot be listed at all raises its PermissionError rather than looking empty. One walk
-    (links to folders are not followed, as ``glob("**")`` does not follow them).
+    broken link or a FIFO gets its error record, and so does a broken link named as folders are
+    (no suffix: ``cam2`` pointing to a camera share that is gone). A subfolder that cannot be
+    listed (permissions) is listed in place of its photos, so that reading it gives its error
+    record too, and a folder that cannot be listed at all raises its PermissionError rather than
+    looking empty. Links to folders are followed, as a user who links a camera's folder in expects;
+    each folder is walked once, so a link back up (a loop) or a second way to the same folder
+    lists no photo twice.
     """
     folder = Path(folder)
     if not folder.is_dir():
         return []
     found: list[Path] = []
+    walked: set[tuple[int, int]] = set()
 
     def not_listed(error: OSError) -> None:
         if Path(error.filename) == folder:
             raise error
         found.append(Path(error.filename))
 
-    for root, _, files in os.walk(folder, onerror=not_listed):
-        found += [Path(root, name) for name in files if Path(name).suffix.lower() in IMAGE_SUFFIXES]
+    for root, folders, files in os.walk(folder, onerror=not_listed, followlinks=True):
+        status = os.stat(root)
+        if (status.st_dev, status.st_ino) in walked:
+            folders.clear()
+            continue
+        walked.add((status.st_dev, status.st_ino))
+        folders.sort()  # the first way to a folder reached twice is the same on every run
+        found += [Path(root, name) for name in files if _listed(Path(root, name))]
         if not recursive:
             break
     return sorted(found)
+
+
+def _listed(path: Path) -> bool:
+    """Whether a file found in a folder is one to read: a photo's name, or a broken link named as a folder."""
+    suffix = path.suffix.lower()
+    return suffix in IMAGE_SUFFIXES or (not suffix and path.is_symlink() and not path.exists())

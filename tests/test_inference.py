@@ -66,6 +66,27 @@ def test_folder_with_a_bad_file_scores_the_rest(model_file, small_screw_dir, tmp
         "anomaly confidence", "")
 
 
+def test_a_folder_linked_into_the_dir_is_scored_and_a_broken_link_to_one_is_named(model_file, small_screw_dir,
+                                                                                   tmp_path, capsys):
+    """``ln -s /mnt/cam2 incoming/cam2``: cam2's photos are scored with the rest; a link to a share that
+    is gone is an error record, not a folder's photos missing in silence."""
+    cam2, incoming = tmp_path / "elsewhere" / "cam2", tmp_path / "incoming"
+    cam2.mkdir(parents=True)
+    incoming.mkdir()
+    photos = [sample.path.resolve() for sample in load_test_split(small_screw_dir)[:3]]
+    (incoming / "a.png").symlink_to(photos[0])
+    for index, photo in enumerate(photos[1:]):
+        (cam2 / f"{index}.png").symlink_to(photo)
+    (incoming / "cam2").symlink_to(cam2)
+    (incoming / "cam3").symlink_to(tmp_path / "unmounted")
+    code, out, _ = run(["--model", str(model_file), "--dir", str(incoming), "--json"], capsys)
+    assert code == 3
+    records = {Path(record["path"]).relative_to(incoming).as_posix(): record for record in json.loads(out)["results"]}
+    assert sorted(records) == ["a.png", "cam2/0.png", "cam2/1.png", "cam3"]
+    assert "score" in records["cam2/0.png"] and "score" in records["cam2/1.png"]
+    assert records["cam3"]["error"].startswith(f"{incoming}/cam3: broken symbolic link")
+
+
 def test_visualize_writes_one_overlay_per_image(model_file, small_screw_dir, tmp_path, capsys):
     image = load_test_split(small_screw_dir)[-1].path
     out_dir = tmp_path / "out"

@@ -207,6 +207,30 @@ def test_folder_listing_keeps_broken_links_so_they_are_reported(tmp_path):
     assert [p.name for p in find_images(tmp_path)] == ["a.png", "b.png"]
 
 
+def test_folder_listing_follows_links_to_folders_and_walks_each_folder_once(tmp_path):
+    """A camera's folder linked in (``ln -s /mnt/cam2 incoming/cam2``) is scored with the rest, not passed
+    over in silence; a second link to it and a link back up (a loop) list no photo twice."""
+    cam2, incoming = tmp_path / "elsewhere" / "cam2", tmp_path / "incoming"
+    cam2.mkdir(parents=True)
+    incoming.mkdir()
+    for path in (cam2 / "a.png", cam2 / "b.png", incoming / "c.png"):
+        cv2.imwrite(str(path), photo())
+    (incoming / "cam2").symlink_to(cam2)
+    (incoming / "cam2_again").symlink_to(cam2)
+    (cam2 / "up").symlink_to(incoming)
+    assert [p.relative_to(incoming).as_posix() for p in find_images(incoming)] == ["c.png", "cam2/a.png", "cam2/b.png"]
+
+
+def test_a_broken_link_to_a_folder_is_listed_so_it_is_reported(tmp_path):
+    """A link to a camera share that is gone held photos that will not be scored: it is named, not skipped."""
+    cv2.imwrite(str(tmp_path / "a.png"), photo())
+    (tmp_path / "cam3").symlink_to(tmp_path / "unmounted" / "cam3")
+    (tmp_path / "notes.txt").symlink_to(tmp_path / "gone.txt")  # not a photo, nor a folder of them
+    assert [p.name for p in find_images(tmp_path)] == ["a.png", "cam3"]
+    with pytest.raises(ImageReadError, match=f"^{tmp_path}/cam3: broken symbolic link"):
+        read_image(tmp_path / "cam3")
+
+
 def test_folder_listing_takes_upper_case_suffixes_and_sub_folders(tmp_path):
     (tmp_path / "line2" / "shift1").mkdir(parents=True)
     for name in ("IMG_0001.JPG", "line2/shift1/part.Png", "line2/b.tiff", "line2/readme.md"):

@@ -193,6 +193,47 @@ def test_every_bad_training_photo_is_listed_and_nothing_is_fitted(tmp_path, smal
     assert not (tmp_path / "saved_models").exists() or not list((tmp_path / "saved_models").iterdir())
 
 
+def test_a_fit_learns_from_the_photos_of_folders_linked_into_train_good(tmp_path, small_screw_dir, monkeypatch):
+    """A folder linked into train/good is part of it: the bank learns from its photos too, each photo once
+    even when a link leads back up (a loop)."""
+    import train
+    from models.patchcore import PatchCore
+
+    good, cam2 = tmp_path / "parts" / "train" / "good", tmp_path / "cam2"
+    good.mkdir(parents=True)
+    cam2.mkdir()
+    photos = [path.resolve() for path in train_images(small_screw_dir)[:5]]
+    for folder, photo in zip([good, good, cam2, cam2, cam2], photos):
+        (folder / photo.name).symlink_to(photo)
+    (good / "cam2").symlink_to(cam2)
+    (cam2 / "back").symlink_to(good)
+    fitted: list[Path] = []
+
+    class Fitted(Exception):
+        """Raised in place of the fit, once its photos are known."""
+
+    def record(self, paths, *args, **kwargs):
+        fitted.extend(Path(path) for path in paths)
+        raise Fitted
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(PatchCore, "fit", record)
+    with pytest.raises(Fitted):
+        train.main(["--data-dir", "parts", "--backbone", "efficientnet_lite0"])
+    assert sorted(path.resolve() for path in fitted) == sorted(photos)
+
+
+def test_a_broken_link_to_a_folder_in_train_good_refuses_the_fit_naming_it(tmp_path, small_screw_dir):
+    """Its photos cannot be learnt from: the model would learn from fewer photos than the folder holds."""
+    good = tmp_path / "parts" / "train" / "good"
+    good.mkdir(parents=True)
+    for image in train_images(small_screw_dir)[:3]:
+        (good / image.name).symlink_to(image.resolve())
+    (good / "cam2").symlink_to(tmp_path / "unmounted")
+    message = one_line_error(run_train("--data-dir", "parts", "--backbone", "efficientnet_lite0", cwd=tmp_path))
+    assert message.startswith("error: 1 of 4 training photos cannot be used") and "parts/train/good/cam2: broken" in message
+
+
 @pytest.mark.parametrize(
     "output, named, reason",
     [
