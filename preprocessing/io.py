@@ -207,6 +207,8 @@ def _read_photo_file(path: Path, max_bytes: int) -> bytes:
             data = _read_at_most(handle, status.st_size, max_bytes)
         except OSError as error:
             raise ImageReadError(f"{path}: cannot be read ({error.strerror})") from None
+        except MemoryError:  # one photo's error record: a batch or the watched folder goes on
+            raise ImageReadError(f"{path}: {status.st_size:_} bytes cannot be read with the memory available") from None
     if len(data) > max_bytes:  # it grew while it was read
         raise ImageReadError(f"{path}: larger than any photo within the limit could be")
     return data

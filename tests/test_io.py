@@ -20,7 +20,7 @@ from PIL import Image, ImageOps
 
 from preprocessing import io as photo_io
 from output_files import OutputError, check_writable, json_document, write_atomically
-from preprocessing.io import ImageReadError, find_images, read_image, read_mask
+from preprocessing.io import ImageReadError, find_images, read_image, read_mask, read_photo_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -592,6 +592,20 @@ def test_a_file_larger_than_any_photo_within_the_limit_is_not_read(tmp_path, mon
     monkeypatch.setattr(photo_io.os, "fdopen", lambda *a, **k: pytest.fail("the file was read"))
     with pytest.raises(ImageReadError, match="huge.png: 67_111_865 bytes is larger than any photo within the limit"):
         read_image(path, max_pixels=1000)
+
+
+def test_a_photo_that_cannot_be_read_into_memory_gets_its_reason(tmp_path, monkeypatch):
+    """Under a memory limit (a line PC, a container) reading one large file may fail: that photo's error
+    record, never a MemoryError that stops the batch or the watched folder."""
+    path = tmp_path / "large.png"
+    cv2.imwrite(str(path), photo(100, 150))
+
+    def out_of_memory(*args: object) -> bytes:
+        raise MemoryError
+
+    monkeypatch.setattr(photo_io, "_read_at_most", out_of_memory)
+    with pytest.raises(ImageReadError, match=rf"large.png: {path.stat().st_size:_} bytes cannot be read with the mem"):
+        read_photo_bytes(path)
 
 
 def test_reading_a_small_photo_reserves_its_size_not_the_largest_a_photo_may_be(tmp_path):
