@@ -384,7 +384,11 @@ def find_images(folder: str | Path, recursive: bool = True) -> list[Path]:
         found.append(Path(error.filename))
 
     for root, folders, files in os.walk(folder, onerror=not_listed, followlinks=True):
-        status = os.stat(root)
+        try:
+            status = os.stat(root)
+        except OSError as error:  # removed since it was listed
+            not_listed(error)
+            continue
         if (status.st_dev, status.st_ino) in walked:
             folders.clear()
             continue
