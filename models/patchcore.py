@@ -53,7 +53,7 @@ from models.model_file import (
     unpack_array,
     write_state,
 )
-from output_files import write_atomically
+from output_files import OutputError, write_atomically
 from preprocessing.io import ImageReadError, check_photo, read_image, unusable_photos
 from preprocessing.pipeline import Preprocessed, preprocess, to_original
 
@@ -845,7 +845,8 @@ def learn_on_a_copy(
     record. ``model`` itself is never changed, so scoring goes on with it meanwhile. Photos that
     look defective are left out (``skip_refused``); an unreadable one leaves the whole batch out.
     A model file replaced on disk since ``model`` was loaded (a new fit put in place) is never
-    saved over: nothing is learnt, and the update's record says to restart on the new file.
+    saved over: nothing is learnt, and the update's record says to restart on the new file. A save
+    that fails (a full disk) learns nothing either, and its record says why.
     """
 
     def replaced() -> dict[str, Any] | None:
@@ -867,7 +868,10 @@ def learn_on_a_copy(
         return None, update
     if (refusal := replaced()) is not None:  # replaced while the photos were added
         return None, refusal
-    candidate.save_update(model_path)
+    try:
+        candidate.save_update(model_path)
+    except OutputError as error:  # a full disk: the file stays the model scored with, and the line goes on
+        return None, {"photos": 0, "refused": list(labels), "error": str(error)}
     return candidate, update
 
 

@@ -28,6 +28,7 @@ from conftest import (
 from evaluation.mvtec import train_images
 from inspection.scoring import Photo, score_batch
 from models.patchcore import PatchCore
+from output_files import OutputError
 from preprocessing.io import read_image
 from runtime.drift import DriftMonitor
 from runtime.watcher import FolderWatcher, WatchOutputs
@@ -500,6 +501,41 @@ def test_an_update_that_fails_is_an_error_event_naming_its_photos_and_the_next_u
         update = wait_for_lines(events, 2, timeout=60)[1]
     assert update["photos"] == 1 and "error" not in update
     assert [u["photos"] for u in PatchCore.load(tmp_path / "served.pkl").updates] == [1]
+
+
+def test_a_model_that_cannot_be_saved_learns_nothing_and_the_watch_goes_on(fitted_model, unseen, tmp_path,
+                                                                           monkeypatch, capsys):
+    """A full disk where the model lives: the update says why, the confirmed photo goes to not_learned/, the
+    model file stays the one scored with, and the next photo is scored (the watch stopped, and stopped again
+    at every restart on the photo still waiting)."""
+    fitted_model.save(tmp_path / "line.pkl")
+    original = (tmp_path / "line.pkl").read_bytes()
+    inbox, out = tmp_path / "inbox", tmp_path / "sorted"
+    inbox.mkdir()
+    (out / "confirmed_good").mkdir(parents=True)
+    (out / "confirmed_good" / unseen[0].name).symlink_to(unseen[0])
+
+    def disk_full(self: PatchCore, path: Path) -> None:
+        raise OutputError(f"{path}: cannot be written (No space left on device); any previous file is unchanged")
+
+    monkeypatch.setattr(PatchCore, "save_update", disk_full)
+    outputs = WatchOutputs(jsonl=tmp_path / "results.jsonl", sort_into=out)
+    watcher = FolderWatcher(PatchCore.load(tmp_path / "line.pkl"), inbox, outputs, settle_s=0.3,
+                            model_path=tmp_path / "line.pkl")
+    stop = threading.Event()
+    thread = threading.Thread(target=watcher.run, args=(stop,))
+    thread.start()
+    try:
+        (update,) = wait_for_lines(outputs.jsonl, 1, timeout=240)
+        (inbox / "next.png").symlink_to(unseen[1])
+        scored = wait_for_lines(outputs.jsonl, 2, timeout=240)[1]
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert update["photos"] == 0 and "No space left on device" in update["error"]
+    assert [path.name for path in (out / "not_learned").iterdir()] == [unseen[0].name]
+    assert (tmp_path / "line.pkl").read_bytes() == original
+    assert scored["path"].endswith("next.png") and "score" in scored
 
 
 def test_a_learnt_photo_that_cannot_be_moved_out_of_confirmed_good_says_so_and_stays_there(
