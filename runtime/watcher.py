@@ -52,7 +52,7 @@ from config import printable
 from inspection.scoring import Photo, error_record, heatmap_path, records_csv, score_batch
 from models.patchcore import learn_on_a_copy
 from output_files import (
-    NAME_MAX_BYTES, check_output_folder, check_writable, cut_to_bytes, encoded, write_atomically
+    NAME_MAX_BYTES, OutputError, check_output_folder, check_writable, cut_to_bytes, encoded, write_atomically
 )
 from preprocessing.io import IMAGE_SUFFIXES, ImageReadError, read_photo_bytes
 from runtime.drift import DriftMonitor
@@ -83,10 +83,15 @@ class WatchOutputs:
             self.state = first.with_name(first.name + ".state") if first else self.sort_into / ".watch-state"
 
     def check(self, folder: Path) -> None:
-        """Refuse, before the model scores anything, an output that cannot be written (OutputError)."""
-        for path in (self.jsonl, self.csv, self.state):
-            if path:
-                check_writable(path)
+        """Refuse, before the model scores anything, an output that cannot be written (OutputError), or a
+        file named for two outputs (by any spelling): one would write over the other's records."""
+        files = [(flag, path) for flag, path in (("--jsonl", self.jsonl), ("--csv", self.csv), ("--state", self.state))
+                 if path]
+        for (flag, path), (other_flag, other) in itertools.combinations(files, 2):
+            if path.resolve() == other.resolve():
+                raise OutputError(f"{path}: named by both {flag} and {other_flag}; give each its own file")
+        for _, path in files:
+            check_writable(path)
         if self.heatmaps:
             check_output_folder(self.heatmaps)
         if self.sort_into:

@@ -642,6 +642,19 @@ def test_a_photo_written_again_within_the_settle_time_is_scored_once_as_it_ends_
     assert record["score"] == pytest.approx(defect.score, abs=2e-4)
 
 
+@pytest.mark.parametrize("named", [("jsonl", "csv"), ("jsonl", "state"), ("csv", "state")], ids="+".join)
+def test_one_file_named_for_two_watch_outputs_is_refused_at_start(named, tmp_path):
+    """--jsonl R --csv R would write CSV rows over the JSON lines; --state R would rewrite the records as a
+    journal at the next start: refused before anything is scored, whatever the spelling."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (tmp_path / "link").symlink_to(tmp_path)
+    first, second = named
+    outputs = WatchOutputs(**{first: tmp_path / "results", second: tmp_path / "link" / "results"})
+    with pytest.raises(OutputError, match=f"results: named by both --{first} and --{second}; give each its own file"):
+        outputs.check(inbox)
+
+
 def test_the_journal_is_beside_the_jsonl_file_else_the_csv_file_else_in_the_sort_folder(tmp_path: Path) -> None:
     """Adding --csv or --sort-into to a watch that had --jsonl keeps its journal: nothing recorded is scored again."""
     jsonl, csv_file, out = tmp_path / "results.jsonl", tmp_path / "results.csv", tmp_path / "sorted"
