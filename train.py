@@ -23,6 +23,7 @@ from pathlib import Path
 from config import CATEGORY_DEFAULTS, Config, add_config_arguments, config_from_args, fail, printable, run_cli
 from evaluation.mvtec import load_test_split, train_images
 from models.backend import onnx_path_for
+from models.model_file import file_identity
 from output_files import OutputError, check_writable
 from preprocessing.io import (
     ImageReadError,
@@ -182,11 +183,12 @@ def add_good(args: argparse.Namespace) -> int:
     from models.patchcore import PatchCore
 
     model = PatchCore.load(args.model)
-    paths = healthy_photos(args.data_dir)
     output = args.output or args.model
+    since = model.file_identity if args.output is None else file_identity(output)  # refused if changed meanwhile
+    paths = healthy_photos(args.data_dir)
     check_model_output(output)  # before scoring, as for a fit
     update = model.add_good(paths, progress=not args.quiet, source=str(args.data_dir), force=args.force)
-    kept = model.save_update(output)
+    kept = model.save_update(output, since)
     for name in update["forced"]:
         print(printable(f"warning: {name} scores above {model.config.good_score_limit:g} x the threshold; added "
                         "because of --force"))

@@ -83,7 +83,10 @@ def checked_updates(updates: Any) -> list[dict[str, Any]]:
     return [dict(update) for update in updates]
 
 
-def file_identity(path: str | Path) -> tuple[int, int, int, int] | None:
+FileIdentity = tuple[int, int, int, int]
+
+
+def file_identity(path: str | Path) -> FileIdentity | None:
     """What the file at ``path`` is now (device, inode, size, modification time), None when absent:
     tells whether a model file was replaced on disk since it was loaded."""
     try:
@@ -93,16 +96,36 @@ def file_identity(path: str | Path) -> tuple[int, int, int, int] | None:
     return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns
 
 
+def check_unchanged(path: str | Path, since: FileIdentity | None) -> None:
+    """Refuse (ModelFileError) to save an update over ``path`` when the file there is no longer the
+    one the update started from (``since``, None: nothing to compare): a new fit or another update
+    saved there meanwhile would be lost."""
+    if since is not None and file_identity(path) != since:
+        raise ModelFileError(
+            f"{path}: replaced on disk since it was loaded (a new fit or another update saved there); "
+            "nothing learnt and that file is kept: load it again (restart a service or watcher), then add "
+            "these photos again"
+        )
+
+
 def keep_previous(path: str | Path, update: int) -> Path | None:
     """Copy the model file about to be replaced by update number ``update`` to
-    ``<name>.before-update-<update>.pkl`` (atomically, with the file's own mode: a private model
-    stays private), so the update can be undone; None when there is no file to keep."""
+    ``<name>.before-update-<n>.pkl`` (atomically, with the file's own mode: a private model
+    stays private), so the update can be undone; None when there is no file to keep.
+
+    ``n`` is the first number from ``update`` on that no earlier copy holds: a copy is never
+    overwritten, as one of them may hold the only copy of the fit."""
     path = Path(path)
     if not path.is_file():
         return None
-    kept = path.with_name(f"{path.stem}.before-update-{update}{path.suffix}")
-    write_atomically(kept, path.read_bytes(), mode=stat.S_IMODE(path.stat().st_mode))
-    return kept
+    data, mode = path.read_bytes(), stat.S_IMODE(path.stat().st_mode)
+    while True:
+        kept = path.with_name(f"{path.stem}.before-update-{update}{path.suffix}")
+        try:
+            write_atomically(kept, data, mode=mode, replace=False)
+            return kept
+        except FileExistsError:
+            update += 1
 
 
 def read_state(path: Path) -> Any:

@@ -41,10 +41,12 @@ from models.calibration import (
 from models.knn_index import CellIndex, build_index
 from models.model_file import (
     FORMAT_VERSION,
+    FileIdentity,
     ModelFileError,
     check_fitted_values,
     check_projection,
     check_state,
+    check_unchanged,
     checked_updates,
     file_identity,
     keep_previous,
@@ -127,7 +129,7 @@ class PatchCore:
         self.runtime = "torch"  # feature extractor back end: torch | onnx | auto (models/backend.py)
         self.onnx_file: Path | None = None
         self.model_file: Path | None = None  # the file it was loaded from, named in its errors
-        self.file_identity: tuple[int, int, int, int] | None = None  # that file as loaded or last saved
+        self.file_identity: FileIdentity | None = None  # that file as loaded or last saved
         self.updates: list[dict[str, Any]] = []  # confirmed-good photos added since the fit (add_good)
         # Seconds per stage, summed since the last fit started: the fit's own stages, and predict_*
         # over the predict calls since; scripts/benchmark.py reads them.
@@ -760,10 +762,15 @@ class PatchCore:
             write_atomically(export, graph)
         return export
 
-    def save_update(self, path: str | Path) -> Path | None:
+    def save_update(self, path: str | Path, since: FileIdentity | None) -> Path | None:
         """Save over ``path`` after an update, first keeping the file it replaces as
         ``<name>.before-update-<n>.pkl`` so the update can be undone; returns that copy (None when
-        ``path`` did not exist)."""
+        ``path`` did not exist).
+
+        ``since`` is the file at ``path`` as the update found it (``file_identity``): a file changed
+        since is never saved over (``check_unchanged``), or one of two updates made at once is lost.
+        """
+        check_unchanged(path, since)
         kept = keep_previous(path, len(self.updates))
         self.save(path)
         self.file_identity = file_identity(path)
@@ -849,29 +856,22 @@ def learn_on_a_copy(
     that fails (a full disk) learns nothing either, and its record says why.
     """
 
-    def replaced() -> dict[str, Any] | None:
-        if model.file_identity is None or file_identity(model_path) == model.file_identity:
-            return None
-        return {"photos": 0, "refused": list(labels),
-                "error": f"{model_path}: replaced on disk since it was loaded; nothing learnt and the new file is "
-                         "kept: restart to score with it, then confirm these photos again"}
+    def refused(error: Exception) -> dict[str, Any]:
+        return {"photos": 0, "refused": list(labels), "error": str(error)}
 
-    if (refusal := replaced()) is not None:
-        return None, refusal
-    candidate = model.copy()
     try:
+        check_unchanged(model_path, model.file_identity)  # before the work of adding photos
+        candidate = model.copy()
         update = candidate.add_good(photos, progress=False, source=source, force=force, skip_refused=True,
                                     labels=labels)
     except (UserError, ValueError, OSError) as error:
-        return None, {"photos": 0, "refused": list(labels), "error": str(error)}
+        return None, refused(error)
     if not update["photos"]:
         return None, update
-    if (refusal := replaced()) is not None:  # replaced while the photos were added
-        return None, refusal
     try:
-        candidate.save_update(model_path)
-    except OutputError as error:  # a full disk: the file stays the model scored with, and the line goes on
-        return None, {"photos": 0, "refused": list(labels), "error": str(error)}
+        candidate.save_update(model_path, model.file_identity)
+    except (ModelFileError, OutputError) as error:  # replaced while the photos were added, or a full disk
+        return None, refused(error)
     return candidate, update
 
 

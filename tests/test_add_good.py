@@ -228,6 +228,35 @@ def test_add_good_writes_to_output_and_force_adds_a_photo_that_looks_defective(h
     assert update["photos"] == 2 and update["forced"] == [str(folder / "odd.png")]
 
 
+def test_add_good_refuses_a_model_file_another_update_saved_to_meanwhile(half_model, small_screw_dir, tmp_path,
+                                                                         monkeypatch):
+    """Two updates of one file at once (two --add-good, or one beside serve.py --learn): the later one
+    must not save over the earlier, nor its kept copy over the fit's."""
+    from models.patchcore import learn_on_a_copy
+
+    half_model.save(tmp_path / "line.pkl")
+    original = (tmp_path / "line.pkl").read_bytes()
+    folder = tmp_path / "confirmed"
+    folder.mkdir()
+    (folder / "good.png").symlink_to(train_images(small_screw_dir)[6].resolve())
+    other_photos = train_images(small_screw_dir)[7:9]
+    add_good = PatchCore.add_good
+
+    def another_writer_meanwhile(model: PatchCore, *args, **kwargs) -> dict:
+        monkeypatch.setattr(PatchCore, "add_good", add_good)  # the other writer's own update runs as it is
+        other = PatchCore.load(tmp_path / "line.pkl")
+        assert learn_on_a_copy(other, tmp_path / "line.pkl", other_photos, [p.name for p in other_photos],
+                               "the other writer")[0] is not None
+        return add_good(model, *args, **kwargs)
+
+    monkeypatch.setattr(PatchCore, "add_good", another_writer_meanwhile)
+    with pytest.raises(ModelFileError, match="line.pkl: replaced on disk since it was loaded"):
+        train_main(["--add-good", "--model", str(tmp_path / "line.pkl"), "--data-dir", str(folder), "--quiet"])
+    assert [update["source"] for update in PatchCore.load(tmp_path / "line.pkl").updates] == ["the other writer"]
+    assert (tmp_path / "line.before-update-1.pkl").read_bytes() == original
+    assert not (tmp_path / "line.before-update-2.pkl").exists()
+
+
 @pytest.mark.parametrize("args, says", [
     (["--add-good", "--model", "m.pkl", "--data-dir", ".", "--coreset-sampling-ratio", "0.5"], "takes no settings"),
     (["--add-good", "--data-dir", "."], "--add-good needs --model"),

@@ -188,6 +188,21 @@ def test_a_kept_copy_cut_short_by_a_full_disk_is_not_left_behind(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["line.pkl"]
 
 
+def test_a_kept_copy_never_overwrites_an_earlier_one(tmp_path):
+    """Two updates saved from one loaded file both number their copy 1; the first copy holds the fit."""
+    from models.model_file import keep_previous
+
+    path = tmp_path / "line.pkl"
+    path.write_bytes(b"the fit")
+    assert keep_previous(path, 1) == tmp_path / "line.before-update-1.pkl"
+    path.write_bytes(b"the first update")
+    assert keep_previous(path, 1) == tmp_path / "line.before-update-2.pkl"
+    assert (tmp_path / "line.before-update-1.pkl").read_bytes() == b"the fit"
+    assert (tmp_path / "line.before-update-2.pkl").read_bytes() == b"the first update"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["line.before-update-1.pkl", "line.before-update-2.pkl",
+                                                          "line.pkl"]  # no temporary left
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask-022", "umask-077"])
 def test_a_kept_copy_has_the_mode_of_the_file_it_keeps(tmp_path, umask):
     """A model made private (0600) must not gain a world-readable copy beside it, nor become one when restored."""
