@@ -515,7 +515,7 @@ def test_a_model_that_cannot_be_saved_learns_nothing_and_the_watch_goes_on(fitte
     (out / "confirmed_good").mkdir(parents=True)
     (out / "confirmed_good" / unseen[0].name).symlink_to(unseen[0])
 
-    def disk_full(self: PatchCore, path: Path) -> None:
+    def disk_full(self: PatchCore, path: Path, since: object) -> None:
         raise OutputError(f"{path}: cannot be written (No space left on device); any previous file is unchanged")
 
     monkeypatch.setattr(PatchCore, "save_update", disk_full)
