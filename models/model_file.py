@@ -195,7 +195,9 @@ def check_fitted_values(
         )
     if scores.ndim != 1 or scores.size == 0 or not np.isfinite(scores).all() or scores.min() < 0:
         raise ValueError("calibration_scores must be a non-empty list of finite distances (0 or more)")
-    if scores.max() > 0 and threshold > THRESHOLD_SPAN * scores.max():
+    if scores.max() == 0:  # 1000 x 0 would bound no threshold
+        raise ValueError("calibration_scores are all 0; no fit scores every held-out healthy photo 0")
+    if threshold > THRESHOLD_SPAN * scores.max():
         raise ValueError(
             f"threshold {threshold:.4g} is over {THRESHOLD_SPAN} times the largest healthy calibration "
             f"score ({scores.max():.4g}); it would pass every defect"

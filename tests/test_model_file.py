@@ -282,6 +282,14 @@ CORRUPTIONS = {
     "zero threshold": (lambda s: s.update(threshold=0.0), "threshold is 0, not a finite number above 0"),
     "negative threshold": (lambda s: s.update(threshold=-1.0), "threshold is -1, not a finite number above 0"),
     "threshold far above every healthy score": (lambda s: s.update(threshold=1e30), "over 1000 times the largest healthy"),
+    # 1000 x 0 bounds no threshold; twelve copies of one photo still score 11 to 14 held out
+    "every healthy score 0": (
+        lambda s: s.update(calibration_scores=packed(np.zeros(12, np.float32))), "calibration_scores are all 0"
+    ),
+    "every healthy score 0 under a threshold of 1e30": (
+        lambda s: s.update(calibration_scores=packed(np.zeros(12, np.float32)), threshold=1e30),
+        "calibration_scores are all 0",
+    ),
     # the healthy spread's floor: a NaN one would turn every threshold_for() and sigma into NaN
     "NaN spread floor": (lambda s: s["calibration"].update(spread_floor=float("nan")), "spread_floor is nan"),
     "negative spread floor": (lambda s: s["calibration"].update(spread_floor=-1.0), "spread_floor is -1.0"),
@@ -340,7 +348,6 @@ def lowest_score_zero(state: dict) -> None:
 EDGE_VALUES = {
     "a feature of exactly a million": lambda s: s.update(memory_bank=packed(np.full((10, 152), 1e6, np.float32))),
     "a healthy score of 0 (a duplicate photo)": lowest_score_zero,
-    "every healthy score 0 (duplicate photos)": lambda s: s.update(calibration_scores=packed(np.zeros(12, np.float32))),
     "no spread floor (a file written before it was recorded)": lambda s: s["calibration"].pop("spread_floor"),
 }
 
