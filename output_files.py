@@ -28,20 +28,25 @@ def check_writable(path: str | Path) -> None:
     _probe(path.parent, path)
 
 
-def check_not_an_input(path: str | Path, inputs: Iterable[str | Path]) -> None:
-    """Refuse an output name that holds one of the run's input files (by any spelling: a link to its
-    folder, a relative path): writing the results there would replace a photo with them."""
-    try:
-        target = os.lstat(path)
-    except OSError:
-        return
+def check_not_an_input(path: str | Path, inputs: Iterable[str | Path], what: str = "one of the photos to score") -> None:
+    """Refuse an output name that holds one of the run's input files (by any spelling: a link to it
+    or to its folder, a relative path): writing the results there would replace the input with them."""
+    target = _identities(path)
     for source in inputs:
+        if target & _identities(source):
+            raise OutputError(f"{path}: is {source}, {what}; give another file name")
+
+
+def _identities(path: str | Path) -> set[tuple[int, int]]:
+    """(device, inode) of the name itself and of the file it leads to (they differ for a link)."""
+    found = set()
+    for look in (os.lstat, os.stat):
         try:
-            status = os.lstat(source)
+            status = look(path)
         except OSError:
             continue
-        if (status.st_dev, status.st_ino) == (target.st_dev, target.st_ino):
-            raise OutputError(f"{path}: is {source}, one of the photos to score; give another file name")
+        found.add((status.st_dev, status.st_ino))
+    return found
 
 
 def check_output_folder(folder: str | Path) -> None:

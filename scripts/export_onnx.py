@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 from config import UserError, run_cli  # noqa: E402
 from models.backend import onnx_path_for  # noqa: E402
 from models.onnx_extractor import OnnxFeatureExtractor  # noqa: E402
-from output_files import check_writable, write_atomically  # noqa: E402
+from output_files import check_not_an_input, check_writable, write_atomically  # noqa: E402
 
 CHECK_TOLERANCE = 1e-3  # largest difference from torch, relative to the largest feature value
 
@@ -32,7 +32,7 @@ CHECK_TOLERANCE = 1e-3  # largest difference from torch, relative to the largest
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="model file written by train.py")
-    parser.add_argument("--output", type=Path, help="default: the model path with suffix .onnx")
+    parser.add_argument("--output", type=Path, help="a file ending in .onnx; default: the model path with suffix .onnx")
     return parser.parse_args(argv)
 
 
@@ -73,8 +73,11 @@ def export(model_path: Path, output: Path) -> float:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     output = args.output or onnx_path_for(args.model)
+    check_not_an_input(output, [args.model], "the model file to export")
     if args.model.exists():  # (a missing model is reported at once; the check would create its folder)
         check_writable(output)  # before loading, exporting and checking the graph, not after
+    if output.suffix != ".onnx":  # a .pkl name may be the model file itself, or the next one saved there
+        raise UserError(f"{output}: the export's name must end in .onnx")
     difference = export(args.model, output)
     print(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB; largest difference from torch "
           f"{difference:.1e} relative)")

@@ -448,6 +448,22 @@ def test_a_csv_named_as_one_of_the_photos_is_refused_before_scoring_and_the_phot
         assert "scored" not in out and photo.read_bytes() == before
 
 
+def test_a_csv_named_as_the_file_a_linked_photo_leads_to_is_refused(model_file, small_screw_dir, tmp_path, capsys):
+    """A camera's photo linked into --dir: a CSV written at the camera's file would replace the photo."""
+    camera, folder = tmp_path / "camera", tmp_path / "batch"
+    camera.mkdir()
+    folder.mkdir()
+    photo = camera / "a.png"
+    photo.write_bytes(load_test_split(small_screw_dir)[0].path.read_bytes())
+    before = photo.read_bytes()
+    (folder / "a.png").symlink_to(photo)
+    code = inference.run_cli(lambda: inference.main(["--model", str(model_file), "--dir", str(folder),
+                                                     "--csv", str(photo)]))
+    out, err = capsys.readouterr()
+    assert code == 2 and err.startswith(f"error: {photo}: is ") and "one of the photos" in err
+    assert "scored" not in out and photo.read_bytes() == before
+
+
 def test_a_gpu_asked_for_where_torch_sees_none_is_one_error_line_and_exit_2(model_file, small_screw_dir, monkeypatch,
                                                                             capsys):
     """A line PC without a GPU, run with --device cuda: the user needs the remedy in one line, not a traceback."""

@@ -243,6 +243,26 @@ def test_the_export_refuses_an_unwritable_output_before_exporting(tmp_path, monk
     assert capsys.readouterr().err.strip() == f"error: {tmp_path}: is a folder; give a file name"
 
 
+@pytest.mark.parametrize("spelling", ["the model's name", "through a link to its folder", "the file its link names",
+                                      "a .pkl name"])
+def test_the_export_is_never_written_over_the_model_file(tmp_path, monkeypatch, capsys, spelling):
+    """--output M.pkl wrote the graph over the model file: the fit was gone."""
+    import scripts.export_onnx as script
+    from config import run_cli
+
+    (tmp_path / "v3.pkl").write_bytes(b"the fit")
+    (tmp_path / "current.pkl").symlink_to(tmp_path / "v3.pkl")
+    (tmp_path / "folder").symlink_to(tmp_path)
+    output = {"the model's name": "current.pkl", "through a link to its folder": "folder/current.pkl",
+              "the file its link names": "v3.pkl", "a .pkl name": "other.pkl"}[spelling]
+    monkeypatch.setattr(script, "export", lambda *args: pytest.fail("no export may start"))
+    argv = ["--model", str(tmp_path / "current.pkl"), "--output", str(tmp_path / output)]
+    assert run_cli(lambda: script.main(argv)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / output}: ") and err.count("\n") == 1
+    assert (tmp_path / "v3.pkl").read_bytes() == b"the fit" and not (tmp_path / "other.pkl").exists()
+
+
 def test_the_line_pc_set_learns_confirmed_good_photos_like_the_full_set(fitted_model, small_screw_dir, tmp_path):
     path = tmp_path / "model.pkl"
     fitted_model.save(path)
