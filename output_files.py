@@ -92,14 +92,12 @@ def json_document(value: Any) -> str:
     return json.dumps(finite(value), indent=2, allow_nan=False)
 
 
-def write_atomically(path: str | Path, data: bytes | str, mode: int | None = None, replace: bool = True) -> None:
+def write_atomically(path: str | Path, data: bytes | str, mode: int | None = None) -> None:
     """Write to a temporary file beside ``path``, fsync it, rename it over ``path``, fsync the folder.
 
     A crash, a full disk or a power cut leaves the previous file (or none), never half a model or
     report, and a failed write removes its temporary file. The new file gets ``mode`` when given,
     else keeps the mode of the file it replaces, else gets the mode the umask gives a new file.
-    With ``replace`` False an existing ``path`` is never replaced (the temporary is linked into
-    place, which fails on an existing name): FileExistsError, so the caller can pick another name.
     """
     path = Path(path)
     _check_output_kind(path)
@@ -120,15 +118,11 @@ def write_atomically(path: str | Path, data: bytes | str, mode: int | None = Non
             os.fsync(handle.fileno())
         if mode is not None:
             os.chmod(temporary, mode)
-        if replace:
-            os.replace(temporary, path)
-        else:
-            os.link(temporary, path)
-            temporary.unlink()
+        os.replace(temporary, path)
         _fsync_folder(path.parent)
     except BaseException as error:
         temporary.unlink(missing_ok=True)
-        if isinstance(error, OSError) and not isinstance(error, FileExistsError):
+        if isinstance(error, OSError):
             raise _output_error(path, error) from None
         raise
 

@@ -118,14 +118,12 @@ def keep_previous(path: str | Path, update: int) -> Path | None:
     path = Path(path)
     if not path.is_file():
         return None
-    data, mode = path.read_bytes(), stat.S_IMODE(path.stat().st_mode)
-    while True:
+    kept = path.with_name(f"{path.stem}.before-update-{update}{path.suffix}")
+    while os.path.lexists(kept):  # an update saved from the same loaded file (check_unchanged refuses the next)
+        update += 1
         kept = path.with_name(f"{path.stem}.before-update-{update}{path.suffix}")
-        try:
-            write_atomically(kept, data, mode=mode, replace=False)
-            return kept
-        except FileExistsError:
-            update += 1
+    write_atomically(kept, path.read_bytes(), mode=stat.S_IMODE(path.stat().st_mode))
+    return kept
 
 
 def read_state(path: Path) -> Any:
