@@ -66,6 +66,11 @@ def printable(text: str) -> str:
     return _CONTROL_CHARACTERS.sub(lambda found: found.group().encode("unicode_escape").decode("ascii"), text)
 
 
+def say(message: str) -> None:
+    """One line on stderr, printable: what a long-running process (the watcher, the service) reports and goes on."""
+    print(printable(message), file=sys.stderr, flush=True)
+
+
 MAX_PLAIN_ITEMS = 1_000_000  # values and characters of text in a settings or model file, counted as written out
 MAX_PLAIN_DEPTH = 64  # nesting of lists and mappings; a model file's state is four deep
 

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from config import printable
+from config import printable, say
 from inspection.scoring import Photo, error_record, heatmap_path, records_csv, score_batch
 from models.patchcore import learn_on_a_copy
 from output_files import (
@@ -456,11 +456,11 @@ class FolderWatcher:
         except OSError as error:
             self._outbox, self._retry_at = batch, time.monotonic() + RETRY_WRITE_S
             where = f"{error.filename}: " if error.filename else ""
-            _say(f"error: {where}results cannot be written ({error.strerror or error}); "
+            say(f"error: {where}results cannot be written ({error.strerror or error}); "
                  f"{len(batch.records)} records kept, retrying in {RETRY_WRITE_S:g} s")
             return False
         if self._outbox is batch:
-            _say(f"results written again after a failed write ({len(batch.records)} records)")
+            say(f"results written again after a failed write ({len(batch.records)} records)")
         self._outbox = None
         for record in batch.records:
             self.on_record(record)
@@ -484,7 +484,7 @@ class FolderWatcher:
             try:
                 _move_to_free_name(path, self.outputs.sort_into / (NOT_LEARNED if path.name in refused else LEARNED))
             except OSError as error:
-                _say(f"error: {path}: cannot be moved out of {CONFIRMED}/ ({error.strerror or error})")
+                say(f"error: {path}: cannot be moved out of {CONFIRMED}/ ({error.strerror or error})")
         self._deliver(_Batch(records=[], photos=[], events=[{"event": "update", "model_file": str(self.model_path),
                                                              **update}]))
 
@@ -501,7 +501,7 @@ class FolderWatcher:
                 _move_to_free_name(path, self.outputs.sort_into / unsorted.verdict)
             except OSError as error:
                 failed = True
-                _say(f"error: {path}: cannot be moved to {self.outputs.sort_into / unsorted.verdict} "
+                say(f"error: {path}: cannot be moved to {self.outputs.sort_into / unsorted.verdict} "
                      f"({error.strerror or error}); its record is written, retrying in {RETRY_WRITE_S:g} s")
                 continue
             del self._unsorted[path]
@@ -531,10 +531,6 @@ def _move_to_free_name(path: Path, folder: Path) -> Path:
     return target
 
 
-def _say(message: str) -> None:
-    print(printable(message), file=sys.stderr, flush=True)
-
-
 def watch_until_stopped(model: Any, folder: Path, outputs: WatchOutputs, settle_s: float, retry_s: float,
                         model_path: Path | None = None) -> int:
     """``inference.py --watch``: print one line per photo until Ctrl-C or SIGTERM; exit status 0."""
@@ -546,26 +542,26 @@ def watch_until_stopped(model: Any, folder: Path, outputs: WatchOutputs, settle_
 
     def show(record: dict[str, Any]) -> None:  # names with their control characters escaped (printable)
         if "error" in record:
-            _say(f"error: {record['error']}")
+            say(f"error: {record['error']}")
         else:
             verdict = "ANOMALOUS" if record["is_anomalous"] else "ok"
             print(printable(f"{record['path']}  {record['score']:.3f}  {verdict}"), flush=True)
 
     def tell(event: dict[str, Any]) -> None:
         if event["event"] == "drift":
-            _say(f"warning: {event['warning']}")
+            say(f"warning: {event['warning']}")
         elif "error" in event:
-            _say(f"error: nothing learnt from {CONFIRMED}/: {event['error']}")
+            say(f"error: nothing learnt from {CONFIRMED}/: {event['error']}")
         else:
             refused = f"; not learnt (too far above the threshold): {', '.join(event['refused'])}" if event["refused"] else ""
-            _say(f"learnt {event['photos']} photos confirmed good: threshold {event['threshold_before']:.3f} -> "
+            say(f"learnt {event['photos']} photos confirmed good: threshold {event['threshold_before']:.3f} -> "
                  f"{event['threshold_after']:.3f}, saved to {event['model_file']}{refused}")
 
     model.prepare_to_score()
     watcher = FolderWatcher(model, folder, outputs, settle_s, on_record=show, retry_s=retry_s, model_path=model_path,
                             on_event=tell)
     if watcher.confirmed is not None and (reason := model.why_learning_fails_here()):
-        _say(f"warning: photos moved into {watcher.confirmed} cannot be learnt here, they go to {NOT_LEARNED}/: "
+        say(f"warning: photos moved into {watcher.confirmed} cannot be learnt here, they go to {NOT_LEARNED}/: "
              f"learning needs torch (requirements.txt): {reason}")
     print(f"watching {folder} (Ctrl-C to stop); state: {outputs.state}", file=sys.stderr, flush=True)
     watcher.run(stop)
