@@ -27,7 +27,7 @@ from typing import Any, Protocol
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from config import UserError
+from config import UserError, say
 from models.patchcore import PatchCore, learn_on_a_copy
 from preprocessing.io import IMAGE_SUFFIXES
 from runtime.drift import DriftMonitor
@@ -88,14 +88,22 @@ class Learner:
         self._thread.start()
 
     def remember(self, name: str, data: bytes, record: dict[str, Any]) -> None:
-        """Keep a scored upload on disk, so that /feedback can name it (called on the scoring thread)."""
+        """Keep a scored upload on disk, so that /feedback can name it (called on the scoring thread).
+
+        One that cannot be kept (a full temporary folder) is one error line and leaves its name naming no
+        photo: an older photo of the same name must never be learnt in its place."""
         if "error" in record:
             return
-        kept = self._new_path(name)
-        kept.write_bytes(data)
+        try:
+            kept = self._write(name, data)
+        except OSError as error:
+            kept = None
+            say(f"error: {name}: cannot be kept for POST /feedback to name ({error.strerror or error}); "
+                "to confirm it good, send the photo")
         with self._changed:
             replaced = self._kept.pop(name, None)  # the latest photo of a name is the one it names
-            self._kept[name] = (kept, float(record["normalized_score"]))
+            if kept is not None:
+                self._kept[name] = (kept, float(record["normalized_score"]))
             evicted = [self._kept.popitem(last=False)[1] for _ in range(len(self._kept) - self.keep)]
         for old, _ in filter(None, [replaced, *evicted]):
             old.unlink(missing_ok=True)
@@ -117,8 +125,7 @@ class Learner:
 
     def confirm_upload(self, name: str, data: bytes, force: bool) -> int:
         """Queue a photo sent with the confirmation (the update itself checks how far above the threshold it scores)."""
-        path = self._new_path(name)
-        path.write_bytes(data)
+        path = self._write(name, data)
         with self._changed:
             try:
                 return self._queue(_Confirmed(name, path, force))
@@ -142,10 +149,16 @@ class Learner:
         self._changed.notify_all()
         return len(self._pending)
 
-    def _new_path(self, name: str) -> Path:
+    def _write(self, name: str, data: bytes) -> Path:
+        """A new file in the learner's folder holding ``data``; OSError (with no file left behind) when it cannot be."""
         suffix = PurePath(name).suffix.lower()
         handle, path = tempfile.mkstemp(dir=self.folder, suffix=suffix if suffix in IMAGE_SUFFIXES else ".img")
-        os.close(handle)
+        try:
+            with os.fdopen(handle, "wb") as file:
+                file.write(data)
+        except OSError:
+            os.unlink(path)
+            raise
         return Path(path)
 
     def _run(self) -> None:

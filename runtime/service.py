@@ -42,7 +42,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from config import UserError
+from config import UserError, say
 from inspection.scoring import Photo, score_batch
 from models.backend import resolve_runtime
 from models.calibration import promise
@@ -189,8 +189,7 @@ class Batcher:
                 )
                 for job, token, result in zip(jobs, tokens, results):
                     record = self._record(job, token, result.record)
-                    if self.on_scored is not None:  # before the answer: a /feedback naming the photo may follow at once
-                        self.on_scored(job.name, job.data, record)
+                    self._watch(job, record)  # before the answer: a /feedback naming the photo may follow at once
                     job.done.set_result((422 if "error" in record else 200, record))
             except Exception as error:  # a bug must fail these requests with a JSON answer, never the scoring thread
                 for job in jobs:
@@ -198,6 +197,17 @@ class Batcher:
                         job.done.set_result((500, {"path": job.name, "error": f"internal error while scoring: "
                                                                               f"{type(error).__name__}"}))
             self.scored += len(jobs)
+
+    def _watch(self, job: _Job, record: dict[str, Any]) -> None:
+        """Hand a scored photo to ``on_scored`` (drift, /feedback): whatever fails there is one error line,
+        never the verdict the photo has already earned."""
+        if self.on_scored is None:
+            return
+        try:
+            self.on_scored(job.name, job.data, record)
+        except Exception as error:
+            say(f"error: {job.name}: scored and answered, but not watched for drift or kept for /feedback "
+                f"({type(error).__name__}: {error})")
 
     @staticmethod
     def _record(job: _Job, token: str, record: dict[str, Any]) -> dict[str, Any]:

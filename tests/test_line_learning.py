@@ -538,6 +538,38 @@ def test_a_model_that_cannot_be_saved_learns_nothing_and_the_watch_goes_on(fitte
     assert scored["path"].endswith("next.png") and "score" in scored
 
 
+def bare_learner(model_path: Path, tmp_path: Path, events: str | None = None, **settings: Any) -> Any:
+    """A Learner on the model in ``model_path``, without the service around it; ``stop()`` it after."""
+    from runtime.learning import EventLog, Learner
+
+    class Scorer:
+        model = PatchCore.load(model_path)
+
+    return Learner(Scorer(), model_path, DriftMonitor(Scorer.model), EventLog(events), tmp_path,
+                   **{"keep": 8, "batch": 1, "wait_s": 0.0, **settings})
+
+
+def test_a_scored_photo_that_cannot_be_kept_is_one_error_line_and_its_name_then_names_no_photo(
+    fitted_model, unseen, tmp_path, capsys
+):
+    """A full temporary folder: the photo is reported once, and /feedback naming it finds no photo, not an
+    older one of the same name that it would learn in its place."""
+    fitted_model.save(tmp_path / "served.pkl")
+    learner = bare_learner(tmp_path / "served.pkl", tmp_path)
+    try:
+        learner.remember("a.png", unseen[0].read_bytes(), {"normalized_score": 0.5})
+        for kept in learner.folder.iterdir():
+            kept.unlink()
+        learner.folder.rmdir()  # as a full disk refuses the next file
+        learner.remember("a.png", unseen[1].read_bytes(), {"normalized_score": 0.5})
+        with pytest.raises(KeyError):
+            learner.confirm_scored("a.png", force=False)
+    finally:
+        learner.stop()
+    assert capsys.readouterr().err == ("error: a.png: cannot be kept for POST /feedback to name (No such file or "
+                                       "directory); to confirm it good, send the photo\n")
+
+
 def test_a_learnt_photo_that_cannot_be_moved_out_of_confirmed_good_says_so_and_stays_there(
         fitted_model, unseen, tmp_path, capsys):
     fitted_model.save(tmp_path / "line.pkl")

@@ -526,6 +526,25 @@ def test_a_photo_is_remembered_before_its_answer_so_feedback_can_name_it_at_once
         batcher.stop()
 
 
+def test_a_scored_photo_gets_its_verdict_when_keeping_it_for_feedback_fails(fitted_model, photos, tmp_path, capsys):
+    """With --learn and a full temporary folder, remembering the photo fails after it is scored: the client
+    still gets its verdict, and the failure is one error line, not a 500."""
+    from runtime.service import Batcher
+
+    def full_disk(name: str, data: bytes, record: dict) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    batcher = Batcher(fitted_model, queue_size=4, batch_wait_s=0.005, scratch=tmp_path)
+    batcher.on_scored = full_disk
+    try:
+        status, record = batcher.submit("part.png", photos["good"].read_bytes(), heatmap=False).result(timeout=120)
+    finally:
+        batcher.stop()
+    assert status == 200 and record["is_anomalous"] is False
+    assert capsys.readouterr().err == ("error: part.png: scored and answered, but not watched for drift or kept for "
+                                       "/feedback (OSError: [Errno 28] No space left on device)\n")
+
+
 def test_health_tells_a_monitor_how_full_the_queue_is_and_counts_every_photo_scored(service, photos):
     """A load balancer or dashboard reads /health: the queue's size and fill, and one more photo scored per
     photo answered, a photo without a heatmap too."""
