@@ -22,6 +22,7 @@ from pathlib import Path
 
 from config import DEVICE_OVERRIDE_HELP, DEVICES, fail, run_cli
 from models.backend import RUNTIME_HELP, RUNTIMES
+from output_files import check_writable
 from runtime.connections import http_protocol
 from runtime.service import SETTINGS_ENV, ServiceSettings, create_app, settings_env
 
@@ -124,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         fail("--learn updates one model in one process; run it with --workers 1")
     key = api_key(args.api_key_file)
     check_address(args.host, args.port, keyed=key is not None)
+    if args.events_jsonl is not None:
+        check_writable(args.events_jsonl)  # before the model loads, not at the first drift warning or update
     settings = ServiceSettings(
         model=str(args.model), runtime=args.runtime, device=args.device, api_key=key,
         max_upload_mb=args.max_upload_mb, queue_size=args.queue_size, batch_wait_ms=args.batch_wait_ms,

@@ -53,7 +53,10 @@ class _Confirmed:
 
 
 class EventLog:
-    """Drift warnings and model updates: a log line each, and a JSON line when a file is given."""
+    """Drift warnings and model updates: a log line each, and a JSON line when a file is given.
+
+    A line that cannot be appended (a full disk) is an error line on stderr and is not tried again; the next
+    event tries the file anew. Events are side outputs: they never cost a verdict nor the learning thread."""
 
     def __init__(self, path: str | None) -> None:
         self.path = Path(path) if path else None
@@ -64,11 +67,15 @@ class EventLog:
             log.warning(event["warning"])
         else:
             log.warning("model update: %s", json.dumps(event))
-        if self.path is not None:
+        if self.path is None:
+            return
+        try:
             with self._lock, open(self.path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(event) + "\n")
                 handle.flush()
                 os.fsync(handle.fileno())
+        except OSError as error:
+            say(f"error: {self.path}: the {event['event']} event cannot be written ({error.strerror or error})")
 
 
 class Learner:

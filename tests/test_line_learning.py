@@ -24,6 +24,7 @@ from conftest import (
     running_service,
     save_as_older_file,
     wait_for_lines,
+    wait_until,
 )
 from evaluation.mvtec import train_images
 from inspection.scoring import Photo, score_batch
@@ -445,6 +446,20 @@ def test_a_drift_warning_is_logged_and_appended_to_the_events_file(tmp_path, cap
     assert json_lines(tmp_path / "events.jsonl") == [warning]
 
 
+def test_an_event_that_cannot_be_written_is_an_error_line_and_the_next_one_is_tried_again(tmp_path, capsys):
+    """A drift warning on a full disk must not raise into scoring, where it cost the photo its verdict."""
+    from runtime.learning import EventLog
+
+    warning = {"event": "drift", "kind": "scores", "warning": "drift: passed photos score higher than before"}
+    events = EventLog(str(tmp_path / "later" / "events.jsonl"))
+    events(warning)
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'later' / 'events.jsonl'}: the drift event cannot be "
+                                       "written (No such file or directory)\n")
+    (tmp_path / "later").mkdir()
+    events(warning)
+    assert json_lines(tmp_path / "later" / "events.jsonl") == [warning]
+
+
 def test_drift_seen_by_the_service_reaches_its_events_file(small_window_model, unseen, tmp_path, monkeypatch):
     """Photos sent to /score under stronger lamps: the drift warning is appended to the service's events file,
     where the line's monitoring reads it, not only shown in /health."""
@@ -568,6 +583,25 @@ def test_a_scored_photo_that_cannot_be_kept_is_one_error_line_and_its_name_then_
         learner.stop()
     assert capsys.readouterr().err == ("error: a.png: cannot be kept for POST /feedback to name (No such file or "
                                        "directory); to confirm it good, send the photo\n")
+
+
+def test_the_learning_thread_goes_on_learning_when_its_events_file_cannot_be_written(
+    fitted_model, unseen, tmp_path, capsys
+):
+    """Each update's event fails: it is an error line, and the next confirmed photo is still learnt (the
+    thread died at the first one, and /feedback went on answering 202 for photos never learnt)."""
+    fitted_model.save(tmp_path / "served.pkl")
+    (tmp_path / "a-file").write_text("")
+    events = tmp_path / "a-file" / "events.jsonl"
+    learner = bare_learner(tmp_path / "served.pkl", tmp_path, events=str(events))
+    try:
+        for number, photo in enumerate(unseen[:2], 1):
+            learner.confirm_upload(photo.name, photo.read_bytes(), force=False)
+            wait_until(lambda: len(learner.scorer.model.updates) == number, timeout=120)
+            assert len(learner.scorer.model.updates) == number, f"photo {number} was not learnt"
+    finally:
+        learner.stop()
+    assert capsys.readouterr().err == f"error: {events}: the update event cannot be written (Not a directory)\n" * 2
 
 
 def test_a_learnt_photo_that_cannot_be_moved_out_of_confirmed_good_says_so_and_stays_there(

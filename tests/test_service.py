@@ -399,7 +399,10 @@ def test_each_worker_process_builds_the_service_from_the_same_settings(started, 
     (["--port", "-1"], "--port must be between 0 and 65535, got -1"),
     (["--host", "0.0.0.0"], "--host 0.0.0.0 lets other machines reach the service: set a key (--api-key-file FILE "
                             "or $FASTENER_API_KEY) so that only the line's clients can score photos and teach the model"),
-], ids=["workers-0", "learn-with-2-workers", "absent-key-file", "port-65536", "port-minus-1", "open-without-a-key"])
+    (["--events-jsonl", "{tmp}/model.pkl/events.jsonl"],
+     "{tmp}/model.pkl/events.jsonl: cannot be written (Not a directory); any previous file is unchanged"),
+], ids=["workers-0", "learn-with-2-workers", "absent-key-file", "port-65536", "port-minus-1", "open-without-a-key",
+        "events-file-in-a-file"])
 def test_a_usage_problem_is_one_error_line_and_nothing_starts(started, args, says, tmp_path, capsys):
     """Each refusal names what to change, exits 2, and starts nothing (two learning workers would overwrite
     each other's model file)."""
