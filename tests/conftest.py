@@ -185,12 +185,14 @@ def wait_until(done: Callable[[], bool], timeout: float) -> None:
 
 @contextmanager
 def watching(model, folder: Path, outputs, retry_s: float = 3.0, on_record=None,
-             settle_s: float = 0.5) -> Iterator:
-    """A FolderWatcher on ``folder`` running on a thread for the length of the block, then stopped."""
+             settle_s: float = 0.5, model_path: Path | None = None) -> Iterator:
+    """A FolderWatcher on ``folder`` running on a thread for the length of the block, then stopped
+    (learning from ``confirmed_good/`` into ``model_path`` when given)."""
     from runtime.watcher import FolderWatcher
 
     stop = threading.Event()
-    watcher = FolderWatcher(model, folder, outputs, settle_s=settle_s, retry_s=retry_s, on_record=on_record)
+    watcher = FolderWatcher(model, folder, outputs, settle_s=settle_s, retry_s=retry_s, on_record=on_record,
+                            model_path=model_path)
     thread = threading.Thread(target=watcher.run, args=(stop,))
     thread.start()
     try:

@@ -25,6 +25,7 @@ from conftest import (
     save_as_older_file,
     wait_for_lines,
     wait_until,
+    watching,
 )
 from evaluation.mvtec import train_images
 from inspection.scoring import Photo, score_batch
@@ -535,18 +536,11 @@ def test_a_model_that_cannot_be_saved_learns_nothing_and_the_watch_goes_on(fitte
 
     monkeypatch.setattr(PatchCore, "save_update", disk_full)
     outputs = WatchOutputs(jsonl=tmp_path / "results.jsonl", sort_into=out)
-    watcher = FolderWatcher(PatchCore.load(tmp_path / "line.pkl"), inbox, outputs, settle_s=0.3,
-                            model_path=tmp_path / "line.pkl")
-    stop = threading.Event()
-    thread = threading.Thread(target=watcher.run, args=(stop,))
-    thread.start()
-    try:
+    model_path = tmp_path / "line.pkl"
+    with watching(PatchCore.load(model_path), inbox, outputs, settle_s=0.3, model_path=model_path):
         (update,) = wait_for_lines(outputs.jsonl, 1, timeout=240)
         (inbox / "next.png").symlink_to(unseen[1])
         scored = wait_for_lines(outputs.jsonl, 2, timeout=240)[1]
-    finally:
-        stop.set()
-        thread.join(timeout=60)
     assert update["photos"] == 0 and "No space left on device" in update["error"]
     assert [path.name for path in (out / "not_learned").iterdir()] == [unseen[0].name]
     assert (tmp_path / "line.pkl").read_bytes() == original
@@ -614,16 +608,9 @@ def test_a_learnt_photo_that_cannot_be_moved_out_of_confirmed_good_says_so_and_s
     confirmed.symlink_to(unseen[0])
     (out / "learned").write_bytes(b"")  # a stray file where the folder should be
     outputs = WatchOutputs(jsonl=tmp_path / "results.jsonl", sort_into=out)
-    watcher = FolderWatcher(PatchCore.load(tmp_path / "line.pkl"), inbox, outputs, settle_s=0.3,
-                            model_path=tmp_path / "line.pkl")
-    stop = threading.Event()
-    thread = threading.Thread(target=watcher.run, args=(stop,))
-    thread.start()
-    try:
+    model_path = tmp_path / "line.pkl"
+    with watching(PatchCore.load(model_path), inbox, outputs, settle_s=0.3, model_path=model_path):
         (update,) = wait_for_lines(outputs.jsonl, 1, timeout=240)
-    finally:
-        stop.set()
-        thread.join(timeout=60)
     assert update["event"] == "update" and update["photos"] == 1
     assert confirmed.is_symlink()  # not lost: still where the operator put it
     errors = capsys.readouterr().err.splitlines()
