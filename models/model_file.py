@@ -77,10 +77,42 @@ def checked_updates(updates: Any) -> list[dict[str, Any]]:
         isinstance(update, dict)
         and all(isinstance(key, str) and isinstance(value, _UPDATE_VALUE_TYPES) for key, value in update.items())
         and isinstance(update.get("photos"), int)
+        and all(isinstance(update.get(key, ""), str) for key in ("source", "time"))
+        and all(isinstance(name, str) for key in ("refused", "forced") for name in update.get(key, []))
         for update in updates
     ):
         raise ValueError("updates must be a list of update records")
     return [dict(update) for update in updates]
+
+
+_NUMBER = (int, float)
+_CALIBRATION_KINDS: dict[str, tuple[type, ...]] = {  # what the promise, reports and GET /model read, by key
+    "method": (str,), "rule": (str,), "count": (int,), "false_alarm_rate": _NUMBER, "false_alarms_per_1000": _NUMBER,
+    "interval_per_1000": (list,), "unlike_the_rest": (list,), "warnings": (list,), "left_out": (list,),
+}  # spread_floor: check_fitted_values
+
+
+def checked_calibration(record: Any) -> dict[str, Any]:
+    """The calibration record as a fit writes it, or ValueError naming the field: a record missing what
+    the promise reads (a stated rate without its interval) would load and then fail a report."""
+    if not isinstance(record, dict) or not all(isinstance(key, str) for key in record):
+        raise ValueError("calibration must be a record of named values")
+    for key, kinds in _CALIBRATION_KINDS.items():
+        if key in record and (isinstance(record[key], bool) or not isinstance(record[key], kinds)):
+            raise ValueError(f"calibration {key} has the wrong type ({type(record[key]).__name__})")
+    if "false_alarms_per_1000" in record:
+        interval = record.get("interval_per_1000")
+        if not (isinstance(interval, list) and len(interval) == 2
+                and all(isinstance(end, _NUMBER) and math.isfinite(end) for end in interval)):
+            raise ValueError("calibration interval_per_1000 must be two finite numbers, low and high")
+        if not isinstance(record.get("count"), int) or not isinstance(record.get("method"), str):
+            raise ValueError("calibration states a rate without the count and method it rests on")
+    if not all(isinstance(text, str) for key in ("warnings", "left_out") for text in record.get(key, [])):
+        raise ValueError("calibration warnings and left_out must be lists of text")
+    listed = record.get("unlike_the_rest", [])
+    if not all(isinstance(entry, dict) and isinstance(entry.get("photo"), str) for entry in listed):
+        raise ValueError("calibration unlike_the_rest must list records naming a photo")
+    return dict(record)
 
 
 FileIdentity = tuple[int, int, int, int]

@@ -47,6 +47,7 @@ from models.model_file import (
     check_projection,
     check_state,
     check_unchanged,
+    checked_calibration,
     checked_updates,
     file_identity,
     keep_previous,
@@ -818,7 +819,8 @@ class PatchCore:
         if state.get("coreset_projection") is not None:  # absent from older files
             model.coreset_projection = unpack_array(state["coreset_projection"], "coreset_projection")
         model.calibration_scores = unpack_array(state["calibration_scores"], "calibration_scores")
-        model.calibration = dict(state.get("calibration", {"method": "held-out photos", "warnings": []}))
+        legacy = {"method": "held-out photos", "warnings": []}  # files written before the record held more
+        model.calibration = checked_calibration(state.get("calibration", legacy))
         model.preprocessing = dict(state.get("preprocessing", {}))
         model.threshold = float(state["threshold"])
         model.n_train = state["n_train"]

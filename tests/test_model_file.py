@@ -297,6 +297,22 @@ CORRUPTIONS = {
     "boolean spread floor": (lambda s: s["calibration"].update(spread_floor=True), "spread_floor is True"),
     # the next update counts the photos of those before it
     "update without a photo count": (lambda s: s.update(updates=[{"photos": "6"}]), "updates must be a list of update"),
+    # what a report prints of the updates and the promise: a hand-edited file must not load and then fail it
+    "update naming its source by a number": (
+        lambda s: s.update(updates=[{"photos": 1, "source": 5}]), "updates must be a list of update"
+    ),
+    "update refusing a number": (lambda s: s.update(updates=[{"photos": 1, "refused": [3]}]), "updates must be a list"),
+    "stated rate without its interval": (
+        lambda s: s["calibration"].pop("interval_per_1000"), "calibration interval_per_1000 must be two finite numbers"
+    ),
+    "interval of one number": (
+        lambda s: s["calibration"].update(interval_per_1000=[1.0]), "calibration interval_per_1000 must be two"
+    ),
+    "calibration warnings that are no text": (
+        lambda s: s["calibration"].update(warnings=[1]), "calibration warnings and left_out must be lists of text"
+    ),
+    "photo count as text": (lambda s: s["calibration"].update(count="320"), "calibration count has the wrong type (str)"),
+    "calibration that is no record": (lambda s: s.update(calibration=[1, 2]), "calibration must be a record"),
     # the space an update's coreset measures distances in: of the bank's width, finite, not overflowing
     "projection of another width": (
         lambda s: s.update(coreset_projection=packed(np.ones((151, 128), np.float32))),
