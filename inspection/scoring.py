@@ -186,18 +186,14 @@ def _decoded(photo: Photo, max_pixels: int) -> np.ndarray | ImageReadError:
     return image
 
 
-def _out_of_memory(error: Exception) -> bool:
-    """Whether ``error`` says memory ran out: NumPy raises MemoryError, OpenCV its own error (-4)."""
-    return isinstance(error, MemoryError) or getattr(error, "code", None) == cv2.Error.StsNoMem
-
-
 def _predict_isolating_memory_errors(model: PatchCore, images: list[np.ndarray]) -> list[Prediction | MemoryError]:
     """``model.predict``; when the batch runs out of memory, each photo alone, the one that still does
-    getting a MemoryError that names it in place of its prediction."""
+    getting a MemoryError that names it in place of its prediction. OpenCV says it ran out of memory
+    with its own error (code -4), not MemoryError."""
     try:
         return model.predict(images) if images else []
     except (MemoryError, cv2.error) as error:
-        if not _out_of_memory(error):
+        if isinstance(error, cv2.error) and error.code != cv2.Error.StsNoMem:
             raise
         if len(images) == 1:
             height, width = images[0].shape[:2]

@@ -302,7 +302,7 @@ class FolderWatcher:
             return
         photo_id = identity(target)
         with self._lock:
-            seen = self.done.get(photo_id) if photo_id else None
+            seen = self.done.get(photo_id)  # None when the target is gone already
             if seen is not None and seen.name == source.name:
                 self.done[photo_id] = _Recorded(target.name, seen.verdict)
             if source in self._unsorted:  # recorded, not yet moved: it moves from its new name
@@ -457,7 +457,7 @@ class FolderWatcher:
             self._outbox, self._retry_at = batch, time.monotonic() + RETRY_WRITE_S
             where = f"{error.filename}: " if error.filename else ""
             say(f"error: {where}results cannot be written ({error.strerror or error}); "
-                 f"{len(batch.records)} records kept, retrying in {RETRY_WRITE_S:g} s")
+                f"{len(batch.records)} records kept, retrying in {RETRY_WRITE_S:g} s")
             return False
         if self._outbox is batch:
             say(f"results written again after a failed write ({len(batch.records)} records)")
@@ -502,7 +502,7 @@ class FolderWatcher:
             except OSError as error:
                 failed = True
                 say(f"error: {path}: cannot be moved to {self.outputs.sort_into / unsorted.verdict} "
-                     f"({error.strerror or error}); its record is written, retrying in {RETRY_WRITE_S:g} s")
+                    f"({error.strerror or error}); its record is written, retrying in {RETRY_WRITE_S:g} s")
                 continue
             del self._unsorted[path]
             self.done.pop(unsorted.identity, None)  # out of the folder: only the journal remembers it
@@ -555,14 +555,14 @@ def watch_until_stopped(model: Any, folder: Path, outputs: WatchOutputs, settle_
         else:
             refused = f"; not learnt (too far above the threshold): {', '.join(event['refused'])}" if event["refused"] else ""
             say(f"learnt {event['photos']} photos confirmed good: threshold {event['threshold_before']:.3f} -> "
-                 f"{event['threshold_after']:.3f}, saved to {event['model_file']}{refused}")
+                f"{event['threshold_after']:.3f}, saved to {event['model_file']}{refused}")
 
     model.prepare_to_score()
     watcher = FolderWatcher(model, folder, outputs, settle_s, on_record=show, retry_s=retry_s, model_path=model_path,
                             on_event=tell)
     if watcher.confirmed is not None and (reason := model.why_learning_fails_here()):
         say(f"warning: photos moved into {watcher.confirmed} cannot be learnt here, they go to {NOT_LEARNED}/: "
-             f"learning needs torch (requirements.txt): {reason}")
+            f"learning needs torch (requirements.txt): {reason}")
     print(f"watching {folder} (Ctrl-C to stop); state: {outputs.state}", file=sys.stderr, flush=True)
     watcher.run(stop)
     return 0
