@@ -231,8 +231,8 @@ def add_feedback_route(
                 upload_name, data = await read_upload(request)
                 if not data:
                     return JSONResponse({"error": f"{upload_name}: empty upload"}, status_code=400)
-                waiting = learner.confirm_upload(name or upload_name, data, force)
                 name = name or upload_name
+                waiting = learner.confirm_upload(name, data, force)
             elif name:
                 waiting = learner.confirm_scored(name, force)
             else:
@@ -244,4 +244,8 @@ def add_feedback_route(
             return JSONResponse({"error": str(error)}, status_code=409)
         except Busy:
             return JSONResponse({"error": "busy: too many confirmed photos wait for the next update"}, status_code=503)
+        except OSError as error:  # the photo waits for the update on disk: a full temporary folder refuses it
+            return JSONResponse({"error": f"{name}: the service's temporary folder {learner.folder} cannot keep the "
+                                          f"photo until the next update ({error.strerror or error}); free space "
+                                          "there and send it again"}, status_code=507)
         return JSONResponse({"queued": name, "waiting": waiting}, status_code=202)

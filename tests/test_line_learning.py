@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import subprocess
@@ -615,3 +616,29 @@ def test_a_learnt_photo_that_cannot_be_moved_out_of_confirmed_good_says_so_and_s
     assert confirmed.is_symlink()  # not lost: still where the operator put it
     errors = capsys.readouterr().err.splitlines()
     assert f"error: {confirmed}: cannot be moved out of confirmed_good/ (File exists)" in errors
+
+
+def test_a_confirmed_photo_the_temporary_folder_cannot_keep_is_a_507_answer_and_the_next_is_queued(
+    fitted_model, unseen, tmp_path, monkeypatch
+):
+    """A photo sent with its confirmation waits on disk for the next update: a full temporary folder is told in
+    the service's answer shape, naming the photo and the folder (not a plain-text 500), and learns nothing."""
+    import os
+
+    from fastapi.testclient import TestClient
+
+    app = learning_service(fitted_model, tmp_path, monkeypatch, learn_wait_s=600)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        with monkeypatch.context() as full:
+            def no_space(*_args: Any) -> None:
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            full.setattr(os, "fdopen", no_space)
+            refused = client.post("/feedback?verdict=good&name=a.png", content=unseen[0].read_bytes())
+        queued = client.post("/feedback?verdict=good&name=b.png", content=unseen[1].read_bytes())
+        (folder,) = tmp_path.glob("fastener_service_*/feedback_*")
+        assert len(list(folder.iterdir())) == 1  # b.png; nothing of a.png is left behind
+    assert refused.status_code == 507, refused.text
+    assert refused.json() == {"error": f"a.png: the service's temporary folder {folder} cannot keep the photo until "
+                                       "the next update (No space left on device); free space there and send it again"}
+    assert queued.json() == {"queued": "b.png", "waiting": 1}
