@@ -188,10 +188,16 @@ def add_good(args: argparse.Namespace) -> int:
     paths = healthy_photos(args.data_dir)
     check_model_output(output)  # before scoring, as for a fit
     update = model.add_good(paths, progress=not args.quiet, source=str(args.data_dir), force=args.force)
+    if not update["photos"]:  # every photo is in the bank already: the file stays as it is
+        print(printable(f"added nothing from {args.data_dir}: the model has learnt all {len(paths)} photos already; "
+                        "nothing saved"))
+        return 0
     kept = model.save_update(output, since)
     for name in update["forced"]:
         print(printable(f"warning: {name} scores above {model.config.good_score_limit:g} x the threshold; added "
                         "because of --force"))
+    for name in update["already_learnt"]:
+        print(printable(f"note: {name} is a photo the model has learnt already; not added again"))
     print(f"added {update['photos']} photos confirmed good from {args.data_dir}: memory bank "
           f"{update['bank_before']} -> {update['bank_after']} patches, threshold {update['threshold_before']:.3f} -> "
           f"{update['threshold_after']:.3f} ({update['seconds']:.1f} s); saved to {output}"

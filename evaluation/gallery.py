@@ -135,6 +135,8 @@ def update_lines(updates: list[dict[str, Any]]) -> list[str]:
                 f"{number(update.get('threshold_after'), 3)}")
         if update.get("refused"):
             line += f"; refused as too far above the threshold: {', '.join(update['refused'])}"
+        if update.get("already_learnt"):
+            line += f"; learnt already, not added again: {', '.join(update['already_learnt'])}"
         if update.get("forced"):
             line += f"; added although far above the threshold (forced): {', '.join(update['forced'])}"
         lines.append(line)

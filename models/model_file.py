@@ -65,6 +65,7 @@ STATE_TYPES: dict[str, type | tuple[type, ...]] = {
 }
 OPTIONAL_STATE_TYPES: dict[str, type | tuple[type, ...]] = {  # keys older files lack
     "coreset_projection": (dict, type(None)),
+    "learnt_photos": bytes,
 }
 
 
@@ -78,11 +79,18 @@ def checked_updates(updates: Any) -> list[dict[str, Any]]:
         and all(isinstance(key, str) and isinstance(value, _UPDATE_VALUE_TYPES) for key, value in update.items())
         and isinstance(update.get("photos"), int)
         and all(isinstance(update.get(key, ""), str) for key in ("source", "time"))
-        and all(isinstance(name, str) for key in ("refused", "forced") for name in update.get(key, []))
+        and all(isinstance(name, str) for key in ("refused", "forced", "already_learnt") for name in update.get(key, []))
         for update in updates
     ):
         raise ValueError("updates must be a list of update records")
     return [dict(update) for update in updates]
+
+
+def checked_fingerprints(packed: bytes, size: int) -> frozenset[bytes]:
+    """The fingerprints of the photos in a bank, stored one after another ``size`` bytes each, or ValueError."""
+    if len(packed) % size:
+        raise ValueError(f"learnt_photos must hold whole {size}-byte fingerprints, not {len(packed)} bytes")
+    return frozenset(packed[start : start + size] for start in range(0, len(packed), size))
 
 
 _NUMBER = (int, float)

@@ -11,6 +11,7 @@ runs without it.
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib.metadata
 import math
 import platform
@@ -48,6 +49,7 @@ from models.model_file import (
     check_state,
     check_unchanged,
     checked_calibration,
+    checked_fingerprints,
     checked_updates,
     file_identity,
     keep_previous,
@@ -100,6 +102,15 @@ def photo_names(images: Sequence[str | Path | np.ndarray]) -> list[str]:
     return [str(image) if isinstance(image, (str, Path)) else f"photo {number}" for number, image in enumerate(images)]
 
 
+FINGERPRINT_BYTES = 16  # of a model input's BLAKE2b digest: a chance collision is out of reach at any bank size
+
+
+def fingerprint(item: Preprocessed) -> bytes:
+    """What tells the same photo confirmed twice: the digest of its model input (the same file, or the same
+    pixels in another file, give the same input under the model's settings)."""
+    return hashlib.blake2b(np.ascontiguousarray(item.image).tobytes(), digest_size=FINGERPRINT_BYTES).digest()
+
+
 def anomaly_confidence_from_sigma(sigma: float) -> float:
     """The share of healthy scores within ±sigma of their centre: 1σ -> 68%, 2σ -> 95%, 3σ -> 99.7%;
     0 at or below it. It says how unusual a score is for a healthy part, not how sure the verdict
@@ -132,6 +143,7 @@ class PatchCore:
         self.model_file: Path | None = None  # the file it was loaded from, named in its errors
         self.file_identity: FileIdentity | None = None  # that file as loaded or last saved
         self.updates: list[dict[str, Any]] = []  # confirmed-good photos added since the fit (add_good)
+        self.learnt_photos: frozenset[bytes] = frozenset()  # fingerprints of the photos in the bank (fit and updates)
         # Seconds per stage, summed since the last fit started: the fit's own stages, and predict_*
         # over the predict calls since; scripts/benchmark.py reads them.
         self.timings: dict[str, float] = {}
@@ -199,6 +211,7 @@ class PatchCore:
         by_fold = [new_coreset(fold_ratio, config.seed + 1 + fold) for fold in range(n_folds)] if calibrate else []
         patches_of: list[tuple[np.ndarray, np.ndarray, Preprocessed] | None] = []  # what a scored photo's map needs
         patch_counts: list[int] = []  # patches each photo gave the bank's coreset, in order
+        learnt: set[bytes] = set()
 
         def take(batch: list[Preprocessed], features: torch.Tensor) -> None:
             """Hand one batch's object patches to the coresets, in photo order."""
@@ -225,6 +238,7 @@ class PatchCore:
         with ThreadPoolExecutor(max_workers=1) as coreset_worker:
             waiting: deque[Future[None]] = deque()
             for batch in self._clocked(self._batches(images, progress, "memory bank"), "load_preprocess"):
+                learnt.update(fingerprint(item) for item in batch)
                 stage = time.perf_counter()
                 features = extractor.tensor(np.stack([item.image for item in batch]))
                 self._clock("features", stage)
@@ -244,6 +258,7 @@ class PatchCore:
         self._clock("coreset", stage)
         self._index = None
         self.n_train = len(images)
+        self.learnt_photos = frozenset(learnt)
         if calibrate:
             owner = np.repeat(np.arange(len(images)), patch_counts)[whole.kept_indices]  # photo of each bank patch
             shared = self.memory_bank[~scored[owner]]
@@ -373,8 +388,11 @@ class PatchCore:
         join the bank by the fit's coreset rule with the bank's patches counted as already kept, so
         the bank grows by ``coreset_sampling_ratio`` of the new patches. The threshold is set from
         the held-out scores the model holds and the new ones together (``set_calibration``); the new
-        ones were taken against the smaller bank, so it errs high. Returns the update's record,
-        which ``updates`` (saved in the model file) gains; ``labels`` name the photos in it.
+        ones were taken against the smaller bank, so it errs high. A photo the bank holds already (its
+        ``fingerprint``: confirmed twice, or sent again) is not added again, for its second score, taken
+        by a bank that holds it, would pull the threshold down; the record lists it as ``already_learnt``.
+        Returns the update's record, which ``updates`` (saved in the model file) gains; ``labels`` name
+        the photos in it.
         """
         from models.coreset import StreamingCoreset
 
@@ -397,6 +415,10 @@ class PatchCore:
         far: list[str] = []  # above the limit: refused
         forced: list[str] = []  # above the limit, added because of ``force``
         unusable: list[str] = []  # unreadable, or failing a training photo's checks: the update is refused
+        repeated: list[str] = []  # in the bank already: not added again
+        first_of: dict[bytes, str] = {}  # fingerprint -> the photo of this update that carries it first
+        copies: list[tuple[str, str]] = []  # (a photo, the earlier one of this update it repeats): the same outcome
+        marks: list[bytes] = []  # fingerprints of the photos this update adds
         position = 0
         for batch in self._batches(images, progress, "adding good photos", checked_labels=names):
             batch_names, position = names[position : position + len(batch)], position + len(batch)
@@ -404,9 +426,21 @@ class PatchCore:
             usable = [(name, item) for name, item in zip(batch_names, batch) if not isinstance(item, ImageReadError)]
             if not usable or unusable:  # nothing joins a bank the update will not keep
                 continue
-            items = [item for _, item in usable]
+            fresh = []
+            for name, item in usable:
+                mark = fingerprint(item)
+                if mark in self.learnt_photos:
+                    repeated.append(name)
+                elif mark in first_of:
+                    copies.append((name, first_of[mark]))
+                else:
+                    first_of[mark] = name
+                    fresh.append((name, item, mark))
+            if not fresh:
+                continue
+            items = [item for _, item, _ in fresh]
             photos = self._seen_patches(items, extractor(np.stack([item.image for item in items])))
-            for (name, _), (patches, _, _), anomaly_map in zip(usable, photos, self._anomaly_maps(photos)):
+            for (name, _, mark), (patches, _, _), anomaly_map in zip(fresh, photos, self._anomaly_maps(photos)):
                 score = float(anomaly_map.max())
                 if not math.isfinite(score):
                     raise UserError(f"{name}: its score is not a finite number; it cannot join the bank")
@@ -415,7 +449,10 @@ class PatchCore:
                     if not force:
                         continue
                 scores.append(score)
+                marks.append(mark)
                 coreset.add(patches)
+        for name, first in copies:
+            (far if first in far else repeated).append(name)
         if unusable:
             raise UserError(unusable_photos(unusable, len(images), "photos confirmed good"))
         if far and not skip_refused:
@@ -430,6 +467,7 @@ class PatchCore:
             "source": source,
             "refused": far,
             "forced": forced,
+            "already_learnt": repeated,
             "threshold_before": float(self.threshold),
             "bank_before": int(len(self.memory_bank)),
         }
@@ -442,6 +480,7 @@ class PatchCore:
         self._index = None
         self.coverage_radius = max(self.coverage_radius, coreset.covering_radius)
         self.n_train += len(scores)
+        self.learnt_photos = self.learnt_photos | frozenset(marks)
         total = len(scores) + sum(int(update["photos"]) for update in self.updates)
         self.set_calibration(
             np.concatenate([old_scores, np.asarray(scores, dtype=np.float32)]),
@@ -740,6 +779,7 @@ class PatchCore:
             "coverage_radius": self.coverage_radius,
             "weights_identity": self.weights_identity,
             "updates": self.updates,
+            "learnt_photos": b"".join(sorted(self.learnt_photos)),
             "seed": self.config.seed,
             "versions": {
                 "python": platform.python_version(),
@@ -828,6 +868,7 @@ class PatchCore:
         model.coverage_radius = float(state.get("coverage_radius", math.nan))  # absent from older files
         model.weights_identity = state["weights_identity"]
         model.updates = checked_updates(state.get("updates", []))  # absent from files written before any update
+        model.learnt_photos = checked_fingerprints(state.get("learnt_photos", b""), FINGERPRINT_BYTES)  # absent: older
         check_fitted_values(
             model.config, model.threshold, model.memory_bank, model.calibration_scores, model.calibration, model.n_train
         )

@@ -397,6 +397,9 @@ def test_an_update_line_names_the_photos_refused_and_forced():
     assert "memory bank 10 -> 12 patches, threshold 1.000 -> 1.250" in line
     assert "refused as too far above the threshold: odd.png" in line
     assert "added although far above the threshold (forced): dark.png" in line
+    assert "learnt already" not in line
+    (again,) = update_lines([{**UPDATE, "already_learnt": ["a.png", "b.png"]}])
+    assert "; learnt already, not added again: a.png, b.png" in again
     assert "refused" not in update_lines([{**UPDATE, "refused": [], "forced": []}])[0]
 
 
@@ -459,10 +462,10 @@ def test_a_model_file_replaced_on_disk_since_it_was_loaded_is_never_saved_over(h
     from models.patchcore import learn_on_a_copy
 
     serving = fresh(half_model, tmp_path, "line.pkl")
-    photos = train_images(small_screw_dir)[6:8]
+    photos, later = train_images(small_screw_dir)[6:8], train_images(small_screw_dir)[8:10]
     updated, _ = learn_on_a_copy(serving, tmp_path / "line.pkl", photos, [p.name for p in photos], "POST /feedback")
     assert updated is not None  # an update of the file it loaded (and saved) goes through, again and again
-    updated, _ = learn_on_a_copy(updated, tmp_path / "line.pkl", photos, [p.name for p in photos], "POST /feedback")
+    updated, _ = learn_on_a_copy(updated, tmp_path / "line.pkl", later, [p.name for p in later], "POST /feedback")
     assert updated is not None and len(updated.updates) == 2
     half_model.save(tmp_path / "new_fit.pkl")
     (tmp_path / "new_fit.pkl").replace(tmp_path / "line.pkl")
@@ -486,3 +489,48 @@ def test_a_door_that_learns_nothing_leaves_the_model_file_as_it_was(half_model, 
                                       "POST /feedback")
     assert updated is None and update["photos"] == 0 and update["refused"] == ["noise.png"]
     assert (tmp_path / "line.pkl").read_bytes() == original and not list(tmp_path.glob("line.before-update-*"))
+
+
+def test_a_photo_the_bank_holds_already_is_not_learnt_again(half_model, small_screw_dir, tmp_path):
+    """An operator who confirms a photo twice (or a photo of the fit, or the same pixels in another file) must
+    not teach it twice: its second score, by a bank that holds it, would pull the threshold down."""
+    model = fresh(half_model, tmp_path)
+    photos = train_images(small_screw_dir)
+    copy_of_seventh = tmp_path / "copy.png"
+    copy_of_seventh.write_bytes(photos[7].read_bytes())
+    first = model.add_good([photos[6], photos[6], copy_of_seventh, photos[7], photos[0]], progress=False)
+    assert first["photos"] == 2 and model.n_train == 8
+    assert first["already_learnt"] == [str(photos[0]), str(photos[6]), str(photos[7])]
+    assert model.calibration_scores.size == half_model.calibration_scores.size + 2
+    model.save(tmp_path / "updated.pkl")
+    reloaded = PatchCore.load(tmp_path / "updated.pkl")  # the fingerprints are in the file
+    bank, threshold = reloaded.memory_bank.copy(), reloaded.threshold
+    again = reloaded.add_good([photos[6], copy_of_seventh, photos[1]], progress=False)
+    assert again["photos"] == 0 and len(again["already_learnt"]) == 3
+    np.testing.assert_array_equal(reloaded.memory_bank, bank)
+    assert reloaded.threshold == threshold and reloaded.updates == [first]
+
+
+def test_a_copy_of_a_photo_refused_in_the_same_update_is_refused_too(half_model, tmp_path):
+    model = fresh(half_model, tmp_path)
+    for name in ("odd.png", "odd_again.png"):
+        cv2.imwrite(str(tmp_path / name), noise_photo())
+    update = model.add_good([tmp_path / "odd.png", tmp_path / "odd_again.png"], progress=False, skip_refused=True)
+    assert update["photos"] == 0 and update["already_learnt"] == []
+    assert update["refused"] == [str(tmp_path / "odd.png"), str(tmp_path / "odd_again.png")]
+
+
+def test_add_good_of_photos_learnt_already_saves_nothing(half_model, small_screw_dir, tmp_path, capsys):
+    half_model.save(tmp_path / "line.pkl")
+    folder = tmp_path / "confirmed"
+    folder.mkdir()
+    for image in train_images(small_screw_dir)[6:8]:
+        (folder / image.name).symlink_to(image.resolve())
+    args = ["--add-good", "--model", str(tmp_path / "line.pkl"), "--data-dir", str(folder), "--quiet"]
+    assert train_main(args) == 0
+    updated = (tmp_path / "line.pkl").read_bytes()
+    capsys.readouterr()
+    assert train_main(args) == 0  # the same folder confirmed again
+    assert capsys.readouterr().out == f"added nothing from {folder}: the model has learnt all 2 photos already; nothing saved\n"
+    assert (tmp_path / "line.pkl").read_bytes() == updated
+    assert not (tmp_path / "line.before-update-2.pkl").exists()

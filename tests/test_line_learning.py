@@ -215,14 +215,18 @@ def test_photos_moved_into_confirmed_good_are_learnt_by_the_watcher(fitted_model
         # moved in while it runs: refused, and an update that learns nothing leaves the files as they are
         (out / "confirmed_good" / "noise2.png").write_bytes((out / "not_learned" / "noise.png").read_bytes())
         again = wait_for_lines(outputs.jsonl, 4, timeout=240)[3]
+        # a learnt photo confirmed again (another copy of it): not learnt twice, sorted with the learnt ones
+        (out / "confirmed_good" / "copy.png").write_bytes(unseen[0].read_bytes())
+        repeated = wait_for_lines(outputs.jsonl, 5, timeout=240)[4]
     finally:
         stop.set()
         thread.join(timeout=60)
     assert update["event"] == "update" and update["photos"] == 2 and update["refused"] == ["noise.png"]
     assert update["source"] == str(out / "confirmed_good")
-    assert sorted(path.name for path in (out / "learned").iterdir()) == sorted(path.name for path in unseen[:2])
+    assert sorted(path.name for path in (out / "learned").iterdir()) == sorted(["copy.png", *(p.name for p in unseen[:2])])
     assert sorted(path.name for path in (out / "not_learned").iterdir()) == ["noise.png", "noise2.png"]
     assert again["event"] == "update" and again["photos"] == 0 and again["refused"] == ["noise2.png"]
+    assert repeated["photos"] == 0 and repeated["already_learnt"] == ["copy.png"] and repeated["refused"] == []
     assert (tmp_path / "line.before-update-1.pkl").read_bytes() == original
     assert (tmp_path / "line.pkl").read_bytes() == updated and not (tmp_path / "line.before-update-2.pkl").exists()
     saved = PatchCore.load(tmp_path / "line.pkl")

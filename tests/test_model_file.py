@@ -302,6 +302,12 @@ CORRUPTIONS = {
         lambda s: s.update(updates=[{"photos": 1, "source": 5}]), "updates must be a list of update"
     ),
     "update refusing a number": (lambda s: s.update(updates=[{"photos": 1, "refused": [3]}]), "updates must be a list"),
+    "update naming a photo learnt already by a number": (
+        lambda s: s.update(updates=[{"photos": 1, "already_learnt": [3]}]), "updates must be a list"
+    ),
+    # the fingerprints that keep a photo from being learnt twice
+    "fingerprints cut short": (lambda s: s.update(learnt_photos=bytes(17)), "learnt_photos must hold whole 16-byte"),
+    "fingerprints that are text": (lambda s: s.update(learnt_photos="ab" * 8), "learnt_photos has the wrong type"),
     "stated rate without its interval": (
         lambda s: s["calibration"].pop("interval_per_1000"), "calibration interval_per_1000 must be two finite numbers"
     ),
