@@ -283,6 +283,10 @@ class Config:
         1.5, "a photo confirmed good that scores above this many thresholds is refused unless forced",
         minimum=1, maximum=1000,
     )
+    update_copies_kept: int = setting(
+        10, "copies of the model file an update keeps beside it to undo it: the newest ones, and always the fit's",
+        minimum=1, maximum=1_000_000,
+    )
     drift_window: int = setting(
         200, "recent passed photos whose scores the drift check watches", minimum=5, maximum=1_000_000
     )

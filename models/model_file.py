@@ -9,8 +9,10 @@ Updates made on the line keep the file they replace beside it, so an update can 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import re
 import pickle
 import stat
 from pathlib import Path
@@ -148,13 +150,15 @@ def check_unchanged(path: str | Path, since: FileIdentity | None) -> None:
         )
 
 
-def keep_previous(path: str | Path, update: int) -> Path | None:
+def keep_previous(path: str | Path, update: int, copies_kept: int) -> Path | None:
     """Copy the model file about to be replaced by update number ``update`` to
     ``<name>.before-update-<n>.pkl`` (atomically, with the file's own mode: a private model
     stays private), so the update can be undone; None when there is no file to keep.
 
     ``n`` is the first number from ``update`` on that no earlier copy holds: a copy is never
-    overwritten, as one of them may hold the only copy of the fit."""
+    overwritten, as one of them may hold the only copy of the fit. Of the copies, the
+    ``copies_kept`` newest and the oldest (the fit) stay; the others are removed, or a line that
+    learns all day fills its disk with them."""
     path = Path(path)
     if not path.is_file():
         return None
@@ -163,6 +167,11 @@ def keep_previous(path: str | Path, update: int) -> Path | None:
         update += 1
         kept = path.with_name(f"{path.stem}.before-update-{update}{path.suffix}")
     write_atomically(kept, path.read_bytes(), mode=stat.S_IMODE(path.stat().st_mode))
+    numbered = re.compile(rf"{re.escape(path.stem)}\.before-update-([1-9][0-9]*){re.escape(path.suffix)}")
+    copies = sorted((int(match[1]), copy) for copy in path.parent.iterdir() if (match := numbered.fullmatch(copy.name)))
+    for _, old in copies[1:-copies_kept]:
+        with contextlib.suppress(OSError):  # a copy that cannot be removed costs disk, never the update
+            old.unlink()
     return kept
 
 

@@ -812,7 +812,7 @@ class PatchCore:
         since is never saved over (``check_unchanged``), or one of two updates made at once is lost.
         """
         check_unchanged(path, since)
-        kept = keep_previous(path, len(self.updates))
+        kept = keep_previous(path, len(self.updates), self.config.update_copies_kept)
         self.save(path)
         self.file_identity = file_identity(path)
         return kept

@@ -181,7 +181,7 @@ def test_a_kept_copy_cut_short_by_a_full_disk_is_not_left_behind(tmp_path):
         "import resource, sys\n"
         "from models.model_file import keep_previous\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY))\n"
-        f"try:\n    keep_previous({str(path)!r}, 1)\nexcept OSError as error:\n    sys.exit(f'refused: {{error}}')\n"
+        f"try:\n    keep_previous({str(path)!r}, 1, 10)\nexcept OSError as error:\n    sys.exit(f'refused: {{error}}')\n"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.stderr.startswith("refused: ") and "File too large" in result.stderr, result.stderr
@@ -194,13 +194,31 @@ def test_a_kept_copy_never_overwrites_an_earlier_one(tmp_path):
 
     path = tmp_path / "line.pkl"
     path.write_bytes(b"the fit")
-    assert keep_previous(path, 1) == tmp_path / "line.before-update-1.pkl"
+    assert keep_previous(path, 1, 10) == tmp_path / "line.before-update-1.pkl"
     path.write_bytes(b"the first update")
-    assert keep_previous(path, 1) == tmp_path / "line.before-update-2.pkl"
+    assert keep_previous(path, 1, 10) == tmp_path / "line.before-update-2.pkl"
     assert (tmp_path / "line.before-update-1.pkl").read_bytes() == b"the fit"
     assert (tmp_path / "line.before-update-2.pkl").read_bytes() == b"the first update"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["line.before-update-1.pkl", "line.before-update-2.pkl",
                                                           "line.pkl"]  # no temporary left
+
+
+def test_updates_keep_the_newest_copies_and_the_fits_and_remove_the_others(tmp_path):
+    """A line that learns all day must not fill its disk with copies; the fit's copy is the one to fall back on."""
+    from models.model_file import keep_previous
+
+    path = tmp_path / "line.pkl"
+    (tmp_path / "line.before-update-x.pkl").write_bytes(b"not one of ours")
+    (tmp_path / "other.before-update-1.pkl").write_bytes(b"another model's")
+    for update in range(1, 7):
+        path.write_bytes(b"the fit" if update == 1 else f"update {update - 1}".encode())
+        assert keep_previous(path, update, 3) == tmp_path / f"line.before-update-{update}.pkl"
+    assert sorted(p.name for p in tmp_path.glob("line.before-update-*")) == [
+        "line.before-update-1.pkl", "line.before-update-4.pkl", "line.before-update-5.pkl", "line.before-update-6.pkl",
+        "line.before-update-x.pkl"]
+    assert (tmp_path / "line.before-update-1.pkl").read_bytes() == b"the fit"
+    assert (tmp_path / "line.before-update-6.pkl").read_bytes() == b"update 5"
+    assert (tmp_path / "other.before-update-1.pkl").exists()
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask-022", "umask-077"])
@@ -213,7 +231,7 @@ def test_a_kept_copy_has_the_mode_of_the_file_it_keeps(tmp_path, umask):
     path.chmod(0o600 if umask == 0o022 else 0o644)
     previous = os.umask(umask)
     try:
-        kept = keep_previous(path, 1)
+        kept = keep_previous(path, 1, 10)
     finally:
         os.umask(previous)
     assert stat.S_IMODE(kept.stat().st_mode) == stat.S_IMODE(path.stat().st_mode)
