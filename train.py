@@ -5,7 +5,9 @@ model file, and, when the folder has a ``test`` split, evaluates it and writes a
 when some test photos cannot be read: each is named, the rest are evaluated).
 
 ``--recalibrate --model M --data-dir D`` moves a saved model's threshold to the healthy photos of
-D (``D/train/good`` when it exists, else every photo under D) without refitting its memory bank.
+D (``D/train/good`` when it exists, else every photo under D) without refitting its memory bank;
+``--recalibrate --model M --false-alarm-rate R`` alone reads the threshold for another rate off the
+held-out healthy scores M keeps.
 
 ``--add-good --model M --data-dir D`` adds the photos of D, confirmed good on the line, to the
 memory bank of M without a refit and re-calibrates (docs/learning-on-the-line.md); the file it
@@ -42,7 +44,7 @@ CONFIG_FIELDS = {item.name for item in fields(Config)}
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
+    source = parser.add_mutually_exclusive_group()
     source.add_argument("--category", help="MVTec AD category under data/mvtec_ad (e.g. screw, metal_nut)")
     source.add_argument("--data-dir", type=Path, help="any folder with train/good (and optionally test/, ground_truth/)")
     parser.add_argument("--output", type=Path, help="model file (default saved_models/patchcore_<name>.pkl)")
@@ -50,7 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--recalibrate",
         action="store_true",
         help="fit nothing: score the healthy photos of --data-dir with the saved --model and make them its "
-        "calibration set (threshold, sigma); the memory bank is kept as it is. Written to --output, "
+        "calibration set (threshold, sigma); without --data-dir, read the threshold for --false-alarm-rate off "
+        "the held-out scores the model keeps. The memory bank is kept as it is. Written to --output, "
         "default: --model itself",
     )
     parser.add_argument(
@@ -80,8 +83,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quiet", action="store_true", help="no progress bars, only the result lines")
     add_config_arguments(parser)
     args = parser.parse_args(argv)
-    if args.recalibrate and not (args.model and args.data_dir):
-        parser.error("--recalibrate needs --model (the saved model) and --data-dir (a folder of healthy photos)")
+    if args.recalibrate and not (args.model and (args.data_dir or args.false_alarm_rate is not None)):
+        parser.error("--recalibrate needs --model (the saved model) and --data-dir (a folder of healthy photos "
+                     "the model has not seen), or --false-alarm-rate alone to change only the rate")
+    if not (args.category or args.data_dir or args.recalibrate):
+        parser.error("one of the arguments --category --data-dir is required")
     if args.recalibrate and args.add_good:
         parser.error("--recalibrate and --add-good are two different updates; run one at a time")
     if args.add_good and not (args.model and args.data_dir):
@@ -129,10 +135,19 @@ def recalibrate(args: argparse.Namespace) -> int:
     from models.patchcore import PatchCore
 
     model = PatchCore.load(args.model)
+    output = args.output or args.model
+    if args.data_dir is None:
+        check_model_output(output)
+        before = model.threshold
+        model.set_false_alarm_rate(args.false_alarm_rate)
+        model.save(output)
+        print(f"false_alarm_rate {args.false_alarm_rate:g}, read off the {model.calibration_scores.size} held-out "
+              f"healthy scores the model keeps: threshold {before:.3f} -> {model.threshold:.3f}; saved to {output}")
+        print_calibration(model)
+        return 0
     if args.false_alarm_rate is not None:
         model.config = model.config.replace(false_alarm_rate=args.false_alarm_rate)
     paths = healthy_photos(args.data_dir)
-    output = args.output or args.model
     check_model_output(output)  # before scoring, as for a fit
     refuse_unusable_photos(paths, model.config)
     before = model.threshold

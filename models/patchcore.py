@@ -346,6 +346,14 @@ class PatchCore:
         }
         self.threshold = tail.threshold(exceedance)
 
+    def set_false_alarm_rate(self, false_alarm_rate: float) -> None:
+        """Read the threshold for another rate off the held-out scores the model keeps: no photos are needed,
+        and what the record says of them (their source, the photos it listed or left out) stays true."""
+        kept = {key: self.calibration[key] for key in ("unlike_the_rest", "left_out") if key in self.calibration}
+        self.config = self.config.replace(false_alarm_rate=false_alarm_rate)
+        self.set_calibration(self.calibration_scores, self.calibration_method)
+        self.calibration.update(kept)
+
     def threshold_for(self, false_alarm_rate: float) -> float:
         """The threshold this model's healthy scores give another false-alarm rate (same rule, same floor)."""
         law = fit_tail(self.calibration_scores, float(self.calibration.get("spread_floor", 0.0)))
@@ -362,7 +370,19 @@ class PatchCore:
                 f"re-calibration needs at least 2 healthy photos (got {len(images)}): a threshold is read off "
                 "the spread of their scores"
             )
-        scores = [p.score for p in self.predict(images, progress=progress, description="re-calibration")]
+        scores, in_bank = [], []
+        for name, (item, prediction) in zip(photo_names(images), self._scored(images, progress, "re-calibration")):
+            scores.append(prediction.score)
+            if fingerprint(item) in self.learnt_photos:
+                in_bank.append(name)
+        if in_bank:
+            raise UserError(
+                f"{len(in_bank)} of {len(images)} photos are in the memory bank already (the model was fitted on "
+                "them or learnt them): a bank scores its own photos low, so the threshold would drop and flag "
+                "healthy parts; re-calibrate on healthy photos the model has not seen, or change only the rate "
+                f"with --false-alarm-rate and no --data-dir: {'; '.join(in_bank[:5])}"
+                + (f" and {len(in_bank) - 5} more" if len(in_bank) > 5 else "")
+            )
         origin = f" from {source}" if source else ""
         self.set_calibration(
             np.asarray(scores), f"re-calibrated on {len(scores)} healthy photos{origin}", photo_names(images)
@@ -551,20 +571,26 @@ class PatchCore:
         self, images: Sequence[str | Path | np.ndarray], progress: bool = False, description: str = "scoring"
     ) -> list[Prediction]:
         """Score photos (paths or 8-bit RGB arrays); maps come back at each photo's own size."""
+        return [prediction for _, prediction in self._scored(images, progress, description)]
+
+    def _scored(
+        self, images: Sequence[str | Path | np.ndarray], progress: bool, description: str
+    ) -> Iterator[tuple[Preprocessed, Prediction]]:
+        """Each photo as the network took it, with its verdict: ``recalibrate`` tells by the first whether the
+        bank holds the photo already."""
         if self.memory_bank is None:
             raise RuntimeError("the model is not fitted: call fit() or PatchCore.load() first")
         extractor = self._feature_extractor()
-        predictions = []
         for batch in self._clocked(self._batches(images, progress, description), "predict_load_preprocess"):
             stage = time.perf_counter()
             features = extractor(np.stack([item.image for item in batch]))
             self._clock("predict_features", stage)
             stage = time.perf_counter()
             photos = self._seen_patches(batch, features)
-            for item, anomaly_map in zip(batch, self._anomaly_maps(photos)):
-                predictions.append(self._prediction(item.warnings, anomaly_map))
+            scored = [(item, self._prediction(item.warnings, anomaly_map))
+                      for item, anomaly_map in zip(batch, self._anomaly_maps(photos))]
             self._clock("predict_knn_map", stage)
-        return predictions
+            yield from scored
 
     def prepare_to_score(self) -> None:
         """Open the network and build the index now, by scoring a black photo: an always-on door (the

@@ -579,9 +579,9 @@ def test_threshold_for_follows_the_models_own_rule_and_spread_floor(fitted_model
     assert model.threshold > 10 and model.threshold_for(model.config.false_alarm_rate) == pytest.approx(model.threshold)
 
 
-def test_recalibration_needs_photos_and_names_a_photo_unlike_the_rest(fitted_model, small_screw_dir, tmp_path):
+def test_recalibration_needs_photos_and_names_a_photo_unlike_the_rest(fitted_model, screw_dir, tmp_path):
     model = PatchCore.load(_saved(fitted_model, tmp_path))
-    healthy = train_images(small_screw_dir)
+    healthy = train_images(screw_dir)[-12:]  # photos the model was not fitted on (it has the first 12)
     for too_few in ([], healthy[:1]):  # as a fit: one photo's score has no spread (it promised 497 in 1,000)
         with pytest.raises(UserError, match=f"at least 2 healthy photos \\(got {len(too_few)}\\)"):
             model.recalibrate(too_few, progress=False)

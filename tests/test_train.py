@@ -341,6 +341,42 @@ def test_recalibrate_moves_the_threshold_and_keeps_the_memory_bank(tmp_path, fit
     assert result.stderr == ""
 
 
+def test_recalibrate_on_the_photos_the_model_was_fitted_on_is_refused(tmp_path, fitted_model, small_screw_dir):
+    """The training folder is the folder at hand, but a bank scores its own photos low: the threshold would drop
+    and flag healthy parts by the dozen, under a promise that still read 1 in 100."""
+    model_path = tmp_path / "model.pkl"
+    fitted_model.save(model_path)
+    original = model_path.read_bytes()
+    result = run_train("--recalibrate", "--model", str(model_path), "--data-dir", str(small_screw_dir), "--quiet",
+                       cwd=tmp_path)
+    count = len(train_images(small_screw_dir))
+    assert one_line_error(result).startswith(
+        f"error: {count} of {count} photos are in the memory bank already (the model was fitted on them or learnt "
+        "them)")
+    assert model_path.read_bytes() == original
+
+
+def test_recalibrate_with_a_rate_alone_reads_the_threshold_off_the_scores_the_model_keeps(tmp_path, fitted_model):
+    """Another promise needs no photos: the held-out scores of the fit are in the model file."""
+    from models.patchcore import PatchCore
+
+    model_path = tmp_path / "model.pkl"
+    fitted_model.save(model_path)
+    result = run_train("--recalibrate", "--model", str(model_path), "--false-alarm-rate", "0.1", "--quiet",
+                       cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    changed = PatchCore.load(model_path)
+    assert changed.threshold == pytest.approx(fitted_model.threshold_for(0.1), rel=1e-6)
+    assert changed.threshold < fitted_model.threshold and changed.config.false_alarm_rate == 0.1
+    np.testing.assert_array_equal(changed.calibration_scores, fitted_model.calibration_scores)
+    np.testing.assert_array_equal(changed.memory_bank, fitted_model.memory_bank)
+    assert changed.calibration_method == fitted_model.calibration_method
+    assert changed.calibration["false_alarm_rate"] == 0.1
+    assert result.stdout.splitlines()[0] == (
+        f"false_alarm_rate 0.1, read off the {fitted_model.calibration_scores.size} held-out healthy scores the "
+        f"model keeps: threshold {fitted_model.threshold:.3f} -> {changed.threshold:.3f}; saved to {model_path}")
+
+
 @pytest.mark.parametrize("args", [["--recalibrate", "--data-dir", "x"], ["--recalibrate", "--model", "m.pkl"],
                                   ["--recalibrate", "--model", "m.pkl", "--data-dir", "x", "--image-size", "128"],
                                   ["--data-dir", "x", "--model", "m.pkl"],
