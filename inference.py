@@ -29,6 +29,7 @@ from typing import Any
 
 from config import DEVICE_OVERRIDE_HELP, DEVICES, fail, printable, run_cli
 from models.backend import RUNTIME_HELP, RUNTIMES
+from models.model_file import check_not_the_model
 from output_files import check_not_an_input, check_output_folder, check_writable, json_document, write_atomically
 from preprocessing.io import find_images
 
@@ -132,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         outputs = WatchOutputs(jsonl=args.jsonl, csv=args.csv, sort_into=args.sort_into, heatmaps=heatmaps,
                                state=args.state)
         outputs.check(args.watch)  # before the model loads: a read-only or full output stops nothing later
+        for path in filter(None, [outputs.jsonl, outputs.csv, outputs.state]):
+            check_not_the_model(path, args.model)
     from models.patchcore import PatchCore
 
     model = PatchCore.load(args.model, device=args.device, runtime=args.runtime)
@@ -173,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.csv:
         check_writable(args.csv)
         check_not_an_input(args.csv, [photo.source for photo in photos])
+        check_not_the_model(args.csv, args.model)
     records, gallery = score_all(model, photos, heatmap_dir, args.report, progress=not (args.quiet or args.json))
     if args.csv:  # the records first: whatever happens to the report, the run's results are kept
         write_atomically(args.csv, records_csv(records))

@@ -29,11 +29,11 @@ def check_writable(path: str | Path) -> None:
 
 
 def check_not_an_input(path: str | Path, inputs: Iterable[str | Path], what: str = "one of the photos to score") -> None:
-    """Refuse an output name that holds one of the run's input files (by any spelling: a link to it
-    or to its folder, a relative path): writing the results there would replace the input with them."""
-    target = _identities(path)
+    """Refuse an output name that holds one of the run's input files, or would (by any spelling: a link
+    to it or to its folder, a relative path): writing the results there would replace the input with them."""
+    target, where = _identities(path), Path(path).resolve()
     for source in inputs:
-        if target & _identities(source):
+        if target & _identities(source) or where == Path(source).resolve():
             raise OutputError(f"{path}: is {source}, {what}; give another file name")
 
 

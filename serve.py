@@ -22,6 +22,7 @@ from pathlib import Path
 
 from config import DEVICE_OVERRIDE_HELP, DEVICES, fail, run_cli
 from models.backend import RUNTIME_HELP, RUNTIMES
+from models.model_file import check_not_the_model
 from output_files import check_writable
 from runtime.connections import http_protocol
 from runtime.service import SETTINGS_ENV, ServiceSettings, create_app, settings_env
@@ -127,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     check_address(args.host, args.port, keyed=key is not None)
     if args.events_jsonl is not None:
         check_writable(args.events_jsonl)  # before the model loads, not at the first drift warning or update
+        check_not_the_model(args.events_jsonl, args.model)
     settings = ServiceSettings(
         model=str(args.model), runtime=args.runtime, device=args.device, api_key=key,
         max_upload_mb=args.max_upload_mb, queue_size=args.queue_size, batch_wait_ms=args.batch_wait_ms,

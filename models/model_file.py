@@ -22,7 +22,8 @@ import numpy as np
 
 from config import Config, UserError, brief, check_plain_data
 from models.backbones import feature_width
-from output_files import write_atomically
+from models.backend import onnx_path_for
+from output_files import check_not_an_input, write_atomically
 
 FORMAT_VERSION = 2  # 2: the image score is read off the anomaly map
 
@@ -34,6 +35,12 @@ class ModelFileError(UserError, ValueError):
 def write_state(path: str | Path, state: dict[str, Any]) -> None:
     """Write a model's plain-data state atomically: a crash never leaves a half-written file under ``path``."""
     write_atomically(path, pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def check_not_the_model(output: str | Path, model: str | Path) -> None:
+    """Refuse a results file that is the model file or its network's export, by any spelling: results
+    written or appended there would ruin the model, with no copy kept."""
+    check_not_an_input(output, [model, onnx_path_for(model)], "the model file or its ONNX export")
 
 
 def check_state(state: Any) -> dict[str, Any]:

@@ -448,6 +448,31 @@ def test_a_csv_named_as_one_of_the_photos_is_refused_before_scoring_and_the_phot
         assert "scored" not in out and photo.read_bytes() == before
 
 
+@pytest.mark.parametrize("named", ["model", "export", "export by a link"])
+@pytest.mark.parametrize("mode", ["--csv", "--watch --jsonl", "--watch --csv", "--watch --state"])
+def test_a_results_file_named_as_the_model_or_its_export_is_refused_and_the_model_kept(
+        model_file, small_screw_dir, tmp_path, capsys, named, mode):
+    """Results written or appended over the model file, or its network's export, would ruin the model with no
+    copy kept: refused at start, before anything is scored, whatever the spelling."""
+    folder = tmp_path / "batch"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(load_test_split(small_screw_dir)[0].path.read_bytes())
+    (tmp_path / "link").symlink_to(model_file.parent)
+    export = model_file.with_suffix(".onnx")
+    target = {"model": model_file, "export": export, "export by a link": tmp_path / "link" / export.name}[named]
+    before = model_file.read_bytes(), export.read_bytes()
+    *watch, flag = mode.split()
+    argv = ["--model", str(model_file), *(["--watch", str(folder)] if watch else ["--dir", str(folder)]), flag,
+            str(target)]
+    if flag == "--state":
+        argv += ["--jsonl", str(tmp_path / "results.jsonl")]
+    code = inference.run_cli(lambda: inference.main(argv))
+    out, err = capsys.readouterr()
+    assert code == 2 and err.splitlines() == [
+        f"error: {target}: is {target.resolve()}, the model file or its ONNX export; give another file name"], err
+    assert out == "" and (model_file.read_bytes(), export.read_bytes()) == before
+
+
 def test_a_csv_named_as_the_file_a_linked_photo_leads_to_is_refused(model_file, small_screw_dir, tmp_path, capsys):
     """A camera's photo linked into --dir: a CSV written at the camera's file would replace the photo."""
     camera, folder = tmp_path / "camera", tmp_path / "batch"

@@ -401,8 +401,12 @@ def test_each_worker_process_builds_the_service_from_the_same_settings(started, 
                             "or $FASTENER_API_KEY) so that only the line's clients can score photos and teach the model"),
     (["--events-jsonl", "{tmp}/model.pkl/events.jsonl"],
      "{tmp}/model.pkl/events.jsonl: cannot be written (Not a directory); any previous file is unchanged"),
+    (["--events-jsonl", "{tmp}/model.pkl"],
+     "{tmp}/model.pkl: is {tmp}/model.pkl, the model file or its ONNX export; give another file name"),
+    (["--events-jsonl", "{tmp}/model.onnx"],
+     "{tmp}/model.onnx: is {tmp}/model.onnx, the model file or its ONNX export; give another file name"),
 ], ids=["workers-0", "learn-with-2-workers", "absent-key-file", "port-65536", "port-minus-1", "open-without-a-key",
-        "events-file-in-a-file"])
+        "events-file-in-a-file", "events-file-is-the-model", "events-file-is-its-export"])
 def test_a_usage_problem_is_one_error_line_and_nothing_starts(started, args, says, tmp_path, capsys):
     """Each refusal names what to change, exits 2, and starts nothing (two learning workers would overwrite
     each other's model file)."""
