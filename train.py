@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from dataclasses import fields
 from typing import TYPE_CHECKING
 from pathlib import Path
@@ -26,7 +27,7 @@ from config import CATEGORY_DEFAULTS, Config, add_config_arguments, config_from_
 from evaluation.mvtec import load_test_split, train_images
 from models.backend import onnx_path_for
 from models.model_file import file_identity
-from output_files import OutputError, check_writable
+from output_files import OutputError, check_not_an_input, check_writable
 from preprocessing.io import (
     ImageReadError,
     find_images,
@@ -123,11 +124,12 @@ def healthy_photos(data_dir: Path) -> list[Path]:
     return paths
 
 
-def check_model_output(path: Path) -> None:
+def check_model_output(path: Path, photos: Sequence[Path] = ()) -> None:
     """The model file and the network's export written beside it (``<model>.onnx``), checked
-    before any long work."""
-    check_writable(path)
-    check_writable(onnx_path_for(path))
+    before any long work: each writable, and neither one of the ``photos`` the run reads."""
+    for written in (path, onnx_path_for(path)):
+        check_writable(written)
+        check_not_an_input(written, photos, "one of the photos this run reads")
 
 
 def recalibrate(args: argparse.Namespace) -> int:
@@ -148,7 +150,7 @@ def recalibrate(args: argparse.Namespace) -> int:
     if args.false_alarm_rate is not None:
         model.config = model.config.replace(false_alarm_rate=args.false_alarm_rate)
     paths = healthy_photos(args.data_dir)
-    check_model_output(output)  # before scoring, as for a fit
+    check_model_output(output, paths)  # before scoring, as for a fit
     refuse_unusable_photos(paths, model.config)
     before = model.threshold
     model.recalibrate(paths, progress=not args.quiet, source=str(args.data_dir))
@@ -201,7 +203,7 @@ def add_good(args: argparse.Namespace) -> int:
     output = args.output or args.model
     since = model.file_identity if args.output is None else file_identity(output)  # refused if changed meanwhile
     paths = healthy_photos(args.data_dir)
-    check_model_output(output)  # before scoring, as for a fit
+    check_model_output(output, paths)  # before scoring, as for a fit
     update = model.add_good(paths, progress=not args.quiet, source=str(args.data_dir), force=args.force)
     if not update["photos"]:  # every photo is in the bank already: the file stays as it is
         print(printable(f"added nothing from {args.data_dir}: the model has learnt all {len(paths)} photos already; "
@@ -259,8 +261,9 @@ def main(argv: list[str] | None = None) -> int:
 
     model_path = args.output or Path("saved_models") / f"patchcore_{name}.pkl"
     report_dir = Path("outputs") / model_path.stem
-    check_model_output(model_path)  # before the fit, not after it
-    has_test_split = bool(load_test_split(data_dir))
+    test_split = load_test_split(data_dir)
+    check_model_output(model_path, [*paths, *(sample.path for sample in test_split)])  # before the fit
+    has_test_split = bool(test_split)
     if has_test_split:
         check_writable(report_dir / "metrics.json")
     refuse_unusable_photos(paths, config)

@@ -105,3 +105,34 @@ def test_recalibrate_checks_its_output_and_every_photo_before_scoring(
     assert run_cli(lambda: train.main(common)) == 2
     assert "cut.png" in capsys.readouterr().err
     assert model_file.read_bytes() == before
+
+
+@pytest.mark.parametrize("command, photo", [("fit", "train/good/000.png"), ("fit", "test/good/000.png"),
+                                            ("--recalibrate", "train/good/000.png"),
+                                            ("--add-good", "train/good/000.png")])
+def test_a_model_output_named_as_a_photo_the_run_reads_is_refused_before_the_work(
+    fitted_model, small_screw_dir, tmp_path, monkeypatch, capsys, fit_configs, command, photo
+):
+    """--output train/good/000.png would write the model over a training photo (and the next fit on that folder
+    would find an unreadable photo): refused, naming it, before anything is fitted or scored."""
+    import train
+
+    data = tmp_path / "bolts"
+    (data / "train" / "good").mkdir(parents=True)
+    (data / "test" / "good").mkdir(parents=True)
+    for name, source in (("train/good/000.png", train_images(small_screw_dir)[0]),
+                         ("test/good/000.png", train_images(small_screw_dir)[-1])):
+        (data / name).write_bytes(source.read_bytes())
+    before = (data / photo).read_bytes()
+    model_file = tmp_path / "model.pkl"
+    fitted_model.save(model_file)
+    for update in ("recalibrate", "add_good"):
+        monkeypatch.setattr(PatchCore, update, lambda *a, **k: pytest.fail("scored before the checks"))
+    argv = ([] if command == "fit" else [command, "--model", str(model_file)]) + [
+        "--data-dir", str(data), "--output", str(data / photo), "--quiet"]
+    if command == "fit":
+        argv += ["--backbone", "efficientnet_lite0"]
+    assert run_cli(lambda: train.main(argv)) == 2
+    assert capsys.readouterr().err == f"error: {data / photo}: is {data / photo}, one of the photos this run reads; " \
+                                      "give another file name\n"
+    assert (data / photo).read_bytes() == before and fit_configs == []
