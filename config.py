@@ -56,13 +56,15 @@ def brief(value: Any) -> str:
     return _BRIEF.repr(value)
 
 
-_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# C0 and C1 control characters, and the marks that turn text's direction (which would show the rest of a
+# line, its score and verdict, reversed)
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def printable(text: str) -> str:
-    """``text`` with its control characters written as escapes (``\\n``, ``\\x1b``): a photo's name
-    printed in a table or an error line can neither break the line nor send the terminal an
-    escape sequence (clear the screen, or overwrite a verdict)."""
+    """``text`` with its control characters written as escapes (``\\n``, ``\\x1b``, ``\\u202e``): a photo's
+    name printed in a table or an error line can neither break the line, send the terminal an escape
+    sequence (clear the screen, or overwrite a verdict) nor turn the rest of the line around."""
     return _CONTROL_CHARACTERS.sub(lambda found: found.group().encode("unicode_escape").decode("ascii"), text)
 
 

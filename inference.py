@@ -221,7 +221,7 @@ def score_all(
         for scored in score_files(model, photos, heatmap_dir):
             records.append(scored.record)
             if scored.prediction is None:
-                tqdm.write(f"error: {scored.record['error']}", file=sys.stderr)
+                tqdm.write(printable(f"error: {scored.record['error']}"), file=sys.stderr)
             elif thumbnails:
                 from evaluation.gallery import scored_image  # only for a report
 

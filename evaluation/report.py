@@ -21,6 +21,7 @@ import numpy as np
 from sklearn.metrics import roc_curve
 from tqdm import tqdm
 
+from config import printable
 from evaluation.maps import DEFAULT_EVAL_SIZE
 from evaluation.metrics import (
     DEFAULT_MAX_FPR,
@@ -94,7 +95,7 @@ def evaluate(
 
 
 def _warn(message: str) -> None:
-    tqdm.write(f"warning: {message}", file=sys.stderr)
+    tqdm.write(printable(f"warning: {message}"), file=sys.stderr)
 
 
 def _score(

@@ -409,6 +409,8 @@ def test_a_setting_given_twice_in_yaml_is_an_error_not_one_value_dropped(tmp_pat
 def test_printable_escapes_control_characters_and_keeps_every_other_character():
     """What a table or an error line prints of a photo's name: one line, no terminal commands."""
     assert printable("a\nb\x1b[2Jc\td\x7f\x85é\udcff.png") == "a\\nb\\x1b[2Jc\\td\\x7f\\x85é\udcff.png"
+    # the marks that turn the text's direction: a name would show the score and verdict after it reversed
+    assert printable("rtl\u202egnp.exe\u2066\u200f\u061c.png") == "rtl\\u202egnp.exe\\u2066\\u200f\\u061c.png"
 
 
 def test_an_error_line_stays_one_line_whatever_the_file_name(capsys):

@@ -123,14 +123,14 @@ def test_evaluate_with_an_unreadable_photo_scores_the_rest_and_exits_3(model_fil
     from conftest import link_subset
 
     data = link_subset(screw_dir, tmp_path / "data", n_train=0, n_test_per_kind=1)
-    (data / "test" / "good" / "999.png").write_bytes(b"not a png")
+    (data / "test" / "good" / "999\nmetrics: forged\x1b[2J.png").write_bytes(b"not a png")  # a name that forges lines
     code, out, err = run(["--model", str(model_file), "--dir", str(data), "--evaluate", "--json", "--quiet",
                           "--output-dir", str(tmp_path / "out")], capsys)
     assert code == 3
     metrics = json.loads(out)
-    assert metrics["n_skipped"] == 1 and metrics["skipped"][0]["path"].endswith("999.png")
+    assert metrics["n_skipped"] == 1 and metrics["skipped"][0]["path"].endswith("999\nmetrics: forged\x1b[2J.png")
     assert (metrics["n_test"], metrics["n_test_good"], metrics["n_test_defective"]) == (6, 1, 5)
-    assert "warning: skipped:" in err and "999.png" in err
+    assert "warning: skipped:" in err and "999\\nmetrics: forged\\x1b[2J.png" in err and "\x1b" not in err
     assert [line.split(":")[0] for line in err.splitlines()] == ["warning", "metrics"]  # --quiet: no progress bar
     assert json.loads((tmp_path / "out" / "metrics.json").read_text()) == metrics
 
@@ -424,12 +424,17 @@ def test_control_characters_in_a_photo_name_are_printed_as_escapes(model_file, s
     image = load_test_split(small_screw_dir)[0].path.resolve()
     (folder / "frame\nok.png").symlink_to(image)
     (folder / "clear\x1b[2J.png").write_bytes(b"not a photo")
-    code, out, err = run(["--model", str(model_file), "--dir", str(folder)], capsys)
+    (folder / "bad\nOK fake\u202egnp.png").write_bytes(b"not a photo either")
+    code, out, err = run(["--model", str(model_file), "--dir", str(folder), "--quiet"], capsys)
     assert code == 3, err
     rows = out.splitlines()
-    assert len(rows) == 5  # heading, two photos, note, summary: one line each
-    assert rows[1].startswith(f"{folder}/clear\\x1b[2J.png  error: ") and "\x1b" not in out
-    assert rows[2].startswith(f"{folder}/frame\\nok.png ") and rows[2].split()[4] in ("ok", "ANOMALOUS")
+    assert len(rows) == 6  # heading, three photos, note, summary: one line each
+    assert rows[1].split()[:3] == [f"{folder}/bad\\nOK", "fake\\u202egnp.png", "error:"] and "\u202e" not in out
+    assert rows[2].split()[:2] == [f"{folder}/clear\\x1b[2J.png", "error:"] and "\x1b" not in out
+    assert rows[3].startswith(f"{folder}/frame\\nok.png ") and rows[3].split()[4] in ("ok", "ANOMALOUS")
+    # each unreadable photo's error line on stderr, as it comes: one line each, nothing sent to the terminal
+    assert [line.split(": not a readable image")[0] for line in err.splitlines()] == [
+        f"error: {folder}/bad\\nOK fake\\u202egnp.png", f"error: {folder}/clear\\x1b[2J.png"]
 
 
 def test_a_csv_named_as_one_of_the_photos_is_refused_before_scoring_and_the_photo_kept(model_file, small_screw_dir,
