@@ -28,14 +28,7 @@ from evaluation.mvtec import load_test_split, train_images
 from models.backend import onnx_path_for
 from models.model_file import file_identity
 from output_files import OutputError, check_not_an_input, check_writable
-from preprocessing.io import (
-    ImageReadError,
-    find_images,
-    photo_problem,
-    read_image,
-    read_images,
-    unusable_photos,
-)
+from preprocessing.io import find_images, read_image, refuse_unusable_photos
 
 if TYPE_CHECKING:  # fitting imports torch: loaded only when a command fits or scores
     from models.patchcore import PatchCore
@@ -306,22 +299,6 @@ def fit_model(paths: list[Path], config: Config, data_dir: Path, quiet: bool) ->
     for reason in model.preprocessing.get("reasons", []):
         print(f"preprocessing: {reason}")
     return model
-
-
-def refuse_unusable_photos(paths: list[Path], config: Config) -> None:
-    """Decode every training photo before the long work: a truncated, corrupt, tiny or blank one
-    must not enter the memory bank, and a fit must not fail at its end for it.
-
-    (``--add-good`` checks its photos in the one pass that scores them: models.patchcore.add_good.)
-    """
-    bad = []
-    for path, image in read_images(paths, config.num_workers, config.max_image_pixels):
-        if isinstance(image, ImageReadError):
-            bad.append(str(image))
-        elif problem := photo_problem(image):
-            bad.append(f"{path}: {problem}")
-    if bad:
-        fail(unusable_photos(bad, len(paths)))
 
 
 if __name__ == "__main__":

@@ -52,3 +52,19 @@ def load_test_split(data_dir: str | Path) -> list[LabelledImage]:
             mask = mask_path(data_dir, path)
             samples.append(LabelledImage(path, kind_dir.name, mask if mask.is_file() else None))
     return samples
+
+
+def auroc_problem(data_dir: str | Path, samples: list[LabelledImage]) -> str | None:
+    """Why ``samples`` cannot give an AUROC, or None: it ranks defective photos above healthy ones,
+    so it needs some of each: without them it is undefined (NaN), and a table of NaN measures nothing."""
+    test_dir = Path(data_dir) / "test"
+    if not samples:
+        return f"{data_dir}: no test split (expected photos in {test_dir}/good/ and {test_dir}/<defect kind>/)"
+    defective = sum(sample.is_defective for sample in samples)
+    if 0 < defective < len(samples):
+        return None
+    if defective:
+        which, missing = "defective", "healthy ones in good/"
+    else:
+        which, missing = "healthy", "defective ones in a folder per defect kind"
+    return f"{test_dir}: the {len(samples)} test photos evaluated are all {which}; AUROC needs {missing} too"

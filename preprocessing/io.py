@@ -360,6 +360,22 @@ def check_photo(image: np.ndarray, label: str) -> None:
         raise ImageReadError(f"{label}: {problem}")
 
 
+def refuse_unusable_photos(paths: Sequence[Path], config: Config, what: str = "training photos") -> None:
+    """Decode every photo of a set before the long work: a truncated, corrupt, tiny or blank one
+    must not enter the memory bank, and a fit or an evaluation must not fail at its end for it.
+
+    (``--add-good`` checks its photos in the one pass that scores them: models.patchcore.add_good.)
+    """
+    bad = []
+    for path, image in read_images(paths, config.num_workers, config.max_image_pixels):
+        if isinstance(image, ImageReadError):
+            bad.append(str(image))
+        elif problem := photo_problem(image):
+            bad.append(f"{path}: {problem}")
+    if bad:
+        raise UserError(unusable_photos(bad, len(paths), what))
+
+
 def find_images(folder: str | Path, recursive: bool = True) -> list[Path]:
     """Image files under a folder, sorted so that runs are reproducible.
 

@@ -7,7 +7,9 @@ Usage:
 Rows: the pipeline off (plain resize), every step on, each step removed in turn, what
 ``preprocess: auto`` decides from the training photos, and the category's chosen defaults. Pixel AUROC is computed in the ORIGINAL photo's coordinates (maps come back through
 ``to_original``), so crops that zoom in cannot flatter themselves; maps and masks are shrunk together
-to 256x256 to bound memory. The table is printed and written to outputs/ablation_<category>.md.
+to 256x256 to bound memory. The table is printed and written to outputs/ablation_<category>.md, and
+the rows as data to ablation_<category>.json, both after every finished row: an interrupted run keeps
+them, and ``--update --variants`` runs the rest.
 """
 
 from __future__ import annotations
@@ -21,18 +23,19 @@ from typing import Any
 
 import cv2
 import numpy as np
-from sklearn.metrics import f1_score, roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from config import CATEGORY_DEFAULTS, Config, run_cli, settings_from_pairs  # noqa: E402
+from config import CATEGORY_DEFAULTS, Config, UserError, fail, run_cli, settings_from_pairs  # noqa: E402
 from models.patchcore import PatchCore  # noqa: E402
-from evaluation.mvtec import LabelledImage, load_test_split, train_images  # noqa: E402
-from output_files import check_writable, write_atomically  # noqa: E402
-from preprocessing.io import read_image, read_mask  # noqa: E402
+from evaluation.metrics import image_metrics, pixel_roc  # noqa: E402
+from evaluation.mvtec import LabelledImage, auroc_problem, load_test_split, train_images  # noqa: E402
+from output_files import check_writable, json_document, write_atomically  # noqa: E402
+from preprocessing.io import read_image, read_mask, refuse_unusable_photos  # noqa: E402
 from preprocessing.pipeline import STEP_FLAGS  # noqa: E402
 
 EVAL_SIDE = 256  # maps and masks are compared at this size
+FIGURES = ("image_auroc", "f1_at_threshold", "pixel_auroc", "seconds")  # one row of the table
 
 
 def variants(category: str) -> dict[str, dict[str, Any]]:
@@ -51,8 +54,9 @@ def variants(category: str) -> dict[str, dict[str, Any]]:
 
 def evaluate(
     config: Config, train: list[Path], samples: list[LabelledImage], chunk: int = 16
-) -> dict[str, float]:
-    """Fit on the healthy photos, score the test set; image AUROC, F1 at the threshold, pixel AUROC, seconds."""
+) -> dict[str, float | None]:
+    """Fit on the healthy photos, score the test set; image AUROC, F1 at the threshold, pixel AUROC
+    (None when no mask marks a defect), seconds."""
     start = time.perf_counter()
     model = PatchCore(config)
     model.fit(train, progress=False)
@@ -65,17 +69,22 @@ def evaluate(
             truth = read_mask(sample.mask_path) if sample.mask_path else np.zeros((EVAL_SIDE, EVAL_SIDE), bool)
             shrunk = cv2.resize(truth.astype(np.float32), (EVAL_SIDE, EVAL_SIDE), interpolation=cv2.INTER_AREA)
             masks.append(shrunk >= 0.5)
-    labels = [s.is_defective for s in samples]
-    pixel_labels, pixel_scores = np.concatenate([m.ravel() for m in masks]), np.concatenate([m.ravel() for m in maps])
+    image = image_metrics([s.is_defective for s in samples], scores, model.threshold)
+    pixel = pixel_roc(maps, masks)
     return {
-        "image_auroc": float(roc_auc_score(labels, scores)),
-        "f1_at_threshold": float(f1_score(labels, np.array(scores) > model.threshold)),
-        "pixel_auroc": float(roc_auc_score(pixel_labels, pixel_scores)),
+        "image_auroc": image["image_auroc"],
+        "f1_at_threshold": image["image_f1_at_threshold"],
+        "pixel_auroc": None if pixel is None else pixel[0],
         "seconds": time.perf_counter() - start,
     }
 
 
-def markdown_table(results: dict[str, dict[str, float]], settings: str) -> str:
+def figure(value: float | None, digits: int = 3) -> str:
+    """A table cell; n/a for a figure the test set cannot give (no mask marks a defect)."""
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_table(results: dict[str, dict[str, float | None]], settings: str) -> str:
     lines = [
         settings,
         "",
@@ -83,10 +92,33 @@ def markdown_table(results: dict[str, dict[str, float]], settings: str) -> str:
         "|---|---|---|---|---|",
     ]
     lines += [
-        f"| {name} | {r['image_auroc']:.3f} | {r['f1_at_threshold']:.3f} | {r['pixel_auroc']:.3f} | {r['seconds']:.0f} |"
-        for name, r in results.items()
+        f"| {name} | {' | '.join(figure(row[key], 0 if key == 'seconds' else 3) for key in FIGURES)} |"
+        for name, row in results.items()
     ]
     return "\n".join(lines) + "\n"
+
+
+def earlier_results(record: Path, settings: str) -> dict[str, dict[str, float | None]]:
+    """The rows an earlier run with the same settings wrote to ``record`` (for --update); none when
+    it has none or other settings. A file that is not such a record is refused by name, before any fit."""
+    if not record.is_file():
+        return {}
+    try:
+        earlier = json.loads(record.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise UserError(f"{record}: cannot be read ({error.strerror})") from None
+    except ValueError as error:  # not UTF-8, or not JSON
+        raise UserError(f"{record}: not a record of an earlier ablation ({error})") from None
+    results = earlier.get("results") if isinstance(earlier, dict) else None
+    if not (isinstance(results, dict) and all(_is_row(row) for row in results.values())):
+        raise UserError(f"{record}: not a record of an earlier ablation (expected settings and results of each "
+                        f"row: {', '.join(FIGURES)}); remove it or give another --output-dir")
+    return results if earlier.get("settings") == settings else {}
+
+
+def _is_row(row: object) -> bool:
+    """Whether a recorded row holds every figure, each a number or null."""
+    return isinstance(row, dict) and all(key in row and type(row[key]) in (int, float, type(None)) for key in FIGURES)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,29 +153,28 @@ def main(argv: list[str] | None = None) -> int:
         rows = {name: rows[name] for name in args.variants}
 
     train, samples = train_images(args.data_dir), load_test_split(args.data_dir)
+    output = Path(args.output_dir) / f"ablation_{category}.md"
+    record = output.with_suffix(".json")  # the rows as data, so that --update can re-run a few
+    for path in (output, record):
+        check_writable(path)  # before the fits (one per row), not after them
+    if problem := auroc_problem(args.data_dir, samples):
+        fail(problem)
     settings = (
         f"Category `{category}`, backbone `{args.backbone}`, coreset sampling ratio {args.coreset_sampling_ratio}, "
         f"image size {base.image_size}, {len(train)} healthy training photos, {len(samples)} test photos"
         + (f", extra settings {common}" if common else "")
         + "."
     )
-    output = Path(args.output_dir) / f"ablation_{category}.md"
-    record = output.with_suffix(".json")  # the rows as data, so that --update can re-run a few
-    for path in (output, record):
-        check_writable(path)  # before the fits (one per row), not after them
-    results: dict[str, dict[str, float]] = {}
-    if args.update and record.is_file():
-        earlier = json.loads(record.read_text(encoding="utf-8"))
-        if earlier["settings"] == settings:
-            results = earlier["results"]
+    results = earlier_results(record, settings) if args.update else {}
+    refuse_unusable_photos(train, base)  # every photo decodes before the first fit, not during one
+    refuse_unusable_photos([sample.path for sample in samples], base, "test photos")
     for name, overrides in rows.items():
         results[name] = evaluate(base.replace(**overrides), train, samples)
         print(f"{name}: {results[name]}", flush=True)
+        write_atomically(output, markdown_table(results, settings))  # after each row: an interrupt keeps them
+        write_atomically(record, json_document({"settings": settings, "results": results}))
 
-    table = markdown_table(results, settings)
-    print(table)
-    write_atomically(output, table)
-    write_atomically(record, json.dumps({"settings": settings, "results": results}, indent=1))
+    print(markdown_table(results, settings))
     print(f"written to {output}")
     return 0
 

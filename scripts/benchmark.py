@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from config import CATEGORY_DEFAULTS, Config, add_config_arguments, config_from_args, fail, run_cli  # noqa: E402
-from evaluation.mvtec import LabelledImage, load_test_split, train_images  # noqa: E402
+from evaluation.mvtec import LabelledImage, auroc_problem, load_test_split, train_images  # noqa: E402
 from output_files import check_writable, write_atomically  # noqa: E402
 from preprocessing.io import read_image  # noqa: E402
 
@@ -345,15 +345,9 @@ def evaluation_split(args: argparse.Namespace) -> tuple[list[LabelledImage], str
     """The labelled test photos to evaluate, or none with the reason."""
     if args.no_auroc:
         return [], "skipped (--no-auroc)"
-    samples = load_test_split(args.data_dir)
-    if not samples:
-        return [], f"skipped: {args.data_dir} has no test split (expected {args.data_dir / 'test'}/<kind>/ images)"
-    samples = spread(samples, args.limit_test)
-    kinds = {sample.is_defective for sample in samples}
-    if len(kinds) < 2:
-        which = "defective" if True in kinds else "healthy"
-        return [], f"skipped: the test photos evaluated are all {which}; AUROC needs both"
-    return samples, None
+    samples = spread(load_test_split(args.data_dir), args.limit_test)
+    problem = auroc_problem(args.data_dir, samples)
+    return ([], f"skipped: {problem}") if problem else (samples, None)
 
 
 # The stages of one prediction as PatchCore.timings names them, and as the report names them.

@@ -174,3 +174,109 @@ def test_the_ablation_blames_its_own_flag_not_set(flags, reason, monkeypatch, ca
         script.main(["--data-dir", "x", *flags])
     assert stopped.value.code == 2
     assert f"error: {reason}" in capsys.readouterr().err.strip().splitlines()[-1]  # was "error: --set: ..."
+
+
+def small_set(folder: Path) -> Path:
+    """A readable MVTec-layout set of two training photos and one test photo per kind (healthy and four defects)."""
+    from scripts.synthetic_fasteners import SyntheticSettings, generate
+
+    generate(SyntheticSettings(n_train=2, n_test_per_kind=1, size=64), folder)
+    return folder
+
+
+def run_ablation(data: Path, out: Path, *flags: str) -> int:
+    import scripts.ablate_preprocessing as script
+
+    return run_cli(lambda: script.main(["--data-dir", str(data), "--output-dir", str(out), *flags]))
+
+
+def no_fit(*args):
+    pytest.fail("no fit may start")
+
+
+@pytest.mark.parametrize("kept, reason", [
+    ([], "{data}: no test split (expected photos in {test}/good/ and {test}/<defect kind>/)"),
+    (["good"], "{test}: the 1 test photos evaluated are all healthy; AUROC needs defective ones in a folder per "
+               "defect kind too"),
+])
+def test_the_ablation_refuses_a_test_split_without_healthy_and_defective_photos_before_any_fit(
+    kept, reason, tmp_path, monkeypatch, capsys
+):
+    """It fitted first and then failed without naming a folder (no test/), or wrote a table of nan (good/ alone)."""
+    import shutil
+
+    import scripts.ablate_preprocessing as script
+
+    data = small_set(tmp_path / "set")
+    for kind in (data / "test").iterdir():
+        if kind.name not in kept:
+            shutil.rmtree(kind)
+    if not kept:
+        (data / "test").rmdir()
+    monkeypatch.setattr(script, "evaluate", no_fit)
+    assert run_ablation(data, tmp_path / "out", "--variants", "pipeline off") == 2
+    assert capsys.readouterr().err.strip() == "error: " + reason.format(data=data, test=data / "test")
+    assert not (tmp_path / "out" / "ablation_set.json").exists()
+
+
+def test_the_ablation_names_each_unreadable_test_photo_before_any_fit(tmp_path, monkeypatch, capsys):
+    import scripts.ablate_preprocessing as script
+
+    data = small_set(tmp_path / "set")
+    (data / "test" / "rust" / "000.png").write_bytes(b"not a photo")
+    monkeypatch.setattr(script, "evaluate", no_fit)
+    assert run_ablation(data, tmp_path / "out", "--variants", "pipeline off") == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: 1 of 5 test photos cannot be used; remove or replace them: "
+        f"{data / 'test' / 'rust' / '000.png'}: not a readable image (corrupt or unsupported format)"
+    )
+
+
+def test_an_interrupted_ablation_keeps_its_finished_rows_and_update_runs_the_rest(tmp_path, monkeypatch, capsys):
+    import json
+
+    import scripts.ablate_preprocessing as script
+
+    data, out = small_set(tmp_path / "set"), tmp_path / "out"
+    figures = {"image_auroc": 0.9, "f1_at_threshold": 0.8, "pixel_auroc": None, "seconds": 5.0}
+
+    def first_row_then_ctrl_c(config, *args):
+        if config.preprocess == "on":
+            raise KeyboardInterrupt
+        return figures
+
+    monkeypatch.setattr(script, "evaluate", first_row_then_ctrl_c)
+    assert run_ablation(data, out, "--variants", "pipeline off", "all steps on") == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
+
+    def strict(constant):
+        pytest.fail(f"{constant} is not JSON")
+
+    record = json.loads((out / "ablation_set.json").read_text(encoding="utf-8"), parse_constant=strict)
+    assert record["results"] == {"pipeline off": figures}
+    assert "| pipeline off | 0.900 | 0.800 | n/a | 5 |" in (out / "ablation_set.md").read_text(encoding="utf-8")
+
+    monkeypatch.setattr(script, "evaluate", lambda *args: figures)
+    assert run_ablation(data, out, "--update", "--variants", "all steps on") == 0
+    table = (out / "ablation_set.md").read_text(encoding="utf-8")
+    assert "| pipeline off |" in table and "| all steps on |" in table
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"[1, 2]", "not a record of an earlier ablation (expected settings and results of each row"),
+    (b'{"settings": "x", "results": {"pipeline off": 1}}', "not a record of an earlier ablation (expected"),
+    (b"\xff\xfe", "not a record of an earlier ablation ('utf-8' codec can't decode byte 0xff"),
+    (b"{", "not a record of an earlier ablation (Expecting property name"),
+])
+def test_the_ablation_refuses_an_update_record_it_cannot_read_in_one_line(
+    content, reason, tmp_path, monkeypatch, capsys
+):
+    import scripts.ablate_preprocessing as script
+
+    data, out = small_set(tmp_path / "set"), tmp_path / "out"
+    out.mkdir()
+    (out / "ablation_set.json").write_bytes(content)
+    monkeypatch.setattr(script, "evaluate", no_fit)
+    assert run_ablation(data, out, "--update", "--variants", "pipeline off") == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: {out / 'ablation_set.json'}: {reason}") and error.count("\n") == 1
