@@ -25,7 +25,9 @@ from config import fail, run_cli  # noqa: E402
 from evaluation.mvtec import mask_path  # noqa: E402
 from output_files import write_atomically  # noqa: E402
 from preprocessing.io import IMAGE_SUFFIXES, ImageReadError, find_images, read_images  # noqa: E402
-from scripts.synthetic_fasteners import PARTS, TABLES, SyntheticSettings, generate  # noqa: E402
+from scripts.synthetic_fasteners import (  # noqa: E402
+    MARKER_NAME, PARTS, TABLES, SyntheticSettings, generate, listed_files,
+)
 
 # Image counts of the official MVTec AD archives (Bergmann et al., CVPR 2019).
 OFFICIAL_COUNTS: dict[str, dict[str, int]] = {
@@ -183,6 +185,20 @@ def decode_findings(root: Path, kinds: list[str], workers: int) -> list[Finding]
     return findings
 
 
+def synthetic_findings(root: Path) -> list[Finding]:
+    """A synthetic set holds every file its marker lists; an interrupted --synthetic run leaves some out,
+    and what it did write would otherwise pass every other check."""
+    try:
+        listed = listed_files(root)
+    except ValueError as error:
+        return [Finding(False, str(error))]
+    missing = [name for name in listed if not (root / name).is_file()]
+    if not missing:
+        return [Finding(True, f"{MARKER_NAME}: all {len(listed)} files it lists are present")]
+    return [Finding(False, f"{root}: {len(missing)} of the {len(listed)} files listed in {MARKER_NAME} are missing "
+                           f"(first {missing[0]}); an interrupted --synthetic run leaves them out: run it again")]
+
+
 def verify_dataset(
     root: Path, expected: dict[str, int] | None, workers: int = 1, decode: bool = True
 ) -> list[Finding]:
@@ -207,6 +223,8 @@ def verify_dataset(
     defect_kinds = [kind for kind in present if kind != "good" and f"test/{kind}" in folders]
     for kind in defect_kinds:
         findings += mask_findings(root, kind, masks_required=expected is not None)
+    if (root / MARKER_NAME).is_file():
+        findings += synthetic_findings(root)
     if decode:
         findings += decode_findings(root, [kind for kind in present if f"test/{kind}" in folders], workers)
     return findings

@@ -584,16 +584,30 @@ def write_png(path: Path, array: np.ndarray) -> None:
         raise OSError(f"{path}: could not write image")
 
 
+def listed_files(out: Path) -> list[str]:
+    """Every file (relative to ``out``) the marker of a synthetic set lists: all its run set out to
+    write, so a rerun can clear them and --verify can tell a finished set from an interrupted one."""
+    marker = out / MARKER_NAME
+    try:
+        record = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # unreadable, not UTF-8, not JSON
+        reason = getattr(error, "strerror", None) or error
+        raise ValueError(f"{marker}: cannot be read as the list of a synthetic set's files ({reason})") from None
+    files = record.get("files") if isinstance(record, dict) else None
+    if not (isinstance(files, list) and all(isinstance(name, str) for name in files)):
+        raise ValueError(f"{marker}: holds no list of the synthetic set's files under \"files\"")
+    return files
+
+
 def clear_previous_set(out: Path) -> None:
     """Remove what an earlier run wrote (it may have had more photos); refuse to touch anything else."""
-    marker = out / MARKER_NAME
-    if not marker.is_file():
+    if not (out / MARKER_NAME).is_file():
         if out.is_dir() and any(out.iterdir()):
             raise FileExistsError(f"{out}: folder is not empty and was not made by --synthetic; "
                                   "choose another --out")
         return
     inside = out.resolve()
-    for relative in json.loads(marker.read_text(encoding="utf-8"))["files"]:
+    for relative in listed_files(out):
         target = (out / relative).resolve()
         if inside in target.parents:  # a hand-edited marker must not reach outside the folder
             target.unlink(missing_ok=True)
@@ -603,7 +617,7 @@ def generate(settings: SyntheticSettings, out: str | Path) -> list[Path]:
     """Write the whole set in the MVTec AD layout and return the files written.
 
     The marker listing every file is written first, so an interrupted run can still be cleared and
-    redone by the next one.
+    redone by the next one, and ``--verify`` reports the files it left out.
     """
     out = Path(out)
     clear_previous_set(out)

@@ -173,6 +173,37 @@ def test_an_interrupted_synthetic_run_is_redone_by_the_next(tmp_path: Path, monk
     assert [p.read_bytes() for p in redone] == [p.read_bytes() for p in clean]
 
 
+def test_verify_reports_a_synthetic_set_an_interrupted_run_left_incomplete(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Stopped after the first defect kind, the set passed every other check and read "dataset OK"."""
+    import scripts.synthetic_fasteners as synthetic
+
+    real_write, calls = synthetic.write_png, []
+
+    def ctrl_c_after_the_first_defect_kind(path, array):
+        calls.append(path)
+        if len(calls) > SMALL.n_train + 3 * SMALL.n_test_per_kind:  # training, healthy, one kind with masks
+            raise KeyboardInterrupt
+        return real_write(path, array)
+
+    monkeypatch.setattr(synthetic, "write_png", ctrl_c_after_the_first_defect_kind)
+    with pytest.raises(KeyboardInterrupt):
+        generate(SMALL, tmp_path / "set")
+    assert main(["--verify", "--data-dir", str(tmp_path / "set")]) == 1
+    listed = len(json.loads((tmp_path / "set" / "synthetic.json").read_text(encoding="utf-8"))["files"])
+    output = capsys.readouterr().out
+    assert f"{listed - len(calls) + 1} of the {listed} files listed in synthetic.json are missing" in output
+    assert "dataset OK" not in output
+
+
+def test_verify_names_a_synthetic_marker_it_cannot_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    generate(SMALL, tmp_path / "set")
+    (tmp_path / "set" / "synthetic.json").write_text("[1, 2]", encoding="utf-8")
+    assert main(["--verify", "--data-dir", str(tmp_path / "set")]) == 1
+    assert f"{tmp_path / 'set' / 'synthetic.json'}: holds no list of the synthetic set's files" in capsys.readouterr().out
+
+
 # SHA-256 of the pixels and masks of one healthy and one photo per defect kind (128 px, seed 7), taken
 # before the parts and scene options of issue 9 were added: screw and nut sets must not change.
 PINNED_PIXELS = {
