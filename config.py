@@ -15,6 +15,7 @@ import re
 import reprlib
 import stat
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -454,6 +455,23 @@ ConfigLoader.add_implicit_resolver(
 )
 
 
+YAML_PROBLEM_CHARACTERS = 300  # a problem quotes the file (a tag, a key): bounded, cut between words
+
+
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """What PyYAML found wrong, and where, in one line: the problem at its line and column, or the
+    byte or character its reader refused at its position. Its own text spans lines, and shows a byte
+    that is not UTF-8 as a character (``#x00e9``), which cut short reads as if the file held a NUL."""
+    if isinstance(error, yaml.reader.ReaderError):
+        if error.encoding == "unicode":  # decoded, but a control character YAML does not allow
+            return f"position {error.position}: character U+{error.character:04X}: {error.reason}"
+        return f"position {error.position}: byte 0x{error.character:02X} is not {error.encoding}: {error.reason}"
+    problem = str(getattr(error, "problem", None) or error)
+    problem = textwrap.shorten(problem, YAML_PROBLEM_CHARACTERS, placeholder=" ...")  # also one line
+    mark = getattr(error, "problem_mark", None)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
+
+
 def yaml_value(text: str) -> Any:
     """One value as a config file reads it; ValueError, naming it, when YAML cannot read it."""
     try:
@@ -461,8 +479,7 @@ def yaml_value(text: str) -> Any:
     except RecursionError:
         raise ValueError(f"{brief(text)} is not a value YAML can read (nested too deeply)") from None
     except yaml.YAMLError as error:
-        reason = " ".join(str(getattr(error, "problem", None) or error).split())  # the problem, not the marks
-        raise ValueError(f"{brief(text)} is not a value YAML can read ({reason})") from None
+        raise ValueError(f"{brief(text)} is not a value YAML can read ({yaml_problem(error)})") from None
 
 
 def settings_from_pairs(pairs: Sequence[str]) -> dict[str, Any]:
@@ -492,7 +509,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     except RecursionError:
         raise ValueError(f"{path}: nested too deeply to be a config file") from None
     except yaml.YAMLError as error:
-        raise ValueError(f"{path}: not valid YAML ({brief(str(error))})") from None
+        raise ValueError(f"{path}: not valid YAML ({yaml_problem(error)})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a config file must be a mapping of setting: value")
     check_plain_data(data, str(path))

@@ -342,6 +342,23 @@ def test_run_cli_says_interrupted_and_exits_130_on_ctrl_c(capsys: pytest.Capture
     assert capsys.readouterr().err == "interrupted\n"
 
 
+@pytest.mark.parametrize("content, reason", [
+    (b"seed: !!python/object/apply:os.system ['true']\n",
+     "line 1, column 7: could not determine a constructor for the tag 'tag:yaml.org,2002:python/object/apply:os.system'"),
+    (b"layers: [a\nseed: 2\n", "line 2, column 5: expected ',' or ']', but got ':'"),
+    (b"backbone: caf\xe9\n", "position 13: byte 0xE9 is not utf-8: invalid continuation byte"),  # Latin-1
+    (b"backbone: \x07\n", "position 10: character U+0007: special characters are not allowed"),
+])
+def test_a_yaml_file_yaml_cannot_read_gives_the_parsers_problem_and_where_in_one_line(
+    content, reason, tmp_path, capsys
+):
+    """Was PyYAML's message cut to a few dozen characters mid-word, a Latin-1 byte reading as '#x00...' (a NUL)."""
+    path = tmp_path / "settings.yaml"
+    path.write_bytes(content)
+    assert run_cli(lambda: load_yaml(path) and 0) == 2
+    assert capsys.readouterr().err == f"error: {path}: not valid YAML ({reason})\n"
+
+
 def test_run_cli_lets_a_bug_show_its_traceback():
     def bug() -> int:
         raise RuntimeError("a bug")

@@ -236,7 +236,8 @@ def test_a_candidate_is_the_settings_given_with_its_changes():
     ("image_size", "expected SETTING=VALUE"),
     ("imagesize=320", "unknown config key(s): imagesize"),
     ("image_size=250", "image_size must be 32 to 1024, a multiple of 16, got 250"),
-    ("false_alarm_rate=[1", "'[1' is not a value YAML can read (expected ',' or ']', but got '<stream end>')"),
+    ("false_alarm_rate=[1",
+     "'[1' is not a value YAML can read (line 1, column 3: expected ',' or ']', but got '<stream end>')"),
     ("false_alarm_rate=" + "[" * 5000, "is not a value YAML can read (nested too deeply)"),
 ])
 def test_a_bad_candidate_is_one_error_line_before_any_fit(text, reason, monkeypatch, capsys):
