@@ -21,7 +21,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 if str(PROJECT_ROOT) not in sys.path:  # run as a script, sys.path holds scripts/ instead of the root
     sys.path.insert(0, str(PROJECT_ROOT))
 
-from config import fail, run_cli  # noqa: E402
+from config import fail, printable, run_cli  # noqa: E402
 from evaluation.mvtec import mask_path  # noqa: E402
 from output_files import write_atomically  # noqa: E402
 from preprocessing.io import IMAGE_SUFFIXES, ImageReadError, find_images, read_images  # noqa: E402
@@ -246,7 +246,7 @@ def report(name: str, findings: list[Finding]) -> bool:
     passed, failed = symbols()
     print(f"{name}:")
     for finding in findings:
-        print(f"  {passed if finding.ok else failed} {finding.text}")
+        print(printable(f"  {passed if finding.ok else failed} {finding.text}"))
     problems = sum(not finding.ok for finding in findings)
     if problems:
         print(f"{failed} {name}: {problems} problem(s), see the lines above")

@@ -59,6 +59,8 @@ def test_verify_names_each_broken_file(tmp_path: Path, capsys: pytest.CaptureFix
     corrupt = root / "test/scratch_head/003.png"
     corrupt.unlink()
     corrupt.write_bytes(b"not a png at all")
+    forged = root / "test/scratch_head/999\n  ✓ all fine\x1b[2J.png"  # a name that forges a line, clears the screen
+    forged.write_bytes(b"not a png either")
     (root / "ground_truth/thread_top/005_mask.png").unlink()
     small_mask = root / "ground_truth/scratch_neck/002_mask.png"
     small_mask.unlink()
@@ -68,6 +70,8 @@ def test_verify_names_each_broken_file(tmp_path: Path, capsys: pytest.CaptureFix
     output = capsys.readouterr().out
     assert f"✗ {root / 'train/good'}: 319 images, expected 320" in output
     assert f"✗ {corrupt}: not a readable image" in output
+    assert f"✗ {root / 'test/scratch_head'}/999\\n  ✓ all fine\\x1b[2J.png: not a readable image" in output
+    assert "\x1b" not in output and "\n  ✓ all fine" not in output
     assert f"✗ {root / 'ground_truth/thread_top/005_mask.png'}: mask missing" in output
     assert f"✗ {small_mask}: size 10x10 differs" in output
 
