@@ -28,7 +28,7 @@ from evaluation.mvtec import load_test_split, train_images
 from models.backend import onnx_path_for
 from models.model_file import file_identity
 from output_files import OutputError, check_not_an_input, check_writable
-from preprocessing.io import find_images, read_image, refuse_unusable_photos
+from preprocessing.io import copies_among, find_images, read_image, refuse_unusable_photos
 
 if TYPE_CHECKING:  # fitting imports torch: loaded only when a command fits or scores
     from models.patchcore import PatchCore
@@ -260,6 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     if has_test_split:
         check_writable(report_dir / "metrics.json")
     refuse_unusable_photos(paths, config)
+    if copies := copies_among(paths):
+        print(printable(f"note: {len(copies)} training photos are copies of others, fitted once each: "
+                        + "; ".join(f"{copy} = {original}" for copy, original in copies[:5])
+                        + (f" and {len(copies) - 5} more" if len(copies) > 5 else "")))
+        paths = [path for path in paths if path not in {copy for copy, _ in copies}]
     model = fit_model(paths, config, data_dir, args.quiet)
     listed = print_unlike_the_rest(model, report_dir / "unlike_the_rest")
     if listed and args.drop_unlike:

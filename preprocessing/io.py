@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import stat
@@ -374,6 +375,25 @@ def refuse_unusable_photos(paths: Sequence[Path], config: Config, what: str = "t
             bad.append(f"{path}: {problem}")
     if bad:
         raise UserError(unusable_photos(bad, len(paths), what))
+
+
+def copies_among(paths: Sequence[Path]) -> list[tuple[Path, Path]]:
+    """(photo, the earlier photo it repeats byte for byte) for each copy in ``paths``: a fit must see each
+    photo once, for a copy in another calibration fold scores its twin as a photo the bank has seen, and
+    the threshold falls below every new healthy part. A file that cannot be read is left to the photo checks."""
+    first: dict[bytes, Path] = {}
+    copies = []
+    for path in paths:
+        try:
+            with open(path, "rb") as file:
+                digest = hashlib.file_digest(file, "sha256").digest()
+        except OSError:
+            continue
+        if digest in first:
+            copies.append((path, first[digest]))
+        else:
+            first[digest] = path
+    return copies
 
 
 def find_images(folder: str | Path, recursive: bool = True) -> list[Path]:

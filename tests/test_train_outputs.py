@@ -136,3 +136,27 @@ def test_a_model_output_named_as_a_photo_the_run_reads_is_refused_before_the_wor
     assert capsys.readouterr().err == f"error: {data / photo}: is {data / photo}, one of the photos this run reads; " \
                                       "give another file name\n"
     assert (data / photo).read_bytes() == before and fit_configs == []
+
+
+def test_training_photos_that_are_copies_of_others_are_fitted_once_and_named(small_screw_dir, tmp_path, monkeypatch,
+                                                                             capsys):
+    """A photo copied twice into train/good: in another calibration fold, a copy scores its twin as a photo the bank
+    has seen, and the threshold falls below new healthy parts. Each photo is fitted once, and the copies named."""
+    import train
+
+    fitted: list[list[Path]] = []
+
+    def recording_fit(self, images, *args, **kwargs):
+        fitted.append(list(images))
+        raise Stop
+
+    monkeypatch.setattr(PatchCore, "fit", recording_fit)
+    good = link_folder(small_screw_dir, tmp_path / "bolts") / "train" / "good"
+    originals = sorted(good.iterdir())
+    (good / "copy_a.png").write_bytes(originals[0].read_bytes())
+    (good / "copy_b.png").write_bytes(originals[0].read_bytes())
+    with pytest.raises(Stop):
+        train.main(["--data-dir", str(tmp_path / "bolts"), "--backbone", "efficientnet_lite0", "--quiet"])
+    assert fitted == [originals]
+    assert capsys.readouterr().out == (f"note: 2 training photos are copies of others, fitted once each: "
+                                       f"{good / 'copy_a.png'} = {originals[0]}; {good / 'copy_b.png'} = {originals[0]}\n")
