@@ -308,7 +308,7 @@ class FolderWatcher:
             if source in self._unsorted:  # recorded, not yet moved: it moves from its new name
                 self._unsorted[target] = self._unsorted.pop(source)
 
-    def run(self, stop: threading.Event) -> None:
+    def run(self, stop: threading.Event | StopFlag) -> None:
         """Watch until ``stop`` is set; photos already there when it starts are scored first."""
         from watchdog.events import FileSystemEvent, FileSystemEventHandler
         from watchdog.observers import Observer
@@ -531,12 +531,32 @@ def _move_to_free_name(path: Path, folder: Path) -> Path:
     return target
 
 
+class StopFlag:
+    """What SIGINT and SIGTERM set to end ``watch_until_stopped``: a plain attribute, safe to set from a
+    signal handler. Not a ``threading.Event``: the handler runs on the main thread between any two of its
+    steps, also inside ``Event.wait`` while that holds the Event's lock (the watch loop waits on it ten
+    times a second), and ``Event.set`` would then wait for that lock for ever: the watcher never exited."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+
+    def set(self) -> None:
+        self.stopped = True
+
+    def is_set(self) -> bool:
+        return self.stopped
+
+    def wait(self, timeout: float) -> bool:
+        time.sleep(timeout)  # a signal cuts no wait short: the loop looks again within ``timeout``
+        return self.stopped
+
+
 def watch_until_stopped(model: Any, folder: Path, outputs: WatchOutputs, settle_s: float, retry_s: float,
                         model_path: Path | None = None) -> int:
     """``inference.py --watch``: print one line per photo until Ctrl-C or SIGTERM; exit status 0."""
     import signal
 
-    stop = threading.Event()
+    stop = StopFlag()
     for stopping in (signal.SIGINT, signal.SIGTERM):  # finish the batch in hand, then stop
         signal.signal(stopping, lambda *_: stop.set())
 

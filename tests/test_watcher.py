@@ -727,3 +727,28 @@ def test_a_photo_sorted_where_a_broken_link_holds_its_name_goes_beside_it(fitted
         wait_until(lambda: not any(inbox.iterdir()), timeout=30)
     assert (out / "unreadable" / "frame.png").is_symlink()
     assert (out / "unreadable" / "frame_2.png").read_bytes().startswith(b"\x89PNG")
+
+
+STOPPED_BY_SIGNALS = """
+import signal, sys
+sys.path.insert(0, sys.argv[1])
+from runtime.watcher import StopFlag
+stop, caught = StopFlag(), []
+def handler(*_):
+    caught.append(1)
+    stop.set()
+    signal.setitimer(signal.ITIMER_REAL, 0.0001)  # the next signal, once this one is handled
+signal.signal(signal.SIGALRM, handler)
+signal.setitimer(signal.ITIMER_REAL, 0.0001)
+while len(caught) < 1000:
+    stop.wait(0)
+signal.setitimer(signal.ITIMER_REAL, 0)
+"""
+
+
+def test_the_watch_stop_can_be_set_by_a_signal_at_any_point_of_its_waits():
+    """SIGTERM stops ``inference.py --watch`` through a flag its handler sets. With a threading.Event the
+    process now and then never exited: a signal handled inside Event.wait, while it held the Event's lock,
+    made Event.set wait for that lock for ever. A thousand signals, each landing anywhere in a loop of
+    waits, must each be handled (with an Event this hangs every time)."""
+    subprocess.run([sys.executable, "-c", STOPPED_BY_SIGNALS, str(ROOT)], timeout=60, check=True)
