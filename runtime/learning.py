@@ -180,27 +180,30 @@ class Learner:
                 if self._stopping:
                     return
                 taken, self._pending = self._pending, []
+            done = []  # the updates' events, told once their photos are gone: an event means the update is over
             try:
                 for force in (False, True):
                     group = [item for item in taken if item.force == force]
                     if group:
-                        self._learn(group, force)
+                        done.append(self._learn(group, force))
             except Exception as error:  # a bug must cost this update, never the learning thread
                 log.exception("model update failed: %s", error)
-                self.events({"event": "update", "photos": 0, "error": str(error),
+                done.append({"event": "update", "photos": 0, "error": str(error),
                              "refused": [item.name for item in taken]})
             finally:
                 for item in taken:
                     item.path.unlink(missing_ok=True)
+            for event in done:
+                self.events(event)
 
-    def _learn(self, group: list[_Confirmed], force: bool) -> None:
-        """One update on a copy of the model: saved, then swapped in for the scorer's next batch."""
+    def _learn(self, group: list[_Confirmed], force: bool) -> dict[str, Any]:
+        """One update on a copy of the model: saved, then swapped in for the scorer's next batch; its event."""
         updated, update = learn_on_a_copy(self.scorer.model, self.model_path, [item.path for item in group],
                                           [item.name for item in group], "POST /feedback", force)
         if updated is not None:
             self.scorer.model = updated
             self.drift.reset(updated)
-        self.events({"event": "update", "model_file": str(self.model_path), **update})
+        return {"event": "update", "model_file": str(self.model_path), **update}
 
 
 def add_feedback_route(
