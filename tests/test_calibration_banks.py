@@ -89,20 +89,25 @@ def run_train(argv: list[str], monkeypatch, tmp_path: Path) -> list[Path]:
 
 
 def test_recalibrate_with_output_writes_there_and_leaves_the_input_model_untouched(
-    fitted_model, small_screw_dir, tmp_path, monkeypatch, capsys
+    fitted_model, screw_dir, small_screw_dir, tmp_path, monkeypatch, capsys
 ):
     """And on an MVTec-layout folder it reads train/good only, never test/; the result line names the
     file written."""
     original = tmp_path / "line3.pkl"
     fitted_model.save(original)
     before = original.read_bytes()
-    opened = run_train(["--recalibrate", "--model", str(original), "--data-dir", str(small_screw_dir),
+    new_light = tmp_path / "new_light"  # healthy photos the model was not fitted on, and a test split
+    (new_light / "train" / "good").mkdir(parents=True)
+    for image in train_images(screw_dir)[-12:]:
+        (new_light / "train" / "good" / image.name).symlink_to(image.resolve())
+    (new_light / "test").symlink_to(small_screw_dir / "test")
+    opened = run_train(["--recalibrate", "--model", str(original), "--data-dir", str(new_light),
                         "--output", "moved/line3_new_light.pkl", "--quiet"], monkeypatch, tmp_path)
     assert original.read_bytes() == before
     moved = PatchCore.load(tmp_path / "moved" / "line3_new_light.pkl")
     assert moved.memory_bank.tobytes() == fitted_model.memory_bank.tobytes()
     assert moved.calibration_method.startswith("re-calibrated on 12 healthy photos")
-    assert set(opened) == {path.resolve() for path in train_images(small_screw_dir)}  # test/ is never read
+    assert set(opened) == {path.resolve() for path in train_images(new_light)}  # test/ is never read
     assert "; saved to moved/line3_new_light.pkl (memory bank unchanged)" in capsys.readouterr().out
 
 
@@ -118,7 +123,7 @@ def test_a_fit_writes_its_model_to_output_and_nowhere_else(small_screw_dir, tmp_
 
 
 def test_add_good_with_output_writes_there_and_leaves_the_input_model_untouched(
-    fitted_model, small_screw_dir, tmp_path, monkeypatch, capsys
+    fitted_model, screw_dir, tmp_path, monkeypatch, capsys
 ):
     """The result line names the file written and what its threshold promises; --quiet: no progress bars."""
     original = tmp_path / "line5.pkl"
@@ -126,7 +131,7 @@ def test_add_good_with_output_writes_there_and_leaves_the_input_model_untouched(
     before = original.read_bytes()
     confirmed = tmp_path / "confirmed"
     confirmed.mkdir()
-    for image in train_images(small_screw_dir)[:3]:
+    for image in train_images(screw_dir)[-3:]:  # photos the model was not fitted on
         (confirmed / image.name).symlink_to(image.resolve())
     run_train(["--add-good", "--model", str(original), "--data-dir", str(confirmed), "--output", "grown/line5.pkl",
                "--quiet"], monkeypatch, tmp_path)

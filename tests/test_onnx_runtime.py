@@ -263,10 +263,13 @@ def test_the_export_is_never_written_over_the_model_file(tmp_path, monkeypatch, 
     assert (tmp_path / "v3.pkl").read_bytes() == b"the fit" and not (tmp_path / "other.pkl").exists()
 
 
-def test_the_line_pc_set_learns_confirmed_good_photos_like_the_full_set(fitted_model, small_screw_dir, tmp_path):
+def test_the_line_pc_set_learns_confirmed_good_photos_like_the_full_set(fitted_model, screw_dir, tmp_path):
     path = tmp_path / "model.pkl"
     fitted_model.save(path)
-    good = small_screw_dir / "train" / "good"
+    good = tmp_path / "confirmed"  # photos the model was not fitted on
+    good.mkdir()
+    for image in train_images(screw_dir)[-4:]:
+        (good / image.name).symlink_to(image.resolve())
     completed = subprocess.run(
         [sys.executable, "-c", WITHOUT_FITTING_PACKAGES, str(ROOT / "train.py"), "--add-good", "--model", str(path),
          "--data-dir", str(good), "--output", str(tmp_path / "added.pkl"), "--quiet"],
@@ -274,7 +277,7 @@ def test_the_line_pc_set_learns_confirmed_good_photos_like_the_full_set(fitted_m
     )
     assert completed.returncode == 0, completed.stderr[-2000:]
     with_torch = fitted_model.copy()
-    with_torch.add_good(train_images(small_screw_dir), progress=False)
+    with_torch.add_good(sorted(good.iterdir()), progress=False)
     added = PatchCore.load(tmp_path / "added.pkl")
     assert len(added.memory_bank) > len(fitted_model.memory_bank)
     np.testing.assert_array_equal(added.memory_bank, with_torch.memory_bank)

@@ -77,8 +77,8 @@ def test_wide_resnet_offline_without_weights_names_the_remedies(tmp_path):
     (tmp_path / "parts" / "train" / "good").mkdir(parents=True)
     from skimage import data, io
 
-    for index in range(2):
-        io.imsave(tmp_path / "parts" / "train" / "good" / f"{index}.png", data.coffee())
+    for index, photo in enumerate([data.coffee(), data.coffee()[:, ::-1]]):  # two photos, not one photo twice
+        io.imsave(tmp_path / "parts" / "train" / "good" / f"{index}.png", photo)
     env = {"TORCH_HOME": str(tmp_path / "torch"), "PATH": "/usr/bin:/bin", "no_proxy": "*", "https_proxy": "http://127.0.0.1:9"}
     message = one_line_error(run_train("--data-dir", "parts", "--backbone", "wide_resnet50_2", cwd=tmp_path, env=env))
     assert "--weights" in message and "efficientnet_lite0" in message
