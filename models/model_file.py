@@ -162,20 +162,20 @@ def keep_previous(path: str | Path, update: int, copies_kept: int) -> Path | Non
     ``<name>.before-update-<n>.pkl`` (atomically, with the file's own mode: a private model
     stays private), so the update can be undone; None when there is no file to keep.
 
-    ``n`` is the first number from ``update`` on that no earlier copy holds: a copy is never
-    overwritten, as one of them may hold the only copy of the fit. Of the copies, the
-    ``copies_kept`` newest and the oldest (the fit) stay; the others are removed, or a line that
-    learns all day fills its disk with them."""
+    ``n`` is ``update``, or past the highest number a copy holds: a copy is never overwritten, as
+    one of them may hold the only copy of the fit, and the newest copy has the highest number (after
+    an undo, ``update`` restarts low). Of the copies, the ``copies_kept`` newest and the oldest (the
+    fit) stay; the others are removed, or a line that learns all day fills its disk with them."""
     path = Path(path)
     if not path.is_file():
         return None
-    kept = path.with_name(f"{path.stem}.before-update-{update}{path.suffix}")
-    while os.path.lexists(kept):  # an update saved from the same loaded file (check_unchanged refuses the next)
-        update += 1
-        kept = path.with_name(f"{path.stem}.before-update-{update}{path.suffix}")
-    write_atomically(kept, path.read_bytes(), mode=stat.S_IMODE(path.stat().st_mode))
     numbered = re.compile(rf"{re.escape(path.stem)}\.before-update-([1-9][0-9]*){re.escape(path.suffix)}")
-    copies = sorted((int(match[1]), copy) for copy in path.parent.iterdir() if (match := numbered.fullmatch(copy.name)))
+    taken = [int(match[1]) for name in os.listdir(path.parent) if (match := numbered.fullmatch(name))]
+    update = max([update, *(number + 1 for number in taken)])
+    kept = path.with_name(f"{path.stem}.before-update-{update}{path.suffix}")
+    write_atomically(kept, path.read_bytes(), mode=stat.S_IMODE(path.stat().st_mode))
+    copies = sorted((number, path.with_name(f"{path.stem}.before-update-{number}{path.suffix}"))
+                    for number in [*taken, update])
     for _, old in copies[1:-copies_kept]:
         with contextlib.suppress(OSError):  # a copy that cannot be removed costs disk, never the update
             old.unlink()

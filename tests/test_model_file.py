@@ -219,6 +219,12 @@ def test_updates_keep_the_newest_copies_and_the_fits_and_remove_the_others(tmp_p
     assert (tmp_path / "line.before-update-1.pkl").read_bytes() == b"the fit"
     assert (tmp_path / "line.before-update-6.pkl").read_bytes() == b"update 5"
     assert (tmp_path / "other.before-update-1.pkl").exists()
+    # undone to the fit (its model has no updates again): the next copy is still the newest, and kept
+    path.write_bytes(b"the fit, restored, then updated once")
+    assert keep_previous(path, 1, 3) == tmp_path / "line.before-update-7.pkl"
+    assert (tmp_path / "line.before-update-7.pkl").read_bytes() == b"the fit, restored, then updated once"
+    assert sorted(p.name for p in tmp_path.glob("line.before-update-[0-9]*")) == [
+        "line.before-update-1.pkl", "line.before-update-5.pkl", "line.before-update-6.pkl", "line.before-update-7.pkl"]
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask-022", "umask-077"])
