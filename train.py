@@ -28,7 +28,7 @@ from evaluation.mvtec import load_test_split, train_images
 from models.backend import onnx_path_for
 from models.model_file import file_identity
 from output_files import OutputError, check_not_an_input, check_writable
-from preprocessing.io import copies_among, find_images, read_image, refuse_unusable_photos
+from preprocessing.io import find_images, read_image, refuse_unusable_photos
 
 if TYPE_CHECKING:  # fitting imports torch: loaded only when a command fits or scores
     from models.patchcore import PatchCore
@@ -144,7 +144,7 @@ def recalibrate(args: argparse.Namespace) -> int:
         model.config = model.config.replace(false_alarm_rate=args.false_alarm_rate)
     paths = healthy_photos(args.data_dir)
     check_model_output(output, paths)  # before scoring, as for a fit
-    refuse_unusable_photos(paths, model.config)
+    paths = without_copies(paths, refuse_unusable_photos(paths, model.config), "photos")
     before = model.threshold
     model.recalibrate(paths, progress=not args.quiet, source=str(args.data_dir))
     model.save(output)
@@ -152,6 +152,17 @@ def recalibrate(args: argparse.Namespace) -> int:
           f"{model.threshold:.3f}; saved to {output} (memory bank unchanged)")
     print_calibration(model)
     return 0
+
+
+def without_copies(paths: list[Path], copies: list[tuple[Path, Path]], what: str) -> list[Path]:
+    """``paths`` with each copy of another photo (``refuse_unusable_photos``) left out, the copies named."""
+    if not copies:
+        return paths
+    print(printable(f"note: {len(copies)} {what} are copies of others, used once each: "
+                    + "; ".join(f"{copy} = {original}" for copy, original in copies[:5])
+                    + (f" and {len(copies) - 5} more" if len(copies) > 5 else "")))
+    left_out = {copy for copy, _ in copies}
+    return [path for path in paths if path not in left_out]
 
 
 def print_calibration(model: PatchCore) -> None:
@@ -259,12 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     has_test_split = bool(test_split)
     if has_test_split:
         check_writable(report_dir / "metrics.json")
-    refuse_unusable_photos(paths, config)
-    if copies := copies_among(paths):
-        print(printable(f"note: {len(copies)} training photos are copies of others, fitted once each: "
-                        + "; ".join(f"{copy} = {original}" for copy, original in copies[:5])
-                        + (f" and {len(copies) - 5} more" if len(copies) > 5 else "")))
-        paths = [path for path in paths if path not in {copy for copy, _ in copies}]
+    paths = without_copies(paths, refuse_unusable_photos(paths, config), "training photos")
     model = fit_model(paths, config, data_dir, args.quiet)
     listed = print_unlike_the_rest(model, report_dir / "unlike_the_rest")
     if listed and args.drop_unlike:

@@ -361,38 +361,33 @@ def check_photo(image: np.ndarray, label: str) -> None:
         raise ImageReadError(f"{label}: {problem}")
 
 
-def refuse_unusable_photos(paths: Sequence[Path], config: Config, what: str = "training photos") -> None:
+def refuse_unusable_photos(
+    paths: Sequence[Path], config: Config, what: str = "training photos"
+) -> list[tuple[Path, Path]]:
     """Decode every photo of a set before the long work: a truncated, corrupt, tiny or blank one
     must not enter the memory bank, and a fit or an evaluation must not fail at its end for it.
 
+    Returns (photo, the earlier photo it repeats pixel for pixel, in any file format) for each copy in
+    the set: a calibration must see each photo once, for a copy in another fold scores its twin as a
+    photo the bank has seen, and the threshold falls below every new healthy part.
     (``--add-good`` checks its photos in the one pass that scores them: models.patchcore.add_good.)
     """
-    bad = []
+    bad, copies = [], []
+    first: dict[bytes, Path] = {}
     for path, image in read_images(paths, config.num_workers, config.max_image_pixels):
         if isinstance(image, ImageReadError):
             bad.append(str(image))
         elif problem := photo_problem(image):
             bad.append(f"{path}: {problem}")
+        else:
+            pixels = hashlib.blake2b(str(image.shape).encode(), digest_size=16)
+            pixels.update(np.ascontiguousarray(image).data)
+            if (digest := pixels.digest()) in first:
+                copies.append((path, first[digest]))
+            else:
+                first[digest] = path
     if bad:
         raise UserError(unusable_photos(bad, len(paths), what))
-
-
-def copies_among(paths: Sequence[Path]) -> list[tuple[Path, Path]]:
-    """(photo, the earlier photo it repeats byte for byte) for each copy in ``paths``: a fit must see each
-    photo once, for a copy in another calibration fold scores its twin as a photo the bank has seen, and
-    the threshold falls below every new healthy part. A file that cannot be read is left to the photo checks."""
-    first: dict[bytes, Path] = {}
-    copies = []
-    for path in paths:
-        try:
-            with open(path, "rb") as file:
-                digest = hashlib.file_digest(file, "sha256").digest()
-        except OSError:
-            continue
-        if digest in first:
-            copies.append((path, first[digest]))
-        else:
-            first[digest] = path
     return copies
 
 

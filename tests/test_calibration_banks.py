@@ -100,6 +100,8 @@ def test_recalibrate_with_output_writes_there_and_leaves_the_input_model_untouch
     (new_light / "train" / "good").mkdir(parents=True)
     for image in train_images(screw_dir)[-12:]:
         (new_light / "train" / "good" / image.name).symlink_to(image.resolve())
+    copy = new_light / "train" / "good" / "zz_copy.png"  # a photo twice: it counts once
+    copy.write_bytes(train_images(screw_dir)[-1].read_bytes())
     (new_light / "test").symlink_to(small_screw_dir / "test")
     opened = run_train(["--recalibrate", "--model", str(original), "--data-dir", str(new_light),
                         "--output", "moved/line3_new_light.pkl", "--quiet"], monkeypatch, tmp_path)
@@ -108,7 +110,9 @@ def test_recalibrate_with_output_writes_there_and_leaves_the_input_model_untouch
     assert moved.memory_bank.tobytes() == fitted_model.memory_bank.tobytes()
     assert moved.calibration_method.startswith("re-calibrated on 12 healthy photos")
     assert set(opened) == {path.resolve() for path in train_images(new_light)}  # test/ is never read
-    assert "; saved to moved/line3_new_light.pkl (memory bank unchanged)" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert "; saved to moved/line3_new_light.pkl (memory bank unchanged)" in shown
+    assert shown.startswith(f"note: 1 photos are copies of others, used once each: {copy} = ")
 
 
 def test_a_fit_writes_its_model_to_output_and_nowhere_else(small_screw_dir, tmp_path, monkeypatch):

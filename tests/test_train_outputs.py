@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import pytest
 
 from config import run_cli
@@ -154,9 +155,9 @@ def test_training_photos_that_are_copies_of_others_are_fitted_once_and_named(sma
     good = link_folder(small_screw_dir, tmp_path / "bolts") / "train" / "good"
     originals = sorted(good.iterdir())
     (good / "copy_a.png").write_bytes(originals[0].read_bytes())
-    (good / "copy_b.png").write_bytes(originals[0].read_bytes())
+    cv2.imwrite(str(good / "copy_b.bmp"), cv2.imread(str(originals[0]), cv2.IMREAD_UNCHANGED))  # same pixels
     with pytest.raises(Stop):
         train.main(["--data-dir", str(tmp_path / "bolts"), "--backbone", "efficientnet_lite0", "--quiet"])
     assert fitted == [originals]
-    assert capsys.readouterr().out == (f"note: 2 training photos are copies of others, fitted once each: "
-                                       f"{good / 'copy_a.png'} = {originals[0]}; {good / 'copy_b.png'} = {originals[0]}\n")
+    assert capsys.readouterr().out == (f"note: 2 training photos are copies of others, used once each: "
+                                       f"{good / 'copy_a.png'} = {originals[0]}; {good / 'copy_b.bmp'} = {originals[0]}\n")
