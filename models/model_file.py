@@ -40,7 +40,8 @@ def write_state(path: str | Path, state: dict[str, Any]) -> None:
 def check_not_the_model(output: str | Path, model: str | Path) -> None:
     """Refuse a results file that is the model file or its network's export, by any spelling: results
     written or appended there would ruin the model, with no copy kept."""
-    check_not_an_input(output, [model, onnx_path_for(model)], "the model file or its ONNX export")
+    exports = {onnx_path_for(model), onnx_path_for(Path(model).resolve())}  # a link's, and the one load finds
+    check_not_an_input(output, [model, *exports], "the model file or its ONNX export")
 
 
 def check_state(state: Any) -> dict[str, Any]:

@@ -478,6 +478,22 @@ def test_a_results_file_named_as_the_model_or_its_export_is_refused_and_the_mode
     assert out == "" and (model_file.read_bytes(), export.read_bytes()) == before
 
 
+def test_a_results_file_named_as_the_export_a_linked_model_file_scores_with_is_refused(model_file, small_screw_dir,
+                                                                                      tmp_path, capsys):
+    """A line's current.pkl links to the model: it scores through the export beside the file the link leads to."""
+    folder = tmp_path / "batch"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(load_test_split(small_screw_dir)[0].path.read_bytes())
+    (tmp_path / "current.pkl").symlink_to(model_file)
+    export = model_file.with_suffix(".onnx")
+    before = export.read_bytes()
+    code = inference.run_cli(lambda: inference.main(["--model", str(tmp_path / "current.pkl"), "--dir", str(folder),
+                                                     "--csv", str(export)]))
+    out, err = capsys.readouterr()
+    assert code == 2 and err == f"error: {export}: is {export}, the model file or its ONNX export; give another file name\n"
+    assert out == "" and export.read_bytes() == before
+
+
 def test_a_csv_named_as_the_file_a_linked_photo_leads_to_is_refused(model_file, small_screw_dir, tmp_path, capsys):
     """A camera's photo linked into --dir: a CSV written at the camera's file would replace the photo."""
     camera, folder = tmp_path / "camera", tmp_path / "batch"
