@@ -576,8 +576,11 @@ def watch_until_stopped(model: Any, folder: Path, outputs: WatchOutputs, settle_
             refused = f"; not learnt (too far above the threshold): {', '.join(event['refused'])}" if event["refused"] else ""
             again = event.get("already_learnt")
             repeated = f"; learnt already, not added again: {', '.join(again)}" if again else ""
-            say(f"learnt {event['photos']} photos confirmed good: threshold {event['threshold_before']:.3f} -> "
-                f"{event['threshold_after']:.3f}, saved to {event['model_file']}{refused}{repeated}")
+            if event["photos"]:
+                say(f"learnt {event['photos']} photos confirmed good: threshold {event['threshold_before']:.3f} -> "
+                    f"{event['threshold_after']:.3f}, saved to {event['model_file']}{refused}{repeated}")
+            else:
+                say(f"learnt nothing from {CONFIRMED}/, {event['model_file']} is unchanged{refused}{repeated}")
 
     model.prepare_to_score()
     watcher = FolderWatcher(model, folder, outputs, settle_s, on_record=show, retry_s=retry_s, model_path=model_path,
