@@ -82,6 +82,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      "the model has not seen), or --false-alarm-rate alone to change only the rate")
     if not (args.category or args.data_dir or args.recalibrate):
         parser.error("one of the arguments --category --data-dir is required")
+    if (args.recalibrate or args.add_good) and args.category:
+        parser.error("--recalibrate and --add-good read the photos of --data-dir, not --category")
     if args.recalibrate and args.add_good:
         parser.error("--recalibrate and --add-good are two different updates; run one at a time")
     if args.add_good and not (args.model and args.data_dir):
@@ -135,6 +137,7 @@ def recalibrate(args: argparse.Namespace) -> int:
         check_model_output(output)
         before = model.threshold
         model.set_false_alarm_rate(args.false_alarm_rate)
+        model.prepare_to_score()  # opens the network: saved elsewhere, the model keeps its export beside it
         model.save(output)
         print(f"false_alarm_rate {args.false_alarm_rate:g}, read off the {model.calibration_scores.size} held-out "
               f"healthy scores the model keeps: threshold {before:.3f} -> {model.threshold:.3f}; saved to {output}")
@@ -142,6 +145,7 @@ def recalibrate(args: argparse.Namespace) -> int:
         return 0
     if args.false_alarm_rate is not None:
         model.config = model.config.replace(false_alarm_rate=args.false_alarm_rate)
+    warn_without_fingerprints(model)
     paths = healthy_photos(args.data_dir)
     check_model_output(output, paths)  # before scoring, as for a fit
     paths = without_copies(paths, refuse_unusable_photos(paths, model.config), "photos")
@@ -152,6 +156,14 @@ def recalibrate(args: argparse.Namespace) -> int:
           f"{model.threshold:.3f}; saved to {output} (memory bank unchanged)")
     print_calibration(model)
     return 0
+
+
+def warn_without_fingerprints(model: PatchCore) -> None:
+    """A model file written before models kept their photos' fingerprints cannot refuse its own photos."""
+    if not model.learnt_photos:
+        print(printable(f"warning: {model.model_file} keeps no fingerprints of the photos in its memory bank (it was "
+                        "saved before models kept them): it cannot tell them from new ones, so make sure these "
+                        "are photos it was not fitted on"))
 
 
 def without_copies(paths: list[Path], copies: list[tuple[Path, Path]], what: str) -> list[Path]:
@@ -206,6 +218,7 @@ def add_good(args: argparse.Namespace) -> int:
     model = PatchCore.load(args.model)
     output = args.output or args.model
     since = model.file_identity if args.output is None else file_identity(output)  # refused if changed meanwhile
+    warn_without_fingerprints(model)
     paths = healthy_photos(args.data_dir)
     check_model_output(output, paths)  # before scoring, as for a fit
     update = model.add_good(paths, progress=not args.quiet, source=str(args.data_dir), force=args.force)
@@ -266,7 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     model_path = args.output or Path("saved_models") / f"patchcore_{name}.pkl"
     report_dir = Path("outputs") / model_path.stem
     test_split = load_test_split(data_dir)
-    check_model_output(model_path, [*paths, *(sample.path for sample in test_split)])  # before the fit
+    masks = [sample.mask_path for sample in test_split if sample.mask_path]
+    inputs = [*paths, *(sample.path for sample in test_split), *masks]
+    check_model_output(model_path, inputs)  # before the fit
     has_test_split = bool(test_split)
     if has_test_split:
         check_writable(report_dir / "metrics.json")

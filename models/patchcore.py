@@ -384,9 +384,12 @@ class PatchCore:
                 + (f" and {len(in_bank) - 5} more" if len(in_bank) > 5 else "")
             )
         origin = f" from {source}" if source else ""
+        left_out = self.calibration.get("left_out")
         self.set_calibration(
             np.asarray(scores), f"re-calibrated on {len(scores)} healthy photos{origin}", photo_names(images)
         )
+        if left_out is not None:  # the bank still lacks the photos the fit left out
+            self.calibration["left_out"] = left_out
 
     def add_good(
         self,

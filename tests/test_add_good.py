@@ -260,7 +260,7 @@ def test_add_good_refuses_a_model_file_another_update_saved_to_meanwhile(half_mo
 @pytest.mark.parametrize("args, says", [
     (["--add-good", "--model", "m.pkl", "--data-dir", ".", "--coreset-sampling-ratio", "0.5"], "takes no settings"),
     (["--add-good", "--data-dir", "."], "--add-good needs --model"),
-    (["--add-good", "--model", "m.pkl", "--category", "screw"], "--add-good needs --model"),
+    (["--add-good", "--model", "m.pkl", "--category", "screw"], "read the photos of --data-dir, not --category"),
     (["--model", "m.pkl", "--data-dir", ".", "--force"], "--force goes with --add-good"),
     (["--add-good", "--model", "m.pkl", "--data-dir", ".", "--config", "s.yaml"], "takes no settings"),
     (["--add-good", "--recalibrate", "--model", "m.pkl", "--data-dir", "."], "two different updates"),

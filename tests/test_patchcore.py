@@ -586,5 +586,7 @@ def test_recalibration_needs_photos_and_names_a_photo_unlike_the_rest(fitted_mod
         with pytest.raises(UserError, match=f"at least 2 healthy photos \\(got {len(too_few)}\\)"):
             model.recalibrate(too_few, progress=False)
     odd = _with_a_noise_patch(healthy[0], tmp_path / "odd.png")
+    model.calibration["left_out"] = ["train/good/defect.png"]  # as a fit with --drop-unlike records it
     model.recalibrate([*healthy, odd], progress=False)  # the odd photo last, as the last one scored
+    assert model.calibration["left_out"] == ["train/good/defect.png"]  # the bank still lacks it
     assert [entry["photo"] for entry in model.calibration["unlike_the_rest"]] == [str(odd)]

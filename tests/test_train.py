@@ -356,16 +356,38 @@ def test_recalibrate_on_the_photos_the_model_was_fitted_on_is_refused(tmp_path, 
     assert model_path.read_bytes() == original
 
 
+def test_recalibrate_of_a_model_file_without_fingerprints_warns_that_it_cannot_refuse_its_own_photos(
+        tmp_path, fitted_model, screw_dir):
+    import pickle
+
+    model_path = tmp_path / "model.pkl"
+    fitted_model.save(model_path)
+    state = pickle.loads(model_path.read_bytes())  # our own file: trusted here
+    del state["learnt_photos"]  # as every file saved before models kept them
+    model_path.write_bytes(pickle.dumps(state))
+    photos = tmp_path / "new_light"
+    photos.mkdir()
+    for image in train_images(screw_dir)[-4:]:
+        (photos / image.name).symlink_to(image.resolve())
+    result = run_train("--recalibrate", "--model", str(model_path), "--data-dir", str(photos), "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == (
+        f"warning: {model_path} keeps no fingerprints of the photos in its memory bank (it was saved before models "
+        "kept them): it cannot tell them from new ones, so make sure these are photos it was not fitted on")
+
+
 def test_recalibrate_with_a_rate_alone_reads_the_threshold_off_the_scores_the_model_keeps(tmp_path, fitted_model):
     """Another promise needs no photos: the held-out scores of the fit are in the model file."""
     from models.patchcore import PatchCore
 
-    model_path = tmp_path / "model.pkl"
+    model_path, other = tmp_path / "model.pkl", tmp_path / "other.pkl"
     fitted_model.save(model_path)
     result = run_train("--recalibrate", "--model", str(model_path), "--false-alarm-rate", "0.1", "--quiet",
-                       cwd=tmp_path)
+                       "--output", str(other), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    changed = PatchCore.load(model_path)
+    # written elsewhere, with the network's export beside it: a line PC without torch scores with it
+    assert other.with_suffix(".onnx").read_bytes() == model_path.with_suffix(".onnx").read_bytes()
+    changed = PatchCore.load(other, runtime="onnx")
     assert changed.threshold == pytest.approx(fitted_model.threshold_for(0.1), rel=1e-6)
     assert changed.threshold < fitted_model.threshold and changed.config.false_alarm_rate == 0.1
     np.testing.assert_array_equal(changed.calibration_scores, fitted_model.calibration_scores)
@@ -374,10 +396,12 @@ def test_recalibrate_with_a_rate_alone_reads_the_threshold_off_the_scores_the_mo
     assert changed.calibration["false_alarm_rate"] == 0.1
     assert result.stdout.splitlines()[0] == (
         f"false_alarm_rate 0.1, read off the {fitted_model.calibration_scores.size} held-out healthy scores the "
-        f"model keeps: threshold {fitted_model.threshold:.3f} -> {changed.threshold:.3f}; saved to {model_path}")
+        f"model keeps: threshold {fitted_model.threshold:.3f} -> {changed.threshold:.3f}; saved to {other}")
 
 
 @pytest.mark.parametrize("args", [["--recalibrate", "--data-dir", "x"], ["--recalibrate", "--model", "m.pkl"],
+                                  ["--recalibrate", "--model", "m.pkl", "--category", "screw", "--false-alarm-rate",
+                                   "0.05"],
                                   ["--recalibrate", "--model", "m.pkl", "--data-dir", "x", "--image-size", "128"],
                                   ["--data-dir", "x", "--model", "m.pkl"],
                                   ["--recalibrate", "--model", "m.pkl", "--data-dir", "x", "--config", "s.yaml"],

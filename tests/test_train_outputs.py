@@ -109,6 +109,7 @@ def test_recalibrate_checks_its_output_and_every_photo_before_scoring(
 
 
 @pytest.mark.parametrize("command, photo", [("fit", "train/good/000.png"), ("fit", "test/good/000.png"),
+                                            ("fit", "ground_truth/rust/000_mask.png"),
                                             ("--recalibrate", "train/good/000.png"),
                                             ("--add-good", "train/good/000.png")])
 def test_a_model_output_named_as_a_photo_the_run_reads_is_refused_before_the_work(
@@ -121,8 +122,12 @@ def test_a_model_output_named_as_a_photo_the_run_reads_is_refused_before_the_wor
     data = tmp_path / "bolts"
     (data / "train" / "good").mkdir(parents=True)
     (data / "test" / "good").mkdir(parents=True)
+    (data / "test" / "rust").mkdir(parents=True)
+    (data / "ground_truth" / "rust").mkdir(parents=True)
     for name, source in (("train/good/000.png", train_images(small_screw_dir)[0]),
-                         ("test/good/000.png", train_images(small_screw_dir)[-1])):
+                         ("test/good/000.png", train_images(small_screw_dir)[-1]),
+                         ("test/rust/000.png", train_images(small_screw_dir)[1]),
+                         ("ground_truth/rust/000_mask.png", train_images(small_screw_dir)[2])):  # read as a mask
         (data / name).write_bytes(source.read_bytes())
     before = (data / photo).read_bytes()
     model_file = tmp_path / "model.pkl"
