@@ -107,6 +107,7 @@ _NUMBER = (int, float)
 _CALIBRATION_KINDS: dict[str, tuple[type, ...]] = {  # what the promise, reports and GET /model read, by key
     "method": (str,), "rule": (str,), "count": (int,), "false_alarm_rate": _NUMBER, "false_alarms_per_1000": _NUMBER,
     "interval_per_1000": (list,), "unlike_the_rest": (list,), "warnings": (list,), "left_out": (list,),
+    "added_on_the_line": (int,),
 }  # spread_floor: check_fitted_values
 
 

@@ -343,13 +343,15 @@ class PatchCore:
             "interval_per_1000": [1000 * low, 1000 * high],
             "unlike_the_rest": unlike,
             "warnings": [warning] if warning else [],
+            "added_on_the_line": 0,  # of these scores, how many photos confirmed good on the line gave (add_good)
         }
         self.threshold = tail.threshold(exceedance)
 
     def set_false_alarm_rate(self, false_alarm_rate: float) -> None:
         """Read the threshold for another rate off the held-out scores the model keeps: no photos are needed,
         and what the record says of them (their source, the photos it listed or left out) stays true."""
-        kept = {key: self.calibration[key] for key in ("unlike_the_rest", "left_out") if key in self.calibration}
+        kept = {key: self.calibration[key] for key in ("unlike_the_rest", "left_out", "added_on_the_line")
+                if key in self.calibration}
         self.config = self.config.replace(false_alarm_rate=false_alarm_rate)
         self.set_calibration(self.calibration_scores, self.calibration_method)
         self.calibration.update(kept)
@@ -504,11 +506,13 @@ class PatchCore:
         self.coverage_radius = max(self.coverage_radius, coreset.covering_radius)
         self.n_train += len(scores)
         self.learnt_photos = self.learnt_photos | frozenset(marks)
-        total = len(scores) + sum(int(update["photos"]) for update in self.updates)
+        earlier = self.calibration.get("added_on_the_line")  # files written before it was kept: every update's
+        total = len(scores) + (sum(int(update["photos"]) for update in self.updates) if earlier is None else earlier)
         self.set_calibration(
             np.concatenate([old_scores, np.asarray(scores, dtype=np.float32)]),
             f"{old_method.split(' + ')[0]} + {total} photos added on the line, each scored by the bank before it joined",
         )
+        self.calibration["added_on_the_line"] = total
         if left_out is not None:  # the fit's record of the photos it left out stays true
             self.calibration["left_out"] = left_out
         record.update(threshold_after=float(self.threshold), bank_after=int(len(self.memory_bank)),

@@ -330,6 +330,9 @@ CORRUPTIONS = {
         lambda s: s.update(updates=[{"photos": 1, "already_learnt": [3]}]), "updates must be a list"
     ),
     # the fingerprints that keep a photo from being learnt twice
+    "photos added counted in text": (
+        lambda s: s["calibration"].update(added_on_the_line="3"), "calibration added_on_the_line has the wrong type"
+    ),
     "fingerprints cut short": (lambda s: s.update(learnt_photos=bytes(17)), "learnt_photos must hold whole 16-byte"),
     "fingerprints that are text": (lambda s: s.update(learnt_photos="ab" * 8), "learnt_photos has the wrong type"),
     "stated rate without its interval": (
