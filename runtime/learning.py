@@ -157,7 +157,9 @@ class Learner:
         return len(self._pending)
 
     def _write(self, name: str, data: bytes) -> Path:
-        """A new file in the learner's folder holding ``data``; OSError (with no file left behind) when it cannot be."""
+        """A new file in the learner's folder holding ``data``; OSError (with no file left behind) when it cannot be.
+        The folder is made again when it is gone: a cleaner of old temporary files removes it on a quiet line."""
+        self.folder.mkdir(parents=True, exist_ok=True)
         suffix = PurePath(name).suffix.lower()
         handle, path = tempfile.mkstemp(dir=self.folder, suffix=suffix if suffix in IMAGE_SUFFIXES else ".img")
         try:

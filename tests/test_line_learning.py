@@ -646,3 +646,22 @@ def test_a_confirmed_photo_the_temporary_folder_cannot_keep_is_a_507_answer_and_
     assert refused.json() == {"error": f"a.png: the service's temporary folder {folder} cannot keep the photo until "
                                        "the next update (No space left on device); free space there and send it again"}
     assert queued.json() == {"queued": "b.png", "waiting": 1}
+
+
+def test_photos_are_kept_for_feedback_after_a_cleaner_removes_the_temporary_folder(fitted_model, unseen, tmp_path,
+                                                                                   monkeypatch):
+    """systemd-tmpfiles or tmpreaper removes old folders from /tmp on a quiet line: every later confirmation was
+    refused until a restart."""
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    app = learning_service(fitted_model, tmp_path, monkeypatch, learn_wait_s=600)
+    with TestClient(app) as client:
+        (scratch,) = tmp_path.glob("fastener_service_*")
+        shutil.rmtree(scratch)
+        sent = client.post("/feedback?verdict=good&name=a.png", content=unseen[0].read_bytes())
+        assert client.post("/score?name=b.png", content=unseen[1].read_bytes()).status_code == 200
+        named = client.post("/feedback?verdict=good&name=b.png")
+    assert sent.json() == {"queued": "a.png", "waiting": 1}, sent.text
+    assert named.json() == {"queued": "b.png", "waiting": 2}, named.text
