@@ -306,7 +306,9 @@ class PatchCore:
         self.held_out_maps = {names[photo]: kept for _, photo, kept in highest if names[photo] in listed}
         self._clock("calibration", stage)
 
-    def set_calibration(self, scores: np.ndarray, method: str, photos: Sequence[str] = ()) -> None:
+    def set_calibration(
+        self, scores: np.ndarray, method: str, photos: Sequence[str] = (), carried: Sequence[str] = ()
+    ) -> None:
         """Threshold from healthy scores that their own photos did not help to make (models/calibration.py).
 
         The threshold is read off a Gumbel law fitted through the scores' lower quartile and 90th
@@ -315,8 +317,11 @@ class PatchCore:
         own patch spacing (nearly identical photos must not give a zero-width law). The
         calibration record states the rate, a 95 % interval for it from the number of photos,
         a warning when they are too few for the rate, and the photos (of ``photos``, the names in
-        score order) scoring so far above the rest that they should be looked at.
+        score order) scoring so far above the rest that they should be looked at. The ``carried`` keys
+        of the old record stay as they were: what it says of the bank (the photos a fit left out) or of
+        scores that are kept.
         """
+        kept = {key: self.calibration[key] for key in carried if key in self.calibration}
         scores = np.asarray(scores, dtype=np.float32)
         rate = self.config.false_alarm_rate
         floor = SPREAD_FLOOR * self._patch_spacing()
@@ -344,17 +349,16 @@ class PatchCore:
             "unlike_the_rest": unlike,
             "warnings": [warning] if warning else [],
             "added_on_the_line": 0,  # of these scores, how many photos confirmed good on the line gave (add_good)
+            **kept,
         }
         self.threshold = tail.threshold(exceedance)
 
     def set_false_alarm_rate(self, false_alarm_rate: float) -> None:
         """Read the threshold for another rate off the held-out scores the model keeps: no photos are needed,
         and what the record says of them (their source, the photos it listed or left out) stays true."""
-        kept = {key: self.calibration[key] for key in ("unlike_the_rest", "left_out", "added_on_the_line")
-                if key in self.calibration}
         self.config = self.config.replace(false_alarm_rate=false_alarm_rate)
-        self.set_calibration(self.calibration_scores, self.calibration_method)
-        self.calibration.update(kept)
+        self.set_calibration(self.calibration_scores, self.calibration_method,
+                             carried=("unlike_the_rest", "left_out", "added_on_the_line"))
 
     def threshold_for(self, false_alarm_rate: float) -> float:
         """The threshold this model's healthy scores give another false-alarm rate (same rule, same floor)."""
@@ -386,12 +390,10 @@ class PatchCore:
                 + (f" and {len(in_bank) - 5} more" if len(in_bank) > 5 else "")
             )
         origin = f" from {source}" if source else ""
-        left_out = self.calibration.get("left_out")
-        self.set_calibration(
-            np.asarray(scores), f"re-calibrated on {len(scores)} healthy photos{origin}", photo_names(images)
+        self.set_calibration(  # the bank still lacks the photos the fit left out
+            np.asarray(scores), f"re-calibrated on {len(scores)} healthy photos{origin}", photo_names(images),
+            carried=("left_out",),
         )
-        if left_out is not None:  # the bank still lacks the photos the fit left out
-            self.calibration["left_out"] = left_out
 
     def add_good(
         self,
@@ -499,7 +501,7 @@ class PatchCore:
         if not scores:
             return {**record, "threshold_after": record["threshold_before"], "bank_after": record["bank_before"]}
         added = coreset.result()
-        old_scores, old_method, left_out = self.calibration_scores, self.calibration_method, self.calibration.get("left_out")
+        old_scores, old_method = self.calibration_scores, self.calibration_method
         self.memory_bank = np.concatenate([self.memory_bank, added])
         self.coreset_projection = coreset.projection  # an older file's, drawn once, is kept from now on
         self._index = None
@@ -508,13 +510,12 @@ class PatchCore:
         self.learnt_photos = self.learnt_photos | frozenset(marks)
         earlier = self.calibration.get("added_on_the_line")  # files written before it was kept: every update's
         total = len(scores) + (sum(int(update["photos"]) for update in self.updates) if earlier is None else earlier)
-        self.set_calibration(
+        self.set_calibration(  # the fit's record of the photos it left out stays true
             np.concatenate([old_scores, np.asarray(scores, dtype=np.float32)]),
             f"{old_method.split(' + ')[0]} + {total} photos added on the line, each scored by the bank before it joined",
+            carried=("left_out",),
         )
         self.calibration["added_on_the_line"] = total
-        if left_out is not None:  # the fit's record of the photos it left out stays true
-            self.calibration["left_out"] = left_out
         record.update(threshold_after=float(self.threshold), bank_after=int(len(self.memory_bank)),
                       seconds=round(time.perf_counter() - start, 2))
         self.updates = [*self.updates, record]
