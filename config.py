@@ -69,6 +69,11 @@ def printable(text: str) -> str:
     return _CONTROL_CHARACTERS.sub(lambda found: found.group().encode("unicode_escape").decode("ascii"), text)
 
 
+def first_few(items: Sequence[str], most: int = 5) -> str:
+    """The first ``most`` items joined by '; ', then how many more: a line that names hundreds stays readable."""
+    return "; ".join(items[:most]) + (f" and {len(items) - most} more" if len(items) > most else "")
+
+
 def say(message: str) -> None:
     """One line on stderr, printable: what a long-running process (the watcher, the service) reports and goes on."""
     print(printable(message), file=sys.stderr, flush=True)

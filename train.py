@@ -23,7 +23,9 @@ from dataclasses import fields
 from typing import TYPE_CHECKING
 from pathlib import Path
 
-from config import CATEGORY_DEFAULTS, Config, add_config_arguments, config_from_args, fail, printable, run_cli
+from config import (
+    CATEGORY_DEFAULTS, Config, add_config_arguments, config_from_args, fail, first_few, printable, run_cli,
+)
 from evaluation.mvtec import load_test_split, train_images
 from models.backend import onnx_path_for
 from models.model_file import file_identity
@@ -170,9 +172,8 @@ def without_copies(paths: list[Path], copies: list[tuple[Path, Path]], what: str
     """``paths`` with each copy of another photo (``refuse_unusable_photos``) left out, the copies named."""
     if not copies:
         return paths
-    print(printable(f"note: {len(copies)} {what} are copies of others, used once each: "
-                    + "; ".join(f"{copy} = {original}" for copy, original in copies[:5])
-                    + (f" and {len(copies) - 5} more" if len(copies) > 5 else "")))
+    named = first_few([f"{copy} = {original}" for copy, original in copies])
+    print(printable(f"note: {len(copies)} {what} are copies of others, used once each: {named}"))
     left_out = {copy for copy, _ in copies}
     return [path for path in paths if path not in left_out]
 

@@ -28,7 +28,7 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from config import Config, UserError
+from config import Config, UserError, first_few
 from models.backbones import PatchFeatureExtractor
 from models.backend import onnx_path_for, open_extractor, resolve_runtime, torch_installed
 from models.calibration import (
@@ -386,8 +386,7 @@ class PatchCore:
                 f"{len(in_bank)} of {len(images)} photos are in the memory bank already (the model was fitted on "
                 "them or learnt them): a bank scores its own photos low, so the threshold would drop and flag "
                 "healthy parts; re-calibrate on healthy photos the model has not seen, or change only the rate "
-                f"with --false-alarm-rate and no --data-dir: {'; '.join(in_bank[:5])}"
-                + (f" and {len(in_bank) - 5} more" if len(in_bank) > 5 else "")
+                f"with --false-alarm-rate and no --data-dir: {first_few(in_bank)}"
             )
         origin = f" from {source}" if source else ""
         self.set_calibration(  # the bank still lacks the photos the fit left out
