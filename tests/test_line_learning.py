@@ -293,6 +293,11 @@ def noise_png(seed: int = 1) -> bytes:
     return cv2.imencode(".png", cv2.resize(noise, (1024, 1024), interpolation=cv2.INTER_NEAREST))[1].tobytes()
 
 
+def no_space(*_args: Any) -> None:
+    """In place of os.fdopen: the disk is full."""
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
 def learning_service(model: PatchCore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **settings: Any) -> Any:
     """The service app on ``model`` saved as tmp_path/served.pkl, learning confirmed photos, its events in
     tmp_path/events.jsonl and its kept uploads under tmp_path."""
@@ -564,24 +569,26 @@ def bare_learner(model_path: Path, tmp_path: Path, events: str | None = None, **
 
 
 def test_a_scored_photo_that_cannot_be_kept_is_one_error_line_and_its_name_then_names_no_photo(
-    fitted_model, unseen, tmp_path, capsys
+    fitted_model, unseen, tmp_path, capsys, monkeypatch
 ):
     """A full temporary folder: the photo is reported once, and /feedback naming it finds no photo, not an
     older one of the same name that it would learn in its place."""
+    import os
+
     fitted_model.save(tmp_path / "served.pkl")
     learner = bare_learner(tmp_path / "served.pkl", tmp_path)
     try:
         learner.remember("a.png", unseen[0].read_bytes(), {"normalized_score": 0.5})
-        for kept in learner.folder.iterdir():
-            kept.unlink()
-        learner.folder.rmdir()  # as a full disk refuses the next file
-        learner.remember("a.png", unseen[1].read_bytes(), {"normalized_score": 0.5})
+        with monkeypatch.context() as full:
+            full.setattr(os, "fdopen", no_space)
+            learner.remember("a.png", unseen[1].read_bytes(), {"normalized_score": 0.5})
         with pytest.raises(KeyError):
             learner.confirm_scored("a.png", force=False)
+        assert list(learner.folder.iterdir()) == []  # the older a.png is gone, and nothing of the newer is left
     finally:
         learner.stop()
-    assert capsys.readouterr().err == ("error: a.png: cannot be kept for POST /feedback to name (No such file or "
-                                       "directory); to confirm it good, send the photo\n")
+    assert capsys.readouterr().err == ("error: a.png: cannot be kept for POST /feedback to name (No space left on "
+                                       "device); to confirm it good, send the photo\n")
 
 
 def test_the_learning_thread_goes_on_learning_when_its_events_file_cannot_be_written(
@@ -634,9 +641,6 @@ def test_a_confirmed_photo_the_temporary_folder_cannot_keep_is_a_507_answer_and_
     app = learning_service(fitted_model, tmp_path, monkeypatch, learn_wait_s=600)
     with TestClient(app, raise_server_exceptions=False) as client:
         with monkeypatch.context() as full:
-            def no_space(*_args: Any) -> None:
-                raise OSError(errno.ENOSPC, "No space left on device")
-
             full.setattr(os, "fdopen", no_space)
             refused = client.post("/feedback?verdict=good&name=a.png", content=unseen[0].read_bytes())
         queued = client.post("/feedback?verdict=good&name=b.png", content=unseen[1].read_bytes())
