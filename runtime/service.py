@@ -236,11 +236,14 @@ def remove_stale_scratch(parent: Path) -> None:
 
 
 def model_summary(model: PatchCore, path: Path) -> dict[str, Any]:
-    """What GET /model answers: enough to know which model decides, and how."""
+    """What GET /model answers: enough to know which model decides, and how. The time is that of the file
+    the model in use was loaded from or last saved to, not of whatever lies at ``path`` now (a copy put back
+    while the service runs, or nothing)."""
     config = model.config
+    loaded = model.file_identity[3] / 1e9 if model.file_identity else None
     return {
         "model_file": str(path),
-        "model_file_modified": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(path.stat().st_mtime)),
+        "model_file_modified": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(loaded)) if loaded else None,
         "backbone": config.backbone,
         "weights_identity": model.weights_identity,
         "runtime": resolve_runtime(model.runtime, model.onnx_file, config.device),

@@ -738,3 +738,25 @@ def test_a_photo_beyond_a_full_queue_is_refused_at_once_never_left_waiting(fitte
     finally:
         release.set()
         batcher.stop()
+
+
+def test_get_model_describes_the_model_in_use_whatever_lies_at_its_path_now(fitted_model, tmp_path):
+    """A copy put back over the file while the service runs (an undo) is not the model in use, and a file moved
+    away is no reason for a 500: the answer comes from the model the service loaded."""
+    import time as clock
+
+    from fastapi.testclient import TestClient
+
+    from runtime.service import create_app
+
+    model_file = tmp_path / "model.pkl"
+    fitted_model.save(model_file)
+    loaded = clock.strftime("%Y-%m-%dT%H:%M:%S%z", clock.localtime(model_file.stat().st_mtime))
+    with TestClient(create_app(ServiceSettings(model=str(model_file)))) as client:
+        model_file.rename(tmp_path / "moved.pkl")
+        moved = client.get("/model")
+        os.utime(tmp_path / "moved.pkl", (0, 0))
+        (tmp_path / "moved.pkl").rename(model_file)  # another file, as far as its time goes
+        put_back = client.get("/model")
+    assert moved.status_code == 200 and moved.json()["model_file_modified"] == loaded
+    assert put_back.json()["model_file_modified"] == loaded and put_back.json()["threshold"] == fitted_model.threshold
