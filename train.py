@@ -135,14 +135,16 @@ def recalibrate(args: argparse.Namespace) -> int:
 
     model = PatchCore.load(args.model)
     output = args.output or args.model
+    since = model.file_identity if args.output is None else file_identity(output)  # refused if changed meanwhile
     if args.data_dir is None:
         check_model_output(output)
         before = model.threshold
         model.set_false_alarm_rate(args.false_alarm_rate)
         model.prepare_to_score()  # opens the network: saved elsewhere, the model keeps its export beside it
-        model.save(output)
+        kept = model.save_update(output, since)
         print(f"false_alarm_rate {args.false_alarm_rate:g}, read off the {model.calibration_scores.size} held-out "
-              f"healthy scores the model keeps: threshold {before:.3f} -> {model.threshold:.3f}; saved to {output}")
+              f"healthy scores the model keeps: threshold {before:.3f} -> {model.threshold:.3f}; saved to {output}"
+              + (f", previous file kept as {kept}" if kept else ""))
         print_calibration(model)
         return 0
     if args.false_alarm_rate is not None:
@@ -150,12 +152,13 @@ def recalibrate(args: argparse.Namespace) -> int:
     warn_without_fingerprints(model)
     paths = healthy_photos(args.data_dir)
     check_model_output(output, paths)  # before scoring, as for a fit
-    paths = without_copies(paths, refuse_unusable_photos(paths, model.config), "photos")
+    paths = without_copies(paths, refuse_unusable_photos(paths, model.config, "photos"), "photos")
     before = model.threshold
     model.recalibrate(paths, progress=not args.quiet, source=str(args.data_dir))
-    model.save(output)
+    kept = model.save_update(output, since)
     print(f"re-calibrated on {len(paths)} healthy photos from {args.data_dir}: threshold {before:.3f} -> "
-          f"{model.threshold:.3f}; saved to {output} (memory bank unchanged)")
+          f"{model.threshold:.3f}; saved to {output} (memory bank unchanged)"
+          + (f", previous file kept as {kept}" if kept else ""))
     print_calibration(model)
     return 0
 

@@ -153,9 +153,9 @@ def check_unchanged(path: str | Path, since: FileIdentity | None) -> None:
     saved there meanwhile would be lost."""
     if since is not None and file_identity(path) != since:
         raise ModelFileError(
-            f"{path}: replaced on disk since it was loaded (a new fit or another update saved there); "
-            "nothing learnt and that file is kept: load it again (restart a service or watcher), then add "
-            "these photos again"
+            f"{path}: replaced on disk since it was loaded (a new fit, an update or a re-calibration saved there); "
+            "that file is kept and nothing is saved over it: load it again (restart a service or watcher), then "
+            "add these photos or re-calibrate again"
         )
 
 

@@ -513,3 +513,32 @@ def test_a_full_disk_for_the_model_file_is_refused_before_the_fit(tmp_path, smal
     line = one_line_error(result)
     assert line == "error: model.pkl: cannot be written (File too large); any previous file is unchanged"
     assert "fitting" not in result.stdout
+
+
+def test_a_recalibration_never_saves_over_an_update_the_line_saved_meanwhile(tmp_path, fitted_model, screw_dir,
+                                                                             monkeypatch, capsys):
+    """The service learnt a photo and saved while train.py scored new photos: saving the re-calibration over it
+    would lose what the line learnt, with no copy kept."""
+    import train
+    from config import run_cli
+    from models.patchcore import PatchCore
+
+    model_path = tmp_path / "model.pkl"
+    fitted_model.save(model_path)
+    photos = tmp_path / "new_light"
+    photos.mkdir()
+    for image in train_images(screw_dir)[-4:]:
+        (photos / image.name).symlink_to(image.resolve())
+    scoring = PatchCore.recalibrate
+
+    def while_the_line_learns(self, *args, **kwargs):
+        scoring(self, *args, **kwargs)
+        model_path.write_bytes(model_path.read_bytes() + b"")  # the line's update, saved anew
+        os.utime(model_path, ns=(1, 1))
+
+    monkeypatch.setattr(PatchCore, "recalibrate", while_the_line_learns)
+    saved_by_the_line = model_path.read_bytes()
+    argv = ["--recalibrate", "--model", str(model_path), "--data-dir", str(photos), "--quiet"]
+    assert run_cli(lambda: train.main(argv)) == 2
+    assert capsys.readouterr().err.startswith(f"error: {model_path}: replaced on disk since it was loaded")
+    assert model_path.read_bytes() == saved_by_the_line and list(tmp_path.glob("*.before-update-*")) == []
