@@ -141,6 +141,7 @@ class Learner:
                 raise
 
     def stop(self) -> None:
+        """Learn what waits, then end the thread: a photo answered 202 is never dropped by a restart."""
         with self._changed:
             self._stopping = True
             self._changed.notify_all()
@@ -179,7 +180,7 @@ class Learner:
                 ):
                     self._changed.wait(timeout=None if not self._pending else
                                        max(0.0, self._first_at + self.wait_s - time.monotonic()))
-                if self._stopping:
+                if not self._pending:  # stopping, with nothing left to learn
                     return
                 taken, self._pending = self._pending, []
             done = []  # the updates' events, told once their photos are gone: an event means the update is over

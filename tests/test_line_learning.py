@@ -669,3 +669,18 @@ def test_photos_are_kept_for_feedback_after_a_cleaner_removes_the_temporary_fold
         named = client.post("/feedback?verdict=good&name=b.png")
     assert sent.json() == {"queued": "a.png", "waiting": 1}, sent.text
     assert named.json() == {"queued": "b.png", "waiting": 2}, named.text
+
+
+def test_photos_confirmed_before_the_service_stops_are_learnt_at_the_stop(fitted_model, unseen, tmp_path, monkeypatch):
+    """A restart for the night while confirmed photos wait for their batch: each was answered 202, so each is learnt
+    before the service ends, not deleted with its temporary folder."""
+    from fastapi.testclient import TestClient
+
+    app = learning_service(fitted_model, tmp_path, monkeypatch, learn_batch=16, learn_wait_s=600)
+    with TestClient(app) as client:
+        for photo in unseen[:2]:
+            assert client.post(f"/feedback?verdict=good&name={photo.name}", content=photo.read_bytes()).status_code == 202
+    (update,) = PatchCore.load(tmp_path / "served.pkl").updates
+    assert update["photos"] == 2 and update["source"] == "POST /feedback"
+    (event,) = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert event["event"] == "update" and event["photos"] == 2
