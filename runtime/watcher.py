@@ -215,6 +215,7 @@ class FolderWatcher:
         self._sort_retry_at = 0.0  # when a failed move is tried again
         self._lock = threading.Lock()
         self._state_size = 0
+        self._folders_told: set[Path] = set()  # folders put into a watched folder, said once each
         self._recover()
 
     # ------------------------------------------------------------------------- the state file
@@ -291,10 +292,16 @@ class FolderWatcher:
         return watched and path.suffix.lower() in IMAGE_SUFFIXES
 
     def notice(self, path: Path) -> None:
-        """Something happened to ``path``: look at it again until its photo is recorded."""
+        """Something happened to ``path``: look at it again until its photo is recorded. A folder put into a
+        watched folder (a camera's dated folder) is said once: its photos would otherwise wait there unseen."""
         if self._is_photo(path):
             with self._lock:
                 self._pending.setdefault(path, _Pending())
+        elif (path.parent in (self.folder, self.confirmed) and path not in self._folders_told
+              and path not in (self.outputs.sort_into, self.outputs.heatmaps) and path.is_dir()):
+            self._folders_told.add(path)
+            say(f"warning: {path}: a folder; only the photos directly in {path.parent} are read, not those in "
+                "folders within it: move its photos up")
 
     def renamed(self, source: Path, target: Path) -> None:
         """A recorded photo renamed within the folder stays recorded, under its new name."""
@@ -319,23 +326,22 @@ class FolderWatcher:
             """Writes only: the watcher's own reads of a photo (opened, closed unwritten) are no news."""
 
             def on_created(self, event: FileSystemEvent) -> None:
-                self.written(event.src_path, event.is_directory)
+                self.written(event.src_path)
 
             def on_modified(self, event: FileSystemEvent) -> None:
-                self.written(event.src_path, event.is_directory)
+                self.written(event.src_path)
 
             def on_closed(self, event: FileSystemEvent) -> None:
-                self.written(event.src_path, event.is_directory)
+                self.written(event.src_path)
 
             def on_moved(self, event: FileSystemEvent) -> None:
                 if not event.is_directory:
                     watcher.renamed(Path(os.fsdecode(event.src_path)), Path(os.fsdecode(event.dest_path)))
-                self.written(event.dest_path, event.is_directory)
+                self.written(event.dest_path)
 
             @staticmethod
-            def written(path: str | bytes, is_directory: bool) -> None:
-                if not is_directory:
-                    watcher.notice(Path(os.fsdecode(path)))
+            def written(path: str | bytes) -> None:
+                watcher.notice(Path(os.fsdecode(path)))
 
         observer = Observer()
         folders = [self.folder]

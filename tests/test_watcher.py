@@ -752,3 +752,21 @@ def test_the_watch_stop_can_be_set_by_a_signal_at_any_point_of_its_waits():
     made Event.set wait for that lock for ever. A thousand signals, each landing anywhere in a loop of
     waits, must each be handled (with an Event this hangs every time)."""
     subprocess.run([sys.executable, "-c", STOPPED_BY_SIGNALS, str(ROOT)], timeout=60, check=True)
+
+
+def test_a_folder_put_into_the_watched_folder_is_said_once(fitted_model: object, photos: dict[str, Path],
+                                                          tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A camera that writes dated folders: their photos are not read, so the watcher says so (once), instead of
+    leaving them unseen in silence; the sort folder inside the watched folder is its own, and not named."""
+    inbox = tmp_path / "inbox"
+    (inbox / "2026-12-06").mkdir(parents=True)  # there before the start
+    outputs = WatchOutputs(jsonl=tmp_path / "results.jsonl", sort_into=inbox / "sorted")
+    with watching(fitted_model, inbox, outputs):
+        (inbox / "2026-12-07").mkdir()  # made while it runs
+        shutil.copy(photos["good"], inbox / "2026-12-07" / "part.png")
+        shutil.copy(photos["good"], inbox / "part.png")
+        wait_for_lines(outputs.jsonl, 1, timeout=60)
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert sorted(said) == [f"warning: {inbox / day}: a folder; only the photos directly in {inbox} are read, not "
+                            "those in folders within it: move its photos up" for day in ("2026-12-06", "2026-12-07")]
+    assert (inbox / "2026-12-07" / "part.png").exists()  # left where it is
