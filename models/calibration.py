@@ -115,6 +115,20 @@ def read_at(count: int, false_alarm_rate: float) -> tuple[float, float]:
     return low, false_alarm_rate
 
 
+@functools.lru_cache(maxsize=64)
+def fewest_photos(false_alarm_rate: float) -> int:
+    """The fewest healthy photos whose threshold flags ``false_alarm_rate`` on average (``read_at``): from
+    fewer, no reading of the fitted law keeps the rate, and a threshold set from them flags far more."""
+    enough = 2
+    while read_at(enough, false_alarm_rate)[1] > false_alarm_rate:
+        enough *= 2
+    short = enough // 2  # too few, or 1
+    while enough - short > 1:  # the average rate falls as photos are added: bisect
+        middle = (short + enough) // 2
+        short, enough = (short, middle) if read_at(middle, false_alarm_rate)[1] <= false_alarm_rate else (middle, enough)
+    return enough
+
+
 def promised_threshold(law: TailFit, count: int, false_alarm_rate: float) -> float:
     """The threshold a law fitted to ``count`` healthy scores gives ``false_alarm_rate`` (``read_at``)."""
     return law.threshold(read_at(count, false_alarm_rate)[0])

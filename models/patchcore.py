@@ -32,6 +32,7 @@ from config import Config, UserError, first_few
 from models.backbones import PatchFeatureExtractor
 from models.backend import onnx_path_for, open_extractor, resolve_runtime, torch_installed
 from models.calibration import (
+    fewest_photos,
     fit_tail,
     promised_threshold,
     rate_interval,
@@ -371,10 +372,12 @@ class PatchCore:
         The photos are scored against the existing bank, exactly as production would score them,
         and become the calibration set; the bank, and so every score, stays the same.
         """
-        if len(images) < 2:  # as a fit: the scores of one photo have no spread to read a tail from
+        rate = self.config.false_alarm_rate
+        if len(images) < (needed := fewest_photos(rate)):  # a fit, which can only warn, has its own photos
             raise UserError(
-                f"re-calibration needs at least 2 healthy photos (got {len(images)}): a threshold is read off "
-                "the spread of their scores"
+                f"re-calibration needs at least {needed} healthy photos for a false-alarm rate of {rate:g} (got "
+                f"{len(images)}): the threshold is read off the spread of their scores, and from fewer it flags "
+                "more healthy parts than that even on average; add photos, or set a larger --false-alarm-rate"
             )
         scores, in_bank = [], []
         for name, (item, prediction) in zip(photo_names(images), self._scored(images, progress, "re-calibration")):

@@ -541,10 +541,10 @@ def test_after_a_recalibration_the_promise_counts_only_the_photos_added_since(ha
     """A recalibration replaces the healthy scores: photos learnt before it are no longer among them."""
     model = fresh(half_model, tmp_path)
     model.add_good(train_images(small_screw_dir)[6:9], progress=False)
-    model.recalibrate(train_images(screw_dir)[-8:], progress=False, source="new light")
+    model.recalibrate(train_images(screw_dir)[-13:], progress=False, source="new light")
     model.add_good(train_images(small_screw_dir)[9:11], progress=False)
-    assert model.calibration_scores.size == 8 + 2
-    assert model.calibration_method == ("re-calibrated on 8 healthy photos from new light + 2 photos added on the "
+    assert model.calibration_scores.size == 13 + 2
+    assert model.calibration_method == ("re-calibrated on 13 healthy photos from new light + 2 photos added on the "
                                         "line, each scored by the bank before it joined")
     model.set_false_alarm_rate(0.05)  # the same scores read for another rate: the count stays
     model.add_good(train_images(small_screw_dir)[11:12], progress=False)

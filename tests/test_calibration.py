@@ -9,6 +9,7 @@ import pytest
 
 from models.calibration import (
     TailFit,
+    fewest_photos,
     fit_tail,
     promise,
     promised_threshold,
@@ -193,3 +194,9 @@ def test_the_interval_resamples_the_rule_as_it_is_applied_scale_floor_included()
 def test_two_photos_already_give_an_interval_narrower_than_everything():
     low, high = rate_interval(np.array([14.0, 16.0]), 0.01)
     assert 0.0 < low < 0.01 < high < 1.0
+
+
+@pytest.mark.parametrize("rate", [0.05, 0.01, 0.001])
+def test_the_fewest_photos_are_the_first_count_whose_thresholds_keep_the_rate_on_average(rate):
+    needed = fewest_photos(rate)
+    assert read_at(needed, rate)[1] <= rate < read_at(needed - 1, rate)[1]

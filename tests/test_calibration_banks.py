@@ -98,7 +98,7 @@ def test_recalibrate_with_output_writes_there_and_leaves_the_input_model_untouch
     before = original.read_bytes()
     new_light = tmp_path / "new_light"  # healthy photos the model was not fitted on, and a test split
     (new_light / "train" / "good").mkdir(parents=True)
-    for image in train_images(screw_dir)[-12:]:
+    for image in train_images(screw_dir)[-13:]:  # enough to hold 1 in 100
         (new_light / "train" / "good" / image.name).symlink_to(image.resolve())
     copy = new_light / "train" / "good" / "zz_copy.png"  # a photo twice: it counts once
     copy.write_bytes(train_images(screw_dir)[-1].read_bytes())
@@ -108,7 +108,7 @@ def test_recalibrate_with_output_writes_there_and_leaves_the_input_model_untouch
     assert original.read_bytes() == before
     moved = PatchCore.load(tmp_path / "moved" / "line3_new_light.pkl")
     assert moved.memory_bank.tobytes() == fitted_model.memory_bank.tobytes()
-    assert moved.calibration_method.startswith("re-calibrated on 12 healthy photos")
+    assert moved.calibration_method.startswith("re-calibrated on 13 healthy photos")
     assert set(opened) == {path.resolve() for path in train_images(new_light)}  # test/ is never read
     shown = capsys.readouterr().out
     assert "; saved to moved/line3_new_light.pkl (memory bank unchanged)" in shown

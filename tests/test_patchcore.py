@@ -10,7 +10,7 @@ import pytest
 
 from config import Config, UserError
 from conftest import part_photo, small_config
-from models.calibration import fit_tail, promise, rate_interval, read_at
+from models.calibration import fewest_photos, fit_tail, promise, rate_interval, read_at
 from models.patchcore import PatchCore, anomaly_confidence_from_sigma
 from evaluation.mvtec import load_test_split, train_images
 from preprocessing.io import read_image
@@ -388,7 +388,7 @@ def test_the_heatmap_fades_between_patches_instead_of_stepping_at_their_border(m
 
 def test_a_recalibration_without_a_source_names_no_source(monkeypatch):
     """The method a promise ends with says where the photos came from only when it was told."""
-    model = hand_made_model(monkeypatch, score_reweighting=False)
+    model = hand_made_model(monkeypatch, score_reweighting=False, false_alarm_rate=0.3)  # two photos hold 0.3
     model.recalibrate([part_photo(), part_photo(degrees=30.0)], progress=False)
     assert model.calibration_method == "re-calibrated on 2 healthy photos"
 
@@ -542,10 +542,10 @@ def test_set_calibration_records_the_method_in_the_model_file(fitted_model, tmp_
     assert reloaded.calibration_scores.size == 100 and reloaded.threshold == model.threshold
 
 
-def test_recalibration_moves_the_threshold_and_keeps_the_bank_bit_identical(fitted_model, small_screw_dir, tmp_path):
+def test_recalibration_moves_the_threshold_and_keeps_the_bank_bit_identical(fitted_model, screw_dir, tmp_path):
     model = PatchCore.load(_saved(fitted_model, tmp_path))
     bank_before = model.memory_bank.copy()
-    healthy = [s.path for s in load_test_split(small_screw_dir) if not s.is_defective]
+    healthy = train_images(screw_dir)[-fewest_photos(0.01):]  # photos the model was not fitted on
     model.recalibrate(healthy, progress=False, source="new camera")
     assert model.memory_bank.tobytes() == bank_before.tobytes()
     expected = [p.score for p in fitted_model.predict(healthy)]  # scored with the same, untouched bank
@@ -581,9 +581,11 @@ def test_threshold_for_follows_the_models_own_rule_and_spread_floor(fitted_model
 
 def test_recalibration_needs_photos_and_names_a_photo_unlike_the_rest(fitted_model, screw_dir, tmp_path):
     model = PatchCore.load(_saved(fitted_model, tmp_path))
-    healthy = train_images(screw_dir)[-12:]  # photos the model was not fitted on (it has the first 12)
-    for too_few in ([], healthy[:1]):  # as a fit: one photo's score has no spread (it promised 497 in 1,000)
-        with pytest.raises(UserError, match=f"at least 2 healthy photos \\(got {len(too_few)}\\)"):
+    needed = fewest_photos(0.01)  # from fewer, the threshold flags more than 1 in 100 even on average
+    healthy = train_images(screw_dir)[-needed:]  # photos the model was not fitted on (it has the first 12)
+    for too_few in ([], healthy[:1], healthy[1:]):  # two photos promised 181 in 1,000 and flagged 327
+        with pytest.raises(UserError, match=f"at least {needed} healthy photos for a false-alarm rate of 0.01 "
+                                            f"\\(got {len(too_few)}\\)"):
             model.recalibrate(too_few, progress=False)
     odd = _with_a_noise_patch(healthy[0], tmp_path / "odd.png")
     model.calibration["left_out"] = ["train/good/defect.png"]  # as a fit with --drop-unlike records it

@@ -312,14 +312,14 @@ def test_settings_are_checked_before_any_work(tmp_path, small_screw_dir, monkeyp
     ]
 
 
-def test_recalibrate_moves_the_threshold_and_keeps_the_memory_bank(tmp_path, fitted_model, small_screw_dir):
+def test_recalibrate_moves_the_threshold_and_keeps_the_memory_bank(tmp_path, fitted_model, screw_dir):
     from models.patchcore import PatchCore
 
     model_path = tmp_path / "model.pkl"
     fitted_model.save(model_path)
     new_camera = tmp_path / "new camera"
     new_camera.mkdir()
-    healthy = [s.path for s in load_test_split(small_screw_dir) if not s.is_defective]
+    healthy = train_images(screw_dir)[-6:]  # photos the model was not fitted on; enough to hold 1 in 10
     for index, path in enumerate(healthy):
         (new_camera / f"{index}.png").symlink_to(path.resolve())
     result = run_train("--recalibrate", "--model", str(model_path), "--data-dir", str(new_camera), "--quiet",
@@ -348,7 +348,7 @@ def test_recalibrate_on_the_photos_the_model_was_fitted_on_is_refused(tmp_path, 
     fitted_model.save(model_path)
     original = model_path.read_bytes()
     result = run_train("--recalibrate", "--model", str(model_path), "--data-dir", str(small_screw_dir), "--quiet",
-                       cwd=tmp_path)
+                       "--false-alarm-rate", "0.1", cwd=tmp_path)  # 12 photos hold 1 in 10
     count = len(train_images(small_screw_dir))
     assert one_line_error(result).startswith(
         f"error: {count} of {count} photos are in the memory bank already (the model was fitted on them or learnt "
@@ -367,7 +367,7 @@ def test_recalibrate_of_a_model_file_without_fingerprints_warns_that_it_cannot_r
     model_path.write_bytes(pickle.dumps(state))
     photos = tmp_path / "new_light"
     photos.mkdir()
-    for image in train_images(screw_dir)[-4:]:
+    for image in train_images(screw_dir)[-13:]:  # enough to hold 1 in 100
         (photos / image.name).symlink_to(image.resolve())
     result = run_train("--recalibrate", "--model", str(model_path), "--data-dir", str(photos), "--quiet", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -527,7 +527,7 @@ def test_a_recalibration_never_saves_over_an_update_the_line_saved_meanwhile(tmp
     fitted_model.save(model_path)
     photos = tmp_path / "new_light"
     photos.mkdir()
-    for image in train_images(screw_dir)[-4:]:
+    for image in train_images(screw_dir)[-13:]:  # enough to hold 1 in 100
         (photos / image.name).symlink_to(image.resolve())
     scoring = PatchCore.recalibrate
 
