@@ -935,8 +935,9 @@ def learn_on_a_copy(
     that fails (a full disk) learns nothing either, and its record says why.
     """
 
-    def refused(error: Exception) -> dict[str, Any]:
-        return {"photos": 0, "refused": list(labels), "error": str(error)}
+    def refused(error: Exception) -> dict[str, Any]:  # when and from where, as a record of an update that went in
+        return {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "source": source, "photos": 0, "refused": list(labels),
+                "error": str(error)}
 
     try:
         check_unchanged(model_path, model.file_identity)  # before the work of adding photos

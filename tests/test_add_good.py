@@ -474,6 +474,7 @@ def test_a_model_file_replaced_on_disk_since_it_was_loaded_is_never_saved_over(h
     again, update = learn_on_a_copy(updated, tmp_path / "line.pkl", photos, [p.name for p in photos], "POST /feedback")
     assert again is None and update["photos"] == 0 and update["refused"] == [p.name for p in photos]
     assert update["error"].startswith(f"{tmp_path / 'line.pkl'}: replaced on disk since it was loaded")
+    assert update["source"] == "POST /feedback" and update["time"][:4].isdigit()  # when, from where, as any update
     assert (tmp_path / "line.pkl").read_bytes() == new_fit and sorted(tmp_path.glob("line.before-update-*")) == kept_before
 
 
