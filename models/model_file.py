@@ -76,6 +76,7 @@ STATE_TYPES: dict[str, type | tuple[type, ...]] = {
 OPTIONAL_STATE_TYPES: dict[str, type | tuple[type, ...]] = {  # keys older files lack
     "coreset_projection": (dict, type(None)),
     "learnt_photos": bytes,
+    "calibration_photos": bytes,
 }
 
 
@@ -96,10 +97,10 @@ def checked_updates(updates: Any) -> list[dict[str, Any]]:
     return [dict(update) for update in updates]
 
 
-def checked_fingerprints(packed: bytes, size: int) -> frozenset[bytes]:
-    """The fingerprints of the photos in a bank, stored one after another ``size`` bytes each, or ValueError."""
+def checked_fingerprints(packed: bytes, size: int, name: str) -> frozenset[bytes]:
+    """Photos' fingerprints stored one after another, ``size`` bytes each, or ValueError naming the field."""
     if len(packed) % size:
-        raise ValueError(f"learnt_photos must hold whole {size}-byte fingerprints, not {len(packed)} bytes")
+        raise ValueError(f"{name} must hold whole {size}-byte fingerprints, not {len(packed)} bytes")
     return frozenset(packed[start : start + size] for start in range(0, len(packed), size))
 
 

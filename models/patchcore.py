@@ -145,6 +145,8 @@ class PatchCore:
         self.file_identity: FileIdentity | None = None  # that file as loaded or last saved
         self.updates: list[dict[str, Any]] = []  # confirmed-good photos added since the fit (add_good)
         self.learnt_photos: frozenset[bytes] = frozenset()  # fingerprints of the photos in the bank (fit and updates)
+        # ... and of the photos a recalibration scored, outside the bank: their scores are among the healthy ones
+        self.calibration_photos: frozenset[bytes] = frozenset()
         # Seconds per stage, summed since the last fit started: the fit's own stages, and predict_*
         # over the predict calls since; scripts/benchmark.py reads them.
         self.timings: dict[str, float] = {}
@@ -379,10 +381,11 @@ class PatchCore:
                 f"{len(images)}): the threshold is read off the spread of their scores, and from fewer it flags "
                 "more healthy parts than that even on average; add photos, or set a larger --false-alarm-rate"
             )
-        scores, in_bank = [], []
+        scores, in_bank, marks = [], [], set()
         for name, (item, prediction) in zip(photo_names(images), self._scored(images, progress, "re-calibration")):
             scores.append(prediction.score)
-            if fingerprint(item) in self.learnt_photos:
+            marks.add(mark := fingerprint(item))
+            if mark in self.learnt_photos:
                 in_bank.append(name)
         if in_bank:
             raise UserError(
@@ -396,6 +399,7 @@ class PatchCore:
             np.asarray(scores), f"re-calibrated on {len(scores)} healthy photos{origin}", photo_names(images),
             carried=("left_out",),
         )
+        self.calibration_photos = frozenset(marks)
 
     def add_good(
         self,
@@ -477,7 +481,8 @@ class PatchCore:
                     (forced if force else far).append(name)
                     if not force:
                         continue
-                scores.append(score)
+                if mark not in self.calibration_photos:  # a recalibration's photo has its score in already
+                    scores.append(score)
                 marks.append(mark)
                 coreset.add(patches)
         for name, first in copies:
@@ -492,7 +497,7 @@ class PatchCore:
             )
         record: dict[str, Any] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "photos": len(scores),
+            "photos": len(marks),
             "source": source,
             "refused": far,
             "forced": forced,
@@ -500,7 +505,7 @@ class PatchCore:
             "threshold_before": float(self.threshold),
             "bank_before": int(len(self.memory_bank)),
         }
-        if not scores:
+        if not marks:
             return {**record, "threshold_after": record["threshold_before"], "bank_after": record["bank_before"]}
         added = coreset.result()
         old_scores, old_method = self.calibration_scores, self.calibration_method
@@ -508,7 +513,7 @@ class PatchCore:
         self.coreset_projection = coreset.projection  # an older file's, drawn once, is kept from now on
         self._index = None
         self.coverage_radius = max(self.coverage_radius, coreset.covering_radius)
-        self.n_train += len(scores)
+        self.n_train += len(marks)
         self.learnt_photos = self.learnt_photos | frozenset(marks)
         earlier = self.calibration.get("added_on_the_line")  # files written before it was kept: every update's
         total = len(scores) + (sum(int(update["photos"]) for update in self.updates) if earlier is None else earlier)
@@ -816,6 +821,7 @@ class PatchCore:
             "weights_identity": self.weights_identity,
             "updates": self.updates,
             "learnt_photos": b"".join(sorted(self.learnt_photos)),
+            "calibration_photos": b"".join(sorted(self.calibration_photos)),
             "seed": self.config.seed,
             "versions": {
                 "python": platform.python_version(),
@@ -904,7 +910,8 @@ class PatchCore:
         model.coverage_radius = float(state.get("coverage_radius", math.nan))  # absent from older files
         model.weights_identity = state["weights_identity"]
         model.updates = checked_updates(state.get("updates", []))  # absent from files written before any update
-        model.learnt_photos = checked_fingerprints(state.get("learnt_photos", b""), FINGERPRINT_BYTES)  # absent: older
+        for field in ("learnt_photos", "calibration_photos"):  # absent from older files
+            setattr(model, field, checked_fingerprints(state.get(field, b""), FINGERPRINT_BYTES, field))
         check_fitted_values(
             model.config, model.threshold, model.memory_bank, model.calibration_scores, model.calibration, model.n_train
         )

@@ -550,3 +550,21 @@ def test_after_a_recalibration_the_promise_counts_only_the_photos_added_since(ha
     model.set_false_alarm_rate(0.05)  # the same scores read for another rate: the count stays
     model.add_good(train_images(small_screw_dir)[11:12], progress=False)
     assert model.calibration_method.endswith("+ 3 photos added on the line, each scored by the bank before it joined")
+
+
+def test_a_photo_a_recalibration_scored_joins_the_bank_without_its_score_counted_twice(half_model, screw_dir,
+                                                                                     tmp_path):
+    """New light: the line recalibrates on 13 photos, then confirms the same photos good. They join the bank, but
+    their scores are among the healthy ones already: counted again, they narrowed the promise on no new evidence."""
+    model = fresh(half_model, tmp_path)
+    new_light = train_images(screw_dir)[-13:]
+    model.recalibrate(new_light, progress=False)
+    model.save(tmp_path / "recalibrated.pkl")
+    model = PatchCore.load(tmp_path / "recalibrated.pkl")  # the file keeps which photos it was recalibrated on
+    scores, threshold, bank = model.calibration_scores.copy(), model.threshold, len(model.memory_bank)
+    update = model.add_good([*new_light[:5], train_images(screw_dir)[-14]], progress=False)
+    assert update["photos"] == 6 and model.n_train == half_model.n_train + 6 and len(model.memory_bank) > bank
+    np.testing.assert_array_equal(model.calibration_scores[: scores.size], scores)
+    assert model.calibration_scores.size == scores.size + 1  # the one photo the recalibration did not score
+    assert model.calibration["count"] == 14 and model.threshold != threshold
+    assert model.calibration_method.endswith("+ 1 photos added on the line, each scored by the bank before it joined")

@@ -334,6 +334,9 @@ CORRUPTIONS = {
         lambda s: s["calibration"].update(added_on_the_line="3"), "calibration added_on_the_line has the wrong type"
     ),
     "fingerprints cut short": (lambda s: s.update(learnt_photos=bytes(17)), "learnt_photos must hold whole 16-byte"),
+    "calibration fingerprints cut short": (
+        lambda s: s.update(calibration_photos=bytes(33)), "calibration_photos must hold whole 16-byte"
+    ),
     "fingerprints that are text": (lambda s: s.update(learnt_photos="ab" * 8), "learnt_photos has the wrong type"),
     "stated rate without its interval": (
         lambda s: s["calibration"].pop("interval_per_1000"), "calibration interval_per_1000 must be two finite numbers"
