@@ -330,7 +330,9 @@ class PatchCore:
         floor = SPREAD_FLOOR * self._patch_spacing()
         tail = fit_tail(scores, floor)
         exceedance, expected_rate = read_at(scores.size, rate)
-        low, high = rate_interval(scores, rate, floor, self.config.seed)
+        # Too few photos to hold the rate: their spread says little, and an interval leaning on the floor
+        # under it came out narrow and far below both the stated and the real rate
+        low, high = rate_interval(scores, rate, floor if expected_rate <= rate else 0.0, self.config.seed)
         unlike = [
             {"photo": str(photos[index]), "score": float(scores[index])}
             for index in unlike_the_rest(scores, tail)

@@ -592,3 +592,14 @@ def test_recalibration_needs_photos_and_names_a_photo_unlike_the_rest(fitted_mod
     model.recalibrate([*healthy, odd], progress=False)  # the odd photo last, as the last one scored
     assert model.calibration["left_out"] == ["train/good/defect.png"]  # the bank still lacks it
     assert [entry["photo"] for entry in model.calibration["unlike_the_rest"]] == [str(odd)]
+
+
+@pytest.mark.parametrize("count", [2, 5])
+def test_the_interval_of_a_set_too_small_for_the_rate_holds_the_rate_it_states(monkeypatch, count):
+    """Two nearly identical photos: the spread floor set the law, and the interval leaned on it (0.1 to 2.1 in
+    1,000) while the promise said 181 in 1,000, and such thresholds flagged 327 in 1,000 new healthy parts."""
+    model = hand_made_model(monkeypatch, score_reweighting=False)
+    model.set_calibration(np.linspace(14.0, 14.01, count), "a few photos")
+    low, high = model.calibration["interval_per_1000"]
+    assert model.calibration["warnings"]  # too few for the rate, and said so
+    assert low <= model.calibration["false_alarms_per_1000"] <= high
