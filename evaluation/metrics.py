@@ -64,7 +64,11 @@ def image_metrics(
     f1 = np.divide(2 * precision * recall, denominator, out=np.zeros_like(denominator), where=denominator > 0)
     best = int(np.argmax(f1))
     result["image_f1_max"] = float(f1[best])
-    result["image_f1_max_threshold"] = float(thresholds[best])  # flagged when score >= this
+    # The curve flags scores >= its cut; the toolkit flags scores > the threshold (is_flagged). Halfway down to
+    # the next lower score flags the same photos, so --threshold with this figure gives F1-max, not one escape more.
+    below = values[values < thresholds[best]]
+    result["image_f1_max_threshold"] = float((thresholds[best] + below.max()) / 2 if below.size
+                                             else np.nextafter(thresholds[best], -np.inf))
     return result
 
 

@@ -39,9 +39,12 @@ def test_image_metrics_hand_computed() -> None:
     assert result["image_ap"] == pytest.approx(0.5 + 0.5 * 2 / 3)
     # Flagged above 0.4: 0.6 (FP), 0.5, 0.9 (TP) -> F1 = 2*2 / (2*2 + 1) = 0.8.
     assert result["image_f1_at_threshold"] == pytest.approx(0.8)
-    # Best threshold is 0.5 (P=2/3, R=1 -> 0.8) which beats 0.9 (P=1, R=.5 -> 2/3).
+    # Best is flagging 0.5 and up (P=2/3, R=1 -> 0.8), which beats 0.9 alone (P=1, R=.5 -> 2/3); flagged is
+    # above the threshold, so the threshold lies halfway down to the next score, 0.2: --threshold 0.35 gives 0.8.
     assert result["image_f1_max"] == pytest.approx(0.8)
-    assert result["image_f1_max_threshold"] == pytest.approx(0.5)
+    assert result["image_f1_max_threshold"] == pytest.approx(0.35)
+    at_it = image_metrics(labels, scores, threshold=result["image_f1_max_threshold"])
+    assert at_it["image_f1_at_threshold"] == pytest.approx(result["image_f1_max"])
 
 
 def test_auroc_ap_and_f1_max_rank_the_scores_whatever_the_threshold() -> None:
@@ -53,7 +56,7 @@ def test_auroc_ap_and_f1_max_rank_the_scores_whatever_the_threshold() -> None:
         result = image_metrics(labels, scores, threshold)
         assert result["image_auroc"] == pytest.approx(5 / 6), threshold
         assert result["image_ap"] == pytest.approx(0.5 + 0.5 * 2 / 3), threshold
-        assert (result["image_f1_max"], result["image_f1_max_threshold"]) == (pytest.approx(0.8), pytest.approx(0.5))
+        assert (result["image_f1_max"], result["image_f1_max_threshold"]) == (pytest.approx(0.8), pytest.approx(0.35))
         assert result["image_f1_at_threshold"] == pytest.approx(f1), threshold
 
 
