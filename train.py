@@ -306,8 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if export:
         print(f"network exported beside it to {export}: scoring and learning on the line need no torch")
-    print(f"memory bank: every training patch lies within {model.coverage_radius:.3f} of a kept one "
-          "(on the scale of the scores)")
+    from models.coreset import RADIUS_SAMPLE  # loaded by the fit already
+
+    print(f"memory bank: each of {RADIUS_SAMPLE:,} training patches sampled at random lies within "
+          f"{model.coverage_radius:.3f} of a kept one (on the scale of the scores; all of them, when fewer)")
     if has_test_split:
         from evaluation.report import evaluate, format_summary
 

@@ -115,8 +115,8 @@ def test_fit_writes_the_model_file_named_after_the_folder(tmp_path, small_screw_
     assert "model saved to saved_models/patchcore_my_screws.pkl" in result.stdout
     assert "network exported beside it to saved_models/patchcore_my_screws.onnx" in result.stdout
     assert (tmp_path / "saved_models" / "patchcore_my_screws.onnx").is_file()
-    assert (f"memory bank: every training patch lies within {model.coverage_radius:.3f} of a kept one"
-            in result.stdout)
+    assert (f"memory bank: each of 2,048 training patches sampled at random lies within {model.coverage_radius:.3f} "
+            "of a kept one" in result.stdout)
     assert result.stderr == ""  # --quiet: no progress bars
     pipeline = next(line for line in result.stdout.splitlines() if line.startswith("preprocessing: pipeline:"))
     assert "of pairs" in pipeline  # the trial of the two pipelines, in plain words
