@@ -190,13 +190,13 @@ class Batcher:
                 for job, token, result in zip(jobs, tokens, results):
                     record = self._record(job, token, result.record)
                     self._watch(job, record)  # before the answer: a /feedback naming the photo may follow at once
+                    self.scored += "error" not in record  # what /health calls scored: photos with a verdict
                     job.done.set_result((422 if "error" in record else 200, record))
             except Exception as error:  # a bug must fail these requests with a JSON answer, never the scoring thread
                 for job in jobs:
                     if not job.done.done():
                         job.done.set_result((500, {"path": job.name, "error": f"internal error while scoring: "
                                                                               f"{type(error).__name__}"}))
-            self.scored += len(jobs)
 
     def _watch(self, job: _Job, record: dict[str, Any]) -> None:
         """Hand a scored photo to ``on_scored`` (drift, /feedback): whatever fails there is one error line,

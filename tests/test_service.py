@@ -554,10 +554,11 @@ def test_a_scored_photo_gets_its_verdict_when_keeping_it_for_feedback_fails(fitt
 
 def test_health_tells_a_monitor_how_full_the_queue_is_and_counts_every_photo_scored(service, photos):
     """A load balancer or dashboard reads /health: the queue's size and fill, and one more photo scored per
-    photo answered, a photo without a heatmap too."""
+    photo answered with a verdict, a photo without a heatmap too; an unreadable upload is not one."""
     before = httpx.get(f"{service}/health", timeout=30).json()
     assert post(service, photos["good"]).status_code == 200
-    wait_until(lambda: httpx.get(f"{service}/health", timeout=30).json()["scored"] > before["scored"], timeout=30)
+    assert httpx.post(f"{service}/score?name=broken.png", content=b"not a photo", headers={"X-API-Key": KEY},
+                      timeout=30).status_code == 422
     after = httpx.get(f"{service}/health", timeout=30).json()
     assert after["status"] == "ok" and after["queue_size"] == 4 and after["queued"] == 0
     assert after["scored"] == before["scored"] + 1
