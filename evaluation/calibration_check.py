@@ -73,11 +73,14 @@ def held_out_folds(
     return results
 
 
-def _flagged(folds: list[HeldOutFold], rate: float, scores_of: str) -> dict[str, Any]:
+def _flagged(folds: list[HeldOutFold], rate: float, scores_of: str, distinct: int) -> dict[str, Any]:
+    """Scores above each model's threshold for ``rate``, over all models' scorings; the interval is as wide as
+    ``distinct`` photos allow (every model scores the same test/good photos: five scorings of 15 photos are
+    not 75 photos' worth of evidence)."""
     flagged = sum(int((getattr(fold, scores_of) > fold.model.threshold_for(rate)).sum()) for fold in folds)
     total = sum(getattr(fold, scores_of).size for fold in folds)
     return {"flagged": flagged, "photos": total, "rate": flagged / total if total else None,
-            "interval": wilson_interval(flagged, total)}
+            "interval": wilson_interval(int(flagged * distinct / total + 0.5), distinct) if total else None}
 
 
 def score_gap(folds: list[HeldOutFold]) -> dict[str, float]:
@@ -99,8 +102,10 @@ def score_gap(folds: list[HeldOutFold]) -> dict[str, float]:
 
 def promised_and_observed(folds: list[HeldOutFold], rates: Sequence[float]) -> list[dict[str, Any]]:
     """Per promised false-alarm rate: held-out training photos flagged and test/good photos flagged."""
+    held_out = sum(fold.held_out.size for fold in folds)  # each photo once (with fit_photos, scorings: see above)
+    test_good = max((fold.test_good.size for fold in folds), default=0)  # the same photos, scored by every model
     return [
-        {"promised": rate, "held_out_training": _flagged(folds, rate, "held_out"),
-         "test_good": _flagged(folds, rate, "test_good")}
+        {"promised": rate, "held_out_training": _flagged(folds, rate, "held_out", held_out),
+         "test_good": _flagged(folds, rate, "test_good", test_good)}
         for rate in rates
     ]

@@ -7,7 +7,8 @@ fitted on the other folds with the settings given (the same flags as ``train.py`
 photos are scored against it; every training photo is held out once. Each false-alarm rate of
 ``--rates`` (default 0.01 and 0.05) is then set by the model's own calibration rule, and the table
 shows how many held-out photos, and how many ``test/good`` photos if the folder has them, it flags.
-The intervals are 95 % Wilson intervals over the photos counted. A last line gives how far the held-out
+The intervals are 95 % Wilson intervals over the photos counted (test/good photos, scored by every
+model, count once in an interval's width). A last line gives how far the held-out
 photos' scores lie from the calibration scores at the median and the 90th percentile. ``--json FILE``
 writes the table.
 

@@ -83,13 +83,14 @@ def test_fold_counts_that_leave_a_fold_under_two_held_out_photos_are_refused(fol
 def test_each_promised_rate_is_set_by_the_models_rule_and_counts_scores_strictly_above():
     """Threshold 3 for 1 %, 2 for 5 % (not the model's own threshold 5): a score equal to it passes."""
     model = SimpleNamespace(threshold=5.0, threshold_for={0.01: 3.0, 0.05: 2.0}.__getitem__)
-    folds = [HeldOutFold(model, np.array([1.0, 2.0, 3.0, 4.0]), np.array([3.5])),
-             HeldOutFold(model, np.array([2.5, 3.0]), np.array([1.0]))]
+    folds = [HeldOutFold(model, np.array([1.0, 2.0, 3.0, 4.0]), np.array([3.5, 1.0])),
+             HeldOutFold(model, np.array([2.5, 3.0]), np.array([3.2, 1.0]))]
     one, five = promised_and_observed(folds, [0.01, 0.05])
     assert one["promised"] == 0.01 and five["promised"] == 0.05
     assert one["held_out_training"] == {"flagged": 1, "photos": 6, "rate": 1 / 6, "interval": wilson_interval(1, 6)}
-    assert one["test_good"] == {"flagged": 1, "photos": 2, "rate": 0.5, "interval": wilson_interval(1, 2)}
-    assert (five["held_out_training"]["flagged"], five["test_good"]["flagged"]) == (4, 1)
+    # the same two test/good photos scored by both models: 2 of 4 scorings, as wide as 1 of 2 photos
+    assert one["test_good"] == {"flagged": 2, "photos": 4, "rate": 0.5, "interval": wilson_interval(1, 2)}
+    assert (five["held_out_training"]["flagged"], five["test_good"]["flagged"]) == (4, 2)
 
 
 def test_the_score_gap_compares_held_out_scores_with_each_models_own_calibration_scores():
