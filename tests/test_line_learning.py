@@ -172,13 +172,15 @@ def test_flags_within_drift_flag_factor_times_the_expected_false_alarms_raise_no
     assert event["kind"] == "flagged" and event["window"] == 100
     assert event["flagged_share"] == pytest.approx(0.04)
     assert "4 of the last 100 photos flagged (4.0%)" in event["warning"]
-    assert "3 x the 1.0% false alarms" in event["warning"]
+    stated = model.calibration["false_alarms_per_1000"] / 1000  # 12 photos: a little over the 1 % asked for
+    assert f"3 x the {stated:.1%} false alarms" in event["warning"]
 
 
 def test_the_flag_limit_scales_with_the_false_alarm_rate_the_threshold_was_calibrated_for(fitted_model):
     """A threshold calibrated to flag 5 % of healthy parts may flag 3 x 5 % = 3 of 20 before drift warns."""
     model = fitted_model.copy()
-    model.config = model.config.replace(drift_window=20, false_alarm_rate=0.05)
+    model.config = model.config.replace(drift_window=20)
+    model.set_false_alarm_rate(0.05)
     monitor = DriftMonitor(model)
     healthy = float(np.median(model.calibration_scores))
     flags = [number in (3, 9, 15) for number in range(20)]
@@ -684,3 +686,12 @@ def test_photos_confirmed_before_the_service_stops_are_learnt_at_the_stop(fitted
     assert update["photos"] == 2 and update["source"] == "POST /feedback"
     (event,) = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
     assert event["event"] == "update" and event["photos"] == 2
+
+
+def test_the_flag_limit_follows_the_rate_the_promise_states_when_the_set_was_too_small_for_the_one_asked(
+        fitted_model, monkeypatch):
+    """Eight photos at 1 %: the promise says 16.3 in 1,000, and drift must not warn at what the threshold flags
+    by design."""
+    model = fitted_model.copy()
+    model.calibration = {**model.calibration, "false_alarms_per_1000": 16.3}
+    assert DriftMonitor(model).status()["expected_false_alarm_rate"] == pytest.approx(0.0163)
