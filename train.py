@@ -136,29 +136,25 @@ def recalibrate(args: argparse.Namespace) -> int:
     model = PatchCore.load(args.model)
     output = args.output or args.model
     since = model.file_identity if args.output is None else file_identity(output)  # refused if changed meanwhile
+    before = model.threshold
     if args.data_dir is None:
         check_model_output(output)
-        before = model.threshold
         model.set_false_alarm_rate(args.false_alarm_rate)
         model.prepare_to_score()  # opens the network: saved elsewhere, the model keeps its export beside it
-        kept = model.save_update(output, since)
-        print(f"false_alarm_rate {args.false_alarm_rate:g}, read off the {model.calibration_scores.size} held-out "
-              f"healthy scores the model keeps: threshold {before:.3f} -> {model.threshold:.3f}; saved to {output}"
-              + (f", previous file kept as {kept}" if kept else ""))
-        print_calibration(model)
-        return 0
-    if args.false_alarm_rate is not None:
-        model.config = model.config.replace(false_alarm_rate=args.false_alarm_rate)
-    warn_without_fingerprints(model)
-    paths = healthy_photos(args.data_dir)
-    check_model_output(output, paths)  # before scoring, as for a fit
-    paths = without_copies(paths, refuse_unusable_photos(paths, model.config, "photos"), "photos")
-    before = model.threshold
-    model.recalibrate(paths, progress=not args.quiet, source=str(args.data_dir))
+        done = (f"false_alarm_rate {args.false_alarm_rate:g}, read off the {model.calibration_scores.size} held-out "
+                "healthy scores the model keeps")
+    else:
+        if args.false_alarm_rate is not None:
+            model.config = model.config.replace(false_alarm_rate=args.false_alarm_rate)
+        warn_without_fingerprints(model)
+        paths = healthy_photos(args.data_dir)
+        check_model_output(output, paths)  # before scoring, as for a fit
+        paths = without_copies(paths, refuse_unusable_photos(paths, model.config, "photos"), "photos")
+        model.recalibrate(paths, progress=not args.quiet, source=str(args.data_dir))
+        done = f"re-calibrated on {len(paths)} healthy photos from {args.data_dir}"
     kept = model.save_update(output, since)
-    print(f"re-calibrated on {len(paths)} healthy photos from {args.data_dir}: threshold {before:.3f} -> "
-          f"{model.threshold:.3f}; saved to {output} (memory bank unchanged)"
-          + (f", previous file kept as {kept}" if kept else ""))
+    print(printable(f"{done}: threshold {before:.3f} -> {model.threshold:.3f}; saved to {output} (memory bank "
+                    "unchanged)" + (f", previous file kept as {kept}" if kept else "")))
     print_calibration(model)
     return 0
 

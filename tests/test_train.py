@@ -396,7 +396,8 @@ def test_recalibrate_with_a_rate_alone_reads_the_threshold_off_the_scores_the_mo
     assert changed.calibration["false_alarm_rate"] == 0.1
     assert result.stdout.splitlines()[0] == (
         f"false_alarm_rate 0.1, read off the {fitted_model.calibration_scores.size} held-out healthy scores the "
-        f"model keeps: threshold {fitted_model.threshold:.3f} -> {changed.threshold:.3f}; saved to {other}")
+        f"model keeps: threshold {fitted_model.threshold:.3f} -> {changed.threshold:.3f}; saved to {other} (memory bank "
+        "unchanged)")
 
 
 @pytest.mark.parametrize("args", [["--recalibrate", "--data-dir", "x"], ["--recalibrate", "--model", "m.pkl"],
