@@ -11,7 +11,6 @@ runs without it.
 from __future__ import annotations
 
 import copy
-import hashlib
 import importlib.metadata
 import math
 import platform
@@ -60,7 +59,7 @@ from models.model_file import (
     write_state,
 )
 from output_files import OutputError, write_atomically
-from preprocessing.io import ImageReadError, check_photo, read_image, unusable_photos
+from preprocessing.io import DIGEST_BYTES, ImageReadError, check_photo, pixel_digest, read_image, unusable_photos
 from preprocessing.pipeline import Preprocessed, preprocess, to_original
 
 MAX_CALIBRATION_PHOTOS = 500  # more add little to a percentile and would hold all their patches in memory
@@ -103,13 +102,10 @@ def photo_names(images: Sequence[str | Path | np.ndarray]) -> list[str]:
     return [str(image) if isinstance(image, (str, Path)) else f"photo {number}" for number, image in enumerate(images)]
 
 
-FINGERPRINT_BYTES = 16  # of a model input's BLAKE2b digest: a chance collision is out of reach at any bank size
-
-
 def fingerprint(item: Preprocessed) -> bytes:
     """What tells the same photo confirmed twice: the digest of its model input (the same file, or the same
     pixels in another file, give the same input under the model's settings)."""
-    return hashlib.blake2b(np.ascontiguousarray(item.image).tobytes(), digest_size=FINGERPRINT_BYTES).digest()
+    return pixel_digest(item.image)
 
 
 def anomaly_confidence_from_sigma(sigma: float) -> float:
@@ -913,7 +909,7 @@ class PatchCore:
         model.weights_identity = state["weights_identity"]
         model.updates = checked_updates(state.get("updates", []))  # absent from files written before any update
         for field in ("learnt_photos", "calibration_photos"):  # absent from older files
-            setattr(model, field, checked_fingerprints(state.get(field, b""), FINGERPRINT_BYTES, field))
+            setattr(model, field, checked_fingerprints(state.get(field, b""), DIGEST_BYTES, field))
         check_fitted_values(
             model.config, model.threshold, model.memory_bank, model.calibration_scores, model.calibration, model.n_train
         )

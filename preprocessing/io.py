@@ -361,6 +361,16 @@ def check_photo(image: np.ndarray, label: str) -> None:
         raise ImageReadError(f"{label}: {problem}")
 
 
+DIGEST_BYTES = 16  # of a BLAKE2b digest: a chance collision is out of reach for any number of photos
+
+
+def pixel_digest(image: np.ndarray) -> bytes:
+    """What tells two photos apart by their pixels alone, in whatever file format they came."""
+    digest = hashlib.blake2b(str(image.shape).encode(), digest_size=DIGEST_BYTES)
+    digest.update(np.ascontiguousarray(image).data)
+    return digest.digest()
+
+
 def refuse_unusable_photos(
     paths: Sequence[Path], config: Config, what: str = "training photos"
 ) -> list[tuple[Path, Path]]:
@@ -380,9 +390,7 @@ def refuse_unusable_photos(
         elif problem := photo_problem(image):
             bad.append(f"{path}: {problem}")
         else:
-            pixels = hashlib.blake2b(str(image.shape).encode(), digest_size=16)
-            pixels.update(np.ascontiguousarray(image).data)
-            if (digest := pixels.digest()) in first:
+            if (digest := pixel_digest(image)) in first:
                 copies.append((path, first[digest]))
             else:
                 first[digest] = path
