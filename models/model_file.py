@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import re
 import pickle
+import re
 import stat
 from pathlib import Path
 from typing import Any
